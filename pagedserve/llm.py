@@ -1,0 +1,111 @@
+"""The offline engine: `LLM(model=...).generate(prompts, sampling_params)`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as Seq
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from pagedserve import config as config_module
+from pagedserve.config import Config, EngineConfig, ModelConfig
+from pagedserve.outputs import RequestOutput
+from pagedserve.sampling_params import SamplingParams
+from pagedserve.scheduler.engine_core import EngineCore
+
+PromptInput = str | dict[str, Any]
+
+
+class LLM:
+    """An in-process engine over one model (vLLM-compatible arguments).
+
+    `model` is a Hugging Face directory or hub id. The keyword arguments are
+    those of `pagedserve.config.ModelConfig` and `EngineConfig`; invalid values
+    raise `ValueError` naming the field, the value and the limit.
+    """
+
+    def __init__(self, model: str | None = None, *, tensor_parallel_size: int = 1,
+                 block_size: int = 16, max_model_len: int | None = None,
+                 gpu_memory_utilization: float = 0.9, num_gpu_blocks: int | None = None,
+                 kv_cache_memory_gb: float = 1.0, swap_space: float = 4.0,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
+                 enable_prefix_caching: bool = True, enforce_eager: bool = False,
+                 dtype: str = "auto", device: str = "auto", seed: int = 0,
+                 skip_tokenizer_init: bool = False, load_format: str = "auto",
+                 config: Config | None = None) -> None:
+        if config is None:
+            config = config_module.parse({
+                "model": dict(path=model, dtype=dtype, max_model_len=max_model_len,
+                              skip_tokenizer_init=skip_tokenizer_init, load_format=load_format),
+                "engine": dict(tensor_parallel_size=tensor_parallel_size, block_size=block_size,
+                               gpu_memory_utilization=gpu_memory_utilization,
+                               num_gpu_blocks=num_gpu_blocks, kv_cache_memory_gb=kv_cache_memory_gb,
+                               swap_space=swap_space, max_num_seqs=max_num_seqs,
+                               max_num_batched_tokens=max_num_batched_tokens,
+                               enable_prefix_caching=enable_prefix_caching,
+                               enforce_eager=enforce_eager, device=device, seed=seed),
+            }, source="LLM arguments")
+        self.config = config
+        self.engine = EngineCore.from_config(config.model, config.engine)
+        self._request_ids = itertools.count()
+
+    @classmethod
+    def from_config(cls, path: str) -> LLM:
+        """Build from a YAML config file (see configs/)."""
+        return cls(config=config_module.load(path))
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def get_memory_stats(self) -> dict[str, float | int]:
+        return self.engine.get_memory_stats()
+
+    def generate(self, prompts: PromptInput | Seq[PromptInput],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in prompt order."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(f"sampling_params has {len(sampling_params)} entries for "
+                             f"{len(prompts)} prompts")
+        requests = [(self._token_ids(p), p if isinstance(p, str) else None) for p in prompts]
+        order = []
+        try:
+            for (token_ids, text), params in zip(requests, sampling_params):
+                request_id = str(next(self._request_ids))
+                self.engine.add_request(request_id, token_ids, params, prompt=text)
+                order.append(request_id)
+            return self._run(order, use_tqdm)
+        finally:
+            for request_id in order:  # on any error, leave no request (or block) behind
+                self.engine.abort_request(request_id)
+
+    def _token_ids(self, prompt: PromptInput) -> list[int]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" not in prompt:
+                raise ValueError("a dict prompt needs the key 'prompt_token_ids'")
+            return list(prompt["prompt_token_ids"])
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a str or a dict with 'prompt_token_ids', "
+                             f"got {type(prompt).__name__}")
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise ValueError("string prompts need a tokenizer; this LLM was built with "
+                             "skip_tokenizer_init=True (pass {'prompt_token_ids': [...]})")
+        return tokenizer(prompt).input_ids
+
+    def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        with tqdm(total=len(order), desc="Generating", disable=not use_tqdm, unit="req") as bar:
+            while self.engine.has_unfinished_requests():
+                for output in self.engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+                        bar.update(1)
+        return [finished[request_id] for request_id in order]

@@ -1,0 +1,1 @@
+"""Scheduling: sequence state, the global block manager, the policy and EngineCore."""

@@ -1,0 +1,112 @@
+"""Request and sequence state.
+
+There is no prefill phase and no decode phase: a sequence has `num_tokens`
+(prompt + generated) and `num_computed_tokens` (tokens whose K/V are in the
+cache), and every step the scheduler lets the latter catch up with the former
+under a token budget. A prompt computed in several steps (chunked prefill), a
+decode step (one token behind) and a recompute after preemption (computed reset
+to 0) are all the same thing.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pagedserve.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # EOS, a stop token or a stop string
+    LENGTH = "length"  # max_tokens or max_model_len
+    ABORT = "abort"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(init=False)  # prompt followed by outputs
+    num_computed_tokens: int = 0
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+    cumulative_logprob: float = 0.0
+    output_logprobs: list[dict[int, float]] = field(default_factory=list)
+    output_text: str = ""
+    detokenizer_state: Any = None  # owned by the Detokenizer
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids):]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int, logprob: float,
+                     top_logprobs: dict[int, float] | None) -> None:
+        self.token_ids.append(token_id)
+        self.cumulative_logprob += logprob
+        if top_logprobs is not None:
+            self.output_logprobs.append(top_logprobs)
+
+    def finish(self, reason: FinishReason, stop_reason: int | str | None = None) -> None:
+        self.status = SequenceStatus.FINISHED
+        self.finish_reason = reason
+        self.stop_reason = stop_reason
+
+    def reset_for_recompute(self) -> None:
+        """Preempted: its blocks are gone, so every token must be computed again."""
+        self.num_computed_tokens = 0
+        self.status = SequenceStatus.WAITING
+
+
+@dataclass(eq=False)
+class SequenceGroup:
+    """One request: `best_of` sequences that share a prompt and sampling params."""
+
+    request_id: str
+    seqs: list[Sequence]
+    sampling_params: SamplingParams
+    prompt: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.seqs[0].prompt_token_ids
+
+    @property
+    def unfinished_seqs(self) -> list[Sequence]:
+        return [seq for seq in self.seqs if not seq.finished]
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.finished for seq in self.seqs)

@@ -1,0 +1,77 @@
+"""The scheduler <-> worker contract: one batched step in, sampled tokens out.
+
+Both are plain, picklable dataclasses with no model tensors inside, so the same
+StepInput can be sent to one in-process worker or to every tensor-parallel
+rank. Workers never send logits back, only the sampled token ids (and the
+log-probabilities a request asked for).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pagedserve.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class ScheduledSequence:
+    """One sequence's share of a step.
+
+    The step computes `token_ids` at positions `start_pos ...
+    start_pos + len(token_ids) - 1` and writes their K/V into the slots of
+    `block_table`. When `do_sample` is set the last of them is the sequence's
+    newest token and the step samples the one after it.
+    """
+
+    seq_id: int
+    token_ids: list[int]
+    start_pos: int
+    block_table: list[int]
+    do_sample: bool
+    sampling_params: SamplingParams | None = None
+    # The index of the token to be sampled among the outputs; with a seed it
+    # picks the random stream, so a seeded request samples the same token at the
+    # same index whatever batch it runs in and however often it is preempted.
+    output_index: int = 0
+    # Only when the request uses penalties: the token history they count.
+    prompt_token_ids: list[int] | None = None
+    output_token_ids: list[int] | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def context_len(self) -> int:
+        """Tokens in the cache once this step has written its own."""
+        return self.start_pos + len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class StepInput:
+    seqs: list[ScheduledSequence]
+    # (source block, destination block) pairs.
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(seq.num_tokens for seq in self.seqs)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+
+@dataclass(frozen=True)
+class Sample:
+    seq_id: int
+    token_id: int
+    logprob: float  # log-probability of token_id under the model's raw distribution
+    top_logprobs: dict[int, float] | None = None  # sampled token first, then the top-k
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    samples: list[Sample]

@@ -1,0 +1,43 @@
+"""Executors: how EngineCore reaches its workers.
+
+`LocalExecutor` runs the one worker in this process (tensor_parallel_size=1,
+no Ray needed); it is what the offline `LLM` uses and what runs on a GPU
+machine without Ray.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from pagedserve.config import EngineConfig
+from pagedserve.scheduler.step import StepInput, StepOutput
+from pagedserve.worker.model_info import ModelInfo
+from pagedserve.worker.worker import Worker
+
+
+class Executor(Protocol):
+    block_bytes: int
+
+    def num_available_blocks(self, max_num_batched_tokens: int) -> int: ...
+
+    def init_kv_cache(self, num_blocks: int) -> None: ...
+
+    def execute(self, step: StepInput) -> StepOutput: ...
+
+
+class LocalExecutor:
+    def __init__(self, info: ModelInfo, engine: EngineConfig, load_format: str) -> None:
+        self.worker = Worker(info, engine, load_format)
+
+    @property
+    def block_bytes(self) -> int:
+        return self.worker.block_bytes
+
+    def num_available_blocks(self, max_num_batched_tokens: int) -> int:
+        return self.worker.num_available_blocks(max_num_batched_tokens)
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        self.worker.init_kv_cache(num_blocks)
+
+    def execute(self, step: StepInput) -> StepOutput:
+        return self.worker.execute(step)

@@ -1,0 +1,64 @@
+"""Rotary position embeddings with a precomputed cos/sin table.
+
+Scaled variants (Llama 3, linear, YaRN, LongRoPE) take their inverse
+frequencies from transformers' own `ROPE_INIT_FUNCTIONS`, so each matches the
+reference model by construction.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+# These change their frequencies with the running sequence length, which a
+# fixed table (shared by every sequence in a batch) cannot express.
+_LENGTH_DEPENDENT = {"dynamic", "longrope"}
+
+
+def rope_parameters(hf_config) -> dict:
+    """The model's RoPE settings, in transformers 5 form (rope_type + rope_theta inside)."""
+    params = getattr(hf_config, "rope_parameters", None)
+    if params is None:  # configs saved by older transformers
+        params = dict(getattr(hf_config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    params = dict(params)
+    params.setdefault("rope_type", params.get("type", "default"))
+    return params
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, hf_config, head_dim: int, max_position: int) -> None:
+        super().__init__()
+        params = rope_parameters(hf_config)
+        rope_type = params["rope_type"]
+        if rope_type == "default":
+            exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+            inv_freq, scaling = 1.0 / (params["rope_theta"] ** exponents), 1.0
+        elif rope_type in ROPE_INIT_FUNCTIONS and rope_type not in _LENGTH_DEPENDENT:
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
+        else:
+            raise ValueError(f"rope_type={rope_type!r} is not supported "
+                             f"(supported: default, {', '.join(sorted(set(ROPE_INIT_FUNCTIONS) - _LENGTH_DEPENDENT))})")
+        positions = torch.arange(max_position, dtype=torch.float32)
+        freqs = positions[:, None] * inv_freq.float()[None, :]  # [max_position, head_dim / 2]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.register_buffer("cos", emb.cos() * scaling, persistent=False)
+        self.register_buffer("sin", emb.sin() * scaling, persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor,
+                k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [T]; q: [T, H, D]; k: [T, H_kv, D] (rotate-half layout).
+
+        The table is cast with the model (`module.to(dtype)`), as transformers
+        casts its float32 cos/sin to the activations' dtype.
+        """
+        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
+        sin = self.sin[positions].unsqueeze(1)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin

@@ -1,0 +1,112 @@
+"""Resolve a ModelConfig against the model and the machine, once, at engine build.
+
+The result is frozen: the directory holding the weights, the HF config, the
+real max_model_len, dtype and device, and the token ids that end a sequence.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, GenerationConfig, PretrainedConfig
+
+from pagedserve.config import EngineConfig, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_dir: Path
+    hf_config: PretrainedConfig
+    max_model_len: int
+    dtype: torch.dtype
+    device: torch.device
+    eos_token_ids: frozenset[int]
+    vocab_size: int
+
+
+def resolve(model: ModelConfig, engine: EngineConfig) -> ModelInfo:
+    model_dir = _model_dir(model)
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    device = _device(engine.device)
+    return ModelInfo(
+        model_dir=model_dir,
+        hf_config=hf_config,
+        max_model_len=_max_model_len(hf_config, model.max_model_len),
+        dtype=_dtype(hf_config, model.dtype, device),
+        device=device,
+        eos_token_ids=_eos_token_ids(model_dir, hf_config),
+        vocab_size=hf_config.vocab_size,
+    )
+
+
+def _model_dir(model: ModelConfig) -> Path:
+    if model.random_init is not None:
+        from pagedserve.testing import cached_random_model
+
+        spec = model.random_init
+        return cached_random_model(spec.name, arch=spec.arch, seed=spec.seed, **spec.config_overrides)
+    path = Path(model.path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"model.path={model.path!r} is a file; expected a model directory or hub id")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+    return Path(snapshot_download(model.path, allow_patterns=patterns))
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def _dtype(hf_config: PretrainedConfig, requested: str, device: torch.device) -> torch.dtype:
+    if requested != "auto":
+        return _DTYPES[requested]
+    saved = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(saved, str):
+        saved = _DTYPES.get(saved)
+    dtype = saved if saved in _DTYPES.values() else torch.float32
+    if dtype == torch.float16 and device.type == "cpu":
+        return torch.bfloat16  # CPUs have no fast float16 matmul; bfloat16 keeps the range
+    return dtype
+
+
+def _max_model_len(hf_config: PretrainedConfig, requested: int | None) -> int:
+    limit = hf_config.max_position_embeddings
+    window = getattr(hf_config, "sliding_window", None)
+    if getattr(hf_config, "use_sliding_window", True) is False:
+        window = None
+    if window is not None and window < limit:
+        # Attention here is over the whole context, which equals sliding-window
+        # attention only while the context fits in the window.
+        logger.warning("model has sliding_window=%d: max_model_len is capped to it", window)
+        limit = window
+    if requested is None:
+        return limit
+    if requested > limit:
+        raise ValueError(f"max_model_len={requested} exceeds the model's limit of {limit} tokens "
+                         "(max_position_embeddings or sliding_window)")
+    return requested
+
+
+def _eos_token_ids(model_dir: Path, hf_config: PretrainedConfig) -> frozenset[int]:
+    eos = None
+    if (model_dir / "generation_config.json").exists():
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    if eos is None:
+        eos = hf_config.eos_token_id
+    if eos is None:
+        return frozenset()
+    return frozenset(eos if isinstance(eos, (list, tuple)) else [eos])

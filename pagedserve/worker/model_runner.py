@@ -1,0 +1,78 @@
+"""StepInput -> model inputs -> forward -> sampled tokens.
+
+A step's sequences are flattened into one token batch:
+
+    seq 0: prompt chunk of 5 tokens at positions 0..4   rows 0..4
+    seq 1: decode token at position 36                   row  5
+    seq 2: decode token at position 8                    row  6
+
+and every token's K/V goes to slot `block_table[pos // block_size] *
+block_size + pos % block_size`. Only the rows whose sequence samples this step
+go through the LM head.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pagedserve.kernels.reference import context_slots
+from pagedserve.scheduler.step import ScheduledSequence, StepInput, StepOutput
+from pagedserve.worker import sampler
+from pagedserve.worker.layers.attention import AttentionMetadata
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, block_size: int, device: torch.device, seed: int) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput, kv_caches: list[KVCache]) -> StepOutput:
+        if step.is_empty:
+            return StepOutput(samples=[])
+        input_ids, positions, metadata, logits_rows = self.prepare(step.seqs)
+        hidden = self.model(input_ids, positions, kv_caches, metadata)  # [T, hidden]
+        sampling = [seq for seq in step.seqs if seq.do_sample]
+        if not sampling:
+            return StepOutput(samples=[])
+        logits = self.model.compute_logits(hidden[logits_rows])  # [S, vocab]
+        return StepOutput(samples=sampler.sample(logits, sampling, self.generator))
+
+    def prepare(self, seqs: list[ScheduledSequence]):
+        bs = self.block_size
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start_loc = [0]
+        logits_rows: list[int] = []
+        for seq in seqs:
+            table = seq.block_table
+            token_ids.extend(seq.token_ids)
+            span = range(seq.start_pos, seq.context_len)
+            positions.extend(span)
+            slots.extend(table[p // bs] * bs + p % bs for p in span)
+            query_start_loc.append(query_start_loc[-1] + seq.num_tokens)
+            if seq.do_sample:
+                logits_rows.append(query_start_loc[-1] - 1)
+        max_blocks = max(len(seq.block_table) for seq in seqs)
+        tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in seqs]
+
+        def as_tensor(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=self.device)
+
+        block_tables = as_tensor(tables, torch.int32)  # [B, max_blocks], padded past each context
+        seq_lens = [seq.context_len for seq in seqs]
+        metadata = AttentionMetadata(
+            slot_mapping=as_tensor(slots, torch.int64),
+            query_start_loc=as_tensor(query_start_loc, torch.int32),
+            seq_lens=as_tensor(seq_lens, torch.int32),
+            block_tables=block_tables,
+            context_slots=[context_slots(block_tables[i], n, bs) for i, n in enumerate(seq_lens)],
+        )
+        return (as_tensor(token_ids, torch.int64), as_tensor(positions, torch.int64), metadata,
+                as_tensor(logits_rows, torch.int64))

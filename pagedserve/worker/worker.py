@@ -1,0 +1,83 @@
+"""One worker: a device, the model's weights, its KV pool and a ModelRunner."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from pagedserve.config import EngineConfig
+from pagedserve.sampling_params import SamplingParams
+from pagedserve.scheduler.step import ScheduledSequence, StepInput, StepOutput
+from pagedserve.worker.model_info import ModelInfo
+from pagedserve.worker.model_runner import ModelRunner
+from pagedserve.worker.models import build_model
+from pagedserve.worker.models.llama import head_dim
+
+logger = logging.getLogger(__name__)
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+class Worker:
+    def __init__(self, info: ModelInfo, engine: EngineConfig, load_format: str) -> None:
+        self.info = info
+        self.engine = engine
+        torch.manual_seed(engine.seed)
+        self.model = build_model(info.hf_config, info.model_dir, max_position=info.max_model_len,
+                                 dtype=info.dtype, device=info.device, load_format=load_format)
+        self.runner = ModelRunner(self.model, engine.block_size, info.device, engine.seed)
+        self.kv_caches: list[KVCache] = []
+
+    @property
+    def kv_block_shape(self) -> tuple[int, int, int]:
+        """[block_size, num_kv_heads, head_dim] of one block of one layer's keys."""
+        config = self.info.hf_config
+        return self.engine.block_size, config.num_key_value_heads, head_dim(config)
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block across all layers, keys and values."""
+        block_size, heads, dim = self.kv_block_shape
+        element = torch.tensor([], dtype=self.info.dtype).element_size()
+        return 2 * self.info.hf_config.num_hidden_layers * block_size * heads * dim * element
+
+    def num_available_blocks(self, max_num_batched_tokens: int) -> int:
+        """How many KV blocks fit the memory budget of this device."""
+        if self.info.device.type != "cuda":
+            return int(self.engine.kv_cache_memory_gb * 2**30) // self.block_bytes
+        return self._profile_cuda(max_num_batched_tokens)
+
+    def _profile_cuda(self, num_tokens: int) -> int:
+        """Run the largest step once; what it peaks at is not available to the pool."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        num_blocks = -(-num_tokens // self.engine.block_size)
+        scratch = self._allocate(num_blocks)
+        dummy = ScheduledSequence(seq_id=0, token_ids=[0] * num_tokens, start_pos=0,
+                                  block_table=list(range(num_blocks)), do_sample=True,
+                                  sampling_params=SamplingParams(temperature=0.0))
+        self.runner.execute(StepInput(seqs=[dummy]), scratch)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        del scratch
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info()
+        others = total - free - torch.cuda.memory_reserved()  # other processes, CUDA context
+        budget = total * self.engine.gpu_memory_utilization - peak - others
+        logger.info("KV pool budget %.2f GiB (peak step %.2f GiB, total %.2f GiB)",
+                    budget / 2**30, peak / 2**30, total / 2**30)
+        return max(0, int(budget) // self.block_bytes)
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        self.kv_caches = self._allocate(num_blocks)
+
+    def _allocate(self, num_blocks: int) -> list[KVCache]:
+        shape = (num_blocks, *self.kv_block_shape)  # [num_blocks, block_size, num_kv_heads, head_dim]
+        layers = self.info.hf_config.num_hidden_layers
+        return [(torch.zeros(shape, dtype=self.info.dtype, device=self.info.device),
+                 torch.zeros(shape, dtype=self.info.dtype, device=self.info.device))
+                for _ in range(layers)]
+
+    def execute(self, step: StepInput) -> StepOutput:
+        return self.runner.execute(step, self.kv_caches)

@@ -86,6 +86,23 @@ class LLM:
             for request_id in order:  # on any error, leave no request (or block) behind
                 self.engine.abort_request(request_id)
 
+    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
+             sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+             use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate replies to conversations, rendered with the model's chat template."""
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise ValueError("chat needs a tokenizer; this LLM was built with skip_tokenizer_init=True")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = []
+        for conversation in conversations:
+            # Tokenized by the template itself: its text already holds the special
+            # tokens (BOS), which tokenizing the rendered string would add again.
+            ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True,
+                                                tokenize=True, return_dict=False)
+            prompts.append({"prompt_token_ids": list(ids)})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
     def _token_ids(self, prompt: PromptInput) -> list[int]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" not in prompt:

@@ -54,7 +54,7 @@ def test_files_and_config(built):
     if arch == "mistral":
         assert cfg.sliding_window is None
     gen = json.loads((path / "generation_config.json").read_text())
-    assert (gen["bos_token_id"], gen["eos_token_id"]) == (0, 1)
+    assert (gen["bos_token_id"], gen["eos_token_id"]) == (0, [1, 5])  # end of text, end of turn
 
     weights = _weights(path)
     assert all(t.dtype == torch.float32 for t in weights.values())

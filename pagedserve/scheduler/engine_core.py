@@ -32,6 +32,7 @@ class _Usage:
 
     steps: int = 0
     slot_utilization: float = 0.0
+    peak_allocated_blocks: int = 0
 
 
 class EngineCore:
@@ -114,6 +115,7 @@ class EngineCore:
             "slot_utilization": bm.num_stored_tokens() / (allocated * bm.block_size) if allocated else 1.0,
             "mean_slot_utilization": (self._usage.slot_utilization / self._usage.steps
                                       if self._usage.steps else 1.0),
+            "peak_allocated_blocks": self._usage.peak_allocated_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
@@ -158,6 +160,7 @@ class EngineCore:
             stored = self.block_manager.num_stored_tokens()
             self._usage.steps += 1
             self._usage.slot_utilization += stored / (allocated * self.block_manager.block_size)
+            self._usage.peak_allocated_blocks = max(self._usage.peak_allocated_blocks, allocated)
 
 
 def _request_output(group: SequenceGroup) -> RequestOutput:

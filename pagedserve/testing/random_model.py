@@ -43,7 +43,7 @@ from transformers.models.qwen2.tokenization_qwen2 import (
 
 # Bump when the output of build_random_model changes (corpus, defaults,
 # tokenizer recipe...) so that stale cached models are not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 ARCHS: dict[str, type[PretrainedConfig]] = {
     "llama": LlamaConfig,
@@ -187,8 +187,9 @@ def build_random_model(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        # As Llama 3 does, generation also ends at the end of a chat turn.
         model.generation_config = GenerationConfig(
-            bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD]
+            bos_token_id=ids[BOS], eos_token_id=[ids[EOS], ids[EOT]], pad_token_id=ids[PAD]
         )
         model.save_pretrained(tmp, safe_serialization=True)
 

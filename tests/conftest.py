@@ -1,0 +1,52 @@
+"""Shared fixtures: small random-weight HF models, built once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pagedserve.testing import build_random_model
+
+# Tiny variants of each supported architecture (defaults: hidden 64, 2 layers, 4 heads).
+MODEL_VARIANTS = {
+    "llama": dict(arch="llama"),
+    "llama-gqa": dict(arch="llama", num_key_value_heads=1),  # 4 query heads per KV head
+    "mistral": dict(arch="mistral"),
+    "qwen2": dict(arch="qwen2"),
+    "llama3-rope": dict(arch="llama", num_key_value_heads=2, rope_parameters={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64, "rope_theta": 500000.0}),
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Models the engine builds on first use go to a per-session cache, not the user's."""
+    previous = os.environ.get("PAGEDSERVE_CACHE_DIR")
+    os.environ["PAGEDSERVE_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if previous is None:
+        os.environ.pop("PAGEDSERVE_CACHE_DIR", None)
+    else:
+        os.environ["PAGEDSERVE_CACHE_DIR"] = previous
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    """name -> directory, built lazily so a test file pays only for what it uses."""
+    root = tmp_path_factory.mktemp("models")
+    built: dict[str, object] = {}
+
+    def get(name: str):
+        if name not in built:
+            spec = dict(MODEL_VARIANTS[name])
+            built[name] = build_random_model(root / name, **spec)
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(model_dirs):
+    return model_dirs("llama")

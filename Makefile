@@ -24,6 +24,7 @@ test: install
 	$(PY) -m pytest -q
 
 bench: install
+	$(PY) benchmarks/kv_memory.py
 	$(PY) benchmarks/throughput.py
 
 clean:

@@ -84,6 +84,10 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int,
     num_heads, q_len, head_dim = q.shape
     num_kv_heads, seq_len = k.shape[0], k.shape[1]
     group = num_heads // num_kv_heads
+    if q_len == 1:  # a decode token sees its whole context: no mask, no chunks
+        scores = torch.matmul(q.view(num_kv_heads, group, head_dim), k.transpose(1, 2))
+        probs = (scores.float() * scale).softmax(dim=-1).to(v.dtype)  # [H_kv, group, S]
+        return torch.matmul(probs, v).view(num_heads, 1, head_dim)
     out = torch.empty_like(q)
     # Bound the score matrix ([H, rows, seq_len] float32) to ~64 MiB.
     rows_per_chunk = max(1, (16 << 20) // (num_heads * seq_len))

@@ -80,6 +80,7 @@ class BlockManager:
     def allocate(self, seq_id: int, num_tokens: int) -> list[int]:
         if seq_id in self._tables:
             raise KeyError(f"sequence {seq_id} already has a block table")
+        self._check_free(seq_id, self.blocks_to_append(seq_id, num_tokens))
         self._tables[seq_id] = []
         self._num_slots[seq_id] = 0
         self.append_slots(seq_id, num_tokens)
@@ -90,12 +91,10 @@ class BlockManager:
 
     def append_slots(self, seq_id: int, num_new_tokens: int) -> list[int]:
         """Reserve slots for `num_new_tokens` more tokens; returns the new block ids."""
+        if seq_id not in self._tables:
+            raise KeyError(f"sequence {seq_id} has no block table (allocate it first)")
         needed = self.blocks_to_append(seq_id, num_new_tokens)
-        if needed > len(self._free):
-            raise RuntimeError(
-                f"append_slots: sequence {seq_id} needs {needed} blocks, {len(self._free)} free "
-                "(check can_append_slots first)"
-            )
+        self._check_free(seq_id, needed)
         new_blocks = [self._take() for _ in range(needed)]
         self._tables[seq_id].extend(new_blocks)
         self._num_slots[seq_id] += num_new_tokens
@@ -112,6 +111,11 @@ class BlockManager:
             self._ref_counts[block_id] -= 1
             if self._ref_counts[block_id] == 0:
                 self._free.append(block_id)
+
+    def _check_free(self, seq_id: int, needed: int) -> None:
+        if needed > len(self._free):
+            raise RuntimeError(f"sequence {seq_id} needs {needed} blocks, {len(self._free)} are "
+                               "free (ask can_allocate / can_append_slots first)")
 
     def _take(self) -> int:
         block_id = self._free.popleft()

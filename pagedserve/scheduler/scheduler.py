@@ -163,7 +163,7 @@ class Scheduler:
                 seq_id=seq.seq_id,
                 token_ids=seq.token_ids[start:start + num_tokens],
                 start_pos=start,
-                block_table=manager.block_table(seq.seq_id),
+                block_table=list(manager.block_table(seq.seq_id)),  # a snapshot, not the live list
                 do_sample=do_sample,
                 sampling_params=group_params if do_sample else None,
                 output_index=seq.num_output_tokens,

@@ -1,0 +1,444 @@
+"""BlockManager: block tables, ref counts and the free pool (plain Python, no torch)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    initialize,
+    invariant,
+    rule,
+)
+
+from pagedserve.scheduler.block_manager import BlockManager, cdiv
+
+
+def _check_consistent(bm: BlockManager) -> None:
+    """Every structural invariant of a pool where nothing is shared on purpose."""
+    free = list(bm._free)
+    assert len(free) == len(set(free)), "a block is in the free list twice"
+    assert bm.num_free_blocks + bm.num_allocated_blocks == bm.num_blocks
+    owners: dict[int, int] = {}
+    total_slots = 0
+    for seq_id, table in bm._tables.items():
+        for block_id in table:
+            assert 0 <= block_id < bm.num_blocks
+            assert block_id not in owners, f"block {block_id} in seqs {owners[block_id]} and {seq_id}"
+            owners[block_id] = seq_id
+            assert bm.ref_count(block_id) == 1
+        assert len(table) == cdiv(bm.num_slots(seq_id), bm.block_size)
+        total_slots += bm.num_slots(seq_id)
+    assert not owners.keys() & set(free), "a block is both owned and free"
+    assert len(owners) == bm.num_allocated_blocks
+    assert len(owners) + len(free) == bm.num_blocks
+    for block_id in free:
+        assert bm.ref_count(block_id) == 0
+    assert bm.num_stored_tokens() == total_slots
+
+
+# -- construction -------------------------------------------------------------
+
+def test_new_pool_is_all_free():
+    bm = BlockManager(8, 4)
+    assert bm.num_free_blocks == 8 and bm.num_allocated_blocks == 0
+    assert bm.num_stored_tokens() == 0
+    assert all(bm.ref_count(b) == 0 for b in range(8))
+    assert not bm.has(0) and bm.num_slots(0) == 0
+    _check_consistent(bm)
+
+
+@pytest.mark.parametrize("num_blocks", [0, -1])
+def test_empty_pool_rejected(num_blocks):
+    with pytest.raises(ValueError, match="num_blocks"):
+        BlockManager(num_blocks, 16)
+
+
+def test_cdiv():
+    assert [cdiv(n, 4) for n in range(10)] == [0, 1, 1, 1, 1, 2, 2, 2, 2, 3]
+
+
+# -- allocate / append ----------------------------------------------------------
+
+def test_allocate_takes_ceil_blocks():
+    bm = BlockManager(10, 16)
+    table = bm.allocate(0, 37)
+    assert len(table) == 3 and bm.block_table(0) == table
+    assert bm.num_slots(0) == 37 and bm.num_stored_tokens() == 37
+    assert bm.num_free_blocks == 7 and bm.num_allocated_blocks == 3
+    assert all(bm.ref_count(b) == 1 for b in table)
+    _check_consistent(bm)
+
+
+@pytest.mark.parametrize("num_tokens, blocks", [(1, 1), (15, 1), (16, 1), (17, 2), (32, 2), (33, 3)])
+def test_allocate_block_boundaries(num_tokens, blocks):
+    bm = BlockManager(4, 16)
+    assert len(bm.allocate(7, num_tokens)) == blocks
+    assert bm.num_free_blocks == 4 - blocks
+
+
+def test_allocate_zero_tokens_takes_no_block():
+    bm = BlockManager(2, 4)
+    assert bm.allocate(0, 0) == []
+    assert bm.has(0) and bm.num_free_blocks == 2
+    assert bm.append_slots(0, 1) != [] and bm.num_free_blocks == 1
+
+
+def test_allocate_twice_rejected():
+    bm = BlockManager(4, 4)
+    bm.allocate(0, 3)
+    with pytest.raises(KeyError):
+        bm.allocate(0, 1)
+    assert bm.num_slots(0) == 3 and bm.num_allocated_blocks == 1
+    _check_consistent(bm)
+
+
+def test_append_across_block_boundaries():
+    bm = BlockManager(8, 4)
+    first = list(bm.allocate(0, 3))  # allocate returns the live table
+    assert len(first) == 1
+    # Slot 4 of 4 in the first block: no new block.
+    assert bm.blocks_to_append(0, 1) == 0
+    assert bm.append_slots(0, 1) == []
+    assert bm.num_slots(0) == 4 and bm.block_table(0) == first
+    # Token 5 starts a new block.
+    assert bm.blocks_to_append(0, 1) == 1
+    new = bm.append_slots(0, 1)
+    assert len(new) == 1 and bm.block_table(0) == first + new
+    # 5 + 8 = 13 slots -> 4 blocks, i.e. 2 more.
+    assert bm.blocks_to_append(0, 8) == 2
+    more = bm.append_slots(0, 8)
+    assert len(more) == 2 and bm.block_table(0) == first + new + more
+    assert bm.num_slots(0) == 13 and bm.num_stored_tokens() == 13
+    # The table grows in place: earlier block ids never change.
+    assert bm.block_table(0)[:2] == first + new
+    _check_consistent(bm)
+
+
+def test_block_size_one():
+    bm = BlockManager(5, 1)
+    bm.allocate(0, 2)
+    bm.append_slots(0, 1)
+    assert len(bm.block_table(0)) == 3 and bm.num_free_blocks == 2
+    _check_consistent(bm)
+
+
+def test_blocks_to_append_unknown_sequence_counts_from_zero():
+    bm = BlockManager(8, 4)
+    assert bm.blocks_to_append(99, 0) == 0
+    assert bm.blocks_to_append(99, 1) == 1
+    assert bm.blocks_to_append(99, 9) == 3
+
+
+def test_blocks_to_append_does_not_change_state():
+    bm = BlockManager(8, 4)
+    bm.allocate(0, 5)
+    before = (list(bm._free), bm.block_table(0)[:], bm.num_slots(0))
+    for n in range(0, 20):
+        bm.blocks_to_append(0, n)
+        bm.can_append_slots(0, n)
+        bm.can_allocate(n)
+    assert before == (list(bm._free), bm.block_table(0), bm.num_slots(0))
+
+
+def test_two_sequences_get_disjoint_blocks():
+    bm = BlockManager(6, 2)
+    a = list(bm.allocate(0, 3))
+    b = list(bm.allocate(1, 4))
+    bm.append_slots(0, 2)
+    bm.append_slots(1, 1)
+    assert not set(bm.block_table(0)) & set(bm.block_table(1))
+    assert len(a) + len(b) == 4
+    _check_consistent(bm)
+
+
+# -- can_allocate and the watermark ---------------------------------------------
+
+def test_can_allocate_without_watermark():
+    bm = BlockManager(4, 4)
+    assert bm.can_allocate(16)
+    assert not bm.can_allocate(17)
+    assert bm.can_allocate(8, num_seqs=2)
+    assert not bm.can_allocate(9, num_seqs=2)
+    bm.allocate(0, 5)  # 2 blocks
+    assert bm.can_allocate(8) and not bm.can_allocate(9)
+
+
+def test_can_allocate_keeps_watermark_free():
+    bm = BlockManager(10, 4, watermark_blocks=2)
+    assert bm.can_allocate(32)  # 8 blocks, leaves exactly the 2 of the watermark
+    assert not bm.can_allocate(33)  # 9 blocks would dip into it
+    assert bm.can_allocate(16, num_seqs=2)
+    assert not bm.can_allocate(17, num_seqs=2)
+    bm.allocate(0, 28)  # 7 blocks, 3 free
+    assert bm.can_allocate(4)
+    assert not bm.can_allocate(5)
+
+
+def test_can_allocate_true_means_allocate_succeeds():
+    for watermark in range(3):
+        bm = BlockManager(6, 2, watermark_blocks=watermark)
+        bm.allocate(0, 3)  # 2 blocks taken, 4 free
+        for n in range(0, 12):
+            expected = 4 - cdiv(n, 2) >= watermark
+            assert bm.can_allocate(n) == expected, (watermark, n)
+            if expected:
+                bm.allocate(1, n)
+                bm.free(1)
+        assert bm.num_free_blocks == 4
+
+
+# -- can_append_slots / append_slots when the pool runs out ------------------------
+
+def test_can_append_slots_and_exhaustion():
+    bm = BlockManager(3, 4)
+    bm.allocate(0, 4)  # 1 block
+    bm.allocate(1, 4)  # 1 block, 1 free left
+    assert bm.can_append_slots(0, 4)  # exactly one more block
+    assert not bm.can_append_slots(0, 5)  # two more blocks
+    bm.append_slots(0, 4)
+    assert bm.num_free_blocks == 0
+    # Appends that fit in already-owned slots need no block.
+    assert not bm.can_append_slots(1, 1)
+    snapshot = (list(bm._free), {s: t[:] for s, t in bm._tables.items()}, dict(bm._num_slots))
+    with pytest.raises(RuntimeError):
+        bm.append_slots(1, 1)
+    # A refused append changes nothing.
+    assert snapshot == (list(bm._free), bm._tables, bm._num_slots)
+    assert bm.num_slots(1) == 4 and bm.num_stored_tokens() == 12
+    _check_consistent(bm)
+
+
+def test_can_append_slots_fills_partial_block_on_full_pool():
+    bm = BlockManager(1, 4)
+    bm.allocate(0, 1)
+    assert bm.num_free_blocks == 0
+    assert bm.can_append_slots(0, 3)
+    assert bm.append_slots(0, 3) == []
+    assert not bm.can_append_slots(0, 1)
+    with pytest.raises(RuntimeError):
+        bm.append_slots(0, 1)
+    _check_consistent(bm)
+
+
+def test_failed_allocate_leaves_no_trace():
+    """An allocation the pool cannot hold must not register the sequence or take blocks."""
+    bm = BlockManager(2, 4)
+    with pytest.raises(RuntimeError):
+        bm.allocate(0, 9)  # 3 blocks
+    assert bm.num_free_blocks == 2 and bm.num_stored_tokens() == 0
+    assert not bm.has(0), "a refused allocate left an (empty) block table behind"
+    bm.allocate(0, 8)  # the same id can be allocated once the pool allows it
+    _check_consistent(bm)
+
+
+def test_append_slots_unknown_sequence_does_not_leak_blocks():
+    """append_slots on a sequence that was never allocated must fail without taking blocks."""
+    bm = BlockManager(4, 4)
+    with pytest.raises(KeyError):
+        bm.append_slots(5, 6)
+    assert bm.num_free_blocks == 4, "blocks were taken from the pool by a failed append_slots"
+    assert all(bm.ref_count(b) == 0 for b in range(4))
+    _check_consistent(bm)
+
+
+# -- free / ref counts ---------------------------------------------------------------
+
+def test_free_returns_every_block():
+    bm = BlockManager(8, 4)
+    table = list(bm.allocate(0, 10))
+    bm.allocate(1, 3)
+    bm.free(0)
+    assert not bm.has(0) and bm.num_slots(0) == 0
+    assert bm.num_free_blocks == 7 and bm.num_stored_tokens() == 3
+    assert all(bm.ref_count(b) == 0 for b in table)
+    assert set(table) <= set(bm._free)
+    with pytest.raises(KeyError):
+        bm.block_table(0)
+    _check_consistent(bm)
+    bm.free(1)
+    assert bm.num_free_blocks == 8 and bm.num_stored_tokens() == 0
+    _check_consistent(bm)
+
+
+def test_free_unknown_or_twice_is_noop():
+    bm = BlockManager(4, 4)
+    bm.allocate(0, 5)
+    bm.free(123)
+    assert bm.num_free_blocks == 2 and bm.num_slots(0) == 5
+    bm.free(0)
+    bm.free(0)
+    assert bm.num_free_blocks == 4 and bm.num_stored_tokens() == 0
+    assert sorted(bm._free) == [0, 1, 2, 3]
+    _check_consistent(bm)
+
+
+def test_freed_blocks_are_reused():
+    bm = BlockManager(2, 4)
+    first = list(bm.allocate(0, 8))
+    assert not bm.can_allocate(1)
+    bm.free(0)
+    assert bm.can_allocate(8)
+    second = bm.allocate(1, 8)
+    assert sorted(second) == sorted(first)
+    assert all(bm.ref_count(b) == 1 for b in second)
+    _check_consistent(bm)
+
+
+def test_reallocate_after_free_starts_from_zero():
+    bm = BlockManager(4, 4)
+    bm.allocate(0, 7)
+    bm.free(0)
+    bm.allocate(0, 1)
+    assert bm.num_slots(0) == 1 and len(bm.block_table(0)) == 1
+    assert bm.num_stored_tokens() == 1
+    _check_consistent(bm)
+
+
+def test_shared_block_returns_with_last_user():
+    """The ref-count path used by forked sequences: a shared block is freed only once."""
+    bm = BlockManager(4, 4)
+    table = list(bm.allocate(0, 4))
+    shared = table[0]
+    # Share the block as a fork would (no public API for it yet).
+    bm._tables[1] = [shared]
+    bm._num_slots[1] = 4
+    bm._total_slots += 4
+    bm._ref_counts[shared] += 1
+    bm.free(0)
+    assert bm.ref_count(shared) == 1 and shared not in bm._free
+    assert bm.num_free_blocks == 3
+    bm.free(1)
+    assert bm.ref_count(shared) == 0 and list(bm._free).count(shared) == 1
+    assert bm.num_free_blocks == 4 and bm.num_stored_tokens() == 0
+
+
+def test_num_stored_tokens_tracks_slots():
+    bm = BlockManager(16, 8)
+    bm.allocate(0, 3)
+    bm.allocate(1, 17)
+    bm.append_slots(0, 6)
+    bm.append_slots(1, 0)
+    assert bm.num_stored_tokens() == 26
+    bm.free(1)
+    assert bm.num_stored_tokens() == 9
+    bm.append_slots(0, 1)
+    assert bm.num_stored_tokens() == 10
+
+
+# -- property test over random operation sequences -------------------------------------
+
+class BlockManagerMachine(RuleBasedStateMachine):
+    """Random allocate / append_slots / free against a model of slot counts."""
+
+    seqs = Bundle("seqs")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bm: BlockManager | None = None
+        self.slots: dict[int, int] = {}  # model: seq id -> slots it owns
+        self.next_id = 0
+
+    @initialize(num_blocks=st.integers(1, 32), block_size=st.sampled_from([1, 2, 4, 8, 16]),
+                watermark=st.integers(0, 3))
+    def init_pool(self, num_blocks, block_size, watermark):
+        self.bm = BlockManager(num_blocks, block_size, watermark_blocks=watermark)
+
+    def _model_blocks(self, slots: int) -> int:
+        return cdiv(slots, self.bm.block_size)
+
+    @rule(target=seqs, num_tokens=st.integers(0, 80))
+    def allocate(self, num_tokens):
+        seq_id = self.next_id
+        self.next_id += 1
+        needed = self._model_blocks(num_tokens)
+        free = self.bm.num_free_blocks
+        assert self.bm.can_allocate(num_tokens) == (free - needed >= self.bm.watermark_blocks)
+        if needed <= free:
+            table = self.bm.allocate(seq_id, num_tokens)
+            assert len(table) == needed
+            assert self.bm.num_free_blocks == free - needed
+            self.slots[seq_id] = num_tokens
+        else:
+            with pytest.raises(RuntimeError):
+                self.bm.allocate(seq_id, num_tokens)
+            assert self.bm.num_free_blocks == free
+            # Drop whatever a refused allocate left behind (see
+            # test_failed_allocate_leaves_no_trace for that bug on its own).
+            self.bm.free(seq_id)
+        return seq_id
+
+    @rule(seq_id=seqs, num_tokens=st.integers(0, 40))
+    def append(self, seq_id, num_tokens):
+        if seq_id not in self.slots:
+            return
+        before = self.slots[seq_id]
+        needed = self._model_blocks(before + num_tokens) - self._model_blocks(before)
+        assert self.bm.blocks_to_append(seq_id, num_tokens) == needed
+        free = self.bm.num_free_blocks
+        assert self.bm.can_append_slots(seq_id, num_tokens) == (needed <= free)
+        old_table = list(self.bm.block_table(seq_id))
+        if needed <= free:
+            new = self.bm.append_slots(seq_id, num_tokens)
+            assert len(new) == needed
+            assert self.bm.block_table(seq_id) == old_table + new
+            self.slots[seq_id] = before + num_tokens
+        else:
+            with pytest.raises(RuntimeError):
+                self.bm.append_slots(seq_id, num_tokens)
+            assert self.bm.block_table(seq_id) == old_table
+            assert self.bm.num_free_blocks == free
+
+    @rule(seq_id=consumes(seqs))
+    def free(self, seq_id):
+        owned = len(self.bm.block_table(seq_id)) if self.bm.has(seq_id) else 0
+        free = self.bm.num_free_blocks
+        self.bm.free(seq_id)
+        self.slots.pop(seq_id, None)
+        assert not self.bm.has(seq_id)
+        assert self.bm.num_free_blocks == free + owned
+
+    @rule(seq_id=st.integers(1000, 1010))
+    def free_unknown(self, seq_id):
+        free = self.bm.num_free_blocks
+        self.bm.free(seq_id)
+        assert self.bm.num_free_blocks == free
+
+    @rule()
+    def free_everything(self):
+        for seq_id in list(self.slots):
+            self.bm.free(seq_id)
+        self.slots.clear()
+        assert self.bm.num_free_blocks == self.bm.num_blocks
+        assert self.bm.num_stored_tokens() == 0
+        assert all(self.bm.ref_count(b) == 0 for b in range(self.bm.num_blocks))
+
+    @invariant()
+    def consistent(self):
+        if self.bm is None:
+            return
+        _check_consistent(self.bm)
+        assert set(self.bm._tables) == set(self.slots)
+        for seq_id, slots in self.slots.items():
+            assert self.bm.num_slots(seq_id) == slots
+            assert len(self.bm.block_table(seq_id)) == self._model_blocks(slots)
+        assert self.bm.num_stored_tokens() == sum(self.slots.values())
+
+    def teardown(self):
+        if self.bm is None:
+            return
+        for seq_id in list(self.slots):
+            self.bm.free(seq_id)
+        assert self.bm.num_free_blocks == self.bm.num_blocks
+        assert self.bm.num_stored_tokens() == 0
+        assert sorted(self.bm._free) == list(range(self.bm.num_blocks))
+
+
+BlockManagerMachine.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestBlockManagerMachine = BlockManagerMachine.TestCase

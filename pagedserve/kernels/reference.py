@@ -21,6 +21,8 @@ decode token.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -35,6 +37,74 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tens
     value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
 
 
+@dataclass
+class DecodeBucket:
+    """Decode tokens of similar context length, attended in one batched matmul."""
+
+    rows: torch.Tensor  # [n] int64, their query rows
+    # [n, num_kv_heads, max_len] int64: rows of the cache viewed as [slots * num_kv_heads,
+    # head_dim], so one gather yields K already in [n, H_kv, max_len, D] order.
+    head_rows: torch.Tensor
+    padding: torch.Tensor | None  # [n, max_len] bool, True past a sequence's length
+
+
+@dataclass
+class PrefillSequence:
+    q_start: int
+    q_end: int
+    slots: torch.Tensor  # [seq_len] int64
+
+
+@dataclass
+class AttentionPlan:
+    """How one step's attention is computed; built once per step, used by every layer."""
+
+    decode: list[DecodeBucket]
+    prefill: list[PrefillSequence]
+
+
+def plan_attention(block_tables: torch.Tensor, seq_lens: list[int], query_lens: list[int],
+                   block_size: int, num_kv_heads: int, max_padding: float = 0.25) -> AttentionPlan:
+    """Group decode tokens into buckets whose padding stays under `max_padding`.
+
+    A decode token costs little arithmetic, so one matmul per sequence and
+    layer is mostly call overhead; sorted by length and padded, a few batched
+    calls do the same work.
+    """
+    device = block_tables.device
+    starts = [0]
+    for q_len in query_lens:
+        starts.append(starts[-1] + q_len)
+    prefill = [PrefillSequence(starts[i], starts[i + 1],
+                               context_slots(block_tables[i], seq_lens[i], block_size))
+               for i, q_len in enumerate(query_lens) if q_len > 1]
+    decode_ids = sorted((i for i, q_len in enumerate(query_lens) if q_len == 1),
+                        key=lambda i: seq_lens[i])
+    buckets, current, total = [], [], 0
+    for i in decode_ids:  # ascending length: the newest member is the longest
+        if current and seq_lens[i] * (len(current) + 1) > (1 + max_padding) * (total + seq_lens[i]):
+            buckets.append(current)
+            current, total = [], 0
+        current.append(i)
+        total += seq_lens[i]
+    if current:
+        buckets.append(current)
+    decode = []
+    offsets = torch.arange(block_size, device=device)
+    heads = torch.arange(num_kv_heads, device=device)[None, :, None]
+    for members in buckets:
+        index = torch.tensor(members, device=device)
+        lens = torch.tensor([seq_lens[i] for i in members], device=device)
+        max_len = seq_lens[members[-1]]
+        tables = block_tables[index, :-(-max_len // block_size)].to(torch.int64)
+        slots = (tables[:, :, None] * block_size + offsets).flatten(1)[:, :max_len]
+        padding = torch.arange(max_len, device=device)[None, :] >= lens[:, None]
+        decode.append(DecodeBucket(rows=torch.tensor([starts[i] for i in members], device=device),
+                                   head_rows=slots[:, None, :] * num_kv_heads + heads,
+                                   padding=padding if padding.any() else None))
+    return AttentionPlan(decode, prefill)
+
+
 def context_slots(block_table: torch.Tensor, seq_len: int, block_size: int) -> torch.Tensor:
     """Slots of context positions 0..seq_len-1 for one sequence: [seq_len] int64."""
     num_blocks = -(-seq_len // block_size)
@@ -45,32 +115,53 @@ def context_slots(block_table: torch.Tensor, seq_len: int, block_size: int) -> t
 
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                    query_start_loc: torch.Tensor, scale: float,
-                    slots: list[torch.Tensor] | None = None) -> torch.Tensor:
+                    query_start_loc: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention of each sequence's queries over its paged context.
 
-    `slots` may carry each sequence's `context_slots(...)`, computed once per
-    step, so the layers of a model do not each recompute them.
     Returns [num_tokens, num_heads, head_dim] in the query's dtype.
     """
+    starts = query_start_loc.tolist()
+    query_lens = [end - start for start, end in zip(starts, starts[1:])]
+    plan = plan_attention(block_tables, seq_lens.tolist(), query_lens, key_cache.shape[1],
+                          key_cache.shape[2])
+    return run_attention_plan(query, key_cache, value_cache, plan, scale)
+
+
+def run_attention_plan(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                       plan: AttentionPlan, scale: float) -> torch.Tensor:
     num_tokens, num_heads, head_dim = query.shape
-    num_kv_heads, block_size = key_cache.shape[2], key_cache.shape[1]
+    num_kv_heads = key_cache.shape[2]
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
     flat_k = key_cache.view(-1, num_kv_heads, head_dim)
     flat_v = value_cache.view(-1, num_kv_heads, head_dim)
-    starts = query_start_loc.tolist()
-    lens = seq_lens.tolist()
     out = torch.empty_like(query)
-    for i, seq_len in enumerate(lens):
-        q_start, q_end = starts[i], starts[i + 1]
-        q_len = q_end - q_start
-        idx = slots[i] if slots is not None else context_slots(block_tables[i], seq_len, block_size)
-        q = query[q_start:q_end].transpose(0, 1)  # [H, q_len, D]
-        k = flat_k.index_select(0, idx).transpose(0, 1)  # [H_kv, seq_len, D]
-        v = flat_v.index_select(0, idx).transpose(0, 1)
-        out[q_start:q_end] = _attend(q, k, v, seq_len - q_len, scale).transpose(0, 1)
+    for bucket in plan.decode:
+        out.index_copy_(0, bucket.rows, _attend_decode(query, flat_k, flat_v, bucket, scale))
+    for seq in plan.prefill:
+        q = query[seq.q_start:seq.q_end].transpose(0, 1)  # [H, q_len, D]
+        k = flat_k.index_select(0, seq.slots).transpose(0, 1)  # [H_kv, seq_len, D]
+        v = flat_v.index_select(0, seq.slots).transpose(0, 1)
+        prefix_len = seq.slots.shape[0] - (seq.q_end - seq.q_start)
+        out[seq.q_start:seq.q_end] = _attend(q, k, v, prefix_len, scale).transpose(0, 1)
     return out
+
+
+def _attend_decode(query: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tensor,
+                   bucket: DecodeBucket, scale: float) -> torch.Tensor:
+    """One query token per sequence over its padded context -> [n, H, D]."""
+    n, num_kv_heads, max_len = bucket.head_rows.shape
+    _, num_heads, head_dim = query.shape
+    group = num_heads // num_kv_heads
+    rows = bucket.head_rows.reshape(-1)
+    k = flat_k.view(-1, head_dim).index_select(0, rows).view(n, num_kv_heads, max_len, head_dim)
+    v = flat_v.view(-1, head_dim).index_select(0, rows).view(n, num_kv_heads, max_len, head_dim)
+    q = query.index_select(0, bucket.rows).view(n, num_kv_heads, group, head_dim)
+    scores = torch.matmul(q, k.transpose(2, 3)).float() * scale  # [n, H_kv, group, max_len]
+    if bucket.padding is not None:
+        scores = scores.masked_fill(bucket.padding[:, None, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).view(n, num_heads, head_dim)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int,

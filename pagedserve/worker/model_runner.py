@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pagedserve.kernels.reference import context_slots
+from pagedserve.kernels.reference import plan_attention
 from pagedserve.scheduler.step import ScheduledSequence, StepInput, StepOutput
 from pagedserve.worker import sampler
 from pagedserve.worker.layers.attention import AttentionMetadata
@@ -25,9 +25,11 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, block_size: int, device: torch.device, seed: int) -> None:
+    def __init__(self, model: nn.Module, block_size: int, num_kv_heads: int, device: torch.device,
+                 seed: int) -> None:
         self.model = model
         self.block_size = block_size
+        self.num_kv_heads = num_kv_heads
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
@@ -72,7 +74,8 @@ class ModelRunner:
             query_start_loc=as_tensor(query_start_loc, torch.int32),
             seq_lens=as_tensor(seq_lens, torch.int32),
             block_tables=block_tables,
-            context_slots=[context_slots(block_tables[i], n, bs) for i, n in enumerate(seq_lens)],
+            plan=plan_attention(block_tables, seq_lens, [seq.num_tokens for seq in seqs], bs,
+                                self.num_kv_heads),
         )
         return (as_tensor(token_ids, torch.int64), as_tensor(positions, torch.int64), metadata,
                 as_tensor(logits_rows, torch.int64))

@@ -26,7 +26,8 @@ class Worker:
         torch.manual_seed(engine.seed)
         self.model = build_model(info.hf_config, info.model_dir, max_position=info.max_model_len,
                                  dtype=info.dtype, device=info.device, load_format=load_format)
-        self.runner = ModelRunner(self.model, engine.block_size, info.device, engine.seed)
+        self.runner = ModelRunner(self.model, engine.block_size, info.hf_config.num_key_value_heads,
+                                  info.device, engine.seed)
         self.kv_caches: list[KVCache] = []
 
     @property

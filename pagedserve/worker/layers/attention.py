@@ -24,9 +24,8 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32
     seq_lens: torch.Tensor  # [num_seqs] int32, context length after this step
     block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32
-    # Per sequence: the slots of its whole context, computed once per step for
-    # the torch backend (every layer reads the same positions).
-    context_slots: list[torch.Tensor]
+    # The torch backend's plan for this step (every layer reads the same positions).
+    plan: reference.AttentionPlan
 
 
 class Attention(nn.Module):
@@ -43,6 +42,4 @@ class Attention(nn.Module):
         """q: [T, H, D]; k, v: [T, H_kv, D] -> [T, H, D]."""
         key_cache, value_cache = kv_cache
         reference.write_kv_cache(k, v, key_cache, value_cache, metadata.slot_mapping)
-        return reference.paged_attention(
-            q, key_cache, value_cache, metadata.block_tables, metadata.seq_lens,
-            metadata.query_start_loc, self.scale, slots=metadata.context_slots)
+        return reference.run_attention_plan(q, key_cache, value_cache, metadata.plan, self.scale)

@@ -9,7 +9,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from pagedserve import config as config_module
-from pagedserve.config import Config, EngineConfig, ModelConfig
+from pagedserve.config import Config
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.scheduler.engine_core import EngineCore

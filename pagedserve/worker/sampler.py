@@ -47,9 +47,11 @@ def sample(logits: torch.Tensor, seqs: list[ScheduledSequence],
     for i, (seq, token, logprob) in enumerate(zip(seqs, tokens.tolist(), token_logprobs.tolist())):
         top = None
         if params[i].logprobs is not None:
-            top = {token: logprob}
-            for tid, value in zip(top_ids[i][:params[i].logprobs], top_values[i]) if top_ids else ():
-                top.setdefault(tid, value)
+            top = {token: logprob}  # the sampled token first, then the k most likely
+            k = params[i].logprobs
+            if k:
+                top.update((tid, value) for tid, value in zip(top_ids[i][:k], top_values[i][:k])
+                           if tid not in top)
         samples.append(Sample(seq.seq_id, token, logprob, top))
     return samples
 

@@ -23,7 +23,6 @@ class Worker:
     def __init__(self, info: ModelInfo, engine: EngineConfig, load_format: str) -> None:
         self.info = info
         self.engine = engine
-        torch.manual_seed(engine.seed)
         self.model = build_model(info.hf_config, info.model_dir, max_position=info.max_model_len,
                                  dtype=info.dtype, device=info.device, load_format=load_format)
         self.runner = ModelRunner(self.model, engine.block_size, info.hf_config.num_key_value_heads,

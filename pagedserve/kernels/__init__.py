@@ -1,0 +1,1 @@
+"""Paged-attention kernels; `reference` is the pure-torch path and the oracle."""

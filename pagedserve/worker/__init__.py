@@ -1,0 +1,1 @@
+"""Workers: executors, the model runner, the KV pool, the sampler and model code."""

@@ -36,10 +36,12 @@ class Detokenizer:
             context = seq.prompt_token_ids[-_PROMPT_CONTEXT:]
             state = seq.detokenizer_state = _State(
                 DecodeStream(ids=context, skip_special_tokens=params.skip_special_tokens))
-        output = seq.output_token_ids
+        # Only the tokens not yet decoded: slicing all outputs every step would be
+        # quadratic in the output length.
+        new_tokens = seq.token_ids[seq.num_prompt_tokens + state.num_decoded:]
         old_len = len(seq.output_text)
-        pieces = [state.stream.step(self.tokenizer, token) for token in output[state.num_decoded:]]
-        state.num_decoded = len(output)
+        pieces = [state.stream.step(self.tokenizer, token) for token in new_tokens]
+        state.num_decoded += len(new_tokens)
         seq.output_text += "".join(piece for piece in pieces if piece)
         return _trim_stop(seq, params.stop, old_len)
 

@@ -57,6 +57,8 @@ class EngineConfig(_Strict):
     max_num_seqs: int = Field(default=256, gt=0)
     max_num_batched_tokens: int | None = Field(default=None, gt=0)
     enforce_eager: bool = False
+    # auto: Triton kernels on CUDA, the torch reference on CPU.
+    attention_backend: Literal["auto", "triton", "torch"] = "auto"
     tensor_parallel_size: int = Field(default=1, ge=1)
     device: Device = "auto"
     seed: int = 0

@@ -31,7 +31,8 @@ class LLM:
                  kv_cache_memory_gb: float = 1.0, swap_space: float = 4.0,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  enable_prefix_caching: bool = True, enforce_eager: bool = False,
-                 dtype: str = "auto", device: str = "auto", seed: int = 0,
+                 attention_backend: str = "auto", dtype: str = "auto", device: str = "auto",
+                 seed: int = 0,
                  skip_tokenizer_init: bool = False, load_format: str = "auto",
                  config: Config | None = None) -> None:
         if config is None:
@@ -44,7 +45,8 @@ class LLM:
                                swap_space=swap_space, max_num_seqs=max_num_seqs,
                                max_num_batched_tokens=max_num_batched_tokens,
                                enable_prefix_caching=enable_prefix_caching,
-                               enforce_eager=enforce_eager, device=device, seed=seed),
+                               enforce_eager=enforce_eager, attention_backend=attention_backend,
+                               device=device, seed=seed),
             }, source="LLM arguments")
         self.config = config
         self.engine = EngineCore.from_config(config.model, config.engine)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 
-import pytest
+# Triton kernels run in Triton's interpreter on this CPU. Triton reads this when a
+# kernel is decorated, so it is set before anything imports pagedserve.kernels.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from pagedserve.testing import build_random_model
+import pytest  # noqa: E402
+
+from pagedserve.testing import build_random_model  # noqa: E402
 
 # Tiny variants of each supported architecture (defaults: hidden 64, 2 layers, 4 heads).
 MODEL_VARIANTS = {

@@ -149,7 +149,7 @@ def test_config_missing_model_section():
 @pytest.mark.parametrize("key, value", [
     ("max_num_seqs", 0), ("num_gpu_blocks", 0), ("max_num_batched_tokens", -1),
     ("tensor_parallel_size", 2), ("device", "tpu"), ("swap_space", -1.0),
-    ("kv_cache_memory_gb", 0),
+    ("kv_cache_memory_gb", 0), ("attention_backend", "flash"),
 ])
 def test_config_engine_fields(key, value):
     _rejects(_cfg(engine={key: value}), rf"engine\.{key}")

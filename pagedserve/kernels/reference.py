@@ -37,6 +37,16 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tens
     value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
 
 
+def copy_blocks(kv_pool: torch.Tensor, block_mapping: torch.Tensor) -> None:
+    """Copy block src onto block dst in every layer, for each (src, dst) row.
+
+    kv_pool: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim];
+    block_mapping: [num_pairs, 2] int64.
+    """
+    blocks = kv_pool.index_select(2, block_mapping[:, 0])
+    kv_pool.index_copy_(2, block_mapping[:, 1], blocks)
+
+
 @dataclass
 class DecodeBucket:
     """Decode tokens of similar context length, attended in one batched matmul."""

@@ -7,8 +7,10 @@ A step's sequences are flattened into one token batch:
     seq 2: decode token at position 8                    row  6
 
 and every token's K/V goes to slot `block_table[pos // block_size] *
-block_size + pos % block_size`. Only the rows whose sequence samples this step
-go through the LM head.
+block_size + pos % block_size`. Sequences with one new token (decodes) are
+placed first, so attention backends can send them to a decode kernel as a
+block of rows. Only the rows whose sequence samples this step go through the
+LM head.
 """
 
 from __future__ import annotations
@@ -16,20 +18,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pagedserve.kernels.reference import plan_attention
 from pagedserve.scheduler.step import ScheduledSequence, StepInput, StepOutput
 from pagedserve.worker import sampler
-from pagedserve.worker.layers.attention import AttentionMetadata
+from pagedserve.worker.layers.attention import AttentionBackend, AttentionMetadata
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, block_size: int, num_kv_heads: int, device: torch.device,
-                 seed: int) -> None:
+    def __init__(self, model: nn.Module, block_size: int, attention: AttentionBackend,
+                 device: torch.device, seed: int) -> None:
         self.model = model
         self.block_size = block_size
-        self.num_kv_heads = num_kv_heads
+        self.attention = attention
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
@@ -37,9 +38,10 @@ class ModelRunner:
     def execute(self, step: StepInput, kv_caches: list[KVCache]) -> StepOutput:
         if step.is_empty:
             return StepOutput(samples=[])
-        input_ids, positions, metadata, logits_rows = self.prepare(step.seqs)
+        seqs = sorted(step.seqs, key=lambda seq: seq.num_tokens > 1)  # decodes first, stable
+        input_ids, positions, metadata, logits_rows = self.prepare(seqs)
         hidden = self.model(input_ids, positions, kv_caches, metadata)  # [T, hidden]
-        sampling = [seq for seq in step.seqs if seq.do_sample]
+        sampling = [seq for seq in seqs if seq.do_sample]
         if not sampling:
             return StepOutput(samples=[])
         logits = self.model.compute_logits(hidden[logits_rows])  # [S, vocab]
@@ -69,13 +71,18 @@ class ModelRunner:
 
         block_tables = as_tensor(tables, torch.int32)  # [B, max_blocks], padded past each context
         seq_lens = [seq.context_len for seq in seqs]
+        query_lens = [seq.num_tokens for seq in seqs]
+        num_decodes = next((i for i, q_len in enumerate(query_lens) if q_len > 1), len(seqs))
         metadata = AttentionMetadata(
             slot_mapping=as_tensor(slots, torch.int64),
             query_start_loc=as_tensor(query_start_loc, torch.int32),
             seq_lens=as_tensor(seq_lens, torch.int32),
             block_tables=block_tables,
-            plan=plan_attention(block_tables, seq_lens, [seq.num_tokens for seq in seqs], bs,
-                                self.num_kv_heads),
+            num_decodes=num_decodes,
+            max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens),
+            backend=self.attention,
+            plan=self.attention.plan(block_tables, seq_lens, query_lens, num_decodes, bs),
         )
         return (as_tensor(token_ids, torch.int64), as_tensor(positions, torch.int64), metadata,
                 as_tensor(logits_rows, torch.int64))

@@ -1,4 +1,10 @@
-"""One worker: a device, the model's weights, its KV pool and a ModelRunner."""
+"""One worker: a device, the model's weights, its KV pool and a ModelRunner.
+
+The pool is one tensor, so a block can be copied in every layer at once:
+
+    kv_pool: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+    kv_caches[layer] = (kv_pool[layer, 0], kv_pool[layer, 1])   keys, values
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import torch
 from pagedserve.config import EngineConfig
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.scheduler.step import ScheduledSequence, StepInput, StepOutput
+from pagedserve.worker.layers.attention import select_attention_backend
 from pagedserve.worker.model_info import ModelInfo
 from pagedserve.worker.model_runner import ModelRunner
 from pagedserve.worker.models import build_model
@@ -25,8 +32,11 @@ class Worker:
         self.engine = engine
         self.model = build_model(info.hf_config, info.model_dir, max_position=info.max_model_len,
                                  dtype=info.dtype, device=info.device, load_format=load_format)
-        self.runner = ModelRunner(self.model, engine.block_size, info.hf_config.num_key_value_heads,
-                                  info.device, engine.seed)
+        self.attention = select_attention_backend(engine.attention_backend, info.device,
+                                                  info.hf_config.num_key_value_heads)
+        self.runner = ModelRunner(self.model, engine.block_size, self.attention, info.device,
+                                  engine.seed)
+        self.kv_pool: torch.Tensor | None = None
         self.kv_caches: list[KVCache] = []
 
     @property
@@ -57,7 +67,7 @@ class Worker:
         dummy = ScheduledSequence(seq_id=0, token_ids=[0] * num_tokens, start_pos=0,
                                   block_table=list(range(num_blocks)), do_sample=True,
                                   sampling_params=SamplingParams(temperature=0.0))
-        self.runner.execute(StepInput(seqs=[dummy]), scratch)
+        self.runner.execute(StepInput(seqs=[dummy]), _layer_caches(scratch))
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
         del scratch
@@ -70,14 +80,22 @@ class Worker:
         return max(0, int(budget) // self.block_bytes)
 
     def init_kv_cache(self, num_blocks: int) -> None:
-        self.kv_caches = self._allocate(num_blocks)
+        self.kv_pool = self._allocate(num_blocks)
+        self.kv_caches = _layer_caches(self.kv_pool)
 
-    def _allocate(self, num_blocks: int) -> list[KVCache]:
-        shape = (num_blocks, *self.kv_block_shape)  # [num_blocks, block_size, num_kv_heads, head_dim]
+    def _allocate(self, num_blocks: int) -> torch.Tensor:
         layers = self.info.hf_config.num_hidden_layers
-        return [(torch.zeros(shape, dtype=self.info.dtype, device=self.info.device),
-                 torch.zeros(shape, dtype=self.info.dtype, device=self.info.device))
-                for _ in range(layers)]
+        return torch.zeros((layers, 2, num_blocks, *self.kv_block_shape), dtype=self.info.dtype,
+                           device=self.info.device)
 
     def execute(self, step: StepInput) -> StepOutput:
+        if step.blocks_to_swap_in or step.blocks_to_swap_out:
+            raise NotImplementedError("swapping needs a CPU pool, which this worker does not keep")
+        if step.blocks_to_copy:  # copy-on-write: before anything writes into the copies
+            mapping = torch.tensor(step.blocks_to_copy, dtype=torch.int64, device=self.info.device)
+            self.attention.copy_blocks(self.kv_pool, mapping)
         return self.runner.execute(step, self.kv_caches)
+
+
+def _layer_caches(kv_pool: torch.Tensor) -> list[KVCache]:
+    return [(layer[0], layer[1]) for layer in kv_pool]

@@ -1,31 +1,151 @@
 """Attention over the paged KV pool, behind one small interface.
 
 The model hands each layer's q/k/v, its slice of the pool and the step's
-`AttentionMetadata` to `Attention`; which implementation runs (the torch
-reference here, Triton kernels on GPUs) is the backend's business, not the
-model's.
+`AttentionMetadata` to `Attention`; the metadata carries the backend that
+runs it, so model code never knows which one does:
+
+    torch   kernels/reference.py: batched matmuls, the CPU path and the oracle
+    triton  kernels/*_attention.py: paged kernels, the CUDA path
+
+A backend prepares whatever it needs once per step (`plan`); every layer
+reuses it, since every layer reads the same positions.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from pagedserve.kernels import reference
 
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
 
 @dataclass
 class AttentionMetadata:
-    """Where a step's tokens live in the pool. Shapes as in kernels/reference.py."""
+    """Where a step's tokens live in the pool. Shapes as in kernels/reference.py.
+
+    Sequences with one query token come first (`num_decodes` of them, one row
+    each), then the prefill chunks, so a backend can hand each kind to its own
+    kernel without gathering rows.
+    """
 
     slot_mapping: torch.Tensor  # [num_tokens] int64
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32
     seq_lens: torch.Tensor  # [num_seqs] int32, context length after this step
-    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32
-    # The torch backend's plan for this step (every layer reads the same positions).
-    plan: reference.AttentionPlan
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32, padded with block 0
+    num_decodes: int
+    max_query_len: int
+    max_seq_len: int
+    backend: AttentionBackend
+    plan: object  # the backend's own per-step preparation
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def plan(self, block_tables: torch.Tensor, seq_lens: list[int], query_lens: list[int],
+             num_decodes: int, block_size: int) -> object: ...
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
+                metadata: AttentionMetadata, scale: float) -> torch.Tensor: ...
+
+    def copy_blocks(self, kv_pool: torch.Tensor, block_mapping: torch.Tensor) -> None: ...
+
+
+class TorchAttentionBackend:
+    name = "torch"
+
+    def __init__(self, num_kv_heads: int) -> None:
+        self.num_kv_heads = num_kv_heads
+
+    def plan(self, block_tables, seq_lens, query_lens, num_decodes, block_size):
+        return reference.plan_attention(block_tables, seq_lens, query_lens, block_size,
+                                        self.num_kv_heads)
+
+    def forward(self, q, k, v, kv_cache, metadata, scale):
+        key_cache, value_cache = kv_cache
+        reference.write_kv_cache(k, v, key_cache, value_cache, metadata.slot_mapping)
+        return reference.run_attention_plan(q, key_cache, value_cache, metadata.plan, scale)
+
+    def copy_blocks(self, kv_pool, block_mapping):
+        reference.copy_blocks(kv_pool, block_mapping)
+
+
+@dataclass
+class _TritonPlan:
+    decode_max_seq_len: int
+    num_splits: int  # for the decode kernel
+    prefill_cu_seqlens: torch.Tensor | None  # [num_prefills + 1] int32, rows after the decodes
+
+
+class TritonAttentionBackend:
+    name = "triton"
+
+    def __init__(self, num_kv_heads: int) -> None:
+        # Imported here: Triton decides at decoration time whether kernels are interpreted.
+        from pagedserve.kernels import cache_ops, decode_attention, prefill_attention
+
+        self.num_kv_heads = num_kv_heads
+        self._cache_ops = cache_ops
+        self._decode = decode_attention
+        self._prefill = prefill_attention
+
+    def plan(self, block_tables, seq_lens, query_lens, num_decodes, block_size):
+        device = block_tables.device
+        decode_max_seq_len = max(seq_lens[:num_decodes], default=1)
+        num_splits = self._decode.default_num_splits(device, num_decodes, self.num_kv_heads,
+                                                      decode_max_seq_len)
+        cu_seqlens = None
+        if num_decodes < len(query_lens):
+            starts = [0]
+            for q_len in query_lens[num_decodes:]:
+                starts.append(starts[-1] + q_len)
+            cu_seqlens = torch.tensor(starts, dtype=torch.int32, device=device)
+        return _TritonPlan(decode_max_seq_len, num_splits, cu_seqlens)
+
+    def forward(self, q, k, v, kv_cache, metadata, scale):
+        key_cache, value_cache = kv_cache
+        self._cache_ops.write_kv_cache(k, v, key_cache, value_cache, metadata.slot_mapping)
+        plan: _TritonPlan = metadata.plan
+        out = torch.empty_like(q)
+        n = metadata.num_decodes  # decode sequences own rows 0..n-1
+        if n:
+            self._decode.paged_decode_attention(
+                q[:n], key_cache, value_cache, metadata.block_tables[:n], metadata.seq_lens[:n],
+                scale, max_seq_len=plan.decode_max_seq_len, num_splits=plan.num_splits, out=out[:n])
+        if plan.prefill_cu_seqlens is not None:
+            self._prefill.paged_prefill_attention(
+                q[n:], key_cache, value_cache, metadata.block_tables[n:], metadata.seq_lens[n:],
+                plan.prefill_cu_seqlens, scale, max_query_len=metadata.max_query_len, out=out[n:])
+        return out
+
+    def copy_blocks(self, kv_pool, block_mapping):
+        self._cache_ops.copy_blocks(kv_pool, block_mapping)
+
+
+def _triton_interpreting() -> bool:
+    from pagedserve.kernels.common import interpreting
+
+    return interpreting()
+
+
+def select_attention_backend(name: str, device: torch.device, num_kv_heads: int) -> AttentionBackend:
+    """`auto` is Triton on CUDA and torch elsewhere (see EngineConfig.attention_backend)."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        return TorchAttentionBackend(num_kv_heads)
+    if name != "triton":
+        raise ValueError(f"attention_backend={name!r}: expected 'auto', 'triton' or 'torch'")
+    if device.type != "cuda" and not _triton_interpreting():
+        raise ValueError(f"attention_backend='triton' needs a CUDA device, but the engine runs on "
+                         f"{device.type}; use 'torch' (or 'auto'), or set TRITON_INTERPRET=1 to "
+                         "run the kernels in Triton's interpreter")
+    return TritonAttentionBackend(num_kv_heads)
 
 
 class Attention(nn.Module):
@@ -36,10 +156,7 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = head_dim ** -0.5
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_cache: tuple[torch.Tensor, torch.Tensor],
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
                 metadata: AttentionMetadata) -> torch.Tensor:
         """q: [T, H, D]; k, v: [T, H_kv, D] -> [T, H, D]."""
-        key_cache, value_cache = kv_cache
-        reference.write_kv_cache(k, v, key_cache, value_cache, metadata.slot_mapping)
-        return reference.run_attention_plan(q, key_cache, value_cache, metadata.plan, self.scale)
+        return metadata.backend.forward(q, k, v, kv_cache, metadata, self.scale)

@@ -1,0 +1,156 @@
+"""Moving K/V in and between blocks: writes into slots, block copies, swaps.
+
+The worker keeps its whole pool in one tensor, so one launch can copy a block
+in every layer:
+
+    kv_pool: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+    kv_pool[layer, 0] is that layer's key_cache, kv_pool[layer, 1] its value_cache.
+
+`copy_blocks` serves copy-on-write (a sequence about to write into a block it
+shares gets its own copy first); `swap_blocks` moves blocks between the device
+pool and a CPU pool of the same layout with plain torch copies.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pagedserve.kernels.common import (ATTENTION_DTYPES, check_kv_cache, check_launchable,
+                                       check_tensor)
+
+
+@triton.jit
+def _write_kv_cache_kernel(
+    key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_mapping_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_kcb, stride_kct, stride_kch,
+    stride_vcb, stride_vct, stride_vch,
+    NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + token)
+    block = slot // BLOCK_SIZE
+    within = slot % BLOCK_SIZE
+    offs_h = tl.arange(0, HEADS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    mask = (offs_h < NUM_KV_HEADS)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    key = tl.load(key_ptr + token * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :],
+                  mask=mask)
+    value = tl.load(value_ptr + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :],
+                    mask=mask)
+    tl.store(key_cache_ptr + block * stride_kcb + within * stride_kct
+             + offs_h[:, None] * stride_kch + offs_d[None, :], key, mask=mask)
+    tl.store(value_cache_ptr + block * stride_vcb + within * stride_vct
+             + offs_h[:, None] * stride_vch + offs_d[None, :], value, mask=mask)
+
+
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                   value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Scatter new K/V rows into their slots (`slot = block_id * block_size + offset`).
+
+    key, value: [num_tokens, num_kv_heads, head_dim], any token and head
+    strides (views into a fused QKV output are fine); slot_mapping:
+    [num_tokens] int64, every slot distinct and inside the pool.
+    """
+    device = key.device
+    check_tensor("key", key, ndim=3, dtypes=ATTENTION_DTYPES)
+    check_tensor("value", value, ndim=3, dtypes=(key.dtype,), device=device)
+    check_kv_cache(key_cache, value_cache, device, key.dtype)
+    check_tensor("slot_mapping", slot_mapping, ndim=1, dtypes=(torch.int64,), device=device)
+    num_tokens, num_kv_heads, head_dim = key.shape
+    if value.shape != key.shape:
+        raise ValueError(f"value has shape {tuple(value.shape)}, key {tuple(key.shape)}")
+    if key_cache.shape[2:] != key.shape[1:]:
+        raise ValueError(f"key rows are [num_kv_heads, head_dim] = {list(key.shape[1:])}, the "
+                         f"cache's {list(key_cache.shape[2:])}")
+    if slot_mapping.shape[0] != num_tokens:
+        raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries for {num_tokens} tokens")
+    check_launchable(device)
+    if num_tokens == 0:
+        return
+    _write_kv_cache_kernel[(num_tokens,)](
+        key, value, key_cache, value_cache, slot_mapping,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_kv_heads),
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+        BLOCK_SIZE=key_cache.shape[1], num_warps=1,
+    )
+
+
+@triton.jit
+def _copy_blocks_kernel(pool_ptr, block_mapping_ptr, stride_cache, stride_block,
+                        BLOCK_NUMEL: tl.constexpr, CHUNK: tl.constexpr):
+    pair = tl.program_id(0)
+    cache = tl.program_id(1).to(tl.int64)  # layer * 2 + (0 keys | 1 values)
+    src = tl.load(block_mapping_ptr + 2 * pair).to(tl.int64)
+    dst = tl.load(block_mapping_ptr + 2 * pair + 1).to(tl.int64)
+    src_ptr = pool_ptr + cache * stride_cache + src * stride_block
+    dst_ptr = pool_ptr + cache * stride_cache + dst * stride_block
+    for start in range(0, BLOCK_NUMEL, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        mask = offs < BLOCK_NUMEL
+        tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=mask), mask=mask)
+
+
+def _check_pool(name: str, pool: torch.Tensor) -> None:
+    check_tensor(name, pool, ndim=6, dtypes=ATTENTION_DTYPES)
+    if not pool.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {pool.stride()}")
+    if pool.shape[1] != 2:
+        raise ValueError(f"{name} must be [num_layers, 2, num_blocks, block_size, num_kv_heads, "
+                         f"head_dim], got shape {tuple(pool.shape)}")
+
+
+def _check_block_mapping(block_mapping: torch.Tensor, device: torch.device) -> None:
+    check_tensor("block_mapping", block_mapping, ndim=2, dtypes=(torch.int64,), device=device)
+    if block_mapping.shape[1] != 2:
+        raise ValueError(f"block_mapping must be [num_pairs, 2] (src, dst), got shape "
+                         f"{tuple(block_mapping.shape)}")
+
+
+def copy_blocks(kv_pool: torch.Tensor, block_mapping: torch.Tensor) -> None:
+    """For each (src, dst) row of block_mapping, copy block src onto block dst in every layer.
+
+    kv_pool: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim],
+    contiguous; block_mapping: [num_pairs, 2] int64 on the pool's device. A
+    block is never both a source and a destination in one call.
+    """
+    _check_pool("kv_pool", kv_pool)
+    _check_block_mapping(block_mapping, kv_pool.device)
+    check_launchable(kv_pool.device)
+    if block_mapping.shape[0] == 0:
+        return
+    num_layers, _, _, block_size, num_kv_heads, head_dim = kv_pool.shape
+    block_numel = block_size * num_kv_heads * head_dim
+    _copy_blocks_kernel[(block_mapping.shape[0], num_layers * 2)](
+        kv_pool, block_mapping.contiguous(), kv_pool.stride(1), kv_pool.stride(2),
+        BLOCK_NUMEL=block_numel, CHUNK=min(4096, triton.next_power_of_2(block_numel)),
+        num_warps=4,
+    )
+
+
+def swap_blocks(src_pool: torch.Tensor, dst_pool: torch.Tensor,
+                block_mapping: torch.Tensor) -> None:
+    """Copy blocks src -> dst between two pools of one layout (device <-> CPU).
+
+    block_mapping: [num_pairs, 2] int64 on the CPU, (block in src_pool, block
+    in dst_pool). One gather on the source device, one transfer, one scatter.
+    """
+    _check_pool("src_pool", src_pool)
+    _check_pool("dst_pool", dst_pool)
+    _check_block_mapping(block_mapping, torch.device("cpu"))
+    if src_pool.shape[:2] != dst_pool.shape[:2] or src_pool.shape[3:] != dst_pool.shape[3:]:
+        raise ValueError(f"src_pool {tuple(src_pool.shape)} and dst_pool {tuple(dst_pool.shape)} "
+                         "differ in layout")
+    if src_pool.dtype != dst_pool.dtype:
+        raise ValueError(f"src_pool is {src_pool.dtype}, dst_pool {dst_pool.dtype}")
+    if block_mapping.shape[0] == 0:
+        return
+    src = block_mapping[:, 0].to(src_pool.device)
+    dst = block_mapping[:, 1].to(dst_pool.device)
+    dst_pool.index_copy_(2, dst, src_pool.index_select(2, src).to(dst_pool.device))

@@ -54,6 +54,9 @@ class EngineConfig(_Strict):
     kv_cache_memory_gb: float = Field(default=1.0, gt=0.0)
     swap_space: float = Field(default=4.0, ge=0.0)
     enable_prefix_caching: bool = True
+    # Under memory pressure: auto recomputes single-sequence requests and swaps
+    # those with several sequences (samples, beams) to the CPU pool of swap_space GiB.
+    preemption_mode: Literal["auto", "swap", "recompute"] = "auto"
     max_num_seqs: int = Field(default=256, gt=0)
     max_num_batched_tokens: int | None = Field(default=None, gt=0)
     enforce_eager: bool = False

@@ -30,7 +30,8 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, num_gpu_blocks: int | None = None,
                  kv_cache_memory_gb: float = 1.0, swap_space: float = 4.0,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
-                 enable_prefix_caching: bool = True, enforce_eager: bool = False,
+                 enable_prefix_caching: bool = True, preemption_mode: str = "auto",
+                 enforce_eager: bool = False,
                  attention_backend: str = "auto", dtype: str = "auto", device: str = "auto",
                  seed: int = 0,
                  skip_tokenizer_init: bool = False, load_format: str = "auto",
@@ -45,6 +46,7 @@ class LLM:
                                swap_space=swap_space, max_num_seqs=max_num_seqs,
                                max_num_batched_tokens=max_num_batched_tokens,
                                enable_prefix_caching=enable_prefix_caching,
+                               preemption_mode=preemption_mode,
                                enforce_eager=enforce_eager, attention_backend=attention_backend,
                                device=device, seed=seed),
             }, source="LLM arguments")

@@ -34,6 +34,9 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None
     length_penalty: float = 1.0
+    # Beam search: stop once best_of hypotheses are finished (True), when no
+    # running beam can still beat them (False), or only at max_tokens ("never").
+    early_stopping: bool | str = False
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
@@ -48,7 +51,10 @@ class SamplingParams:
     def _validate(self) -> None:
         _check(self.n >= 1, "n", self.n, "must be at least 1")
         _check(self.best_of >= self.n, "best_of", self.best_of, f"must be at least n={self.n}")
-        _check(not self.use_beam_search, "use_beam_search", True, "beam search is not supported yet")
+        _check(self.early_stopping in (True, False, "never"), "early_stopping",
+               self.early_stopping, "must be True, False or 'never'")
+        if self.use_beam_search:
+            self._validate_beam_search()
         _check(self.temperature >= 0.0, "temperature", self.temperature, "must be >= 0")
         _check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "must be in (0, 1]")
         _check(self.top_k >= 0, "top_k", self.top_k, "must be >= 0 (0 disables it)")
@@ -69,6 +75,19 @@ class SamplingParams:
                    f"must be in [0, {MAX_LOGPROBS}]")
         if self.seed is not None:
             _check(0 <= self.seed < 2**63, "seed", self.seed, "must be in [0, 2**63)")
+
+    def _validate_beam_search(self) -> None:
+        """Beam search ranks by the model's own log-probabilities: nothing may reshape them."""
+        rule = "must be {} with use_beam_search=True"
+        _check(self.temperature == 0.0, "temperature", self.temperature, rule.format(0))
+        _check(self.top_p == 1.0, "top_p", self.top_p, rule.format(1))
+        _check(self.top_k == 0, "top_k", self.top_k, rule.format(0))
+        _check(self.min_p == 0.0, "min_p", self.min_p, rule.format(0))
+        _check(not self.uses_penalties, "repetition_penalty", self.repetition_penalty,
+               "penalties are not supported with use_beam_search=True")
+        _check(not self.stop, "stop", self.stop,
+               "stop strings are not supported with use_beam_search=True (use stop_token_ids)")
+        _check(self.seed is None, "seed", self.seed, "beam search is deterministic; leave seed unset")
 
     @property
     def greedy(self) -> bool:

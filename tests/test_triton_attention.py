@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pagedserve.kernels.common import interpreting
+from pagedserve.kernels.checks import interpreting
 from pagedserve.kernels.decode_attention import (MAX_SPLITS, choose_num_splits,
                                                  default_num_splits, paged_decode_attention)
 from pagedserve.kernels.prefill_attention import paged_prefill_attention

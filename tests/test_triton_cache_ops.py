@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from pagedserve.kernels import cache_ops, reference
-from pagedserve.kernels.common import interpreting
+from pagedserve.kernels.checks import interpreting
 from pagedserve.kernels.decode_attention import paged_decode_attention
 from pagedserve.kernels.prefill_attention import paged_prefill_attention
+from pagedserve.kernels.swap import swap_blocks
 from paged_batch import make_paged_batch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not interpreting() else "cpu")
@@ -82,13 +83,13 @@ def test_swap_blocks_round_trip():
     device_pool = make_pool(num_blocks=10, seed=1)
     host_pool = torch.zeros((3, 2, 4, 8, 2, 64))
     out = torch.tensor([[7, 0], [2, 3]])  # device block -> host block
-    cache_ops.swap_blocks(device_pool, host_pool, out)
+    swap_blocks(device_pool, host_pool, out)
     assert torch.equal(host_pool[:, :, 0], device_pool[:, :, 7].cpu())
     assert torch.equal(host_pool[:, :, 3], device_pool[:, :, 2].cpu())
     assert not host_pool[:, :, 1:3].any()
 
     back = torch.tensor([[0, 5], [3, 6]])  # host block -> device block
-    cache_ops.swap_blocks(host_pool, device_pool, back)
+    swap_blocks(host_pool, device_pool, back)
     assert torch.equal(device_pool[:, :, 5], device_pool[:, :, 7])
     assert torch.equal(device_pool[:, :, 6], device_pool[:, :, 2])
 
@@ -163,7 +164,7 @@ def test_cache_op_launchers_reject():
         cache_ops.write_kv_cache(key, key, pool[0, 0], pool[0, 1],
                                  torch.tensor([0, 1, 2], device=DEVICE))
     with pytest.raises(ValueError, match="differ in layout"):
-        cache_ops.swap_blocks(pool, torch.zeros(3, 2, 4, 8, 2, 32), torch.tensor([[0, 0]]))
+        swap_blocks(pool, torch.zeros(3, 2, 4, 8, 2, 32), torch.tensor([[0, 0]]))
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):

@@ -17,7 +17,14 @@ SAMPLING_ERRORS = [
     ("n", dict(n=0)),
     ("n", dict(n=-2)),
     ("best_of", dict(n=3, best_of=2)),
-    ("use_beam_search", dict(use_beam_search=True)),
+    ("temperature", dict(use_beam_search=True, best_of=2)),  # beams rank raw log-probabilities
+    ("top_p", dict(use_beam_search=True, best_of=2, temperature=0, top_p=0.9)),
+    ("top_k", dict(use_beam_search=True, best_of=2, temperature=0, top_k=5)),
+    ("repetition_penalty", dict(use_beam_search=True, best_of=2, temperature=0,
+                                repetition_penalty=1.2)),
+    ("stop", dict(use_beam_search=True, best_of=2, temperature=0, stop=["x"])),
+    ("seed", dict(use_beam_search=True, best_of=2, temperature=0, seed=1)),
+    ("early_stopping", dict(early_stopping="sometimes")),
     ("temperature", dict(temperature=-0.1)),
     ("temperature", dict(temperature=float("nan"))),
     ("top_p", dict(top_p=0.0)),
@@ -50,7 +57,7 @@ SAMPLING_ERRORS = [
 def test_sampling_params_rejects(field, kwargs):
     with pytest.raises(ValueError, match=rf"SamplingParams\.{field}=") as info:
         SamplingParams(**kwargs)
-    value = kwargs[field]
+    value = kwargs.get(field, SamplingParams.__dataclass_fields__[field].default)
     if field == "stop":
         value = (value,) if isinstance(value, str) else tuple(value)
     elif field == "stop_token_ids":

@@ -6,9 +6,9 @@ in every layer:
     kv_pool: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
     kv_pool[layer, 0] is that layer's key_cache, kv_pool[layer, 1] its value_cache.
 
-`copy_blocks` serves copy-on-write (a sequence about to write into a block it
-shares gets its own copy first); `swap_blocks` moves blocks between the device
-pool and a CPU pool of the same layout with plain torch copies.
+`copy_blocks` serves copy-on-write: a sequence about to write into a block it
+shares gets its own copy first. (Swapping to the CPU pool is plain torch:
+`swap.py`.)
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.kernels.common import (ATTENTION_DTYPES, check_kv_cache, check_launchable,
-                                       check_tensor)
+from pagedserve.kernels.checks import (ATTENTION_DTYPES, check_block_mapping, check_kv_cache,
+                                       check_launchable, check_pool, check_tensor)
 
 
 @triton.jit
@@ -97,22 +97,6 @@ def _copy_blocks_kernel(pool_ptr, block_mapping_ptr, stride_cache, stride_block,
         tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=mask), mask=mask)
 
 
-def _check_pool(name: str, pool: torch.Tensor) -> None:
-    check_tensor(name, pool, ndim=6, dtypes=ATTENTION_DTYPES)
-    if not pool.is_contiguous():
-        raise ValueError(f"{name} must be contiguous, got strides {pool.stride()}")
-    if pool.shape[1] != 2:
-        raise ValueError(f"{name} must be [num_layers, 2, num_blocks, block_size, num_kv_heads, "
-                         f"head_dim], got shape {tuple(pool.shape)}")
-
-
-def _check_block_mapping(block_mapping: torch.Tensor, device: torch.device) -> None:
-    check_tensor("block_mapping", block_mapping, ndim=2, dtypes=(torch.int64,), device=device)
-    if block_mapping.shape[1] != 2:
-        raise ValueError(f"block_mapping must be [num_pairs, 2] (src, dst), got shape "
-                         f"{tuple(block_mapping.shape)}")
-
-
 def copy_blocks(kv_pool: torch.Tensor, block_mapping: torch.Tensor) -> None:
     """For each (src, dst) row of block_mapping, copy block src onto block dst in every layer.
 
@@ -120,8 +104,8 @@ def copy_blocks(kv_pool: torch.Tensor, block_mapping: torch.Tensor) -> None:
     contiguous; block_mapping: [num_pairs, 2] int64 on the pool's device. A
     block is never both a source and a destination in one call.
     """
-    _check_pool("kv_pool", kv_pool)
-    _check_block_mapping(block_mapping, kv_pool.device)
+    check_pool("kv_pool", kv_pool)
+    check_block_mapping(block_mapping, kv_pool.device)
     check_launchable(kv_pool.device)
     if block_mapping.shape[0] == 0:
         return
@@ -132,25 +116,3 @@ def copy_blocks(kv_pool: torch.Tensor, block_mapping: torch.Tensor) -> None:
         BLOCK_NUMEL=block_numel, CHUNK=min(4096, triton.next_power_of_2(block_numel)),
         num_warps=4,
     )
-
-
-def swap_blocks(src_pool: torch.Tensor, dst_pool: torch.Tensor,
-                block_mapping: torch.Tensor) -> None:
-    """Copy blocks src -> dst between two pools of one layout (device <-> CPU).
-
-    block_mapping: [num_pairs, 2] int64 on the CPU, (block in src_pool, block
-    in dst_pool). One gather on the source device, one transfer, one scatter.
-    """
-    _check_pool("src_pool", src_pool)
-    _check_pool("dst_pool", dst_pool)
-    _check_block_mapping(block_mapping, torch.device("cpu"))
-    if src_pool.shape[:2] != dst_pool.shape[:2] or src_pool.shape[3:] != dst_pool.shape[3:]:
-        raise ValueError(f"src_pool {tuple(src_pool.shape)} and dst_pool {tuple(dst_pool.shape)} "
-                         "differ in layout")
-    if src_pool.dtype != dst_pool.dtype:
-        raise ValueError(f"src_pool is {src_pool.dtype}, dst_pool {dst_pool.dtype}")
-    if block_mapping.shape[0] == 0:
-        return
-    src = block_mapping[:, 0].to(src_pool.device)
-    dst = block_mapping[:, 1].to(dst_pool.device)
-    dst_pool.index_copy_(2, dst, src_pool.index_select(2, src).to(dst_pool.device))

@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.kernels.common import (attend_paged_context, check_attention_args,
-                                       check_launchable, dot_in_f32, kv_cache_strides)
+from pagedserve.kernels.checks import check_attention_args, check_launchable
+from pagedserve.kernels.common import attend_paged_context, dot_in_f32, kv_cache_strides
 
 MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 32

@@ -24,9 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.kernels.common import (attend_paged_context, check_attention_args,
-                                       check_launchable, check_tensor, dot_in_f32,
-                                       kv_cache_strides)
+from pagedserve.kernels.checks import check_attention_args, check_launchable, check_tensor
+from pagedserve.kernels.common import attend_paged_context, dot_in_f32, kv_cache_strides
 
 
 @triton.jit

@@ -12,22 +12,53 @@ rank, since each rank holds the same block ids for its own heads.
       tokens          0..15      16..31     32..36 (11 slots still free)
 
 Blocks are allocated on demand, as tokens are about to be computed, so the only
-unused slots are the unfilled tail of each sequence's last block. Every block
-operation is O(1): a deque of free ids and a list of reference counts. A block
-with a reference count above one is shared on purpose (forked sequences).
+unused slots are the unfilled tail of each sequence's last block.
+
+Sharing. A block's reference count is the number of tables holding it:
+
+* `fork` gives a child sequence its parent's table (parallel samples, beams);
+  before a sequence writes into a shared, partly filled last block it takes a
+  private copy (`copy_on_write`), and the worker copies the block's K/V.
+* Prefix caching: a full block is keyed by a SHA-256 of (its parent block's
+  key, its token ids, an extra key such as an adapter name), so equal keys
+  mean equal prefixes. A new sequence starts from the longest chain of cached
+  blocks matching its tokens (`computed_blocks`).
+
+The free queue holds every block with no holder: blocks holding nothing
+reusable at the front, cached blocks behind them in least-recently-freed
+order. A fresh block is taken from the front, so a cached block is evicted
+(its key forgotten) only when no plain free block is left.
+
+Swapping moves a group's blocks to a CPU pool with the same ids scheme and
+back; shared blocks move once.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import hashlib
+from array import array
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Sequence
+
+BlockKey = bytes
 
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def block_key(parent: BlockKey | None, token_ids: Sequence[int], extra_key: str | None) -> BlockKey:
+    """The prefix-cache key of a full block: SHA-256 over its parent's key, tokens, extra key."""
+    digest = hashlib.sha256(parent or b"")
+    digest.update(array("q", token_ids).tobytes())
+    if extra_key is not None:
+        digest.update(b"\x00" + extra_key.encode())
+    return digest.digest()
+
+
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, watermark_blocks: int = 0) -> None:
+    def __init__(self, num_blocks: int, block_size: int, watermark_blocks: int = 0, *,
+                 num_cpu_blocks: int = 0, enable_prefix_caching: bool = False) -> None:
         if num_blocks <= 0:
             raise ValueError(f"num_blocks={num_blocks}: the KV pool needs at least one block")
         self.num_blocks = num_blocks
@@ -35,20 +66,48 @@ class BlockManager:
         # Admission keeps this many blocks free so running sequences can grow a
         # little before someone has to be preempted.
         self.watermark_blocks = watermark_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        self.enable_prefix_caching = enable_prefix_caching
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._ref_counts = [0] * num_blocks
+        self._keys: list[BlockKey | None] = [None] * num_blocks  # key of a cached block
+        self._cached: dict[BlockKey, int] = {}
         self._tables: dict[int, list[int]] = {}
         self._num_slots: dict[int, int] = {}  # tokens each sequence has slots for
+        self._seq_keys: dict[int, list[BlockKey]] = {}  # keys of each sequence's full blocks
+        self._extra_keys: dict[int, str | None] = {}
         self._total_slots = 0
+        # The CPU pool: tables of swapped-out sequences, and its own ref counts.
+        self.num_cpu_blocks = num_cpu_blocks
+        self._cpu_free: deque[int] = deque(range(num_cpu_blocks))
+        self._cpu_ref_counts = [0] * num_cpu_blocks
+        self._cpu_tables: dict[int, list[int]] = {}
+        # Prefix cache accounting, in tokens.
+        self.prefix_query_tokens = 0
+        self.prefix_hit_tokens = 0
 
     # -- queries -------------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
+        """Blocks no sequence holds, cached ones included (they are evictable)."""
         return len(self._free)
 
     @property
     def num_allocated_blocks(self) -> int:
         return self.num_blocks - len(self._free)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Free blocks that still hold a cached prefix."""
+        return sum(1 for block_id in self._free if self._keys[block_id] is not None)
+
+    @property
+    def num_logical_blocks(self) -> int:
+        """Table entries over all sequences; above num_allocated_blocks when blocks are shared."""
+        return sum(len(table) for table in self._tables.values())
+
+    @property
+    def num_swapped_blocks(self) -> int:
+        return self.num_cpu_blocks - len(self._cpu_free)
 
     def block_table(self, seq_id: int) -> list[int]:
         return self._tables[seq_id]
@@ -56,20 +115,50 @@ class BlockManager:
     def has(self, seq_id: int) -> bool:
         return seq_id in self._tables
 
+    def is_swapped(self, seq_id: int) -> bool:
+        return seq_id in self._cpu_tables
+
     def num_slots(self, seq_id: int) -> int:
         return self._num_slots.get(seq_id, 0)
 
     def ref_count(self, block_id: int) -> int:
         return self._ref_counts[block_id]
 
+    def cached_key(self, block_id: int) -> BlockKey | None:
+        return self._keys[block_id]
+
     def num_stored_tokens(self) -> int:
         """Tokens that own a slot (computed, or about to be computed this step)."""
         return self._total_slots
 
+    def computed_blocks(self, token_ids: Sequence[int], extra_key: str | None = None) -> list[int]:
+        """The longest chain of cached blocks holding a prefix of `token_ids`.
+
+        The last token is always left to compute, since its logits are needed.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        blocks: list[int] = []
+        parent = None
+        bs = self.block_size
+        for start in range(0, len(token_ids) - 1 - bs + 1, bs):
+            parent = block_key(parent, token_ids[start:start + bs], extra_key)
+            block_id = self._cached.get(parent)
+            if block_id is None:
+                break
+            blocks.append(block_id)
+        return blocks
+
+    def blocks_to_allocate(self, num_tokens: int, computed: Sequence[int] = ()) -> int:
+        """Free-queue blocks a new sequence takes for `num_tokens` slots reusing `computed`."""
+        reused_free = sum(1 for block_id in computed if self._ref_counts[block_id] == 0)
+        return reused_free + max(0, cdiv(num_tokens, self.block_size) - len(computed))
+
     def blocks_to_append(self, seq_id: int, num_new_tokens: int) -> int:
-        """Blocks that `append_slots(seq_id, num_new_tokens)` would take from the pool."""
+        """Blocks that copy_on_write + append_slots(seq_id, num_new_tokens) take from the pool."""
         table = self._tables.get(seq_id, ())
-        return max(0, cdiv(self.num_slots(seq_id) + num_new_tokens, self.block_size) - len(table))
+        grow = max(0, cdiv(self.num_slots(seq_id) + num_new_tokens, self.block_size) - len(table))
+        return grow + int(self.needs_copy_on_write(seq_id, num_new_tokens))
 
     # -- question / action pairs ---------------------------------------------
     def can_allocate(self, num_tokens: int, num_seqs: int = 1) -> bool:
@@ -77,47 +166,193 @@ class BlockManager:
         needed = num_seqs * cdiv(num_tokens, self.block_size)
         return len(self._free) - needed >= self.watermark_blocks
 
-    def allocate(self, seq_id: int, num_tokens: int) -> list[int]:
+    def allocate(self, seq_id: int, num_tokens: int, token_ids: Sequence[int] | None = None,
+                 computed: Sequence[int] = (), extra_key: str | None = None) -> list[int]:
+        """A table for a new sequence: the `computed` blocks, then fresh ones up to `num_tokens`.
+
+        With `token_ids` (the sequence's tokens so far), full blocks become
+        prefix-cache entries and hits are counted.
+        """
         if seq_id in self._tables:
             raise KeyError(f"sequence {seq_id} already has a block table")
-        self._check_free(seq_id, self.blocks_to_append(seq_id, num_tokens))
-        self._tables[seq_id] = []
-        self._num_slots[seq_id] = 0
-        self.append_slots(seq_id, num_tokens)
+        if len(computed) * self.block_size > num_tokens:
+            raise ValueError(f"{len(computed)} computed blocks hold more than num_tokens={num_tokens}")
+        self._check_free(seq_id, self.blocks_to_allocate(num_tokens, computed))
+        for block_id in computed:
+            self._hold(block_id)
+        self._tables[seq_id] = list(computed)
+        self._seq_keys[seq_id] = [self._keys[block_id] for block_id in computed]
+        self._extra_keys[seq_id] = extra_key
+        filled = len(computed) * self.block_size
+        self._num_slots[seq_id] = filled
+        self._total_slots += filled
+        if token_ids is not None and self.enable_prefix_caching:
+            self.prefix_query_tokens += len(token_ids)
+            self.prefix_hit_tokens += filled
+        self.append_slots(seq_id, num_tokens - filled, token_ids)
         return self._tables[seq_id]
 
     def can_append_slots(self, seq_id: int, num_new_tokens: int) -> bool:
         return self.blocks_to_append(seq_id, num_new_tokens) <= len(self._free)
 
-    def append_slots(self, seq_id: int, num_new_tokens: int) -> list[int]:
-        """Reserve slots for `num_new_tokens` more tokens; returns the new block ids."""
+    def append_slots(self, seq_id: int, num_new_tokens: int,
+                     token_ids: Sequence[int] | None = None) -> list[int]:
+        """Reserve slots for `num_new_tokens` more tokens; returns the new block ids.
+
+        A shared, partly filled last block must have been copied first
+        (`copy_on_write`). With `token_ids`, blocks this fills become cached.
+        """
         if seq_id not in self._tables:
             raise KeyError(f"sequence {seq_id} has no block table (allocate it first)")
-        needed = self.blocks_to_append(seq_id, num_new_tokens)
+        if self.needs_copy_on_write(seq_id, num_new_tokens):
+            raise RuntimeError(f"sequence {seq_id} would write into shared block "
+                               f"{self._tables[seq_id][-1]} (call copy_on_write first)")
+        table = self._tables[seq_id]
+        needed = max(0, cdiv(self.num_slots(seq_id) + num_new_tokens, self.block_size) - len(table))
         self._check_free(seq_id, needed)
         new_blocks = [self._take() for _ in range(needed)]
-        self._tables[seq_id].extend(new_blocks)
+        table.extend(new_blocks)
         self._num_slots[seq_id] += num_new_tokens
         self._total_slots += num_new_tokens
+        if token_ids is not None and self.enable_prefix_caching:
+            self._cache_full_blocks(seq_id, token_ids)
         return new_blocks
 
+    def needs_copy_on_write(self, seq_id: int, num_new_tokens: int) -> bool:
+        """Would these tokens land in a partly filled last block that others hold too?"""
+        table = self._tables.get(seq_id)
+        filled = self.num_slots(seq_id) % self.block_size
+        return bool(table) and num_new_tokens > 0 and filled > 0 and self._ref_counts[table[-1]] > 1
+
+    def copy_on_write(self, seq_id: int) -> tuple[int, int]:
+        """Give the sequence a private copy of its shared last block; returns (src, dst)."""
+        if not self.needs_copy_on_write(seq_id, 1):
+            raise RuntimeError(f"sequence {seq_id}'s last block is not a shared partial block")
+        self._check_free(seq_id, 1)
+        table = self._tables[seq_id]
+        src = table[-1]
+        self._ref_counts[src] -= 1  # others still hold it: never reaches 0 here
+        table[-1] = self._take()
+        return src, table[-1]
+
+    def fork(self, parent_id: int, child_id: int) -> None:
+        """The child holds every block of the parent's table (ref counts + 1)."""
+        if child_id in self._tables:
+            raise KeyError(f"sequence {child_id} already has a block table")
+        table = self._tables[parent_id]
+        for block_id in table:
+            self._ref_counts[block_id] += 1
+        self._tables[child_id] = list(table)
+        self._num_slots[child_id] = self._num_slots[parent_id]
+        self._total_slots += self._num_slots[parent_id]
+        self._seq_keys[child_id] = list(self._seq_keys[parent_id])
+        self._extra_keys[child_id] = self._extra_keys[parent_id]
+
     def free(self, seq_id: int) -> None:
-        """Release a sequence's blocks (shared blocks return to the pool with their last user)."""
+        """Release a sequence's blocks (GPU or swapped); shared ones stay with their other holders."""
+        self._seq_keys.pop(seq_id, None)
+        self._extra_keys.pop(seq_id, None)
+        cpu_table = self._cpu_tables.pop(seq_id, None)
+        if cpu_table is not None:
+            self._total_slots -= self._num_slots.pop(seq_id)
+            for block_id in cpu_table:
+                self._cpu_ref_counts[block_id] -= 1
+                if self._cpu_ref_counts[block_id] == 0:
+                    self._cpu_free.append(block_id)
+            return
         table = self._tables.pop(seq_id, None)
         if table is None:
             return
         self._total_slots -= self._num_slots.pop(seq_id)
-        for block_id in reversed(table):  # tail first: the likeliest to be reused next
-            self._ref_counts[block_id] -= 1
-            if self._ref_counts[block_id] == 0:
-                self._free.append(block_id)
+        for block_id in reversed(table):  # tail first: evicted before the shared head
+            self._release(block_id)
+
+    # -- swapping --------------------------------------------------------------
+    def can_swap_out(self, seq_ids: Iterable[int]) -> bool:
+        return len(self._distinct(self._tables, seq_ids)) <= len(self._cpu_free)
+
+    def swap_out(self, seq_ids: Iterable[int]) -> list[tuple[int, int]]:
+        """Move these sequences' blocks to the CPU pool; returns (gpu block, cpu block) pairs."""
+        seq_ids = list(seq_ids)
+        mapping = {block_id: self._cpu_free.popleft()
+                   for block_id in self._distinct(self._tables, seq_ids)}
+        for seq_id in seq_ids:
+            table = self._tables.pop(seq_id)
+            self._cpu_tables[seq_id] = [mapping[block_id] for block_id in table]
+            for block_id in table:
+                self._cpu_ref_counts[mapping[block_id]] += 1
+            for block_id in reversed(table):
+                self._release(block_id)
+        return list(mapping.items())
+
+    def blocks_to_swap_in(self, seq_ids: Iterable[int]) -> int:
+        return len(self._distinct(self._cpu_tables, seq_ids))
+
+    def swap_in(self, seq_ids: Iterable[int]) -> list[tuple[int, int]]:
+        """Bring swapped sequences back; returns (cpu block, gpu block) pairs."""
+        seq_ids = list(seq_ids)
+        cpu_blocks = self._distinct(self._cpu_tables, seq_ids)
+        self._check_free(seq_ids[0], len(cpu_blocks))
+        mapping = {cpu_id: self._take() for cpu_id in cpu_blocks}
+        for block_id in mapping.values():
+            self._ref_counts[block_id] = 0
+        for seq_id in seq_ids:
+            cpu_table = self._cpu_tables.pop(seq_id)
+            self._tables[seq_id] = [mapping[cpu_id] for cpu_id in cpu_table]
+            for cpu_id in cpu_table:
+                self._ref_counts[mapping[cpu_id]] += 1
+                self._cpu_ref_counts[cpu_id] -= 1
+                if self._cpu_ref_counts[cpu_id] == 0:
+                    self._cpu_free.append(cpu_id)
+            # Its full blocks are valid prefixes again.
+            for block_id, key in zip(self._tables[seq_id], self._seq_keys[seq_id]):
+                self._register(block_id, key)
+        return list(mapping.items())
+
+    # -- internals -----------------------------------------------------------
+    def _cache_full_blocks(self, seq_id: int, token_ids: Sequence[int]) -> None:
+        keys = self._seq_keys[seq_id]
+        table = self._tables[seq_id]
+        bs = self.block_size
+        full = min(self._num_slots[seq_id], len(token_ids)) // bs
+        extra_key = self._extra_keys[seq_id]
+        for index in range(len(keys), full):
+            key = block_key(keys[-1] if keys else None, token_ids[index * bs:(index + 1) * bs],
+                            extra_key)
+            keys.append(key)
+            self._register(table[index], key)
+
+    def _register(self, block_id: int, key: BlockKey) -> None:
+        if self.enable_prefix_caching and key not in self._cached and self._keys[block_id] is None:
+            self._cached[key] = block_id
+            self._keys[block_id] = key
+
+    def _hold(self, block_id: int) -> None:
+        if self._ref_counts[block_id] == 0:
+            del self._free[block_id]  # a cache hit on a free block: no longer evictable
+        self._ref_counts[block_id] += 1
+
+    def _release(self, block_id: int) -> None:
+        self._ref_counts[block_id] -= 1
+        if self._ref_counts[block_id] == 0:
+            self._free[block_id] = None  # at the back: evicted last
+            if self._keys[block_id] is None:
+                self._free.move_to_end(block_id, last=False)  # nothing to keep: reuse first
+
+    def _take(self) -> int:
+        block_id, _ = self._free.popitem(last=False)
+        key = self._keys[block_id]
+        if key is not None:  # evict
+            del self._cached[key]
+            self._keys[block_id] = None
+        self._ref_counts[block_id] = 1
+        return block_id
 
     def _check_free(self, seq_id: int, needed: int) -> None:
         if needed > len(self._free):
             raise RuntimeError(f"sequence {seq_id} needs {needed} blocks, {len(self._free)} are "
                                "free (ask can_allocate / can_append_slots first)")
 
-    def _take(self) -> int:
-        block_id = self._free.popleft()
-        self._ref_counts[block_id] = 1
-        return block_id
+    @staticmethod
+    def _distinct(tables: dict[int, list[int]], seq_ids: Iterable[int]) -> list[int]:
+        return list(dict.fromkeys(block_id for seq_id in seq_ids for block_id in tables[seq_id]))

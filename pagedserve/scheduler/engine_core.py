@@ -7,7 +7,6 @@ the way out (incremental detokenization, stop strings).
 
 from __future__ import annotations
 
-import itertools
 import logging
 from dataclasses import dataclass
 
@@ -16,10 +15,11 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from pagedserve.config import EngineConfig, ModelConfig
 from pagedserve.outputs import CompletionOutput, RequestOutput
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.scheduler.beam_search import BeamSearch
 from pagedserve.scheduler.block_manager import BlockManager, cdiv
 from pagedserve.scheduler.detokenizer import Detokenizer
 from pagedserve.scheduler.scheduler import Scheduler, SchedulerConfig
-from pagedserve.scheduler.sequence import FinishReason, Sequence, SequenceGroup
+from pagedserve.scheduler.sequence import FinishReason, SequenceGroup
 from pagedserve.worker.executor import Executor, LocalExecutor
 from pagedserve.worker.model_info import ModelInfo, resolve
 
@@ -44,7 +44,6 @@ class EngineCore:
         self.executor = executor
         self.tokenizer = tokenizer
         self.detokenizer = Detokenizer(tokenizer.backend_tokenizer) if tokenizer else None
-        self._seq_ids = itertools.count()
         self._usage = _Usage()
 
     @classmethod
@@ -63,22 +62,37 @@ class EngineCore:
                 f"the KV pool has {num_blocks} blocks of {engine.block_size} tokens, fewer than the "
                 f"{blocks_per_seq} one sequence of max_model_len={info.max_model_len} needs: "
                 f"raise {source} (one block takes {executor.block_bytes} bytes) or lower max_model_len")
-        executor.init_kv_cache(num_blocks)
-        logger.info("KV pool: %d blocks x %d tokens (%.1f MiB)", num_blocks, engine.block_size,
-                    num_blocks * executor.block_bytes / 2**20)
+        num_cpu_blocks = int(engine.swap_space * 2**30) // executor.block_bytes
+        executor.init_kv_cache(num_blocks, num_cpu_blocks)
+        logger.info("KV pool: %d blocks x %d tokens (%.1f MiB), CPU swap pool %d blocks",
+                    num_blocks, engine.block_size, num_blocks * executor.block_bytes / 2**20,
+                    num_cpu_blocks)
         block_manager = BlockManager(num_blocks, engine.block_size,
-                                     watermark_blocks=max(1, num_blocks // 100))
+                                     watermark_blocks=max(1, num_blocks // 100),
+                                     num_cpu_blocks=num_cpu_blocks,
+                                     enable_prefix_caching=engine.enable_prefix_caching)
         scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=engine.max_num_seqs, max_num_batched_tokens=max_batched,
-            max_model_len=info.max_model_len, eos_token_ids=info.eos_token_ids), block_manager)
+            max_model_len=info.max_model_len, eos_token_ids=info.eos_token_ids,
+            preemption_mode=engine.preemption_mode), block_manager)
         return cls(info, scheduler, executor, tokenizer)
 
     # -- requests ------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None) -> None:
         self._validate(prompt_token_ids, params)
-        seqs = [Sequence(next(self._seq_ids), list(prompt_token_ids)) for _ in range(params.best_of)]
-        self.scheduler.add(SequenceGroup(request_id, seqs, params, prompt))
+        # One sequence computes the prompt; samples and beams fork from it.
+        group = SequenceGroup(request_id, [self.scheduler.new_sequence(prompt_token_ids)], params,
+                              prompt)
+        if params.use_beam_search:
+            eos = set() if params.ignore_eos else set(self.info.eos_token_ids)
+            group.beam_search = BeamSearch(
+                num_beams=params.best_of, num_return_sequences=params.n,
+                length_penalty=params.length_penalty, early_stopping=params.early_stopping,
+                eos_token_ids=frozenset(eos | set(params.stop_token_ids)),
+                max_new_tokens=max(1, min(params.max_tokens,
+                                           self.info.max_model_len - len(prompt_token_ids))))
+        self.scheduler.add(group)
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now; every block it holds is freed at once."""
@@ -97,7 +111,7 @@ class EngineCore:
         advanced = self.scheduler.update(step_input, step_output)
         for group in advanced:
             self._detokenize(group)
-        outputs = [_request_output(group) for group in advanced]
+        outputs = [self._request_output(group) for group in advanced]
         self.scheduler.free_finished(advanced)
         self._record_usage()
         return outputs
@@ -109,6 +123,14 @@ class EngineCore:
             "total_blocks": bm.num_blocks,
             "free_blocks": bm.num_free_blocks,
             "allocated_blocks": allocated,
+            # Sharing: table entries over all sequences vs distinct blocks behind them.
+            "logical_blocks": bm.num_logical_blocks,
+            "physical_blocks": allocated,
+            "cached_blocks": bm.num_cached_blocks,
+            "prefix_cache_hit_rate": (bm.prefix_hit_tokens / bm.prefix_query_tokens
+                                      if bm.prefix_query_tokens else 0.0),
+            "swapped_blocks": bm.num_swapped_blocks,
+            "cpu_blocks": bm.num_cpu_blocks,
             "utilization": allocated / bm.num_blocks,
             "block_size": bm.block_size,
             "stored_tokens": bm.num_stored_tokens(),
@@ -117,8 +139,10 @@ class EngineCore:
                                       if self._usage.steps else 1.0),
             "peak_allocated_blocks": self._usage.peak_allocated_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_swap_preemptions": self.scheduler.num_swaps,
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
+            "num_swapped": len(self.scheduler.swapped),
         }
 
     # -- helpers -------------------------------------------------------------
@@ -135,6 +159,10 @@ class EngineCore:
                              f"max_model_len={info.max_model_len}")
         if params.best_of > engine_limits.max_num_seqs:
             raise ValueError(f"best_of={params.best_of} exceeds max_num_seqs={engine_limits.max_num_seqs}")
+        if params.use_beam_search and params.best_of > engine_limits.max_num_batched_tokens:
+            raise ValueError(f"best_of={params.best_of} beams exceed max_num_batched_tokens="
+                             f"{engine_limits.max_num_batched_tokens}: every beam takes a token "
+                             "each step")
         if params.stop and self.detokenizer is None:
             raise ValueError("stop strings need a tokenizer; this engine was built with "
                              "skip_tokenizer_init=True (use stop_token_ids instead)")
@@ -145,8 +173,8 @@ class EngineCore:
                              f"{longest} tokens), more than the pool's {self.block_manager.num_blocks}")
 
     def _detokenize(self, group: SequenceGroup) -> None:
-        if self.detokenizer is None:
-            return
+        if self.detokenizer is None or group.beam_search is not None:
+            return  # beams fork and drop: their text is decoded once, at the end
         for seq in group.seqs:
             if seq.finish_reason is FinishReason.ABORT:
                 continue
@@ -161,6 +189,25 @@ class EngineCore:
             self._usage.steps += 1
             self._usage.slot_utilization += stored / (allocated * self.block_manager.block_size)
             self._usage.peak_allocated_blocks = max(self._usage.peak_allocated_blocks, allocated)
+
+
+    def _request_output(self, group: SequenceGroup) -> RequestOutput:
+        if group.beam_search is None:
+            return _request_output(group)
+        outputs = []
+        if group.hypotheses is not None:
+            eos = group.beam_search.eos_token_ids
+            skip = group.sampling_params.skip_special_tokens
+            for index, hyp in enumerate(group.hypotheses):
+                text = (self.tokenizer.decode(hyp.output_token_ids, skip_special_tokens=skip)
+                        if self.tokenizer else "")
+                ended = bool(hyp.output_token_ids) and hyp.output_token_ids[-1] in eos
+                outputs.append(CompletionOutput(
+                    index=index, text=text, token_ids=list(hyp.output_token_ids),
+                    cumulative_logprob=hyp.cumulative_logprob, logprobs=None,
+                    finish_reason="stop" if ended else "length", stop_reason=None))
+        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outputs,
+                             finished=group.finished)
 
 
 def _request_output(group: SequenceGroup) -> RequestOutput:

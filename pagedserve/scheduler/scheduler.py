@@ -1,23 +1,35 @@
 """Iteration-level (continuous) batching under a token budget.
 
-Every step, running requests go first, oldest first: each unfinished sequence
-gets `min(uncomputed tokens, budget left)` tokens, so a decode takes one token
-and a long prompt is computed in chunks (chunked prefill). When the pool has no
-block for a running sequence, the newest running request is preempted: its
-blocks are freed and it goes back to the front of the waiting queue, to be
-recomputed from its prompt and the tokens it had already generated. Waiting
-requests are admitted FCFS while the budget, `max_num_seqs` and the pool allow,
-and never in a step that had to preempt.
+Every step, in this order:
+
+1. Running requests, oldest first: each unfinished sequence gets
+   `min(uncomputed tokens, budget left)` tokens, so a decode takes one token
+   and a long prompt is computed in chunks (chunked prefill). When the pool
+   has no block for a running sequence, the newest running request is
+   preempted: swapped to the CPU pool, or freed and later recomputed (see
+   `SchedulerConfig.preemption_mode`).
+2. Swapped requests come back, oldest first, while blocks allow.
+3. Waiting requests are admitted FCFS while the budget, `max_num_seqs` and the
+   pool allow, starting from the longest prefix the prefix cache holds.
+
+Steps 2 and 3 are skipped in a step that had to preempt, and 3 while any
+request is still swapped out.
+
+A request's sequences share blocks: parallel samples fork off the prompt at
+its last token, beams fork and drop every step. A sequence about to write into
+a block it shares gets a private copy first (`StepInput.blocks_to_copy`).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass
 
+from pagedserve.scheduler.beam_search import Beam
 from pagedserve.scheduler.block_manager import BlockManager
 from pagedserve.scheduler.sequence import FinishReason, Sequence, SequenceGroup, SequenceStatus
-from pagedserve.scheduler.step import ScheduledSequence, StepInput, StepOutput
+from pagedserve.scheduler.step import Sample, ScheduledSequence, StepInput, StepOutput
 
 
 @dataclass(frozen=True)
@@ -26,6 +38,19 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     max_model_len: int
     eos_token_ids: frozenset[int] = frozenset()
+    # auto: recompute a request with one sequence, swap one with several (samples,
+    # beams), whose shared blocks recomputation would duplicate. Without CPU room
+    # for a swap, the request is recomputed.
+    preemption_mode: str = "auto"
+
+
+@dataclass
+class _Work:
+    """One sequence's tokens in a step's plan."""
+
+    seq: Sequence
+    num_tokens: int
+    computed_blocks: list[int]  # prefix-cache hits, for a sequence without a table yet
 
 
 class Scheduler:
@@ -34,19 +59,24 @@ class Scheduler:
         self.block_manager = block_manager
         self.waiting: deque[SequenceGroup] = deque()
         self.running: list[SequenceGroup] = []
+        self.swapped: deque[SequenceGroup] = deque()
         self._groups: dict[str, SequenceGroup] = {}
         self._seqs: dict[int, Sequence] = {}
         self._seq_group: dict[int, SequenceGroup] = {}
+        self._seq_ids = itertools.count()
         self.num_preemptions = 0
+        self.num_swaps = 0
 
     # -- requests ------------------------------------------------------------
+    def new_sequence(self, prompt_token_ids: list[int]) -> Sequence:
+        return Sequence(next(self._seq_ids), list(prompt_token_ids))
+
     def add(self, group: SequenceGroup) -> None:
         if group.request_id in self._groups:
             raise ValueError(f"request_id {group.request_id!r} is already in use")
         self._groups[group.request_id] = group
         for seq in group.seqs:
-            self._seqs[seq.seq_id] = seq
-            self._seq_group[seq.seq_id] = group
+            self._track(seq, group)
         self.waiting.append(group)
 
     def abort(self, request_id: str) -> SequenceGroup | None:
@@ -60,7 +90,7 @@ class Scheduler:
         return group
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped)
 
     @property
     def num_running_seqs(self) -> int:
@@ -69,7 +99,7 @@ class Scheduler:
     # -- one step ------------------------------------------------------------
     def schedule(self) -> StepInput:
         budget = self.config.max_num_batched_tokens
-        scheduled: list[ScheduledSequence] = []
+        step = StepInput(seqs=[])
         preempted = False
 
         index = 0
@@ -78,16 +108,36 @@ class Scheduler:
             plan = self._plan(group, budget)
             while not self._fits(plan):
                 victim = self.running.pop()
-                self._preempt(victim)
+                self._preempt(victim, step)
                 preempted = True
                 if victim is group:
                     break
             else:
-                budget -= self._commit(plan, scheduled)
+                budget -= self._commit(group, plan, step)
                 index += 1
+        if preempted:
+            return step
 
         num_seqs = self.num_running_seqs
-        while self.waiting and budget > 0 and not preempted:
+        reserve = self.block_manager.watermark_blocks if self.running else 0
+        while self.swapped and budget > 0:
+            group = self.swapped[0]
+            seq_ids = [seq.seq_id for seq in group.unfinished_seqs]
+            needed = self.block_manager.blocks_to_swap_in(seq_ids)
+            if (num_seqs + len(seq_ids) > self.config.max_num_seqs
+                    or needed + len(seq_ids) + reserve > self.block_manager.num_free_blocks):
+                break
+            self.swapped.popleft()
+            step.blocks_to_swap_in.extend(self.block_manager.swap_in(seq_ids))
+            self._set_status(group, SequenceStatus.RUNNING)
+            self.running.append(group)
+            num_seqs += len(seq_ids)
+            plan = self._plan(group, budget)
+            if self._fits(plan):  # otherwise it runs from the next step on
+                budget -= self._commit(group, plan, step)
+            reserve = self.block_manager.watermark_blocks
+
+        while self.waiting and not self.swapped and budget > 0:
             group = self.waiting[0]
             seqs = group.unfinished_seqs
             if num_seqs + len(seqs) > self.config.max_num_seqs:
@@ -96,15 +146,14 @@ class Scheduler:
             # The watermark keeps room for running sequences to grow; with none
             # running it would only stop a request that fills the pool alone.
             reserve = self.block_manager.watermark_blocks if self.running else 0
-            if not self._fits(plan, reserve):
+            if not plan or not self._fits(plan, reserve):
                 break
             self.waiting.popleft()
-            for seq in seqs:
-                seq.status = SequenceStatus.RUNNING
+            self._set_status(group, SequenceStatus.RUNNING)
             self.running.append(group)
             num_seqs += len(seqs)
-            budget -= self._commit(plan, scheduled)
-        return StepInput(seqs=scheduled)
+            budget -= self._commit(group, plan, step)
+        return step
 
     def update(self, step_input: StepInput, step_output: StepOutput) -> list[SequenceGroup]:
         """Record computed tokens and sampled ones; returns the requests that advanced."""
@@ -112,15 +161,27 @@ class Scheduler:
             seq = self._seqs.get(scheduled.seq_id)
             if seq is not None and not seq.finished:
                 seq.num_computed_tokens += scheduled.num_tokens
-        touched: dict[str, SequenceGroup] = {}
+        by_seq: dict[int, list[Sample]] = {}
         for sample in step_output.samples:
-            seq = self._seqs.get(sample.seq_id)
+            by_seq.setdefault(sample.seq_id, []).append(sample)
+        touched: dict[str, SequenceGroup] = {}
+        beam_steps: dict[str, dict[int, Sample]] = {}
+        for seq_id, samples in by_seq.items():
+            seq = self._seqs.get(seq_id)
             if seq is None or seq.finished:  # aborted while the step ran
                 continue
-            group = self._group_of(seq)
-            seq.append_token(sample.token_id, sample.logprob, sample.top_logprobs)
-            self._check_stop(seq, group)
+            group = self._seq_group[seq_id]
             touched[group.request_id] = group
+            if group.beam_search is not None:
+                beam_steps.setdefault(group.request_id, {})[seq_id] = samples[0]
+                continue
+            # Parallel sampling: the prompt's row was sampled once per sample.
+            children = [self._fork(group, seq) for _ in samples[1:]]
+            for target, sample in zip([seq, *children], samples):
+                target.append_token(sample.token_id, sample.logprob, sample.top_logprobs)
+                self._check_stop(target, group)
+        for request_id, samples in beam_steps.items():
+            self._advance_beams(self._groups[request_id], samples)
         return list(touched.values())
 
     def finish_seq(self, seq: Sequence, reason: FinishReason, stop_reason: int | str | None) -> None:
@@ -133,51 +194,135 @@ class Scheduler:
             if group.finished:
                 self._retire(group)
 
-    # -- helpers -------------------------------------------------------------
-    def _plan(self, group: SequenceGroup, budget: int) -> list[tuple[Sequence, int]]:
+    # -- planning --------------------------------------------------------------
+    def _plan(self, group: SequenceGroup, budget: int) -> list[_Work]:
+        manager = self.block_manager
+        seqs = group.unfinished_seqs
+        # Beams choose their next tokens together, so while any beam is still
+        # catching up (a recompute), the others hold back their last token.
+        hold_last = group.beam_search is not None and any(
+            seq.num_uncomputed_tokens > 1 for seq in seqs)
         plan = []
-        for seq in group.unfinished_seqs:
-            num_tokens = min(seq.num_uncomputed_tokens, budget)
-            if num_tokens == 0:
+        for seq in seqs:
+            if budget <= 0:
                 break
-            plan.append((seq, num_tokens))
-            budget -= num_tokens
+            computed = []
+            if not manager.has(seq.seq_id):
+                computed = manager.computed_blocks(seq.token_ids)
+            start = max(seq.num_computed_tokens, len(computed) * manager.block_size)
+            num_tokens = min(seq.num_tokens - start - int(hold_last), budget)
+            if num_tokens > 0:
+                plan.append(_Work(seq, num_tokens, computed))
+                budget -= num_tokens
+        if group.beam_search is not None and not hold_last and len(plan) < len(seqs):
+            return []  # not every beam fits the budget: they wait a step together
         return plan
 
-    def _fits(self, plan: list[tuple[Sequence, int]], reserve: int = 0) -> bool:
-        needed = sum(self.block_manager.blocks_to_append(seq.seq_id, n) for seq, n in plan)
-        return needed + reserve <= self.block_manager.num_free_blocks
-
-    def _commit(self, plan: list[tuple[Sequence, int]], out: list[ScheduledSequence]) -> int:
+    def _fits(self, plan: list[_Work], reserve: int = 0) -> bool:
         manager = self.block_manager
-        group_params = self._group_of(plan[0][0]).sampling_params if plan else None
-        for seq, num_tokens in plan:
-            if manager.has(seq.seq_id):
-                manager.append_slots(seq.seq_id, num_tokens)
+        needed = 0
+        for work in plan:
+            seq_id = work.seq.seq_id
+            if manager.has(seq_id):
+                needed += manager.blocks_to_append(seq_id, work.num_tokens)
             else:
-                manager.allocate(seq.seq_id, num_tokens)
+                start = len(work.computed_blocks) * manager.block_size
+                needed += manager.blocks_to_allocate(start + work.num_tokens, work.computed_blocks)
+        return needed + reserve <= manager.num_free_blocks
+
+    def _commit(self, group: SequenceGroup, plan: list[_Work], step: StepInput) -> int:
+        manager = self.block_manager
+        params = group.sampling_params
+        for work in plan:
+            seq, num_tokens = work.seq, work.num_tokens
+            if manager.has(seq.seq_id):
+                if manager.needs_copy_on_write(seq.seq_id, num_tokens):
+                    step.blocks_to_copy.append(manager.copy_on_write(seq.seq_id))
+                manager.append_slots(seq.seq_id, num_tokens, seq.token_ids)
+            else:
+                seq.num_computed_tokens = len(work.computed_blocks) * manager.block_size
+                manager.allocate(seq.seq_id, seq.num_computed_tokens + num_tokens, seq.token_ids,
+                                 work.computed_blocks)
             start = seq.num_computed_tokens
             do_sample = start + num_tokens == seq.num_tokens
-            penalties = do_sample and group_params.uses_penalties
-            out.append(ScheduledSequence(
+            penalties = do_sample and params.uses_penalties
+            beam = group.beam_search
+            step.seqs.append(ScheduledSequence(
                 seq_id=seq.seq_id,
                 token_ids=seq.token_ids[start:start + num_tokens],
                 start_pos=start,
                 block_table=list(manager.block_table(seq.seq_id)),  # a snapshot, not the live list
                 do_sample=do_sample,
-                sampling_params=group_params if do_sample else None,
+                sampling_params=params if do_sample else None,
                 output_index=seq.num_output_tokens,
                 prompt_token_ids=seq.prompt_token_ids if penalties else None,
                 output_token_ids=seq.output_token_ids if penalties else None,
+                num_samples=params.best_of if do_sample and group.forks_at_prompt_end else 1,
+                sample_index=seq.sample_index,
+                num_candidates=beam.candidates_per_beam if do_sample and beam else 0,
             ))
-        return sum(n for _, n in plan)
+        return sum(work.num_tokens for work in plan)
 
-    def _preempt(self, group: SequenceGroup) -> None:
-        for seq in group.unfinished_seqs:
-            self.block_manager.free(seq.seq_id)
-            seq.reset_for_recompute()
-        self.waiting.appendleft(group)
+    def _preempt(self, group: SequenceGroup, step: StepInput) -> None:
+        seq_ids = [seq.seq_id for seq in group.unfinished_seqs]
+        mode = self.config.preemption_mode
+        swap = mode == "swap" or (mode == "auto" and len(seq_ids) > 1)
+        # A sequence not yet started (its group was recomputed and only partly
+        # re-admitted) has nothing to swap: such a group is recomputed.
+        swap = swap and all(self.block_manager.has(seq_id) for seq_id in seq_ids)
+        if swap and self.block_manager.can_swap_out(seq_ids):
+            step.blocks_to_swap_out.extend(self.block_manager.swap_out(seq_ids))
+            self._set_status(group, SequenceStatus.SWAPPED)
+            self.swapped.appendleft(group)
+            self.num_swaps += 1
+        else:
+            for seq in group.unfinished_seqs:
+                self.block_manager.free(seq.seq_id)
+                seq.reset_for_recompute()
+            self.waiting.appendleft(group)
         self.num_preemptions += 1
+
+    # -- sequences -------------------------------------------------------------
+    def _fork(self, group: SequenceGroup, parent: Sequence) -> Sequence:
+        child = parent.fork(next(self._seq_ids), sample_index=len(group.seqs))
+        self.block_manager.fork(parent.seq_id, child.seq_id)
+        group.seqs.append(child)
+        self._track(child, group)
+        return child
+
+    def _advance_beams(self, group: SequenceGroup, samples: dict[int, Sample]) -> None:
+        """Apply one beam-search step: fork the chosen parents, drop the rest."""
+        search = group.beam_search
+        beams = group.unfinished_seqs
+        if any(seq.seq_id not in samples for seq in beams):
+            return  # cannot happen: a beam group is planned whole or not at all
+        choices = search.step([Beam(seq.output_token_ids, seq.cumulative_logprob) for seq in beams],
+                              [samples[seq.seq_id].candidates for seq in beams])
+        if search.done:  # the answer is in the finished hypotheses
+            group.hypotheses = search.finalize()
+            for seq in beams:
+                self.finish_seq(seq, FinishReason.LENGTH, None)
+            return
+        used: set[int] = set()
+        live = []
+        for parent_index, token_id, cumulative in choices:  # fork before any beam moves on
+            parent = beams[parent_index]
+            seq = parent if parent_index not in used else self._fork(group, parent)
+            used.add(parent_index)
+            live.append((seq, token_id, cumulative))
+        for index, seq in enumerate(beams):
+            if index not in used:
+                self._drop(seq)
+        for seq, token_id, cumulative in live:
+            seq.token_ids.append(token_id)
+            seq.cumulative_logprob = cumulative
+        group.seqs = [seq for seq, _, _ in live]
+
+    def _drop(self, seq: Sequence) -> None:
+        seq.finish(FinishReason.ABORT)
+        self.block_manager.free(seq.seq_id)
+        self._seqs.pop(seq.seq_id, None)
+        self._seq_group.pop(seq.seq_id, None)
 
     def _check_stop(self, seq: Sequence, group: SequenceGroup) -> None:
         params = group.sampling_params
@@ -189,16 +334,21 @@ class Scheduler:
         elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.config.max_model_len:
             self.finish_seq(seq, FinishReason.LENGTH, None)
 
+    def _set_status(self, group: SequenceGroup, status: SequenceStatus) -> None:
+        for seq in group.unfinished_seqs:
+            seq.status = status
+
+    def _track(self, seq: Sequence, group: SequenceGroup) -> None:
+        self._seqs[seq.seq_id] = seq
+        self._seq_group[seq.seq_id] = group
+
     def _retire(self, group: SequenceGroup) -> None:
         for seq in group.seqs:
             self.block_manager.free(seq.seq_id)
             self._seqs.pop(seq.seq_id, None)
             self._seq_group.pop(seq.seq_id, None)
         self._groups.pop(group.request_id, None)
-        if group in self.running:
-            self.running.remove(group)
-        elif group in self.waiting:
-            self.waiting.remove(group)
-
-    def _group_of(self, seq: Sequence) -> SequenceGroup:
-        return self._seq_group[seq.seq_id]
+        for queue in (self.running, self.waiting, self.swapped):
+            if group in queue:
+                queue.remove(group)
+                break

@@ -13,14 +13,18 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pagedserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagedserve.scheduler.beam_search import BeamSearch, Hypothesis
 
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    SWAPPED = "swapped"  # preempted with its blocks moved to the CPU pool
     FINISHED = "finished"
 
 
@@ -34,6 +38,7 @@ class FinishReason(enum.Enum):
 class Sequence:
     seq_id: int
     prompt_token_ids: list[int]
+    sample_index: int = 0  # which of the request's samples (picks its seeded stream)
     token_ids: list[int] = field(init=False)  # prompt followed by outputs
     num_computed_tokens: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
@@ -83,6 +88,16 @@ class Sequence:
         self.finish_reason = reason
         self.stop_reason = stop_reason
 
+    def fork(self, seq_id: int, sample_index: int) -> Sequence:
+        """A copy that shares this sequence's history and goes its own way from here."""
+        child = Sequence(seq_id, self.prompt_token_ids, sample_index)
+        child.token_ids = list(self.token_ids)
+        child.num_computed_tokens = self.num_computed_tokens
+        child.status = self.status
+        child.cumulative_logprob = self.cumulative_logprob
+        child.output_logprobs = list(self.output_logprobs)
+        return child
+
     def reset_for_recompute(self) -> None:
         """Preempted: its blocks are gone, so every token must be computed again."""
         self.num_computed_tokens = 0
@@ -91,13 +106,27 @@ class Sequence:
 
 @dataclass(eq=False)
 class SequenceGroup:
-    """One request: `best_of` sequences that share a prompt and sampling params."""
+    """One request: sequences that share a prompt and sampling params.
+
+    It starts with one sequence, which computes the prompt once. Parallel
+    sampling then forks it into `best_of` samples at the prompt's last token;
+    beam search forks and drops beams every step as `beam_search` decides,
+    and its answer is `hypotheses`, not the live sequences.
+    """
 
     request_id: str
     seqs: list[Sequence]
     sampling_params: SamplingParams
     prompt: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
+    beam_search: BeamSearch | None = None
+    hypotheses: list[Hypothesis] | None = None  # beam search's result once finished
+
+    @property
+    def forks_at_prompt_end(self) -> bool:
+        """Parallel sampling that has not yet forked its samples off the prompt."""
+        params = self.sampling_params
+        return self.beam_search is None and params.best_of > len(self.seqs)
 
     @property
     def prompt_token_ids(self) -> list[int]:

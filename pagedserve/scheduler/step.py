@@ -36,6 +36,13 @@ class ScheduledSequence:
     # Only when the request uses penalties: the token history they count.
     prompt_token_ids: list[int] | None = None
     output_token_ids: list[int] | None = None
+    # Parallel sampling: the prompt's last row is sampled `num_samples` times,
+    # once per sample of the request; `sample_index` is this sequence's own
+    # index among them (it picks the seeded random stream too).
+    num_samples: int = 1
+    sample_index: int = 0
+    # Beam search: instead of sampling, return this many best next tokens.
+    num_candidates: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -61,7 +68,8 @@ class StepInput:
 
     @property
     def is_empty(self) -> bool:
-        return not self.seqs
+        return not (self.seqs or self.blocks_to_swap_in or self.blocks_to_swap_out
+                    or self.blocks_to_copy)
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,8 @@ class Sample:
     token_id: int
     logprob: float  # log-probability of token_id under the model's raw distribution
     top_logprobs: dict[int, float] | None = None  # sampled token first, then the top-k
+    # Beam search: the best (token_id, logprob) continuations, best first.
+    candidates: list[tuple[int, float]] | None = None
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ class Executor(Protocol):
 
     def num_available_blocks(self, max_num_batched_tokens: int) -> int: ...
 
-    def init_kv_cache(self, num_blocks: int) -> None: ...
+    def init_kv_cache(self, num_blocks: int, num_cpu_blocks: int) -> None: ...
 
     def execute(self, step: StepInput) -> StepOutput: ...
 
@@ -36,8 +36,8 @@ class LocalExecutor:
     def num_available_blocks(self, max_num_batched_tokens: int) -> int:
         return self.worker.num_available_blocks(max_num_batched_tokens)
 
-    def init_kv_cache(self, num_blocks: int) -> None:
-        self.worker.init_kv_cache(num_blocks)
+    def init_kv_cache(self, num_blocks: int, num_cpu_blocks: int) -> None:
+        self.worker.init_kv_cache(num_blocks, num_cpu_blocks)
 
     def execute(self, step: StepInput) -> StepOutput:
         return self.worker.execute(step)

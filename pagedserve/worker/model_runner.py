@@ -36,7 +36,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: StepInput, kv_caches: list[KVCache]) -> StepOutput:
-        if step.is_empty:
+        if not step.seqs:  # a step of block moves only
             return StepOutput(samples=[])
         seqs = sorted(step.seqs, key=lambda seq: seq.num_tokens > 1)  # decodes first, stable
         input_ids, positions, metadata, logits_rows = self.prepare(seqs)

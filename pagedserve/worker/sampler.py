@@ -14,6 +14,8 @@ however it was chunked or preempted.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from pagedserve.scheduler.step import Sample, ScheduledSequence
@@ -23,7 +25,22 @@ _MASKED = float("-inf")
 
 def sample(logits: torch.Tensor, seqs: list[ScheduledSequence],
            generator: torch.Generator) -> list[Sample]:
-    """logits: [S, V] float32, one row per sampling sequence, in `seqs` order."""
+    """logits: [S, V] float32, one row per sampling sequence, in `seqs` order.
+
+    A row with `num_samples` k > 1 yields k samples (the first samples of a
+    parallel-sampling request); a row with `num_candidates` yields its best
+    continuations for beam search. Samples come back in row order.
+    """
+    beam_rows = [i for i, seq in enumerate(seqs) if seq.num_candidates]
+    if beam_rows:
+        beams = beam_candidates(logits[beam_rows], [seqs[i] for i in beam_rows])
+        rest = [i for i, seq in enumerate(seqs) if not seq.num_candidates]
+        return beams + (sample(logits[rest], [seqs[i] for i in rest], generator) if rest else [])
+    if any(seq.num_samples > 1 for seq in seqs):
+        rows = [i for i, seq in enumerate(seqs) for _ in range(seq.num_samples)]
+        seqs = [dataclasses.replace(seq, num_samples=1, sample_index=k)
+                for seq in seqs for k in range(seq.num_samples)]
+        logits = logits[rows]
     params = [seq.sampling_params for seq in seqs]
     log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # [S, 1]
     raw_logits = logits
@@ -53,6 +70,17 @@ def sample(logits: torch.Tensor, seqs: list[ScheduledSequence],
                 top.update((tid, value) for tid, value in zip(top_ids[i][:k], top_values[i][:k])
                            if tid not in top)
         samples.append(Sample(seq.seq_id, token, logprob, top))
+    return samples
+
+
+def beam_candidates(logits: torch.Tensor, seqs: list[ScheduledSequence]) -> list[Sample]:
+    """Each row's `num_candidates` most likely tokens by log-softmax of the raw logits."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    values, ids = logprobs.topk(max(seq.num_candidates for seq in seqs), dim=-1)
+    samples = []
+    for seq, row_ids, row_values in zip(seqs, ids.tolist(), values.tolist()):
+        candidates = list(zip(row_ids[:seq.num_candidates], row_values[:seq.num_candidates]))
+        samples.append(Sample(seq.seq_id, candidates[0][0], candidates[0][1], None, candidates))
     return samples
 
 
@@ -89,7 +117,8 @@ def _draw(logits: torch.Tensor, seqs: list[ScheduledSequence],
     noise = torch.empty_like(probs).exponential_(generator=generator)
     for row, p in enumerate(params):
         if p.seed is not None:
-            seeded = torch.Generator(device=device).manual_seed(_stream(p.seed, seqs[row].output_index))
+            stream = _stream(p.seed, seqs[row].output_index, seqs[row].sample_index)
+            seeded = torch.Generator(device=device).manual_seed(stream)
             noise[row].exponential_(generator=seeded)
     return (probs / noise).argmax(dim=-1)
 
@@ -119,6 +148,7 @@ def _filter(logits: torch.Tensor, params: list) -> torch.Tensor:
     return logits
 
 
-def _stream(seed: int, index: int) -> int:
-    """A 63-bit generator seed for token `index` of a request seeded with `seed`."""
-    return (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 1) % (2**63)
+def _stream(seed: int, index: int, sample_index: int = 0) -> int:
+    """A 63-bit generator seed for token `index` of sample `sample_index` of a seeded request."""
+    return (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9
+            + sample_index * 0x94D049BB133111EB + 1) % (2**63)

@@ -4,6 +4,9 @@ The pool is one tensor, so a block can be copied in every layer at once:
 
     kv_pool: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
     kv_caches[layer] = (kv_pool[layer, 0], kv_pool[layer, 1])   keys, values
+
+A CPU pool of the same layout (`cpu_pool`, pinned on CUDA) holds the blocks of
+swapped-out requests.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 import torch
 
 from pagedserve.config import EngineConfig
+from pagedserve.kernels.swap import swap_blocks
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.scheduler.step import ScheduledSequence, StepInput, StepOutput
 from pagedserve.worker.layers.attention import select_attention_backend
@@ -37,6 +41,7 @@ class Worker:
         self.runner = ModelRunner(self.model, engine.block_size, self.attention, info.device,
                                   engine.seed)
         self.kv_pool: torch.Tensor | None = None
+        self.cpu_pool: torch.Tensor | None = None
         self.kv_caches: list[KVCache] = []
 
     @property
@@ -79,19 +84,30 @@ class Worker:
                     budget / 2**30, peak / 2**30, total / 2**30)
         return max(0, int(budget) // self.block_bytes)
 
-    def init_kv_cache(self, num_blocks: int) -> None:
+    def init_kv_cache(self, num_blocks: int, num_cpu_blocks: int = 0) -> None:
         self.kv_pool = self._allocate(num_blocks)
         self.kv_caches = _layer_caches(self.kv_pool)
+        if num_cpu_blocks:
+            # Left uninitialised: pages the OS has not handed out cost nothing until a swap.
+            self.cpu_pool = torch.empty(self._pool_shape(num_cpu_blocks), dtype=self.info.dtype,
+                                        pin_memory=self.info.device.type == "cuda")
 
     def _allocate(self, num_blocks: int) -> torch.Tensor:
-        layers = self.info.hf_config.num_hidden_layers
-        return torch.zeros((layers, 2, num_blocks, *self.kv_block_shape), dtype=self.info.dtype,
+        return torch.zeros(self._pool_shape(num_blocks), dtype=self.info.dtype,
                            device=self.info.device)
 
+    def _pool_shape(self, num_blocks: int) -> tuple[int, ...]:
+        """[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]"""
+        return (self.info.hf_config.num_hidden_layers, 2, num_blocks, *self.kv_block_shape)
+
     def execute(self, step: StepInput) -> StepOutput:
-        if step.blocks_to_swap_in or step.blocks_to_swap_out:
-            raise NotImplementedError("swapping needs a CPU pool, which this worker does not keep")
-        if step.blocks_to_copy:  # copy-on-write: before anything writes into the copies
+        # Block moves come first: out before in (a swapped-in block may reuse a
+        # swapped-out one), copies before anything writes into them.
+        if step.blocks_to_swap_out:
+            swap_blocks(self.kv_pool, self.cpu_pool, torch.tensor(step.blocks_to_swap_out))
+        if step.blocks_to_swap_in:
+            swap_blocks(self.cpu_pool, self.kv_pool, torch.tensor(step.blocks_to_swap_in))
+        if step.blocks_to_copy:
             mapping = torch.tensor(step.blocks_to_copy, dtype=torch.int64, device=self.info.device)
             self.attention.copy_blocks(self.kv_pool, mapping)
         return self.runner.execute(step, self.kv_caches)

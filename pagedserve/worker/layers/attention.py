@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from pagedserve.kernels import reference
+from pagedserve.kernels.checks import interpreting
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -127,12 +128,6 @@ class TritonAttentionBackend:
         self._cache_ops.copy_blocks(kv_pool, block_mapping)
 
 
-def _triton_interpreting() -> bool:
-    from pagedserve.kernels.common import interpreting
-
-    return interpreting()
-
-
 def select_attention_backend(name: str, device: torch.device, num_kv_heads: int) -> AttentionBackend:
     """`auto` is Triton on CUDA and torch elsewhere (see EngineConfig.attention_backend)."""
     if name == "auto":
@@ -141,7 +136,7 @@ def select_attention_backend(name: str, device: torch.device, num_kv_heads: int)
         return TorchAttentionBackend(num_kv_heads)
     if name != "triton":
         raise ValueError(f"attention_backend={name!r}: expected 'auto', 'triton' or 'torch'")
-    if device.type != "cuda" and not _triton_interpreting():
+    if device.type != "cuda" and not interpreting():
         raise ValueError(f"attention_backend='triton' needs a CUDA device, but the engine runs on "
                          f"{device.type}; use 'torch' (or 'auto'), or set TRITON_INTERPRET=1 to "
                          "run the kernels in Triton's interpreter")

@@ -24,7 +24,8 @@ test: install
 	$(PY) -m pytest -q
 
 bench: install
-	$(PY) benchmarks/kv_memory.py
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/throughput.py
 
 clean:

@@ -293,11 +293,8 @@ def test_shared_block_returns_with_last_user():
     bm = BlockManager(4, 4)
     table = list(bm.allocate(0, 4))
     shared = table[0]
-    # Share the block as a fork would (no public API for it yet).
-    bm._tables[1] = [shared]
-    bm._num_slots[1] = 4
-    bm._total_slots += 4
-    bm._ref_counts[shared] += 1
+    bm.fork(0, 1)
+    assert bm.ref_count(shared) == 2 and bm.num_free_blocks == 3
     bm.free(0)
     assert bm.ref_count(shared) == 1 and shared not in bm._free
     assert bm.num_free_blocks == 3

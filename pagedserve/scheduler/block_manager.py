@@ -177,6 +177,7 @@ class BlockManager:
             raise KeyError(f"sequence {seq_id} already has a block table")
         if len(computed) * self.block_size > num_tokens:
             raise ValueError(f"{len(computed)} computed blocks hold more than num_tokens={num_tokens}")
+        self._check_still_cached(computed, token_ids, extra_key)
         self._check_free(seq_id, self.blocks_to_allocate(num_tokens, computed))
         for block_id in computed:
             self._hold(block_id)
@@ -274,6 +275,9 @@ class BlockManager:
     def swap_out(self, seq_ids: Iterable[int]) -> list[tuple[int, int]]:
         """Move these sequences' blocks to the CPU pool; returns (gpu block, cpu block) pairs."""
         seq_ids = list(seq_ids)
+        if not self.can_swap_out(seq_ids):
+            raise RuntimeError(f"sequences {seq_ids} need more CPU blocks than the "
+                               f"{len(self._cpu_free)} free (ask can_swap_out first)")
         mapping = {block_id: self._cpu_free.popleft()
                    for block_id in self._distinct(self._tables, seq_ids)}
         for seq_id in seq_ids:
@@ -310,6 +314,19 @@ class BlockManager:
         return list(mapping.items())
 
     # -- internals -----------------------------------------------------------
+    def _check_still_cached(self, computed: Sequence[int], token_ids: Sequence[int] | None,
+                            extra_key: str | None) -> None:
+        """A `computed` list goes stale once a fresh block evicts one of its blocks."""
+        parent = None
+        bs = self.block_size
+        for index, block_id in enumerate(computed):
+            key = self._keys[block_id]
+            if token_ids is not None:
+                parent = block_key(parent, token_ids[index * bs:(index + 1) * bs], extra_key)
+            if key is None or (token_ids is not None and key != parent):
+                raise ValueError(f"computed block {block_id} (logical block {index}) was evicted "
+                                 "since computed_blocks: ask computed_blocks again")
+
     def _cache_full_blocks(self, seq_id: int, token_ids: Sequence[int]) -> None:
         keys = self._seq_keys[seq_id]
         table = self._tables[seq_id]

@@ -233,16 +233,18 @@ class Scheduler:
     def _commit(self, group: SequenceGroup, plan: list[_Work], step: StepInput) -> int:
         manager = self.block_manager
         params = group.sampling_params
+        # Every new sequence first holds its prefix-cache hits, so no sequence's fresh
+        # block can evict a hit another sequence of this plan is counting on.
+        for work in plan:
+            if not manager.has(work.seq.seq_id):
+                work.seq.num_computed_tokens = len(work.computed_blocks) * manager.block_size
+                manager.allocate(work.seq.seq_id, work.seq.num_computed_tokens,
+                                 work.seq.token_ids, work.computed_blocks)
         for work in plan:
             seq, num_tokens = work.seq, work.num_tokens
-            if manager.has(seq.seq_id):
-                if manager.needs_copy_on_write(seq.seq_id, num_tokens):
-                    step.blocks_to_copy.append(manager.copy_on_write(seq.seq_id))
-                manager.append_slots(seq.seq_id, num_tokens, seq.token_ids)
-            else:
-                seq.num_computed_tokens = len(work.computed_blocks) * manager.block_size
-                manager.allocate(seq.seq_id, seq.num_computed_tokens + num_tokens, seq.token_ids,
-                                 work.computed_blocks)
+            if manager.needs_copy_on_write(seq.seq_id, num_tokens):
+                step.blocks_to_copy.append(manager.copy_on_write(seq.seq_id))
+            manager.append_slots(seq.seq_id, num_tokens, seq.token_ids)
             start = seq.num_computed_tokens
             do_sample = start + num_tokens == seq.num_tokens
             penalties = do_sample and params.uses_penalties

@@ -137,3 +137,41 @@ def test_freeing_parent_and_children_returns_everything(order):
         assert bm.num_allocated_blocks == len(set(held))
     assert bm.num_free_blocks == 10 and bm.num_stored_tokens() == 0
     assert sorted(free_ids(bm)) == list(range(10))
+
+
+def test_stored_tokens_count_each_physical_slot_once():
+    # 6 tokens in two blocks of 4, shared by a fork: still 6 stored tokens in 8 slots.
+    bm = BlockManager(4, 4, num_cpu_blocks=4)
+    bm.allocate(0, 6)
+    bm.fork(0, 1)
+    assert bm.num_stored_tokens() == 6 and bm.num_allocated_blocks == 2
+    # The child's write copies the partial block: that copy holds 2 + 1 tokens.
+    bm.copy_on_write(1)
+    bm.append_slots(1, 1)
+    assert bm.num_stored_tokens() == 6 + 3
+    # Swapped-out sequences hold no GPU slots; swapping back restores them.
+    bm.swap_out([0, 1])
+    assert bm.num_stored_tokens() == 0 and bm.num_allocated_blocks == 0
+    bm.swap_in([0, 1])
+    assert bm.num_stored_tokens() == 9 and bm.num_allocated_blocks == 3
+    bm.free(1)
+    assert bm.num_stored_tokens() == 6
+    bm.free(0)
+    assert bm.num_stored_tokens() == 0
+
+
+def test_stored_tokens_count_prefix_hits_once():
+    bm = BlockManager(8, 4, enable_prefix_caching=True)
+    prompt = list(range(10))
+    bm.allocate(0, 10, prompt)
+    hits = bm.computed_blocks(prompt)
+    assert len(hits) == 2
+    bm.allocate(1, 10, prompt, computed=hits)
+    # Two shared full blocks (8 tokens) plus each sequence's own 2-token tail.
+    assert bm.num_stored_tokens() == 8 + 2 + 2
+    bm.free(0)
+    bm.free(1)
+    assert bm.num_stored_tokens() == 0
+    # A hit on a free cached block brings its tokens back into the count.
+    bm.allocate(2, 9, prompt[:9], computed=bm.computed_blocks(prompt[:9]))
+    assert bm.num_stored_tokens() == 9

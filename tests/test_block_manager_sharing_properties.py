@@ -283,6 +283,7 @@ class SharingMachine(RuleBasedStateMachine):
         assert set(bm._tables) == set(on_gpu)
         # GPU: ref counts are the table entries; free and held partition the pool.
         views: dict[int, tuple] = {}
+        fills: dict[int, int] = {}
         entries = [0] * bm.num_blocks
         for seq_id in on_gpu:
             table = bm.block_table(seq_id)
@@ -291,6 +292,8 @@ class SharingMachine(RuleBasedStateMachine):
             assert len(set(table)) == len(table)
             for index, block in enumerate(table):
                 entries[block] += 1
+                fill = min(bs, self.slots[seq_id] - index * bs)
+                assert fills.setdefault(block, fill) == fill, f"block {block}: two fills"
                 view = self._view(seq_id, index)
                 # Every holder agrees on what the block holds (same position, same prefix).
                 assert views.setdefault(block, view) == view, f"block {block}: two contents"
@@ -343,8 +346,9 @@ class SharingMachine(RuleBasedStateMachine):
         assert set(cpu_free) == {c for c in range(bm.num_cpu_blocks) if cpu_entries[c] == 0}
         assert bm.num_swapped_blocks == len(cpu_views)
         assert len(cpu_free) + bm.num_swapped_blocks == bm.num_cpu_blocks
-        # Swapped and forked sequences count their slots too (the current definition).
-        assert bm.num_stored_tokens() == sum(self.slots.values())
+        # Stored tokens: each allocated physical block's filled slots, once.
+        assert bm.num_stored_tokens() == sum(fills.values())
+        assert bm.num_stored_tokens() <= bm.num_allocated_blocks * bs
 
     def teardown(self):
         bm = self.bm

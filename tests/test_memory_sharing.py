@@ -129,6 +129,9 @@ def test_parallel_samples_share_the_prompt(tiny_llama, prompt_len, expected_copi
     stats = llm.get_memory_stats()
     assert stats["physical_blocks"] == prompt_blocks
     assert stats["logical_blocks"] == 4 * prompt_blocks
+    # The shared prompt's tokens are stored once.
+    assert stats["stored_tokens"] == prompt_len
+    assert stats["slot_utilization"] == pytest.approx(prompt_len / (prompt_blocks * BLOCK_SIZE))
     assert copies == [[]]  # the prompt step copied nothing
 
     shared = llm.engine.block_manager.block_table(group.seqs[0].seq_id)[-1]

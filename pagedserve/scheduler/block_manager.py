@@ -75,12 +75,16 @@ class BlockManager:
         self._num_slots: dict[int, int] = {}  # tokens each sequence has slots for
         self._seq_keys: dict[int, list[BlockKey]] = {}  # keys of each sequence's full blocks
         self._extra_keys: dict[int, str | None] = {}
-        self._total_slots = 0
+        # Filled slots of each physical block, and their sum over the allocated
+        # blocks: a shared block's tokens count once.
+        self._fill = [0] * num_blocks
+        self._stored = 0
         # The CPU pool: tables of swapped-out sequences, and its own ref counts.
         self.num_cpu_blocks = num_cpu_blocks
         self._cpu_free: deque[int] = deque(range(num_cpu_blocks))
         self._cpu_ref_counts = [0] * num_cpu_blocks
         self._cpu_tables: dict[int, list[int]] = {}
+        self._cpu_fill = [0] * num_cpu_blocks
         # Prefix cache accounting, in tokens.
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
@@ -128,8 +132,13 @@ class BlockManager:
         return self._keys[block_id]
 
     def num_stored_tokens(self) -> int:
-        """Tokens that own a slot (computed, or about to be computed this step)."""
-        return self._total_slots
+        """Filled slots of the allocated GPU blocks (computed, or being computed this step).
+
+        Each physical slot counts once however many sequences share its block,
+        and swapped-out sequences hold none, so this never exceeds the
+        allocated blocks' slots.
+        """
+        return self._stored
 
     def computed_blocks(self, token_ids: Sequence[int], extra_key: str | None = None) -> list[int]:
         """The longest chain of cached blocks holding a prefix of `token_ids`.
@@ -186,7 +195,6 @@ class BlockManager:
         self._extra_keys[seq_id] = extra_key
         filled = len(computed) * self.block_size
         self._num_slots[seq_id] = filled
-        self._total_slots += filled
         if token_ids is not None and self.enable_prefix_caching:
             self.prefix_query_tokens += len(token_ids)
             self.prefix_hit_tokens += filled
@@ -213,8 +221,13 @@ class BlockManager:
         self._check_free(seq_id, needed)
         new_blocks = [self._take() for _ in range(needed)]
         table.extend(new_blocks)
-        self._num_slots[seq_id] += num_new_tokens
-        self._total_slots += num_new_tokens
+        start = self._num_slots[seq_id]
+        end = start + num_new_tokens
+        for index in range(start // self.block_size, cdiv(end, self.block_size)):
+            lo = max(start, index * self.block_size)
+            self._fill[table[index]] += min(end, (index + 1) * self.block_size) - lo
+        self._num_slots[seq_id] = end
+        self._stored += num_new_tokens
         if token_ids is not None and self.enable_prefix_caching:
             self._cache_full_blocks(seq_id, token_ids)
         return new_blocks
@@ -233,8 +246,10 @@ class BlockManager:
         table = self._tables[seq_id]
         src = table[-1]
         self._ref_counts[src] -= 1  # others still hold it: never reaches 0 here
-        table[-1] = self._take()
-        return src, table[-1]
+        table[-1] = dst = self._take()
+        self._fill[dst] = self._fill[src]
+        self._stored += self._fill[src]
+        return src, dst
 
     def fork(self, parent_id: int, child_id: int) -> None:
         """The child holds every block of the parent's table (ref counts + 1)."""
@@ -245,7 +260,6 @@ class BlockManager:
             self._ref_counts[block_id] += 1
         self._tables[child_id] = list(table)
         self._num_slots[child_id] = self._num_slots[parent_id]
-        self._total_slots += self._num_slots[parent_id]
         self._seq_keys[child_id] = list(self._seq_keys[parent_id])
         self._extra_keys[child_id] = self._extra_keys[parent_id]
 
@@ -255,7 +269,7 @@ class BlockManager:
         self._extra_keys.pop(seq_id, None)
         cpu_table = self._cpu_tables.pop(seq_id, None)
         if cpu_table is not None:
-            self._total_slots -= self._num_slots.pop(seq_id)
+            self._num_slots.pop(seq_id)
             for block_id in cpu_table:
                 self._cpu_ref_counts[block_id] -= 1
                 if self._cpu_ref_counts[block_id] == 0:
@@ -264,7 +278,7 @@ class BlockManager:
         table = self._tables.pop(seq_id, None)
         if table is None:
             return
-        self._total_slots -= self._num_slots.pop(seq_id)
+        self._num_slots.pop(seq_id)
         for block_id in reversed(table):  # tail first: evicted before the shared head
             self._release(block_id)
 
@@ -280,6 +294,8 @@ class BlockManager:
                                f"{len(self._cpu_free)} free (ask can_swap_out first)")
         mapping = {block_id: self._cpu_free.popleft()
                    for block_id in self._distinct(self._tables, seq_ids)}
+        for block_id, cpu_id in mapping.items():
+            self._cpu_fill[cpu_id] = self._fill[block_id]
         for seq_id in seq_ids:
             table = self._tables.pop(seq_id)
             self._cpu_tables[seq_id] = [mapping[block_id] for block_id in table]
@@ -298,8 +314,10 @@ class BlockManager:
         cpu_blocks = self._distinct(self._cpu_tables, seq_ids)
         self._check_free(seq_ids[0], len(cpu_blocks))
         mapping = {cpu_id: self._take() for cpu_id in cpu_blocks}
-        for block_id in mapping.values():
+        for cpu_id, block_id in mapping.items():
             self._ref_counts[block_id] = 0
+            self._fill[block_id] = self._cpu_fill[cpu_id]
+            self._stored += self._cpu_fill[cpu_id]
         for seq_id in seq_ids:
             cpu_table = self._cpu_tables.pop(seq_id)
             self._tables[seq_id] = [mapping[cpu_id] for cpu_id in cpu_table]
@@ -347,11 +365,13 @@ class BlockManager:
     def _hold(self, block_id: int) -> None:
         if self._ref_counts[block_id] == 0:
             del self._free[block_id]  # a cache hit on a free block: no longer evictable
+            self._stored += self._fill[block_id]
         self._ref_counts[block_id] += 1
 
     def _release(self, block_id: int) -> None:
         self._ref_counts[block_id] -= 1
         if self._ref_counts[block_id] == 0:
+            self._stored -= self._fill[block_id]  # a cached block keeps its fill for a hit
             self._free[block_id] = None  # at the back: evicted last
             if self._keys[block_id] is None:
                 self._free.move_to_end(block_id, last=False)  # nothing to keep: reuse first
@@ -363,6 +383,7 @@ class BlockManager:
             del self._cached[key]
             self._keys[block_id] = None
         self._ref_counts[block_id] = 1
+        self._fill[block_id] = 0
         return block_id
 
     def _check_free(self, seq_id: int, needed: int) -> None:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -58,13 +59,17 @@ class EngineConfig(_Strict):
     # those with several sequences (samples, beams) to the CPU pool of swap_space GiB.
     preemption_mode: Literal["auto", "swap", "recompute"] = "auto"
     max_num_seqs: int = Field(default=256, gt=0)
+    # Tokens one step may compute; None: step_token_budget's per-device default.
     max_num_batched_tokens: int | None = Field(default=None, gt=0)
     enforce_eager: bool = False
     # auto: Triton kernels on CUDA, the torch reference on CPU.
     attention_backend: Literal["auto", "triton", "torch"] = "auto"
-    tensor_parallel_size: int = Field(default=1, ge=1)
     device: Device = "auto"
     seed: int = 0
+
+    def step_token_budget(self, device: str) -> int:
+        """max_num_batched_tokens, or a default that suits the device ("cuda" or "cpu")."""
+        return self.max_num_batched_tokens or (8192 if device == "cuda" else 2048)
 
     @field_validator("block_size")
     @classmethod
@@ -73,28 +78,141 @@ class EngineConfig(_Strict):
             raise ValueError(f"block_size must be a power of two between 1 and 256, got {value}")
         return value
 
-    @field_validator("tensor_parallel_size")
-    @classmethod
-    def _single_rank(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError(
-                f"tensor_parallel_size={value} is not supported by the in-process engine; "
-                "only tensor_parallel_size=1 runs here"
-            )
-        return value
+
+class ParallelConfig(_Strict):
+    """How the model is split over workers and where those workers run."""
+
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+    # auto: in-process for tensor_parallel_size=1, Ray actors above that.
+    distributed_executor_backend: Literal["auto", "local", "ray"] = "auto"
+    # One placement-group bundle per rank: {GPU: 1} on CUDA, {CPU: worker_cpus} on CPU.
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = "STRICT_PACK"
+    worker_cpus: float = Field(default=1.0, gt=0.0)
+    # How long to wait for the cluster to place every rank's bundle.
+    placement_timeout_s: float = Field(default=300.0, gt=0.0)
+    # Ray steps through a compiled graph (one shared-memory write read by every
+    # rank, ~0.2 ms); false: one ray.put and an actor call per rank (~2 ms).
+    ray_compiled_graph: bool = True
+    # A step (or a collective) that takes longer fails the engine instead of hanging it.
+    step_timeout_s: float = Field(default=600.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _backend_fits(self) -> ParallelConfig:
+        if self.distributed_executor_backend == "local" and self.tensor_parallel_size > 1:
+            raise ValueError(f"distributed_executor_backend='local' runs one worker in this "
+                             f"process; tensor_parallel_size={self.tensor_parallel_size} "
+                             "needs 'ray' (or 'auto')")
+        return self
+
+    @property
+    def executor_backend(self) -> str:
+        """The backend to use: 'local' or 'ray'."""
+        if self.distributed_executor_backend != "auto":
+            return self.distributed_executor_backend
+        return "local" if self.tensor_parallel_size == 1 else "ray"
+
+
+class ServingConfig(_Strict):
+    """The OpenAI-compatible endpoint (HTTP, and gRPC when grpc_port is set)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    grpc_port: int | None = Field(default=None, ge=1, le=65535)
+    # Clients must send `Authorization: Bearer <api_key>` when set.
+    api_key: str | None = Field(default=None, min_length=1)
+    # The name clients pass as `model`; defaults to model.path or the random model's name.
+    served_model_name: str | None = Field(default=None, min_length=1)
+    max_request_bytes: int = Field(default=4 * 2**20, gt=0)
+    # Requests beyond this many waiting in a replica's queue get 503 + Retry-After.
+    max_waiting_requests: int = Field(default=1024, gt=0)
+    retry_after_s: int = Field(default=1, ge=0)
+
+
+# The key that picks a member of a tagged union (the autoscaling policy).
+_DISCRIMINATOR = "name"
+
+
+class _Policy(_Strict):
+    upscale_delay_s: float = Field(default=30.0, ge=0.0)
+    downscale_delay_s: float = Field(default=300.0, ge=0.0)
+
+
+class KVUtilizationPolicy(_Policy):
+    """Up when block utilization and the waiting queue are high, down when utilization is low."""
+
+    name: Literal["kv_utilization"]
+    target_utilization: float = Field(default=0.8, gt=0.0, le=1.0)
+    queue_threshold: int = Field(default=0, ge=0)
+    scale_down_ratio: float = Field(default=0.5, gt=0.0, lt=1.0)
+
+
+class KVCapacityPolicy(_Policy):
+    """As many replicas as the blocks demanded by running + waiting requests need."""
+
+    name: Literal["kv_capacity"]
+    target_utilization: float = Field(default=0.8, gt=0.0, le=1.0)
+
+
+class AutoscalingConfig(_Strict):
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    initial_replicas: int | None = Field(default=None, ge=0)
+    policy: KVUtilizationPolicy | KVCapacityPolicy = Field(
+        default_factory=lambda: KVUtilizationPolicy(name="kv_utilization"),
+        discriminator=_DISCRIMINATOR)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas={self.min_replicas} exceeds "
+                             f"max_replicas={self.max_replicas}")
+        initial = self.initial_replicas
+        if initial is not None and not self.min_replicas <= initial <= self.max_replicas:
+            raise ValueError(f"initial_replicas={initial} is outside "
+                             f"[min_replicas={self.min_replicas}, max_replicas={self.max_replicas}]")
+        return self
 
 
 class Config(_Strict):
     model: ModelConfig
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
 
 
-def _format_errors(error: ValidationError, source: str) -> str:
+def _key_path(loc: tuple[int | str, ...], data: Any) -> list[str]:
+    """The YAML keys of an error location.
+
+    Inside a tagged union pydantic adds the member's tag to the location
+    (`autoscaling.policy.kv_utilization.target_utilization`); the file has no
+    such key, so a part that is not a key but the mapping's tag is left out.
+    """
+    keys, node = [], data
+    for part in loc:
+        if isinstance(node, dict) and part not in node and node.get(_DISCRIMINATOR) == part:
+            continue
+        keys.append(str(part))
+        node = node.get(part) if isinstance(node, dict) else None
+    return keys
+
+
+def _format_error(item: ErrorDetails, data: Any) -> str:
+    keys = _key_path(item["loc"], data)
+    message, value = item["msg"].removeprefix("Value error, "), item.get("input")
+    # A missing or unknown tag is an error of the tag's key, not of the whole mapping.
+    if item["type"] == "union_tag_not_found":
+        keys.append(_DISCRIMINATOR)
+        message = "Field required"
+    elif item["type"] == "union_tag_invalid":
+        keys.append(_DISCRIMINATOR)
+        message, value = f"must be one of {item['ctx']['expected_tags']}", value[_DISCRIMINATOR]
+    return f"  {'.'.join(keys) or '<root>'}: {message} (got {value!r})"
+
+
+def _format_errors(error: ValidationError, data: Any, source: str) -> str:
     lines = [f"invalid configuration in {source}:"]
-    for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "<root>"
-        message = item["msg"].removeprefix("Value error, ")
-        lines.append(f"  {where}: {message} (got {item.get('input')!r})")
+    lines.extend(_format_error(item, data) for item in error.errors())
     return "\n".join(lines)
 
 
@@ -103,14 +221,27 @@ def parse(data: dict[str, Any], source: str = "<dict>") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as error:
-        raise ValueError(_format_errors(error, source)) from None
+        raise ValueError(_format_errors(error, data, source)) from None
+
+
+def _yaml_error(path: Path, error: yaml.YAMLError) -> str:
+    """One line: where the parser stopped, and what it expected there."""
+    if not isinstance(error, yaml.MarkedYAMLError) or error.problem_mark is None:
+        return f"{path}: not valid YAML: {error}"
+    mark = error.problem_mark
+    context = f" ({error.context})" if error.context else ""
+    return (f"{path}, line {mark.line + 1}, column {mark.column + 1}: not valid YAML: "
+            f"{error.problem}{context}")
 
 
 def load(path: str | Path) -> Config:
     """Load and validate a YAML config file."""
     path = Path(path)
     with path.open() as f:
-        data = yaml.safe_load(f) or {}
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(_yaml_error(path, error)) from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     return parse(data, str(path))

@@ -31,7 +31,7 @@ class LLM:
                  kv_cache_memory_gb: float = 1.0, swap_space: float = 4.0,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  enable_prefix_caching: bool = True, preemption_mode: str = "auto",
-                 enforce_eager: bool = False,
+                 enforce_eager: bool = False, distributed_executor_backend: str = "auto",
                  attention_backend: str = "auto", dtype: str = "auto", device: str = "auto",
                  seed: int = 0,
                  skip_tokenizer_init: bool = False, load_format: str = "auto",
@@ -40,7 +40,7 @@ class LLM:
             config = config_module.parse({
                 "model": dict(path=model, dtype=dtype, max_model_len=max_model_len,
                               skip_tokenizer_init=skip_tokenizer_init, load_format=load_format),
-                "engine": dict(tensor_parallel_size=tensor_parallel_size, block_size=block_size,
+                "engine": dict(block_size=block_size,
                                gpu_memory_utilization=gpu_memory_utilization,
                                num_gpu_blocks=num_gpu_blocks, kv_cache_memory_gb=kv_cache_memory_gb,
                                swap_space=swap_space, max_num_seqs=max_num_seqs,
@@ -49,15 +49,21 @@ class LLM:
                                preemption_mode=preemption_mode,
                                enforce_eager=enforce_eager, attention_backend=attention_backend,
                                device=device, seed=seed),
+                "parallel": dict(tensor_parallel_size=tensor_parallel_size,
+                                 distributed_executor_backend=distributed_executor_backend),
             }, source="LLM arguments")
         self.config = config
-        self.engine = EngineCore.from_config(config.model, config.engine)
+        self.engine = EngineCore.from_config(config)
         self._request_ids = itertools.count()
 
     @classmethod
     def from_config(cls, path: str) -> LLM:
         """Build from a YAML config file (see configs/)."""
         return cls(config=config_module.load(path))
+
+    def shutdown(self) -> None:
+        """Stop the engine's workers (with Ray: its actors and placement group)."""
+        self.engine.shutdown()
 
     def get_tokenizer(self):
         return self.engine.tokenizer

@@ -54,3 +54,13 @@ def model_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llama(model_dirs):
     return model_dirs("llama")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray instance for the whole session (starting one takes seconds)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()

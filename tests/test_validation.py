@@ -155,7 +155,7 @@ def test_config_missing_model_section():
 
 @pytest.mark.parametrize("key, value", [
     ("max_num_seqs", 0), ("num_gpu_blocks", 0), ("max_num_batched_tokens", -1),
-    ("tensor_parallel_size", 2), ("device", "tpu"), ("swap_space", -1.0),
+    ("device", "tpu"), ("swap_space", -1.0),
     ("kv_cache_memory_gb", 0), ("attention_backend", "flash"),
 ])
 def test_config_engine_fields(key, value):
@@ -318,9 +318,9 @@ def test_block_size_not_power_of_two_via_llm(model_dir):
         _llm(model_dir, block_size=12)
 
 
-def test_tensor_parallel_via_llm(model_dir):
-    with pytest.raises(ValueError, match="tensor_parallel_size"):
-        _llm(model_dir, tensor_parallel_size=2)
+def test_tensor_parallel_size_zero_via_llm(model_dir):
+    with pytest.raises(ValueError, match=r"parallel\.tensor_parallel_size"):
+        _llm(model_dir, tensor_parallel_size=0)
 
 
 def test_engine_still_works_after_a_rejected_request(llm):

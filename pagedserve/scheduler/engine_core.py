@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from pagedserve.config import EngineConfig, ModelConfig
+from pagedserve.config import Config, EngineConfig
 from pagedserve.outputs import CompletionOutput, RequestOutput
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.scheduler.beam_search import BeamSearch
@@ -20,7 +20,7 @@ from pagedserve.scheduler.block_manager import BlockManager, cdiv
 from pagedserve.scheduler.detokenizer import Detokenizer
 from pagedserve.scheduler.scheduler import Scheduler, SchedulerConfig
 from pagedserve.scheduler.sequence import FinishReason, SequenceGroup
-from pagedserve.worker.executor import Executor, LocalExecutor
+from pagedserve.worker.executor import Executor, make_executor
 from pagedserve.worker.model_info import ModelInfo, resolve
 
 logger = logging.getLogger(__name__)
@@ -47,12 +47,28 @@ class EngineCore:
         self._usage = _Usage()
 
     @classmethod
-    def from_config(cls, model: ModelConfig, engine: EngineConfig) -> EngineCore:
-        info = resolve(model, engine)
+    def from_config(cls, config: Config) -> EngineCore:
+        model, engine, parallel = config.model, config.engine, config.parallel
+        info = resolve(model, engine, parallel)
         tokenizer = None if model.skip_tokenizer_init else AutoTokenizer.from_pretrained(info.model_dir)
-        max_batched = engine.max_num_batched_tokens or (8192 if info.device.type == "cuda" else 2048)
+        max_batched = engine.step_token_budget(info.device.type)
         load_format = "dummy" if model.load_format == "dummy" else "safetensors"
-        executor = LocalExecutor(info, engine, load_format)
+        executor = make_executor(info, engine, parallel, load_format)
+        try:
+            block_manager = cls._init_kv_cache(info, engine, executor, max_batched)
+        except BaseException:
+            executor.shutdown()
+            raise
+        scheduler = Scheduler(SchedulerConfig(
+            max_num_seqs=engine.max_num_seqs, max_num_batched_tokens=max_batched,
+            max_model_len=info.max_model_len, eos_token_ids=info.eos_token_ids,
+            preemption_mode=engine.preemption_mode), block_manager)
+        return cls(info, scheduler, executor, tokenizer)
+
+    @staticmethod
+    def _init_kv_cache(info: ModelInfo, engine: EngineConfig, executor: Executor,
+                       max_batched: int) -> BlockManager:
+        """Size the KV pool (every rank holds the same block ids) and its block manager."""
         num_blocks = engine.num_gpu_blocks or executor.num_available_blocks(max_batched)
         blocks_per_seq = cdiv(info.max_model_len, engine.block_size)
         if num_blocks < blocks_per_seq:
@@ -64,18 +80,17 @@ class EngineCore:
                 f"raise {source} (one block takes {executor.block_bytes} bytes) or lower max_model_len")
         num_cpu_blocks = int(engine.swap_space * 2**30) // executor.block_bytes
         executor.init_kv_cache(num_blocks, num_cpu_blocks)
-        logger.info("KV pool: %d blocks x %d tokens (%.1f MiB), CPU swap pool %d blocks",
+        logger.info("KV pool: %d blocks x %d tokens (%.1f MiB per rank), CPU swap pool %d blocks",
                     num_blocks, engine.block_size, num_blocks * executor.block_bytes / 2**20,
                     num_cpu_blocks)
-        block_manager = BlockManager(num_blocks, engine.block_size,
-                                     watermark_blocks=max(1, num_blocks // 100),
-                                     num_cpu_blocks=num_cpu_blocks,
-                                     enable_prefix_caching=engine.enable_prefix_caching)
-        scheduler = Scheduler(SchedulerConfig(
-            max_num_seqs=engine.max_num_seqs, max_num_batched_tokens=max_batched,
-            max_model_len=info.max_model_len, eos_token_ids=info.eos_token_ids,
-            preemption_mode=engine.preemption_mode), block_manager)
-        return cls(info, scheduler, executor, tokenizer)
+        return BlockManager(num_blocks, engine.block_size,
+                            watermark_blocks=max(1, num_blocks // 100),
+                            num_cpu_blocks=num_cpu_blocks,
+                            enable_prefix_caching=engine.enable_prefix_caching)
+
+    def shutdown(self) -> None:
+        """Stop the workers (Ray actors and their placement group, if any)."""
+        self.executor.shutdown()
 
     # -- requests ------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,

@@ -43,7 +43,7 @@ from transformers.models.qwen2.tokenization_qwen2 import (
 
 # Bump when the output of build_random_model changes (corpus, defaults,
 # tokenizer recipe...) so that stale cached models are not reused.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 ARCHS: dict[str, type[PretrainedConfig]] = {
     "llama": LlamaConfig,
@@ -187,6 +187,12 @@ def build_random_model(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            # HF starts biases at zero, where a bias added twice (or never)
+            # changes nothing: give them values so tests can tell.
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if name.endswith(".bias"):
+                        param.normal_(0.0, 0.02)
         # As Llama 3 does, generation also ends at the end of a chat turn.
         model.generation_config = GenerationConfig(
             bos_token_id=ids[BOS], eos_token_id=[ids[EOS], ids[EOT]], pad_token_id=ids[PAD]

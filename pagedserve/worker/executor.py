@@ -1,18 +1,28 @@
 """Executors: how EngineCore reaches its workers.
 
 `LocalExecutor` runs the one worker in this process (tensor_parallel_size=1,
-no Ray needed); it is what the offline `LLM` uses and what runs on a GPU
-machine without Ray.
+no Ray needed); it is what the offline `LLM` uses by default and what runs on a
+GPU machine without Ray. `RayExecutor` (worker/ray_executor.py) runs one Ray
+actor per tensor-parallel rank. Both return rank 0's StepOutput.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
-from pagedserve.config import EngineConfig
+from pagedserve.config import EngineConfig, ParallelConfig
 from pagedserve.scheduler.step import StepInput, StepOutput
 from pagedserve.worker.model_info import ModelInfo
 from pagedserve.worker.worker import Worker
+
+
+class WorkerFailedError(RuntimeError):
+    """A worker died or raised; the engine cannot step any more."""
+
+    def __init__(self, rank: int | None, detail: str) -> None:
+        who = "tensor-parallel workers" if rank is None else f"tensor-parallel worker rank {rank}"
+        super().__init__(f"{who} failed in {detail}")
+        self.rank = rank
 
 
 class Executor(Protocol):
@@ -23,6 +33,17 @@ class Executor(Protocol):
     def init_kv_cache(self, num_blocks: int, num_cpu_blocks: int) -> None: ...
 
     def execute(self, step: StepInput) -> StepOutput: ...
+
+    def shutdown(self) -> None: ...
+
+
+def make_executor(info: ModelInfo, engine: EngineConfig, parallel: ParallelConfig,
+                  load_format: str) -> Executor:
+    if parallel.executor_backend == "local":
+        return LocalExecutor(info, engine, load_format)
+    from pagedserve.worker.ray_executor import RayExecutor  # Ray only when asked for
+
+    return RayExecutor(info, engine, parallel, load_format)
 
 
 class LocalExecutor:
@@ -41,3 +62,6 @@ class LocalExecutor:
 
     def execute(self, step: StepInput) -> StepOutput:
         return self.worker.execute(step)
+
+    def shutdown(self) -> None:
+        """Nothing to stop: the worker lives and dies with this process."""

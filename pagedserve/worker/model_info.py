@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 
-from pagedserve.config import EngineConfig, ModelConfig
+from pagedserve.config import EngineConfig, ModelConfig, ParallelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +31,12 @@ class ModelInfo:
     vocab_size: int
 
 
-def resolve(model: ModelConfig, engine: EngineConfig) -> ModelInfo:
+def resolve(model: ModelConfig, engine: EngineConfig,
+            parallel: ParallelConfig = ParallelConfig()) -> ModelInfo:
     model_dir = _model_dir(model)
     hf_config = AutoConfig.from_pretrained(model_dir)
-    device = _device(engine.device)
+    check_tensor_parallel(hf_config, parallel.tensor_parallel_size)
+    device = _device(engine.device, on_ray=parallel.executor_backend == "ray")
     return ModelInfo(
         model_dir=model_dir,
         hf_config=hf_config,
@@ -63,7 +65,27 @@ def _model_dir(model: ModelConfig) -> Path:
     return Path(snapshot_download(model.path, allow_patterns=patterns))
 
 
-def _device(name: str) -> torch.device:
+def check_tensor_parallel(hf_config: PretrainedConfig, tp_size: int) -> None:
+    """Heads are split evenly over ranks, or the model cannot be sharded this way."""
+    for field in ("num_attention_heads", "num_key_value_heads"):
+        heads = getattr(hf_config, field)
+        if heads % tp_size:
+            raise ValueError(f"parallel.tensor_parallel_size={tp_size} does not divide the "
+                             f"model's {field}={heads}: choose a tensor_parallel_size that does")
+
+
+def _device(name: str, on_ray: bool = False) -> torch.device:
+    """The workers' device. Ray workers may sit on other nodes, so there the
+    cluster's resources decide, not this process's view."""
+    if on_ray:
+        if name != "auto":
+            return torch.device(name)
+        import ray
+
+        from pagedserve.worker.ray_executor import init_ray
+
+        init_ray()
+        return torch.device("cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():

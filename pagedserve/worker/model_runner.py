@@ -35,7 +35,8 @@ class ModelRunner:
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     @torch.inference_mode()
-    def execute(self, step: StepInput, kv_caches: list[KVCache]) -> StepOutput:
+    def execute(self, step: StepInput, kv_caches: list[KVCache]) -> StepOutput | None:
+        """Rank 0 returns the step's samples; other tensor-parallel ranks return None."""
         if not step.seqs:  # a step of block moves only
             return StepOutput(samples=[])
         seqs = sorted(step.seqs, key=lambda seq: seq.num_tokens > 1)  # decodes first, stable
@@ -44,7 +45,9 @@ class ModelRunner:
         sampling = [seq for seq in seqs if seq.do_sample]
         if not sampling:
             return StepOutput(samples=[])
-        logits = self.model.compute_logits(hidden[logits_rows])  # [S, vocab]
+        logits = self.model.compute_logits(hidden[logits_rows])  # [S, vocab], on rank 0 only
+        if logits is None:
+            return None
         return StepOutput(samples=sampler.sample(logits, sampling, self.generator))
 
     def prepare(self, seqs: list[ScheduledSequence]):

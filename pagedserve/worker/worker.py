@@ -6,7 +6,9 @@ The pool is one tensor, so a block can be copied in every layer at once:
     kv_caches[layer] = (kv_pool[layer, 0], kv_pool[layer, 1])   keys, values
 
 A CPU pool of the same layout (`cpu_pool`, pinned on CUDA) holds the blocks of
-swapped-out requests.
+swapped-out requests. With tensor parallelism each rank's pools hold only its
+own KV heads; block ids are the same on every rank, so one block manager
+serves them all.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pagedserve.config import EngineConfig
 from pagedserve.kernels.swap import swap_blocks
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.scheduler.step import ScheduledSequence, StepInput, StepOutput
+from pagedserve.worker.distributed import TPGroup
 from pagedserve.worker.layers.attention import select_attention_backend
 from pagedserve.worker.model_info import ModelInfo
 from pagedserve.worker.model_runner import ModelRunner
@@ -30,14 +33,29 @@ logger = logging.getLogger(__name__)
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
+def kv_block_shape(info: ModelInfo, block_size: int, tp_size: int) -> tuple[int, int, int]:
+    """[block_size, kv heads of one rank, head_dim] of one block of one layer's keys."""
+    return block_size, info.hf_config.num_key_value_heads // tp_size, head_dim(info.hf_config)
+
+
+def kv_block_bytes(info: ModelInfo, block_size: int, tp_size: int) -> int:
+    """Bytes of one block on one rank, across all layers, keys and values."""
+    block_size, heads, dim = kv_block_shape(info, block_size, tp_size)
+    element = torch.tensor([], dtype=info.dtype).element_size()
+    return 2 * info.hf_config.num_hidden_layers * block_size * heads * dim * element
+
+
 class Worker:
-    def __init__(self, info: ModelInfo, engine: EngineConfig, load_format: str) -> None:
+    def __init__(self, info: ModelInfo, engine: EngineConfig, load_format: str,
+                 tp: TPGroup = TPGroup()) -> None:
         self.info = info
         self.engine = engine
+        self.tp = tp
         self.model = build_model(info.hf_config, info.model_dir, max_position=info.max_model_len,
-                                 dtype=info.dtype, device=info.device, load_format=load_format)
+                                 dtype=info.dtype, device=info.device, load_format=load_format,
+                                 tp=tp)
         self.attention = select_attention_backend(engine.attention_backend, info.device,
-                                                  info.hf_config.num_key_value_heads)
+                                                  self.kv_block_shape[1])
         self.runner = ModelRunner(self.model, engine.block_size, self.attention, info.device,
                                   engine.seed)
         self.kv_pool: torch.Tensor | None = None
@@ -46,16 +64,11 @@ class Worker:
 
     @property
     def kv_block_shape(self) -> tuple[int, int, int]:
-        """[block_size, num_kv_heads, head_dim] of one block of one layer's keys."""
-        config = self.info.hf_config
-        return self.engine.block_size, config.num_key_value_heads, head_dim(config)
+        return kv_block_shape(self.info, self.engine.block_size, self.tp.size)
 
     @property
     def block_bytes(self) -> int:
-        """Bytes of one block across all layers, keys and values."""
-        block_size, heads, dim = self.kv_block_shape
-        element = torch.tensor([], dtype=self.info.dtype).element_size()
-        return 2 * self.info.hf_config.num_hidden_layers * block_size * heads * dim * element
+        return kv_block_bytes(self.info, self.engine.block_size, self.tp.size)
 
     def num_available_blocks(self, max_num_batched_tokens: int) -> int:
         """How many KV blocks fit the memory budget of this device."""
@@ -100,7 +113,8 @@ class Worker:
         """[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]"""
         return (self.info.hf_config.num_hidden_layers, 2, num_blocks, *self.kv_block_shape)
 
-    def execute(self, step: StepInput) -> StepOutput:
+    def execute(self, step: StepInput) -> StepOutput | None:
+        """Run one step; rank 0 returns the sampled tokens, other ranks None."""
         # Block moves come first: out before in (a swapped-in block may reuse a
         # swapped-out one), copies before anything writes into them.
         if step.blocks_to_swap_out:

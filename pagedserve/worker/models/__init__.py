@@ -8,6 +8,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from pagedserve.worker.distributed import TPGroup
+from pagedserve.worker.layers.linear import default_weight_loader
 from pagedserve.worker.models.llama import LlamaForCausalLM
 
 _ARCHITECTURES: dict[str, type[nn.Module]] = {
@@ -26,9 +28,10 @@ def model_class(hf_config) -> type[nn.Module]:
 
 
 def build_model(hf_config, model_dir: Path, *, max_position: int, dtype: torch.dtype,
-                device: torch.device, load_format: str) -> nn.Module:
+                device: torch.device, load_format: str, tp: TPGroup = TPGroup()) -> nn.Module:
+    """This rank's shard of the model, with its weights (or random ones for "dummy")."""
     with torch.device(device):
-        model = model_class(hf_config)(hf_config, max_position)
+        model = model_class(hf_config)(hf_config, max_position, tp)
     model.to(dtype=dtype)
     if load_format == "dummy":
         _init_dummy(model)
@@ -38,7 +41,12 @@ def build_model(hf_config, model_dir: Path, *, max_position: int, dtype: torch.d
 
 
 def load_weights(model: nn.Module, model_dir: Path) -> None:
-    """Copy checkpoint tensors into the model, one tensor at a time (no full state dict)."""
+    """Copy this rank's slice of every checkpoint tensor into the model.
+
+    Tensors are opened as safetensors slices: each parameter's `weight_loader`
+    indexes only the rows or columns its rank holds, so no rank reads (or
+    holds) the whole model.
+    """
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
@@ -49,50 +57,37 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
             for ckpt_name in f.keys():
                 if "rotary_emb" in ckpt_name:
                     continue
-                name, shard = _target(model, ckpt_name)
+                name, shard_id = _target(model, ckpt_name)
                 if name not in params:
                     if name == "lm_head.weight":  # tied to the embedding: loaded through it
                         continue
                     raise ValueError(f"checkpoint tensor {ckpt_name!r} has no place in the model")
-                _copy(params[name], f.get_tensor(ckpt_name), shard, model, name)
-                loaded.add(name if shard is None else f"{name}#{shard}")
-    expected = _expected_entries(model, params)
-    missing = sorted(expected - loaded)
+                param = params[name]
+                loader = getattr(param, "weight_loader", default_weight_loader)
+                try:
+                    loader(param, f.get_slice(ckpt_name), shard_id)
+                except ValueError as error:
+                    raise ValueError(f"checkpoint tensor {ckpt_name!r} {error}") from None
+                loaded.add(name if shard_id is None else f"{name}#{shard_id}")
+    missing = sorted(_expected_entries(params) - loaded)
     if missing:
         raise ValueError(f"checkpoint in {model_dir} lacks tensors for: {', '.join(missing[:5])}"
                          + (" ..." if len(missing) > 5 else ""))
 
 
 def _target(model: nn.Module, ckpt_name: str) -> tuple[str, int | None]:
-    for fused, part, shard in model.stacked_params:
+    for fused, part, shard_id in model.stacked_params:
         if f".{part}." in ckpt_name:
-            return ckpt_name.replace(f".{part}.", f".{fused}."), shard
+            return ckpt_name.replace(f".{part}.", f".{fused}."), shard_id
     return ckpt_name, None
 
 
-def _copy(param: torch.Tensor, tensor: torch.Tensor, shard: int | None, model: nn.Module,
-          name: str) -> None:
-    if shard is None:
-        target = param.data
-    else:
-        fused = name.split(".")[-2]
-        sizes = model.shard_sizes(fused)
-        target = param.data.narrow(0, sum(sizes[:shard]), sizes[shard])
-    if target.shape != tensor.shape:
-        raise ValueError(f"checkpoint tensor for {name} has shape {tuple(tensor.shape)}, "
-                         f"the model expects {tuple(target.shape)}")
-    target.copy_(tensor)
-
-
-def _expected_entries(model: nn.Module, params: dict[str, torch.Tensor]) -> set[str]:
-    fused = {fused: len(model.shard_sizes(fused)) for fused, _, _ in model.stacked_params}
+def _expected_entries(params: dict[str, torch.Tensor]) -> set[str]:
+    """Every parameter, and each part of a fused one, must come from the checkpoint."""
     expected = set()
-    for name in params:
-        part = name.split(".")[-2] if "." in name else ""
-        if part in fused:
-            expected.update(f"{name}#{i}" for i in range(fused[part]))
-        else:
-            expected.add(name)
+    for name, param in params.items():
+        parts = getattr(param, "num_parts", 1)
+        expected.update([name] if parts == 1 else (f"{name}#{i}" for i in range(parts)))
     return expected
 
 

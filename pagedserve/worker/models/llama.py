@@ -4,6 +4,11 @@ Tokens of every scheduled sequence are flattened into one batch of shape
 [num_tokens]; attention finds each sequence's context through the block table,
 so nothing here is padded. q/k/v and gate/up are fused into one matmul each;
 the loader fills them from the checkpoint's separate tensors.
+
+With a tensor-parallel group of size tp, each rank holds 1/tp of the heads and
+of the MLP's intermediate features (see layers/linear.py), its own KV heads'
+pool, and 1/tp of the vocabulary rows; o_proj, down_proj and the embedding each
+end in one all-reduce.
 """
 
 from __future__ import annotations
@@ -12,26 +17,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedserve.worker.distributed import TPGroup
 from pagedserve.worker.layers.attention import Attention, AttentionMetadata
+from pagedserve.worker.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from pagedserve.worker.layers.norm import RMSNorm
 from pagedserve.worker.layers.rotary import RotaryEmbedding
+from pagedserve.worker.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config, rotary: RotaryEmbedding, tp: TPGroup) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
         self.head_dim = head_dim(config)
         # Qwen2 always has q/k/v bias; Llama has both or neither via attention_bias.
         attention_bias = getattr(config, "attention_bias", False)
         qkv_bias = attention_bias or config.model_type == "qwen2"
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=attention_bias)
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim,
+                                          config.num_attention_heads, config.num_key_value_heads,
+                                          qkv_bias, tp)
+        # Heads and sizes of this rank.
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim,
+                                        config.hidden_size, attention_bias, tp)
         self.rotary = rotary
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
 
@@ -48,12 +58,14 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, config, tp: TPGroup) -> None:
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
-        self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        size = config.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [size, size], bias, tp,
+                                                 "intermediate_size")
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias, tp, "intermediate_size")
+        self.intermediate_size = self.gate_up_proj.part_sizes[0]  # this rank's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
@@ -61,10 +73,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config, rotary: RotaryEmbedding, tp: TPGroup) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, rotary)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, rotary, tp)
+        self.mlp = LlamaMLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -75,12 +87,12 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, max_position: int) -> None:
+    def __init__(self, config, max_position: int, tp: TPGroup) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         # One table shared by every layer: it is a buffer, not a parameter.
         rotary = RotaryEmbedding(config, head_dim(config), max_position)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary, tp)
                                     for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -96,11 +108,11 @@ class LlamaForCausalLM(nn.Module):
         ("gate_up_proj", "up_proj", 1),
     ]
 
-    def __init__(self, config, max_position: int) -> None:
+    def __init__(self, config, max_position: int, tp: TPGroup = TPGroup()) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, max_position)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.model = LlamaModel(config, max_position, tp)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -112,16 +124,13 @@ class LlamaForCausalLM(nn.Module):
             hidden = layer(positions, hidden, kv_cache, metadata)
         return hidden
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Only for the rows that sample: [S, hidden_size] -> [S, vocab_size] float32."""
-        return self.lm_head(self.model.norm(hidden)).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Only for the rows that sample: [S, hidden_size] -> [S, vocab_size] float32.
 
-    def shard_sizes(self, name: str) -> list[int]:
-        """Output sizes of the parts of a fused parameter, in checkpoint order."""
-        attn = self.model.layers[0].self_attn
-        if name == "qkv_proj":
-            return [attn.q_size, attn.kv_size, attn.kv_size]
-        return [self.config.intermediate_size] * 2
+        Rank 0 gets the logits over the whole vocabulary; other ranks get None.
+        """
+        logits = self.lm_head.compute_logits(self.model.norm(hidden))
+        return None if logits is None else logits.float()
 
 
 def head_dim(config) -> int:

@@ -1,0 +1,366 @@
+"""Capacity planning: what one replica of a config holds, from shapes alone.
+
+Before renting GPUs one wants to know whether the weights fit, how many KV
+blocks are left and how many sequences those serve. All of it follows from
+the model's config.json and the tensor-parallel sharding, so the planner reads
+no weights and allocates no tensors. The config comes from a local model
+directory, a bundled preset for well-known hub ids, or the config the random
+test model is built with.
+
+Every figure is per tensor-parallel rank (one GPU) unless named otherwise.
+Block ids are global, so every rank holds the same number of blocks; rank 0,
+which also holds the full logits, is the one planned for.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pagedserve.config import Config, ModelConfig, RandomModelSpec
+
+GIB = 2**30
+DEFAULT_GPU_MEMORY_GB = 80.0
+# CUDA context, NCCL buffers and caching-allocator slack: outside any tensor we size.
+RUNTIME_OVERHEAD_BYTES = GIB
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# The key a preset adds to the HF config.json it copies: the hub ids it stands for.
+PRESET_HUB_IDS_KEY = "pagedserve_hub_ids"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of an HF config.json that memory depends on."""
+
+    source: str
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    context_limit: int  # max_position_embeddings, or a smaller sliding window
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_proj_bias: bool
+    mlp_bias: bool
+    saved_dtype: str | None
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any], source: str) -> ModelShape:
+        missing = [key for key in ("vocab_size", "hidden_size", "intermediate_size",
+                                   "num_hidden_layers", "num_attention_heads",
+                                   "max_position_embeddings") if hf.get(key) is None]
+        if missing:
+            raise ValueError(f"{source}: the model config has no {', '.join(missing)}")
+        heads = hf["num_attention_heads"]
+        limit = hf["max_position_embeddings"]
+        window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+        attention_bias = bool(hf.get("attention_bias", False))
+        return cls(
+            source=source,
+            model_type=hf.get("model_type", "llama"),
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            # The engine attends over the whole context, so a sliding window caps it.
+            context_limit=min(limit, window) if window else limit,
+            # Llama, Mistral and Qwen2 configs default to untied embeddings.
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            # As the model builds them: Qwen2 always has q/k/v biases.
+            qkv_bias=attention_bias or hf.get("model_type") == "qwen2",
+            o_proj_bias=attention_bias,
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            saved_dtype=hf.get("dtype") or hf.get("torch_dtype"),
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: ModelShape
+    dtype: str
+    device: str  # "cuda" or "cpu"
+    tensor_parallel_size: int  # GPUs (or CPU workers) one replica takes
+    block_size: int
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    model_params: int  # the unsharded model
+    params_per_rank: int
+    weight_bytes_per_rank: int
+    total_weight_bytes: int  # over all ranks: replicated norms and vocab padding included
+    kv_bytes_per_token: int  # per rank: its share of the KV heads
+    gpu_memory_bytes: int | None  # None on CPU, where engine.kv_cache_memory_gb is the budget
+    gpu_memory_utilization: float | None
+    headroom_bytes: int | None
+    kv_budget_bytes: int
+    num_blocks: int
+    num_cache_tokens: int
+    mean_seq_len: int
+    seqs_at_mean_len: int
+    seqs_at_max_model_len: int  # if each sequence pre-allocated max_model_len tokens
+
+
+def plan(config: Config, gpu_memory_gb: float | None = None,
+         mean_seq_len: int | None = None) -> Plan:
+    """Plan one replica of `config` on GPUs of `gpu_memory_gb` GiB (default 80).
+
+    Weights per rank follow the model's sharding: q/k/v by heads, o_proj and
+    down_proj by their input, gate/up by their output, embedding and LM head
+    by vocab rows padded to a multiple of tp (shared when tied); norms and
+    row-parallel biases are whole on every rank.
+
+    Activation headroom per rank, for a step of T = max_num_batched_tokens
+    tokens with dtype bytes b:
+        1 GiB (CUDA context, NCCL, allocator slack)
+      + T * (4*hidden + (q + 2*kv)/tp + 3*intermediate/tp) * b
+      + max_num_seqs * vocab * 4 * 2   (float32 logits and their softmax, rank 0)
+    where q = heads * head_dim and kv = kv_heads * head_dim.
+
+    KV budget = gpu_memory * gpu_memory_utilization - weights - headroom; on a
+    CPU config it is engine.kv_cache_memory_gb, as the engine takes it.
+    """
+    engine, tp = config.engine, config.parallel.tensor_parallel_size
+    shape = load_model_shape(config.model)
+    _check_divisible(shape, tp)
+    dtype = _dtype(config.model, shape)
+    dtype_bytes = DTYPE_BYTES[dtype]
+    max_model_len = _max_model_len(config.model, shape)
+    mean_seq_len = max(1, max_model_len // 4) if mean_seq_len is None else mean_seq_len
+    if not 1 <= mean_seq_len <= max_model_len:
+        raise ValueError(f"mean_seq_len={mean_seq_len} must be between 1 and "
+                         f"max_model_len={max_model_len}")
+    device = "cpu" if engine.device == "cpu" else "cuda"
+    step_tokens = engine.step_token_budget(device)
+
+    params = _params_per_rank(shape, tp)
+    weight_bytes = params * dtype_bytes
+    kv_bytes_per_token = 2 * shape.num_layers * (shape.num_kv_heads // tp) * shape.head_dim * dtype_bytes
+    block_bytes = engine.block_size * kv_bytes_per_token
+
+    if device == "cpu":
+        if gpu_memory_gb is not None:
+            raise ValueError(f"gpu_memory_gb={gpu_memory_gb} applies to GPU configs; engine.device "
+                             "is 'cpu', whose KV budget is engine.kv_cache_memory_gb")
+        gpu_memory, utilization, headroom = None, None, None
+        budget = int(engine.kv_cache_memory_gb * GIB)
+    else:
+        gpu_memory_gb = DEFAULT_GPU_MEMORY_GB if gpu_memory_gb is None else gpu_memory_gb
+        if gpu_memory_gb <= 0:
+            raise ValueError(f"gpu_memory_gb={gpu_memory_gb} must be positive")
+        gpu_memory, utilization = int(gpu_memory_gb * GIB), engine.gpu_memory_utilization
+        headroom = _headroom_bytes(shape, tp, dtype_bytes, step_tokens, engine.max_num_seqs)
+        budget = _gpu_kv_budget(config, gpu_memory, weight_bytes, headroom)
+    num_blocks = _num_blocks(config, budget, block_bytes, device, max_model_len)
+    num_cache_tokens = num_blocks * engine.block_size
+    return Plan(
+        model=shape, dtype=dtype, device=device, tensor_parallel_size=tp,
+        block_size=engine.block_size, max_model_len=max_model_len,
+        max_num_seqs=engine.max_num_seqs, max_num_batched_tokens=step_tokens,
+        model_params=_params_per_rank(shape, 1), params_per_rank=params,
+        weight_bytes_per_rank=weight_bytes, total_weight_bytes=weight_bytes * tp,
+        kv_bytes_per_token=kv_bytes_per_token, gpu_memory_bytes=gpu_memory,
+        gpu_memory_utilization=utilization,
+        headroom_bytes=headroom, kv_budget_bytes=budget, num_blocks=num_blocks,
+        num_cache_tokens=num_cache_tokens, mean_seq_len=mean_seq_len,
+        seqs_at_mean_len=num_blocks // math.ceil(mean_seq_len / engine.block_size),
+        seqs_at_max_model_len=num_cache_tokens // max_model_len,
+    )
+
+
+# -- the model config -------------------------------------------------------------------------
+
+def load_model_shape(model: ModelConfig) -> ModelShape:
+    """The shape from a local directory's config.json, a preset, or the random model's config."""
+    if model.random_init is not None:
+        spec = model.random_init
+        return ModelShape.from_hf_config(_random_model_config(spec),
+                                         f"model.random_init {spec.name!r} ({spec.arch})")
+    path = Path(model.path).expanduser()
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise ValueError(f"model.path={model.path!r} is a directory without config.json")
+        return ModelShape.from_hf_config(json.loads(config_file.read_text()), str(path))
+    presets = load_presets()
+    for name, hf in presets.items():
+        if model.path in hf[PRESET_HUB_IDS_KEY]:
+            return ModelShape.from_hf_config(hf, f"{model.path} (preset {name})")
+    known = "; ".join(f"{name}: {', '.join(hf[PRESET_HUB_IDS_KEY])}" for name, hf in presets.items())
+    raise ValueError(f"model.path={model.path!r} is neither a local model directory nor a hub id "
+                     f"with a bundled preset ({known}); point model.path at a directory holding "
+                     "the model's config.json")
+
+
+def load_presets() -> dict[str, dict[str, Any]]:
+    """Bundled HF configs of well-known models, by preset name (the file's stem)."""
+    folder = resources.files("pagedserve").joinpath("presets")
+    return {entry.name.removesuffix(".json"): json.loads(entry.read_text())
+            for entry in sorted(folder.iterdir(), key=lambda entry: entry.name)
+            if entry.name.endswith(".json")}
+
+
+def _random_model_config(spec: RandomModelSpec) -> dict[str, Any]:
+    """The config `cached_random_model` would write, without training a tokenizer or weights."""
+    # Imported here: the module builds models, so it pulls in torch and tokenizers.
+    from pagedserve.testing.random_model import ARCHS, DEFAULT_CONFIG, DEFAULT_VOCAB_SIZE
+
+    overrides = dict(spec.config_overrides)
+    # vocab_size is build_random_model's own argument; without it the vocabulary is
+    # the trained tokenizer's, DEFAULT_VOCAB_SIZE tokens on the bundled corpus.
+    vocab_size = overrides.pop("vocab_size", None) or DEFAULT_VOCAB_SIZE
+    kwargs = dict(DEFAULT_CONFIG)
+    if spec.arch == "mistral":
+        kwargs["sliding_window"] = None  # as build_random_model does
+    kwargs.update(overrides, vocab_size=vocab_size)
+    return ARCHS[spec.arch](**kwargs).to_dict()
+
+
+def _check_divisible(shape: ModelShape, tp: int) -> None:
+    for name, value in (("num_attention_heads", shape.num_heads),
+                        ("num_key_value_heads", shape.num_kv_heads),
+                        ("intermediate_size", shape.intermediate_size)):
+        if value % tp:
+            raise ValueError(f"parallel.tensor_parallel_size={tp} does not divide {name}={value} "
+                             f"of {shape.source}: every rank needs an equal share")
+
+
+def _dtype(model: ModelConfig, shape: ModelShape) -> str:
+    if model.dtype != "auto":
+        return model.dtype
+    return shape.saved_dtype if shape.saved_dtype in DTYPE_BYTES else "float32"
+
+
+def _max_model_len(model: ModelConfig, shape: ModelShape) -> int:
+    if model.max_model_len is None:
+        return shape.context_limit
+    if model.max_model_len > shape.context_limit:
+        raise ValueError(f"model.max_model_len={model.max_model_len} exceeds the model's limit of "
+                         f"{shape.context_limit} tokens (max_position_embeddings or sliding_window)")
+    return model.max_model_len
+
+
+# -- memory -----------------------------------------------------------------------------------
+
+def _params_per_rank(shape: ModelShape, tp: int) -> int:
+    hidden, inter = shape.hidden_size, shape.intermediate_size // tp
+    q = shape.num_heads // tp * shape.head_dim
+    kv = shape.num_kv_heads // tp * shape.head_dim
+    attention = hidden * (q + 2 * kv) + q * hidden
+    attention += (q + 2 * kv) * shape.qkv_bias + hidden * shape.o_proj_bias
+    mlp = 3 * hidden * inter + (2 * inter + hidden) * shape.mlp_bias
+    layer = attention + mlp + 2 * hidden  # + input and post-attention RMSNorm
+    embedding = math.ceil(shape.vocab_size / tp) * hidden
+    lm_head = 0 if shape.tie_word_embeddings else embedding
+    return shape.num_layers * layer + embedding + lm_head + hidden  # + final norm
+
+
+def _headroom_bytes(shape: ModelShape, tp: int, dtype_bytes: int, step_tokens: int,
+                    max_num_seqs: int) -> int:
+    """See `plan`: runtime overhead, one step's peak activations, rank 0's logits."""
+    qkv = (shape.num_heads + 2 * shape.num_kv_heads) * shape.head_dim // tp
+    per_token = 4 * shape.hidden_size + qkv + 3 * shape.intermediate_size // tp
+    logits = max_num_seqs * shape.vocab_size * 4 * 2
+    return RUNTIME_OVERHEAD_BYTES + step_tokens * per_token * dtype_bytes + logits
+
+
+def _gpu_kv_budget(config: Config, gpu_memory: int, weight_bytes: int, headroom: int) -> int:
+    """What the KV pool of one GPU gets; an error that says how much is missing when nothing."""
+    utilization = config.engine.gpu_memory_utilization
+    usable = int(gpu_memory * utilization)
+    budget = usable - weight_bytes - headroom
+    if budget <= 0:
+        raise ValueError(
+            f"the model does not fit: per GPU, weights ({_gib(weight_bytes)}) + activation "
+            f"headroom ({_gib(headroom)}) exceed engine.gpu_memory_utilization={utilization} x "
+            f"{_gib(gpu_memory)} ({_gib(usable)}) by {_gib(-budget)}: raise "
+            f"parallel.tensor_parallel_size={config.parallel.tensor_parallel_size} or the GPU "
+            "memory, or lower engine.max_num_batched_tokens")
+    return budget
+
+
+def _num_blocks(config: Config, budget: int, block_bytes: int, device: str,
+                max_model_len: int) -> int:
+    """Blocks per rank, refused as the engine would refuse them."""
+    engine = config.engine
+    fit = budget // block_bytes
+    if engine.num_gpu_blocks is None:
+        num_blocks, source = fit, ("engine.gpu_memory_utilization" if device == "cuda"
+                                   else "engine.kv_cache_memory_gb")
+    elif device == "cuda" and engine.num_gpu_blocks > fit:
+        raise ValueError(f"engine.num_gpu_blocks={engine.num_gpu_blocks} exceeds the {fit} blocks "
+                         f"of {block_bytes} bytes that the KV budget of {_gib(budget)} per GPU holds")
+    else:
+        num_blocks, source = engine.num_gpu_blocks, "engine.num_gpu_blocks"
+    per_seq = math.ceil(max_model_len / engine.block_size)
+    if num_blocks < per_seq:
+        raise ValueError(f"the KV pool has {num_blocks} blocks of {engine.block_size} tokens, fewer "
+                         f"than the {per_seq} one sequence of model.max_model_len={max_model_len} "
+                         f"needs: raise {source} or lower model.max_model_len")
+    return num_blocks
+
+
+# -- report -----------------------------------------------------------------------------------
+
+def _gib(num_bytes: int) -> str:
+    if num_bytes < GIB:
+        return f"{num_bytes / 2**20:.1f} MiB"
+    return f"{num_bytes / GIB:.2f} GiB"
+
+
+def _count(n: int) -> str:
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.2f}{suffix}"
+    return str(n)
+
+
+def format_plan(plan: Plan) -> str:
+    """A human-readable report of `plan`, per GPU first, then per replica."""
+    m, tp = plan.model, plan.tensor_parallel_size
+    unit = "GPU" if plan.device == "cuda" else "CPU worker"
+    ranks = f"{tp} {unit}{'s' if tp > 1 else ''}"
+    rows = [
+        ("model", m.source),
+        ("", f"{m.model_type}, {_count(plan.model_params)} parameters, {m.num_layers} layers, hidden "
+             f"{m.hidden_size}, {m.num_heads} heads / {m.num_kv_heads} KV heads x {m.head_dim}, "
+             f"vocab {m.vocab_size}, {plan.dtype}"),
+        ("replica", f"{ranks} (tensor_parallel_size={tp}), max_model_len {plan.max_model_len}, "
+                    f"block_size {plan.block_size}"),
+        ("weights, all ranks", _gib(plan.total_weight_bytes)),
+        ("per rank", ""),
+        ("  parameters", f"{plan.params_per_rank:,}"),
+        ("  weights", _gib(plan.weight_bytes_per_rank)),
+    ]
+    if plan.gpu_memory_bytes is not None and plan.headroom_bytes is not None:
+        rows += [
+            ("  GPU memory", f"{_gib(plan.gpu_memory_bytes)} x gpu_memory_utilization "
+                             f"{plan.gpu_memory_utilization}"),
+            ("  activation headroom", f"{_gib(plan.headroom_bytes)} (1 GiB runtime, a step of "
+                                      f"{plan.max_num_batched_tokens} tokens, logits of "
+                                      f"{plan.max_num_seqs} sequences)"),
+            ("  KV budget", _gib(plan.kv_budget_bytes)),
+        ]
+    else:
+        rows.append(("  KV budget", f"{_gib(plan.kv_budget_bytes)} (engine.kv_cache_memory_gb)"))
+    rows += [
+        ("  KV per token", f"{plan.kv_bytes_per_token:,} bytes"),
+        ("  KV blocks", f"{plan.num_blocks:,} x {plan.block_size} tokens = "
+                        f"{plan.num_cache_tokens:,} tokens"),
+        ("sequences", f"paged, at mean length {plan.mean_seq_len}: {plan.seqs_at_mean_len:,}"),
+        ("", f"pre-allocating max_model_len {plan.max_model_len}: "
+             f"{plan.seqs_at_max_model_len:,}"),
+        ("", f"the scheduler runs at most max_num_seqs={plan.max_num_seqs} at once"),
+    ]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value}".rstrip() for label, value in rows)

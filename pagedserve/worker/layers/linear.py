@@ -1,0 +1,112 @@
+"""Tensor-parallel linear layers (Megatron-style) and how each loads its shard.
+
+A transformer block needs one all-reduce per sublayer:
+
+    column-parallel (qkv, gate_up):  W split by output rows, y_r = x W_r^T, no communication
+    row-parallel    (o, down):       W split by input columns, y = sum_r x_r W_r^T (all-reduce)
+
+so the activations between the two stay split by heads (attention) or by
+intermediate features (MLP). Each parameter carries a `weight_loader(param,
+loaded, shard_id)` that copies only this rank's slice of a checkpoint tensor;
+`loaded` is a safetensors slice (nothing is read until it is indexed) or a
+tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedserve.worker.distributed import TPGroup
+
+
+def checkpoint_shape(loaded) -> tuple[int, ...]:
+    """Shape of a safetensors slice or a tensor, without reading it."""
+    return tuple(loaded.get_shape()) if hasattr(loaded, "get_shape") else tuple(loaded.shape)
+
+
+def default_weight_loader(param: torch.Tensor, loaded, shard_id: int | None = None) -> None:
+    """A replicated parameter: every rank copies the whole tensor."""
+    check_shape(checkpoint_shape(loaded), tuple(param.shape))
+    param.data.copy_(loaded[:])
+
+
+def check_shape(got: tuple[int, ...], expected: tuple[int, ...]) -> None:
+    if got != expected:
+        raise ValueError(f"has shape {got}, the model expects {expected}")
+
+
+def _new_parameter(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+class ColumnParallelLinear(nn.Module):
+    """Output features split over ranks; no communication.
+
+    `output_sizes` lists the full sizes of the parts fused into this one matmul
+    (q/k/v, or gate/up) in checkpoint order. Each part is split on its own, so
+    rank r holds rows [r n_i/tp, (r+1) n_i/tp) of every part i, side by side.
+    """
+
+    def __init__(self, input_size: int, output_sizes: Sequence[int], bias: bool, tp: TPGroup,
+                 what: str = "output features") -> None:
+        super().__init__()
+        self.tp = tp
+        self.full_sizes = list(output_sizes)
+        self.part_sizes = [tp.split(size, what) for size in output_sizes]
+        self.weight = _new_parameter(sum(self.part_sizes), input_size)
+        self.bias = _new_parameter(sum(self.part_sizes)) if bias else None
+        for param in (self.weight, self.bias):
+            if param is not None:
+                param.weight_loader = self.load_part
+                param.num_parts = len(self.full_sizes)
+
+    def load_part(self, param: torch.Tensor, loaded, shard_id: int | None) -> None:
+        index = shard_id or 0
+        full, part = self.full_sizes[index], self.part_sizes[index]
+        check_shape(checkpoint_shape(loaded), (full, *param.shape[1:]))
+        start = self.tp.rank * part
+        param.data.narrow(0, sum(self.part_sizes[:index]), part).copy_(loaded[start:start + part])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Fused q/k/v projection split by heads: each rank computes its own query and KV heads."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool, tp: TPGroup) -> None:
+        self.num_heads = tp.split(num_heads, "num_attention_heads")
+        self.num_kv_heads = tp.split(num_kv_heads, "num_key_value_heads")
+        self.q_size = self.num_heads * head_dim
+        self.kv_size = self.num_kv_heads * head_dim
+        kv_size = num_kv_heads * head_dim
+        super().__init__(hidden_size, [num_heads * head_dim, kv_size, kv_size], bias, tp)
+
+
+class RowParallelLinear(nn.Module):
+    """Input features split over ranks; partial products are summed by one all-reduce.
+
+    The bias is added on rank 0 only, before the sum, so it is counted once.
+    """
+
+    def __init__(self, input_size: int, output_size: int, bias: bool, tp: TPGroup,
+                 what: str = "input features") -> None:
+        super().__init__()
+        self.tp = tp
+        self.part_size = tp.split(input_size, what)
+        self.weight = _new_parameter(output_size, self.part_size)
+        self.weight.weight_loader = self.load_weight
+        self.bias = _new_parameter(output_size) if bias else None
+
+    def load_weight(self, param: torch.Tensor, loaded, shard_id: int | None) -> None:
+        check_shape(checkpoint_shape(loaded), (param.shape[0], self.part_size * self.tp.size))
+        start = self.tp.rank * self.part_size
+        param.data.copy_(loaded[:, start:start + self.part_size])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_reduce(F.linear(x, self.weight, self.bias if self.tp.rank == 0 else None))

@@ -1,0 +1,51 @@
+"""Vocab-parallel embedding and LM head: each rank holds a contiguous range of rows.
+
+The vocabulary is padded up to a multiple of the group size, so rank r holds
+rows [r n, (r+1) n) with n = ceil(vocab / tp); padding rows are zero and never
+looked up. The embedding looks up the ids in its range and all-reduces (other
+ranks contribute zeros); the LM head computes logits for its range and gathers
+them on rank 0, the only rank that samples.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedserve.worker.distributed import TPGroup
+from pagedserve.worker.layers.linear import check_shape, checkpoint_shape
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup) -> None:
+        super().__init__()
+        self.tp = tp
+        self.vocab_size = vocab_size
+        self.rows = -(-vocab_size // tp.size)
+        self.start = tp.rank * self.rows
+        self.end = min(self.start + self.rows, vocab_size)  # real rows end here
+        self.weight = nn.Parameter(torch.empty(self.rows, hidden_size), requires_grad=False)
+        self.weight.weight_loader = self.load_weight
+
+    def load_weight(self, param: torch.Tensor, loaded, shard_id: int | None) -> None:
+        check_shape(checkpoint_shape(loaded), (self.vocab_size, param.shape[1]))
+        real = max(0, self.end - self.start)
+        param.data[:real].copy_(loaded[self.start:self.start + real])
+        param.data[real:].zero_()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.start
+        outside = (local < 0) | (local >= self.rows)
+        hidden = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return self.tp.all_reduce(hidden.masked_fill_(outside.unsqueeze(-1), 0.0))
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Logits over this rank's vocab rows, gathered on rank 0 (None on the others)."""
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        logits = self.tp.gather_last_dim(F.linear(hidden, self.weight))
+        return None if logits is None else logits[:, :self.vocab_size]

@@ -1,0 +1,94 @@
+"""The shipped configs load, and each rejected YAML names the key at fault.
+
+Engine and model fields (block_size, gpu_memory_utilization, dtype, unknown
+keys in those sections, model sources) are covered in test_validation.py;
+these are the parallel, serving and autoscaling sections and the YAML itself.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from pagedserve import config as config_module
+
+CONFIG_DIR = Path(__file__).parent.parent / "configs"
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
+MODEL = "model:\n  path: /models/x\n"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[path.name for path in CONFIGS])
+def test_every_shipped_config_loads(path):
+    config = config_module.load(path)
+    assert config.autoscaling.min_replicas <= config.autoscaling.max_replicas
+
+
+def test_tiny_cpu_tp2_serves_the_tiny_cpu_model():
+    tiny = config_module.load(CONFIG_DIR / "tiny-cpu.yaml")
+    tp2 = config_module.load(CONFIG_DIR / "tiny-cpu-tp2.yaml")
+    assert tp2.model == tiny.model
+    assert tp2.parallel.tensor_parallel_size == 2 and tp2.parallel.executor_backend == "ray"
+
+
+# (YAML after the model section, the key path the error names, other text it must contain)
+REJECTED = [
+    ("parallel:\n  tensor_parallel: 2\n", "parallel.tensor_parallel", ()),
+    ("serving:\n  hostname: 0.0.0.0\n", "serving.hostname", ()),
+    ("autoscaling:\n  replicas: 3\n", "autoscaling.replicas", ()),
+    ("autoscaling:\n  policy: {name: kv_capacity, queue_threshold: 2}\n",
+     "autoscaling.policy.queue_threshold", ()),
+    ("parallel:\n  tensor_parallel_size: two\n", "parallel.tensor_parallel_size", ("'two'",)),
+    ("serving:\n  port: [8000]\n", "serving.port", ()),
+    ("autoscaling: 2\n", "autoscaling", ()),
+    ("parallel:\n  tensor_parallel_size: 0\n", "parallel.tensor_parallel_size", ("0",)),
+    ("parallel:\n  tensor_parallel_size: 2\n  distributed_executor_backend: local\n",
+     "parallel", ("distributed_executor_backend='local'", "tensor_parallel_size=2")),
+    ("parallel:\n  placement_strategy: SPREAD_ALL\n", "parallel.placement_strategy",
+     ("STRICT_PACK", "SPREAD_ALL")),
+    ("parallel:\n  worker_cpus: 0\n", "parallel.worker_cpus", ()),
+    ("serving:\n  port: 70000\n", "serving.port", ("65535", "70000")),
+    ("serving:\n  grpc_port: 0\n", "serving.grpc_port", ()),
+    ("autoscaling:\n  min_replicas: 3\n  max_replicas: 2\n", "autoscaling",
+     ("min_replicas=3", "max_replicas=2")),
+    ("autoscaling:\n  min_replicas: 2\n  max_replicas: 4\n  initial_replicas: 1\n", "autoscaling",
+     ("initial_replicas=1", "min_replicas=2")),
+    ("autoscaling:\n  max_replicas: 2\n  initial_replicas: 5\n", "autoscaling",
+     ("initial_replicas=5", "max_replicas=2")),
+    ("autoscaling:\n  policy: {name: queue_length}\n", "autoscaling.policy.name",
+     ("'kv_utilization', 'kv_capacity'", "queue_length")),
+    ("autoscaling:\n  policy: {target_utilization: 0.5}\n", "autoscaling.policy.name",
+     ("required",)),
+    ("autoscaling:\n  policy: {name: kv_utilization, target_utilization: 1.5}\n",
+     "autoscaling.policy.target_utilization", ("1.5",)),
+    ("autoscaling:\n  policy: {name: kv_utilization, scale_down_ratio: 1.0}\n",
+     "autoscaling.policy.scale_down_ratio", ()),
+    ("autoscaling:\n  policy: {name: kv_capacity, downscale_delay_s: -1}\n",
+     "autoscaling.policy.downscale_delay_s", ()),
+]
+
+
+@pytest.mark.parametrize("snippet, key_path, also", REJECTED,
+                         ids=[f"{key}-{i}" for i, (_, key, _) in enumerate(REJECTED)])
+def test_rejected_yaml_names_its_key_path(tmp_path, snippet, key_path, also):
+    path = tmp_path / "bad.yaml"
+    path.write_text(MODEL + snippet)
+    with pytest.raises(ValueError) as info:
+        config_module.load(path)
+    message = str(info.value)
+    assert str(path) in message
+    # One line per error, starting with the exact path: a union's tag is not part of it.
+    assert re.search(rf"^  {re.escape(key_path)}: ", message, re.MULTILINE), message
+    for text in also:
+        assert text in message, (text, message)
+
+
+def test_invalid_yaml_names_the_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text(MODEL + "engine:\n  block_size: [16\n")
+    with pytest.raises(ValueError) as info:
+        config_module.load(path)
+    # The unclosed list runs to the end of the file, where the parser gives up.
+    assert str(info.value).startswith(f"{path}, line 5, column 1: not valid YAML: expected")
+    assert "\n" not in str(info.value)

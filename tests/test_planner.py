@@ -1,0 +1,215 @@
+"""The capacity planner against hand calculations and against real checkpoints' tensors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors import safe_open
+
+from pagedserve import config as config_module
+from pagedserve.cli import main
+from pagedserve.planner import load_presets, plan
+from pagedserve.testing import build_random_model, cached_random_model
+
+CONFIG_DIR = Path(__file__).parent.parent / "configs"
+GIB = 2**30
+
+
+def _config(name: str, **sections: dict):
+    """A shipped config with some keys of some sections replaced."""
+    data = yaml.safe_load((CONFIG_DIR / name).read_text())
+    for section, values in sections.items():
+        data[section] = {**data.get(section, {}), **values}
+    return config_module.parse(data, name)
+
+
+def _checkpoint_params(model_dir: Path) -> int:
+    """Elements in the checkpoint's tensors (a tied LM head is not saved twice)."""
+    total = 0
+    for file in model_dir.glob("*.safetensors"):
+        with safe_open(file, framework="pt") as f:
+            total += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    return total
+
+
+def test_llama_3_70b_tp4_matches_hand_calculation():
+    # Llama-3-70B: vocab 128256, hidden 8192, intermediate 28672, 80 layers,
+    # 64 query heads and 8 KV heads of 128; bfloat16 (2 bytes); 4 ranks.
+    q_proj = o_proj = 8192 * 8192  # 64 heads x 128 = 8192
+    k_proj = v_proj = 8192 * 1024  # 8 KV heads x 128 = 1024
+    gate_proj = up_proj = down_proj = 8192 * 28672
+    sharded = q_proj + k_proj + v_proj + o_proj + gate_proj + up_proj + down_proj
+    norms = 2 * 8192  # input and post-attention RMSNorm, whole on every rank
+    embed_tokens = lm_head = (128256 // 4) * 8192  # 32064 vocab rows per rank
+    params_per_rank = 80 * (sharded // 4 + norms) + embed_tokens + lm_head + 8192
+    weight_bytes = params_per_rank * 2
+    kv_bytes_per_token = 2 * 80 * 2 * 128 * 2  # K and V x layers x KV heads per rank x dim x bytes
+
+    step = 8192 * (4 * 8192 + (8192 + 2 * 1024) // 4 + 3 * 28672 // 4) * 2
+    logits = 256 * 128256 * 4 * 2
+    headroom = GIB + step + logits
+    kv_budget = 80 * GIB * 0.9 - weight_bytes - headroom
+    blocks = kv_budget // (16 * kv_bytes_per_token)
+    tokens = blocks * 16
+    seqs_at_mean_len = blocks // (2048 // 16)  # mean length max_model_len // 4
+    seqs_preallocated = tokens // 8192
+
+    result = plan(config_module.load(CONFIG_DIR / "llama-3-70b-tp4.yaml"), gpu_memory_gb=80)
+
+    assert params_per_rank == 17_639_415_808
+    assert result.params_per_rank == params_per_rank
+    assert result.weight_bytes_per_rank == weight_bytes
+    assert result.total_weight_bytes == 4 * weight_bytes
+    assert result.model_params == 80 * (sharded + norms) + 2 * 128256 * 8192 + 8192  # 70.55B
+    assert result.kv_bytes_per_token == kv_bytes_per_token
+    assert result.tensor_parallel_size == 4 and result.dtype == "bfloat16"
+    for figure, expected in [(result.headroom_bytes, headroom), (result.kv_budget_bytes, kv_budget),
+                             (result.num_blocks, blocks), (result.num_cache_tokens, tokens),
+                             (result.seqs_at_mean_len, seqs_at_mean_len),
+                             (result.seqs_at_max_model_len, seqs_preallocated)]:
+        assert figure == pytest.approx(expected, rel=0.02)
+
+
+def test_llama_3_8b_on_one_gpu():
+    result = plan(config_module.load(CONFIG_DIR / "llama-3-8b.yaml"), gpu_memory_gb=80)
+    per_layer = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336 + 2 * 4096
+    params = 32 * per_layer + 2 * 128256 * 4096 + 4096
+    assert params == 8_030_261_248  # Meta's published 8.03B
+    assert result.params_per_rank == result.model_params == params
+    assert result.weight_bytes_per_rank == result.total_weight_bytes == 2 * params
+    assert result.kv_bytes_per_token == 2 * 32 * 8 * 128 * 2
+    headroom = GIB + 8192 * (4 * 4096 + 4096 + 2 * 1024 + 3 * 14336) * 2 + 256 * 128256 * 8
+    blocks = (80 * GIB * 0.9 - 2 * params - headroom) // (16 * 131072)
+    assert result.num_blocks == pytest.approx(blocks, rel=0.02)
+
+
+def test_a_bigger_gpu_holds_more_blocks_and_mean_length_sets_concurrency():
+    config = config_module.load(CONFIG_DIR / "llama-3-8b.yaml")
+    small, big = plan(config, gpu_memory_gb=40), plan(config, gpu_memory_gb=80)
+    assert small.weight_bytes_per_rank == big.weight_bytes_per_rank
+    assert big.kv_budget_bytes - small.kv_budget_bytes == int(80 * GIB * 0.9) - int(40 * GIB * 0.9)
+    short = plan(config, mean_seq_len=512)
+    assert short.seqs_at_mean_len == short.num_blocks // 32
+
+
+def test_70b_on_one_gpu_says_how_much_is_missing():
+    config = _config("llama-3-70b-tp4.yaml", parallel={"tensor_parallel_size": 1})
+    with pytest.raises(ValueError, match=r"does not fit[\s\S]*by \d+\.\d+ GiB"
+                                         r"[\s\S]*parallel\.tensor_parallel_size=1"):
+        plan(config, gpu_memory_gb=80)
+
+
+@pytest.mark.parametrize("name, tp, field", [
+    ("tiny-cpu-tp2.yaml", 3, "num_attention_heads=8"),
+    ("llama-3-70b-tp4.yaml", 16, "num_key_value_heads=8"),  # 64 query heads would split
+])
+def test_tensor_parallel_size_must_divide_the_heads(name, tp, field):
+    config = _config(name, parallel={"tensor_parallel_size": tp})
+    with pytest.raises(ValueError, match=rf"parallel\.tensor_parallel_size={tp}[\s\S]*{field}"):
+        plan(config)
+
+
+@pytest.mark.parametrize("arch, overrides", [
+    ("llama", dict(num_key_value_heads=2)),
+    ("qwen2", dict(tie_word_embeddings=True)),  # q/k/v biases, one shared vocab matrix
+])
+def test_local_model_directory_counts_every_checkpoint_tensor(tmp_path, arch, overrides):
+    model_dir = build_random_model(tmp_path / arch, arch=arch, **overrides)
+    config = config_module.parse({"model": {"path": str(model_dir)},
+                                  "engine": {"device": "cpu", "kv_cache_memory_gb": 0.01}})
+    result = plan(config)
+    assert result.params_per_rank == _checkpoint_params(model_dir)
+    assert result.dtype == "float32"  # dtype auto: what config.json saved
+    hf = json.loads((model_dir / "config.json").read_text())
+    assert result.max_model_len == hf["max_position_embeddings"]
+    kv_heads = hf["num_key_value_heads"]
+    head_dim = hf["hidden_size"] // hf["num_attention_heads"]
+    assert result.kv_bytes_per_token == 2 * hf["num_hidden_layers"] * kv_heads * head_dim * 4
+    assert result.num_blocks == int(0.01 * GIB) // (16 * result.kv_bytes_per_token)
+
+
+def test_random_init_plans_the_model_the_engine_builds():
+    config = config_module.load(CONFIG_DIR / "tiny-cpu.yaml")
+    spec = config.model.random_init
+    built = cached_random_model(spec.name, arch=spec.arch, seed=spec.seed, **spec.config_overrides)
+    result = plan(config)
+    assert result.params_per_rank == _checkpoint_params(built)
+    assert result.model.vocab_size == json.loads((built / "config.json").read_text())["vocab_size"]
+    # CPU: the KV budget is engine.kv_cache_memory_gb, with nothing taken for weights.
+    assert result.gpu_memory_bytes is None and result.headroom_bytes is None
+    assert result.kv_bytes_per_token == 2 * 4 * 4 * 32 * 4  # layers, KV heads, dim 256/8, float32
+    assert result.num_blocks == int(0.25 * GIB) // (16 * result.kv_bytes_per_token)
+    assert result.seqs_at_mean_len == result.num_blocks // (512 // 16)
+
+
+def test_tp2_halves_the_kv_heads_and_the_sharded_weights():
+    one = plan(config_module.load(CONFIG_DIR / "tiny-cpu.yaml"))
+    two = plan(config_module.load(CONFIG_DIR / "tiny-cpu-tp2.yaml"))
+    assert two.kv_bytes_per_token * 2 == one.kv_bytes_per_token
+    assert two.num_blocks == 2 * one.num_blocks  # the same budget per rank, half the heads
+    replicated = 4 * 2 * 256 + 256  # RMSNorm weights: 4 layers x 2, and the final one
+    assert two.params_per_rank * 2 - replicated == one.params_per_rank  # 512 vocab rows split evenly
+
+
+def test_unknown_hub_id_names_the_field_and_the_presets():
+    config = config_module.parse({"model": {"path": "someone/unknown-model"}})
+    with pytest.raises(ValueError) as info:
+        plan(config)
+    message = str(info.value)
+    assert "model.path='someone/unknown-model'" in message and "directory" in message
+    for name, hf in load_presets().items():
+        assert name in message and all(hub_id in message for hub_id in hf["pagedserve_hub_ids"])
+
+
+def test_presets_are_distinct_llama_configs():
+    presets = load_presets()
+    assert {"llama-3-8b", "llama-3-70b"} <= set(presets)
+    hub_ids = [hub_id for hf in presets.values() for hub_id in hf["pagedserve_hub_ids"]]
+    assert len(hub_ids) == len(set(hub_ids))
+    assert all(hf["architectures"] == ["LlamaForCausalLM"] for hf in presets.values())
+
+
+def test_cli_prints_the_plan(capsys):
+    main(["plan", str(CONFIG_DIR / "llama-3-70b-tp4.yaml"), "--gpu-memory-gb", "80"])
+    out = capsys.readouterr().out
+    expected = plan(config_module.load(CONFIG_DIR / "llama-3-70b-tp4.yaml"))
+    assert "4 GPUs" in out and f"{expected.num_blocks:,}" in out and "17,639,415,808" in out
+
+
+def test_cli_json_and_mean_seq_len(capsys):
+    main(["plan", str(CONFIG_DIR / "llama-3-70b-tp4.yaml"), "--json", "--mean-seq-len", "1024"])
+    data = json.loads(capsys.readouterr().out)
+    assert data["mean_seq_len"] == 1024 and data["seqs_at_mean_len"] == data["num_blocks"] // 64
+    assert data["model"]["num_layers"] == 80
+
+
+@pytest.mark.parametrize("yaml_text, expected", [
+    ("model:\n  path: /x\nengine:\n  block_size: 12\n", "engine.block_size"),
+    ("model:\n  path: someone/unknown-model\n", "model.path"),
+])
+def test_cli_bad_config_exits_2_naming_the_key(tmp_path, capsys, yaml_text, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(SystemExit) as info:
+        main(["plan", str(path)])
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert expected in captured.err and "Traceback" not in captured.err and captured.out == ""
+
+
+@pytest.mark.parametrize("name, changes, kwargs, message", [
+    ("llama-3-8b.yaml", {}, {"mean_seq_len": 8193}, r"mean_seq_len=8193[\s\S]*max_model_len=8192"),
+    ("llama-3-8b.yaml", {"model": {"max_model_len": 16384}}, {},
+     r"model\.max_model_len=16384[\s\S]*8192"),
+    ("llama-3-8b.yaml", {"engine": {"num_gpu_blocks": 10**6}}, {}, r"engine\.num_gpu_blocks"),
+    ("tiny-cpu.yaml", {}, {"gpu_memory_gb": 16}, r"gpu_memory_gb=16[\s\S]*kv_cache_memory_gb"),
+    ("tiny-cpu.yaml", {"engine": {"kv_cache_memory_gb": 0.001}}, {},
+     r"fewer than the 128[\s\S]*engine\.kv_cache_memory_gb"),
+], ids=["mean-seq-len", "max-model-len", "num-gpu-blocks", "gpu-memory-on-cpu", "pool-too-small"])
+def test_plan_rejects_what_the_engine_would(name, changes, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        plan(_config(name, **changes), **kwargs)

@@ -90,9 +90,12 @@ class ParallelConfig(_Strict):
     worker_cpus: float = Field(default=1.0, gt=0.0)
     # How long to wait for the cluster to place every rank's bundle.
     placement_timeout_s: float = Field(default=300.0, gt=0.0)
-    # Ray steps through a compiled graph (one shared-memory write read by every
-    # rank, ~0.2 ms); false: one ray.put and an actor call per rank (~2 ms).
-    ray_compiled_graph: bool = True
+    # How steps reach the ranks. A Ray compiled graph writes each step once to a
+    # shared-memory channel every rank reads (~0.1 ms), but its readers spin a
+    # CPU core each while waiting, even when idle. Plain actor calls cost ~1 ms
+    # and idle for free. auto: the compiled graph on GPUs, plain calls on CPU,
+    # where the spinning core is one the ranks compute on.
+    ray_compiled_graph: Literal["auto"] | bool = "auto"
     # A step (or a collective) that takes longer fails the engine instead of hanging it.
     step_timeout_s: float = Field(default=600.0, gt=0.0)
 
@@ -103,6 +106,11 @@ class ParallelConfig(_Strict):
                              f"process; tensor_parallel_size={self.tensor_parallel_size} "
                              "needs 'ray' (or 'auto')")
         return self
+
+    def use_compiled_graph(self, device: str) -> bool:
+        if self.ray_compiled_graph == "auto":
+            return device == "cuda"
+        return self.ray_compiled_graph
 
     @property
     def executor_backend(self) -> str:

@@ -213,17 +213,14 @@ def load_presets() -> dict[str, dict[str, Any]]:
 def _random_model_config(spec: RandomModelSpec) -> dict[str, Any]:
     """The config `cached_random_model` would write, without training a tokenizer or weights."""
     # Imported here: the module builds models, so it pulls in torch and tokenizers.
-    from pagedserve.testing.random_model import ARCHS, DEFAULT_CONFIG, DEFAULT_VOCAB_SIZE
+    from pagedserve.testing.random_model import ARCHS, DEFAULT_VOCAB_SIZE, config_kwargs
 
     overrides = dict(spec.config_overrides)
     # vocab_size is build_random_model's own argument; without it the vocabulary is
     # the trained tokenizer's, DEFAULT_VOCAB_SIZE tokens on the bundled corpus.
     vocab_size = overrides.pop("vocab_size", None) or DEFAULT_VOCAB_SIZE
-    kwargs = dict(DEFAULT_CONFIG)
-    if spec.arch == "mistral":
-        kwargs["sliding_window"] = None  # as build_random_model does
-    kwargs.update(overrides, vocab_size=vocab_size)
-    return ARCHS[spec.arch](**kwargs).to_dict()
+    kwargs = config_kwargs(spec.arch, overrides)
+    return ARCHS[spec.arch](**kwargs, vocab_size=vocab_size).to_dict()
 
 
 def _check_divisible(shape: ModelShape, tp: int) -> None:

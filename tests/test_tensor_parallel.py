@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,10 +103,11 @@ def tp1_outputs(tp_model):
     return outputs
 
 
-@pytest.mark.parametrize("tp_size, compiled", [(2, True), (4, True), (2, False)],
-                         ids=["tp2", "tp4", "tp2-plain-calls"])
+@pytest.mark.parametrize("tp_size, compiled", [(2, True), (2, False), (4, "auto")],
+                         ids=["tp2-compiled-graph", "tp2-plain-calls", "tp4-auto"])
 def test_tp_equals_tp1_and_hf(ray_cluster, tp_model, hf_greedy, tp1_outputs, tp_size, compiled):
-    # compiled: steps through a Ray compiled graph; else one ray.put and a call per rank.
+    # Steps reach the ranks through a Ray compiled graph, or one ray.put and a call
+    # per rank (what "auto" picks on CPU).
     llm = _tp_llm(tp_model, tp_size, ray_compiled_graph=compiled)
     try:
         outputs = _run(llm)
@@ -193,3 +195,19 @@ def test_raising_worker_fails_the_step_and_names_the_error(ray_cluster, tp_model
                                                 r"execute \(\w+Error: "):
         llm.engine.executor.execute(StepInput(seqs=[bad]))
     assert llm.engine.executor.workers == []
+
+
+def test_shipped_tp2_config_matches_tiny_cpu(ray_cluster):
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    prompts = [{"prompt_token_ids": list(range(6, 6 + n))} for n in (3, 40)]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    single = LLM.from_config(str(configs / "tiny-cpu.yaml"))
+    expected = [o.outputs[0].token_ids for o in single.generate(prompts, params, use_tqdm=False)]
+    tp2 = LLM.from_config(str(configs / "tiny-cpu-tp2.yaml"))
+    try:
+        got = [o.outputs[0].token_ids for o in tp2.generate(prompts, params, use_tqdm=False)]
+        # Same pool size per rank as tiny-cpu's single worker holds: twice the blocks.
+        assert tp2.get_memory_stats()["total_blocks"] == 2 * single.get_memory_stats()["total_blocks"]
+    finally:
+        tp2.shutdown()
+    assert got == expected

@@ -137,6 +137,15 @@ def train_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE, arch: str = "llama") -
     return tok
 
 
+def config_kwargs(arch: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The config arguments of a random model of `arch`, before its vocabulary is known."""
+    kwargs: dict[str, Any] = dict(DEFAULT_CONFIG)
+    if arch == "mistral":
+        kwargs["sliding_window"] = None  # full attention unless asked otherwise
+    kwargs.update(overrides)
+    return kwargs
+
+
 def build_random_model(
     path: str | os.PathLike[str],
     arch: str = "llama",
@@ -172,10 +181,7 @@ def build_random_model(
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     n_vocab = vocab_size if vocab_size is not None else tok.get_vocab_size()
 
-    kwargs: dict[str, Any] = dict(DEFAULT_CONFIG)
-    if arch == "mistral":
-        kwargs["sliding_window"] = None  # full attention unless asked otherwise
-    kwargs.update(config_overrides)
+    kwargs = config_kwargs(arch, config_overrides)
     kwargs.update(
         vocab_size=n_vocab, bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD]
     )

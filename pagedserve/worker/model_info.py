@@ -66,8 +66,8 @@ def _model_dir(model: ModelConfig) -> Path:
 
 
 def check_tensor_parallel(hf_config: PretrainedConfig, tp_size: int) -> None:
-    """Heads are split evenly over ranks, or the model cannot be sharded this way."""
-    for field in ("num_attention_heads", "num_key_value_heads"):
+    """Heads and MLP features are split evenly over ranks, or the model cannot be sharded."""
+    for field in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
         heads = getattr(hf_config, field)
         if heads % tp_size:
             raise ValueError(f"parallel.tensor_parallel_size={tp_size} does not divide the "

@@ -27,6 +27,8 @@ bench: install
 	$(PY) -m pip install --quiet -e ".[dev,bench]"
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/prefix.py
+	$(PY) benchmarks/dispatch.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

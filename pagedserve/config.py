@@ -95,7 +95,7 @@ class ParallelConfig(_Strict):
     # CPU core each while waiting, even when idle. Plain actor calls cost ~1 ms
     # and idle for free. auto: the compiled graph on GPUs, plain calls on CPU,
     # where the spinning core is one the ranks compute on.
-    ray_compiled_graph: Literal["auto"] | bool = "auto"
+    ray_compiled_graph: Literal["auto", True, False] = "auto"
     # A step (or a collective) that takes longer fails the engine instead of hanging it.
     step_timeout_s: float = Field(default=600.0, gt=0.0)
 

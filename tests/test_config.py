@@ -48,6 +48,7 @@ REJECTED = [
     ("parallel:\n  placement_strategy: SPREAD_ALL\n", "parallel.placement_strategy",
      ("STRICT_PACK", "SPREAD_ALL")),
     ("parallel:\n  worker_cpus: 0\n", "parallel.worker_cpus", ()),
+    ("parallel:\n  ray_compiled_graph: sometimes\n", "parallel.ray_compiled_graph", ("'auto'",)),
     ("serving:\n  port: 70000\n", "serving.port", ("65535", "70000")),
     ("serving:\n  grpc_port: 0\n", "serving.grpc_port", ()),
     ("autoscaling:\n  min_replicas: 3\n  max_replicas: 2\n", "autoscaling",

@@ -1,4 +1,4 @@
-# Two commands for a fresh machine: `make demo` (the main job) and `make test`.
+# Two commands for a fresh machine: `make serve` (the main job) and `make test`.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # resolving `torch` from the project's dependencies to a multi-GB CUDA build.
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install serve demo test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+serve: install
+	$(PY) -m pagedserve serve
 
 demo: install
 	$(PY) -m pagedserve.demo configs/tiny-cpu.yaml

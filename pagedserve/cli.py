@@ -1,5 +1,6 @@
 """The `pagedserve` command line (also `python -m pagedserve`).
 
+    pagedserve serve [configs/tiny-cpu.yaml] [--host H --port P --api-key K]
     pagedserve plan configs/llama-3-70b-tp4.yaml --gpu-memory-gb 80
 
 Each subcommand is a function taking the parsed arguments, registered in
@@ -25,10 +26,61 @@ def _plan(args: argparse.Namespace) -> None:
     print(json.dumps(asdict(result), indent=2) if args.json else format_plan(result))
 
 
+def _serve(args: argparse.Namespace) -> None:
+    """Start (or join) Ray, run the app until Ctrl-C, then shut it down."""
+    import signal
+    import time
+
+    import ray
+    from ray import serve
+
+    from pagedserve.cluster.app import DEFAULT_CONFIG, build
+    from pagedserve.cluster.ingress import served_model_name
+
+    config = config_module.load(args.config or DEFAULT_CONFIG)
+    overrides = {key: value for key, value in
+                 (("host", args.host), ("port", args.port), ("api_key", args.api_key))
+                 if value is not None}
+    if overrides:
+        data = config.model_dump()
+        data["serving"].update(overrides)
+        config = config_module.parse(data, "command-line options")
+    serving = config.serving
+    # Ctrl-C and `kill` both stop the server cleanly (even where SIGINT arrived ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    ray.init(logging_level="WARNING")  # RAY_ADDRESS joins a cluster; else a local one
+    try:
+        serve.start(http_options={"host": serving.host, "port": serving.port})
+        serve.run(build(config), name="pagedserve", route_prefix="/")
+        print(f"pagedserve: serving {served_model_name(config)!r} at "
+              f"http://{serving.host}:{serving.port}/v1 (Ctrl-C stops)", flush=True)
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("pagedserve: shutting down", flush=True)
+    finally:
+        for stop in (signal.SIGINT, signal.SIGTERM):  # a second one must not cut the cleanup
+            signal.signal(stop, signal.SIG_IGN)
+        serve.shutdown()
+        ray.shutdown()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagedserve",
                                      description="PagedAttention LLM serving engine.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve_parser = commands.add_parser(
+        "serve", help="an OpenAI-compatible server on Ray Serve",
+        description="Serve a config's model behind the OpenAI API (HTTP). Without CONFIG: "
+                    "configs/tiny-cpu.yaml, the built-in tiny model on CPU.")
+    serve_parser.add_argument("config", nargs="?", help="YAML config file (see configs/)")
+    serve_parser.add_argument("--host", help="address to listen on (serving.host)")
+    serve_parser.add_argument("--port", type=int, help="HTTP port (serving.port)")
+    serve_parser.add_argument("--api-key", help="require `Authorization: Bearer KEY` "
+                                                "(serving.api_key)")
+    serve_parser.set_defaults(run=_serve)
 
     plan_parser = commands.add_parser(
         "plan", help="memory and capacity of one replica, without a GPU",

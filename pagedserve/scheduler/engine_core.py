@@ -95,7 +95,7 @@ class EngineCore:
     # -- requests ------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None) -> None:
-        self._validate(prompt_token_ids, params)
+        self.validate(prompt_token_ids, params)
         # One sequence computes the prompt; samples and beams fork from it.
         group = SequenceGroup(request_id, [self.scheduler.new_sequence(prompt_token_ids)], params,
                               prompt)
@@ -161,7 +161,8 @@ class EngineCore:
         }
 
     # -- helpers -------------------------------------------------------------
-    def _validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Refuse a request this engine could never serve (ValueError naming the limit)."""
         info, engine_limits = self.info, self.scheduler.config
         if not prompt_token_ids:
             raise ValueError("prompt_token_ids: the prompt must have at least one token")

@@ -33,22 +33,23 @@ class ModelInfo:
 
 def resolve(model: ModelConfig, engine: EngineConfig,
             parallel: ParallelConfig = ParallelConfig()) -> ModelInfo:
-    model_dir = _model_dir(model)
-    hf_config = AutoConfig.from_pretrained(model_dir)
+    directory = model_dir(model)
+    hf_config = AutoConfig.from_pretrained(directory)
     check_tensor_parallel(hf_config, parallel.tensor_parallel_size)
     device = _device(engine.device, on_ray=parallel.executor_backend == "ray")
     return ModelInfo(
-        model_dir=model_dir,
+        model_dir=directory,
         hf_config=hf_config,
         max_model_len=_max_model_len(hf_config, model.max_model_len),
         dtype=_dtype(hf_config, model.dtype, device),
         device=device,
-        eos_token_ids=_eos_token_ids(model_dir, hf_config),
+        eos_token_ids=_eos_token_ids(directory, hf_config),
         vocab_size=hf_config.vocab_size,
     )
 
 
-def _model_dir(model: ModelConfig) -> Path:
+def model_dir(model: ModelConfig) -> Path:
+    """The local directory of the model: the path, a hub snapshot, or the built random model."""
     if model.random_init is not None:
         from pagedserve.testing import cached_random_model
 

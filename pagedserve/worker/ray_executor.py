@@ -37,7 +37,11 @@ import torch
 import torch.distributed as dist
 from ray.dag import InputNode, MultiOutputNode
 from ray.exceptions import RayActorError
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import (
+    get_current_placement_group,
+    placement_group,
+    remove_placement_group,
+)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pagedserve.config import EngineConfig, ParallelConfig
@@ -141,21 +145,21 @@ class RayExecutor:
         self._error: WorkerFailedError | None = None
         on_gpu = info.device.type == "cuda"
         bundle = {"GPU": 1} if on_gpu else {"CPU": parallel.worker_cpus}
-        _check_cluster_fits(bundle, self.size)
-        self.placement_group = placement_group([bundle] * self.size,
-                                               strategy=parallel.placement_strategy)
-        if not self.placement_group.wait(timeout_seconds=parallel.placement_timeout_s):
-            remove_placement_group(self.placement_group)
-            raise RuntimeError(
-                f"could not place {self.size} tensor-parallel workers with {bundle} each "
-                f"({parallel.placement_strategy}) within {parallel.placement_timeout_s:.0f} s; "
-                f"the cluster has {ray.available_resources()} available")
+        # Inside a Serve replica gang-placed with its ranks (cluster/app.py), the
+        # replica holds bundle 0 of its placement group and the ranks take the
+        # rest; otherwise this executor places its own group.
+        current = get_current_placement_group()
+        if current is not None and len(current.bundle_specs) == self.size + 1:
+            self.placement_group, first_bundle, self._owns_group = current, 1, False
+        else:
+            self.placement_group = self._place(bundle, parallel)
+            first_bundle, self._owns_group = 0, True
         actor_class = ray.remote(RayWorker)
         self.workers = [
             actor_class.options(
                 num_cpus=0 if on_gpu else parallel.worker_cpus, num_gpus=1 if on_gpu else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self.placement_group, placement_group_bundle_index=rank),
+                    self.placement_group, placement_group_bundle_index=first_bundle + rank),
             ).remote(rank)
             for rank in range(self.size)
         ]
@@ -164,6 +168,17 @@ class RayExecutor:
                       self.timeout_s, max(1, int(parallel.worker_cpus)))
         logger.info("%d tensor-parallel workers ready (%s, rendezvous %s)", self.size,
                     info.device.type, init_method)
+
+    def _place(self, bundle: dict[str, float], parallel: ParallelConfig):
+        _check_cluster_fits(bundle, self.size)
+        group = placement_group([bundle] * self.size, strategy=parallel.placement_strategy)
+        if not group.wait(timeout_seconds=parallel.placement_timeout_s):
+            remove_placement_group(group)
+            raise RuntimeError(
+                f"could not place {self.size} tensor-parallel workers with {bundle} each "
+                f"({parallel.placement_strategy}) within {parallel.placement_timeout_s:.0f} s; "
+                f"the cluster has {ray.available_resources()} available")
+        return group
 
     def num_available_blocks(self, max_num_batched_tokens: int) -> int:
         return min(self.call_all("num_available_blocks", max_num_batched_tokens))
@@ -201,9 +216,9 @@ class RayExecutor:
         for worker in self.workers:
             ray.kill(worker, no_restart=True)
         self.workers = []
-        if self.placement_group is not None:
+        if self.placement_group is not None and self._owns_group:
             remove_placement_group(self.placement_group)
-            self.placement_group = None
+        self.placement_group = None
 
     # -- internals -----------------------------------------------------------
     def _execute_compiled(self, step: StepInput) -> list[Any]:

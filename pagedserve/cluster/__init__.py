@@ -1,0 +1,1 @@
+"""Ray Serve cluster: OpenAI-compatible ingress, LLMServer replicas, wire protocol."""

@@ -1,0 +1,64 @@
+"""The Ray Serve application: an OpenAI ingress in front of LLMServer replicas.
+
+    pagedserve serve [CONFIG]                                   # the CLI
+    serve run pagedserve.cluster.app:build_app config=configs/tiny-cpu.yaml
+
+Each LLMServer replica is gang-placed with its tensor-parallel workers: with
+the Ray executor its placement group holds the replica's own bundle first,
+then one bundle per rank (RayExecutor takes those), so a replica starts only
+where all of its GPUs fit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from pagedserve.cluster.ingress import OpenAIIngress
+from pagedserve.cluster.server import LLMServer
+from pagedserve.config import Config, load
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml"
+HEALTH_CHECK_PERIOD_S = 10
+
+
+def server_options(config: Config) -> dict[str, Any]:
+    """Replicas, resources and placement of the LLMServer deployment."""
+    parallel, scaling = config.parallel, config.autoscaling
+    on_gpu = config.engine.device == "cuda"
+    options: dict[str, Any] = {"health_check_period_s": HEALTH_CHECK_PERIOD_S,
+                               "max_ongoing_requests": config.serving.max_waiting_requests
+                               + config.engine.max_num_seqs}
+    if scaling.min_replicas == scaling.max_replicas:
+        options["num_replicas"] = scaling.max_replicas
+    else:
+        options["autoscaling_config"] = {
+            "min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
+            "initial_replicas": scaling.initial_replicas}
+    if parallel.executor_backend == "ray":
+        rank = {"GPU": 1} if on_gpu else {"CPU": parallel.worker_cpus}
+        # The replica only schedules: a CPU on GPU nodes, a sliver on a CPU-only one.
+        replica = {"CPU": 1} if on_gpu else {"CPU": 0.01}
+        options["placement_group_bundles"] = [replica] + [rank] * parallel.tensor_parallel_size
+        options["placement_group_strategy"] = parallel.placement_strategy
+        options["ray_actor_options"] = {"num_cpus": replica["CPU"]}
+    else:
+        # The replica runs the model itself.
+        options["ray_actor_options"] = ({"num_cpus": 1, "num_gpus": 1} if on_gpu
+                                        else {"num_cpus": parallel.worker_cpus})
+    return options
+
+
+def build(config: Config) -> Application:
+    server = serve.deployment(LLMServer, name="LLMServer").options(**server_options(config))
+    ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress",
+                               ray_actor_options={"num_cpus": 0})
+    return ingress.bind(server.bind(config), config)
+
+
+def build_app(args: dict[str, str]) -> Application:
+    """Ray Serve's app-builder hook: `serve run pagedserve.cluster.app:build_app config=...`."""
+    return build(load(args.get("config", DEFAULT_CONFIG)))

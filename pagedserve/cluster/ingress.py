@@ -1,0 +1,323 @@
+"""The OpenAI-compatible HTTP ingress: a FastAPI app served by Ray Serve.
+
+    client ──HTTP──> OpenAIIngress (tokenizes, validates) ──handle──> LLMServer replica
+           <──JSON / server-sent events── (detokenized text, usage) <──
+
+The ingress owns everything about the wire: the API key, body limits, request
+parsing (cluster/protocol.py), tokenization and chat templates, and turning
+the engine's cumulative outputs into OpenAI responses or SSE chunks. Client
+mistakes become OpenAI-shaped errors with a 4xx status; a 500 means a bug.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see the route
+# parameters' real types (Request) after Serve rewrites the methods.
+import asyncio
+import hmac
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException
+from transformers import AutoTokenizer
+
+from pagedserve.cluster import protocol, responses
+from pagedserve.cluster.protocol import OpenAIError
+from pagedserve.cluster.server import EngineDeadError, EngineOverloadedError
+from pagedserve.config import Config
+from pagedserve.outputs import RequestOutput
+from pagedserve.sampling_params import SamplingParams
+
+app = FastAPI(title="pagedserve", description="OpenAI-compatible API over a paged KV cache")
+
+
+@app.exception_handler(OpenAIError)
+async def _openai_error(request: Request, error: OpenAIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
+
+
+@app.exception_handler(HTTPException)
+async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+    # Unknown routes and methods, in OpenAI's shape.
+    body = OpenAIError(error.status_code, f"{request.method} {request.url.path}: {error.detail}",
+                       code=str(error.status_code)).body()
+    return JSONResponse(body, status_code=error.status_code)
+
+
+def served_model_name(config: Config) -> str:
+    if config.serving.served_model_name:
+        return config.serving.served_model_name
+    return config.model.path or config.model.random_init.name
+
+
+class _Stream:
+    """A started request: its first output, and the generator of the rest."""
+
+    def __init__(self, first: RequestOutput, rest) -> None:
+        self.first, self.rest = first, rest
+
+    async def __aiter__(self):
+        yield self.first
+        if not self.first.finished:
+            async for output in self.rest:
+                yield output
+
+
+async def _last(stream: _Stream) -> RequestOutput:
+    final = None
+    async for output in stream:
+        final = output
+    return final
+
+
+async def _merge(streams: list[_Stream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several requests as they come, tagged with the request's position."""
+    if len(streams) == 1:
+        async for output in streams[0]:
+            yield 0, output
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: _Stream) -> None:
+        try:
+            async for output in stream:
+                await queue.put((index, output))
+        finally:
+            await queue.put((index, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, output = await queue.get()
+            if output is None:
+                remaining -= 1
+                continue
+            yield index, output
+        for task in tasks:
+            task.result()  # a pump's error surfaces here
+    finally:
+        for task in tasks:
+            task.cancel()  # the client left: cancelling aborts the requests upstream
+
+
+def _usage(finals: list[RequestOutput | None]) -> dict[str, int]:
+    done = [f for f in finals if f is not None]
+    prompt = sum(len(f.prompt_token_ids) for f in done)
+    completion = sum(len(c.token_ids) for f in done for c in f.outputs)
+    return responses.usage(prompt, completion)
+
+
+def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
+    async def events() -> AsyncIterator[str]:
+        import json
+
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+        except Exception as error:  # noqa: BLE001 - the status is sent: report in-band
+            failure = _client_error(error)
+            yield f"data: {json.dumps(failure.body())}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def _cause(error: BaseException) -> BaseException:
+    """Ray wraps a replica's exception; the wrapped one is what happened."""
+    return getattr(error, "cause", None) or error
+
+
+def _client_error(error: BaseException, retry_after_s: int = 1) -> OpenAIError:
+    cause = _cause(error)
+    if isinstance(cause, OpenAIError):
+        return cause
+    if isinstance(cause, EngineOverloadedError):
+        return protocol.overloaded(cause.waiting, cause.limit, retry_after_s)
+    if isinstance(cause, ValueError):
+        message = str(cause)
+        return protocol.bad_request(message, message.split(":", 1)[0].split("=", 1)[0].strip()
+                                    if ":" in message or "=" in message else None)
+    if isinstance(cause, EngineDeadError):
+        return OpenAIError(503, str(cause), type="server_error", code="engine_dead")
+    return OpenAIError(500, f"internal error: {type(cause).__name__}: {cause}", type="server_error")
+
+
+@serve.ingress(app)  # here, not in app.py: each replica imports this module and needs the routes bound
+class OpenAIIngress:
+    """The routes of `app`, one instance per ingress replica (a deployment in cluster/app.py)."""
+
+    def __init__(self, server, config: Config) -> None:
+        self.server = server  # DeploymentHandle to LLMServer
+        self.config = config
+        self.model_name = served_model_name(config)
+        self.created = int(time.time())
+        self._tokenizer = None
+        self._max_model_len = 0
+        self._ready = asyncio.Lock()
+
+    # -- routes ---------------------------------------------------------------
+    @app.get("/health")
+    async def health(self) -> JSONResponse:
+        try:
+            await self.server.check_health.remote()
+        except Exception as error:  # noqa: BLE001 - unhealthy, whatever the reason
+            return JSONResponse({"status": "unhealthy", "error": str(_cause(error))},
+                                status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> JSONResponse:
+        self._authorize(request)
+        return JSONResponse(responses.model_list([self.model_name], self.created))
+
+    @app.get("/stats")
+    async def stats(self, request: Request) -> JSONResponse:
+        """The KV memory stats and queue lengths of the replica that answers."""
+        self._authorize(request)
+        return JSONResponse(await self.server.stats.remote())
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        body = await self._read(request)
+        req = protocol.parse_request(protocol.CompletionRequest, body)
+        self._check_model(req.model)
+        await self._load()
+        prompts = [self._tokenizer(p).input_ids if isinstance(p, str) else list(p)
+                   for p in req.prompts()]
+        params = [req.sampling_params(self._room(ids, req.max_tokens)) for ids in prompts]
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        streams = [await self._start(f"{request_id}-{i}", ids, p)
+                   for i, (ids, p) in enumerate(zip(prompts, params))]
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _sse(self._stream_completion(request_id, req, streams, params[0].stop,
+                                                include_usage))
+        finals = await asyncio.gather(*(_last(stream) for stream in streams))
+        return JSONResponse(responses.completion_response(
+            request_id, req.model, int(time.time()), finals, self._tokenizer, req.logprobs))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        body = await self._read(request)
+        req = protocol.parse_request(protocol.ChatCompletionRequest, body)
+        self._check_model(req.model)
+        await self._load()
+        try:
+            ids = list(self._tokenizer.apply_chat_template(
+                req.conversation(), add_generation_prompt=True, tokenize=True, return_dict=False))
+        except Exception as error:  # noqa: BLE001 - the template rejected the messages
+            raise protocol.bad_request(f"messages: {error}", "messages") from None
+        params = req.sampling_params(self._room(ids, req.max_tokens_requested()))
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        stream = await self._start(request_id, ids, params)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _sse(self._stream_chat(request_id, req, stream, params.stop, include_usage))
+        final = await _last(stream)
+        return JSONResponse(responses.chat_response(
+            request_id, req.model, int(time.time()), final, self._tokenizer,
+            req.num_top_logprobs))
+
+    # -- helpers --------------------------------------------------------------
+    def _authorize(self, request: Request) -> None:
+        key = self.config.serving.api_key
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        expected = f"Bearer {key}"
+        if not hmac.compare_digest(given.encode(), expected.encode()):  # constant time
+            raise protocol.unauthorized()
+
+    async def _read(self, request: Request) -> bytes:
+        self._authorize(request)
+        limit = self.config.serving.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise protocol.too_large(int(declared), limit)
+        body = await request.body()
+        if len(body) > limit:
+            raise protocol.too_large(len(body), limit)
+        return body
+
+    def _check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise protocol.not_found_model(model, [self.model_name])
+
+    async def _load(self) -> None:
+        """The tokenizer and the context limit, fetched from the engine once."""
+        if self._tokenizer is not None:
+            return
+        async with self._ready:
+            if self._tokenizer is None:
+                info = await self.server.model_info.remote()
+                self._max_model_len = info["max_model_len"]
+                self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained,
+                                                          info["model_dir"])
+
+    def _room(self, prompt_ids: list[int], max_tokens: int | None) -> int:
+        """Tokens left for the completion; a request that cannot fit is refused (vLLM's rule)."""
+        limit = self._max_model_len
+        if not prompt_ids:
+            raise protocol.bad_request("prompt: the prompt must have at least one token", "prompt")
+        total = len(prompt_ids) + (max_tokens or 0)
+        if len(prompt_ids) >= limit or total > limit:
+            raise protocol.bad_request(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{total} tokens ({len(prompt_ids)} in the prompt, {max_tokens or 0} in the "
+                "completion). Please reduce the length of the prompt or max_tokens.",
+                "max_tokens" if max_tokens else "prompt")
+        return limit - len(prompt_ids)
+
+    async def _start(self, request_id: str, ids: list[int],
+                     params: SamplingParams) -> "_Stream":
+        """Submit a request and wait for its first output, so refusals become HTTP errors."""
+        generator = self.server.options(stream=True).generate.remote(request_id, ids, params)
+        try:
+            first = await generator.__anext__()
+        except Exception as error:  # noqa: BLE001 - mapped below
+            raise _client_error(error, self.config.serving.retry_after_s) from None
+        return _Stream(first, generator)
+
+    async def _stream_completion(self, request_id: str, req, streams: "list[_Stream]",
+                                 stop: tuple[str, ...], include_usage: bool) -> AsyncIterator[dict]:
+        created, n = int(time.time()), len(streams[0].first.outputs)
+        # Text that may still become a stop string is held back until it cannot.
+        states = [responses.StreamState(stop) for _ in streams]
+        finals: list[RequestOutput | None] = [None] * len(streams)
+        async for prompt_index, output in _merge(streams):
+            finals[prompt_index] = output
+            for index, text, logprobs, finish in states[prompt_index].deltas(output):
+                state = states[prompt_index]
+                chunk_logprobs = (responses.completion_logprobs(logprobs, self._tokenizer,
+                                                               state.text_offset(index))
+                                  if req.logprobs is not None and logprobs else None)
+                yield responses.completion_chunk(request_id, req.model, created,
+                                                prompt_index * n + index, text, finish,
+                                                chunk_logprobs)
+        if include_usage:
+            yield responses.usage_chunk(request_id, req.model, created, "text_completion",
+                                       _usage(finals))
+
+    async def _stream_chat(self, request_id: str, req, stream: "_Stream", stop: tuple[str, ...],
+                           include_usage: bool) -> AsyncIterator[dict]:
+        created = int(time.time())
+        for index in range(len(stream.first.outputs)):
+            yield responses.chat_chunk(request_id, req.model, created, index,
+                                      {"role": "assistant", "content": ""}, None)
+        state, final = responses.StreamState(stop), None
+        top = req.num_top_logprobs
+        async for _, output in _merge([stream]):
+            final = output
+            for index, text, logprobs, finish in state.deltas(output):
+                chunk_logprobs = (responses.chat_logprobs(logprobs, self._tokenizer, top)
+                                  if top is not None and logprobs else None)
+                if text or finish or chunk_logprobs:
+                    yield responses.chat_chunk(request_id, req.model, created, index,
+                                              {"content": text} if text else {}, finish,
+                                              chunk_logprobs)
+        if include_usage:
+            yield responses.usage_chunk(request_id, req.model, created, "chat.completion.chunk",
+                                       _usage([final]))

@@ -1,0 +1,394 @@
+"""The OpenAI-compatible wire format, inbound: request models and errors.
+
+Pure Python (pydantic only), so the ingress stays a thin shell: it parses a
+body with `parse_request` and turns the request into `SamplingParams`;
+cluster/responses.py turns the engine's outputs back into OpenAI's JSON.
+Where OpenAI is silent we follow vLLM's OpenAI server (extra sampling fields).
+
+Validation is strict, as OpenAI's is: no "5" for an integer, no unknown
+fields, and every error names the field (as `param`), the value and the limit.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from pagedserve.sampling_params import MAX_LOGPROBS, SamplingParams
+
+MAX_N = 128  # OpenAI's limit on choices per prompt
+MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+
+# ---------------------------------------------------------------------------- errors
+
+
+class OpenAIError(Exception):
+    """An error the ingress answers with `status_code` and OpenAI's error body."""
+
+    def __init__(self, status_code: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type,
+                          "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None) -> OpenAIError:
+    return OpenAIError(400, message, param=param)
+
+
+def not_found_model(model: str, available: list[str]) -> OpenAIError:
+    return OpenAIError(404, f"The model `{model}` does not exist. Available models: "
+                       f"{', '.join(available) or '(none)'}", param="model", code="model_not_found")
+
+
+def unauthorized() -> OpenAIError:
+    return OpenAIError(401, "A valid API key is required, sent as `Authorization: Bearer <key>`.",
+                       type="authentication_error", code="invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+def too_large(size: int, limit: int) -> OpenAIError:
+    return OpenAIError(413, f"The request body is {size} bytes; the limit is {limit} bytes.")
+
+
+def overloaded(waiting: int, limit: int, retry_after_s: int) -> OpenAIError:
+    """503 + Retry-After: the openai client retries these by itself, after that delay."""
+    return OpenAIError(503, f"The server is overloaded: {waiting} requests are waiting "
+                       f"(limit {limit}). Please retry after {retry_after_s} s.",
+                       type="server_error", headers={"Retry-After": str(retry_after_s)})
+
+
+def prompt_too_long(prompt_tokens: int, max_model_len: int) -> OpenAIError:
+    """The prompt alone fills the context: there is no room for one new token."""
+    return bad_request(f"This model's maximum context length is {max_model_len} tokens, but the "
+                       f"prompt has {prompt_tokens} tokens; it must leave room for at least one "
+                       f"generated token.", param="prompt")
+
+
+class FieldError(ValueError):
+    """A cross-field rule broken in a model validator; `param` names the field to blame."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+# ---------------------------------------------------------------------------- parsing
+
+
+def parse_request(model_cls: type[BaseModel], body: bytes) -> BaseModel:
+    """Validate a raw body into `model_cls`; any problem becomes a 400 naming the field."""
+    try:
+        data = json.loads(body)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise bad_request(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise bad_request(f"request body must be a JSON object, not {_json_type(data)}")
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+
+
+def _validation_error(exc: ValidationError) -> OpenAIError:
+    error = exc.errors()[0]
+    loc = tuple(error["loc"])
+    value = error["input"]
+    cause = error.get("ctx", {}).get("error")
+    if isinstance(cause, FieldError):  # raised by a model validator: blame one of its fields
+        loc += (cause.param,)
+        value = value.get(cause.param) if isinstance(value, dict) else value
+    param = _path(loc)
+    if error["type"] == "extra_forbidden":
+        return bad_request(f"Unrecognized request argument supplied: {param}", param)
+    if error["type"] == "missing":
+        return bad_request(f"{param}: Field required", param)
+    message = error["msg"].removeprefix("Value error, ")
+    return bad_request(f"{param}: {message} (got {_shorten(value)})", param)
+
+
+def _path(loc: tuple[str | int, ...]) -> str:
+    """('messages', 0, 'role') -> 'messages[0].role', as OpenAI names nested params."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else part
+    return path
+
+
+def _shorten(value: Any, limit: int = 80) -> str:
+    text = json.dumps(value, default=repr)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+             int: "a number", float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+# ---------------------------------------------------------------------------- requests
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+TokenId = Annotated[int, Field(ge=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _SamplingRequest(_Strict):
+    """Fields the two endpoints share, and their conversion to SamplingParams."""
+
+    model: str
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=MAX_N)
+    best_of: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    user: str | None = None  # accepted for compatibility; not used
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # vLLM extras
+    top_k: int = Field(-1, ge=-1)  # -1 and 0 disable it
+    min_p: Probability = 0.0
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    ignore_eos: bool = False
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    stop_token_ids: list[TokenId] | None = None
+    skip_special_tokens: bool = True
+
+    @field_validator("stop", mode="wrap")
+    @classmethod
+    def _check_stop(cls, value: Any, handler: Any) -> str | list[str] | None:
+        try:
+            stop = handler(value)
+        except ValidationError:
+            raise ValueError("must be a string or a list of strings") from None
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed "
+                             f"({len(stops)} given)")
+        if not all(stops):
+            raise ValueError("stop sequences must be non-empty strings")
+        return stop
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> _SamplingRequest:
+        if self.best_of is not None and self.best_of < self.n:
+            raise FieldError("best_of", f"must be at least n={self.n}")
+        if self.stream_options is not None and not self.stream:
+            raise FieldError("stream_options", "is only allowed when stream=true")
+        if self.stream and self.use_beam_search:
+            raise FieldError("use_beam_search", "beam search results cannot be streamed")
+        if self.stream and (self.best_of or self.n) > self.n:
+            # The engine re-ranks the best_of candidates every step: nothing stable to stream.
+            raise FieldError("best_of", f"must equal n={self.n} when stream=true")
+        return self
+
+    def max_tokens_requested(self) -> int | None:
+        """The generation limit the client set; None means "up to the context limit"."""
+        raise NotImplementedError
+
+    def _max_tokens_param(self) -> str:
+        return "max_tokens"
+
+    def _logprobs(self) -> int | None:
+        raise NotImplementedError
+
+    def sampling_params(self, max_tokens_limit: int) -> SamplingParams:
+        """SamplingParams for one prompt; `max_tokens_limit` is what its context leaves.
+
+        An unset max_tokens means "up to the limit" (vLLM). Beam search defaults
+        temperature to 0 unless the client set it, since it ranks raw log-probabilities.
+        """
+        name, max_tokens = self._max_tokens_param(), self.max_tokens_requested()
+        if max_tokens_limit < 1:
+            raise bad_request(f"the prompt leaves no room in the model's context for new tokens "
+                              f"(max_tokens limit is {max_tokens_limit})", "prompt")
+        if max_tokens is not None and max_tokens > max_tokens_limit:
+            raise bad_request(f"{name}={max_tokens} is more than the {max_tokens_limit} tokens "
+                              f"the prompt leaves in the model's context", name)
+        beam_default = self.use_beam_search and "temperature" not in self.model_fields_set
+        try:
+            return SamplingParams(
+                n=self.n, best_of=self.best_of, use_beam_search=self.use_beam_search,
+                temperature=0.0 if beam_default else self.temperature, top_p=self.top_p,
+                top_k=max(self.top_k, 0), min_p=self.min_p,
+                presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                repetition_penalty=self.repetition_penalty,
+                max_tokens=max_tokens if max_tokens is not None else max_tokens_limit,
+                stop=self.stop or (), stop_token_ids=self.stop_token_ids or (),
+                ignore_eos=self.ignore_eos, seed=self.seed, logprobs=self._logprobs(),
+                length_penalty=self.length_penalty, skip_special_tokens=self.skip_special_tokens)
+        except ValueError as exc:
+            raise _sampling_error(exc) from None
+
+
+def _sampling_error(exc: ValueError) -> OpenAIError:
+    """SamplingParams says 'SamplingParams.<field>=<value>: <rule>'; blame that field."""
+    message = str(exc).removeprefix("SamplingParams.")
+    match = re.match(r"(\w+)=", message)
+    return bad_request(message, match.group(1) if match else None)
+
+
+class CompletionRequest(_SamplingRequest):
+    """POST /v1/completions."""
+
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _check_prompt(cls, value: Any, handler: Any) -> Any:
+        try:
+            prompt = handler(value)
+        except ValidationError as exc:
+            if any(error["type"] == "greater_than_equal" for error in exc.errors()):
+                raise ValueError("token ids must be >= 0") from None
+            raise ValueError("must be a string, a list of strings, a list of token ids "
+                             "or a list of lists of token ids") from None
+        # An empty string is a valid prompt (the tokenizer may add BOS); no tokens is not.
+        if isinstance(prompt, list) and (not prompt or [] in prompt):
+            raise ValueError("must not be empty")
+        return prompt
+
+    @model_validator(mode="after")
+    def _check_unsupported(self) -> CompletionRequest:
+        if self.echo:
+            # Would need prompt logprobs (and prompt text in streams), which the engine lacks.
+            raise FieldError("echo", "is not supported")
+        if self.use_beam_search and self.logprobs is not None:
+            raise FieldError("logprobs", "is not supported with use_beam_search=true")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: text, or token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
+
+    def max_tokens_requested(self) -> int | None:
+        return self.max_tokens
+
+    def _logprobs(self) -> int | None:
+        return self.logprobs
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+
+    @field_validator("content", mode="wrap")
+    @classmethod
+    def _check_content(cls, value: Any, handler: Any) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError('must be a string or a list of {"type": "text", "text": "..."} '
+                             "parts (only text is supported)") from None
+
+    @model_validator(mode="after")
+    def _check_has_content(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise FieldError("content", f"is required for role '{self.role}'")
+        return self
+
+    def text(self) -> str:
+        """The content as one string; text parts are joined with newlines, as vLLM does."""
+        if isinstance(self.content, list):
+            return "\n".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _check_chat(self) -> ChatCompletionRequest:
+        if (self.max_tokens is not None and self.max_completion_tokens is not None
+                and self.max_tokens != self.max_completion_tokens):
+            raise FieldError("max_completion_tokens", f"conflicts with max_tokens="
+                             f"{self.max_tokens}; set only one (max_tokens is deprecated)")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise FieldError("top_logprobs", "requires logprobs=true")
+        if self.use_beam_search and self.logprobs:
+            raise FieldError("logprobs", "is not supported with use_beam_search=true")
+        return self
+
+    def conversation(self) -> list[dict[str, str]]:
+        """Messages for the tokenizer's chat template.
+
+        'developer' is OpenAI's new name for 'system'; chat templates only know the latter.
+        """
+        conversation = []
+        for message in self.messages:
+            entry = {"role": "system" if message.role == "developer" else message.role,
+                     "content": message.text()}
+            if message.name is not None:
+                entry["name"] = message.name
+            if message.tool_call_id is not None:
+                entry["tool_call_id"] = message.tool_call_id
+            conversation.append(entry)
+        return conversation
+
+    @property
+    def num_top_logprobs(self) -> int | None:
+        """What `chat_response`/`chat_logprobs` take: None unless logprobs were asked for."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def max_tokens_requested(self) -> int | None:
+        """max_completion_tokens, or the deprecated max_tokens (equal if both are set)."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens
+
+    def _max_tokens_param(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    def _logprobs(self) -> int | None:
+        return self.num_top_logprobs

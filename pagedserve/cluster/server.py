@@ -1,0 +1,162 @@
+"""LLMServer: one model replica, the central scheduler of its engine.
+
+It owns an EngineCore (with LocalExecutor, or RayExecutor and its
+tensor-parallel worker actors) and drives it from one thread:
+
+    generate() ──("add", id, tokens, params)──> inbox ──> step thread: engine.step()
+       ^                                                        │
+       └──────── asyncio queue per request <── RequestOutput ───┘
+
+Only the step thread touches the engine, so requests, aborts and stats
+queries go through its inbox and are applied between steps. The thread
+sleeps while nothing is pending. `generate` is an async generator: a caller
+that stops iterating (a client gone, a cancelled handle call) aborts the
+request, which frees its blocks at the next step boundary.
+
+The class is plain Python; cluster/app.py turns it into a Ray Serve
+deployment, and tests can drive it directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pagedserve.config import Config
+from pagedserve.outputs import RequestOutput
+from pagedserve.sampling_params import SamplingParams
+from pagedserve.scheduler.engine_core import EngineCore
+
+logger = logging.getLogger(__name__)
+
+
+class EngineOverloadedError(RuntimeError):
+    """The waiting queue is at its bound: the client should retry later."""
+
+    def __init__(self, waiting: int, limit: int) -> None:
+        super().__init__(f"{waiting} requests are waiting, the limit is {limit}")
+        self.waiting, self.limit = waiting, limit
+
+
+class EngineDeadError(RuntimeError):
+    """The step loop stopped; this replica cannot serve."""
+
+
+class LLMServer:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.engine = EngineCore.from_config(config)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="pagedserve-step-loop", daemon=True)
+        self._thread.start()
+
+    # -- the API the ingress calls --------------------------------------------
+    def model_info(self) -> dict[str, Any]:
+        info = self.engine.info
+        return {"model_dir": str(info.model_dir), "max_model_len": info.max_model_len,
+                "vocab_size": info.vocab_size}
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Cumulative outputs of one request as steps produce them, the last one finished."""
+        self._raise_if_dead()
+        limit = self.config.serving.max_waiting_requests
+        waiting = len(self.engine.scheduler.waiting) + self._inbox.qsize()
+        if waiting >= limit:
+            raise EngineOverloadedError(waiting, limit)
+        self.engine.validate(prompt_token_ids, params)  # reads only limits: safe off the thread
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already running")
+        outputs: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), outputs)
+        self._send("add", request_id, prompt_token_ids, params)
+        finished = False
+        try:
+            while not finished:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:  # the caller left early: give the blocks back
+                self._send("abort", request_id)
+
+    async def stats(self) -> dict[str, Any]:
+        """KV memory stats and queue lengths, read between steps."""
+        self._raise_if_dead()
+        answer: concurrent.futures.Future = concurrent.futures.Future()
+        self._send("stats", answer)
+        return await asyncio.wrap_future(answer)
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; raising marks the replica unhealthy."""
+        self._raise_if_dead()
+
+    def shutdown(self) -> None:
+        self._send("stop")
+        self._thread.join(timeout=30)
+        self.engine.shutdown()
+
+    # -- the step thread ------------------------------------------------------
+    def _send(self, *message: Any) -> None:
+        self._inbox.put(message)
+        self._wakeup.set()
+
+    def _run(self) -> None:
+        try:
+            while self._apply_inbox():
+                if not self.engine.has_unfinished_requests():
+                    self._wakeup.wait()
+                    self._wakeup.clear()
+                    continue
+                for output in self.engine.step():
+                    self._deliver(output.request_id, output)
+        except BaseException as error:  # noqa: BLE001 - every waiter must hear of it
+            logger.exception("the step loop died")
+            self._error = error
+            for request_id in list(self._streams):
+                self._deliver(request_id, EngineDeadError(f"the engine stopped: {error!r}"))
+
+    def _apply_inbox(self) -> bool:
+        """Apply what arrived since the last step; False once asked to stop."""
+        while True:
+            try:
+                kind, *args = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+            if kind == "add":
+                request_id, prompt_token_ids, params = args
+                try:
+                    self.engine.add_request(request_id, prompt_token_ids, params)
+                except ValueError as error:
+                    self._deliver(request_id, error)
+            elif kind == "abort":
+                self.engine.abort_request(args[0])
+            elif kind == "stats":
+                stats = self.engine.get_memory_stats()
+                args[0].set_result(stats)
+            elif kind == "stop":
+                return False
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            loop, outputs = stream
+            try:
+                loop.call_soon_threadsafe(outputs.put_nowait, item)
+            except RuntimeError:  # its event loop closed: nobody is listening any more
+                self._streams.pop(request_id, None)
+
+    def _raise_if_dead(self) -> None:
+        if self._error is not None or not self._thread.is_alive():
+            raise EngineDeadError(f"the engine's step loop is not running: {self._error!r}")

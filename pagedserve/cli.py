@@ -34,7 +34,7 @@ def _serve(args: argparse.Namespace) -> None:
     import ray
     from ray import serve
 
-    from pagedserve.cluster.app import DEFAULT_CONFIG, build
+    from pagedserve.cluster.app import DEFAULT_CONFIG, build, grpc_options
     from pagedserve.cluster.ingress import served_model_name
 
     config = config_module.load(args.config or DEFAULT_CONFIG)
@@ -51,10 +51,14 @@ def _serve(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     ray.init(logging_level="WARNING")  # RAY_ADDRESS joins a cluster; else a local one
     try:
-        serve.start(http_options={"host": serving.host, "port": serving.port})
+        serve.start(http_options={"host": serving.host, "port": serving.port},
+                    grpc_options=grpc_options(config))
         serve.run(build(config), name="pagedserve", route_prefix="/")
+        # Serve's gRPC proxy has no host option: it listens on every interface.
+        grpc_address = ("" if serving.grpc_port is None else
+                        f" and gRPC at [::]:{serving.grpc_port} (application=pagedserve)")
         print(f"pagedserve: serving {served_model_name(config)!r} at "
-              f"http://{serving.host}:{serving.port}/v1 (Ctrl-C stops)", flush=True)
+              f"http://{serving.host}:{serving.port}/v1{grpc_address} (Ctrl-C stops)", flush=True)
         while True:
             time.sleep(1)
     except KeyboardInterrupt:

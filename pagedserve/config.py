@@ -134,6 +134,9 @@ class ServingConfig(_Strict):
     # Requests beyond this many waiting in a replica's queue get 503 + Retry-After.
     max_waiting_requests: int = Field(default=1024, gt=0)
     retry_after_s: int = Field(default=1, ge=0)
+    # A streamed request's updates are at least this far apart; the steps in
+    # between arrive together (fewer, larger chunks: less per-token overhead).
+    stream_interval_s: float = Field(default=0.0, ge=0.0, le=1.0)
 
 
 # The key that picks a member of a tagged union (the autoscaling policy).

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+from typing import NamedTuple
 
 # Triton kernels run in Triton's interpreter on this CPU. Triton reads this when a
 # kernel is decorated, so it is set before anything imports pagedserve.kernels.
@@ -64,3 +66,34 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServePorts(NamedTuple):
+    http: int
+    grpc: int
+
+
+@pytest.fixture(scope="session")
+def serve_instance(ray_cluster):
+    """Ray Serve with its HTTP and gRPC proxies, for every serving test.
+
+    Serve takes proxy options only when it first starts in a Ray session, so it
+    starts here, once; each test module runs its app on it under its own name.
+    """
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from pagedserve.cluster.app import GRPC_SERVICER_FUNCTIONS
+
+    ports = ServePorts(http=free_port(), grpc=free_port())
+    serve.start(http_options={"host": "127.0.0.1", "port": ports.http},
+                grpc_options=gRPCOptions(port=ports.grpc,
+                                         grpc_servicer_functions=list(GRPC_SERVICER_FUNCTIONS)))
+    yield ports
+    serve.shutdown()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -24,16 +23,10 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
 PROMPT = "The quick brown fox"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def config():
     data = load(CONFIG).model_dump()
-    data["serving"].update(api_key=API_KEY, port=_free_port(), max_request_bytes=64 * 1024)
+    data["serving"].update(api_key=API_KEY, max_request_bytes=64 * 1024)
     data["parallel"].update(worker_cpus=0.5)
     from pagedserve.config import parse
 
@@ -41,14 +34,13 @@ def config():
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, config):
+def server(serve_instance, config):
     from ray import serve
 
     from pagedserve.cluster.app import build
 
-    serve.start(http_options={"host": "127.0.0.1", "port": config.serving.port})
     serve.run(build(config), name="pagedserve-test", route_prefix="/")
-    yield f"http://127.0.0.1:{config.serving.port}"
+    yield f"http://127.0.0.1:{serve_instance.http}"
     serve.delete("pagedserve-test")
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import gRPCOptions
 
 from pagedserve.cluster.ingress import OpenAIIngress
 from pagedserve.cluster.server import LLMServer
@@ -23,6 +24,9 @@ from pagedserve.config import Config, load
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml"
 HEALTH_CHECK_PERIOD_S = 10
+# Serve's gRPC proxy adds this servicer; it calls the ingress's Generate/GenerateStream.
+GRPC_SERVICER_FUNCTIONS = (
+    "pagedserve.cluster.proto.pagedserve_pb2_grpc.add_GenerationServicer_to_server",)
 
 
 def server_options(config: Config) -> dict[str, Any]:
@@ -30,8 +34,7 @@ def server_options(config: Config) -> dict[str, Any]:
     parallel, scaling = config.parallel, config.autoscaling
     on_gpu = config.engine.device == "cuda"
     options: dict[str, Any] = {"health_check_period_s": HEALTH_CHECK_PERIOD_S,
-                               "max_ongoing_requests": config.serving.max_waiting_requests
-                               + config.engine.max_num_seqs}
+                               "max_ongoing_requests": max_ongoing_requests(config)}
     if scaling.min_replicas == scaling.max_replicas:
         options["num_replicas"] = scaling.max_replicas
     else:
@@ -52,13 +55,31 @@ def server_options(config: Config) -> dict[str, Any]:
     return options
 
 
+def max_ongoing_requests(config: Config) -> int:
+    """Every request a replica may hold: running, waiting, and the ones about to be refused.
+
+    Serve's default (a handful) would queue requests in front of the engine,
+    where continuous batching cannot see them.
+    """
+    return config.engine.max_num_seqs + config.serving.max_waiting_requests + 1
+
+
 def build(config: Config) -> Application:
     server = serve.deployment(LLMServer, name="LLMServer").options(**server_options(config))
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress",
-                               ray_actor_options={"num_cpus": 0})
+                               ray_actor_options={"num_cpus": 0},
+                               max_ongoing_requests=max_ongoing_requests(config))
     return ingress.bind(server.bind(config), config)
 
 
 def build_app(args: dict[str, str]) -> Application:
     """Ray Serve's app-builder hook: `serve run pagedserve.cluster.app:build_app config=...`."""
     return build(load(args.get("config", DEFAULT_CONFIG)))
+
+
+def grpc_options(config: Config) -> gRPCOptions | None:
+    """Serve's gRPC proxy options (for `serve.start`); None when serving.grpc_port is unset."""
+    if config.serving.grpc_port is None:
+        return None
+    return gRPCOptions(port=config.serving.grpc_port,
+                       grpc_servicer_functions=list(GRPC_SERVICER_FUNCTIONS))

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException
 from transformers import AutoTokenizer
 
 from pagedserve.cluster import protocol, responses
+from pagedserve.cluster.grpc_service import GenerationService
 from pagedserve.cluster.protocol import OpenAIError
 from pagedserve.cluster.server import EngineDeadError, EngineOverloadedError
 from pagedserve.config import Config
@@ -146,7 +147,7 @@ def _client_error(error: BaseException, retry_after_s: int = 1) -> OpenAIError:
 
 
 @serve.ingress(app)  # here, not in app.py: each replica imports this module and needs the routes bound
-class OpenAIIngress:
+class OpenAIIngress(GenerationService):
     """The routes of `app`, one instance per ingress replica (a deployment in cluster/app.py)."""
 
     def __init__(self, server, config: Config) -> None:
@@ -223,10 +224,13 @@ class OpenAIIngress:
 
     # -- helpers --------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
+        self._check_api_key(request.headers.get("authorization", ""))
+
+    def _check_api_key(self, given: str) -> None:
+        """`given` is the `authorization` header (HTTP) or metadata (gRPC) value."""
         key = self.config.serving.api_key
         if key is None:
             return
-        given = request.headers.get("authorization", "")
         expected = f"Bearer {key}"
         if not hmac.compare_digest(given.encode(), expected.encode()):  # constant time
             raise protocol.unauthorized()

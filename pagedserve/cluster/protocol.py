@@ -103,6 +103,11 @@ def parse_request(model_cls: type[BaseModel], body: bytes) -> BaseModel:
         raise bad_request(f"request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise bad_request(f"request body must be a JSON object, not {_json_type(data)}")
+    return validate_request(model_cls, data)
+
+
+def validate_request(model_cls: type[BaseModel], data: dict[str, Any]) -> BaseModel:
+    """Validate decoded fields (JSON, or a gRPC message's) into `model_cls`; errors are 400s."""
     try:
         return model_cls.model_validate(data)
     except ValidationError as exc:

@@ -11,7 +11,9 @@ Only the step thread touches the engine, so requests, aborts and stats
 queries go through its inbox and are applied between steps. The thread
 sleeps while nothing is pending. `generate` is an async generator: a caller
 that stops iterating (a client gone, a cancelled handle call) aborts the
-request, which frees its blocks at the next step boundary.
+request, which frees its blocks at the next step boundary. Outputs are
+cumulative, so a caller that lags gets the newest one only: fewer, larger
+updates instead of a growing backlog.
 
 The class is plain Python; cluster/app.py turns it into a Ray Serve
 deployment, and tests can drive it directly.
@@ -31,6 +33,7 @@ from pagedserve.config import Config
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.scheduler.engine_core import EngineCore
+from pagedserve.worker.ray_executor import normal_priority
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +42,11 @@ class EngineOverloadedError(RuntimeError):
     """The waiting queue is at its bound: the client should retry later."""
 
     def __init__(self, waiting: int, limit: int) -> None:
-        super().__init__(f"{waiting} requests are waiting, the limit is {limit}")
+        super().__init__(waiting, limit)  # the args rebuild it when Ray pickles it
         self.waiting, self.limit = waiting, limit
+
+    def __str__(self) -> str:
+        return f"{self.waiting} requests are waiting, the limit is {self.limit}"
 
 
 class EngineDeadError(RuntimeError):
@@ -49,6 +55,7 @@ class EngineDeadError(RuntimeError):
 
 class LLMServer:
     def __init__(self, config: Config) -> None:
+        normal_priority("the LLMServer replica")
         self.config = config
         self.engine = EngineCore.from_config(config)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -79,9 +86,16 @@ class LLMServer:
         self._streams[request_id] = (asyncio.get_running_loop(), outputs)
         self._send("add", request_id, prompt_token_ids, params)
         finished = False
+        interval = self.config.serving.stream_interval_s
         try:
             while not finished:
                 item = await outputs.get()
+                if interval and not isinstance(item, BaseException) and not item.finished:
+                    await asyncio.sleep(interval)  # let more steps land: one larger update
+                # Outputs are cumulative: when the caller lags behind the steps, the
+                # newest one says everything the skipped ones did, in one message.
+                while not isinstance(item, BaseException) and not outputs.empty():
+                    item = outputs.get_nowait()
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished

@@ -20,9 +20,13 @@ class WorkerFailedError(RuntimeError):
     """A worker died or raised; the engine cannot step any more."""
 
     def __init__(self, rank: int | None, detail: str) -> None:
-        who = "tensor-parallel workers" if rank is None else f"tensor-parallel worker rank {rank}"
-        super().__init__(f"{who} failed in {detail}")
-        self.rank = rank
+        super().__init__(rank, detail)  # the args rebuild it when Ray pickles it
+        self.rank, self.detail = rank, detail
+
+    def __str__(self) -> str:
+        who = ("tensor-parallel workers" if self.rank is None
+               else f"tensor-parallel worker rank {self.rank}")
+        return f"{who} failed in {self.detail}"
 
 
 class Executor(Protocol):

@@ -63,6 +63,21 @@ def init_ray() -> None:
         ray.init(logging_level=logging.WARNING)
 
 
+def normal_priority(who: str) -> None:
+    """Undo Ray's niceness 15 for a process on the engine's critical path.
+
+    Ray starts worker processes at niceness 15 so its own daemons stay
+    responsive. The engine's step loop and its ranks are what every request
+    waits for (each step waits for the slowest rank), so they ask for normal
+    priority; that needs CAP_SYS_NICE, and without it they stay niced.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except OSError:
+        logger.warning("%s keeps niceness %d (no permission to raise its priority)", who,
+                       os.getpriority(os.PRIO_PROCESS, 0))
+
+
 def _check_cluster_fits(bundle: dict[str, float], size: int) -> None:
     """Fail at once when the whole cluster could never hold the ranks (as vLLM does)."""
     total = ray.cluster_resources()
@@ -90,14 +105,7 @@ class RayWorker:
     def __init__(self, rank: int) -> None:
         self.rank = rank
         self.worker: Worker | None = None
-        # Ray starts worker processes at niceness 15 so its own daemons stay
-        # responsive; a rank's compute is the engine's critical path, and every
-        # step waits for the slowest rank. Lowering it needs CAP_SYS_NICE.
-        try:
-            os.setpriority(os.PRIO_PROCESS, 0, 0)
-        except OSError:
-            logger.warning("rank %d keeps niceness %d (no permission to raise its priority)",
-                           rank, os.getpriority(os.PRIO_PROCESS, 0))
+        normal_priority(f"tensor-parallel rank {rank}")
 
     def rendezvous_address(self) -> str:
         """A free TCP port on this node, for the process group's store (rank 0 only)."""

@@ -19,7 +19,11 @@ from torch import nn
 
 from pagedserve.worker.distributed import TPGroup
 from pagedserve.worker.layers.attention import Attention, AttentionMetadata
-from pagedserve.worker.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from pagedserve.worker.layers.linear import (
+    ColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
 from pagedserve.worker.layers.norm import RMSNorm
 from pagedserve.worker.layers.rotary import RotaryEmbedding
 from pagedserve.worker.layers.vocab import ParallelLMHead, VocabParallelEmbedding

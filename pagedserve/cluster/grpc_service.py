@@ -1,0 +1,161 @@
+"""The gRPC API (proto/pagedserve.proto) as methods of the ingress deployment.
+
+    client ──gRPC──> Serve's gRPC proxy ──"Generate" / "GenerateStream"──> OpenAIIngress
+                     (the app named in the `application` metadata)
+
+Serve's gRPC proxy calls the ingress deployment's methods named like the RPCs,
+with the request message and, as they take a `grpc_context` argument, a
+RayServegRPCContext: the call's metadata, and the status to answer with. A
+request goes through the steps of POST /v1/completions (the same field rules in
+protocol.CompletionRequest, model check, tokenizer, context limit, engine
+submission), so the two APIs accept and refuse alike.
+
+A refusal sets its code and details on `grpc_context`. `Generate` then returns
+an empty reply: Serve sends the context back with it, and the proxy answers
+with that status instead (the reply is dropped). A stream that yields nothing
+never sends its context back, so `GenerateStream` raises instead: Serve
+carries a code set before an exception to the proxy too (as gRPCStatusError),
+at the price of a logged traceback.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from ray.serve.grpc_util import RayServegRPCContext
+
+from pagedserve.cluster import protocol, responses
+from pagedserve.cluster.proto import pagedserve_pb2 as pb
+from pagedserve.cluster.protocol import OpenAIError
+from pagedserve.outputs import RequestOutput
+
+if TYPE_CHECKING:
+    from pagedserve.cluster.ingress import _Stream
+
+# The HTTP statuses of protocol's errors, as gRPC codes.
+_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    404: grpc.StatusCode.NOT_FOUND,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    500: grpc.StatusCode.INTERNAL,
+    503: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_code(error: OpenAIError) -> grpc.StatusCode:
+    """The gRPC code for what the HTTP API answers with `error.status_code`."""
+    if "Retry-After" in error.headers:  # overloaded (503): the client should retry later
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    return _CODES.get(error.status_code, grpc.StatusCode.UNKNOWN)
+
+
+class RequestRefused(Exception):
+    """Raised after the status is set on the grpc_context; Serve answers with that status."""
+
+
+def _set_status(context: RayServegRPCContext, error: OpenAIError) -> None:
+    context.set_code(status_code(error))
+    context.set_details(error.message)
+
+
+def _metadata(context: RayServegRPCContext, key: str) -> str:
+    """A metadata value the client sent (keys arrive lower-case), or ''."""
+    return next((value for name, value in context.invocation_metadata() if name == key), "")
+
+
+def request_fields(request: pb.GenerateRequest) -> dict[str, Any]:
+    """The fields the client set, as the JSON body of /v1/completions would hold them.
+
+    Unset fields are left out, so CompletionRequest applies its defaults.
+    """
+    fields: dict[str, Any] = {}
+    for field, value in request.ListFields():
+        if field.name == "prompt_token_ids":
+            fields["prompt"] = list(value.token_ids)
+        elif field.name == "stop":
+            fields["stop"] = list(value)
+        else:
+            fields[field.name] = value
+    return fields
+
+
+def _choice(index: int, text: str, token_ids: list[int],
+            logprobs: list[dict[int, float]] | None, finish_reason: str | None) -> pb.Choice:
+    entries = [pb.TokenLogprob(token_id=next(iter(entry)), logprob=next(iter(entry.values())),
+                               top_logprobs=entry)
+               for entry in logprobs or []]
+    return pb.Choice(index=index, text=text, token_ids=token_ids, logprobs=entries,
+                     finish_reason=responses.finish_reason(finish_reason) or "")
+
+
+def _usage(output: RequestOutput) -> pb.Usage:
+    return pb.Usage(prompt_tokens=len(output.prompt_token_ids),
+                    completion_tokens=sum(len(choice.token_ids) for choice in output.outputs))
+
+
+class GenerationService:
+    """The `Generation` service's methods, mixed into OpenAIIngress.
+
+    They use the ingress's helpers: `config`, `_check_api_key`, `_check_model`,
+    `_load`, `_tokenizer`, `_room` and `_start`.
+    """
+
+    async def Generate(self, request: pb.GenerateRequest,
+                       grpc_context: RayServegRPCContext) -> pb.GenerateReply:
+        from pagedserve.cluster.ingress import _client_error, _last  # ingress imports this module
+
+        try:
+            request_id, _, stream = await self._submit(request, grpc_context, stream=False)
+            final = await _last(stream)
+        except Exception as error:  # noqa: BLE001 - every failure becomes a gRPC status
+            _set_status(grpc_context, _client_error(error, self.config.serving.retry_after_s))
+            return pb.GenerateReply()  # not sent: the status ends the call
+        choices = [_choice(c.index, c.text, c.token_ids, c.logprobs, c.finish_reason)
+                   for c in sorted(final.outputs, key=lambda c: c.index)]
+        return pb.GenerateReply(id=request_id, choices=choices, usage=_usage(final))
+
+    async def GenerateStream(self, request: pb.GenerateRequest,
+                             grpc_context: RayServegRPCContext) -> AsyncIterator[pb.GenerateReply]:
+        """One message per engine step with news: new text and tokens; usage in the last."""
+        from pagedserve.cluster.ingress import _client_error  # ingress imports this module
+
+        try:
+            request_id, stop, stream = await self._submit(request, grpc_context, stream=True)
+            # Text that may still become a stop string is held back until it cannot.
+            state = responses.StreamState(stop)
+            tokens_sent: dict[int, int] = {}
+            async for output in stream:
+                by_index = {choice.index: choice for choice in output.outputs}
+                reply = pb.GenerateReply(id=request_id)
+                for index, text, logprobs, finish in state.deltas(output):
+                    token_ids = by_index[index].token_ids[tokens_sent.get(index, 0):]
+                    tokens_sent[index] = len(by_index[index].token_ids)
+                    reply.choices.append(_choice(index, text, token_ids, logprobs, finish))
+                if output.finished:
+                    reply.usage.CopyFrom(_usage(output))
+                if reply.choices or output.finished:
+                    yield reply
+        except Exception as error:  # noqa: BLE001 - every failure becomes a gRPC status
+            _set_status(grpc_context, _client_error(error, self.config.serving.retry_after_s))
+            raise RequestRefused(grpc_context.details()) from None
+
+    async def _submit(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext,
+                      stream: bool) -> tuple[str, tuple[str, ...], _Stream]:
+        """Check, tokenize and start `request` as /v1/completions does.
+
+        Returns the request id, the stop strings and the started stream.
+        """
+        self._check_api_key(_metadata(grpc_context, "authorization"))
+        fields = request_fields(request) | ({"stream": True} if stream else {})
+        req = protocol.validate_request(protocol.CompletionRequest, fields)
+        self._check_model(req.model)
+        await self._load()
+        prompt = req.prompts()[0]  # the oneof holds one prompt
+        ids = self._tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
+        params = req.sampling_params(self._room(ids, req.max_tokens))
+        request_id = f"gen-{uuid.uuid4().hex}"
+        return request_id, params.stop, await self._start(request_id, ids, params)

@@ -1,0 +1,1 @@
+"""Generated gRPC code for pagedserve.proto (see its header to regenerate)."""

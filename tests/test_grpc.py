@@ -1,0 +1,185 @@
+"""The gRPC API through Ray Serve's gRPC proxy, next to the HTTP API of the same app.
+
+One Serve application for the module (tiny-cpu's model and an API key) on the
+session's Serve instance; a grpcio client with the generated stub must get
+what the OpenAI-compatible HTTP API gives for the same request.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+
+from pagedserve.cluster import protocol
+from pagedserve.cluster.grpc_service import request_fields, status_code
+from pagedserve.cluster.proto import pagedserve_pb2 as pb
+from pagedserve.cluster.proto import pagedserve_pb2_grpc as pb_grpc
+from pagedserve.config import load, parse
+
+API_KEY = "grpc-test-key"
+APP = "pagedserve-grpc-test"
+ROUTE = "/grpc-test"
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
+PROMPT = "The quick brown fox"
+METADATA = (("application", APP), ("authorization", f"Bearer {API_KEY}"))
+TIMEOUT_S = 60
+
+
+@pytest.fixture(scope="module")
+def app(serve_instance):
+    from ray import serve
+
+    from pagedserve.cluster.app import build
+
+    data = load(CONFIG).model_dump()
+    data["serving"].update(api_key=API_KEY)
+    data["parallel"].update(worker_cpus=0.5)
+    serve.run(build(parse(data)), name=APP, route_prefix=ROUTE)
+    yield serve_instance
+    serve.delete(APP)
+
+
+@pytest.fixture(scope="module")
+def stub(app):
+    with grpc.insecure_channel(f"127.0.0.1:{app.grpc}") as channel:
+        yield pb_grpc.GenerationStub(channel)
+
+
+def _http_completion(ports, **body) -> dict:
+    response = httpx.post(f"http://127.0.0.1:{ports.http}{ROUTE}/v1/completions",
+                          json={"model": "tiny-llama", **body},
+                          headers={"Authorization": f"Bearer {API_KEY}"}, timeout=TIMEOUT_S)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _stream(stub, request: pb.GenerateRequest, metadata=METADATA) -> list[pb.GenerateReply]:
+    return list(stub.GenerateStream(request, metadata=metadata, timeout=TIMEOUT_S))
+
+
+def test_generate_equals_http_greedy(app, stub):
+    http = _http_completion(app, prompt=PROMPT, max_tokens=12, temperature=0)
+    reply = stub.Generate(pb.GenerateRequest(model="tiny-llama", prompt=PROMPT, max_tokens=12,
+                                             temperature=0),
+                          metadata=METADATA, timeout=TIMEOUT_S)
+    [choice] = reply.choices
+    assert choice.text == http["choices"][0]["text"]
+    assert len(choice.token_ids) == 12 and choice.finish_reason == "length"
+    assert reply.usage.prompt_tokens == http["usage"]["prompt_tokens"]
+    assert reply.usage.completion_tokens == 12
+    assert reply.id
+
+
+def test_prompt_token_ids_equal_http_token_prompt(app, stub):
+    ids = [5, 17, 42, 99]
+    http = _http_completion(app, prompt=ids, max_tokens=6, temperature=0)
+    reply = stub.Generate(pb.GenerateRequest(model="tiny-llama",
+                                             prompt_token_ids=pb.TokenIds(token_ids=ids),
+                                             max_tokens=6, temperature=0),
+                          metadata=METADATA, timeout=TIMEOUT_S)
+    assert reply.choices[0].text == http["choices"][0]["text"]
+    assert reply.usage.prompt_tokens == len(ids)
+
+
+def test_stream_concatenates_to_the_unary_reply(stub):
+    request = pb.GenerateRequest(model="tiny-llama", prompt=PROMPT, max_tokens=10, temperature=0)
+    whole = stub.Generate(request, metadata=METADATA, timeout=TIMEOUT_S).choices[0]
+    messages = _stream(stub, request)
+    assert len(messages) > 1
+    assert "".join(m.choices[0].text for m in messages if m.choices) == whole.text
+    assert [t for m in messages for c in m.choices for t in c.token_ids] == list(whole.token_ids)
+    last = messages[-1]
+    assert last.choices[0].finish_reason == "length"
+    assert last.usage.completion_tokens == 10 and last.usage.prompt_tokens > 0
+    assert all(not c.finish_reason for m in messages[:-1] for c in m.choices)
+    assert not any(m.HasField("usage") for m in messages[:-1])
+    assert len({m.id for m in messages}) == 1
+
+
+def test_n_seed_stop_and_logprobs(stub):
+    request = pb.GenerateRequest(model="tiny-llama", prompt=PROMPT, max_tokens=5, n=2,
+                                 temperature=1.0, seed=7, logprobs=2)
+    reply = stub.Generate(request, metadata=METADATA, timeout=TIMEOUT_S)
+    assert [c.index for c in reply.choices] == [0, 1]
+    for choice in reply.choices:
+        assert [entry.token_id for entry in choice.logprobs] == list(choice.token_ids)
+        assert all(entry.token_id in entry.top_logprobs and 1 <= len(entry.top_logprobs) <= 3
+                   for entry in choice.logprobs)
+    again = stub.Generate(request, metadata=METADATA, timeout=TIMEOUT_S)
+    assert [c.text for c in again.choices] == [c.text for c in reply.choices]
+    # A stop string from the greedy text ends the completion before it, streamed or not.
+    greedy = stub.Generate(pb.GenerateRequest(model="tiny-llama", prompt=PROMPT, max_tokens=12,
+                                              temperature=0),
+                           metadata=METADATA, timeout=TIMEOUT_S).choices[0].text
+    stop = greedy[len(greedy) // 2:len(greedy) // 2 + 3]
+    stopped = pb.GenerateRequest(model="tiny-llama", prompt=PROMPT, max_tokens=12,
+                                 temperature=0, stop=[stop])
+    unary = stub.Generate(stopped, metadata=METADATA, timeout=TIMEOUT_S).choices[0]
+    assert unary.finish_reason == "stop" and greedy.startswith(unary.text)
+    assert stop not in unary.text
+    streamed = "".join(m.choices[0].text for m in _stream(stub, stopped) if m.choices)
+    assert streamed == unary.text
+
+
+GOOD = dict(model="tiny-llama", prompt="Hello", max_tokens=4)
+# (request fields, metadata, status code, words the details must hold)
+BAD_REQUESTS = [
+    ({**GOOD, "model": "gpt-9"}, METADATA, grpc.StatusCode.NOT_FOUND, "gpt-9"),
+    ({**GOOD, "max_tokens": 5000}, METADATA, grpc.StatusCode.INVALID_ARGUMENT, "5000"),
+    ({**GOOD, "max_tokens": 0}, METADATA, grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+    ({**GOOD, "temperature": -0.5}, METADATA, grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    ({**GOOD, "stop": list("abcde")}, METADATA, grpc.StatusCode.INVALID_ARGUMENT, "stop"),
+    ({k: v for k, v in GOOD.items() if k != "prompt"}, METADATA,
+     grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    (GOOD, METADATA[:1], grpc.StatusCode.UNAUTHENTICATED, "API key"),
+    (GOOD, (METADATA[0], ("authorization", "Bearer wrong")), grpc.StatusCode.UNAUTHENTICATED,
+     "API key"),
+]
+
+
+@pytest.mark.parametrize("rpc", ["Generate", "GenerateStream"])
+@pytest.mark.parametrize("fields, metadata, code, words", BAD_REQUESTS,
+                         ids=[f"{i}-{c.name}-{w}" for i, (_, _, c, w) in enumerate(BAD_REQUESTS)])
+def test_bad_request_gets_a_status(stub, rpc, fields, metadata, code, words):
+    request = pb.GenerateRequest(**fields)
+    with pytest.raises(grpc.RpcError) as caught:
+        if rpc == "Generate":
+            stub.Generate(request, metadata=metadata, timeout=TIMEOUT_S)
+        else:
+            _stream(stub, request, metadata=metadata)
+    assert caught.value.code() == code, caught.value.details()
+    assert words in caught.value.details()
+
+
+def test_still_serves_after_bad_requests(stub):
+    reply = stub.Generate(pb.GenerateRequest(**GOOD), metadata=METADATA, timeout=TIMEOUT_S)
+    assert reply.usage.completion_tokens == 4
+
+
+# -- without Ray -----------------------------------------------------------------
+
+
+def test_status_codes_of_the_http_errors():
+    assert status_code(protocol.bad_request("n: too big", "n")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert status_code(protocol.not_found_model("x", ["y"])) == grpc.StatusCode.NOT_FOUND
+    assert status_code(protocol.unauthorized()) == grpc.StatusCode.UNAUTHENTICATED
+    assert status_code(protocol.overloaded(9, 8, 1)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    dead = protocol.OpenAIError(503, "the engine stopped", type="server_error",
+                                code="engine_dead")
+    assert status_code(dead) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_request_fields_hold_only_what_the_client_set():
+    assert request_fields(pb.GenerateRequest(model="m", prompt="hi")) == {"model": "m",
+                                                                          "prompt": "hi"}
+    fields = request_fields(pb.GenerateRequest(
+        model="m", prompt_token_ids=pb.TokenIds(token_ids=[3, 4]), temperature=0.0, n=2,
+        stop=["x"], seed=0, logprobs=0))
+    # Explicit zeros of `optional` fields are kept: temperature 0 is greedy, not the default.
+    assert fields == {"model": "m", "prompt": [3, 4], "temperature": 0.0, "n": 2,
+                      "stop": ["x"], "seed": 0, "logprobs": 0}
+    request = protocol.validate_request(protocol.CompletionRequest, fields)
+    assert request.sampling_params(100).temperature == 0.0

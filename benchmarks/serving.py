@@ -73,9 +73,8 @@ def workload(args, vocab_size: int) -> list[tuple[list[int], int]]:
              rng.randint(*args.output_len)) for _ in range(args.requests)]
 
 
-def offline(config, requests) -> dict:
-    # The replica's torch threads: Ray gives an actor of worker_cpus CPUs that many.
-    torch.set_num_threads(max(1, int(config.parallel.worker_cpus)))
+def offline(config, requests, threads: int) -> dict:
+    torch.set_num_threads(threads)
     llm = LLM(config=config)
     warm = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     llm.generate({"prompt_token_ids": [FIRST_TOKEN] * 16}, warm, use_tqdm=False)
@@ -166,6 +165,10 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[4.0, 16.0, float("inf")])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stream-interval-s", type=float, default=0.0)
+    parser.add_argument("--worker-cpus", type=float, default=1.0,
+                        help="CPUs (and torch threads) of the serving replica")
+    parser.add_argument("--offline-threads", type=int, default=0,
+                        help="torch threads of the offline run (default: the replica's)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serving.json"))
     args = parser.parse_args()
 
@@ -174,6 +177,7 @@ def main() -> None:
         data["model"]["random_init"] = {"name": "bench-25m", "config_overrides": SMALL}
         data["engine"].update(kv_cache_memory_gb=1.0, max_num_seqs=128)
     data["serving"]["stream_interval_s"] = args.stream_interval_s
+    data["parallel"]["worker_cpus"] = args.worker_cpus
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         data["serving"]["port"] = sock.getsockname()[1]
@@ -181,8 +185,10 @@ def main() -> None:
     model = served_model_name(config)
     requests = workload(args, 512)
 
-    base = offline(config, requests)
-    print(f"offline: {base['output_tokens_per_s']:.1f} output tok/s, "
+    # By default the replica's torch threads: Ray gives an actor of worker_cpus CPUs that many.
+    threads = args.offline_threads or max(1, int(config.parallel.worker_cpus))
+    base = offline(config, requests, threads)
+    print(f"offline ({threads} torch threads): {base['output_tokens_per_s']:.1f} output tok/s, "
           f"{base['requests_per_s']:.2f} req/s ({base['seconds']:.1f} s)", flush=True)
 
     ray.init(logging_level="ERROR", include_dashboard=False)

@@ -61,6 +61,7 @@ class LLMServer:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._adding: set[str] = set()  # sent, not yet in the scheduler: they wait too
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="pagedserve-step-loop", daemon=True)
         self._thread.start()
@@ -76,7 +77,10 @@ class LLMServer:
         """Cumulative outputs of one request as steps produce them, the last one finished."""
         self._raise_if_dead()
         limit = self.config.serving.max_waiting_requests
-        waiting = len(self.engine.scheduler.waiting) + self._inbox.qsize()
+        # Requests not yet admitted, less the free running slots they will take.
+        scheduler = self.engine.scheduler
+        free_slots = max(0, self.config.engine.max_num_seqs - len(scheduler.running))
+        waiting = max(0, len(scheduler.waiting) + len(self._adding) - free_slots)
         if waiting >= limit:
             raise EngineOverloadedError(waiting, limit)
         self.engine.validate(prompt_token_ids, params)  # reads only limits: safe off the thread
@@ -84,6 +88,7 @@ class LLMServer:
             raise ValueError(f"request id {request_id!r} is already running")
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), outputs)
+        self._adding.add(request_id)
         self._send("add", request_id, prompt_token_ids, params)
         finished = False
         interval = self.config.serving.stream_interval_s
@@ -154,6 +159,8 @@ class LLMServer:
                     self.engine.add_request(request_id, prompt_token_ids, params)
                 except ValueError as error:
                     self._deliver(request_id, error)
+                finally:
+                    self._adding.discard(request_id)
             elif kind == "abort":
                 self.engine.abort_request(args[0])
             elif kind == "stats":

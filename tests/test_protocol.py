@@ -1,7 +1,6 @@
-"""The OpenAI wire format: request validation, SamplingParams conversion, response shapes.
+"""The OpenAI wire format, inbound: request validation, SamplingParams conversion, errors.
 
-Responses are checked against the official `openai` client's own models, so a
-shape the client could not read fails here rather than in a user's program.
+Response shapes and streaming are in test_responses.py.
 """
 
 from __future__ import annotations
@@ -9,8 +8,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from openai.types import Completion, Model
-from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from transformers import AutoTokenizer
 
 from pagedserve.cluster.protocol import (
@@ -23,18 +20,6 @@ from pagedserve.cluster.protocol import (
     parse_request,
     too_large,
     unauthorized,
-)
-from pagedserve.cluster.responses import (
-    StreamState,
-    chat_chunk,
-    chat_response,
-    completion_chunk,
-    completion_logprobs,
-    completion_response,
-    finish_reason,
-    model_list,
-    usage,
-    usage_chunk,
 )
 from pagedserve.outputs import CompletionOutput, RequestOutput
 
@@ -270,147 +255,3 @@ def test_error_helpers():
     assert "300" in error.message and "256" in error.message
     error = bad_request("nope", param="n")
     assert str(error) == "nope" and error.body()["error"]["param"] == "n"
-
-
-# ---------------------------------------------------------------------------- responses
-
-
-def test_finish_reason_mapping():
-    assert [finish_reason(r) for r in (None, "stop", "length", "abort")] == \
-        [None, "stop", "length", "abort"]
-    with pytest.raises(ValueError):
-        finish_reason("eos")
-
-
-def test_completion_response_two_prompts_n2(tokenizer):
-    outputs = [
-        request_output([1, 2, 3], [choice(1, [5, 6], "b", "length"), choice(0, [5], "a", "stop")]),
-        request_output([1, 2], [choice(0, [7, 8, 9], "c", "stop"), choice(1, [7], "d", "length")]),
-    ]
-    response = completion_response("cmpl-1", "tiny", CREATED, outputs, tokenizer, logprobs=None)
-    assert [(c["index"], c["text"], c["finish_reason"]) for c in response["choices"]] == [
-        (0, "a", "stop"), (1, "b", "length"), (2, "c", "stop"), (3, "d", "length")]
-    assert all(c["logprobs"] is None for c in response["choices"])
-    assert response["usage"] == {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
-    assert (response["id"], response["object"], response["model"], response["created"]) == (
-        "cmpl-1", "text_completion", "tiny", CREATED)
-    Completion.model_validate(response)
-
-
-def test_completion_legacy_logprobs(tokenizer):
-    ids = tokenizer.encode("Hello world", add_special_tokens=False)
-    a, b = ids[0], ids[1]
-    # logprobs=1: each step holds the sampled token first, then the most likely one.
-    entries = [{a: -0.5}, {b: -float("inf"), a: -0.1}]
-    output = request_output([0], [choice(0, [a, b], "x", "length", entries)])
-    response = completion_response("c", "m", CREATED, [output], tokenizer, logprobs=1)
-    logprobs = response["choices"][0]["logprobs"]
-    text_a, text_b = tokenizer.decode([a]), tokenizer.decode([b])
-    assert logprobs["tokens"] == [text_a, text_b]
-    assert logprobs["token_logprobs"] == [-0.5, -9999.0]  # -inf is not JSON
-    # The sampled token is always included, then up to `logprobs` alternatives.
-    assert logprobs["top_logprobs"] == [{text_a: -0.5}, {text_b: -9999.0, text_a: -0.1}]
-    assert logprobs["text_offset"] == [0, len(text_a)]
-    json.dumps(response, allow_nan=False)
-    Completion.model_validate(response)
-    shifted = completion_logprobs(entries[1:], tokenizer, text_offset=10)
-    assert shifted["text_offset"] == [10]
-    assert shifted["top_logprobs"] == [{text_b: -9999.0, text_a: -0.1}]
-
-
-def test_chat_response_with_top_logprobs(tokenizer):
-    sampled, best, second = 40, 41, 42
-    entries = [{sampled: -2.0, best: -0.2, second: -0.9}]  # sampled outside the top 2
-    output = request_output([1, 2, 3, 4], [choice(0, [sampled], "x", "stop", entries)])
-    response = chat_response("chatcmpl-1", "m", CREATED, output, tokenizer, top_logprobs=2)
-    (only,) = response["choices"]
-    assert only["message"] == {"role": "assistant", "content": "x"}
-    assert only["finish_reason"] == "stop" and response["object"] == "chat.completion"
-    (token,) = only["logprobs"]["content"]
-    text = tokenizer.decode([sampled])
-    assert (token["token"], token["logprob"], token["bytes"]) == (text, -2.0,
-                                                                  list(text.encode()))
-    assert [t["token"] for t in token["top_logprobs"]] == [tokenizer.decode([best]),
-                                                           tokenizer.decode([second])]
-    assert [t["logprob"] for t in token["top_logprobs"]] == [-0.2, -0.9]
-    assert response["usage"] == {"prompt_tokens": 4, "completion_tokens": 1, "total_tokens": 5}
-    ChatCompletion.model_validate(response)
-    plain = chat_response("c", "m", CREATED, output, tokenizer, top_logprobs=None)
-    assert plain["choices"][0]["logprobs"] is None
-    zero = chat_response("c", "m", CREATED, output, tokenizer, top_logprobs=0)
-    assert zero["choices"][0]["logprobs"]["content"][0]["top_logprobs"] == []
-
-
-def test_chat_response_n2_usage(tokenizer):
-    output = request_output([1, 2], [choice(1, [3, 4, 5], "y", "length"),
-                                     choice(0, [3], "x", "stop")])
-    response = chat_response("c", "m", CREATED, output, tokenizer, top_logprobs=None)
-    assert [c["index"] for c in response["choices"]] == [0, 1]
-    assert response["usage"]["completion_tokens"] == 4 and response["usage"]["total_tokens"] == 6
-
-
-def test_chunks_and_lists_match_the_openai_client():
-    first = chat_chunk("c", "m", CREATED, 0, {"role": "assistant", "content": ""}, None)
-    last = chat_chunk("c", "m", CREATED, 0, {}, "stop")
-    for chunk in (first, last):
-        assert chunk["object"] == "chat.completion.chunk"
-        ChatCompletionChunk.model_validate(chunk)
-    text = completion_chunk("c", "m", CREATED, 3, "lo", None)
-    assert text["choices"] == [{"index": 3, "text": "lo", "logprobs": None, "finish_reason": None}]
-    # The client's Completion type omits the null finish_reason of a stream's chunks.
-    Completion.model_validate(completion_chunk("c", "m", CREATED, 3, "", "stop"))
-    final = usage_chunk("c", "m", CREATED, "chat.completion.chunk", usage(3, 4))
-    assert final["choices"] == [] and final["usage"]["total_tokens"] == 7
-    assert ChatCompletionChunk.model_validate(final).usage.completion_tokens == 4
-    models = model_list(["tiny", "small"], CREATED)
-    assert models["object"] == "list"
-    assert [Model.model_validate(m).id for m in models["data"]] == ["tiny", "small"]
-
-
-# ---------------------------------------------------------------------------- streaming
-
-
-def test_stream_state_deltas_over_three_steps():
-    state = StreamState()
-    lp = [{5: -0.1}, {6: -0.2}, {7: -0.3}, {8: -0.4}]
-    step1 = request_output([1], [choice(0, [5], "He", logprobs=lp[:1]),
-                                 choice(1, [5], "", logprobs=lp[:1])])
-    step2 = request_output([1], [choice(0, [5, 6], "Hello", logprobs=lp[:2]),
-                                 choice(1, [5, 6], "Hi", "stop", lp[:2])])
-    step3 = request_output([1], [choice(0, [5, 6, 7], "Hello!", "length", lp[:3]),
-                                 choice(1, [5, 6], "Hi", "stop", lp[:2])])
-    assert state.deltas(step1) == [(0, "He", lp[:1], None), (1, "", lp[:1], None)]
-    assert state.deltas(step2) == [(0, "llo", lp[1:2], None), (1, "Hi", lp[1:2], "stop")]
-    assert (state.text_offset(0), state.text_offset(1)) == (2, 0)
-    assert state.deltas(step3) == [(0, "!", lp[2:3], "length")]  # choice 1 is done
-    assert state.text_offset(0) == 5
-    assert state.deltas(step3) == []
-
-
-def test_stream_state_without_logprobs_skips_empty_updates():
-    state = StreamState()
-    assert state.deltas(request_output([1], [choice(0, [5], "")])) == []
-    assert state.deltas(request_output([1], [choice(0, [5, 6], "ab")])) == [(0, "ab", None, None)]
-    assert state.deltas(request_output([1], [choice(0, [5, 6, 7], "ab", "abort")])) == [
-        (0, "", None, "abort")]
-
-
-def test_stream_state_holds_back_a_possible_stop_string():
-    # The engine cuts "###" off once it completes: "ab#" must not be sent as it arrives.
-    state = StreamState(stop=["###"])
-    assert state.deltas(request_output([1], [choice(0, [5], "ab#")])) == [(0, "a", None, None)]
-    assert state.deltas(request_output([1], [choice(0, [5, 6], "ab##")])) == [(0, "b", None, None)]
-    assert state.deltas(request_output([1], [choice(0, [5, 6, 7], "ab", "stop")])) == [
-        (0, "", None, "stop")]
-
-
-def test_stream_texts_add_up_to_the_final_text():
-    final = "The quick brown fox"
-    state = StreamState(stop=["STOP"])
-    sent = ""
-    for end in range(1, len(final) + 1):
-        done = end == len(final)
-        out = request_output([1], [choice(0, list(range(end)), final[:end],
-                                          "length" if done else None)])
-        sent += "".join(text for _, text, _, _ in state.deltas(out))
-    assert sent == final

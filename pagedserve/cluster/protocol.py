@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from abc import abstractmethod
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -218,15 +219,16 @@ class _SamplingRequest(_Strict):
             raise FieldError("best_of", f"must equal n={self.n} when stream=true")
         return self
 
+    @abstractmethod
     def max_tokens_requested(self) -> int | None:
         """The generation limit the client set; None means "up to the context limit"."""
-        raise NotImplementedError
 
     def _max_tokens_param(self) -> str:
         return "max_tokens"
 
+    @abstractmethod
     def _logprobs(self) -> int | None:
-        raise NotImplementedError
+        """The SamplingParams.logprobs this request asks for."""
 
     def sampling_params(self, max_tokens_limit: int) -> SamplingParams:
         """SamplingParams for one prompt; `max_tokens_limit` is what its context leaves.

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from transformers import AutoTokenizer
 
 from pagedserve.cluster.protocol import (
     ChatCompletionRequest,
@@ -21,15 +20,8 @@ from pagedserve.cluster.protocol import (
     too_large,
     unauthorized,
 )
-from pagedserve.outputs import CompletionOutput, RequestOutput
 
-CREATED = 1_700_000_000
 USER = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_llama):
-    return AutoTokenizer.from_pretrained(tiny_llama)
 
 
 def body(**fields) -> bytes:
@@ -42,16 +34,6 @@ def completion(**fields) -> CompletionRequest:
 
 def chat(**fields) -> ChatCompletionRequest:
     return parse_request(ChatCompletionRequest, body(model="m", messages=USER, **fields))
-
-
-def choice(index, token_ids, text, finish=None, logprobs=None) -> CompletionOutput:
-    return CompletionOutput(index=index, text=text, token_ids=token_ids, cumulative_logprob=-1.0,
-                            logprobs=logprobs, finish_reason=finish)
-
-
-def request_output(prompt_ids, choices, request_id="r") -> RequestOutput:
-    return RequestOutput(request_id, None, prompt_ids, choices,
-                         finished=all(c.finished for c in choices))
 
 
 # ---------------------------------------------------------------------------- requests

@@ -100,7 +100,7 @@ def _usage(output: RequestOutput) -> pb.Usage:
 class GenerationService:
     """The `Generation` service's methods, mixed into OpenAIIngress.
 
-    They use the ingress's helpers: `config`, `_check_api_key`, `_check_model`,
+    They use the ingress's helpers: `config`, `_check_api_key`, `_accept`,
     `_load`, `_tokenizer`, `_room` and `_start`.
     """
 
@@ -151,9 +151,7 @@ class GenerationService:
         """
         self._check_api_key(_metadata(grpc_context, "authorization"))
         fields = request_fields(request) | ({"stream": True} if stream else {})
-        req = protocol.validate_request(protocol.CompletionRequest, fields)
-        self._check_model(req.model)
-        await self._load()
+        req = await self._accept(protocol.validate_request(protocol.CompletionRequest, fields))
         prompt = req.prompts()[0]  # the oneof holds one prompt
         ids = self._tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
         params = req.sampling_params(self._room(ids, req.max_tokens))

@@ -182,10 +182,7 @@ class OpenAIIngress(GenerationService):
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
-        body = await self._read(request)
-        req = protocol.parse_request(protocol.CompletionRequest, body)
-        self._check_model(req.model)
-        await self._load()
+        req = await self._accept(protocol.parse_request(protocol.CompletionRequest, await self._read(request)))
         prompts = [self._tokenizer(p).input_ids if isinstance(p, str) else list(p)
                    for p in req.prompts()]
         params = [req.sampling_params(self._room(ids, req.max_tokens)) for ids in prompts]
@@ -202,10 +199,7 @@ class OpenAIIngress(GenerationService):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        body = await self._read(request)
-        req = protocol.parse_request(protocol.ChatCompletionRequest, body)
-        self._check_model(req.model)
-        await self._load()
+        req = await self._accept(protocol.parse_request(protocol.ChatCompletionRequest, await self._read(request)))
         try:
             ids = list(self._tokenizer.apply_chat_template(
                 req.conversation(), add_generation_prompt=True, tokenize=True, return_dict=False))
@@ -245,6 +239,12 @@ class OpenAIIngress(GenerationService):
         if len(body) > limit:
             raise protocol.too_large(len(body), limit)
         return body
+
+    async def _accept(self, req):
+        """A parsed request, checked to name this model, with the tokenizer ready."""
+        self._check_model(req.model)
+        await self._load()
+        return req
 
     def _check_model(self, model: str) -> None:
         if model != self.model_name:

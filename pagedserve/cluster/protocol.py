@@ -78,13 +78,6 @@ def overloaded(waiting: int, limit: int, retry_after_s: int) -> OpenAIError:
                        type="server_error", headers={"Retry-After": str(retry_after_s)})
 
 
-def prompt_too_long(prompt_tokens: int, max_model_len: int) -> OpenAIError:
-    """The prompt alone fills the context: there is no room for one new token."""
-    return bad_request(f"This model's maximum context length is {max_model_len} tokens, but the "
-                       f"prompt has {prompt_tokens} tokens; it must leave room for at least one "
-                       f"generated token.", param="prompt")
-
-
 class FieldError(ValueError):
     """A cross-field rule broken in a model validator; `param` names the field to blame."""
 

@@ -11,9 +11,10 @@ whose steps are so short that the per-token cost of streaming dominates):
    streaming client (`/v1/completions`, token-id prompts, ignore_eos) at
    Poisson arrival rates of `--rates` requests/s ("inf" sends everything at once).
 
-Both run the model with the same torch threads: the replica gets
-`parallel.worker_cpus` CPUs from Ray and as many threads, and so does the
-offline engine.
+Both run the model with the same torch threads: served, the model runs in a
+worker actor (the LLMServer replica schedules and streams) that reserves
+`parallel.worker_cpus` CPUs and runs as many threads, and the offline engine
+gets as many. `--backend local` runs the model inside the replica instead.
 
 Per rate it reports request and output-token throughput, and TTFT (time to the
 first streamed token), TPOT (per output token after the first), ITL (between
@@ -21,6 +22,8 @@ streamed chunks) and end-to-end latency at p50/p90/p99. Token counts come from
 the server's `usage`, so they are exact. The target: the served path at rate
 inf keeps >= 80% of the offline output-token throughput. The client runs on
 the same cores as the server, so its own parsing counts against the server.
+Per rate it also prints the CPU seconds the busiest processes used (psutil):
+where the serving plane's CPU goes.
 
     python benchmarks/serving.py [--requests 128] [--rates 4 16 inf]
 """
@@ -41,12 +44,13 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
+import psutil
 import ray
 import torch
 from ray import serve
 
 from pagedserve import LLM, SamplingParams
-from pagedserve.cluster.app import build
+from pagedserve.cluster.app import build, serve_environment
 from pagedserve.cluster.ingress import served_model_name
 from pagedserve.config import load, parse
 
@@ -137,6 +141,25 @@ async def served(url: str, model: str, requests, rate: float,
         return time.perf_counter() - start, results
 
 
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of every process on this machine, by pid, with its name."""
+    seconds = {}
+    for process in psutil.process_iter(["name", "cmdline", "cpu_times"]):
+        info = process.info
+        if info["cpu_times"] is None:
+            continue
+        name = " ".join(info["cmdline"] or [])[:48] or info["name"]
+        seconds[process.pid] = (name, info["cpu_times"].user + info["cpu_times"].system)
+    return seconds
+
+
+def cpu_by_process(before: dict, after: dict, top: int = 6) -> list[tuple[str, float]]:
+    """The processes that used the most CPU between two `cpu_seconds()` readings."""
+    used = [(name, total - before[pid][1]) for pid, (name, total) in after.items()
+            if pid in before]
+    return sorted(used, key=lambda item: -item[1])[:top]
+
+
 def percentiles(values: list[float]) -> dict[str, float]:
     if not values:
         return {"p50": float("nan"), "p90": float("nan"), "p99": float("nan")}
@@ -166,7 +189,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stream-interval-s", type=float, default=0.0)
     parser.add_argument("--worker-cpus", type=float, default=1.0,
-                        help="CPUs (and torch threads) of the serving replica")
+                        help="CPUs (and torch threads) of the served model's worker")
+    parser.add_argument("--backend", choices=["auto", "local", "ray"], default="auto",
+                        help="parallel.distributed_executor_backend of the served engine")
     parser.add_argument("--offline-threads", type=int, default=0,
                         help="torch threads of the offline run (default: the replica's)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serving.json"))
@@ -178,19 +203,23 @@ def main() -> None:
         data["engine"].update(kv_cache_memory_gb=1.0, max_num_seqs=128)
     data["serving"]["stream_interval_s"] = args.stream_interval_s
     data["parallel"]["worker_cpus"] = args.worker_cpus
+    data["parallel"]["distributed_executor_backend"] = args.backend
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         data["serving"]["port"] = sock.getsockname()[1]
     config = parse(data)
     model = served_model_name(config)
+    offline_config = parse({**data, "parallel": {**data["parallel"],
+                                                  "distributed_executor_backend": "local"}})
     requests = workload(args, 512)
 
-    # By default the replica's torch threads: Ray gives an actor of worker_cpus CPUs that many.
+    # By default the served worker's torch threads: as many as its worker_cpus.
     threads = args.offline_threads or max(1, int(config.parallel.worker_cpus))
-    base = offline(config, requests, threads)
+    base = offline(offline_config, requests, threads)
     print(f"offline ({threads} torch threads): {base['output_tokens_per_s']:.1f} output tok/s, "
           f"{base['requests_per_s']:.2f} req/s ({base['seconds']:.1f} s)", flush=True)
 
+    serve_environment()  # Serve's throughput mode, as `pagedserve serve` runs it
     ray.init(logging_level="ERROR", include_dashboard=False)
     serve.start(http_options={"host": "127.0.0.1", "port": config.serving.port})
     serve.run(build(config), name="bench", route_prefix="/")
@@ -198,11 +227,16 @@ def main() -> None:
     asyncio.run(served(url, model, requests[:4], float("inf"), args.seed))  # warm-up
     rows = []
     for rate in args.rates:
+        before = cpu_seconds()
         elapsed, results = asyncio.run(served(url, model, requests, rate, args.seed))
         row = summarize(rate, elapsed, results)
+        row["cpu_seconds"] = cpu_by_process(before, cpu_seconds())
         rows.append(row)
         print(f"rate {rate:g}: {row['output_tokens_per_s']:.1f} output tok/s, "
-              f"{row['requests_per_s']:.2f} req/s, {row['errors']} errors", flush=True)
+              f"{row['requests_per_s']:.2f} req/s, {row['errors']} errors; CPU seconds in "
+              f"{elapsed:.1f} s: " + ", ".join(f"{name.strip()} {seconds:.1f}"
+                                                for name, seconds in row["cpu_seconds"]),
+              flush=True)
     serve.shutdown()
     ray.shutdown()
 

@@ -34,7 +34,7 @@ def _serve(args: argparse.Namespace) -> None:
     import ray
     from ray import serve
 
-    from pagedserve.cluster.app import DEFAULT_CONFIG, build, grpc_options
+    from pagedserve.cluster.app import DEFAULT_CONFIG, build, grpc_options, serve_environment
     from pagedserve.cluster.ingress import served_model_name
 
     config = config_module.load(args.config or DEFAULT_CONFIG)
@@ -49,6 +49,7 @@ def _serve(args: argparse.Namespace) -> None:
     # Ctrl-C and `kill` both stop the server cleanly (even where SIGINT arrived ignored).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    serve_environment()  # for the local cluster ray.init starts (RAY_ADDRESS: that cluster's own)
     ray.init(logging_level="WARNING")  # RAY_ADDRESS joins a cluster; else a local one
     try:
         serve.start(http_options={"host": serving.host, "port": serving.port},
@@ -59,6 +60,8 @@ def _serve(args: argparse.Namespace) -> None:
                         f" and gRPC at [::]:{serving.grpc_port} (application=pagedserve)")
         print(f"pagedserve: serving {served_model_name(config)!r} at "
               f"http://{serving.host}:{serving.port}/v1{grpc_address} (Ctrl-C stops)", flush=True)
+        print("pagedserve: Ray Serve's logs are in /tmp/ray/session_latest/logs/serve/",
+              flush=True)
         while True:
             time.sleep(1)
     except KeyboardInterrupt:

@@ -83,7 +83,8 @@ class ParallelConfig(_Strict):
     """How the model is split over workers and where those workers run."""
 
     tensor_parallel_size: int = Field(default=1, ge=1, le=64)
-    # auto: in-process for tensor_parallel_size=1, Ray actors above that.
+    # auto: Ray worker actors when served (the LLMServer replica only schedules)
+    # or when tensor_parallel_size > 1; in-process for an offline LLM at size 1.
     distributed_executor_backend: Literal["auto", "local", "ray"] = "auto"
     # One placement-group bundle per rank: {GPU: 1} on CUDA, {CPU: worker_cpus} on CPU.
     placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = "STRICT_PACK"

@@ -63,6 +63,9 @@ def ray_cluster():
     """One local Ray instance for the whole session (starting one takes seconds)."""
     import ray
 
+    from pagedserve.cluster.app import serve_environment
+
+    serve_environment()  # the serving tests run Serve as `pagedserve serve` does
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()

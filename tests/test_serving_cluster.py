@@ -96,3 +96,22 @@ def test_tensor_parallel_replica_is_gang_placed_and_matches_tp1(serve_instance):
                                 use_tqdm=False)[0].outputs[0].text
     assert result["choices"][0]["text"] == expected
 
+
+
+def test_served_model_runs_in_worker_actors_unless_local_is_asked_for():
+    from pagedserve.cluster.app import served, server_options
+
+    data = load(CONFIGS / "tiny-cpu.yaml").model_dump()
+    data["parallel"]["worker_cpus"] = 0.5
+    auto = served(parse(data))
+    assert auto.parallel.executor_backend == "ray"
+    options = server_options(auto)
+    assert options["placement_group_bundles"] == [{"CPU": 0.01}, {"CPU": 0.5}]
+    assert options["ray_actor_options"] == {"num_cpus": 0.01}
+
+    data["parallel"]["distributed_executor_backend"] = "local"
+    local = served(parse(data))
+    assert local.parallel.executor_backend == "local"
+    options = server_options(local)
+    assert "placement_group_bundles" not in options
+    assert options["ray_actor_options"] == {"num_cpus": 0.5}

@@ -35,8 +35,7 @@ def _serve(args: argparse.Namespace) -> None:
     from ray import serve
 
     from pagedserve.cluster.app import DEFAULT_CONFIG, build, grpc_options, serve_environment
-    from pagedserve.cluster.ingress import served_model_name
-
+    
     config = config_module.load(args.config or DEFAULT_CONFIG)
     overrides = {key: value for key, value in
                  (("host", args.host), ("port", args.port), ("api_key", args.api_key))
@@ -58,7 +57,7 @@ def _serve(args: argparse.Namespace) -> None:
         # Serve's gRPC proxy has no host option: it listens on every interface.
         grpc_address = ("" if serving.grpc_port is None else
                         f" and gRPC at [::]:{serving.grpc_port} (application=pagedserve)")
-        print(f"pagedserve: serving {served_model_name(config)!r} at "
+        print(f"pagedserve: serving {config_module.served_model_name(config)!r} at "
               f"http://{serving.host}:{serving.port}/v1{grpc_address} (Ctrl-C stops)", flush=True)
         print("pagedserve: Ray Serve's logs are in /tmp/ray/session_latest/logs/serve/",
               flush=True)

@@ -138,6 +138,15 @@ class ServingConfig(_Strict):
     # A streamed request's updates are at least this far apart; the steps in
     # between arrive together (fewer, larger chunks: less per-token overhead).
     stream_interval_s: float = Field(default=0.0, ge=0.0, le=1.0)
+    # How the ingress picks an LLMServer replica: Serve's default (the shorter
+    # queue of two random replicas), or prefix_aware (cluster/routing.py): the
+    # replica that caches the most of the prompt's leading blocks.
+    request_router: Literal["default", "prefix_aware"] = "default"
+    # prefix_aware: take the least loaded replica instead once the best match
+    # holds this many more in-flight requests than it.
+    router_imbalance_threshold: int = Field(default=8, ge=1)
+    # How often replicas report what they cache (prefix_aware).
+    routing_stats_period_s: float = Field(default=2.0, gt=0.0)
 
 
 # The key that picks a member of a tagged union (the autoscaling policy).
@@ -172,12 +181,20 @@ class AutoscalingConfig(_Strict):
     policy: KVUtilizationPolicy | KVCapacityPolicy = Field(
         default_factory=lambda: KVUtilizationPolicy(name="kv_utilization"),
         discriminator=_DISCRIMINATOR)
+    # How often each replica sends its stats to Serve's controller, and the
+    # window the controller averages them over (Serve's fields of those names).
+    metrics_interval_s: float = Field(default=10.0, gt=0.0)
+    look_back_period_s: float = Field(default=30.0, gt=0.0)
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas={self.min_replicas} exceeds "
                              f"max_replicas={self.max_replicas}")
+        if self.look_back_period_s <= self.metrics_interval_s:
+            raise ValueError(f"look_back_period_s={self.look_back_period_s} must exceed "
+                             f"metrics_interval_s={self.metrics_interval_s}: the window "
+                             "must hold at least one report")
         initial = self.initial_replicas
         if initial is not None and not self.min_replicas <= initial <= self.max_replicas:
             raise ValueError(f"initial_replicas={initial} is outside "
@@ -244,6 +261,13 @@ def _yaml_error(path: Path, error: yaml.YAMLError) -> str:
     context = f" ({error.context})" if error.context else ""
     return (f"{path}, line {mark.line + 1}, column {mark.column + 1}: not valid YAML: "
             f"{error.problem}{context}")
+
+
+def served_model_name(config: Config) -> str:
+    """The name clients pass as `model`: serving.served_model_name, else the model's own."""
+    if config.serving.served_model_name:
+        return config.serving.served_model_name
+    return config.model.path or config.model.random_init.name
 
 
 def load(path: str | Path) -> Config:

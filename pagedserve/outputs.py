@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 
@@ -25,6 +26,23 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestMetrics:
+    """When a request arrived, was first scheduled, got its first token and finished.
+
+    Seconds on this process's `time.monotonic()` clock.
+    """
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+    @classmethod
+    def now(cls) -> RequestMetrics:
+        return cls(arrival_time=time.monotonic())
+
+
+@dataclass
 class RequestOutput:
     """The state of one request after an engine step (cumulative, not a delta)."""
 
@@ -33,3 +51,4 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+    metrics: RequestMetrics | None = None

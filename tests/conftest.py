@@ -58,6 +58,19 @@ def tiny_llama(model_dirs):
     return model_dirs("llama")
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# Ray reads these when its processes start: metrics and autoscaling stats every
+# half second instead of every 10 s, so the tests see them within their bounds.
+_RAY_PORTS: dict[str, int] = {}
+FAST_METRICS_ENV = {"RAY_metrics_report_interval_ms": "500",
+                    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"}
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray instance for the whole session (starting one takes seconds)."""
@@ -66,15 +79,19 @@ def ray_cluster():
     from pagedserve.cluster.app import serve_environment
 
     serve_environment()  # the serving tests run Serve as `pagedserve serve` does
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    for name, value in FAST_METRICS_ENV.items():
+        os.environ.setdefault(name, value)
+    _RAY_PORTS["metrics"] = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             _metrics_export_port=_RAY_PORTS["metrics"])
     yield ray
     ray.shutdown()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+@pytest.fixture(scope="session")
+def ray_metrics_url(ray_cluster) -> str:
+    """Ray's Prometheus endpoint, where ray.util.metrics land."""
+    return f"http://127.0.0.1:{_RAY_PORTS['metrics']}/metrics"
 
 
 class ServePorts(NamedTuple):

@@ -22,14 +22,19 @@ from typing import Any
 
 from ray import serve
 from ray.serve import Application
-from ray.serve.config import gRPCOptions
+from ray.serve.config import RequestRouterConfig, gRPCOptions
 
+from pagedserve.cluster import autoscaling
 from pagedserve.cluster.ingress import OpenAIIngress
+from pagedserve.cluster.routing import PrefixAwareRouter
 from pagedserve.cluster.server import LLMServer
 from pagedserve.config import Config, load
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml"
 HEALTH_CHECK_PERIOD_S = 10
+ROUTER_PATH = f"{PrefixAwareRouter.__module__}:{PrefixAwareRouter.__name__}"
+POLICY_PATHS = {name: f"{policy.__module__}:{policy.__name__}"
+                for name, policy in autoscaling.POLICIES.items()}
 # Serve's gRPC proxy adds this servicer; it calls the ingress's Generate/GenerateStream.
 GRPC_SERVICER_FUNCTIONS = (
     "pagedserve.cluster.proto.pagedserve_pb2_grpc.add_GenerationServicer_to_server",)
@@ -67,12 +72,16 @@ def server_options(config: Config) -> dict[str, Any]:
     on_gpu = config.engine.device == "cuda"
     options: dict[str, Any] = {"health_check_period_s": HEALTH_CHECK_PERIOD_S,
                                "max_ongoing_requests": max_ongoing_requests(config)}
+    if config.serving.request_router == "prefix_aware":
+        options["request_router_config"] = RequestRouterConfig(
+            request_router_class=ROUTER_PATH,
+            request_router_kwargs={
+                "imbalance_threshold": config.serving.router_imbalance_threshold},
+            request_routing_stats_period_s=config.serving.routing_stats_period_s)
     if scaling.min_replicas == scaling.max_replicas:
         options["num_replicas"] = scaling.max_replicas
     else:
-        options["autoscaling_config"] = {
-            "min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
-            "initial_replicas": scaling.initial_replicas}
+        options["autoscaling_config"] = autoscaling_config(config)
     if parallel.executor_backend == "ray":
         rank = {"GPU": 1} if on_gpu else {"CPU": parallel.worker_cpus}
         # The replica only schedules: a CPU on GPU nodes, a sliver on a CPU-only one.
@@ -85,6 +94,22 @@ def server_options(config: Config) -> dict[str, Any]:
         options["ray_actor_options"] = ({"num_cpus": 1, "num_gpus": 1} if on_gpu
                                         else {"num_cpus": parallel.worker_cpus})
     return options
+
+
+def autoscaling_config(config: Config) -> dict[str, Any]:
+    """Serve's autoscaling_config: our policy class with the config's parameters.
+
+    The policy applies its own delays (cluster/autoscaling.py), so Serve's are zero.
+    """
+    scaling = config.autoscaling
+    kwargs = scaling.policy.model_dump(exclude={"name"})
+    return {"min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
+            "initial_replicas": scaling.initial_replicas,
+            "metrics_interval_s": scaling.metrics_interval_s,
+            "look_back_period_s": scaling.look_back_period_s,
+            "upscale_delay_s": 0.0, "downscale_delay_s": 0.0,
+            "policy": {"policy_function": POLICY_PATHS[scaling.policy.name],
+                       "policy_kwargs": kwargs}}
 
 
 def max_ongoing_requests(config: Config) -> int:

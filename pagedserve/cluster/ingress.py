@@ -27,7 +27,7 @@ from pagedserve.cluster import protocol, responses
 from pagedserve.cluster.grpc_service import GenerationService
 from pagedserve.cluster.protocol import OpenAIError
 from pagedserve.cluster.server import EngineDeadError, EngineOverloadedError
-from pagedserve.config import Config
+from pagedserve.config import Config, served_model_name
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
@@ -45,12 +45,6 @@ async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
     body = OpenAIError(error.status_code, f"{request.method} {request.url.path}: {error.detail}",
                        code=str(error.status_code)).body()
     return JSONResponse(body, status_code=error.status_code)
-
-
-def served_model_name(config: Config) -> str:
-    if config.serving.served_model_name:
-        return config.serving.served_model_name
-    return config.model.path or config.model.random_init.name
 
 
 class _Stream:

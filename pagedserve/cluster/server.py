@@ -29,13 +29,18 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pagedserve.config import Config
+from pagedserve.cluster import autoscaling, routing
+from pagedserve.cluster.metrics import EngineMetrics
+from pagedserve.config import Config, served_model_name
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.scheduler.block_manager import cdiv
 from pagedserve.scheduler.engine_core import EngineCore
 from pagedserve.worker.ray_executor import normal_priority
 
 logger = logging.getLogger(__name__)
+# The newest cached blocks a replica reports to the prefix-aware router.
+MAX_FINGERPRINTS = 65536
 
 
 class EngineOverloadedError(RuntimeError):
@@ -63,6 +68,8 @@ class LLMServer:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._adding: set[str] = set()  # sent, not yet in the scheduler: they wait too
         self._error: BaseException | None = None
+        self.metrics = EngineMetrics(served_model_name(config), _replica_name())
+        self._state = self._read_state()  # the step thread replaces it after every step
         self._thread = threading.Thread(target=self._run, name="pagedserve-step-loop", daemon=True)
         self._thread.start()
 
@@ -104,6 +111,8 @@ class LLMServer:
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
+                if finished:
+                    self.metrics.record_request(item)
                 yield item
         finally:
             self._streams.pop(request_id, None)
@@ -115,6 +124,23 @@ class LLMServer:
         self._raise_if_dead()
         answer: concurrent.futures.Future = concurrent.futures.Future()
         self._send("stats", answer)
+        return await asyncio.wrap_future(answer)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What the autoscaling policies read (cluster/autoscaling.py), as of the last step."""
+        state = self._state
+        return {autoscaling.KV_UTILIZATION: state["kv_cache_usage_perc"],
+                autoscaling.NUM_RUNNING: state["num_requests_running"],
+                autoscaling.NUM_WAITING: (state["num_requests_waiting"]
+                                          + state["num_requests_swapped"] + len(self._adding)),
+                autoscaling.BLOCKS_DEMANDED: state["blocks_demanded"],
+                autoscaling.TOTAL_BLOCKS: state["total_blocks"]}
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """For the prefix-aware router (cluster/routing.py): what this replica has cached."""
+        self._raise_if_dead()
+        answer: concurrent.futures.Future = concurrent.futures.Future()
+        self._send("routing", answer)
         return await asyncio.wrap_future(answer)
 
     def check_health(self) -> None:
@@ -140,6 +166,8 @@ class LLMServer:
                     continue
                 for output in self.engine.step():
                     self._deliver(output.request_id, output)
+                self._state = self._read_state()
+                self.metrics.record_step(self._state)
         except BaseException as error:  # noqa: BLE001 - every waiter must hear of it
             logger.exception("the step loop died")
             self._error = error
@@ -166,8 +194,28 @@ class LLMServer:
             elif kind == "stats":
                 stats = self.engine.get_memory_stats()
                 args[0].set_result(stats)
+            elif kind == "routing":
+                keys = self.engine.block_manager.cached_block_keys()[-MAX_FINGERPRINTS:]
+                args[0].set_result({routing.FINGERPRINTS: [routing.fingerprint(k) for k in keys],
+                                    routing.BLOCK_SIZE: self.engine.block_manager.block_size})
             elif kind == "stop":
                 return False
+
+    def _read_state(self) -> dict[str, float]:
+        """Queue lengths, block usage and running totals, read between steps."""
+        bm, scheduler = self.engine.block_manager, self.engine.scheduler
+        # A waiting prompt takes its blocks (less any prefix-cache hits) once admitted.
+        waiting_blocks = sum(cdiv(len(group.prompt_token_ids), bm.block_size)
+                             for group in scheduler.waiting)
+        return {"kv_cache_usage_perc": bm.num_allocated_blocks / bm.num_blocks,
+                "num_requests_running": len(scheduler.running),
+                "num_requests_waiting": len(scheduler.waiting),
+                "num_requests_swapped": len(scheduler.swapped),
+                "prefix_cache_queries_total": bm.prefix_query_tokens,
+                "prefix_cache_hits_total": bm.prefix_hit_tokens,
+                "num_preemptions_total": scheduler.num_preemptions,
+                "blocks_demanded": bm.num_allocated_blocks + waiting_blocks + bm.num_swapped_blocks,
+                "total_blocks": bm.num_blocks}
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         stream = self._streams.get(request_id)
@@ -181,3 +229,13 @@ class LLMServer:
     def _raise_if_dead(self) -> None:
         if self._error is not None or not self._thread.is_alive():
             raise EngineDeadError(f"the engine's step loop is not running: {self._error!r}")
+
+
+def _replica_name() -> str:
+    """This Serve replica's id, or "local" outside Serve (tests drive LLMServer directly)."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - not in a replica: RayServeException, or no Ray
+        return "local"

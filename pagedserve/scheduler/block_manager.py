@@ -104,6 +104,10 @@ class BlockManager:
         """Free blocks that still hold a cached prefix."""
         return sum(1 for block_id in self._free if self._keys[block_id] is not None)
 
+    def cached_block_keys(self) -> list[BlockKey]:
+        """The prefix-cache keys of every cached block, in use or free, oldest first."""
+        return list(self._cached)
+
     @property
     def num_logical_blocks(self) -> int:
         """Table entries over all sequences; above num_allocated_blocks when blocks are shared."""

@@ -7,7 +7,9 @@ the way out (incremental detokenization, stop strings).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -127,6 +129,14 @@ class EngineCore:
         for group in advanced:
             self._detokenize(group)
         outputs = [self._request_output(group) for group in advanced]
+        now = time.monotonic()
+        for group, output in zip(advanced, outputs):
+            metrics = group.metrics
+            if metrics.first_token_time is None and any(o.token_ids for o in output.outputs):
+                metrics.first_token_time = now
+            if output.finished:
+                metrics.finished_time = now
+            output.metrics = dataclasses.replace(metrics)
         self.scheduler.free_finished(advanced)
         self._record_usage()
         return outputs

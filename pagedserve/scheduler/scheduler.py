@@ -23,6 +23,7 @@ a block it shares gets a private copy first (`StepInput.blocks_to_copy`).
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -150,6 +151,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self._set_status(group, SequenceStatus.RUNNING)
+            if group.metrics.first_scheduled_time is None:
+                group.metrics.first_scheduled_time = time.monotonic()
             self.running.append(group)
             num_seqs += len(seqs)
             budget -= self._commit(group, plan, step)

@@ -11,10 +11,10 @@ to 0) are all the same thing.
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pagedserve.outputs import RequestMetrics
 from pagedserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -118,7 +118,7 @@ class SequenceGroup:
     seqs: list[Sequence]
     sampling_params: SamplingParams
     prompt: str | None = None
-    arrival_time: float = field(default_factory=time.monotonic)
+    metrics: RequestMetrics = field(default_factory=RequestMetrics.now)
     beam_search: BeamSearch | None = None
     hypotheses: list[Hypothesis] | None = None  # beam search's result once finished
 

@@ -1,0 +1,94 @@
+"""The engine's state as Ray metrics: Ray's Prometheus endpoint and the Ray dashboard.
+
+Names follow vLLM's (`vllm:num_requests_running` ...) with `pagedserve_` for
+`vllm:`: Ray's metric pipeline drops names that contain a colon, and adds its
+own `ray_` prefix, so Prometheus sees `ray_pagedserve_num_requests_running`.
+Every series is tagged with the served model's name and the replica.
+
+The step thread calls `record_step` after each step (gauges, and counters by
+their change since the last step); `LLMServer.generate` calls
+`record_request` once a request finishes (latency histograms, token counts).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.util.metrics import Counter, Gauge, Histogram
+
+from pagedserve.outputs import RequestOutput
+
+PREFIX = "pagedserve_"
+TAG_KEYS = ("model_name", "replica")
+# Seconds: from 1 ms to 10 min, like vLLM's latency buckets.
+LATENCY_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                   2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0]
+
+GAUGES = {
+    "kv_cache_usage_perc": "KV-cache usage: allocated blocks over all blocks (1 = full).",
+    "num_requests_running": "Requests in the running batch.",
+    "num_requests_waiting": "Requests waiting to be admitted.",
+    "num_requests_swapped": "Requests whose KV blocks are swapped out to CPU memory.",
+}
+# Counters the step thread advances from the engine's running totals.
+STEP_COUNTERS = {
+    "prefix_cache_queries_total": "Prompt tokens looked up in the prefix cache.",
+    "prefix_cache_hits_total": "Prompt tokens found in the prefix cache.",
+    "num_preemptions_total": "Sequence groups preempted (recomputed or swapped out).",
+}
+REQUEST_COUNTERS = {
+    "prompt_tokens_total": "Prompt tokens of finished requests.",
+    "generation_tokens_total": "Tokens generated and returned by finished requests.",
+}
+HISTOGRAMS = {
+    "time_to_first_token_seconds": "From arrival to the first generated token.",
+    "time_per_output_token_seconds": "Mean time per output token after the first.",
+    "e2e_request_latency_seconds": "From arrival to the last token.",
+    "request_queue_time_seconds": "From arrival to first being scheduled.",
+}
+
+
+class EngineMetrics:
+    def __init__(self, model_name: str, replica: str) -> None:
+        tags = {"model_name": model_name, "replica": replica}
+
+        def make(kind, name: str, description: str, **options):
+            return kind(PREFIX + name, description, tag_keys=TAG_KEYS,
+                        **options).set_default_tags(tags)
+
+        self.gauges = {name: make(Gauge, name, text) for name, text in GAUGES.items()}
+        self.counters = {name: make(Counter, name, text)
+                         for name, text in {**STEP_COUNTERS, **REQUEST_COUNTERS}.items()}
+        self.histograms = {name: make(Histogram, name, text, boundaries=LATENCY_BUCKETS)
+                           for name, text in HISTOGRAMS.items()}
+        self._totals = dict.fromkeys(STEP_COUNTERS, 0)
+
+    def record_step(self, state: dict[str, Any]) -> None:
+        """`state`: the gauges' values and the step counters' running totals."""
+        for name, gauge in self.gauges.items():
+            gauge.set(state[name])
+        for name in STEP_COUNTERS:
+            change = state[name] - self._totals[name]
+            if change > 0:
+                self.counters[name].inc(change)
+            self._totals[name] = state[name]
+
+    def record_request(self, output: RequestOutput) -> None:
+        """A finished request: its token counts and latencies."""
+        generated = sum(len(completion.token_ids) for completion in output.outputs)
+        self.counters["prompt_tokens_total"].inc(len(output.prompt_token_ids))
+        if generated:
+            self.counters["generation_tokens_total"].inc(generated)
+        times = output.metrics
+        if times is None or times.finished_time is None:
+            return
+        observe = {name: histogram.observe for name, histogram in self.histograms.items()}
+        observe["e2e_request_latency_seconds"](times.finished_time - times.arrival_time)
+        if times.first_scheduled_time is not None:
+            observe["request_queue_time_seconds"](times.first_scheduled_time - times.arrival_time)
+        if times.first_token_time is not None:
+            observe["time_to_first_token_seconds"](times.first_token_time - times.arrival_time)
+            tokens = max(len(completion.token_ids) for completion in output.outputs)
+            if tokens > 1:
+                observe["time_per_output_token_seconds"](
+                    (times.finished_time - times.first_token_time) / (tokens - 1))

@@ -1,0 +1,106 @@
+"""The prefix-aware router's choices, on stand-in replicas (no Serve needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass, field
+
+from pagedserve.cluster.routing import (BLOCK_SIZE, FINGERPRINTS, PrefixAwareRouter,
+                                        fingerprint, prompt_fingerprints)
+from pagedserve.scheduler.block_manager import BlockManager
+
+BS = 16
+
+
+@dataclass
+class Replica:
+    replica_id: str
+    routing_stats: dict = field(default_factory=lambda: {BLOCK_SIZE: BS})
+
+
+@dataclass
+class Metadata:
+    request_id: str = "r"
+
+
+@dataclass
+class Request:
+    args: list
+    metadata: Metadata = field(default_factory=Metadata)
+
+
+def router(**kwargs) -> PrefixAwareRouter:
+    router = PrefixAwareRouter.__new__(PrefixAwareRouter)  # only its routing state
+    router.initialize_state(**kwargs)
+    return router
+
+
+def route(router: PrefixAwareRouter, replicas: list[Replica], prompt: list[int]) -> Replica:
+    """What Serve does with the ranks: the first rank's shortest queue takes it."""
+    request = Request(args=["id", prompt, None])
+    ranks = asyncio.run(router.choose_replicas(replicas, request))
+    chosen = min(ranks[0], key=lambda r: router._in_flight[r.replica_id])
+    router.on_request_routed(request, chosen.replica_id, None)
+    return chosen
+
+
+def tenant_prompt(system: int, user: int) -> list[int]:
+    """A tenant's 96-token system prompt, then a request's own 20 tokens."""
+    rng = random.Random(system)
+    prefix = [rng.randrange(6, 500) for _ in range(96)]
+    rng = random.Random(10_000 + user)
+    return prefix + [rng.randrange(6, 500) for _ in range(20)]
+
+
+def test_fingerprints_match_the_block_managers_keys():
+    prompt = tenant_prompt(0, 0)
+    manager = BlockManager(num_blocks=16, block_size=BS, enable_prefix_caching=True)
+    manager.allocate(0, len(prompt), prompt)
+    cached = {fingerprint(key) for key in manager.cached_block_keys()}
+    prints = prompt_fingerprints(prompt, BS, max_blocks=64)
+    assert len(prints) == (len(prompt) - 1) // BS and set(prints) <= cached
+
+
+def test_repeats_of_a_shared_prefix_go_to_one_replica():
+    replicas = [Replica("a"), Replica("b")]
+    r = router()
+    first = route(r, replicas, tenant_prompt(1, 0))
+    for user in range(1, 8):
+        assert route(r, replicas, tenant_prompt(1, user)) is first
+
+
+def test_reported_cache_wins_over_an_empty_replica():
+    prompt = tenant_prompt(2, 0)
+    holder = Replica("b", {BLOCK_SIZE: BS, FINGERPRINTS: prompt_fingerprints(prompt, BS, 64)})
+    replicas = [Replica("a"), holder]
+    for user in range(5):
+        assert route(router(), replicas, tenant_prompt(2, user)) is holder
+
+
+def test_distinct_prompts_still_spread():
+    replicas = [Replica("a"), Replica("b"), Replica("c")]
+    r = router()
+    counts = {"a": 0, "b": 0, "c": 0}
+    for tenant in range(30):
+        counts[route(r, replicas, tenant_prompt(100 + tenant, 0)).replica_id] += 1
+    assert min(counts.values()) >= 5, counts
+
+
+def test_a_much_busier_best_match_loses_to_the_least_loaded():
+    replicas = [Replica("a"), Replica("b")]
+    r = router(imbalance_threshold=4)
+    home = route(r, replicas, tenant_prompt(3, 0))
+    for _ in range(3):
+        r.on_request_routed(Request(args=[]), home.replica_id, None)  # 4 in flight there
+    other = next(x for x in replicas if x is not home)
+    assert route(r, replicas, tenant_prompt(3, 1)) is other
+    for _ in range(4):  # they finish: the prefix's home takes it again
+        r.on_request_completed(home.replica_id, "x")
+    assert route(r, replicas, tenant_prompt(3, 2)) is home
+
+
+def test_requests_without_token_ids_fall_back_to_two_random():
+    replicas = [Replica("a"), Replica("b"), Replica("c")]
+    ranks = asyncio.run(router().choose_replicas(replicas, Request(args=[])))
+    assert len(ranks) == 1 and len(ranks[0]) == 2

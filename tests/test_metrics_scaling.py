@@ -150,3 +150,12 @@ def test_kv_utilization_scales_up_under_load_and_down_when_idle(serve_instance):
         assert not failures, failures
     finally:
         serve.delete("scaling")
+
+
+def test_grafana_dashboard_plots_every_metric():
+    import json
+
+    dashboard = json.loads((CONFIGS.parent / "dashboards" / "grafana-pagedserve.json").read_text())
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    for name in [*GAUGES, *STEP_COUNTERS, *REQUEST_COUNTERS, *HISTOGRAMS]:
+        assert f"ray_pagedserve_{name}" in exprs, name

@@ -14,8 +14,9 @@ sends them to the replica that most likely holds them:
 - a request's prompt is cut into the same blocks and hashed the same way
   (scheduler/block_manager.block_key), and the replica with the longest
   leading run of matching blocks wins;
-- unless that replica holds `imbalance_threshold` more in-flight requests than
-  the least loaded one: then the least loaded one takes it.
+- unless that replica is much busier than the least loaded one: it holds
+  `imbalance_threshold` more in-flight requests, and at least twice as many.
+  Then the least loaded one takes it (and caches the prefix too).
 
 Requests without a match go to the less loaded of two random replicas, as
 with Serve's default. Selected by `serving.request_router: prefix_aware`.
@@ -27,8 +28,8 @@ import random
 from collections import OrderedDict, defaultdict
 from typing import Any
 
-from ray.serve.request_router import (FIFOMixin, LocalityMixin, MultiplexMixin, PendingRequest,
-                                      ReplicaID, RequestRouter, RunningReplica)
+from ray.serve.request_router import (LocalityMixin, MultiplexMixin, PendingRequest, ReplicaID,
+                                      RequestRouter, RunningReplica)
 
 from pagedserve.scheduler.block_manager import block_key
 
@@ -58,7 +59,10 @@ def _prompt(pending_request: PendingRequest | None) -> list[int] | None:
     return tokens if isinstance(tokens, list) else None
 
 
-class PrefixAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
+class PrefixAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
+    """No FIFOMixin: with it, a replica chosen for one request's prompt could be
+    handed to whichever request is oldest, which defeats the prefix match."""
+
     def initialize_state(self, imbalance_threshold: int = 8, max_prompt_blocks: int = 256,
                          remembered_blocks: int = 65536, **kwargs: Any) -> None:
         self.imbalance_threshold = imbalance_threshold
@@ -67,8 +71,6 @@ class PrefixAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter)
         self._in_flight: dict[ReplicaID, int] = defaultdict(int)
         # Per replica, fingerprints of the prompts routed there (LRU, bounded).
         self._routed: dict[ReplicaID, OrderedDict[int, None]] = defaultdict(OrderedDict)
-        # Per pending request (by id()), its prompt's fingerprints until it is routed.
-        self._prints_of: OrderedDict[int, list[int]] = OrderedDict()
         self._cached: dict[ReplicaID, tuple[Any, frozenset[int]]] = {}
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
@@ -76,37 +78,31 @@ class PrefixAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter)
                               ) -> list[list[RunningReplica]]:
         if len(candidate_replicas) <= 1:
             return [candidate_replicas]
-        by_load = sorted(candidate_replicas, key=lambda r: self._in_flight[r.replica_id])
         tokens = _prompt(pending_request)
         block_size = next((r.routing_stats.get(BLOCK_SIZE) for r in candidate_replicas
                            if r.routing_stats.get(BLOCK_SIZE)), None)
         if tokens is None or block_size is None:
-            return [self._two_random(candidate_replicas)]
+            return [random.sample(candidate_replicas, 2)]  # Serve's default
         prints = prompt_fingerprints(tokens, block_size, self.max_prompt_blocks)
-        self._prints_of[id(pending_request)] = prints
-        while len(self._prints_of) > 4096:  # requests cancelled before they were routed
-            self._prints_of.popitem(last=False)
+        load = {r.replica_id: self._in_flight[r.replica_id] for r in candidate_replicas}
         matches = {r.replica_id: self._match(r, prints) for r in candidate_replicas}
         best = max(candidate_replicas,
-                   key=lambda r: (matches[r.replica_id], -self._in_flight[r.replica_id]))
-        least = self._in_flight[by_load[0].replica_id]
-        if (matches[best.replica_id] == 0
-                or self._in_flight[best.replica_id] - least >= self.imbalance_threshold):
-            return [self._two_random(candidate_replicas)]
-        # The best match first; if it refuses (full), the others by load.
-        return [[best], [r for r in by_load if r is not best]]
+                   key=lambda r: (matches[r.replica_id], -load[r.replica_id]))
+        least = min(load.values())
+        busier = load[best.replica_id] - least
+        # Much busier: `imbalance_threshold` more in flight, and at least twice as many.
+        if matches[best.replica_id] == 0 or (busier >= self.imbalance_threshold
+                                             and load[best.replica_id] >= 2 * least):
+            # The less loaded of two random replicas, as Serve's default would take.
+            best = min(random.sample(candidate_replicas, 2), key=lambda r: load[r.replica_id])
+        self._remember(best.replica_id, prints)
+        others = sorted((r for r in candidate_replicas if r is not best),
+                        key=lambda r: load[r.replica_id])
+        return [[best], others]  # the others only if `best` refuses (full)
 
-    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
-                          result: Any) -> None:
+    def on_send_request(self, replica_id: ReplicaID) -> None:
+        super().on_send_request(replica_id)
         self._in_flight[replica_id] += 1
-        prints = self._prints_of.pop(id(pending_request), None)
-        if prints:
-            routed = self._routed[replica_id]
-            for value in prints:
-                routed[value] = None
-                routed.move_to_end(value)
-            while len(routed) > self.remembered_blocks:
-                routed.popitem(last=False)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         if self._in_flight[replica_id] > 0:
@@ -119,6 +115,15 @@ class PrefixAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter)
         super().on_replica_actor_died(replica_id)
 
     # -- helpers -------------------------------------------------------------
+    def _remember(self, replica_id: ReplicaID, prints: list[int]) -> None:
+        """The replica computes (and caches) the prompt's blocks: match them from now on."""
+        routed = self._routed[replica_id]
+        for value in prints:
+            routed[value] = None
+            routed.move_to_end(value)
+        while len(routed) > self.remembered_blocks:
+            routed.popitem(last=False)
+
     def _match(self, replica: RunningReplica, prints: list[int]) -> int:
         """How many of the prompt's leading blocks the replica holds (or was sent)."""
         cached = self._cached_set(replica)
@@ -138,7 +143,3 @@ class PrefixAwareRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter)
             memo = (reported, frozenset(reported))
             self._cached[replica.replica_id] = memo
         return memo[1]
-
-    def _two_random(self, replicas: list[RunningReplica]) -> list[RunningReplica]:
-        """Serve's default: two random replicas, of which it takes the shorter queue."""
-        return random.sample(replicas, min(2, len(replicas)))

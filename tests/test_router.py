@@ -20,14 +20,10 @@ class Replica:
 
 
 @dataclass
-class Metadata:
-    request_id: str = "r"
-
-
-@dataclass
 class Request:
+    """What the router reads of Serve's PendingRequest: generate()'s arguments."""
+
     args: list
-    metadata: Metadata = field(default_factory=Metadata)
 
 
 def router(**kwargs) -> PrefixAwareRouter:

@@ -1,10 +1,13 @@
-"""On the local Ray cluster: engine metrics reach Ray's Prometheus endpoint, and the
-kv_utilization policy scales LLMServer replicas 1 -> 2 under load and back to 1 idle,
-with no request failing in between.
+"""On the local Ray cluster: engine metrics reach Ray's Prometheus endpoint; the
+prefix-aware router keeps a shared prefix on one replica and spreads distinct prompts
+(read off the per-replica token counters); and the kv_utilization policy scales
+LLMServer replicas 1 -> 2 under load and back to 1 idle, with no request failing.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import random
 import re
 import threading
 import time
@@ -87,6 +90,58 @@ def test_metrics_reach_rays_endpoint_and_count_the_tokens_served(serve_instance,
     ttft = sum(_samples(text, "time_to_first_token_seconds_sum", model))
     e2e = sum(_samples(text, "e2e_request_latency_seconds_sum", model))
     assert 0 < ttft < e2e
+
+
+def _by_replica(text: str, metric: str, model: str) -> dict[str, float]:
+    pattern = re.compile(rf'^ray_pagedserve_{metric}\{{([^}}]*)\}} (\S+)$', re.M)
+    totals: dict[str, float] = {}
+    for tags, value in pattern.findall(text):
+        if f'model_name="{model}"' in tags:
+            replica = re.search(r'replica="([^"]*)"', tags).group(1)
+            totals[replica] = totals.get(replica, 0.0) + float(value)
+    return totals
+
+
+def _exported(url: str, metric: str, model: str, total: float) -> dict[str, float]:
+    """Per replica, once the replicas' sum of `metric` reaches `total` (Ray exports late)."""
+    deadline = time.monotonic() + 60
+    while True:
+        counts = _by_replica(httpx.get(url, timeout=10).text, metric, model)
+        if sum(counts.values()) >= total or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.5)
+
+
+def test_prefix_aware_router_keeps_a_shared_prefix_on_one_replica(serve_instance,
+                                                                  ray_metrics_url):
+    from ray import serve
+
+    model = "routed-llama"
+    url = _deploy(serve_instance, "routed", serving={
+        "served_model_name": model, "request_router": "prefix_aware",
+        "routing_stats_period_s": 0.5}, autoscaling={"min_replicas": 2, "max_replicas": 2})
+    rng = random.Random(0)
+    system = [rng.randrange(6, 500) for _ in range(80)]  # 5 full blocks
+
+    def complete(prompt: list[int]) -> int:
+        body = {"model": model, "prompt": prompt, "max_tokens": 2}
+        answer = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+        assert answer.status_code == 200, answer.text
+        return answer.json()["usage"]["prompt_tokens"]
+
+    try:
+        shared = sum(complete(system + [rng.randrange(6, 500) for _ in range(8)])
+                     for _ in range(6))
+        counts = _exported(ray_metrics_url, "prompt_tokens_total", model, shared)
+        assert max(counts.values()) == shared, counts  # all six on one replica
+        distinct = [[rng.randrange(6, 500) for _ in range(40)] for _ in range(12)]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=12) as pool:
+            spread = sum(pool.map(complete, distinct))
+        after = _exported(ray_metrics_url, "prompt_tokens_total", model, shared + spread)
+    finally:
+        serve.delete("routed")
+    assert sum(after.values()) == shared + spread
+    assert len(after) == 2 and min(after.values()) > 0, after  # distinct prompts spread
 
 
 def _replicas(app: str) -> int:

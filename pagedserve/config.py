@@ -40,6 +40,9 @@ class ModelConfig(_Strict):
     max_model_len: int | None = Field(default=None, gt=0)
     skip_tokenizer_init: bool = False
     load_format: Literal["auto", "safetensors", "dummy"] = "auto"
+    # A model directory may name Python files of its own (config.json's auto_map);
+    # they run only when this is true. Off, such a model is refused.
+    trust_remote_code: bool = False
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
@@ -147,6 +150,15 @@ class ServingConfig(_Strict):
     router_imbalance_threshold: int = Field(default=8, ge=1)
     # How often replicas report what they cache (prefix_aware).
     routing_stats_period_s: float = Field(default=2.0, gt=0.0)
+    # Requests that wait in front of the replicas (in Serve's routers) when all
+    # of them are at max_ongoing_requests; beyond this many they get a 503.
+    max_queued_requests: int = Field(default=1024, gt=0)
+    # Serve asks each replica this often whether its engine still runs; three
+    # failed checks in a row (a dead worker, a stopped step loop) replace it.
+    health_check_period_s: float = Field(default=10.0, gt=0.0)
+    health_check_timeout_s: float = Field(default=30.0, gt=0.0)
+    # Log each request's prompt and sampling parameters (off: only ids, sizes, status).
+    log_requests: bool = False
 
 
 # The key that picks a member of a tagged union (the autoscaling policy).

@@ -35,11 +35,12 @@ class LLM:
                  attention_backend: str = "auto", dtype: str = "auto", device: str = "auto",
                  seed: int = 0,
                  skip_tokenizer_init: bool = False, load_format: str = "auto",
-                 config: Config | None = None) -> None:
+                 trust_remote_code: bool = False, config: Config | None = None) -> None:
         if config is None:
             config = config_module.parse({
                 "model": dict(path=model, dtype=dtype, max_model_len=max_model_len,
-                              skip_tokenizer_init=skip_tokenizer_init, load_format=load_format),
+                              skip_tokenizer_init=skip_tokenizer_init, load_format=load_format,
+                              trust_remote_code=trust_remote_code),
                 "engine": dict(block_size=block_size,
                                gpu_memory_utilization=gpu_memory_utilization,
                                num_gpu_blocks=num_gpu_blocks, kv_cache_memory_gb=kv_cache_memory_gb,

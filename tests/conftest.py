@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from typing import NamedTuple
 
 # Triton kernels run in Triton's interpreter on this CPU. Triton reads this when a
 # kernel is decorated, so it is set before anything imports pagedserve.kernels.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# A model's own code (trust_remote_code tests) is copied here, not into the user's cache.
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="pagedserve-hf-modules-"))
 
 import pytest  # noqa: E402
 
@@ -67,8 +70,11 @@ def free_port() -> int:
 # Ray reads these when its processes start: metrics and autoscaling stats every
 # half second instead of every 10 s, so the tests see them within their bounds.
 _RAY_PORTS: dict[str, int] = {}
-FAST_METRICS_ENV = {"RAY_metrics_report_interval_ms": "500",
-                    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"}
+# Serve's log records are written one at a time, not in batches of 1000, so a
+# test reading the log files sees them at once.
+FAST_RAY_ENV = {"RAY_metrics_report_interval_ms": "500",
+                    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+                    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1"}
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +85,7 @@ def ray_cluster():
     from pagedserve.cluster.app import serve_environment
 
     serve_environment()  # the serving tests run Serve as `pagedserve serve` does
-    for name, value in FAST_METRICS_ENV.items():
+    for name, value in FAST_RAY_ENV.items():
         os.environ.setdefault(name, value)
     _RAY_PORTS["metrics"] = free_port()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",

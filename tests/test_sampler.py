@@ -177,6 +177,23 @@ def test_seeded_row_independent_of_batch_and_generator():
             assert got == alone, (position, gen_seed)
 
 
+def test_forked_sample_keeps_its_stream_next_to_a_prompt_sampled_n_times():
+    """A forked sample (sample_index 1) draws from its own seeded stream, also in a
+    step where another request's prompt row is expanded into several samples."""
+    import dataclasses
+
+    row = _flat_row()
+    params = SamplingParams(n=2, temperature=0.8, seed=9)
+    forked = dataclasses.replace(_seq(params, 1, output_index=4), sample_index=1)
+    alone = sample(row, [forked], _gen(0))[0].token_id
+    prompt_end = dataclasses.replace(_seq(SamplingParams(n=3, seed=3), 2), num_samples=3)
+    batch = torch.cat([row, _flat_row(seed=12)])
+    samples = sample(batch, [forked, prompt_end], _gen(0))
+    assert samples[0].token_id == alone
+    sibling = dataclasses.replace(forked, sample_index=0)
+    assert sample(row, [sibling], _gen(0))[0].token_id != alone  # the index matters here
+
+
 def test_seeded_rows_differ_across_output_index_and_seed():
     row = _flat_row()
     by_index = [sample(row, [_seq(SamplingParams(seed=5), output_index=i)], _gen(i))[0].token_id

@@ -31,7 +31,6 @@ from pagedserve.cluster.server import LLMServer
 from pagedserve.config import Config, load
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml"
-HEALTH_CHECK_PERIOD_S = 10
 ROUTER_PATH = f"{PrefixAwareRouter.__module__}:{PrefixAwareRouter.__name__}"
 POLICY_PATHS = {name: f"{policy.__module__}:{policy.__name__}"
                 for name, policy in autoscaling.POLICIES.items()}
@@ -70,8 +69,10 @@ def server_options(config: Config) -> dict[str, Any]:
     """Replicas, resources and placement of the LLMServer deployment."""
     parallel, scaling = config.parallel, config.autoscaling
     on_gpu = config.engine.device == "cuda"
-    options: dict[str, Any] = {"health_check_period_s": HEALTH_CHECK_PERIOD_S,
-                               "max_ongoing_requests": max_ongoing_requests(config)}
+    options: dict[str, Any] = {"health_check_period_s": config.serving.health_check_period_s,
+                               "health_check_timeout_s": config.serving.health_check_timeout_s,
+                               "max_ongoing_requests": max_ongoing_requests(config),
+                               "max_queued_requests": config.serving.max_queued_requests}
     if config.serving.request_router == "prefix_aware":
         options["request_router_config"] = RequestRouterConfig(
             request_router_class=ROUTER_PATH,
@@ -124,9 +125,12 @@ def max_ongoing_requests(config: Config) -> int:
 def build(config: Config) -> Application:
     config = served(config)
     server = serve.deployment(LLMServer, name="LLMServer").options(**server_options(config))
+    # Both deployments bound what waits in front of them (max_queued_requests), so a
+    # flood of requests costs 503s, not memory (BENCHMARKS.md, reliability).
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress",
                                ray_actor_options={"num_cpus": 0},
-                               max_ongoing_requests=max_ongoing_requests(config))
+                               max_ongoing_requests=max_ongoing_requests(config),
+                               max_queued_requests=config.serving.max_queued_requests)
     return ingress.bind(server.bind(config), config)
 
 

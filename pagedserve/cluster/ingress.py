@@ -13,6 +13,7 @@ mistakes become OpenAI-shaped errors with a 4xx status; a 500 means a bug.
 # parameters' real types (Request) after Serve rewrites the methods.
 import asyncio
 import hmac
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,6 +21,8 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException
 from transformers import AutoTokenizer
 
@@ -31,7 +34,12 @@ from pagedserve.config import Config, served_model_name
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
-app = FastAPI(title="pagedserve", description="OpenAI-compatible API over a paged KV cache")
+# Serve's own logger: records land in the replica's log files and the Ray dashboard.
+logger = logging.getLogger("ray.serve")
+# FastAPI's own /docs, /redoc and /openapi.json would answer without the API key:
+# the schema is served by a route of ours below, which checks it.
+app = FastAPI(title="pagedserve", description="OpenAI-compatible API over a paged KV cache",
+              docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @app.exception_handler(OpenAIError)
@@ -65,6 +73,18 @@ async def _last(stream: _Stream) -> RequestOutput:
     async for output in stream:
         final = output
     return final
+
+
+async def _finals(streams: list[_Stream]) -> list[RequestOutput]:
+    """The last output of every stream; one failure fails them all and aborts the rest."""
+    tasks = [asyncio.ensure_future(_last(stream)) for stream in streams]
+    try:
+        return await asyncio.gather(*tasks)
+    except Exception as error:  # noqa: BLE001 - a dead replica mid-request: mapped to 503
+        raise _client_error(error) from None
+    finally:
+        for task in tasks:
+            task.cancel()  # no-ops once done; otherwise closing the stream aborts upstream
 
 
 async def _merge(streams: list[_Stream]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -137,6 +157,15 @@ def _client_error(error: BaseException, retry_after_s: int = 1) -> OpenAIError:
                                     if ":" in message or "=" in message else None)
     if isinstance(cause, EngineDeadError):
         return OpenAIError(503, str(cause), type="server_error", code="engine_dead")
+    if isinstance(cause, (RayActorError, ActorUnavailableError)):
+        # The replica's process died (or is unreachable) mid-request; Serve replaces it.
+        return OpenAIError(503, f"the model replica serving this request stopped ({type(cause).__name__});"
+                           f" please retry after {retry_after_s} s", type="server_error",
+                           code="replica_unavailable", headers={"Retry-After": str(retry_after_s)})
+    if isinstance(cause, BackPressureError):
+        return OpenAIError(503, f"The server is overloaded: {cause}. Please retry after "
+                           f"{retry_after_s} s.", type="server_error",
+                           headers={"Retry-After": str(retry_after_s)})
     return OpenAIError(500, f"internal error: {type(cause).__name__}: {cause}", type="server_error")
 
 
@@ -163,6 +192,11 @@ class OpenAIIngress(GenerationService):
                                 status_code=503)
         return JSONResponse({"status": "ok"})
 
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> JSONResponse:
+        self._authorize(request)
+        return JSONResponse(app.openapi())
+
     @app.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
         self._authorize(request)
@@ -187,7 +221,7 @@ class OpenAIIngress(GenerationService):
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return _sse(self._stream_completion(request_id, req, streams, params[0].stop,
                                                 include_usage))
-        finals = await asyncio.gather(*(_last(stream) for stream in streams))
+        finals = await _finals(streams)
         return JSONResponse(responses.completion_response(
             request_id, req.model, int(time.time()), finals, self._tokenizer, req.logprobs))
 
@@ -205,7 +239,7 @@ class OpenAIIngress(GenerationService):
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return _sse(self._stream_chat(request_id, req, stream, params.stop, include_usage))
-        final = await _last(stream)
+        final, = await _finals([stream])
         return JSONResponse(responses.chat_response(
             request_id, req.model, int(time.time()), final, self._tokenizer,
             req.num_top_logprobs))
@@ -238,6 +272,8 @@ class OpenAIIngress(GenerationService):
         """A parsed request, checked to name this model, with the tokenizer ready."""
         self._check_model(req.model)
         await self._load()
+        if self.config.serving.log_requests:  # off by default: prompts stay out of the logs
+            logger.info("request body: %s", req.model_dump_json(exclude_none=True))
         return req
 
     def _check_model(self, model: str) -> None:
@@ -252,8 +288,9 @@ class OpenAIIngress(GenerationService):
             if self._tokenizer is None:
                 info = await self.server.model_info.remote()
                 self._max_model_len = info["max_model_len"]
-                self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained,
-                                                          info["model_dir"])
+                self._tokenizer = await asyncio.to_thread(
+                    AutoTokenizer.from_pretrained, info["model_dir"],
+                    trust_remote_code=self.config.model.trust_remote_code)
 
     def _room(self, prompt_ids: list[int], max_tokens: int | None) -> int:
         """Tokens left for the completion; a request that cannot fit is refused (vLLM's rule)."""

@@ -52,7 +52,8 @@ class EngineCore:
     def from_config(cls, config: Config) -> EngineCore:
         model, engine, parallel = config.model, config.engine, config.parallel
         info = resolve(model, engine, parallel)
-        tokenizer = None if model.skip_tokenizer_init else AutoTokenizer.from_pretrained(info.model_dir)
+        tokenizer = None if model.skip_tokenizer_init else AutoTokenizer.from_pretrained(
+            info.model_dir, trust_remote_code=model.trust_remote_code)
         max_batched = engine.step_token_budget(info.device.type)
         load_format = "dummy" if model.load_format == "dummy" else "safetensors"
         executor = make_executor(info, engine, parallel, load_format)

@@ -8,6 +8,7 @@ actor per tensor-parallel rank. Both return rank 0's StepOutput.
 
 from __future__ import annotations
 
+import os
 from typing import Protocol
 
 from pagedserve.config import EngineConfig, ParallelConfig
@@ -31,6 +32,7 @@ class WorkerFailedError(RuntimeError):
 
 class Executor(Protocol):
     block_bytes: int
+    worker_pids: list[int]  # the processes holding the model, rank 0 first
 
     def num_available_blocks(self, max_num_batched_tokens: int) -> int: ...
 
@@ -53,6 +55,7 @@ def make_executor(info: ModelInfo, engine: EngineConfig, parallel: ParallelConfi
 class LocalExecutor:
     def __init__(self, info: ModelInfo, engine: EngineConfig, load_format: str) -> None:
         self.worker = Worker(info, engine, load_format)
+        self.worker_pids = [os.getpid()]
 
     @property
     def block_bytes(self) -> int:

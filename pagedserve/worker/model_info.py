@@ -34,7 +34,7 @@ class ModelInfo:
 def resolve(model: ModelConfig, engine: EngineConfig,
             parallel: ParallelConfig = ParallelConfig()) -> ModelInfo:
     directory = model_dir(model)
-    hf_config = AutoConfig.from_pretrained(directory)
+    hf_config = load_hf_config(directory, model.trust_remote_code)
     check_tensor_parallel(hf_config, parallel.tensor_parallel_size)
     device = _device(engine.device, on_ray=parallel.executor_backend == "ray")
     return ModelInfo(
@@ -46,6 +46,18 @@ def resolve(model: ModelConfig, engine: EngineConfig,
         eos_token_ids=_eos_token_ids(directory, hf_config),
         vocab_size=hf_config.vocab_size,
     )
+
+
+def load_hf_config(directory: Path, trust_remote_code: bool) -> PretrainedConfig:
+    """config.json, through transformers; a model's own Python runs only when trusted."""
+    try:
+        return AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        if trust_remote_code or "trust_remote_code" not in str(error):
+            raise
+        raise ValueError(f"the model at {directory} ships its own code (config.json auto_map), "
+                         "which runs only with model.trust_remote_code: true (trust_remote_code="
+                         "True for LLM); leave it off unless you have read that code") from None
 
 
 def model_dir(model: ModelConfig) -> Path:

@@ -130,6 +130,9 @@ class RayWorker:
     def init_kv_cache(self, num_blocks: int, num_cpu_blocks: int) -> None:
         self.worker.init_kv_cache(num_blocks, num_cpu_blocks)
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def execute(self, step: StepInput) -> StepOutput | RankFailure | None:
         try:
             return self.worker.execute(step)
@@ -174,6 +177,7 @@ class RayExecutor:
         init_method = self._call([self.workers[0]], "rendezvous_address")[0]
         self.call_all("init_worker", info, engine, load_format, self.size, init_method,
                       self.timeout_s, max(1, int(parallel.worker_cpus)))
+        self.worker_pids = self.call_all("pid")
         logger.info("%d tensor-parallel workers ready (%s, rendezvous %s)", self.size,
                     info.device.type, init_method)
 

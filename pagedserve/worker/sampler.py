@@ -38,7 +38,8 @@ def sample(logits: torch.Tensor, seqs: list[ScheduledSequence],
         return beams + (sample(logits[rest], [seqs[i] for i in rest], generator) if rest else [])
     if any(seq.num_samples > 1 for seq in seqs):
         rows = [i for i, seq in enumerate(seqs) for _ in range(seq.num_samples)]
-        seqs = [dataclasses.replace(seq, num_samples=1, sample_index=k)
+        # A row sampled once keeps its own sample index (a forked sample's).
+        seqs = [dataclasses.replace(seq, num_samples=1, sample_index=seq.sample_index + k)
                 for seq in seqs for k in range(seq.num_samples)]
         logits = logits[rows]
     params = [seq.sampling_params for seq in seqs]

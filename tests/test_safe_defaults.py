@@ -115,20 +115,20 @@ def test_request_contents_are_logged_only_when_enabled(serve_instance):
 def test_the_api_key_guards_every_route_but_health(serve_instance):
     from ray import serve
 
-    from pagedserve.cluster.ingress import app
-
     url = _deploy(serve_instance, "guarded")
-    routes = [(sorted(r.methods)[0], r.path) for r in app.routes if hasattr(r, "methods")]
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    schema = httpx.get(f"{url}/openapi.json", headers=headers, timeout=60)
+    assert schema.status_code == 200, schema.text
+    routes = [(method.upper(), path) for path, methods in schema.json()["paths"].items()
+              for method in methods] + [("GET", "/openapi.json")]
     assert {path for _, path in routes} >= {"/health", "/v1/models", "/v1/completions",
                                             "/v1/chat/completions", "/stats", "/openapi.json"}
     for method, path in routes:
-        response = httpx.request(method, f"{url}{path}", json={}, timeout=60)
-        if path == "/health":
-            assert response.status_code == 200, response.text
-        else:
-            assert response.status_code == 401, (method, path, response.status_code)
-            assert response.json()["error"]["code"] == "invalid_api_key"
-    headers = {"Authorization": f"Bearer {API_KEY}"}
-    schema = httpx.get(f"{url}/openapi.json", headers=headers, timeout=60)
-    assert schema.status_code == 200 and "/v1/completions" in schema.json()["paths"]
+        for given in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+            response = httpx.request(method, f"{url}{path}", json={}, headers=given, timeout=60)
+            if path == "/health":
+                assert response.status_code == 200, response.text
+            else:
+                assert response.status_code == 401, (method, path, response.status_code)
+                assert response.json()["error"]["code"] == "invalid_api_key"
     serve.delete("guarded")

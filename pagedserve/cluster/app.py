@@ -22,7 +22,7 @@ from typing import Any
 
 from ray import serve
 from ray.serve import Application
-from ray.serve.config import RequestRouterConfig, gRPCOptions
+from ray.serve.config import BackpressureConfig, RequestRouterConfig, gRPCOptions
 
 from pagedserve.cluster import autoscaling
 from pagedserve.cluster.ingress import OpenAIIngress
@@ -72,7 +72,7 @@ def server_options(config: Config) -> dict[str, Any]:
     options: dict[str, Any] = {"health_check_period_s": config.serving.health_check_period_s,
                                "health_check_timeout_s": config.serving.health_check_timeout_s,
                                "max_ongoing_requests": max_ongoing_requests(config),
-                               "max_queued_requests": config.serving.max_queued_requests}
+                               **backpressure(config)}
     if config.serving.request_router == "prefix_aware":
         options["request_router_config"] = RequestRouterConfig(
             request_router_class=ROUTER_PATH,
@@ -122,6 +122,13 @@ def max_ongoing_requests(config: Config) -> int:
     return config.engine.max_num_seqs + config.serving.max_waiting_requests + 1
 
 
+def backpressure(config: Config) -> dict[str, Any]:
+    """Serve's bound on requests waiting for a replica: beyond it, 503 + Retry-After."""
+    return {"max_queued_requests": config.serving.max_queued_requests,
+            "backpressure_config": BackpressureConfig(
+                status_code=503, retry_after_s=config.serving.retry_after_s)}
+
+
 def build(config: Config) -> Application:
     config = served(config)
     server = serve.deployment(LLMServer, name="LLMServer").options(**server_options(config))
@@ -130,7 +137,7 @@ def build(config: Config) -> Application:
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress",
                                ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=max_ongoing_requests(config),
-                               max_queued_requests=config.serving.max_queued_requests)
+                               **backpressure(config))
     return ingress.bind(server.bind(config), config)
 
 

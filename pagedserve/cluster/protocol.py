@@ -97,7 +97,26 @@ def parse_request(model_cls: type[BaseModel], body: bytes) -> BaseModel:
         raise bad_request(f"request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise bad_request(f"request body must be a JSON object, not {_json_type(data)}")
+    _check_unicode(data, ())
     return validate_request(model_cls, data)
+
+
+def _check_unicode(value: Any, loc: tuple[str | int, ...]) -> None:
+    """JSON's \\uXXXX escapes can spell lone surrogates, which are not text: refuse them."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            param = _path(loc) or "body"
+            raise bad_request(f"{param}: not valid Unicode (a lone surrogate "
+                              f"{value[exc.start]!a} at character {exc.start})", param) from None
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_unicode(item, (*loc, index))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key, loc)
+            _check_unicode(item, (*loc, key))
 
 
 def validate_request(model_cls: type[BaseModel], data: dict[str, Any]) -> BaseModel:

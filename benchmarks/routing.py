@@ -4,9 +4,10 @@
    tenants, each with its own `--system-len`-token system prompt, then a
    request's own `--user-len` tokens and `--output-len` generated tokens
    (token-id prompts, greedy, ignore_eos), all requests sent at once in a
-   seeded random order. Each replica's KV pool (`--pool-blocks`) holds about
-   half the tenants' prefixes besides the running requests, as when tenants
-   outnumber what one replica can cache. The same workload runs behind Serve's
+   seeded random order. Each replica's KV pool (`--pool-blocks`) holds clearly
+   fewer than half the tenants' prefixes besides the running requests (160
+   blocks: about 4.6 of 12), as when tenants outnumber what the replicas can
+   cache between them: both routers must evict. The same workload runs behind Serve's
    default router (the shorter queue of two random replicas) and behind
    `serving.request_router: prefix_aware`, one after the other in one
    invocation. Reported: prefix-cache hit rate (hit / queried prompt tokens,
@@ -18,7 +19,7 @@
    mean KV utilization and waiting requests sampled every half second, plotted
    to `scaling_trace.png`.
 
-    python benchmarks/routing.py [--requests 96] [--tenants 8] [--trace]
+    python benchmarks/routing.py [--requests 288] [--tenants 12] [--trace]
 """
 
 from __future__ import annotations
@@ -188,12 +189,12 @@ def plot_trace(samples: list[dict], out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=96)
-    parser.add_argument("--tenants", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=288)
+    parser.add_argument("--tenants", type=int, default=12)
     parser.add_argument("--system-len", type=int, default=512)
     parser.add_argument("--user-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=16)
-    parser.add_argument("--pool-blocks", type=int, default=192,
+    parser.add_argument("--pool-blocks", type=int, default=160,
                         help="KV blocks per replica (16 tokens each)")
     parser.add_argument("--max-num-seqs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)

@@ -114,7 +114,8 @@ BAD_BODIES = [
     (CH, body(model="m", messages=USER, tools=[]), "tools", "Unrecognized request argument"),
     # JSON escapes can spell lone surrogates: not text, refused wherever they are.
     (C, b'{"model": "m", "prompt": "a\\ud800"}', "prompt", "lone surrogate"),
-    (C, b'{"model": "m", "prompt": "hi", "stop": ["ok", "\\udfff"]}', "stop[1]", "not valid Unicode"),
+    (C, b'{"model": "m", "prompt": "hi", "stop": ["ok", "\\udfff"]}', "stop[1]",
+     "not valid Unicode"),
     (CH, b'{"model": "m", "messages": [{"role": "user", "content": "\\ud83d"}]}',
      "messages[0].content", "lone surrogate"),
     (C, b'{"model": "m", "prompt": "hi", "\\ud800": 1}', "body", "not valid Unicode"),

@@ -6,8 +6,8 @@ import asyncio
 import random
 from dataclasses import dataclass, field
 
-from pagedserve.cluster.routing import (BLOCK_SIZE, FINGERPRINTS, PrefixAwareRouter,
-                                        fingerprint, prompt_fingerprints)
+from pagedserve.cluster.routing import (FINGERPRINTS, PrefixAwareRouter, fingerprint,
+                                        prompt_fingerprints)
 from pagedserve.scheduler.block_manager import BlockManager
 
 BS = 16
@@ -16,7 +16,7 @@ BS = 16
 @dataclass
 class Replica:
     replica_id: str
-    routing_stats: dict = field(default_factory=lambda: {BLOCK_SIZE: BS})
+    routing_stats: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -28,7 +28,7 @@ class Request:
 
 def router(**kwargs) -> PrefixAwareRouter:
     router = PrefixAwareRouter.__new__(PrefixAwareRouter)  # only its routing state
-    router.initialize_state(**kwargs)
+    router.initialize_state(**{"block_size": BS, **kwargs})
     return router
 
 
@@ -68,7 +68,7 @@ def test_repeats_of_a_shared_prefix_go_to_one_replica():
 
 def test_reported_cache_wins_over_an_empty_replica():
     prompt = tenant_prompt(2, 0)
-    holder = Replica("b", {BLOCK_SIZE: BS, FINGERPRINTS: prompt_fingerprints(prompt, BS, 64)})
+    holder = Replica("b", {FINGERPRINTS: prompt_fingerprints(prompt, BS, 64)})
     replicas = [Replica("a"), holder]
     for user in range(5):
         assert route(router(), replicas, tenant_prompt(2, user)) is holder
@@ -90,12 +90,25 @@ def test_a_much_busier_best_match_loses_to_the_least_loaded():
     r._in_flight[home.replica_id] += 3  # 4 in flight there, none elsewhere
     other = next(x for x in replicas if x is not home)
     assert route(r, replicas, tenant_prompt(3, 1)) is other
-    for _ in range(4):  # they finish: the prefix's home takes it again
+    for _ in range(4):  # they finish; the prefix moved, and its requests follow it
         r.on_request_completed(home.replica_id, "x")
-    assert route(r, replicas, tenant_prompt(3, 2)) is home
+    assert route(r, replicas, tenant_prompt(3, 2)) is other
+    assert route(r, replicas, tenant_prompt(3, 3)) is other
+    # Another tenant still finds the idle replica.
+    assert route(r, replicas, tenant_prompt(4, 0)) is home
 
 
 def test_requests_without_token_ids_fall_back_to_two_random():
     replicas = [Replica("a"), Replica("b"), Replica("c")]
     ranks = asyncio.run(router().choose_replicas(replicas, Request(args=[])))
     assert len(ranks) == 1 and len(ranks[0]) == 2
+
+
+def test_new_prefixes_spread_evenly_over_the_replicas_caches():
+    replicas = [Replica("a"), Replica("b"), Replica("c")]
+    r = router()
+    r._in_flight["a"] += 3  # busier, yet not much busier: the prefix count decides
+    homes = [route(r, replicas, tenant_prompt(t, 0)) for t in range(9)]
+    assert sorted(h.replica_id for h in homes) == ["a"] * 3 + ["b"] * 3 + ["c"] * 3
+    for t in range(9):  # and each tenant's later requests find its home
+        assert route(r, replicas, tenant_prompt(t, 1)) is homes[t]

@@ -77,6 +77,7 @@ def server_options(config: Config) -> dict[str, Any]:
         options["request_router_config"] = RequestRouterConfig(
             request_router_class=ROUTER_PATH,
             request_router_kwargs={
+                "block_size": config.engine.block_size,
                 "imbalance_threshold": config.serving.router_imbalance_threshold},
             request_routing_stats_period_s=config.serving.routing_stats_period_s)
     if scaling.min_replicas == scaling.max_replicas:

@@ -75,13 +75,13 @@ async def _last(stream: _Stream) -> RequestOutput:
     return final
 
 
-async def _finals(streams: list[_Stream]) -> list[RequestOutput]:
+async def _finals(streams: list[_Stream], retry_after_s: int) -> list[RequestOutput]:
     """The last output of every stream; one failure fails them all and aborts the rest."""
     tasks = [asyncio.ensure_future(_last(stream)) for stream in streams]
     try:
         return await asyncio.gather(*tasks)
     except Exception as error:  # noqa: BLE001 - a dead replica mid-request: mapped to 503
-        raise _client_error(error) from None
+        raise _client_error(error, retry_after_s) from None
     finally:
         for task in tasks:
             task.cancel()  # no-ops once done; otherwise closing the stream aborts upstream
@@ -125,7 +125,7 @@ def _usage(finals: list[RequestOutput | None]) -> dict[str, int]:
     return responses.usage(prompt, completion)
 
 
-def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
+def _sse(chunks: AsyncIterator[dict], retry_after_s: int) -> StreamingResponse:
     async def events() -> AsyncIterator[str]:
         import json
 
@@ -133,7 +133,7 @@ def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
             async for chunk in chunks:
                 yield f"data: {json.dumps(chunk)}\n\n"
         except Exception as error:  # noqa: BLE001 - the status is sent: report in-band
-            failure = _client_error(error)
+            failure = _client_error(error, retry_after_s)
             yield f"data: {json.dumps(failure.body())}\n\n"
         yield "data: [DONE]\n\n"
 
@@ -145,7 +145,7 @@ def _cause(error: BaseException) -> BaseException:
     return getattr(error, "cause", None) or error
 
 
-def _client_error(error: BaseException, retry_after_s: int = 1) -> OpenAIError:
+def _client_error(error: BaseException, retry_after_s: int) -> OpenAIError:
     cause = _cause(error)
     if isinstance(cause, OpenAIError):
         return cause
@@ -155,17 +155,16 @@ def _client_error(error: BaseException, retry_after_s: int = 1) -> OpenAIError:
         message = str(cause)
         return protocol.bad_request(message, message.split(":", 1)[0].split("=", 1)[0].strip()
                                     if ":" in message or "=" in message else None)
-    if isinstance(cause, EngineDeadError):
-        return OpenAIError(503, str(cause), type="server_error", code="engine_dead")
+    if isinstance(cause, EngineDeadError):  # Serve's health check replaces the replica
+        return protocol.retry_later(str(cause), retry_after_s, code="engine_dead")
     if isinstance(cause, (RayActorError, ActorUnavailableError)):
         # The replica's process died (or is unreachable) mid-request; Serve replaces it.
-        return OpenAIError(503, f"the model replica serving this request stopped ({type(cause).__name__});"
-                           f" please retry after {retry_after_s} s", type="server_error",
-                           code="replica_unavailable", headers={"Retry-After": str(retry_after_s)})
+        return protocol.retry_later(
+            f"the model replica serving this request stopped ({type(cause).__name__}); "
+            f"please retry after {retry_after_s} s", retry_after_s, code="replica_unavailable")
     if isinstance(cause, BackPressureError):
-        return OpenAIError(503, f"The server is overloaded: {cause}. Please retry after "
-                           f"{retry_after_s} s.", type="server_error",
-                           headers={"Retry-After": str(retry_after_s)})
+        return protocol.retry_later(f"The server is overloaded: {cause}. Please retry after "
+                                    f"{retry_after_s} s.", retry_after_s)
     return OpenAIError(500, f"internal error: {type(cause).__name__}: {cause}", type="server_error")
 
 
@@ -220,8 +219,8 @@ class OpenAIIngress(GenerationService):
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return _sse(self._stream_completion(request_id, req, streams, params[0].stop,
-                                                include_usage))
-        finals = await _finals(streams)
+                                                include_usage), self.config.serving.retry_after_s)
+        finals = await _finals(streams, self.config.serving.retry_after_s)
         return JSONResponse(responses.completion_response(
             request_id, req.model, int(time.time()), finals, self._tokenizer, req.logprobs))
 
@@ -238,8 +237,9 @@ class OpenAIIngress(GenerationService):
         stream = await self._start(request_id, ids, params)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(self._stream_chat(request_id, req, stream, params.stop, include_usage))
-        final, = await _finals([stream])
+            return _sse(self._stream_chat(request_id, req, stream, params.stop, include_usage),
+                        self.config.serving.retry_after_s)
+        final, = await _finals([stream], self.config.serving.retry_after_s)
         return JSONResponse(responses.chat_response(
             request_id, req.model, int(time.time()), final, self._tokenizer,
             req.num_top_logprobs))

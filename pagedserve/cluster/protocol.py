@@ -71,11 +71,15 @@ def too_large(size: int, limit: int) -> OpenAIError:
     return OpenAIError(413, f"The request body is {size} bytes; the limit is {limit} bytes.")
 
 
-def overloaded(waiting: int, limit: int, retry_after_s: int) -> OpenAIError:
+def retry_later(message: str, retry_after_s: int, code: str | None = None) -> OpenAIError:
     """503 + Retry-After: the openai client retries these by itself, after that delay."""
-    return OpenAIError(503, f"The server is overloaded: {waiting} requests are waiting "
-                       f"(limit {limit}). Please retry after {retry_after_s} s.",
-                       type="server_error", headers={"Retry-After": str(retry_after_s)})
+    return OpenAIError(503, message, type="server_error", code=code,
+                       headers={"Retry-After": str(retry_after_s)})
+
+
+def overloaded(waiting: int, limit: int, retry_after_s: int) -> OpenAIError:
+    return retry_later(f"The server is overloaded: {waiting} requests are waiting "
+                       f"(limit {limit}). Please retry after {retry_after_s} s.", retry_after_s)
 
 
 class FieldError(ValueError):

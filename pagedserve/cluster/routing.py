@@ -13,13 +13,18 @@ sends them to the replica that most likely holds them:
   caches a prompt's blocks as soon as it computes them;
 - a request's prompt is cut into the same blocks and hashed the same way
   (scheduler/block_manager.block_key), and the replica with the longest
-  leading run of matching blocks wins;
+  leading run of matching blocks wins; between equal matches, the replica the
+  prefix was last sent to;
 - unless that replica is much busier than the least loaded one: it holds
   `imbalance_threshold` more in-flight requests, and at least twice as many.
-  Then the least loaded one takes it (and caches the prefix too).
+  Then the least loaded one takes it (and caches the prefix too), and the
+  prefix's later requests follow it there.
 
-Requests without a match go to the less loaded of two random replicas, as
-with Serve's default. Selected by `serving.request_router: prefix_aware`.
+A prompt no replica holds goes to the replica that was sent the fewest
+distinct prefixes (the most room to cache it; ties: the less loaded), so
+tenants spread evenly over the replicas' caches. Requests without token ids
+or a full block go to the less loaded of two random replicas, as with
+Serve's default. Selected by `serving.request_router: prefix_aware`.
 """
 
 from __future__ import annotations
@@ -33,8 +38,7 @@ from ray.serve.request_router import (LocalityMixin, MultiplexMixin, PendingRequ
 
 from pagedserve.scheduler.block_manager import block_key
 
-FINGERPRINTS = "prefix_fingerprints"  # routing-stats keys, LLMServer.record_routing_stats
-BLOCK_SIZE = "block_size"
+FINGERPRINTS = "prefix_fingerprints"  # the routing-stats key, LLMServer.record_routing_stats
 
 
 def fingerprint(key: bytes) -> int:
@@ -51,6 +55,14 @@ def prompt_fingerprints(token_ids: list[int], block_size: int, max_blocks: int) 
     return prints
 
 
+def _put(entries: OrderedDict, key: int, value: Any, limit: int) -> None:
+    """Insert or refresh `key` as the newest entry; drop the oldest beyond `limit`."""
+    entries[key] = value
+    entries.move_to_end(key)
+    while len(entries) > limit:
+        entries.popitem(last=False)
+
+
 def _prompt(pending_request: PendingRequest | None) -> list[int] | None:
     """The prompt token ids of an LLMServer.generate(request_id, prompt_token_ids, params) call."""
     if pending_request is None or len(pending_request.args) < 2:
@@ -63,14 +75,22 @@ class PrefixAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
     """No FIFOMixin: with it, a replica chosen for one request's prompt could be
     handed to whichever request is oldest, which defeats the prefix match."""
 
-    def initialize_state(self, imbalance_threshold: int = 8, max_prompt_blocks: int = 256,
-                         remembered_blocks: int = 65536, **kwargs: Any) -> None:
+    def initialize_state(self, block_size: int = 16, imbalance_threshold: int = 8,
+                         max_prompt_blocks: int = 256, remembered_blocks: int = 65536,
+                         **kwargs: Any) -> None:
+        # From the config, not from the replicas' reports: a burst that comes before
+        # the first report is routed by prefix too (the memory of what went where).
+        self.block_size = block_size
         self.imbalance_threshold = imbalance_threshold
         self.max_prompt_blocks = max_prompt_blocks
         self.remembered_blocks = remembered_blocks
         self._in_flight: dict[ReplicaID, int] = defaultdict(int)
-        # Per replica, fingerprints of the prompts routed there (LRU, bounded).
-        self._routed: dict[ReplicaID, OrderedDict[int, None]] = defaultdict(OrderedDict)
+        # Per replica, fingerprints of the prompts routed there -> when (a request
+        # count), oldest first, bounded.
+        self._routed: dict[ReplicaID, OrderedDict[int, int]] = defaultdict(OrderedDict)
+        self._routed_count = 0
+        # Per replica, the distinct first blocks sent there: how many prefixes it caches.
+        self._heads: dict[ReplicaID, OrderedDict[int, None]] = defaultdict(OrderedDict)
         self._cached: dict[ReplicaID, tuple[Any, frozenset[int]]] = {}
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
@@ -79,20 +99,27 @@ class PrefixAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         if len(candidate_replicas) <= 1:
             return [candidate_replicas]
         tokens = _prompt(pending_request)
-        block_size = next((r.routing_stats.get(BLOCK_SIZE) for r in candidate_replicas
-                           if r.routing_stats.get(BLOCK_SIZE)), None)
-        if tokens is None or block_size is None:
-            return [random.sample(candidate_replicas, 2)]  # Serve's default
-        prints = prompt_fingerprints(tokens, block_size, self.max_prompt_blocks)
+        prints = (prompt_fingerprints(tokens, self.block_size, self.max_prompt_blocks)
+                  if tokens is not None else [])
+        if not prints:  # no token ids, or not one full block: Serve's default
+            return [random.sample(candidate_replicas, 2)]
         load = {r.replica_id: self._in_flight[r.replica_id] for r in candidate_replicas}
         matches = {r.replica_id: self._match(r, prints) for r in candidate_replicas}
-        best = max(candidate_replicas,
-                   key=lambda r: (matches[r.replica_id], -load[r.replica_id]))
+        if max(count for count, _ in matches.values()) == 0:
+            # A new prefix: to the replica that was sent the fewest distinct prefixes
+            # (the most room to cache it), as SGLang's cache-aware router does.
+            best = min(candidate_replicas, key=lambda r: (len(self._heads[r.replica_id]),
+                                                          load[r.replica_id]))
+        else:
+            # Equal matches: the replica this prefix was sent to last. A prefix moved by
+            # a fallback stays moved, instead of alternating between two replicas that
+            # must then both keep it cached.
+            best = max(candidate_replicas,
+                       key=lambda r: (*matches[r.replica_id], -load[r.replica_id]))
         least = min(load.values())
-        busier = load[best.replica_id] - least
         # Much busier: `imbalance_threshold` more in flight, and at least twice as many.
-        if matches[best.replica_id] == 0 or (busier >= self.imbalance_threshold
-                                             and load[best.replica_id] >= 2 * least):
+        if (load[best.replica_id] - least >= self.imbalance_threshold
+                and load[best.replica_id] >= 2 * least):
             # The less loaded of two random replicas, as Serve's default would take.
             best = min(random.sample(candidate_replicas, 2), key=lambda r: load[r.replica_id])
         self._remember(best.replica_id, prints)
@@ -111,21 +138,21 @@ class PrefixAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         self._in_flight.pop(replica_id, None)
         self._routed.pop(replica_id, None)
+        self._heads.pop(replica_id, None)
         self._cached.pop(replica_id, None)
         super().on_replica_actor_died(replica_id)
 
     # -- helpers -------------------------------------------------------------
     def _remember(self, replica_id: ReplicaID, prints: list[int]) -> None:
         """The replica computes (and caches) the prompt's blocks: match them from now on."""
-        routed = self._routed[replica_id]
+        self._routed_count += 1
         for value in prints:
-            routed[value] = None
-            routed.move_to_end(value)
-        while len(routed) > self.remembered_blocks:
-            routed.popitem(last=False)
+            _put(self._routed[replica_id], value, self._routed_count, self.remembered_blocks)
+        _put(self._heads[replica_id], prints[0], None, self.remembered_blocks)
 
-    def _match(self, replica: RunningReplica, prints: list[int]) -> int:
-        """How many of the prompt's leading blocks the replica holds (or was sent)."""
+    def _match(self, replica: RunningReplica, prints: list[int]) -> tuple[int, int]:
+        """How many of the prompt's leading blocks the replica holds (or was sent),
+        and when the last of them was last sent there (0: only reported cached)."""
         cached = self._cached_set(replica)
         routed = self._routed.get(replica.replica_id, {})
         count = 0
@@ -133,7 +160,7 @@ class PrefixAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             if value not in cached and value not in routed:
                 break
             count += 1
-        return count
+        return count, routed.get(prints[count - 1], 0) if count else 0
 
     def _cached_set(self, replica: RunningReplica) -> frozenset[int]:
         """The replica's last reported fingerprints, as a set (rebuilt when a report lands)."""

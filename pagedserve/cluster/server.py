@@ -201,8 +201,7 @@ class LLMServer:
                 args[0].set_result(stats)
             elif kind == "routing":
                 keys = self.engine.block_manager.cached_block_keys()[-MAX_FINGERPRINTS:]
-                args[0].set_result({routing.FINGERPRINTS: [routing.fingerprint(k) for k in keys],
-                                    routing.BLOCK_SIZE: self.engine.block_manager.block_size})
+                args[0].set_result({routing.FINGERPRINTS: [routing.fingerprint(k) for k in keys]})
             elif kind == "stop":
                 return False
 

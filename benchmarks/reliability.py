@@ -174,6 +174,7 @@ def main() -> None:
           f"{fault['blocks_leaked']}, queued {fault['requests_queued']}")
     for failure in f["failures"]:
         print("  e.g.", failure)
+    serve.delete("reliability")  # its worker's CPU goes to the flood app's
     flooded = flood(port, args.flood)
     print(f"\nflood: {flooded['requests']} requests at once in {flooded['seconds']:.0f} s: "
           f"{flooded['statuses']}; {flooded['accepted_and_whole']} accepted and whole; "

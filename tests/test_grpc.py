@@ -13,7 +13,7 @@ import grpc
 import httpx
 import pytest
 
-from pagedserve.cluster import protocol
+from pagedserve.cluster import errors, protocol
 from pagedserve.cluster.grpc_service import request_fields, status_code
 from pagedserve.cluster.proto import pagedserve_pb2 as pb
 from pagedserve.cluster.proto import pagedserve_pb2_grpc as pb_grpc
@@ -163,13 +163,14 @@ def test_still_serves_after_bad_requests(stub):
 
 
 def test_status_codes_of_the_http_errors():
-    assert status_code(protocol.bad_request("n: too big", "n")) == grpc.StatusCode.INVALID_ARGUMENT
-    assert status_code(protocol.not_found_model("x", ["y"])) == grpc.StatusCode.NOT_FOUND
-    assert status_code(protocol.unauthorized()) == grpc.StatusCode.UNAUTHENTICATED
-    assert status_code(protocol.overloaded(9, 8, 1)) == grpc.StatusCode.RESOURCE_EXHAUSTED
-    dead = protocol.OpenAIError(503, "the engine stopped", type="server_error",
-                                code="engine_dead")
-    assert status_code(dead) == grpc.StatusCode.UNAVAILABLE
+    assert status_code(errors.bad_request("n: too big", "n")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert status_code(errors.not_found_model("x", ["y"])) == grpc.StatusCode.NOT_FOUND
+    assert status_code(errors.unauthorized()) == grpc.StatusCode.UNAUTHENTICATED
+    assert status_code(errors.overloaded(9, 8, 1)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # A dead engine or replica says when to retry too, but it is unavailable, not exhausted.
+    for code in ("engine_dead", "replica_unavailable"):
+        down = errors.retry_later("the engine stopped", 1, code=code)
+        assert status_code(down) == grpc.StatusCode.UNAVAILABLE
 
 
 def test_request_fields_hold_only_what_the_client_set():

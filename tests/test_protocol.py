@@ -9,17 +9,15 @@ import json
 
 import pytest
 
-from pagedserve.cluster.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
+from pagedserve.cluster.errors import (
     OpenAIError,
     bad_request,
     not_found_model,
     overloaded,
-    parse_request,
     too_large,
     unauthorized,
 )
+from pagedserve.cluster.protocol import ChatCompletionRequest, CompletionRequest, parse_request
 
 USER = [{"role": "user", "content": "hi"}]
 

@@ -29,7 +29,7 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from pagedserve.cluster import protocol, responses
 from pagedserve.cluster.proto import pagedserve_pb2 as pb
-from pagedserve.cluster.protocol import OpenAIError
+from pagedserve.cluster.errors import OpenAIError
 from pagedserve.outputs import RequestOutput
 
 if TYPE_CHECKING:
@@ -48,7 +48,8 @@ _CODES = {
 
 def status_code(error: OpenAIError) -> grpc.StatusCode:
     """The gRPC code for what the HTTP API answers with `error.status_code`."""
-    if "Retry-After" in error.headers:  # overloaded (503): the client should retry later
+    # Overloaded: a 503 with Retry-After and no code (a dead engine or replica has one).
+    if "Retry-After" in error.headers and error.code is None:
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     return _CODES.get(error.status_code, grpc.StatusCode.UNKNOWN)
 

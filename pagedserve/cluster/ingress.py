@@ -26,9 +26,9 @@ from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException
 from transformers import AutoTokenizer
 
-from pagedserve.cluster import protocol, responses
+from pagedserve.cluster import errors, protocol, responses
 from pagedserve.cluster.grpc_service import GenerationService
-from pagedserve.cluster.protocol import OpenAIError
+from pagedserve.cluster.errors import OpenAIError
 from pagedserve.cluster.server import EngineDeadError, EngineOverloadedError
 from pagedserve.config import Config, served_model_name
 from pagedserve.outputs import RequestOutput
@@ -150,20 +150,20 @@ def _client_error(error: BaseException, retry_after_s: int) -> OpenAIError:
     if isinstance(cause, OpenAIError):
         return cause
     if isinstance(cause, EngineOverloadedError):
-        return protocol.overloaded(cause.waiting, cause.limit, retry_after_s)
+        return errors.overloaded(cause.waiting, cause.limit, retry_after_s)
     if isinstance(cause, ValueError):
         message = str(cause)
-        return protocol.bad_request(message, message.split(":", 1)[0].split("=", 1)[0].strip()
+        return errors.bad_request(message, message.split(":", 1)[0].split("=", 1)[0].strip()
                                     if ":" in message or "=" in message else None)
     if isinstance(cause, EngineDeadError):  # Serve's health check replaces the replica
-        return protocol.retry_later(str(cause), retry_after_s, code="engine_dead")
+        return errors.retry_later(str(cause), retry_after_s, code="engine_dead")
     if isinstance(cause, (RayActorError, ActorUnavailableError)):
         # The replica's process died (or is unreachable) mid-request; Serve replaces it.
-        return protocol.retry_later(
+        return errors.retry_later(
             f"the model replica serving this request stopped ({type(cause).__name__}); "
             f"please retry after {retry_after_s} s", retry_after_s, code="replica_unavailable")
     if isinstance(cause, BackPressureError):
-        return protocol.retry_later(f"The server is overloaded: {cause}. Please retry after "
+        return errors.retry_later(f"The server is overloaded: {cause}. Please retry after "
                                     f"{retry_after_s} s.", retry_after_s)
     return OpenAIError(500, f"internal error: {type(cause).__name__}: {cause}", type="server_error")
 
@@ -231,7 +231,7 @@ class OpenAIIngress(GenerationService):
             ids = list(self._tokenizer.apply_chat_template(
                 req.conversation(), add_generation_prompt=True, tokenize=True, return_dict=False))
         except Exception as error:  # noqa: BLE001 - the template rejected the messages
-            raise protocol.bad_request(f"messages: {error}", "messages") from None
+            raise errors.bad_request(f"messages: {error}", "messages") from None
         params = req.sampling_params(self._room(ids, req.max_tokens_requested()))
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         stream = await self._start(request_id, ids, params)
@@ -255,17 +255,17 @@ class OpenAIIngress(GenerationService):
             return
         expected = f"Bearer {key}"
         if not hmac.compare_digest(given.encode(), expected.encode()):  # constant time
-            raise protocol.unauthorized()
+            raise errors.unauthorized()
 
     async def _read(self, request: Request) -> bytes:
         self._authorize(request)
         limit = self.config.serving.max_request_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise protocol.too_large(int(declared), limit)
+            raise errors.too_large(int(declared), limit)
         body = await request.body()
         if len(body) > limit:
-            raise protocol.too_large(len(body), limit)
+            raise errors.too_large(len(body), limit)
         return body
 
     async def _accept(self, req):
@@ -278,7 +278,7 @@ class OpenAIIngress(GenerationService):
 
     def _check_model(self, model: str) -> None:
         if model != self.model_name:
-            raise protocol.not_found_model(model, [self.model_name])
+            raise errors.not_found_model(model, [self.model_name])
 
     async def _load(self) -> None:
         """The tokenizer and the context limit, fetched from the engine once."""
@@ -296,10 +296,10 @@ class OpenAIIngress(GenerationService):
         """Tokens left for the completion; a request that cannot fit is refused (vLLM's rule)."""
         limit = self._max_model_len
         if not prompt_ids:
-            raise protocol.bad_request("prompt: the prompt must have at least one token", "prompt")
+            raise errors.bad_request("prompt: the prompt must have at least one token", "prompt")
         total = len(prompt_ids) + (max_tokens or 0)
         if len(prompt_ids) >= limit or total > limit:
-            raise protocol.bad_request(
+            raise errors.bad_request(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{total} tokens ({len(prompt_ids)} in the prompt, {max_tokens or 0} in the "
                 "completion). Please reduce the length of the prompt or max_tokens.",

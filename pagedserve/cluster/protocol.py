@@ -1,4 +1,4 @@
-"""The OpenAI-compatible wire format, inbound: request models and errors.
+"""The OpenAI-compatible wire format, inbound: request models and their parsing.
 
 Pure Python (pydantic only), so the ingress stays a thin shell: it parses a
 body with `parse_request` and turns the request into `SamplingParams`;
@@ -6,7 +6,8 @@ cluster/responses.py turns the engine's outputs back into OpenAI's JSON.
 Where OpenAI is silent we follow vLLM's OpenAI server (extra sampling fields).
 
 Validation is strict, as OpenAI's is: no "5" for an integer, no unknown
-fields, and every error names the field (as `param`), the value and the limit.
+fields, and every error (cluster/errors.py) names the field (as `param`), the
+value and the limit.
 """
 
 from __future__ import annotations
@@ -25,62 +26,11 @@ from pydantic import (
     model_validator,
 )
 
+from pagedserve.cluster.errors import OpenAIError, bad_request
 from pagedserve.sampling_params import MAX_LOGPROBS, SamplingParams
 
 MAX_N = 128  # OpenAI's limit on choices per prompt
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
-
-# ---------------------------------------------------------------------------- errors
-
-
-class OpenAIError(Exception):
-    """An error the ingress answers with `status_code` and OpenAI's error body."""
-
-    def __init__(self, status_code: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type,
-                          "param": self.param, "code": self.code}}
-
-
-def bad_request(message: str, param: str | None = None) -> OpenAIError:
-    return OpenAIError(400, message, param=param)
-
-
-def not_found_model(model: str, available: list[str]) -> OpenAIError:
-    return OpenAIError(404, f"The model `{model}` does not exist. Available models: "
-                       f"{', '.join(available) or '(none)'}", param="model", code="model_not_found")
-
-
-def unauthorized() -> OpenAIError:
-    return OpenAIError(401, "A valid API key is required, sent as `Authorization: Bearer <key>`.",
-                       type="authentication_error", code="invalid_api_key",
-                       headers={"WWW-Authenticate": "Bearer"})
-
-
-def too_large(size: int, limit: int) -> OpenAIError:
-    return OpenAIError(413, f"The request body is {size} bytes; the limit is {limit} bytes.")
-
-
-def retry_later(message: str, retry_after_s: int, code: str | None = None) -> OpenAIError:
-    """503 + Retry-After: the openai client retries these by itself, after that delay."""
-    return OpenAIError(503, message, type="server_error", code=code,
-                       headers={"Retry-After": str(retry_after_s)})
-
-
-def overloaded(waiting: int, limit: int, retry_after_s: int) -> OpenAIError:
-    return retry_later(f"The server is overloaded: {waiting} requests are waiting "
-                       f"(limit {limit}). Please retry after {retry_after_s} s.", retry_after_s)
-
 
 class FieldError(ValueError):
     """A cross-field rule broken in a model validator; `param` names the field to blame."""

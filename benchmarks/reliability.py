@@ -40,7 +40,7 @@ from ray import serve
 
 from pagedserve.cluster.app import build, serve_environment
 from pagedserve.config import load, parse
-from pagedserve.testing.load import mixed_load
+from pagedserve.testing.load import flood, mixed_load
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MODEL = "tiny-llama"
@@ -100,22 +100,14 @@ def faults(url: str, duration_s: float) -> dict:
     return result
 
 
-async def _flood(url: str, count: int) -> list[httpx.Response | Exception]:
-    body = {"model": MODEL, "prompt": "flood " * 450, "max_tokens": 8, "ignore_eos": True}
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        return await asyncio.gather(*(client.post(f"{url}/v1/completions", json=body)
-                                      for _ in range(count)), return_exceptions=True)
-
-
-def flood(port: int, count: int) -> dict:
+def flood_phase(port: int, count: int) -> dict:
     data = load(CONFIGS / "tiny-cpu.yaml").model_dump()
     data["serving"].update(max_waiting_requests=64, max_queued_requests=64)
     serve.run(build(parse(data)), name="flood", route_prefix="/flood")
     url = f"http://127.0.0.1:{port}/flood"
     rss_before = stats(url)["peak_rss_bytes"]
     start = time.monotonic()
-    answers = asyncio.run(_flood(url, count))
+    answers = asyncio.run(flood(url, MODEL, count))
     seconds = time.monotonic() - start
     statuses: dict[str, int] = {}
     for answer in answers:
@@ -175,7 +167,7 @@ def main() -> None:
     for failure in f["failures"]:
         print("  e.g.", failure)
     serve.delete("reliability")  # its worker's CPU goes to the flood app's
-    flooded = flood(port, args.flood)
+    flooded = flood_phase(port, args.flood)
     print(f"\nflood: {flooded['requests']} requests at once in {flooded['seconds']:.0f} s: "
           f"{flooded['statuses']}; {flooded['accepted_and_whole']} accepted and whole; "
           f"replica peak RSS {flooded['peak_rss_mib_before']:.0f} -> "

@@ -25,6 +25,7 @@ import httpx
 import pytest
 
 from pagedserve.config import load, parse
+from pagedserve.testing.load import flood
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 LONG = {"model": "tiny-llama", "prompt": "Hello", "max_tokens": 1800, "ignore_eos": True}
@@ -156,23 +157,15 @@ def test_killed_replica_fails_in_flight_requests_and_is_replaced(faults):
     assert after["free_blocks"] == after["total_blocks"]
 
 
-async def _flood(url: str, count: int, prompt: str) -> list[httpx.Response]:
-    body = {"model": "tiny-llama", "prompt": prompt, "max_tokens": 8, "ignore_eos": True}
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
-        return await asyncio.gather(*(client.post(f"{url}/v1/completions", json=body)
-                                      for _ in range(count)))
-
-
 def test_flood_is_refused_beyond_the_bounded_queues_and_memory_stays_flat(serve_instance):
     from ray import serve
 
     url = _app(serve_instance, "flood", engine={"max_num_seqs": 4},
                serving={"max_waiting_requests": 8, "max_queued_requests": 8})
     prompt = "flood " * 450  # 1,800 tokens: a queue that grew would show in memory
-    first = asyncio.run(_flood(url, 100, prompt))
+    first = asyncio.run(flood(url, "tiny-llama", 100, prompt=prompt))
     after_first = _stats(url)["peak_rss_bytes"]
-    second = asyncio.run(_flood(url, 400, prompt))
+    second = asyncio.run(flood(url, "tiny-llama", 400, prompt=prompt))
     after_second = _stats(url)["peak_rss_bytes"]
     for responses in (first, second):
         statuses = {r.status_code for r in responses}

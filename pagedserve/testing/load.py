@@ -1,5 +1,5 @@
-"""Mixed client load against a pagedserve endpoint, for the soak test and the
-reliability benchmark (benchmarks/reliability.py).
+"""Client load against a pagedserve endpoint, for the soak and flood tests and the
+reliability benchmark (benchmarks/reliability.py): `mixed_load` and `flood`.
 
 Each client loops until the deadline over a random mix of requests: plain
 completions, streamed ones, chat, n=2, and streams it leaves after a few
@@ -84,6 +84,16 @@ async def mixed_load(url: str, model: str, *, clients: int, duration_s: float,
         await asyncio.gather(*(client(i) for i in range(clients)))
         report.seconds = time.monotonic() - start
     return report
+
+
+async def flood(url: str, model: str, count: int, *, prompt: str = "flood " * 450,
+                max_tokens: int = 8, timeout_s: float = 600.0) -> list[httpx.Response | Exception]:
+    """`count` completions sent at once; each one's answer, or the exception in its place."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+        return await asyncio.gather(*(client.post(f"{url}/v1/completions", json=body)
+                                      for _ in range(count)), return_exceptions=True)
 
 
 async def _one(session: httpx.AsyncClient, model: str, kind: str, rng: random.Random,

@@ -64,6 +64,9 @@ class EngineConfig(_Strict):
     max_num_seqs: int = Field(default=256, gt=0)
     # Tokens one step may compute; None: step_token_budget's per-device default.
     max_num_batched_tokens: int | None = Field(default=None, gt=0)
+    # False: on CUDA with the Triton backend, decode steps replay CUDA graphs
+    # captured at start-up for batch sizes 1, 2, 4, 8, 16, ... max_num_seqs
+    # (worker/cuda_graph.py). True: every step runs eagerly. No effect on CPU.
     enforce_eager: bool = False
     # auto: Triton kernels on CUDA, the torch reference on CPU.
     attention_backend: Literal["auto", "triton", "torch"] = "auto"

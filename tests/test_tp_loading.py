@@ -152,3 +152,38 @@ def test_ranks_read_only_their_slices(checkpoint, monkeypatch):
         # Sharded tensors are read once over all ranks; replicated ones by every rank.
         assert sum(read_by_rank) == total + (size - 1) * replicated
         assert max(read_by_rank) < total / size + replicated + 2 * full["lm_head.weight"].shape[1]
+
+
+def test_dummy_weights_are_created_in_the_target_dtype(checkpoint, monkeypatch):
+    """load_format="dummy" never builds a float32 copy: every parameter is created
+    in bfloat16, on the target device, and the default dtype is restored after."""
+    from transformers import AutoConfig
+
+    model_dir, _ = checkpoint
+    created = []
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: created.append(empty(*a, **k)) or created[-1])
+    config = AutoConfig.from_pretrained(model_dir)
+    model = build_model(config, model_dir, max_position=64, dtype=torch.bfloat16,
+                        device=torch.device("cpu"), load_format="dummy")
+    assert torch.get_default_dtype() == torch.float32
+    assert created and {t.dtype for t in created} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert all(p.abs().sum() > 0 for p in model.parameters())  # every one was drawn
+
+
+def test_rotary_table_is_float32_math_whatever_the_default_dtype():
+    """The Llama 3 table built while parameters are made in bfloat16 equals the float32 one."""
+    from transformers import LlamaConfig
+
+    from pagedserve.worker.layers import default_dtype
+    from pagedserve.worker.layers.rotary import RotaryEmbedding
+
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=32))
+    plain = RotaryEmbedding(config, 16, 128)
+    with default_dtype(torch.bfloat16):
+        built = RotaryEmbedding(config, 16, 128)
+    assert built.cos.dtype == torch.float32
+    assert torch.equal(built.cos, plain.cos) and torch.equal(built.sin, plain.sin)

@@ -54,6 +54,20 @@ def test_write_kv_cache_matches_reference():
     assert torch.equal(caches[0], caches[1])
 
 
+def test_negative_slots_are_padding_rows_that_write_nothing():
+    """A CUDA graph pads its batch with rows whose slot is -1: Triton and the reference skip them."""
+    gen = torch.Generator().manual_seed(1)
+    key, value = torch.randn(2, 6, 2, 64, generator=gen).to(DEVICE)
+    slots = torch.tensor([5, -1, 17, -1, -1, 2], device=DEVICE)
+    for write in (reference.write_kv_cache, cache_ops.write_kv_cache):
+        caches = [torch.full((4, 8, 2, 64), float("nan"), device=DEVICE) for _ in range(2)]
+        write(key, value, *caches, slots)
+        for cache, rows in zip(caches, (key, value)):
+            flat = cache.view(-1, 2, 64)
+            assert torch.equal(flat[[5, 17, 2]], rows[[0, 2, 5]])
+            assert flat.isnan().all(dim=(1, 2)).sum() == 32 - 3
+
+
 def make_pool(num_layers=3, num_blocks=10, block_size=8, num_kv_heads=2, head_dim=64,
               dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)

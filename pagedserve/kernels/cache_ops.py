@@ -36,7 +36,8 @@ def _write_kv_cache_kernel(
     within = slot % BLOCK_SIZE
     offs_h = tl.arange(0, HEADS_PAD)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    mask = (offs_h < NUM_KV_HEADS)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    num_heads = tl.where(slot >= 0, NUM_KV_HEADS, 0)  # a negative slot is padding: no heads
+    mask = (offs_h < num_heads)[:, None] & (offs_d < HEAD_DIM)[None, :]
     key = tl.load(key_ptr + token * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :],
                   mask=mask)
     value = tl.load(value_ptr + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :],
@@ -53,7 +54,8 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tens
 
     key, value: [num_tokens, num_kv_heads, head_dim], any token and head
     strides (views into a fused QKV output are fine); slot_mapping:
-    [num_tokens] int64, every slot distinct and inside the pool.
+    [num_tokens] int64, every slot distinct and inside the pool, or negative:
+    a padding row (a CUDA graph's spare batch rows) that writes nothing.
     """
     device = key.device
     check_tensor("key", key, ndim=3, dtypes=ATTENTION_DTYPES)

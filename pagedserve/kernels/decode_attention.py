@@ -17,6 +17,11 @@ normalised partial output and its log-sum-exp; `_reduce_splits_kernel`
 combines them:
 
     out = sum_s exp2(lse_s - max lse) * out_s / sum_s exp2(lse_s - max lse)
+
+Each sequence divides its own context among the splits, in the kernel. So the
+launch depends on the batch size and the split count only, not on the
+lengths: a CUDA graph captured once replays for any lengths up to the width
+of its block tables.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ def _paged_decode_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, seq_lens_ptr,
     out_ptr, partial_out_ptr, partial_lse_ptr,
     # sizes
-    scale_log2, tokens_per_split,
+    scale_log2,
     # strides
     stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -58,6 +63,8 @@ def _paged_decode_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
+    # Each sequence splits its own context into whole tiles; splits past its end are empty.
+    tokens_per_split = tl.cdiv(tl.cdiv(seq_len, tl.num_programs(2)), BLOCK_N) * BLOCK_N
     start = split * tokens_per_split
     end = tl.minimum(seq_len, start + tokens_per_split)
 
@@ -176,7 +183,6 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
     # Tensor cores need 16 rows; the spare rows of a small group cost no memory traffic.
     group_pad = max(16, triton.next_power_of_2(group))
     block_n = block_n or (64 if head_dim_pad <= 128 else 32)
-    tokens_per_split = triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n
     split = num_splits > 1
     if split:
         # partial_out: [num_seqs, num_heads, num_splits, head_dim_pad]; partial_lse without the last.
@@ -190,7 +196,7 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, key_cache, value_cache, block_tables, seq_lens,
         out, partial_out, partial_lse,
-        scale * math.log2(math.e), tokens_per_split,
+        scale * math.log2(math.e),
         query.stride(0), query.stride(1),
         *kv_cache_strides(key_cache, value_cache),
         block_tables.stride(0),

@@ -11,6 +11,10 @@ block_size + pos % block_size`. Sequences with one new token (decodes) are
 placed first, so attention backends can send them to a decode kernel as a
 block of rows. Only the rows whose sequence samples this step go through the
 LM head.
+
+A decode-only step replays a CUDA graph when the worker captured them
+(`graphs`, see cuda_graph.py); every other step runs eagerly. `timer`, when
+set, measures how much of each step the host spends building it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ from torch import nn
 
 from pagedserve.scheduler.step import ScheduledSequence, StepInput, StepOutput
 from pagedserve.worker import sampler
+from pagedserve.worker.cuda_graph import DecodeGraphs
 from pagedserve.worker.layers.attention import AttentionBackend, AttentionMetadata
+from pagedserve.worker.step_timer import StepTimer
+from pagedserve.worker.transfer import as_device_tensor
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -33,22 +40,43 @@ class ModelRunner:
         self.attention = attention
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.graphs: DecodeGraphs | None = None
+        self.timer: StepTimer | None = None
 
     @torch.inference_mode()
     def execute(self, step: StepInput, kv_caches: list[KVCache]) -> StepOutput | None:
         """Rank 0 returns the step's samples; other tensor-parallel ranks return None."""
         if not step.seqs:  # a step of block moves only
             return StepOutput(samples=[])
+        if self.timer:
+            self.timer.start()
         seqs = sorted(step.seqs, key=lambda seq: seq.num_tokens > 1)  # decodes first, stable
-        input_ids, positions, metadata, logits_rows = self.prepare(seqs)
-        hidden = self.model(input_ids, positions, kv_caches, metadata)  # [T, hidden]
         sampling = [seq for seq in seqs if seq.do_sample]
+        if self.graphs is not None and self.graphs.fits(seqs):
+            size = self.graphs.load(seqs)
+            logits_rows = as_device_tensor(
+                [row for row, seq in enumerate(seqs) if seq.do_sample], torch.int64, self.device)
+            self._launching()
+            hidden = self.graphs.replay(size, len(seqs))  # [num_seqs, hidden], a row per sequence
+        else:
+            input_ids, positions, metadata, logits_rows = self.prepare(seqs)
+            self._launching()
+            hidden = self.model(input_ids, positions, kv_caches, metadata)  # [T, hidden]
         if not sampling:
-            return StepOutput(samples=[])
+            return self._finish(StepOutput(samples=[]))
         logits = self.model.compute_logits(hidden[logits_rows])  # [S, vocab], on rank 0 only
         if logits is None:
-            return None
-        return StepOutput(samples=sampler.sample(logits, sampling, self.generator))
+            return self._finish(None)
+        return self._finish(StepOutput(samples=sampler.sample(logits, sampling, self.generator)))
+
+    def _launching(self) -> None:
+        if self.timer:
+            self.timer.launch()
+
+    def _finish(self, output: StepOutput | None) -> StepOutput | None:
+        if self.timer:
+            self.timer.stop()
+        return output
 
     def prepare(self, seqs: list[ScheduledSequence]):
         bs = self.block_size
@@ -70,7 +98,7 @@ class ModelRunner:
         tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in seqs]
 
         def as_tensor(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=self.device)
+            return as_device_tensor(values, dtype, self.device)
 
         block_tables = as_tensor(tables, torch.int32)  # [B, max_blocks], padded past each context
         seq_lens = [seq.context_len for seq in seqs]

@@ -1,26 +1,103 @@
-"""Token sampling as batched tensor ops over the rows that sample this step.
+"""Token sampling as tensor ops over the whole batch, on the logits' device.
 
 Order of operations (as in vLLM): penalties on the raw logits, then greedy rows
 take the argmax; the others are divided by their temperature, filtered by
 top-k, top-p and min-p, and sampled. Returned log-probabilities are always
 those of the model's raw distribution (log-softmax of the unprocessed logits).
 
+Per-row settings travel as one small tensor per kind (`SamplingBatch`), built
+on the host from the step's sequences and copied without a sync; the only
+copy back is one tensor holding every row's token, its log-probability and,
+when asked, its top-k (`_to_host`). Beam-search rows use the same top-k.
+
 Sampling draws by "exponential race": argmax(probs / q) with q ~ Exp(1) is a
-draw from `probs`, and needs only one random vector per row. A request with a
-`seed` gets its vector from a generator seeded by (seed, index of the token
-being sampled), so it samples the same tokens whatever batch it runs in,
-however it was chunked or preempted.
+draw from `probs`, and needs one random vector per row. Unseeded rows take it
+from the runner's generator. A request with a `seed` takes it from a
+counter-based hash of (seed, index of the token being sampled, sample index,
+vocabulary id), so it samples the same tokens whatever batch it runs in,
+however it was chunked or preempted, and every seeded row is drawn in one op.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 
 from pagedserve.scheduler.step import Sample, ScheduledSequence
+from pagedserve.worker.transfer import to_device
 
 _MASKED = float("-inf")
+
+
+@dataclass
+class SamplingBatch:
+    """Each row's settings as tensors on the logits' device, and which ops the batch needs."""
+
+    temperature: torch.Tensor  # [S] float32, 1.0 on greedy rows
+    top_k: torch.Tensor  # [S] int64, vocab size where off
+    top_p: torch.Tensor  # [S] float32
+    min_p: torch.Tensor  # [S] float32
+    random_rows: list[int]  # rows that sample (not greedy, not beam)
+    seeded_rows: list[int]  # random rows with a seed
+    streams: torch.Tensor | None  # [len(seeded_rows)] int64, one hash stream per seeded row
+    use_top_k_p: bool
+    use_min_p: bool
+    penalties: _Penalties | None
+    num_top: int  # the most top log-probabilities or beam candidates any row asks for
+
+    @classmethod
+    def build(cls, seqs: list[ScheduledSequence], vocab_size: int,
+              device: torch.device) -> SamplingBatch:
+        params = [seq.sampling_params for seq in seqs]
+        rows = [(1.0 if p.greedy else p.temperature, p.top_k or vocab_size, p.top_p, p.min_p)
+                for p in params]
+        table = to_device(torch.tensor(rows, dtype=torch.float32), device)  # [S, 4]
+        random_rows = [i for i, (seq, p) in enumerate(zip(seqs, params))
+                       if not p.greedy and not seq.num_candidates]
+        seeded_rows = [i for i in random_rows if params[i].seed is not None]
+        streams = None
+        if seeded_rows:
+            streams = to_device(torch.tensor(
+                [_stream(params[i].seed, seqs[i].output_index, seqs[i].sample_index)
+                 for i in seeded_rows], dtype=torch.int64), device)
+        sampled = [params[i] for i in random_rows]
+        return cls(
+            temperature=table[:, 0], top_k=table[:, 1].long(), top_p=table[:, 2],
+            min_p=table[:, 3], random_rows=random_rows,
+            seeded_rows=seeded_rows, streams=streams,
+            use_top_k_p=any(p.top_k > 0 or p.top_p < 1.0 for p in sampled),
+            use_min_p=any(p.min_p > 0.0 for p in sampled),
+            penalties=_Penalties.build(seqs, vocab_size, device),
+            num_top=max(max((p.logprobs or 0) for p in params),
+                        max(seq.num_candidates for seq in seqs)),
+        )
+
+
+@dataclass
+class _Penalties:
+    repetition: torch.Tensor  # [S, 1], 1.0 where off
+    presence: torch.Tensor  # [S, 1]
+    frequency: torch.Tensor  # [S, 1]
+    output_ids: torch.Tensor  # [S, L_out] int64, padded with vocab_size
+    prompt_ids: torch.Tensor | None  # [S, L_prompt] int64, padded with vocab_size
+
+    @classmethod
+    def build(cls, seqs: list[ScheduledSequence], vocab_size: int,
+              device: torch.device) -> _Penalties | None:
+        params = [seq.sampling_params for seq in seqs]
+        if not any(p.uses_penalties for p in params):
+            return None
+        values = torch.tensor([[p.repetition_penalty, p.presence_penalty, p.frequency_penalty]
+                               for p in params], dtype=torch.float32)
+        values = to_device(values, device)
+        outputs = [seq.output_token_ids or [] for seq in seqs]
+        prompts = [(seq.prompt_token_ids or []) if p.repetition_penalty != 1.0 else []
+                   for seq, p in zip(seqs, params)]
+        return cls(values[:, 0:1], values[:, 1:2], values[:, 2:3],
+                   _padded(outputs, vocab_size, device),
+                   _padded(prompts, vocab_size, device) if any(prompts) else None)
 
 
 def sample(logits: torch.Tensor, seqs: list[ScheduledSequence],
@@ -31,125 +108,174 @@ def sample(logits: torch.Tensor, seqs: list[ScheduledSequence],
     parallel-sampling request); a row with `num_candidates` yields its best
     continuations for beam search. Samples come back in row order.
     """
-    beam_rows = [i for i, seq in enumerate(seqs) if seq.num_candidates]
-    if beam_rows:
-        beams = beam_candidates(logits[beam_rows], [seqs[i] for i in beam_rows])
-        rest = [i for i, seq in enumerate(seqs) if not seq.num_candidates]
-        return beams + (sample(logits[rest], [seqs[i] for i in rest], generator) if rest else [])
     if any(seq.num_samples > 1 for seq in seqs):
         rows = [i for i, seq in enumerate(seqs) for _ in range(seq.num_samples)]
         # A row sampled once keeps its own sample index (a forked sample's).
         seqs = [dataclasses.replace(seq, num_samples=1, sample_index=seq.sample_index + k)
                 for seq in seqs for k in range(seq.num_samples)]
-        logits = logits[rows]
-    params = [seq.sampling_params for seq in seqs]
+        logits = logits[to_device(torch.tensor(rows), logits.device)]
+    batch = SamplingBatch.build(seqs, logits.shape[1], logits.device)
+    tokens, token_logprobs, top_values, top_ids = sample_tensors(logits, batch, generator)
+    rows = _to_host(tokens, token_logprobs, top_values, top_ids)
+    return [_make_sample(seq, row, batch.num_top) for seq, row in zip(seqs, rows)]
+
+
+def sample_tensors(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generator):
+    """Everything on the device: [S] tokens, [S] their raw log-probabilities, and the
+    [S, num_top] best raw log-probabilities with their ids (None when nobody asks)."""
     log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # [S, 1]
     raw_logits = logits
-    if any(p.uses_penalties for p in params):
-        logits = apply_penalties(logits.clone(), seqs)
+    if batch.penalties is not None:
+        logits = apply_penalties(logits.clone(), batch.penalties)
     tokens = logits.argmax(dim=-1)
-    random_rows = [i for i, p in enumerate(params) if not p.greedy]
-    if random_rows:
-        rows = torch.tensor(random_rows, device=logits.device)
-        drawn = _draw(logits[rows], [seqs[i] for i in random_rows], generator)
+    if batch.random_rows:
+        rows = to_device(torch.tensor(batch.random_rows), logits.device)
+        drawn = _draw(logits[rows], _select(batch, batch.random_rows), generator)
         tokens = tokens.index_copy(0, rows, drawn)
-
-    token_logprobs = (raw_logits.gather(1, tokens[:, None]) - log_norm).squeeze(1)
-    max_top = max((p.logprobs or 0) for p in params)
     top_values = top_ids = None
-    if max_top > 0:
-        top_values, top_ids = raw_logits.topk(max_top, dim=-1)
-        top_values, top_ids = (top_values - log_norm).tolist(), top_ids.tolist()
-
-    samples = []
-    for i, (seq, token, logprob) in enumerate(zip(seqs, tokens.tolist(), token_logprobs.tolist())):
-        top = None
-        if params[i].logprobs is not None:
-            top = {token: logprob}  # the sampled token first, then the k most likely
-            k = params[i].logprobs
-            if k:
-                top.update((tid, value) for tid, value in zip(top_ids[i][:k], top_values[i][:k])
-                           if tid not in top)
-        samples.append(Sample(seq.seq_id, token, logprob, top))
-    return samples
+    if batch.num_top > 0:
+        top_values, top_ids = raw_logits.topk(batch.num_top, dim=-1)
+        top_values = top_values - log_norm
+    token_logprobs = (raw_logits.gather(1, tokens[:, None]) - log_norm).squeeze(1)
+    return tokens, token_logprobs, top_values, top_ids
 
 
-def beam_candidates(logits: torch.Tensor, seqs: list[ScheduledSequence]) -> list[Sample]:
-    """Each row's `num_candidates` most likely tokens by log-softmax of the raw logits."""
-    logprobs = torch.log_softmax(logits, dim=-1)
-    values, ids = logprobs.topk(max(seq.num_candidates for seq in seqs), dim=-1)
-    samples = []
-    for seq, row_ids, row_values in zip(seqs, ids.tolist(), values.tolist()):
-        candidates = list(zip(row_ids[:seq.num_candidates], row_values[:seq.num_candidates]))
-        samples.append(Sample(seq.seq_id, candidates[0][0], candidates[0][1], None, candidates))
-    return samples
-
-
-def apply_penalties(logits: torch.Tensor, seqs: list[ScheduledSequence]) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, penalties: _Penalties) -> torch.Tensor:
     """Repetition penalty over prompt + output (as HF and vLLM); presence and
     frequency penalties over the output only (as OpenAI). In place on `logits`."""
-    vocab_size = logits.shape[1]
-    for row, seq in enumerate(seqs):
-        params = seq.sampling_params
-        if not params.uses_penalties:
-            continue
-        output = torch.tensor(seq.output_token_ids, dtype=torch.int64, device=logits.device)
-        if params.repetition_penalty != 1.0:
-            seen = torch.tensor(seq.prompt_token_ids, dtype=torch.int64, device=logits.device)
-            seen = torch.cat([seen, output]).unique()
-            values = logits[row, seen]
-            logits[row, seen] = torch.where(values > 0, values / params.repetition_penalty,
-                                            values * params.repetition_penalty)
-        if output.numel() and (params.presence_penalty or params.frequency_penalty):
-            counts = torch.bincount(output, minlength=vocab_size).to(logits.dtype)
-            logits[row] -= params.frequency_penalty * counts
-            logits[row] -= params.presence_penalty * (counts > 0).to(logits.dtype)
+    num_rows, vocab_size = logits.shape
+    # Counts over vocab_size + 1 columns: the last one takes the padding.
+    counts = torch.zeros(num_rows, vocab_size + 1, dtype=logits.dtype, device=logits.device)
+    counts.scatter_add_(1, penalties.output_ids, torch.ones_like(penalties.output_ids,
+                                                                   dtype=logits.dtype))
+    counts = counts[:, :vocab_size]
+    seen = counts > 0
+    if penalties.prompt_ids is not None:
+        in_prompt = torch.zeros(num_rows, vocab_size + 1, dtype=torch.bool, device=logits.device)
+        in_prompt.scatter_(1, penalties.prompt_ids, True)
+        seen |= in_prompt[:, :vocab_size]
+    repetition = penalties.repetition.expand_as(logits)
+    penalized = torch.where(logits > 0, logits / repetition, logits * repetition)
+    logits.copy_(torch.where(seen, penalized, logits))
+    logits -= penalties.frequency * counts
+    logits -= penalties.presence * (counts > 0).to(logits.dtype)
     return logits
 
 
-def _draw(logits: torch.Tensor, seqs: list[ScheduledSequence],
-          generator: torch.Generator) -> torch.Tensor:
-    params = [seq.sampling_params for seq in seqs]
-    device = logits.device
-    temperature = torch.tensor([p.temperature for p in params], device=device)
-    logits = logits / temperature[:, None]
-    logits = _filter(logits, params)
+def _draw(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generator) -> torch.Tensor:
+    """Rows of `batch` are exactly the rows of `logits` here: all of them sample."""
+    logits = logits / batch.temperature[:, None]
+    logits = _filter(logits, batch)
     probs = logits.softmax(dim=-1)
     noise = torch.empty_like(probs).exponential_(generator=generator)
-    for row, p in enumerate(params):
-        if p.seed is not None:
-            stream = _stream(p.seed, seqs[row].output_index, seqs[row].sample_index)
-            seeded = torch.Generator(device=device).manual_seed(stream)
-            noise[row].exponential_(generator=seeded)
+    if batch.seeded_rows:
+        rows = to_device(torch.tensor(batch.seeded_rows), noise.device)
+        noise.index_copy_(0, rows, _hashed_exponential(batch.streams, probs.shape[1]))
     return (probs / noise).argmax(dim=-1)
 
 
-def _filter(logits: torch.Tensor, params: list) -> torch.Tensor:
+def _filter(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Top-k, top-p and min-p on temperature-scaled logits: [S, V] -> [S, V]."""
-    top_k = [p.top_k for p in params]
-    top_p = [p.top_p for p in params]
-    min_p = [p.min_p for p in params]
-    device = logits.device
-    if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+    if batch.use_top_k_p:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        vocab_size = logits.shape[1]
-        k = torch.tensor([k if k > 0 else vocab_size for k in top_k], device=device)
-        ranks = torch.arange(vocab_size, device=device)[None, :]
-        drop = ranks >= k[:, None]
+        ranks = torch.arange(logits.shape[1], device=logits.device)[None, :]
+        drop = ranks >= batch.top_k[:, None]
         sorted_probs = sorted_logits.masked_fill(drop, _MASKED).softmax(dim=-1)
         # Drop a token when the tokens ranked above it already reach top_p.
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        drop |= mass_before >= torch.tensor(top_p, device=device)[:, None]
+        drop |= mass_before >= batch.top_p[:, None]
         drop[:, 0] = False  # the most likely token always survives
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, _MASKED))
-    if any(p > 0.0 for p in min_p):
+    if batch.use_min_p:
         probs = logits.softmax(dim=-1)
-        threshold = torch.tensor(min_p, device=device)[:, None] * probs.amax(dim=-1, keepdim=True)
+        threshold = batch.min_p[:, None] * probs.amax(dim=-1, keepdim=True)
         logits = logits.masked_fill(probs < threshold, _MASKED)
     return logits
 
 
+def _select(batch: SamplingBatch, rows: list[int]) -> SamplingBatch:
+    """The batch restricted to `rows` (the random ones); seeded rows renumbered."""
+    index = to_device(torch.tensor(rows), batch.temperature.device)
+    position = {row: i for i, row in enumerate(rows)}
+    return dataclasses.replace(
+        batch, temperature=batch.temperature[index], top_k=batch.top_k[index],
+        top_p=batch.top_p[index], min_p=batch.min_p[index],
+        random_rows=list(range(len(rows))),
+        seeded_rows=[position[row] for row in batch.seeded_rows])
+
+
+# -- seeded noise -----------------------------------------------------------------------
+
+def _as_int64(value: int) -> int:
+    return value - 2**64 if value >= 2**63 else value
+
+
+_GOLDEN = _as_int64(0x9E3779B97F4A7C15)
+_MIX1 = _as_int64(0xBF58476D1CE4E5B9)
+_MIX2 = _as_int64(0x94D049BB133111EB)
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical shift of int64 bit patterns (torch's >> keeps the sign)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser on int64 tensors (multiplication wraps modulo 2**64)."""
+    x = x ^ _shift_right(x, 30)
+    x = x * _MIX1
+    x = x ^ _shift_right(x, 27)
+    x = x * _MIX2
+    return x ^ _shift_right(x, 31)
+
+
+def _hashed_exponential(streams: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[R] int64 streams -> [R, V] float32 Exp(1) noise, a pure function of (stream, column)."""
+    columns = torch.arange(1, vocab_size + 1, dtype=torch.int64, device=streams.device)
+    bits = _splitmix64(streams[:, None] + columns[None, :] * _GOLDEN)
+    uniform = (_shift_right(bits, 11).double() + 0.5) * 2.0**-53  # in (0, 1)
+    return (-torch.log(uniform)).float()
+
+
 def _stream(seed: int, index: int, sample_index: int = 0) -> int:
-    """A 63-bit generator seed for token `index` of sample `sample_index` of a seeded request."""
+    """A 63-bit stream for token `index` of sample `sample_index` of a seeded request."""
     return (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9
             + sample_index * 0x94D049BB133111EB + 1) % (2**63)
+
+
+# -- host <-> device ------------------------------------------------------------------------
+
+def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
+    width = max(1, max(len(row) for row in rows))
+    values = torch.full((len(rows), width), pad, dtype=torch.int64)
+    for i, row in enumerate(rows):
+        values[i, :len(row)] = torch.tensor(row, dtype=torch.int64)
+    return to_device(values, device)
+
+
+def _to_host(tokens: torch.Tensor, logprobs: torch.Tensor, top_values: torch.Tensor | None,
+             top_ids: torch.Tensor | None) -> list[list[float]]:
+    """One copy to the host: per row [token, logprob, top ids..., top values...].
+
+    float64 holds every token id exactly (ids < 2**53) and every float32 value.
+    """
+    parts = [tokens[:, None].double(), logprobs[:, None].double()]
+    if top_ids is not None:
+        parts += [top_ids.double(), top_values.double()]
+    return torch.cat(parts, dim=1).tolist()
+
+
+def _make_sample(seq: ScheduledSequence, row: list[float], num_top: int) -> Sample:
+    top_ids = [int(t) for t in row[2:2 + num_top]]
+    top_values = row[2 + num_top:]
+    if seq.num_candidates:
+        candidates = list(zip(top_ids[:seq.num_candidates], top_values[:seq.num_candidates]))
+        return Sample(seq.seq_id, candidates[0][0], candidates[0][1], None, candidates)
+    token, logprob = int(row[0]), row[1]
+    top = None
+    k = seq.sampling_params.logprobs
+    if k is not None:
+        top = {token: logprob}  # the sampled token first, then the k most likely
+        top.update((tid, value) for tid, value in zip(top_ids[:k], top_values[:k])
+                   if tid not in top)
+    return Sample(seq.seq_id, token, logprob, top)

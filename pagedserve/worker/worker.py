@@ -9,6 +9,11 @@ A CPU pool of the same layout (`cpu_pool`, pinned on CUDA) holds the blocks of
 swapped-out requests. With tensor parallelism each rank's pools hold only its
 own KV heads; block ids are the same on every rank, so one block manager
 serves them all.
+
+On CUDA, unless `enforce_eager`, decode steps replay CUDA graphs captured once
+the pool exists (cuda_graph.py). The graphs' memory is measured while
+profiling, by capturing them once over a scratch pool, and left out of the
+KV pool's budget.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pagedserve.config import EngineConfig
 from pagedserve.kernels.swap import swap_blocks
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.scheduler.step import ScheduledSequence, StepInput, StepOutput
+from pagedserve.worker.cuda_graph import DecodeGraphs
 from pagedserve.worker.distributed import TPGroup
 from pagedserve.worker.layers.attention import select_attention_backend
 from pagedserve.worker.model_info import ModelInfo
@@ -61,6 +67,12 @@ class Worker:
         self.kv_pool: torch.Tensor | None = None
         self.cpu_pool: torch.Tensor | None = None
         self.kv_caches: list[KVCache] = []
+        self.graph_memory_bytes = 0  # measured while profiling
+        self.uses_graphs = info.device.type == "cuda" and not engine.enforce_eager
+        if self.uses_graphs and not self.attention.supports_graphs:
+            logger.warning("attention_backend=%r runs eagerly: CUDA graphs need 'triton'",
+                           self.attention.name)
+            self.uses_graphs = False
 
     @property
     def kv_block_shape(self) -> tuple[int, int, int]:
@@ -88,18 +100,34 @@ class Worker:
         self.runner.execute(StepInput(seqs=[dummy]), _layer_caches(scratch))
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
+        if self.uses_graphs:
+            graphs = self._decode_graphs(_layer_caches(scratch))
+            graphs.capture()
+            self.graph_memory_bytes = graphs.memory_bytes
+            del graphs
         del scratch
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
         others = total - free - torch.cuda.memory_reserved()  # other processes, CUDA context
-        budget = total * self.engine.gpu_memory_utilization - peak - others
-        logger.info("KV pool budget %.2f GiB (peak step %.2f GiB, total %.2f GiB)",
-                    budget / 2**30, peak / 2**30, total / 2**30)
+        budget = (total * self.engine.gpu_memory_utilization - peak - others
+                  - self.graph_memory_bytes)
+        logger.info("KV pool budget %.2f GiB (peak step %.2f GiB, CUDA graphs %.2f GiB, "
+                    "total %.2f GiB)", budget / 2**30, peak / 2**30,
+                    self.graph_memory_bytes / 2**30, total / 2**30)
         return max(0, int(budget) // self.block_bytes)
+
+    def _decode_graphs(self, kv_caches: list[KVCache]) -> DecodeGraphs:
+        return DecodeGraphs(self.model, self.attention, kv_caches,
+                            block_size=self.engine.block_size,
+                            max_model_len=self.info.max_model_len,
+                            max_num_seqs=self.engine.max_num_seqs, device=self.info.device)
 
     def init_kv_cache(self, num_blocks: int, num_cpu_blocks: int = 0) -> None:
         self.kv_pool = self._allocate(num_blocks)
         self.kv_caches = _layer_caches(self.kv_pool)
+        if self.uses_graphs:
+            self.runner.graphs = self._decode_graphs(self.kv_caches)
+            self.runner.graphs.capture()
         if num_cpu_blocks:
             # Left uninitialised: pages the OS has not handed out cost nothing until a swap.
             self.cpu_pool = torch.empty(self._pool_shape(num_cpu_blocks), dtype=self.info.dtype,

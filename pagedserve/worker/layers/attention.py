@@ -47,6 +47,9 @@ class AttentionMetadata:
 
 class AttentionBackend(Protocol):
     name: str
+    # Whether a decode step's plan depends on the batch size alone
+    # (`graph_plan`), so that a CUDA graph can replay it.
+    supports_graphs: bool
 
     def plan(self, block_tables: torch.Tensor, seq_lens: list[int], query_lens: list[int],
              num_decodes: int, block_size: int) -> object: ...
@@ -59,6 +62,7 @@ class AttentionBackend(Protocol):
 
 class TorchAttentionBackend:
     name = "torch"
+    supports_graphs = False  # its plan gathers each step's context on the host
 
     def __init__(self, num_kv_heads: int) -> None:
         self.num_kv_heads = num_kv_heads
@@ -85,6 +89,7 @@ class _TritonPlan:
 
 class TritonAttentionBackend:
     name = "triton"
+    supports_graphs = True
 
     def __init__(self, num_kv_heads: int) -> None:
         # Imported here: Triton decides at decoration time whether kernels are interpreted.
@@ -107,6 +112,12 @@ class TritonAttentionBackend:
                 starts.append(starts[-1] + q_len)
             cu_seqlens = torch.tensor(starts, dtype=torch.int32, device=device)
         return _TritonPlan(decode_max_seq_len, num_splits, cu_seqlens)
+
+    def graph_plan(self, num_decodes: int, max_seq_len: int, device: torch.device) -> _TritonPlan:
+        """The plan of any decode-only step of `num_decodes` sequences up to `max_seq_len`."""
+        num_splits = self._decode.default_num_splits(device, num_decodes, self.num_kv_heads,
+                                                      max_seq_len)
+        return _TritonPlan(max_seq_len, num_splits, None)
 
     def forward(self, q, k, v, kv_cache, metadata, scale):
         key_cache, value_cache = kv_cache

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from pagedserve.worker.layers import default_dtype
+
 # These change their frequencies with the running sequence length, which a
 # fixed table (shared by every sequence in a batch) cannot express.
 _LENGTH_DEPENDENT = {"dynamic", "longrope"}
@@ -30,21 +32,10 @@ def rope_parameters(hf_config) -> dict:
 class RotaryEmbedding(nn.Module):
     def __init__(self, hf_config, head_dim: int, max_position: int) -> None:
         super().__init__()
-        params = rope_parameters(hf_config)
-        rope_type = params["rope_type"]
-        if rope_type == "default":
-            exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
-            inv_freq, scaling = 1.0 / (params["rope_theta"] ** exponents), 1.0
-        elif rope_type in ROPE_INIT_FUNCTIONS and rope_type not in _LENGTH_DEPENDENT:
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
-        else:
-            raise ValueError(f"rope_type={rope_type!r} is not supported "
-                             f"(supported: default, {', '.join(sorted(set(ROPE_INIT_FUNCTIONS) - _LENGTH_DEPENDENT))})")
-        positions = torch.arange(max_position, dtype=torch.float32)
-        freqs = positions[:, None] * inv_freq.float()[None, :]  # [max_position, head_dim / 2]
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self.register_buffer("cos", emb.cos() * scaling, persistent=False)
-        self.register_buffer("sin", emb.sin() * scaling, persistent=False)
+        with default_dtype(torch.float32):  # the table is built in float32, then cast
+            cos, sin = _table(hf_config, head_dim, max_position)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,6 +47,25 @@ class RotaryEmbedding(nn.Module):
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _table(hf_config, head_dim: int, max_position: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, [max_position, head_dim], float32."""
+    params = rope_parameters(hf_config)
+    rope_type = params["rope_type"]
+    if rope_type == "default":
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+        inv_freq, scaling = 1.0 / (params["rope_theta"] ** exponents), 1.0
+    elif rope_type in ROPE_INIT_FUNCTIONS and rope_type not in _LENGTH_DEPENDENT:
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
+    else:
+        raise ValueError(f"rope_type={rope_type!r} is not supported "
+                         f"(supported: default, {', '.join(sorted(set(ROPE_INIT_FUNCTIONS) - _LENGTH_DEPENDENT))})")
+    positions = torch.arange(max_position, dtype=torch.float32)
+    # transformers builds inv_freq on the CPU; the table goes where the model is built.
+    freqs = positions[:, None] * inv_freq.float().to(positions.device)[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos() * scaling, emb.sin() * scaling
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from safetensors import safe_open
 from torch import nn
 
 from pagedserve.worker.distributed import TPGroup
+from pagedserve.worker.layers import default_dtype
 from pagedserve.worker.layers.linear import default_weight_loader
 from pagedserve.worker.models.llama import LlamaForCausalLM
 
@@ -29,8 +30,13 @@ def model_class(hf_config) -> type[nn.Module]:
 
 def build_model(hf_config, model_dir: Path, *, max_position: int, dtype: torch.dtype,
                 device: torch.device, load_format: str, tp: TPGroup = TPGroup()) -> nn.Module:
-    """This rank's shard of the model, with its weights (or random ones for "dummy")."""
-    with torch.device(device):
+    """This rank's shard of the model, with its weights (or random ones for "dummy").
+
+    Parameters are created on `device` in `dtype` and left uninitialised until
+    they are loaded or drawn; buffers built in float32 (the rotary table) are
+    cast after.
+    """
+    with torch.device(device), default_dtype(dtype):
         model = model_class(hf_config)(hf_config, max_position, tp)
     model.to(dtype=dtype)
     if load_format == "dummy":
@@ -92,7 +98,8 @@ def _expected_entries(params: dict[str, torch.Tensor]) -> set[str]:
 
 
 def _init_dummy(model: nn.Module) -> None:
-    """Random weights for benchmarks: small normal values, norms at one."""
+    """Random weights for benchmarks: small normal values, norms at one; drawn on the
+    model's device in its dtype."""
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):

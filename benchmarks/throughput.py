@@ -105,8 +105,10 @@ def run_hf_static(model, requests, batch_size, pad_id):
             batch = requests[first:first + batch_size]
             width = max(len(p) for p, _ in batch)
             new = max(o for _, o in batch)
-            ids = torch.tensor([[pad_id] * (width - len(p)) + p for p, _ in batch])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch])
+            ids = torch.tensor([[pad_id] * (width - len(p)) + p for p, _ in batch],
+                               device=model.device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch],
+                                device=model.device)
             # eos_token_id=-1: EOS is an ordinary token, as with ignore_eos (min_new_tokens
             # alone would also stop nothing, but by masking EOS out of the argmax).
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
@@ -116,10 +118,10 @@ def run_hf_static(model, requests, batch_size, pad_id):
     return time.perf_counter() - start, tokens
 
 
-def run_hf_batch(model, requests, kv_tokens, pad_id):
+def run_hf_batch(model, requests, kv_tokens, pad_id, max_batch_tokens=MAX_BATCHED_TOKENS):
     """HF continuous batching with per-request max_new_tokens; returns (seconds, tokens, info)."""
     cb_config = ContinuousBatchingConfig(
-        page_size=BLOCK, num_blocks=kv_tokens // BLOCK, max_batch_tokens=MAX_BATCHED_TOKENS,
+        page_size=BLOCK, num_blocks=kv_tokens // BLOCK, max_batch_tokens=max_batch_tokens,
         max_requests_per_batch=256, auto_switch_to_flash=False, seed=0)
     gen_config = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=pad_id,
                                   max_new_tokens=max(o for _, o in requests))

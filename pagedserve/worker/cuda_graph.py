@@ -123,9 +123,8 @@ class DecodeGraphs:
         ], dtype=torch.int64)
         seq_lens = torch.tensor([p + 1 for p in positions] + [1] * pad, dtype=torch.int32)
         width = max(len(seq.block_table) for seq in seqs)
-        tables = torch.zeros(size, width, dtype=torch.int32)
-        for row, seq in enumerate(seqs):
-            tables[row, :len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+        tables = torch.tensor([seq.block_table + [0] * (width - len(seq.block_table))
+                               for seq in seqs] + [[0] * width] * pad, dtype=torch.int32)
         # Columns past `width` keep older steps' blocks: no row reads past its own length.
         for static, host in ((self._vectors[:, :size], vectors), (self._seq_lens[:size], seq_lens),
                              (self._block_tables[:size, :width], tables)):

@@ -42,6 +42,7 @@ another process takes a core, while one thread is only slowed when both are.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -120,9 +121,12 @@ def run_hf_static(model, requests, batch_size, pad_id):
 
 def run_hf_batch(model, requests, kv_tokens, pad_id, max_batch_tokens=MAX_BATCHED_TOKENS):
     """HF continuous batching with per-request max_new_tokens; returns (seconds, tokens, info)."""
-    cb_config = ContinuousBatchingConfig(
-        page_size=BLOCK, num_blocks=kv_tokens // BLOCK, max_batch_tokens=max_batch_tokens,
-        max_requests_per_batch=256, auto_switch_to_flash=False, seed=0)
+    # transformers 5.17 calls the page size block_size and has no auto_switch_to_flash or seed.
+    fields = {field.name for field in dataclasses.fields(ContinuousBatchingConfig)}
+    options = dict(num_blocks=kv_tokens // BLOCK, max_batch_tokens=max_batch_tokens,
+                   max_requests_per_batch=256, auto_switch_to_flash=False, seed=0)
+    options["page_size" if "page_size" in fields else "block_size"] = BLOCK
+    cb_config = ContinuousBatchingConfig(**{k: v for k, v in options.items() if k in fields})
     gen_config = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=pad_id,
                                   max_new_tokens=max(o for _, o in requests))
     results = {}

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # resolving `torch` from the project's dependencies to a multi-GB CUDA build.
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install serve demo test bench clean
+.PHONY: install serve demo test bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,15 @@ bench: install
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/prefix.py
 	$(PY) benchmarks/dispatch.py
+
+# On a CUDA machine whose Python already has torch, Triton and transformers
+# (plus pydantic and pyyaml): the compiled kernels and CUDA graphs against their
+# references, then the GPU benchmarks. Results go to benchmarks/results/.
+gpu-check:
+	TRITON_INTERPRET=0 $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_triton_attention.py \
+		tests/test_triton_cache_ops.py tests/test_cuda_graph.py
+	$(PYTHON) benchmarks/kernels.py
+	$(PYTHON) benchmarks/gpu_e2e.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -246,7 +246,8 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     command = "python " + " ".join(["benchmarks/gpu_e2e.py", *sys.argv[1:]])
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    gpu = (torch.cuda.get_device_name(device) if device.type == "cuda"
+           else platform.processor() or platform.machine())
     machine = f"{gpu}, torch {torch.__version__}, {platform.platform()}"
     today = datetime.date.today().isoformat()
     print(f"# GPU end to end, {today}\n{command}\n{machine}", flush=True)

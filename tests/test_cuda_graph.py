@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pagedserve import LLM, SamplingParams
+from pagedserve.kernels.checks import interpreting
 from pagedserve.worker.cuda_graph import DecodeGraphs, capture_sizes
 from pagedserve.worker.layers.attention import TorchAttentionBackend
 
@@ -70,7 +71,13 @@ def test_padded_static_decode_equals_eager(model_dirs):
     assert graphs.sizes == [1, 2, 4, 6]
     loaded = []  # (decode sequences, padded size) of each step run through the graphs
     load = graphs.load
-    graphs.load = lambda seqs: loaded.append((len(seqs), load(seqs))) or loaded[-1][1]
+
+    def spy(seqs):
+        size, logits_rows = load(seqs)
+        loaded.append((len(seqs), size))
+        return size, logits_rows
+
+    graphs.load = spy
     worker.runner.graphs = graphs
     got = _generate(llm)
 
@@ -85,3 +92,21 @@ def test_padded_static_decode_equals_eager(model_dirs):
     assert sum(n for n, _ in loaded) == sum(MAX_TOKENS) - len(MAX_TOKENS)
     stats = llm.get_memory_stats()
     assert stats["free_blocks"] == stats["total_blocks"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or interpreting(),
+                    reason="capture and replay need a GPU and compiled kernels (TRITON_INTERPRET=0)")
+def test_captured_graphs_replay_the_eager_tokens(model_dirs):
+    engine = dict(device="cuda", dtype="float32", block_size=8, max_model_len=64,
+                  num_gpu_blocks=48, max_num_seqs=6, enable_prefix_caching=False)
+    llm = LLM(str(model_dirs("llama-gqa")), **engine)
+    graphs = llm.engine.executor.worker.runner.graphs
+    assert graphs is not None and graphs.sizes == [1, 2, 4, 6] and graphs.capture_s > 0
+    got = _generate(llm)
+    eager_llm = LLM(str(model_dirs("llama-gqa")), enforce_eager=True, **engine)
+    assert eager_llm.engine.executor.worker.runner.graphs is None
+    expected = _generate(eager_llm)
+    assert [c.token_ids for c in got] == [c.token_ids for c in expected]
+    for ours, theirs in zip(got, expected):
+        for a, b in zip(ours.logprobs, theirs.logprobs):
+            assert list(a.values()) == pytest.approx(list(b.values()), abs=1e-3)

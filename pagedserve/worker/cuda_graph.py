@@ -31,11 +31,14 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import torch
 from torch import nn
 
 from pagedserve.scheduler.step import ScheduledSequence
+from pagedserve.worker.inputs import flatten
 from pagedserve.worker.layers.attention import AttentionMetadata
+from pagedserve.worker.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -108,29 +111,25 @@ class DecodeGraphs:
         logger.info("CUDA graphs: %d decode batch sizes (1..%d) captured in %.1f s, %.0f MiB",
                     len(self.sizes), self.sizes[-1], self.capture_s, self.memory_bytes / 2**20)
 
-    def load(self, seqs: list[ScheduledSequence]) -> int:
-        """Queue the copies of a decode-only step's inputs into the static buffers;
-        returns the captured size that `replay` must run."""
-        num_seqs = len(seqs)
+    def load(self, seqs: list[ScheduledSequence]) -> tuple[int, torch.Tensor]:
+        """Queue the copies of a decode-only step's inputs into the static buffers.
+        Returns the captured size that `replay` must run, and the rows that sample."""
+        arrays = flatten(seqs, self.block_size)
+        num_seqs, width = arrays.block_tables.shape
         size = self.padded_size(num_seqs)
-        pad = size - num_seqs
-        bs = self.block_size
-        positions = [seq.start_pos for seq in seqs]
-        vectors = torch.tensor([
-            [seq.token_ids[0] for seq in seqs] + [0] * pad,
-            positions + [0] * pad,
-            [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions)] + [-1] * pad,
-        ], dtype=torch.int64)
-        seq_lens = torch.tensor([p + 1 for p in positions] + [1] * pad, dtype=torch.int32)
-        width = max(len(seq.block_table) for seq in seqs)
-        tables = torch.tensor([seq.block_table + [0] * (width - len(seq.block_table))
-                               for seq in seqs] + [[0] * width] * pad, dtype=torch.int32)
+        vectors = np.zeros((3, size), np.int64)  # padding: token 0 at position 0, slot -1
+        vectors[2, num_seqs:] = -1
+        vectors[:, :num_seqs] = arrays.token_ids, arrays.positions, arrays.slots
+        seq_lens = np.ones(size, np.int32)
+        seq_lens[:num_seqs] = arrays.seq_lens
+        tables = np.zeros((size, width), np.int32)
+        tables[:num_seqs] = arrays.block_tables
         # Columns past `width` keep older steps' blocks: no row reads past its own length.
         for static, host in ((self._vectors[:, :size], vectors), (self._seq_lens[:size], seq_lens),
                              (self._block_tables[:size, :width], tables)):
-            static.copy_(host.pin_memory() if self.device.type == "cuda" else host,
-                         non_blocking=True)
-        return size
+            static.copy_(torch.from_numpy(host).pin_memory() if self.device.type == "cuda"
+                         else torch.from_numpy(host), non_blocking=True)
+        return size, to_device(torch.from_numpy(arrays.logits_rows), self.device)
 
     def replay(self, size: int, num_seqs: int) -> torch.Tensor:
         """Hidden states [num_seqs, hidden_size] of the loaded step, in its `seqs` order."""

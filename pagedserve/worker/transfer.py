@@ -16,6 +16,3 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
 
-
-def as_device_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return to_device(torch.tensor(values, dtype=dtype), device)

@@ -186,6 +186,31 @@ def test_killed_worker_fails_generate(ray_cluster, tp_model, compiled):
     assert executor.workers == []  # every rank was stopped
 
 
+def test_closed_graph_channel_blames_the_dead_rank(ray_cluster, tp_model):
+    """A rank's death can reach the driver first as the compiled graph's channel
+    closing, with no actor named: the executor asks the ranks which one is gone."""
+    from ray.exceptions import RayChannelError
+
+    llm = _tp_llm(tp_model, 2, ray_compiled_graph=True)
+    executor = llm.engine.executor
+    llm.generate([{"prompt_token_ids": [7, 8, 9]}], use_tqdm=False)  # compiles the graph
+    ray_cluster.kill(executor.workers[1])
+
+    class ClosedChannel:
+        def execute(self, step):
+            raise RayChannelError("Channel closed.")
+
+        def teardown(self):
+            pass
+
+    executor._graph.teardown()
+    executor._graph = ClosedChannel()
+    with pytest.raises(WorkerFailedError, match=r"rank 1 failed in execute \(its actor died\)"):
+        llm.generate([{"prompt_token_ids": [7, 8, 9]}], use_tqdm=False)
+    stats = llm.get_memory_stats()
+    assert stats["free_blocks"] == stats["total_blocks"] and executor.workers == []
+
+
 def test_raising_worker_fails_the_step_and_names_the_error(ray_cluster, tp_model):
     llm = _tp_llm(tp_model, 2)
     # A block id past the pool's end: every rank raises while writing the KV cache.

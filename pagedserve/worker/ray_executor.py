@@ -240,12 +240,14 @@ class RayExecutor:
             self._graph = graph.experimental_compile(_submit_timeout=self.timeout_s)
         try:
             return ray.get(self._graph.execute(step), timeout=self.timeout_s)
-        except RayActorError as error:
-            self._fail(self._dead_rank(error), "execute (its actor died)", error)
-        except Exception as error:  # noqa: BLE001 - channel errors, timeouts
-            self._fail(None, f"execute ({_summary(error)})", error)
+        except Exception as error:  # noqa: BLE001 - a dead actor, a closed channel, a timeout
+            # A rank's death often reaches the driver first as the graph's
+            # channel closing: ask the actors which one is gone before blaming none.
+            rank = self._dead_rank(error)
+            detail = "its actor died" if rank is not None else _summary(error)
+            self._fail(rank, f"execute ({detail})", error)
 
-    def _dead_rank(self, error: RayActorError) -> int | None:
+    def _dead_rank(self, error: BaseException) -> int | None:
         """The rank whose actor died: from the error, else the first that does not answer."""
         ranks = {worker._actor_id.hex(): rank for rank, worker in enumerate(self.workers)}
         if getattr(error, "actor_id", None) in ranks:

@@ -243,21 +243,37 @@ class RayExecutor:
         except Exception as error:  # noqa: BLE001 - a dead actor, a closed channel, a timeout
             # A rank's death often reaches the driver first as the graph's
             # channel closing: ask the actors which one is gone before blaming none.
-            rank = self._dead_rank(error)
-            detail = "its actor died" if rank is not None else _summary(error)
+            rank, detail = self._culprit(error)
             self._fail(rank, f"execute ({detail})", error)
 
-    def _dead_rank(self, error: BaseException) -> int | None:
-        """The rank whose actor died: from the error, else the first that does not answer."""
+    def _culprit(self, error: BaseException) -> tuple[int | None, str]:
+        """The rank to blame for a failed graph step, and why.
+
+        The actor the error names, else the ranks are asked at once: one whose
+        actor is reported dead is blamed over one that only fails to answer
+        within FAILURE_GRACE_S. When all answer, no rank is blamed.
+        """
         ranks = {worker._actor_id.hex(): rank for rank, worker in enumerate(self.workers)}
         if getattr(error, "actor_id", None) in ranks:
-            return ranks[error.actor_id]
-        for rank, worker in enumerate(self.workers):
+            return ranks[error.actor_id], "its actor died"
+        probes = [worker.__ray_ready__.remote() for worker in self.workers]
+        ready, _ = ray.wait(probes, num_returns=len(probes), timeout=FAILURE_GRACE_S)
+        dead, silent = [], []
+        for rank, probe in enumerate(probes):
+            if probe not in ready:
+                silent.append(rank)
+                continue
             try:
-                ray.get(worker.__ray_ready__.remote(), timeout=FAILURE_GRACE_S)
-            except Exception:  # noqa: BLE001
-                return rank
-        return None
+                ray.get(probe)
+            except RayActorError:
+                dead.append(rank)
+            except Exception:  # noqa: BLE001 - any other failure to answer
+                silent.append(rank)
+        if dead:
+            return dead[0], "its actor died"
+        if silent:
+            return silent[0], f"no answer after {_summary(error)}"
+        return None, _summary(error)
 
     def _call(self, workers: list, method: str, *args: Any) -> list[Any]:
         return self._collect([getattr(w, method).remote(*args) for w in workers], method)

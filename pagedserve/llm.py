@@ -9,50 +9,45 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from pagedserve import config as config_module
-from pagedserve.config import Config
+from pagedserve.config import Config, EngineConfig, ModelConfig, ParallelConfig
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.scheduler.engine_core import EngineCore
 
 PromptInput = str | dict[str, Any]
+# The config sections whose fields LLM(...) takes by name (no name is in two of them).
+_SECTIONS = {"model": ModelConfig, "engine": EngineConfig, "parallel": ParallelConfig}
+
+
+def config_from_fields(model: str | None, fields: dict[str, Any], source: str) -> Config:
+    """A Config from keyword fields, each sent to the section that has it."""
+    sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    if model is not None:
+        sections["model"]["path"] = model
+    for key, value in fields.items():
+        owner = next((name for name, cls in _SECTIONS.items() if key in cls.model_fields), None)
+        if owner is None:
+            raise TypeError(f"LLM got an unexpected keyword argument {key!r} (the fields of "
+                            f"the model, engine and parallel config sections are accepted)")
+        sections[owner][key] = value
+    return config_module.parse(sections, source=source)
 
 
 class LLM:
     """An in-process engine over one model (vLLM-compatible arguments).
 
-    `model` is a Hugging Face directory or hub id. The keyword arguments are
-    those of `pagedserve.config.ModelConfig` and `EngineConfig`; invalid values
-    raise `ValueError` naming the field, the value and the limit.
+    `model` is a Hugging Face directory, a hub id or a GGUF file. The keyword
+    arguments are the fields of the model, engine and parallel sections of
+    `pagedserve.config` (the one home of their defaults), by name; invalid
+    values raise `ValueError` naming the field, the value and the limit.
     """
 
-    def __init__(self, model: str | None = None, *, tensor_parallel_size: int = 1,
-                 block_size: int = 16, max_model_len: int | None = None,
-                 gpu_memory_utilization: float = 0.9, num_gpu_blocks: int | None = None,
-                 kv_cache_memory_gb: float = 1.0, swap_space: float = 4.0,
-                 max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
-                 enable_prefix_caching: bool = True, preemption_mode: str = "auto",
-                 enforce_eager: bool = False, distributed_executor_backend: str = "auto",
-                 attention_backend: str = "auto", dtype: str = "auto", device: str = "auto",
-                 seed: int = 0,
-                 skip_tokenizer_init: bool = False, load_format: str = "auto",
-                 trust_remote_code: bool = False, config: Config | None = None) -> None:
+    def __init__(self, model: str | None = None, *, config: Config | None = None,
+                 **fields: Any) -> None:
         if config is None:
-            config = config_module.parse({
-                "model": dict(path=model, dtype=dtype, max_model_len=max_model_len,
-                              skip_tokenizer_init=skip_tokenizer_init, load_format=load_format,
-                              trust_remote_code=trust_remote_code),
-                "engine": dict(block_size=block_size,
-                               gpu_memory_utilization=gpu_memory_utilization,
-                               num_gpu_blocks=num_gpu_blocks, kv_cache_memory_gb=kv_cache_memory_gb,
-                               swap_space=swap_space, max_num_seqs=max_num_seqs,
-                               max_num_batched_tokens=max_num_batched_tokens,
-                               enable_prefix_caching=enable_prefix_caching,
-                               preemption_mode=preemption_mode,
-                               enforce_eager=enforce_eager, attention_backend=attention_backend,
-                               device=device, seed=seed),
-                "parallel": dict(tensor_parallel_size=tensor_parallel_size,
-                                 distributed_executor_backend=distributed_executor_backend),
-            }, source="LLM arguments")
+            config = config_from_fields(model, fields, source="LLM arguments")
+        elif model is not None or fields:
+            raise ValueError("LLM takes either config= or the model and its fields, not both")
         self.config = config
         self.engine = EngineCore.from_config(config)
         self._request_ids = itertools.count()

@@ -186,7 +186,15 @@ def load_model_shape(model: ModelConfig) -> ModelShape:
         spec = model.random_init
         return ModelShape.from_hf_config(_random_model_config(spec),
                                          f"model.random_init {spec.name!r} ({spec.arch})")
+    if model.embedded is not None:  # planned from its preset: nothing is fetched
+        return ModelShape.from_hf_config(load_presets()[model.embedded],
+                                         f"model.embedded {model.embedded!r}")
     path = Path(model.path).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        from pagedserve.worker import gguf_file  # torch and gguf: only for a GGUF file
+
+        config = json.loads((gguf_file.metadata_dir(path) / "config.json").read_text())
+        return ModelShape.from_hf_config(config, str(path))
     if path.is_dir():
         config_file = path / "config.json"
         if not config_file.is_file():

@@ -2,6 +2,7 @@
 
     pagedserve serve [CONFIG]                                   # the CLI
     serve run pagedserve.cluster.app:build_app config=configs/tiny-cpu.yaml
+    serve run pagedserve.cluster.app:build_app                  # the embedded default
 
 An LLMServer replica is the scheduler: it owns the block manager and streams
 outputs, while the model runs in worker actors, one per tensor-parallel rank
@@ -17,7 +18,6 @@ starts only where all of its GPUs fit.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -28,9 +28,9 @@ from pagedserve.cluster import autoscaling
 from pagedserve.cluster.ingress import OpenAIIngress
 from pagedserve.cluster.routing import PrefixAwareRouter
 from pagedserve.cluster.server import LLMServer
-from pagedserve.config import Config, load
+from pagedserve.config import DEFAULT_CONFIG, Config, load
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml"
+
 ROUTER_PATH = f"{PrefixAwareRouter.__module__}:{PrefixAwareRouter.__name__}"
 POLICY_PATHS = {name: f"{policy.__module__}:{policy.__name__}"
                 for name, policy in autoscaling.POLICIES.items()}

@@ -26,6 +26,7 @@ from pagedserve.worker.executor import Executor, make_executor
 from pagedserve.worker.model_info import ModelInfo, resolve
 
 logger = logging.getLogger(__name__)
+DEFAULT_SWAP_BYTES = 4 * 2**30
 
 
 @dataclass
@@ -81,7 +82,7 @@ class EngineCore:
                 f"the KV pool has {num_blocks} blocks of {engine.block_size} tokens, fewer than the "
                 f"{blocks_per_seq} one sequence of max_model_len={info.max_model_len} needs: "
                 f"raise {source} (one block takes {executor.block_bytes} bytes) or lower max_model_len")
-        num_cpu_blocks = int(engine.swap_space * 2**30) // executor.block_bytes
+        num_cpu_blocks = swap_blocks(engine, num_blocks, executor.block_bytes)
         executor.init_kv_cache(num_blocks, num_cpu_blocks)
         logger.info("KV pool: %d blocks x %d tokens (%.1f MiB per rank), CPU swap pool %d blocks",
                     num_blocks, engine.block_size, num_blocks * executor.block_bytes / 2**20,
@@ -235,6 +236,14 @@ class EngineCore:
                     finish_reason="stop" if ended else "length", stop_reason=None))
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outputs,
                              finished=group.finished)
+
+
+def swap_blocks(engine: EngineConfig, num_blocks: int, block_bytes: int) -> int:
+    """Blocks of the CPU swap pool: swap_space GiB, or by default as many as the KV
+    pool holds, within 4 GiB (vLLM's default swap space)."""
+    if engine.swap_space is not None:
+        return int(engine.swap_space * 2**30) // block_bytes
+    return min(num_blocks, DEFAULT_SWAP_BYTES // block_bytes)
 
 
 def _request_output(group: SequenceGroup) -> RequestOutput:

@@ -13,6 +13,7 @@ from typing import Protocol
 
 from pagedserve.config import EngineConfig, ParallelConfig
 from pagedserve.scheduler.step import StepInput, StepOutput
+from pagedserve.worker import cpu_threads
 from pagedserve.worker.model_info import ModelInfo
 from pagedserve.worker.worker import Worker
 
@@ -54,6 +55,8 @@ def make_executor(info: ModelInfo, engine: EngineConfig, parallel: ParallelConfi
 
 class LocalExecutor:
     def __init__(self, info: ModelInfo, engine: EngineConfig, load_format: str) -> None:
+        if info.device.type == "cpu":
+            cpu_threads.apply(engine.cpu_threads)
         self.worker = Worker(info, engine, load_format)
         self.worker_pids = [os.getpid()]
 

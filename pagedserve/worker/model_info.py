@@ -1,7 +1,8 @@
 """Resolve a ModelConfig against the model and the machine, once, at engine build.
 
-The result is frozen: the directory holding the weights, the HF config, the
-real max_model_len, dtype and device, and the token ids that end a sequence.
+The result is frozen: the directory holding the HF config and tokenizer, the
+GGUF file when the weights come from one, the real max_model_len, dtype and
+device, and the token ids that end a sequence.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 
+from pagedserve import embedded
 from pagedserve.config import EngineConfig, ModelConfig, ParallelConfig
+from pagedserve.worker import gguf_file
 
 logger = logging.getLogger(__name__)
 
@@ -22,18 +25,19 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @dataclass(frozen=True)
 class ModelInfo:
-    model_dir: Path
+    model_dir: Path  # config and tokenizer files (and the safetensors weights, if no gguf_file)
     hf_config: PretrainedConfig
     max_model_len: int
     dtype: torch.dtype
     device: torch.device
     eos_token_ids: frozenset[int]
     vocab_size: int
+    gguf_file: Path | None = None  # the weights, when they come from a GGUF file
 
 
 def resolve(model: ModelConfig, engine: EngineConfig,
             parallel: ParallelConfig = ParallelConfig()) -> ModelInfo:
-    directory = model_dir(model)
+    directory, gguf = locate(model)
     hf_config = load_hf_config(directory, model.trust_remote_code)
     check_tensor_parallel(hf_config, parallel.tensor_parallel_size)
     device = _device(engine.device, on_ray=parallel.executor_backend == "ray")
@@ -45,6 +49,7 @@ def resolve(model: ModelConfig, engine: EngineConfig,
         device=device,
         eos_token_ids=_eos_token_ids(directory, hf_config),
         vocab_size=hf_config.vocab_size,
+        gguf_file=gguf,
     )
 
 
@@ -60,22 +65,35 @@ def load_hf_config(directory: Path, trust_remote_code: bool) -> PretrainedConfig
                          "True for LLM); leave it off unless you have read that code") from None
 
 
-def model_dir(model: ModelConfig) -> Path:
-    """The local directory of the model: the path, a hub snapshot, or the built random model."""
+def locate(model: ModelConfig) -> tuple[Path, Path | None]:
+    """The model's local directory (config, tokenizer) and its GGUF file, if any.
+
+    The directory is the path, a hub snapshot, the built random model, or, for a
+    GGUF file (the embedded model is one), an HF directory made from its metadata.
+    """
     if model.random_init is not None:
         from pagedserve.testing import cached_random_model
 
         spec = model.random_init
-        return cached_random_model(spec.name, arch=spec.arch, seed=spec.seed, **spec.config_overrides)
+        return cached_random_model(spec.name, arch=spec.arch, seed=spec.seed,
+                                   **spec.config_overrides), None
+    if model.embedded is not None:
+        gguf = embedded.fetch(model.embedded, log=logger.warning)
+        return gguf_file.metadata_dir(gguf, log=logger.warning), gguf
     path = Path(model.path).expanduser()
     if path.is_dir():
-        return path
+        return path, None
+    if gguf_file.is_gguf(path):
+        return gguf_file.metadata_dir(path, log=logger.warning), path.resolve()
     if path.exists():
-        raise ValueError(f"model.path={model.path!r} is a file; expected a model directory or hub id")
+        raise ValueError(f"model.path={model.path!r} is a file but not a .gguf file; expected "
+                         "a model directory, a hub id or a GGUF file")
+    if path.suffix == ".gguf":
+        raise ValueError(f"model.path={model.path!r}: no such GGUF file")
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
-    return Path(snapshot_download(model.path, allow_patterns=patterns))
+    return Path(snapshot_download(model.path, allow_patterns=patterns)), None
 
 
 def check_tensor_parallel(hf_config: PretrainedConfig, tp_size: int) -> None:

@@ -46,6 +46,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pagedserve.config import EngineConfig, ParallelConfig
 from pagedserve.scheduler.step import StepInput, StepOutput
+from pagedserve.worker import cpu_threads
 from pagedserve.worker.distributed import init_tp_group
 from pagedserve.worker.executor import WorkerFailedError
 from pagedserve.worker.model_info import ModelInfo
@@ -115,12 +116,12 @@ class RayWorker:
         return f"tcp://{ray.util.get_node_ip_address()}:{port}"
 
     def init_worker(self, info: ModelInfo, engine: EngineConfig, load_format: str, size: int,
-                    init_method: str, timeout_s: float, cpu_threads: int) -> None:
+                    init_method: str, timeout_s: float, reserved_cpus: float) -> None:
         backend = "nccl" if info.device.type == "cuda" else "gloo"
         if info.device.type == "cuda":
             torch.cuda.set_device(0)  # Ray exposes exactly this actor's GPU
         else:
-            torch.set_num_threads(cpu_threads)  # the CPUs its bundle reserved
+            cpu_threads.apply(engine.cpu_threads, reserved_cpus)
         tp = init_tp_group(self.rank, size, init_method, backend, timeout_s)
         self.worker = Worker(info, engine, load_format, tp)
 
@@ -176,7 +177,7 @@ class RayExecutor:
         ]
         init_method = self._call([self.workers[0]], "rendezvous_address")[0]
         self.call_all("init_worker", info, engine, load_format, self.size, init_method,
-                      self.timeout_s, max(1, int(parallel.worker_cpus)))
+                      self.timeout_s, parallel.worker_cpus)
         self.worker_pids = self.call_all("pid")
         logger.info("%d tensor-parallel workers ready (%s, rendezvous %s)", self.size,
                     info.device.type, init_method)

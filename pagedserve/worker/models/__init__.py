@@ -1,7 +1,8 @@
-"""Model registry and weight loading (HF safetensors directories or hub ids)."""
+"""Model registry and weight loading (HF safetensors directories, hub ids, GGUF files)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -9,6 +10,7 @@ from safetensors import safe_open
 from torch import nn
 
 from pagedserve.worker.distributed import TPGroup
+from pagedserve.worker.gguf_file import tensors as gguf_tensors
 from pagedserve.worker.layers import default_dtype
 from pagedserve.worker.layers.linear import default_weight_loader
 from pagedserve.worker.models.llama import LlamaForCausalLM
@@ -29,55 +31,78 @@ def model_class(hf_config) -> type[nn.Module]:
 
 
 def build_model(hf_config, model_dir: Path, *, max_position: int, dtype: torch.dtype,
-                device: torch.device, load_format: str, tp: TPGroup = TPGroup()) -> nn.Module:
+                device: torch.device, load_format: str, tp: TPGroup = TPGroup(),
+                gguf_file: Path | None = None) -> nn.Module:
     """This rank's shard of the model, with its weights (or random ones for "dummy").
 
-    Parameters are created on `device` in `dtype` and left uninitialised until
-    they are loaded or drawn; buffers built in float32 (the rotary table) are
-    cast after.
+    Weights come from the safetensors files of `model_dir`, or from `gguf_file`
+    when set. Parameters are created on `device` in `dtype` and left
+    uninitialised until they are loaded or drawn; buffers built in float32 (the
+    rotary table) are cast after.
     """
     with torch.device(device), default_dtype(dtype):
         model = model_class(hf_config)(hf_config, max_position, tp)
     model.to(dtype=dtype)
     if load_format == "dummy":
         _init_dummy(model)
+    elif gguf_file is not None:
+        load_weights(model, gguf_tensors(gguf_file, hf_config, checkpoint_names(model)),
+                     str(gguf_file))
     else:
-        load_weights(model, model_dir)
+        load_weights(model, _safetensors(model_dir), str(model_dir))
     return model.eval().requires_grad_(False)
 
 
-def load_weights(model: nn.Module, model_dir: Path) -> None:
-    """Copy this rank's slice of every checkpoint tensor into the model.
+def _safetensors(model_dir: Path) -> Iterator[tuple[str, object]]:
+    """(name, slice) of every tensor of the directory's safetensors files.
 
-    Tensors are opened as safetensors slices: each parameter's `weight_loader`
-    indexes only the rows or columns its rank holds, so no rank reads (or
-    holds) the whole model.
+    Tensors are opened as safetensors slices: nothing is read until indexed.
     """
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
-    params = dict(model.named_parameters())
-    loaded: set[str] = set()
     for file in files:
         with safe_open(file, framework="pt") as f:
-            for ckpt_name in f.keys():
-                if "rotary_emb" in ckpt_name:
-                    continue
-                name, shard_id = _target(model, ckpt_name)
-                if name not in params:
-                    if name == "lm_head.weight":  # tied to the embedding: loaded through it
-                        continue
-                    raise ValueError(f"checkpoint tensor {ckpt_name!r} has no place in the model")
-                param = params[name]
-                loader = getattr(param, "weight_loader", default_weight_loader)
-                try:
-                    loader(param, f.get_slice(ckpt_name), shard_id)
-                except ValueError as error:
-                    raise ValueError(f"checkpoint tensor {ckpt_name!r} {error}") from None
-                loaded.add(name if shard_id is None else f"{name}#{shard_id}")
+            for name in f.keys():
+                yield name, f.get_slice(name)
+
+
+def checkpoint_names(model: nn.Module) -> list[str]:
+    """The HF checkpoint names the model takes: fused parameters by their parts."""
+    names = ["lm_head.weight"]  # also when tied to the embedding (then loaded through it)
+    for name, _ in model.named_parameters():
+        parts = [name.replace(f".{fused}.", f".{part}.")
+                 for fused, part, _ in model.stacked_params if f".{fused}." in name]
+        names.extend(parts or [name])
+    return names
+
+
+def load_weights(model: nn.Module, checkpoint: Iterable[tuple[str, object]], source: str) -> None:
+    """Copy this rank's slice of every checkpoint tensor into the model.
+
+    Each parameter's `weight_loader` indexes only the rows or columns its rank
+    holds, so no rank reads (or holds) the whole model.
+    """
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    for ckpt_name, tensor in checkpoint:
+        if "rotary_emb" in ckpt_name:
+            continue
+        name, shard_id = _target(model, ckpt_name)
+        if name not in params:
+            if name == "lm_head.weight":  # tied to the embedding: loaded through it
+                continue
+            raise ValueError(f"checkpoint tensor {ckpt_name!r} has no place in the model")
+        param = params[name]
+        loader = getattr(param, "weight_loader", default_weight_loader)
+        try:
+            loader(param, tensor, shard_id)
+        except ValueError as error:
+            raise ValueError(f"checkpoint tensor {ckpt_name!r} {error}") from None
+        loaded.add(name if shard_id is None else f"{name}#{shard_id}")
     missing = sorted(_expected_entries(params) - loaded)
     if missing:
-        raise ValueError(f"checkpoint in {model_dir} lacks tensors for: {', '.join(missing[:5])}"
+        raise ValueError(f"checkpoint {source} lacks tensors for: {', '.join(missing[:5])}"
                          + (" ..." if len(missing) > 5 else ""))
 
 

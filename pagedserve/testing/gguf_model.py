@@ -1,0 +1,109 @@
+"""Write a small HF model directory as a GGUF file, as llama.cpp's converter does.
+
+Tests need GGUF files of every tensor type the loader reads, made from
+weights they also hold in HF form. This writes one with the `gguf` package's
+writer and quantizers: metadata under the architecture's keys, the
+tokenizer's vocabulary and merges, the chat template, and tensors under
+llama.cpp's names, with Llama's q/k rows permuted as convert_hf_to_gguf.py
+permutes them. Norms and biases stay F32, as there.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoTokenizer
+
+
+def write_gguf(model_dir: Path, path: Path, tensor_type: str = "F32") -> Path:
+    """`model_dir` (a llama or qwen2 HF directory) as the GGUF file `path`, its
+    matrices stored as `tensor_type` (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1)."""
+    import gguf
+
+    config = AutoConfig.from_pretrained(model_dir)
+    arch = {"llama": "llama", "qwen2": "qwen2"}[config.model_type]
+    qtype = gguf.GGMLQuantizationType[tensor_type]
+    writer = gguf.GGUFWriter(path, arch=arch)
+    _write_config(writer, config)
+    _write_tokenizer(writer, model_dir)
+    state = {}
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        state.update(load_file(file))
+    name_map = gguf.get_tensor_name_map(
+        {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch], config.num_hidden_layers)
+    head_dim = config.hidden_size // config.num_attention_heads
+    for hf_name, tensor in state.items():
+        values = tensor.float().numpy()
+        if arch == "llama" and (".q_proj." in hf_name or ".k_proj." in hf_name):
+            heads = values.shape[0] // head_dim
+            values = permute(values, heads)
+        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if values.ndim == 1:
+            writer.add_tensor(gguf_name, values.astype(np.float32))
+        else:
+            writer.add_tensor(gguf_name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def permute(rows: np.ndarray, heads: int) -> np.ndarray:
+    """HF's rows of each head, [2, head_dim / 2], in llama.cpp's order [head_dim / 2, 2]."""
+    shaped = rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:])
+    return shaped.swapaxes(1, 2).reshape(rows.shape)
+
+
+def _write_config(writer, config) -> None:
+    writer.add_name(f"pagedserve-test-{config.model_type}")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    rope = getattr(config, "rope_parameters", None) or {}
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 1e4))))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_vocab_size(config.vocab_size)
+
+
+def _write_tokenizer(writer, model_dir: Path) -> None:
+    """A byte-level BPE ("gpt2" in llama.cpp's terms), its special tokens marked as control."""
+    import gguf
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    spec = json.loads((Path(model_dir) / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    tokens = [token for token, _ in sorted(vocab.items(), key=lambda item: item[1])]
+    special = set(tokenizer.all_special_tokens) | {t["content"] for t in spec["added_tokens"]}
+    types = [gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    if tokenizer.pad_token_id is not None:
+        writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_add_bos_token(False)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def dequantized(path: Path, name: str) -> torch.Tensor:
+    """One tensor of a GGUF file as the gguf package dequantizes it, in GGUF's row order."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    tensor = next(t for t in reader.tensors if t.name == name)
+    shape = tuple(int(n) for n in reversed(tensor.shape))
+    return torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape))

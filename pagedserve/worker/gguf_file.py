@@ -1,0 +1,178 @@
+"""GGUF checkpoints (llama.cpp's format): metadata as an HF directory, tensors as slices.
+
+A `.gguf` file holds the config, the tokenizer and chat template, and the
+weights, most of them quantized in blocks along each row:
+
+    Q4_1, one block of 32 weights:  [scale f16][min f16][32 x 4-bit]  -> 20 bytes
+    a [rows, cols] tensor on disk:  [rows, cols / 32 blocks x 20 bytes]
+
+Metadata is converted once, by transformers' GGUF support, into an HF model
+directory in the cache (`metadata_dir`), so the tokenizer loads as fast as any
+other. Weights are dequantized at load by the `gguf` package into the
+model's dtype. A tensor is indexed like a safetensors slice (`tensors`), and
+only the rows a tensor-parallel rank asks for are dequantized.
+
+llama.cpp stores Llama's q and k projections with the rows of each head
+interleaved for its rotary kernel (convert_hf_to_gguf.py, `LlamaModel.permute`);
+`_unpermute` puts them back in HF's order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pagedserve.cache import build_dir_once, cache_dir
+
+logger = logging.getLogger(__name__)
+# general.architecture -> the architectures our model classes implement.
+ARCHITECTURES = ("llama", "qwen2")
+# HF model_type (as transformers reads the file) -> the HF class name.
+_HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+               "qwen2": "Qwen2ForCausalLM"}
+# Architectures whose q/k rows llama.cpp permutes.
+_PERMUTED = ("llama",)
+# Tensor types the gguf package dequantizes; others are refused.
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+                   "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+_MARKER = "gguf_source.json"
+
+
+def is_gguf(path: Path) -> bool:
+    return path.suffix == ".gguf" and path.is_file()
+
+
+def _reader(path: Path):
+    from gguf import GGUFReader  # imported when a GGUF file is used
+
+    return GGUFReader(path)
+
+
+def _architecture(reader, path: Path) -> str:
+    field = reader.fields.get("general.architecture")
+    arch = field.contents() if field is not None else None
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"model.path={str(path)!r}: GGUF architecture {arch!r} is not supported "
+                         f"(supported: {', '.join(ARCHITECTURES)})")
+    return arch
+
+
+def check(path: Path, reader=None) -> None:
+    """Refuse a file whose architecture or tensor types this loader cannot read."""
+    reader = reader or _reader(path)
+    _architecture(reader, path)
+    unsupported: dict[str, list[str]] = {}
+    for tensor in reader.tensors:
+        if tensor.tensor_type.name not in SUPPORTED_TYPES:
+            unsupported.setdefault(tensor.tensor_type.name, []).append(tensor.name)
+    if unsupported:
+        found = "; ".join(f"{kind} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                          for kind, names in sorted(unsupported.items()))
+        raise ValueError(f"model.path={str(path)!r}: GGUF tensor types not supported: {found} "
+                         f"(supported: {', '.join(SUPPORTED_TYPES)})")
+
+
+def metadata_dir(path: Path, log: Callable[[str], None] = logger.info) -> Path:
+    """An HF directory (config, tokenizer, chat template, generation config) made from
+    the file's metadata, once per file and transformers version."""
+    import transformers
+
+    path = path.resolve()
+    stat = path.stat()
+    # Tokenizer files saved by one transformers major version may not load in another.
+    identity = [str(path), stat.st_size, stat.st_mtime_ns, transformers.__version__]
+    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:12]
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+        check(path)
+        log(f"pagedserve: reading the config and tokenizer of {path.name} from its GGUF "
+            "metadata (once)")
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        config.architectures = [_HF_CLASSES[config.model_type]]
+        config.save_pretrained(tmp)
+        GenerationConfig.from_model_config(config).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
+        (tmp / _MARKER).write_text(json.dumps({"gguf_file": str(path)}))
+
+    return build_dir_once(cache_dir() / "gguf" / f"{path.stem}-{key}", build, _MARKER)
+
+
+def tensors(path: Path, hf_config, hf_names: list[str]) -> Iterator[tuple[str, _TensorSlice]]:
+    """(HF checkpoint name, slice) for every tensor of the file.
+
+    `hf_names` are the checkpoint names the model can take; the gguf package's
+    name map says which GGUF tensor each one is.
+    """
+    import gguf
+
+    reader = _reader(path)
+    check(path, reader)
+    arch = _architecture(reader, path)
+    arch_id = {name: key for key, name in gguf.MODEL_ARCH_NAMES.items()}[arch]
+    name_map = gguf.get_tensor_name_map(arch_id, hf_config.num_hidden_layers)
+    to_hf = {}
+    for hf_name in hf_names:
+        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is not None:
+            to_hf[gguf_name] = hf_name
+    heads = {"attn_q": hf_config.num_attention_heads, "attn_k": hf_config.num_key_value_heads}
+    for tensor in reader.tensors:
+        if tensor.name == "rope_freqs.weight":  # rotary factors: the config carries them
+            continue
+        if tensor.name not in to_hf:
+            raise ValueError(f"GGUF tensor {tensor.name!r} in {path} has no place in the model")
+        kind = tensor.name.split(".")[-2]
+        yield to_hf[tensor.name], _TensorSlice(
+            tensor, heads.get(kind) if arch in _PERMUTED else None)
+
+
+class _TensorSlice:
+    """One tensor in HF's layout [rows, cols], dequantized only where it is indexed."""
+
+    def __init__(self, tensor, permuted_heads: int | None) -> None:
+        self.tensor = tensor
+        self.permuted_heads = permuted_heads  # llama.cpp interleaved the rows of these heads
+
+    def get_shape(self) -> tuple[int, ...]:
+        return tuple(int(n) for n in reversed(self.tensor.shape))  # GGUF lists the row length first
+
+    def __getitem__(self, key) -> torch.Tensor:
+        from gguf import dequantize
+
+        shape = self.get_shape()
+        rows, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        start, stop, step = rows.indices(shape[0])
+        if step != 1:
+            raise ValueError(f"GGUF tensor {self.tensor.name!r}: only contiguous rows are read")
+        if len(shape) == 1:  # norms and biases: small, read whole
+            values = dequantize(self.tensor.data, self.tensor.tensor_type).reshape(shape)
+            values = values[start:stop]
+        else:
+            values = dequantize(self.tensor.data[start:stop], self.tensor.tensor_type)
+            values = values.reshape(stop - start, *shape[1:])
+        if self.permuted_heads:
+            values = _unpermute(values, start, shape[0] // self.permuted_heads)
+        values = np.ascontiguousarray(values[(slice(None), *rest)])
+        if not values.flags.writeable:  # a view of the read-only memory map
+            values = values.copy()
+        return torch.from_numpy(values)
+
+
+def _unpermute(rows: np.ndarray, start: int, head_dim: int) -> np.ndarray:
+    """llama.cpp's order within a head, [head_dim / 2, 2], back to HF's [2, head_dim / 2].
+
+    `rows` [n, ...] starts at row `start` of the full tensor; both must be whole heads.
+    """
+    if start % head_dim or rows.shape[0] % head_dim:
+        raise ValueError(f"rows {start}..{start + rows.shape[0]} split a head of {head_dim} rows")
+    heads = rows.shape[0] // head_dim
+    shaped = rows.reshape(heads, head_dim // 2, 2, *rows.shape[1:])
+    return shaped.swapaxes(1, 2).reshape(rows.shape)

@@ -1,0 +1,209 @@
+"""GGUF files as models: weights dequantized at load, config and tokenizer from metadata.
+
+Each file is written from a random HF model (pagedserve.testing.gguf_model) and
+read back two ways: by pagedserve, and by transformers' own GGUF loader, the
+oracle. Both dequantize with the `gguf` package, so the weights must be equal
+exactly and greedy tokens too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pagedserve import LLM, SamplingParams
+from pagedserve.config import parse
+from pagedserve.testing import build_random_model
+from pagedserve.testing.gguf_model import write_gguf
+from pagedserve.worker.distributed import TPGroup
+from pagedserve.worker.gguf_file import metadata_dir
+from pagedserve.worker.models import build_model
+
+# GQA (2 KV heads of 4), so q and k are un-permuted with different head counts.
+LLAMA = dict(arch="llama", num_key_value_heads=2)
+PROMPTS = [[7, 8, 9, 10, 11], [100, 200, 300, 40, 50, 60, 70], list(range(20, 60))]
+ENGINE = dict(device="cpu", dtype="float32", num_gpu_blocks=64, max_model_len=128)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return build_random_model(tmp_path_factory.mktemp("gguf") / "llama", **LLAMA)
+
+
+@pytest.fixture(scope="module")
+def gguf_files(tmp_path_factory, llama_dir):
+    root = tmp_path_factory.mktemp("gguf-files")
+    made = {}
+
+    def get(tensor_type: str, model_dir=None, name: str = "llama"):
+        key = (tensor_type, name)
+        if key not in made:
+            made[key] = write_gguf(model_dir or llama_dir, root / f"{name}-{tensor_type}.gguf",
+                                   tensor_type)
+        return made[key]
+
+    return get
+
+
+def _hf(path):
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                dtype=torch.float32).eval()
+
+
+def _hf_greedy(model, max_tokens: int = 8) -> list[list[int]]:
+    with torch.inference_mode():
+        return [model.generate(torch.tensor([p]), max_new_tokens=max_tokens,
+                               do_sample=False)[0, len(p):].tolist() for p in PROMPTS]
+
+
+def _greedy(llm: LLM, max_tokens: int = 8) -> list[list[int]]:
+    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
+                           SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def _unfused(model) -> dict[str, torch.Tensor]:
+    """Our parameters under HF's names: fused q/k/v and gate/up split back."""
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    split = {"qkv_proj": (["q_proj", "k_proj", "v_proj"], [q, kv, kv]),
+             "gate_up_proj": (["gate_proj", "up_proj"], [config.intermediate_size] * 2)}
+    out = {}
+    for name, param in model.named_parameters():
+        fused = next((f for f in split if f".{f}." in name), None)
+        if fused is None:
+            out[name] = param
+            continue
+        parts, sizes = split[fused]
+        for part, piece in zip(parts, param.split(sizes, dim=0)):
+            out[name.replace(fused, part)] = piece
+    return out
+
+
+@pytest.mark.parametrize("tensor_type", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_1"])
+def test_weights_and_greedy_tokens_equal_transformers(gguf_files, tensor_type):
+    path = gguf_files(tensor_type)
+    hf = _hf(path)
+    llm = LLM(str(path), **ENGINE)
+    ours = _unfused(llm.engine.executor.worker.model)
+    theirs = dict(hf.named_parameters())
+    assert set(ours) == set(theirs)
+    for name, param in theirs.items():
+        assert torch.equal(ours[name], param), name
+    assert _greedy(llm) == _hf_greedy(hf)
+
+
+def test_qwen2_file_is_read_without_the_llama_permutation(tmp_path, gguf_files):
+    # Qwen2 has q/k/v biases: they load too.
+    qwen = build_random_model(tmp_path / "qwen2", arch="qwen2", num_key_value_heads=2)
+    path = gguf_files("Q8_0", qwen, name="qwen2")
+    hf = _hf(path)
+    assert _greedy(LLM(str(path), **ENGINE)) == _hf_greedy(hf)
+
+
+def test_config_tokenizer_and_template_come_from_the_metadata(gguf_files, llama_dir):
+    from transformers import AutoTokenizer
+
+    path = gguf_files("Q8_0")
+    llm = LLM(str(path), **{**ENGINE, "max_model_len": None})
+    original = AutoTokenizer.from_pretrained(llama_dir)
+    tokenizer = llm.get_tokenizer()
+    assert llm.engine.info.hf_config.num_key_value_heads == 2
+    assert llm.engine.info.max_model_len == 1024  # the file's context_length
+    assert llm.engine.info.eos_token_ids == {original.eos_token_id}
+    assert tokenizer.chat_template == original.chat_template
+    conversation = [{"role": "user", "content": "hello there"}]
+    assert (tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+            == original.apply_chat_template(conversation, add_generation_prompt=True,
+                                            tokenize=False))
+    # Made once: a second engine finds the same metadata directory.
+    assert metadata_dir(path) == llm.engine.info.model_dir
+
+
+def test_each_rank_dequantizes_its_own_slice(gguf_files):
+    """Ranks built in this process (no process group): their shards, side by side,
+    are the TP=1 model's parameters."""
+    path = gguf_files("Q4_1")
+    config = LLM(str(path), **ENGINE).engine.info.hf_config
+
+    def build(rank: int, size: int):
+        return dict(build_model(config, None, max_position=128, dtype=torch.float32,
+                                device=torch.device("cpu"), load_format="gguf",
+                                tp=TPGroup(rank, size), gguf_file=path).named_parameters())
+
+    whole = build(0, 1)
+    shards = [build(rank, 2) for rank in range(2)]
+    qkv = "model.layers.0.self_attn.qkv_proj.weight"
+    head_dim = config.hidden_size // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    # Each rank holds half of q's heads, then half of k's and of v's.
+    for part, (start, size) in enumerate([(0, q), (q, kv), (q + kv, kv)]):
+        full = whole[qkv][start:start + size]
+        sizes = [q // 2, kv // 2, kv // 2]
+        offset = sum(sizes[:part])
+        for rank, shard in enumerate(shards):
+            piece = shard[qkv][offset:offset + sizes[part]]
+            assert torch.equal(piece, full[rank * sizes[part]:(rank + 1) * sizes[part]])
+    down = "model.layers.1.mlp.down_proj.weight"
+    assert torch.equal(torch.cat([s[down] for s in shards], dim=1), whole[down])
+
+
+def test_tensor_parallel_ranks_load_from_the_file(ray_cluster, gguf_files):
+    path = gguf_files("Q8_0")
+    config = parse({"model": {"path": str(path), "dtype": "float32", "max_model_len": 128},
+                    "engine": {"device": "cpu", "num_gpu_blocks": 64},
+                    "parallel": {"tensor_parallel_size": 2, "distributed_executor_backend": "ray",
+                                 "worker_cpus": 0.25}})
+    llm = LLM(config=config)
+    try:
+        assert _greedy(llm) == _hf_greedy(_hf(path))
+    finally:
+        llm.shutdown()
+
+
+def _rewrite(path, out, arch: str | None = None, retype: str | None = None):
+    """A copy of a GGUF file under another architecture name, or with one tensor's type changed."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    source_arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(out, arch=arch or source_arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        name = key.replace(f"{source_arch}.", f"{arch}.", 1) if arch else key
+        writer.add_key_value(name, field.contents(), field.types[0],
+                             field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None)
+    for index, tensor in enumerate(reader.tensors):
+        if retype and index == 1:
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float64)
+            writer.add_tensor(tensor.name, values)
+        else:
+            writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def test_unsupported_architecture_is_refused_by_name(tmp_path, gguf_files):
+    path = _rewrite(gguf_files("F32"), tmp_path / "phi.gguf", arch="phi2")
+    with pytest.raises(ValueError, match=r"GGUF architecture 'phi2' is not supported "
+                                         r"\(supported: llama, qwen2\)"):
+        LLM(str(path), **ENGINE)
+
+
+def test_unsupported_tensor_type_is_refused_by_name(tmp_path, gguf_files):
+    path = _rewrite(gguf_files("F32"), tmp_path / "f64.gguf", retype="F64")
+    with pytest.raises(ValueError,
+                       match=r"GGUF tensor types not supported: F64 \(token_embd\.weight\)"):
+        LLM(str(path), **ENGINE)
+
+
+def test_a_missing_gguf_file_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"no such GGUF file"):
+        LLM(str(tmp_path / "absent.gguf"), **ENGINE)

@@ -151,6 +151,8 @@ class ServingConfig(_Strict):
     # The name clients pass as `model`; defaults to model.path or the random model's name.
     served_model_name: str | None = Field(default=None, min_length=1)
     max_request_bytes: int = Field(default=4 * 2**20, gt=0)
+    # Stop strings per request: OpenAI allows 4, vLLM has no limit, lm-eval sends 5 and more.
+    max_stop_sequences: int = Field(default=64, ge=1)
     # Requests beyond this many waiting in a replica's queue get 503 + Retry-After.
     max_waiting_requests: int = Field(default=1024, gt=0)
     retry_after_s: int = Field(default=1, ge=0)

@@ -52,3 +52,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
+    # With SamplingParams.prompt_logprobs, once the whole prompt is computed: per
+    # prompt token {token_id: logprob}, its own first, then the top-k; None first.
+    prompt_logprobs: list[dict[int, float] | None] | None = None

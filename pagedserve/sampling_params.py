@@ -13,7 +13,8 @@ class SamplingParams:
 
     `temperature=0` means greedy. `top_k=0` and `top_p=1` disable those filters.
     `logprobs=k` returns, for every generated token, its log-probability and the
-    k most likely alternatives (log-softmax of the model's raw logits).
+    k most likely alternatives (log-softmax of the model's raw logits);
+    `prompt_logprobs=k` does the same for every prompt token after the first.
     Invalid values raise `ValueError` naming the field, the value and the limit.
     """
 
@@ -33,11 +34,14 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     length_penalty: float = 1.0
     # Beam search: stop once best_of hypotheses are finished (True), when no
     # running beam can still beat them (False), or only at max_tokens ("never").
     early_stopping: bool | str = False
     skip_special_tokens: bool = True
+    # Keep the stop string that ended the text (vLLM's name); off: it is cut off.
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
         # Accept lists and a single string, as OpenAI clients send them.
@@ -73,6 +77,9 @@ class SamplingParams:
         if self.logprobs is not None:
             _check(0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", self.logprobs,
                    f"must be in [0, {MAX_LOGPROBS}]")
+        if self.prompt_logprobs is not None:
+            _check(0 <= self.prompt_logprobs <= MAX_LOGPROBS, "prompt_logprobs",
+                   self.prompt_logprobs, f"must be in [0, {MAX_LOGPROBS}]")
         if self.seed is not None:
             _check(0 <= self.seed < 2**63, "seed", self.seed, "must be in [0, 2**63)")
 

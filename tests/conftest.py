@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
@@ -27,6 +28,34 @@ MODEL_VARIANTS = {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64, "rope_theta": 500000.0}),
 }
+
+
+# The embedded default model, which `make test` fetches into the user's cache
+# before the suite runs (`pagedserve fetch`); read there, not fetched again.
+USER_CACHE = os.environ.get("PAGEDSERVE_CACHE_DIR") or os.path.expanduser("~/.cache/pagedserve")
+
+
+@contextlib.contextmanager
+def user_cache():
+    """PAGEDSERVE_CACHE_DIR set to the user's cache while the real model is resolved."""
+    previous = os.environ.get("PAGEDSERVE_CACHE_DIR")
+    os.environ["PAGEDSERVE_CACHE_DIR"] = USER_CACHE
+    try:
+        yield
+    finally:
+        os.environ["PAGEDSERVE_CACHE_DIR"] = previous
+
+
+@pytest.fixture(scope="session")
+def embedded_gguf():
+    """The embedded default's GGUF file (fetched if `make test` did not) and its metadata."""
+    from pagedserve import embedded
+    from pagedserve.worker.gguf_file import metadata_dir
+
+    with user_cache():
+        path = embedded.fetch(embedded.DEFAULT)
+        metadata_dir(path)
+    return path
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -68,7 +68,8 @@ BAD_BODIES = [
     (C, body(model="m", prompt="hi", temperature="hot"), "temperature", "valid number"),
     (C, body(model="m", prompt="hi", stream=1), "stream", "valid boolean"),
     (C, body(model="m", prompt="hi", max_tokens=-5), "max_tokens",
-     "max_tokens: Input should be greater than or equal to 1 (got -5)"),
+     "max_tokens: Input should be greater than or equal to 0 (got -5)"),
+    (C, body(model="m", prompt="hi", max_tokens=0), "max_tokens", "0 is allowed with echo=true"),
     (C, body(model="m", prompt="hi", n=0), "n", "greater than or equal to 1"),
     (C, body(model="m", prompt="hi", n=129), "n", "less than or equal to 128"),
     (C, body(model="m", prompt="hi", n=3, best_of=2), "best_of", "at least n=3 (got 2)"),
@@ -77,7 +78,8 @@ BAD_BODIES = [
     (C, body(model="m", prompt="hi", top_p=0), "top_p", "greater than 0"),
     (C, body(model="m", prompt="hi", top_k=-2), "top_k", "greater than or equal to -1"),
     (C, body(model="m", prompt="hi", presence_penalty=2.5), "presence_penalty", "2"),
-    (C, body(model="m", prompt="hi", stop=list("abcde")), "stop", "at most 4 stop sequences"),
+    (C, body(model="m", prompt="hi", stop=[f"s{i}" for i in range(65)]), "stop",
+     "at most 64 stop sequences are allowed (65 given; serving.max_stop_sequences"),
     (C, body(model="m", prompt="hi", stop=""), "stop", "non-empty"),
     (C, body(model="m", prompt="hi", stop=5), "stop", "string or a list of strings"),
     (C, body(model="m", prompt="hi", stream_options={"include_usage": True}),
@@ -89,7 +91,17 @@ BAD_BODIES = [
     (C, body(model="m", prompt=[[1, 2], []]), "prompt", "must not be empty"),
     (C, body(model="m", prompt=[1, -2, 3]), "prompt", "token ids must be >= 0"),
     (C, body(model="m", prompt=["a", 1]), "prompt", "list of token ids"),
-    (C, body(model="m", prompt="hi", echo=True), "echo", "not supported"),
+    (C, body(model="m", prompt="hi", stream=True, prompt_logprobs=1), "prompt_logprobs",
+     "not available with stream=true"),
+    (C, body(model="m", prompt="hi", echo=True, logprobs=1, prompt_logprobs=2),
+     "prompt_logprobs", "must equal logprobs=1"),
+    (C, body(model="m", prompt="hi", spaces_between_special_tokens=False),
+     "spaces_between_special_tokens", "only true is supported (got false)"),
+    (C, body(model="m", prompt="hi", priority=1), "priority", "only 0 is supported"),
+    (C, body(model="m", prompt="hi", truncate_prompt_tokens=0), "truncate_prompt_tokens",
+     "greater than or equal to 1"),
+    (C, body(model="m", prompt="hi", stream=True, stream_options={"continuous_usage_stats": 1}),
+     "stream_options.continuous_usage_stats", "valid boolean"),
     (C, body(model="m", prompt="hi", stream=True, use_beam_search=True), "use_beam_search",
      "cannot be streamed"),
     (C, body(model="m", prompt="hi", stream=True, best_of=2), "best_of", "equal n=1"),
@@ -110,6 +122,8 @@ BAD_BODIES = [
      "max_completion_tokens", "conflicts with max_tokens=5"),
     (CH, body(model="m", messages=USER, logprobs=3), "logprobs", "valid boolean"),
     (CH, body(model="m", messages=USER, tools=[]), "tools", "Unrecognized request argument"),
+    (CH, body(model="m", messages=USER, continue_final_message=True), "continue_final_message",
+     "add_generation_prompt=true"),
     # JSON escapes can spell lone surrogates: not text, refused wherever they are.
     (C, b'{"model": "m", "prompt": "a\\ud800"}', "prompt", "lone surrogate"),
     (C, b'{"model": "m", "prompt": "hi", "stop": ["ok", "\\udfff"]}', "stop[1]",
@@ -161,6 +175,9 @@ def test_max_tokens_against_the_context_limit():
     assert info.value.param == "max_completion_tokens"
     with pytest.raises(OpenAIError) as info:
         chat().sampling_params(max_tokens_limit=0)
+    assert info.value.param == "messages"  # a chat request has no `prompt`
+    with pytest.raises(OpenAIError) as info:
+        completion().sampling_params(max_tokens_limit=0)
     assert info.value.param == "prompt"
 
 

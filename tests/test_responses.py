@@ -13,12 +13,19 @@ from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from transformers import AutoTokenizer
 
+from pagedserve.cluster.logprobs import (
+    TextOffsets,
+    TokenStrings,
+    chat_logprobs,
+    completion_logprobs,
+    sampled,
+)
 from pagedserve.cluster.responses import (
+    CompletionFormat,
     StreamState,
     chat_chunk,
     chat_response,
     completion_chunk,
-    completion_logprobs,
     completion_response,
     finish_reason,
     model_list,
@@ -40,9 +47,10 @@ def choice(index, token_ids, text, finish=None, logprobs=None) -> CompletionOutp
                             logprobs=logprobs, finish_reason=finish)
 
 
-def request_output(prompt_ids, choices, request_id="r") -> RequestOutput:
+def request_output(prompt_ids, choices, request_id="r", prompt_logprobs=None) -> RequestOutput:
     return RequestOutput(request_id, None, prompt_ids, choices,
-                         finished=all(c.finished for c in choices))
+                         finished=all(c.finished for c in choices),
+                         prompt_logprobs=prompt_logprobs)
 
 
 # ---------------------------------------------------------------------------- responses
@@ -60,7 +68,8 @@ def test_completion_response_two_prompts_n2(tokenizer):
         request_output([1, 2, 3], [choice(1, [5, 6], "b", "length"), choice(0, [5], "a", "stop")]),
         request_output([1, 2], [choice(0, [7, 8, 9], "c", "stop"), choice(1, [7], "d", "length")]),
     ]
-    response = completion_response("cmpl-1", "tiny", CREATED, outputs, tokenizer, logprobs=None)
+    response = completion_response("cmpl-1", "tiny", CREATED, outputs, ["p", "q"], tokenizer,
+                                   CompletionFormat())
     assert [(c["index"], c["text"], c["finish_reason"]) for c in response["choices"]] == [
         (0, "a", "stop"), (1, "b", "length"), (2, "c", "stop"), (3, "d", "length")]
     assert all(c["logprobs"] is None for c in response["choices"])
@@ -76,7 +85,8 @@ def test_completion_legacy_logprobs(tokenizer):
     # logprobs=1: each step holds the sampled token first, then the most likely one.
     entries = [{a: -0.5}, {b: -float("inf"), a: -0.1}]
     output = request_output([0], [choice(0, [a, b], "x", "length", entries)])
-    response = completion_response("c", "m", CREATED, [output], tokenizer, logprobs=1)
+    response = completion_response("c", "m", CREATED, [output], ["p"], tokenizer,
+                                   CompletionFormat(logprobs=1))
     logprobs = response["choices"][0]["logprobs"]
     text_a, text_b = tokenizer.decode([a]), tokenizer.decode([b])
     assert logprobs["tokens"] == [text_a, text_b]
@@ -86,9 +96,61 @@ def test_completion_legacy_logprobs(tokenizer):
     assert logprobs["text_offset"] == [0, len(text_a)]
     json.dumps(response, allow_nan=False)
     Completion.model_validate(response)
-    shifted = completion_logprobs(entries[1:], tokenizer, text_offset=10)
-    assert shifted["text_offset"] == [10]
+    offsets = TextOffsets(tokenizer, start=10)
+    offsets.take(a)
+    shifted = completion_logprobs(sampled(entries[1:]), TokenStrings(tokenizer), offsets)
+    assert shifted["text_offset"] == [10 + len(text_a)]
     assert shifted["top_logprobs"] == [{text_b: -9999.0, text_a: -0.1}]
+
+
+def test_echo_puts_the_prompt_first_in_text_and_logprobs(tokenizer):
+    prompt_text = "The cat sat"
+    prompt_ids = tokenizer.encode(prompt_text, add_special_tokens=False)
+    out_id = tokenizer.encode(" down", add_special_tokens=False)[0]
+    # The prompt's first token has no logprob; each later one holds itself first.
+    prompt_lps = [None] + [{t: -1.0 - i, 7: -0.5} for i, t in enumerate(prompt_ids[1:])]
+    output = request_output(prompt_ids, [choice(0, [out_id], " down", "length",
+                                                [{out_id: -0.25}])], prompt_logprobs=prompt_lps)
+    fmt = CompletionFormat(logprobs=1, echo=True)
+    (only,) = completion_response("c", "m", CREATED, [output], [prompt_text], tokenizer,
+                                  fmt)["choices"]
+    assert only["text"] == prompt_text + " down"
+    lps = only["logprobs"]
+    assert len(lps["tokens"]) == len(prompt_ids) + 1
+    assert lps["token_logprobs"][0] is None and lps["top_logprobs"][0] is None
+    assert lps["token_logprobs"][1:] == [-1.0 - i for i in range(len(prompt_ids) - 1)] + [-0.25]
+    assert all(top for top in lps["top_logprobs"][1:])  # lm-eval reads every one after the first
+    # Offsets index the echoed text: each token's text starts where it says.
+    for token, offset in zip(lps["tokens"], lps["text_offset"]):
+        assert only["text"][offset:offset + len(token)] == token
+    # max_tokens 0: the prompt alone, nothing generated or billed.
+    alone = completion_response("c", "m", CREATED, [output], [prompt_text], tokenizer,
+                                CompletionFormat(logprobs=1, echo=True, generate=False))
+    assert alone["choices"][0]["text"] == prompt_text
+    assert len(alone["choices"][0]["logprobs"]["tokens"]) == len(prompt_ids)
+    assert alone["usage"]["completion_tokens"] == 0
+    # (Not checked against the openai client's Completion model: it types the
+    # prompt's first logprob, null in OpenAI's own echo responses, as a number.)
+
+
+def test_offsets_and_bytes_of_partial_utf8_tokens(tokenizer):
+    """Byte-level tokens may each hold part of a character: their bytes are their own,
+    and each offset is where the token's share of the text starts."""
+    text = "caf\u00e9 \U0001f680 ok"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    strings = TokenStrings(tokenizer)
+    assert any(strings.text(t) == "\ufffd" for t in ids)  # the test needs partial tokens
+    assert b"".join(bytes(strings.bytes(t)) for t in ids) == text.encode("utf-8")
+    entries = [{t: -1.0} for t in ids]
+    chat = chat_logprobs(entries, strings, top_logprobs=0)
+    assert b"".join(bytes(item["bytes"]) for item in chat["content"]) == text.encode("utf-8")
+    offsets = completion_logprobs(sampled(entries), strings, TextOffsets(tokenizer))["text_offset"]
+    assert offsets == sorted(offsets) and offsets[0] == 0 and offsets[-1] < len(text)
+    # Tokens whose text is whole start exactly where the text has it.
+    for token, offset in zip(ids, offsets):
+        piece = strings.text(token)
+        if "\ufffd" not in piece:
+            assert text[offset:offset + len(piece)] == piece
 
 
 def test_chat_response_with_top_logprobs(tokenizer):
@@ -135,9 +197,10 @@ def test_chunks_and_lists_match_the_openai_client():
     final = usage_chunk("c", "m", CREATED, "chat.completion.chunk", usage(3, 4))
     assert final["choices"] == [] and final["usage"]["total_tokens"] == 7
     assert ChatCompletionChunk.model_validate(final).usage.completion_tokens == 4
-    models = model_list(["tiny", "small"], CREATED)
+    models = model_list(["tiny", "small"], CREATED, root="/models/tiny", max_model_len=2048)
     assert models["object"] == "list"
     assert [Model.model_validate(m).id for m in models["data"]] == ["tiny", "small"]
+    assert models["data"][0]["root"] == "/models/tiny" and models["data"][0]["max_model_len"] == 2048
 
 
 # ---------------------------------------------------------------------------- streaming
@@ -154,9 +217,7 @@ def test_stream_state_deltas_over_three_steps():
                                  choice(1, [5, 6], "Hi", "stop", lp[:2])])
     assert state.deltas(step1) == [(0, "He", lp[:1], None), (1, "", lp[:1], None)]
     assert state.deltas(step2) == [(0, "llo", lp[1:2], None), (1, "Hi", lp[1:2], "stop")]
-    assert (state.text_offset(0), state.text_offset(1)) == (2, 0)
     assert state.deltas(step3) == [(0, "!", lp[2:3], "length")]  # choice 1 is done
-    assert state.text_offset(0) == 5
     assert state.deltas(step3) == []
 
 

@@ -101,8 +101,8 @@ def _usage(output: RequestOutput) -> pb.Usage:
 class GenerationService:
     """The `Generation` service's methods, mixed into OpenAIIngress.
 
-    They use the ingress's helpers: `config`, `_check_api_key`, `_accept`,
-    `_load`, `_tokenizer`, `_room` and `_start`.
+    They use the ingress's helpers: `config`, `_limits`, `_check_api_key`, `_accept`,
+    `_load`, `_prompt_ids`, `_room` and `_start`.
     """
 
     async def Generate(self, request: pb.GenerateRequest,
@@ -152,9 +152,9 @@ class GenerationService:
         """
         self._check_api_key(_metadata(grpc_context, "authorization"))
         fields = request_fields(request) | ({"stream": True} if stream else {})
-        req = await self._accept(protocol.validate_request(protocol.CompletionRequest, fields))
-        prompt = req.prompts()[0]  # the oneof holds one prompt
-        ids = self._tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
-        params = req.sampling_params(self._room(ids, req.max_tokens))
+        req = await self._accept(protocol.validate_request(protocol.CompletionRequest, fields,
+                                                           self._limits))
+        ids = self._prompt_ids(req.prompts()[0], req)  # the oneof holds one prompt
+        params = req.sampling_params(self._room(ids, req))
         request_id = f"gen-{uuid.uuid4().hex}"
         return request_id, params.stop, await self._start(request_id, ids, params)

@@ -27,6 +27,13 @@ from starlette.exceptions import HTTPException
 from transformers import AutoTokenizer
 
 from pagedserve.cluster import errors, protocol, responses
+from pagedserve.cluster.logprobs import (
+    TextOffsets,
+    TokenStrings,
+    chat_logprobs,
+    completion_logprobs,
+    sampled,
+)
 from pagedserve.cluster.grpc_service import GenerationService
 from pagedserve.cluster.errors import OpenAIError
 from pagedserve.cluster.server import EngineDeadError, EngineOverloadedError
@@ -118,10 +125,11 @@ async def _merge(streams: list[_Stream]) -> AsyncIterator[tuple[int, RequestOutp
             task.cancel()  # the client left: cancelling aborts the requests upstream
 
 
-def _usage(finals: list[RequestOutput | None]) -> dict[str, int]:
+def _usage(finals: list[RequestOutput | None], generated: bool = True) -> dict[str, int]:
+    """Usage of a stream's requests; `generated` False (echo only): no completion tokens."""
     done = [f for f in finals if f is not None]
     prompt = sum(len(f.prompt_token_ids) for f in done)
-    completion = sum(len(c.token_ids) for f in done for c in f.outputs)
+    completion = sum(len(c.token_ids) for f in done for c in f.outputs) if generated else 0
     return responses.usage(prompt, completion)
 
 
@@ -145,7 +153,10 @@ def _cause(error: BaseException) -> BaseException:
     return getattr(error, "cause", None) or error
 
 
-def _client_error(error: BaseException, retry_after_s: int) -> OpenAIError:
+def _client_error(error: BaseException, retry_after_s: int,
+                  prompt_param: str = "prompt") -> OpenAIError:
+    """An engine or Serve failure as the error a client gets; `prompt_param` is the
+    request's prompt field ("prompt", or "messages" for chat)."""
     cause = _cause(error)
     if isinstance(cause, OpenAIError):
         return cause
@@ -153,8 +164,12 @@ def _client_error(error: BaseException, retry_after_s: int) -> OpenAIError:
         return errors.overloaded(cause.waiting, cause.limit, retry_after_s)
     if isinstance(cause, ValueError):
         message = str(cause)
-        return errors.bad_request(message, message.split(":", 1)[0].split("=", 1)[0].strip()
-                                    if ":" in message or "=" in message else None)
+        param = (message.split(":", 1)[0].split("=", 1)[0].strip()
+                 if ":" in message or "=" in message else None)
+        # The engine names its own fields: the prompt's tokens are the request's prompt.
+        if param is not None and param.startswith(("prompt_token_ids", "prompt ")):
+            param = prompt_param
+        return errors.bad_request(message, param)
     if isinstance(cause, EngineDeadError):  # Serve's health check replaces the replica
         return errors.retry_later(str(cause), retry_after_s, code="engine_dead")
     if isinstance(cause, (RayActorError, ActorUnavailableError)):
@@ -179,6 +194,8 @@ class OpenAIIngress(GenerationService):
         self.created = int(time.time())
         self._tokenizer = None
         self._max_model_len = 0
+        self._model_dir: str | None = None
+        self._limits = protocol.Limits(max_stop_sequences=config.serving.max_stop_sequences)
         self._ready = asyncio.Lock()
 
     # -- routes ---------------------------------------------------------------
@@ -199,7 +216,10 @@ class OpenAIIngress(GenerationService):
     @app.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
         self._authorize(request)
-        return JSONResponse(responses.model_list([self.model_name], self.created))
+        await self._load()
+        return JSONResponse(responses.model_list([self.model_name], self.created,
+                                                 root=self._model_dir,
+                                                 max_model_len=self._max_model_len))
 
     @app.get("/stats")
     async def stats(self, request: Request) -> JSONResponse:
@@ -209,40 +229,52 @@ class OpenAIIngress(GenerationService):
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
-        req = await self._accept(protocol.parse_request(protocol.CompletionRequest, await self._read(request)))
-        prompts = [self._tokenizer(p).input_ids if isinstance(p, str) else list(p)
-                   for p in req.prompts()]
-        params = [req.sampling_params(self._room(ids, req.max_tokens)) for ids in prompts]
-        request_id = f"cmpl-{uuid.uuid4().hex}"
-        streams = [await self._start(f"{request_id}-{i}", ids, p)
+        req = await self._accept(protocol.parse_request(
+            protocol.CompletionRequest, await self._read(request), self._limits))
+        prompts = [self._prompt_ids(p, req) for p in req.prompts()]
+        # The echoed prompt: the client's text, or its tokens decoded.
+        texts = [p if isinstance(p, str) else self._tokenizer.decode(ids)
+                 for p, ids in zip(req.prompts(), prompts)]
+        params = [req.sampling_params(self._room(ids, req)) for ids in prompts]
+        request_id = f"cmpl-{req.request_id or uuid.uuid4().hex}"
+        fmt = responses.CompletionFormat(
+            logprobs=req.logprobs, echo=req.echo, generate=not req.echo_only,
+            prompt_logprobs=req.prompt_logprobs, skip_special_tokens=req.skip_special_tokens,
+            prompt_skip_special_tokens=isinstance(req.prompts()[0], str),
+            tokens_as_ids=req.return_tokens_as_token_ids)
+        streams = [await self._start(self._engine_id(request_id, i), ids, p, req.prompt_param)
                    for i, (ids, p) in enumerate(zip(prompts, params))]
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(self._stream_completion(request_id, req, streams, params[0].stop,
-                                                include_usage), self.config.serving.retry_after_s)
+            return _sse(self._stream_completion(request_id, req, streams, params[0].stop, texts,
+                                                fmt), self.config.serving.retry_after_s)
         finals = await _finals(streams, self.config.serving.retry_after_s)
         return JSONResponse(responses.completion_response(
-            request_id, req.model, int(time.time()), finals, self._tokenizer, req.logprobs))
+            request_id, req.model, int(time.time()), finals, texts, self._tokenizer, fmt))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        req = await self._accept(protocol.parse_request(protocol.ChatCompletionRequest, await self._read(request)))
+        req = await self._accept(protocol.parse_request(
+            protocol.ChatCompletionRequest, await self._read(request), self._limits))
         try:
             ids = list(self._tokenizer.apply_chat_template(
-                req.conversation(), add_generation_prompt=True, tokenize=True, return_dict=False))
+                req.conversation(), add_generation_prompt=req.add_generation_prompt,
+                continue_final_message=req.continue_final_message, tokenize=True,
+                return_dict=False, **(req.chat_template_kwargs or {})))
         except Exception as error:  # noqa: BLE001 - the template rejected the messages
             raise errors.bad_request(f"messages: {error}", "messages") from None
-        params = req.sampling_params(self._room(ids, req.max_tokens_requested()))
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = await self._start(request_id, ids, params)
+        if req.add_special_tokens:
+            ids = self._tokenizer.build_inputs_with_special_tokens(ids)
+        ids = self._truncate(ids, req)
+        params = req.sampling_params(self._room(ids, req))
+        request_id = f"chatcmpl-{req.request_id or uuid.uuid4().hex}"
+        stream = await self._start(self._engine_id(request_id, 0), ids, params, req.prompt_param)
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(self._stream_chat(request_id, req, stream, params.stop, include_usage),
+            return _sse(self._stream_chat(request_id, req, stream, params.stop),
                         self.config.serving.retry_after_s)
         final, = await _finals([stream], self.config.serving.retry_after_s)
         return JSONResponse(responses.chat_response(
             request_id, req.model, int(time.time()), final, self._tokenizer,
-            req.num_top_logprobs))
+            req.num_top_logprobs, req.return_tokens_as_token_ids))
 
     # -- helpers --------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
@@ -288,71 +320,122 @@ class OpenAIIngress(GenerationService):
             if self._tokenizer is None:
                 info = await self.server.model_info.remote()
                 self._max_model_len = info["max_model_len"]
+                self._model_dir = info["model_dir"]
                 self._tokenizer = await asyncio.to_thread(
                     AutoTokenizer.from_pretrained, info["model_dir"],
                     trust_remote_code=self.config.model.trust_remote_code)
 
-    def _room(self, prompt_ids: list[int], max_tokens: int | None) -> int:
+    def _prompt_ids(self, prompt: str | list[int], req) -> list[int]:
+        if isinstance(prompt, str):
+            prompt = self._tokenizer(prompt, add_special_tokens=req.add_special_tokens).input_ids
+        return self._truncate(list(prompt), req)
+
+    @staticmethod
+    def _truncate(ids: list[int], req) -> list[int]:
+        """vLLM's truncate_prompt_tokens: only the prompt's last so many tokens."""
+        if req.truncate_prompt_tokens is None:
+            return ids
+        return ids[-req.truncate_prompt_tokens:]
+
+    @staticmethod
+    def _engine_id(request_id: str, index: int) -> str:
+        """The engine's id of one prompt's request: unique, whatever id the client gave."""
+        return f"{request_id}-{uuid.uuid4().hex[:8]}-{index}"
+
+    def _room(self, prompt_ids: list[int], req) -> int:
         """Tokens left for the completion; a request that cannot fit is refused (vLLM's rule)."""
-        limit = self._max_model_len
+        limit, max_tokens = self._max_model_len, req.max_tokens_requested()
         if not prompt_ids:
-            raise errors.bad_request("prompt: the prompt must have at least one token", "prompt")
+            raise errors.bad_request(f"{req.prompt_param}: the prompt must have at least one "
+                                     "token", req.prompt_param)
         total = len(prompt_ids) + (max_tokens or 0)
         if len(prompt_ids) >= limit or total > limit:
+            # The prompt alone may leave no room; else the requested completion is too long.
+            param = req.prompt_param if len(prompt_ids) >= limit else req.max_tokens_param()
             raise errors.bad_request(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{total} tokens ({len(prompt_ids)} in the prompt, {max_tokens or 0} in the "
-                "completion). Please reduce the length of the prompt or max_tokens.",
-                "max_tokens" if max_tokens else "prompt")
+                "completion). Please reduce the length of the prompt or max_tokens.", param)
         return limit - len(prompt_ids)
 
-    async def _start(self, request_id: str, ids: list[int],
-                     params: SamplingParams) -> "_Stream":
+    async def _start(self, request_id: str, ids: list[int], params: SamplingParams,
+                     prompt_param: str = "prompt") -> "_Stream":
         """Submit a request and wait for its first output, so refusals become HTTP errors."""
         generator = self.server.options(stream=True).generate.remote(request_id, ids, params)
         try:
             first = await generator.__anext__()
         except Exception as error:  # noqa: BLE001 - mapped below
-            raise _client_error(error, self.config.serving.retry_after_s) from None
+            raise _client_error(error, self.config.serving.retry_after_s, prompt_param) from None
         return _Stream(first, generator)
 
     async def _stream_completion(self, request_id: str, req, streams: "list[_Stream]",
-                                 stop: tuple[str, ...], include_usage: bool) -> AsyncIterator[dict]:
+                                 stop: tuple[str, ...], texts: list[str],
+                                 fmt: responses.CompletionFormat) -> AsyncIterator[dict]:
         created, n = int(time.time()), len(streams[0].first.outputs)
+        options = req.stream_options or protocol.StreamOptions()
+        strings = TokenStrings(self._tokenizer, fmt.tokens_as_ids)
         # Text that may still become a stop string is held back until it cannot.
         states = [responses.StreamState(stop) for _ in streams]
+        offsets: dict[tuple[int, int], TextOffsets] = {}
         finals: list[RequestOutput | None] = [None] * len(streams)
         async for prompt_index, output in _merge(streams):
+            if finals[prompt_index] is None and fmt.echo:  # the prompt first, once per choice
+                for index in range(n):
+                    text, logprobs, offset = responses.echo_text(
+                        output, texts[prompt_index], fmt, strings)
+                    offsets[prompt_index, index] = offset
+                    yield self._with_usage(responses.completion_chunk(
+                        request_id, req.model, created, prompt_index * n + index, text, None,
+                        logprobs), options, output, index)
             finals[prompt_index] = output
             for index, text, logprobs, finish in states[prompt_index].deltas(output):
-                state = states[prompt_index]
-                chunk_logprobs = (responses.completion_logprobs(logprobs, self._tokenizer,
-                                                               state.text_offset(index))
-                                  if req.logprobs is not None and logprobs else None)
-                yield responses.completion_chunk(request_id, req.model, created,
-                                                prompt_index * n + index, text, finish,
-                                                chunk_logprobs)
-        if include_usage:
+                if not fmt.generate:  # echo only: the generated token is not reported
+                    if finish is None:
+                        continue
+                    text, logprobs = "", None
+                chunk_logprobs = None
+                if req.logprobs is not None and logprobs:
+                    offset = offsets.get((prompt_index, index)) or responses.output_offsets(
+                        output, fmt, strings, start=0)
+                    offsets[prompt_index, index] = offset
+                    chunk_logprobs = completion_logprobs(sampled(logprobs), strings, offset)
+                yield self._with_usage(responses.completion_chunk(
+                    request_id, req.model, created, prompt_index * n + index, text, finish,
+                    chunk_logprobs), options, output, index, fmt.generate)
+        if options.include_usage:
             yield responses.usage_chunk(request_id, req.model, created, "text_completion",
-                                       _usage(finals))
+                                        _usage(finals, fmt.generate))
 
-    async def _stream_chat(self, request_id: str, req, stream: "_Stream", stop: tuple[str, ...],
-                           include_usage: bool) -> AsyncIterator[dict]:
+    async def _stream_chat(self, request_id: str, req, stream: "_Stream",
+                           stop: tuple[str, ...]) -> AsyncIterator[dict]:
         created = int(time.time())
+        options = req.stream_options or protocol.StreamOptions()
+        strings = TokenStrings(self._tokenizer, req.return_tokens_as_token_ids)
         for index in range(len(stream.first.outputs)):
-            yield responses.chat_chunk(request_id, req.model, created, index,
-                                      {"role": "assistant", "content": ""}, None)
+            yield self._with_usage(responses.chat_chunk(
+                request_id, req.model, created, index, {"role": "assistant", "content": ""},
+                None), options, stream.first, index, counted=False)
         state, final = responses.StreamState(stop), None
         top = req.num_top_logprobs
         async for _, output in _merge([stream]):
             final = output
             for index, text, logprobs, finish in state.deltas(output):
-                chunk_logprobs = (responses.chat_logprobs(logprobs, self._tokenizer, top)
+                chunk_logprobs = (chat_logprobs(logprobs, strings, top)
                                   if top is not None and logprobs else None)
                 if text or finish or chunk_logprobs:
-                    yield responses.chat_chunk(request_id, req.model, created, index,
-                                              {"content": text} if text else {}, finish,
-                                              chunk_logprobs)
-        if include_usage:
+                    yield self._with_usage(responses.chat_chunk(
+                        request_id, req.model, created, index, {"content": text} if text else {},
+                        finish, chunk_logprobs), options, output, index)
+        if options.include_usage:
             yield responses.usage_chunk(request_id, req.model, created, "chat.completion.chunk",
-                                       _usage([final]))
+                                        _usage([final]))
+
+    @staticmethod
+    def _with_usage(chunk: dict, options: protocol.StreamOptions, output: RequestOutput,
+                    index: int, counted: bool = True) -> dict:
+        """vLLM's continuous_usage_stats: each chunk carries its choice's usage so far."""
+        if options.continuous_usage_stats:
+            choice = next(c for c in output.outputs if c.index == index)
+            chunk["usage"] = responses.usage(len(output.prompt_token_ids),
+                                             len(choice.token_ids) if counted else 0)
+        return chunk

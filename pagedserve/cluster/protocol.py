@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 from abc import abstractmethod
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -22,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -30,7 +32,9 @@ from pagedserve.cluster.errors import OpenAIError, bad_request
 from pagedserve.sampling_params import MAX_LOGPROBS, SamplingParams
 
 MAX_N = 128  # OpenAI's limit on choices per prompt
-MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+# OpenAI allows 4 stop sequences; vLLM sets no limit, and lm-eval's tasks send 5
+# and more. serving.max_stop_sequences sets it.
+DEFAULT_MAX_STOP_SEQUENCES = 64
 
 class FieldError(ValueError):
     """A cross-field rule broken in a model validator; `param` names the field to blame."""
@@ -43,7 +47,14 @@ class FieldError(ValueError):
 # ---------------------------------------------------------------------------- parsing
 
 
-def parse_request(model_cls: type[BaseModel], body: bytes) -> BaseModel:
+@dataclass(frozen=True)
+class Limits:
+    """Server-side bounds a request is checked against (from the serving config)."""
+
+    max_stop_sequences: int = DEFAULT_MAX_STOP_SEQUENCES
+
+
+def parse_request(model_cls: type[BaseModel], body: bytes, limits: Limits = Limits()) -> BaseModel:
     """Validate a raw body into `model_cls`; any problem becomes a 400 naming the field."""
     try:
         data = json.loads(body)
@@ -52,7 +63,7 @@ def parse_request(model_cls: type[BaseModel], body: bytes) -> BaseModel:
     if not isinstance(data, dict):
         raise bad_request(f"request body must be a JSON object, not {_json_type(data)}")
     _check_unicode(data, ())
-    return validate_request(model_cls, data)
+    return validate_request(model_cls, data, limits)
 
 
 def _check_unicode(value: Any, loc: tuple[str | int, ...]) -> None:
@@ -73,10 +84,11 @@ def _check_unicode(value: Any, loc: tuple[str | int, ...]) -> None:
             _check_unicode(item, (*loc, key))
 
 
-def validate_request(model_cls: type[BaseModel], data: dict[str, Any]) -> BaseModel:
+def validate_request(model_cls: type[BaseModel], data: dict[str, Any],
+                     limits: Limits = Limits()) -> BaseModel:
     """Validate decoded fields (JSON, or a gRPC message's) into `model_cls`; errors are 400s."""
     try:
-        return model_cls.model_validate(data)
+        return model_cls.model_validate(data, context=limits)
     except ValidationError as exc:
         raise _validation_error(exc) from None
 
@@ -130,6 +142,8 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    # vLLM's: usage (so far) in every chunk, not only in the last.
+    continuous_usage_stats: bool = False
 
 
 class _SamplingRequest(_Strict):
@@ -156,18 +170,28 @@ class _SamplingRequest(_Strict):
     length_penalty: float = 1.0
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    # Accepted at their defaults only: they ask for what this server does not do.
+    spaces_between_special_tokens: bool = True
+    priority: int = 0
+    # Honoured by the ingress: the prompt's last tokens only, special tokens added
+    # by the tokenizer (completions), tokens reported as "token_id:<id>", the id.
+    truncate_prompt_tokens: int | None = Field(None, ge=1)
+    return_tokens_as_token_ids: bool = False
+    request_id: str | None = Field(None, min_length=1, max_length=256)
 
     @field_validator("stop", mode="wrap")
     @classmethod
-    def _check_stop(cls, value: Any, handler: Any) -> str | list[str] | None:
+    def _check_stop(cls, value: Any, handler: Any, info: ValidationInfo) -> str | list[str] | None:
         try:
             stop = handler(value)
         except ValidationError:
             raise ValueError("must be a string or a list of strings") from None
         stops = [stop] if isinstance(stop, str) else stop or []
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed "
-                             f"({len(stops)} given)")
+        limit = info.context.max_stop_sequences if info.context else DEFAULT_MAX_STOP_SEQUENCES
+        if len(stops) > limit:
+            raise ValueError(f"at most {limit} stop sequences are allowed ({len(stops)} given; "
+                             "serving.max_stop_sequences sets the limit)")
         if not all(stops):
             raise ValueError("stop sequences must be non-empty strings")
         return stop
@@ -183,32 +207,49 @@ class _SamplingRequest(_Strict):
         if self.stream and (self.best_of or self.n) > self.n:
             # The engine re-ranks the best_of candidates every step: nothing stable to stream.
             raise FieldError("best_of", f"must equal n={self.n} when stream=true")
+        if not self.spaces_between_special_tokens:
+            raise FieldError("spaces_between_special_tokens", "only true is supported")
+        if self.priority != 0:
+            raise FieldError("priority", "only 0 is supported: requests are scheduled first "
+                                         "come, first served")
         return self
 
     @abstractmethod
     def max_tokens_requested(self) -> int | None:
         """The generation limit the client set; None means "up to the context limit"."""
 
-    def _max_tokens_param(self) -> str:
+    def max_tokens_param(self) -> str:
         return "max_tokens"
+
+    @property
+    @abstractmethod
+    def prompt_param(self) -> str:
+        """The field that holds the prompt, for errors about it."""
 
     @abstractmethod
     def _logprobs(self) -> int | None:
         """The SamplingParams.logprobs this request asks for."""
+
+    def _prompt_logprobs(self) -> int | None:
+        """The SamplingParams.prompt_logprobs this request asks for."""
+        return None
 
     def sampling_params(self, max_tokens_limit: int) -> SamplingParams:
         """SamplingParams for one prompt; `max_tokens_limit` is what its context leaves.
 
         An unset max_tokens means "up to the limit" (vLLM). Beam search defaults
         temperature to 0 unless the client set it, since it ranks raw log-probabilities.
+        max_tokens 0 (echo only) generates one token that is not reported, as vLLM does.
         """
-        name, max_tokens = self._max_tokens_param(), self.max_tokens_requested()
+        name, max_tokens = self.max_tokens_param(), self.max_tokens_requested()
         if max_tokens_limit < 1:
             raise bad_request(f"the prompt leaves no room in the model's context for new tokens "
-                              f"(max_tokens limit is {max_tokens_limit})", "prompt")
+                              f"(max_tokens limit is {max_tokens_limit})", self.prompt_param)
         if max_tokens is not None and max_tokens > max_tokens_limit:
             raise bad_request(f"{name}={max_tokens} is more than the {max_tokens_limit} tokens "
                               f"the prompt leaves in the model's context", name)
+        if max_tokens is None:
+            max_tokens = max_tokens_limit
         beam_default = self.use_beam_search and "temperature" not in self.model_fields_set
         try:
             return SamplingParams(
@@ -216,11 +257,12 @@ class _SamplingRequest(_Strict):
                 temperature=0.0 if beam_default else self.temperature, top_p=self.top_p,
                 top_k=max(self.top_k, 0), min_p=self.min_p,
                 presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-                repetition_penalty=self.repetition_penalty,
-                max_tokens=max_tokens if max_tokens is not None else max_tokens_limit,
+                repetition_penalty=self.repetition_penalty, max_tokens=max(max_tokens, 1),
                 stop=self.stop or (), stop_token_ids=self.stop_token_ids or (),
                 ignore_eos=self.ignore_eos, seed=self.seed, logprobs=self._logprobs(),
-                length_penalty=self.length_penalty, skip_special_tokens=self.skip_special_tokens)
+                prompt_logprobs=self._prompt_logprobs(),
+                length_penalty=self.length_penalty, skip_special_tokens=self.skip_special_tokens,
+                include_stop_str_in_output=self.include_stop_str_in_output)
         except ValueError as exc:
             raise _sampling_error(exc) from None
 
@@ -236,9 +278,12 @@ class CompletionRequest(_SamplingRequest):
     """POST /v1/completions."""
 
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+    # vLLM extras
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    add_special_tokens: bool = True
 
     @field_validator("prompt", mode="wrap")
     @classmethod
@@ -257,12 +302,28 @@ class CompletionRequest(_SamplingRequest):
 
     @model_validator(mode="after")
     def _check_unsupported(self) -> CompletionRequest:
-        if self.echo:
-            # Would need prompt logprobs (and prompt text in streams), which the engine lacks.
-            raise FieldError("echo", "is not supported")
+        if self.max_tokens == 0 and not self.echo:
+            raise FieldError("max_tokens", "must be at least 1 (0 is allowed with echo=true: "
+                                           "the prompt only)")
         if self.use_beam_search and self.logprobs is not None:
             raise FieldError("logprobs", "is not supported with use_beam_search=true")
+        if self.prompt_logprobs is not None and self.stream:
+            raise FieldError("prompt_logprobs", "is not available with stream=true (vLLM's "
+                                                "rule); use echo with logprobs")
+        if (self.echo and self.logprobs is not None and self.prompt_logprobs is not None
+                and self.prompt_logprobs != self.logprobs):
+            raise FieldError("prompt_logprobs", f"must equal logprobs={self.logprobs} with "
+                                                "echo=true, which reports the prompt's logprobs")
         return self
+
+    @property
+    def prompt_param(self) -> str:
+        return "prompt"
+
+    @property
+    def echo_only(self) -> bool:
+        """max_tokens 0 with echo: the prompt comes back, nothing generated."""
+        return self.echo and self.max_tokens == 0
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: text, or token ids."""
@@ -277,6 +338,11 @@ class CompletionRequest(_SamplingRequest):
 
     def _logprobs(self) -> int | None:
         return self.logprobs
+
+    def _prompt_logprobs(self) -> int | None:
+        if self.prompt_logprobs is not None:
+            return self.prompt_logprobs
+        return self.logprobs if self.echo else None
 
 
 class TextPart(_Strict):
@@ -320,6 +386,12 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    parallel_tool_calls: bool | None = None  # accepted: without tools it means nothing
+    # vLLM extras, passed to the chat template
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_special_tokens: bool = False
 
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
@@ -331,7 +403,14 @@ class ChatCompletionRequest(_SamplingRequest):
             raise FieldError("top_logprobs", "requires logprobs=true")
         if self.use_beam_search and self.logprobs:
             raise FieldError("logprobs", "is not supported with use_beam_search=true")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise FieldError("continue_final_message", "cannot be used with "
+                                                       "add_generation_prompt=true")
         return self
+
+    @property
+    def prompt_param(self) -> str:
+        return "messages"
 
     def conversation(self) -> list[dict[str, str]]:
         """Messages for the tokenizer's chat template.
@@ -360,7 +439,7 @@ class ChatCompletionRequest(_SamplingRequest):
             return self.max_completion_tokens
         return self.max_tokens
 
-    def _max_tokens_param(self) -> str:
+    def max_tokens_param(self) -> str:
         return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
     def _logprobs(self) -> int | None:

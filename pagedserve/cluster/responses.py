@@ -1,19 +1,20 @@
-"""The OpenAI-compatible wire format, outbound: responses, stream chunks and logprobs.
+"""The OpenAI-compatible wire format, outbound: responses, stream chunks and usage.
 
-Builds OpenAI's JSON from the engine's cumulative `RequestOutput`s. Where
-OpenAI is silent we follow vLLM's OpenAI server ("abort" finish reason,
-logprob token strings, -inf logprobs clamped to MIN_LOGPROB).
+Builds OpenAI's JSON from the engine's cumulative `RequestOutput`s; logprobs
+are written by cluster/logprobs.py. Where OpenAI is silent we follow vLLM's
+OpenAI server ("abort" finish reason, `root` and `max_model_len` in model
+cards, `prompt_logprobs`, usage in every chunk with `continuous_usage_stats`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from pagedserve.cluster import logprobs as lp
 from pagedserve.outputs import CompletionOutput, RequestOutput
 
-# JSON has no -inf; vLLM reports impossible tokens at this floor instead.
-MIN_LOGPROB = -9999.0
 OWNED_BY = "pagedserve"
 
 # ---------------------------------------------------------------------------- responses
@@ -31,67 +32,29 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def model_list(names: list[str], created: int) -> dict:
+def model_list(names: list[str], created: int, root: str | None = None,
+               max_model_len: int | None = None) -> dict:
+    """Model cards; `root` is where the model's config and tokenizer are (vLLM's field,
+    where benchmark clients look for the tokenizer)."""
     return {"object": "list", "data": [
-        {"id": name, "object": "model", "created": created, "owned_by": OWNED_BY}
+        {"id": name, "object": "model", "created": created, "owned_by": OWNED_BY,
+         "root": root, "parent": None, "max_model_len": max_model_len}
         for name in names]}
 
 
-class _TokenText:
-    """Token id -> its text, decoded alone (as vLLM reports logprob tokens), memoized."""
+@dataclass(frozen=True)
+class CompletionFormat:
+    """How a completion request's choices are written."""
 
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.cache: dict[int, str] = {}
-
-    def __call__(self, token_id: int) -> str:
-        if token_id not in self.cache:
-            self.cache[token_id] = self.tokenizer.decode([token_id])
-        return self.cache[token_id]
-
-
-def completion_logprobs(entries: list[dict[int, float]], tokenizer: Any,
-                        text_offset: int = 0) -> dict:
-    """The legacy completions format for these tokens.
-
-    Each engine entry holds the sampled token first, then the `logprobs` most
-    likely ones; OpenAI reports them all (so up to `logprobs + 1` per step).
-    `text_offset` is where the first token starts in the choice's text; in a
-    stream, pass `StreamState.text_offset(index)`.
-    """
-    token_text = _TokenText(tokenizer)
-    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
-    for entry in entries:
-        sampled_id, sampled_logprob = next(iter(entry.items()))
-        token = token_text(sampled_id)
-        tokens.append(token)
-        token_logprobs.append(max(sampled_logprob, MIN_LOGPROB))
-        top: dict[str, float] = {}
-        for token_id, logprob in entry.items():  # two ids may decode alike: keep the first
-            top.setdefault(token_text(token_id), max(logprob, MIN_LOGPROB))
-        top_logprobs.append(top)
-        offsets.append(text_offset)
-        text_offset += len(token)
-    return {"tokens": tokens, "token_logprobs": token_logprobs,
-            "top_logprobs": top_logprobs, "text_offset": offsets}
-
-
-def chat_logprobs(entries: list[dict[int, float]], tokenizer: Any, top_logprobs: int) -> dict:
-    """The chat format: per token its text, logprob, UTF-8 bytes and the top alternatives."""
-    token_text = _TokenText(tokenizer)
-
-    def item(token_id: int, logprob: float) -> dict:
-        token = token_text(token_id)
-        return {"token": token, "logprob": max(logprob, MIN_LOGPROB),
-                "bytes": list(token.encode("utf-8"))}
-
-    content = []
-    for entry in entries:
-        sampled = next(iter(entry.items()))
-        # The sampled token may sit outside the top k: rank before cutting.
-        ranked = sorted(entry.items(), key=lambda pair: pair[1], reverse=True)[:top_logprobs]
-        content.append({**item(*sampled), "top_logprobs": [item(*pair) for pair in ranked]})
-    return {"content": content}
+    logprobs: int | None = None  # legacy logprobs with this many alternatives
+    echo: bool = False  # the prompt comes first, in the text and the logprobs
+    generate: bool = True  # False (echo with max_tokens 0): the prompt only
+    prompt_logprobs: int | None = None  # vLLM's `prompt_logprobs` field, this many alternatives
+    skip_special_tokens: bool = True  # as the engine decoded the text
+    # Echoed text prompts skip the special tokens the tokenizer added (BOS), so
+    # their offsets match the client's text; echoed token prompts are decoded whole.
+    prompt_skip_special_tokens: bool = True
+    tokens_as_ids: bool = False  # vLLM's return_tokens_as_token_ids
 
 
 def _sorted(outputs: list[CompletionOutput]) -> list[CompletionOutput]:
@@ -104,25 +67,74 @@ def _entries(output: CompletionOutput) -> list[dict[int, float]]:
     return output.logprobs
 
 
+def _prompt_entries(output: RequestOutput) -> list[dict[int, float] | None]:
+    if output.prompt_logprobs is None:
+        raise ValueError(f"prompt logprobs were requested but {output.request_id} has none")
+    return output.prompt_logprobs
+
+
+def echo_text(output: RequestOutput, prompt_text: str, fmt: CompletionFormat,
+              strings: lp.TokenStrings) -> tuple[str, dict | None, lp.TextOffsets | None]:
+    """The echoed prompt: its text, its legacy logprobs (when asked), and the offsets
+    object that continues after it."""
+    offsets = None
+    logprobs = None
+    if fmt.logprobs is not None:
+        prompt_offsets = lp.TextOffsets(strings.tokenizer,
+                                        skip_special_tokens=fmt.prompt_skip_special_tokens)
+        logprobs = lp.completion_logprobs(
+            lp.prompt(output.prompt_token_ids, _prompt_entries(output)), strings, prompt_offsets)
+        offsets = output_offsets(output, fmt, strings, start=len(prompt_text))
+    return prompt_text, logprobs, offsets
+
+
+def output_offsets(output: RequestOutput, fmt: CompletionFormat, strings: lp.TokenStrings,
+                   start: int) -> lp.TextOffsets:
+    """Text offsets of generated tokens, decoded as the engine decoded them."""
+    return lp.TextOffsets(strings.tokenizer, start=start, context=output.prompt_token_ids,
+                          skip_special_tokens=fmt.skip_special_tokens)
+
+
+def completion_choice(index: int, output: RequestOutput, choice: CompletionOutput,
+                      prompt_text: str, fmt: CompletionFormat, strings: lp.TokenStrings) -> dict:
+    text, logprobs, offsets = "", None, None
+    if fmt.echo:
+        text, logprobs, offsets = echo_text(output, prompt_text, fmt, strings)
+    if fmt.generate:
+        text += choice.text
+        if fmt.logprobs is not None:
+            offsets = offsets or output_offsets(output, fmt, strings, start=0)
+            generated = lp.completion_logprobs(lp.sampled(_entries(choice)), strings, offsets)
+            logprobs = generated if logprobs is None else {
+                key: logprobs[key] + generated[key] for key in logprobs}
+    entry = {"index": index, "text": text, "logprobs": logprobs,
+             "finish_reason": finish_reason(choice.finish_reason)}
+    if fmt.prompt_logprobs is not None:
+        entry["prompt_logprobs"] = lp.vllm_prompt_logprobs(
+            output.prompt_token_ids, _prompt_entries(output), fmt.prompt_logprobs, strings)
+    return entry
+
+
+def completion_tokens(output: RequestOutput, fmt: CompletionFormat) -> int:
+    """Generated tokens billed: none when only the prompt was echoed (max_tokens 0)."""
+    return sum(len(c.token_ids) for c in output.outputs) if fmt.generate else 0
+
+
 def completion_response(request_id: str, model: str, created: int,
-                        outputs: list[RequestOutput], tokenizer: Any,
-                        logprobs: int | None) -> dict:
+                        outputs: list[RequestOutput], prompt_texts: list[str], tokenizer: Any,
+                        fmt: CompletionFormat) -> dict:
     """All prompts' finished outputs as one response; choice index = prompt * n + output."""
+    strings = lp.TokenStrings(tokenizer, fmt.tokens_as_ids)
     choices = []
-    for prompt_index, request_output in enumerate(outputs):
-        n = len(request_output.outputs)
-        for output in _sorted(request_output.outputs):
-            choices.append({
-                "index": prompt_index * n + output.index,
-                "text": output.text,
-                "logprobs": (None if logprobs is None
-                             else completion_logprobs(_entries(output), tokenizer)),
-                "finish_reason": finish_reason(output.finish_reason),
-            })
+    for prompt_index, (output, prompt_text) in enumerate(zip(outputs, prompt_texts)):
+        n = len(output.outputs)
+        for choice in _sorted(output.outputs):
+            choices.append(completion_choice(prompt_index * n + choice.index, output, choice,
+                                             prompt_text, fmt, strings))
     prompt_tokens = sum(len(out.prompt_token_ids) for out in outputs)
-    completion_tokens = sum(len(o.token_ids) for out in outputs for o in out.outputs)
+    generated = sum(completion_tokens(out, fmt) for out in outputs)
     return {"id": request_id, "object": "text_completion", "created": created, "model": model,
-            "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+            "choices": choices, "usage": usage(prompt_tokens, generated)}
 
 
 def completion_chunk(request_id: str, model: str, created: int, index: int, text_delta: str,
@@ -140,13 +152,14 @@ def usage_chunk(request_id: str, model: str, created: int, object_name: str,
 
 
 def chat_response(request_id: str, model: str, created: int, output: RequestOutput,
-                  tokenizer: Any, top_logprobs: int | None) -> dict:
+                  tokenizer: Any, top_logprobs: int | None, tokens_as_ids: bool = False) -> dict:
     """`top_logprobs` None means logprobs were not requested (see num_top_logprobs)."""
+    strings = lp.TokenStrings(tokenizer, tokens_as_ids)
     choices = [{
         "index": choice.index,
         "message": {"role": "assistant", "content": choice.text},
         "logprobs": (None if top_logprobs is None
-                     else chat_logprobs(_entries(choice), tokenizer, top_logprobs)),
+                     else lp.chat_logprobs(_entries(choice), strings, top_logprobs)),
         "finish_reason": finish_reason(choice.finish_reason),
     } for choice in _sorted(output.outputs)]
     completion_tokens = sum(len(choice.token_ids) for choice in output.outputs)
@@ -179,7 +192,6 @@ class StreamState:
     def __init__(self, stop: Sequence[str] = ()) -> None:
         self.hold_back = max((len(s) for s in stop), default=1) - 1
         self.text_sent: dict[int, int] = {}
-        self.last_delta_start: dict[int, int] = {}
         self.logprobs_sent: dict[int, int] = {}
         self.finished: set[int] = set()
 
@@ -195,7 +207,6 @@ class StreamState:
             end = len(choice.text) if choice.finished else len(choice.text) - self.hold_back
             text = choice.text[sent:end] if end > sent else ""
             self.text_sent[index] = sent + len(text)
-            self.last_delta_start[index] = sent
             entries = None
             if choice.logprobs is not None:
                 entries = choice.logprobs[self.logprobs_sent.get(index, 0):]
@@ -206,7 +217,3 @@ class StreamState:
             if text or entries or reason is not None:
                 deltas.append((index, text, entries, reason))
         return deltas
-
-    def text_offset(self, index: int) -> int:
-        """Where the text of choice `index`'s latest delta starts (legacy logprobs' text_offset)."""
-        return self.last_delta_start.get(index, 0)

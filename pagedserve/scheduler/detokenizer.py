@@ -43,11 +43,13 @@ class Detokenizer:
         pieces = [state.stream.step(self.tokenizer, token) for token in new_tokens]
         state.num_decoded += len(new_tokens)
         seq.output_text += "".join(piece for piece in pieces if piece)
-        return _trim_stop(seq, params.stop, old_len)
+        return _trim_stop(seq, params.stop, old_len, params.include_stop_str_in_output)
 
 
-def _trim_stop(seq: Sequence, stops: tuple[str, ...], old_len: int) -> str | None:
-    """Cut the text before the first stop string that ends in the new text."""
+def _trim_stop(seq: Sequence, stops: tuple[str, ...], old_len: int,
+               include_stop: bool = False) -> str | None:
+    """Cut the text before (or, with include_stop, after) the first stop string that
+    ends in the new text."""
     if not stops:
         return None
     text = seq.output_text
@@ -59,5 +61,6 @@ def _trim_stop(seq: Sequence, stops: tuple[str, ...], old_len: int) -> str | Non
             first = (index, stop)
     if first is None:
         return None
-    seq.output_text = text[:first[0]]
-    return first[1]
+    index, stop = first
+    seq.output_text = text[:index + len(stop)] if include_stop else text[:index]
+    return stop

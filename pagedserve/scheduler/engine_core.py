@@ -161,9 +161,10 @@ class EngineCore:
             "utilization": allocated / bm.num_blocks,
             "block_size": bm.block_size,
             "stored_tokens": bm.num_stored_tokens(),
-            "slot_utilization": bm.num_stored_tokens() / (allocated * bm.block_size) if allocated else 1.0,
+            # Stored tokens over allocated slots: 0 while nothing is allocated.
+            "slot_utilization": bm.num_stored_tokens() / (allocated * bm.block_size) if allocated else 0.0,
             "mean_slot_utilization": (self._usage.slot_utilization / self._usage.steps
-                                      if self._usage.steps else 1.0),
+                                      if self._usage.steps else 0.0),
             "peak_allocated_blocks": self._usage.peak_allocated_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
             "num_swap_preemptions": self.scheduler.num_swaps,
@@ -194,11 +195,13 @@ class EngineCore:
         if params.stop and self.detokenizer is None:
             raise ValueError("stop strings need a tokenizer; this engine was built with "
                              "skip_tokenizer_init=True (use stop_token_ids instead)")
-        longest = min(len(prompt_token_ids) + params.max_tokens, info.max_model_len)
-        needed = params.best_of * cdiv(longest, self.block_manager.block_size)
+        needed = blocks_needed(len(prompt_token_ids), params, info.max_model_len,
+                               self.block_manager.block_size)
         if needed > self.block_manager.num_blocks:
-            raise ValueError(f"request needs up to {needed} KV blocks (best_of={params.best_of} x "
-                             f"{longest} tokens), more than the pool's {self.block_manager.num_blocks}")
+            raise ValueError(f"request needs up to {needed} KV blocks (a {len(prompt_token_ids)}"
+                             f"-token prompt, {params.best_of} sequences of up to "
+                             f"{params.max_tokens} new tokens), more than the pool's "
+                             f"{self.block_manager.num_blocks}")
 
     def _detokenize(self, group: SequenceGroup) -> None:
         if self.detokenizer is None or group.beam_search is not None:
@@ -235,7 +238,29 @@ class EngineCore:
                     cumulative_logprob=hyp.cumulative_logprob, logprobs=None,
                     finish_reason="stop" if ended else "length", stop_reason=None))
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outputs,
-                             finished=group.finished)
+                             finished=group.finished, prompt_logprobs=_prompt_logprobs(group))
+
+
+def _prompt_logprobs(group: SequenceGroup) -> list[dict[int, float] | None] | None:
+    """The prompt's scores once all are in (a prefill in chunks fills them in steps)."""
+    if group.prompt_logprobs is None or group.needs_prompt_logprobs:
+        return None
+    return list(group.prompt_logprobs)
+
+
+def blocks_needed(prompt_len: int, params: SamplingParams, max_model_len: int,
+                  block_size: int) -> int:
+    """The most KV blocks a request holds at once.
+
+    Its sequences share the prompt's full blocks; each holds its own copy of
+    the rest (the prompt's partial block, copied on write, and its new tokens):
+
+        prompt 140 tokens, blocks of 8, 8 new tokens, 4 beams:
+        17 shared full blocks + 4 x (19 - 17) own blocks = 25
+    """
+    longest = min(prompt_len + params.max_tokens, max_model_len)
+    shared = prompt_len // block_size
+    return shared + params.best_of * (cdiv(longest, block_size) - shared)
 
 
 def swap_blocks(engine: EngineConfig, num_blocks: int, block_bytes: int) -> int:
@@ -264,4 +289,4 @@ def _request_output(group: SequenceGroup) -> RequestOutput:
         for index, seq in enumerate(seqs)
     ]
     return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outputs,
-                         finished=group.finished)
+                         finished=group.finished, prompt_logprobs=_prompt_logprobs(group))

@@ -164,10 +164,15 @@ class Scheduler:
             seq = self._seqs.get(scheduled.seq_id)
             if seq is not None and not seq.finished:
                 seq.num_computed_tokens += scheduled.num_tokens
+        touched: dict[str, SequenceGroup] = {}
+        for scored in step_output.prompt_logprobs:
+            seq = self._seqs.get(scored.seq_id)
+            if seq is not None and not seq.finished:
+                group = self._seq_group[scored.seq_id]
+                group.record_prompt_logprobs(scored.first_position, scored.entries)
         by_seq: dict[int, list[Sample]] = {}
         for sample in step_output.samples:
             by_seq.setdefault(sample.seq_id, []).append(sample)
-        touched: dict[str, SequenceGroup] = {}
         beam_steps: dict[str, dict[int, Sample]] = {}
         for seq_id, samples in by_seq.items():
             seq = self._seqs.get(seq_id)
@@ -210,7 +215,8 @@ class Scheduler:
             if budget <= 0:
                 break
             computed = []
-            if not manager.has(seq.seq_id):
+            # Cached blocks have no logits: a prompt still to be scored is computed whole.
+            if not manager.has(seq.seq_id) and not group.needs_prompt_logprobs:
                 computed = manager.computed_blocks(seq.token_ids)
             start = max(seq.num_computed_tokens, len(computed) * manager.block_size)
             num_tokens = min(seq.num_tokens - start - int(hold_last), budget)
@@ -252,6 +258,10 @@ class Scheduler:
             do_sample = start + num_tokens == seq.num_tokens
             penalties = do_sample and params.uses_penalties
             beam = group.beam_search
+            targets = None
+            if group.needs_prompt_logprobs:  # rows predicting prompt tokens are scored
+                end = min(start + num_tokens, seq.num_prompt_tokens - 1)
+                targets = seq.token_ids[start + 1:end + 1] if end > start else None
             step.seqs.append(ScheduledSequence(
                 seq_id=seq.seq_id,
                 token_ids=seq.token_ids[start:start + num_tokens],
@@ -265,6 +275,8 @@ class Scheduler:
                 num_samples=params.best_of if do_sample and group.forks_at_prompt_end else 1,
                 sample_index=seq.sample_index,
                 num_candidates=beam.candidates_per_beam if do_sample and beam else 0,
+                prompt_targets=targets,
+                prompt_logprobs=params.prompt_logprobs or 0,
             ))
         return sum(work.num_tokens for work in plan)
 

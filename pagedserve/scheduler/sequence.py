@@ -121,6 +121,27 @@ class SequenceGroup:
     metrics: RequestMetrics = field(default_factory=RequestMetrics.now)
     beam_search: BeamSearch | None = None
     hypotheses: list[Hypothesis] | None = None  # beam search's result once finished
+    # With SamplingParams.prompt_logprobs: per prompt position, {token: logprob} of
+    # the prompt's token and the top-k; None for the first token, which nothing predicts.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.sampling_params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt tokens are still to be scored (they are, once, by the first computation)."""
+        return (self.prompt_logprobs is not None
+                and len(self.prompt_logprobs) < len(self.prompt_token_ids))
+
+    def record_prompt_logprobs(self, first_position: int, entries: list[dict[int, float]]) -> None:
+        """Scores of positions first_position...; those already held (a recompute) are kept."""
+        held = len(self.prompt_logprobs)
+        if first_position > held:
+            raise ValueError(f"prompt logprobs from position {first_position} leave a gap after "
+                             f"{held}")
+        self.prompt_logprobs.extend(entries[held - first_position:])
 
     @property
     def forks_at_prompt_end(self) -> bool:

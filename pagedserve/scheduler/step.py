@@ -43,6 +43,11 @@ class ScheduledSequence:
     sample_index: int = 0
     # Beam search: instead of sampling, return this many best next tokens.
     num_candidates: int = 0
+    # Prompt logprobs: the first len(prompt_targets) rows of this step are scored
+    # against these prompt tokens (row at position p against the token at p + 1),
+    # each with its top `prompt_logprobs` alternatives.
+    prompt_targets: list[int] | None = None
+    prompt_logprobs: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -83,5 +88,16 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class PromptLogprobs:
+    """The scored prompt tokens of one sequence's step, from position `first_position` on."""
+
+    seq_id: int
+    first_position: int
+    # Per token: {token_id: logprob}, the prompt's own token first, then the top-k.
+    entries: list[dict[int, float]]
+
+
+@dataclass(frozen=True)
 class StepOutput:
     samples: list[Sample]
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)

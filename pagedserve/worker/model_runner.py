@@ -5,7 +5,8 @@ with one new token (decodes) are placed first, so attention backends can send
 them to a decode kernel as a block of rows. Only the rows whose sequence
 samples this step go through the LM head.
 
-A decode-only step replays a CUDA graph when the worker captured them
+Rows that predict prompt tokens of a request asking for prompt logprobs are
+scored too (prompt_logprobs.py). A decode-only step replays a CUDA graph when the worker captured them
 (`graphs`, see cuda_graph.py); every other step runs eagerly. `timer`, when
 set, measures how much of each step the host spends building it.
 """
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from pagedserve.scheduler.step import ScheduledSequence, StepInput, StepOutput
-from pagedserve.worker import sampler
+from pagedserve.worker import prompt_logprobs, sampler
 from pagedserve.worker.cuda_graph import DecodeGraphs
 from pagedserve.worker.inputs import flatten
 from pagedserve.worker.layers.attention import AttentionBackend, AttentionMetadata
@@ -47,7 +48,8 @@ class ModelRunner:
             self.timer.start()
         seqs = sorted(step.seqs, key=lambda seq: seq.num_tokens > 1)  # decodes first, stable
         sampling = [seq for seq in seqs if seq.do_sample]
-        if self.graphs is not None and self.graphs.fits(seqs):
+        scoring = any(seq.prompt_targets for seq in seqs)
+        if self.graphs is not None and not scoring and self.graphs.fits(seqs):
             size, logits_rows = self.graphs.load(seqs)
             self._launching()
             hidden = self.graphs.replay(size, len(seqs))  # [num_seqs, hidden], a row per sequence
@@ -55,12 +57,17 @@ class ModelRunner:
             input_ids, positions, metadata, logits_rows = self.prepare(seqs)
             self._launching()
             hidden = self.model(input_ids, positions, kv_caches, metadata)  # [T, hidden]
+        scored = []
+        if scoring:
+            row_starts = np.cumsum([0] + [seq.num_tokens for seq in seqs[:-1]]).tolist()
+            scored = prompt_logprobs.score(self.model, hidden, seqs, row_starts)
         if not sampling:
-            return self._finish(StepOutput(samples=[]))
+            return self._finish(StepOutput(samples=[], prompt_logprobs=scored))
         logits = self.model.compute_logits(hidden[logits_rows])  # [S, vocab], on rank 0 only
         if logits is None:
             return self._finish(None)
-        return self._finish(StepOutput(samples=sampler.sample(logits, sampling, self.generator)))
+        samples = sampler.sample(logits, sampling, self.generator)
+        return self._finish(StepOutput(samples=samples, prompt_logprobs=scored))
 
     def _launching(self) -> None:
         if self.timer:

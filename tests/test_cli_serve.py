@@ -17,11 +17,10 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from conftest import free_port
 
 from pagedserve import cli, embedded
 from pagedserve import config as config_module
-
-from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -219,7 +218,6 @@ def test_dependency_floors_admit_only_versions_the_code_runs_on():
     """transformers 5 reads and writes RoPE settings as `rope_parameters`, which the
     rotary table and the test models use; 4.x takes the keyword and ignores it."""
     import tomllib
-
     from packaging.requirements import Requirement
     from packaging.version import Version
 

@@ -54,7 +54,8 @@ def _post(server: str, path: str, body: dict) -> httpx.Response:
 def _events(server: str, path: str, body: dict) -> list[dict]:
     with httpx.stream("POST", f"{server}{path}", json=body, timeout=120) as response:
         assert response.status_code == 200, response.read()
-        lines = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+        lines = [line.removeprefix("data: ") for line in response.iter_lines()
+                 if line.startswith("data: ")]
     assert lines[-1] == "[DONE]"
     return [json.loads(line) for line in lines[:-1]]
 

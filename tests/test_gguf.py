@@ -175,8 +175,9 @@ def _rewrite(path, out, arch: str | None = None, retype: str | None = None):
         if key.startswith("GGUF.") or key == "general.architecture":
             continue
         name = key.replace(f"{source_arch}.", f"{arch}.", 1) if arch else key
+        is_array = field.types[0] == gguf.GGUFValueType.ARRAY
         writer.add_key_value(name, field.contents(), field.types[0],
-                             field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None)
+                             field.types[-1] if is_array else None)
     for index, tensor in enumerate(reader.tensors):
         if retype and index == 1:
             values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float64)

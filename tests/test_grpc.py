@@ -15,6 +15,7 @@ import pytest
 
 from pagedserve.cluster import errors, protocol
 from pagedserve.cluster.grpc_service import request_fields, status_code
+from pagedserve.cluster.parsing import validate_request
 from pagedserve.cluster.proto import pagedserve_pb2 as pb
 from pagedserve.cluster.proto import pagedserve_pb2_grpc as pb_grpc
 from pagedserve.config import load, parse
@@ -183,5 +184,5 @@ def test_request_fields_hold_only_what_the_client_set():
     # Explicit zeros of `optional` fields are kept: temperature 0 is greedy, not the default.
     assert fields == {"model": "m", "prompt": [3, 4], "temperature": 0.0, "n": 2,
                       "stop": ["x"], "seed": 0, "logprobs": 0}
-    request = protocol.validate_request(protocol.CompletionRequest, fields)
+    request = validate_request(protocol.CompletionRequest, fields)
     assert request.sampling_params(100).temperature == 0.0

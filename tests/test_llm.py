@@ -167,3 +167,43 @@ def test_demo_runs_on_the_embedded_default_config():
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("prompt:") == 5 and "KV pool after" in result.stdout
+
+
+def test_cpu_threads_leave_a_core_for_the_engine_loop(tiny_llama, caplog, monkeypatch):
+    import logging
+
+    import torch
+
+    from pagedserve.worker import cpu_threads
+
+    monkeypatch.setattr(cpu_threads, "usable_cpus", lambda: 2)
+    with caplog.at_level(logging.INFO, logger="pagedserve.worker.cpu_threads"):
+        LLM(str(tiny_llama), num_gpu_blocks=64, device="cpu")
+    # torch's default would be one thread per core: 2 here, 7-11x slower under load.
+    assert torch.get_num_threads() == 1
+    assert "1 compute threads (2 usable CPUs, one left for the engine's loop)" in caplog.text
+    monkeypatch.setattr(cpu_threads, "usable_cpus", lambda: 8)
+    LLM(str(tiny_llama), num_gpu_blocks=64, device="cpu")
+    assert torch.get_num_threads() == 7
+    LLM(str(tiny_llama), num_gpu_blocks=64, device="cpu", cpu_threads=3)
+    assert torch.get_num_threads() == 3
+    torch.set_num_threads(1)  # as the engines of other tests leave it
+
+
+def test_usable_cpus_follow_affinity():
+    import os
+
+    from pagedserve.worker.cpu_threads import usable_cpus
+
+    assert 1 <= usable_cpus() <= len(os.sched_getaffinity(0))
+
+
+def test_an_idle_pool_reports_no_slot_use_and_a_swap_pool_its_size(tiny_llama):
+    llm = LLM(str(tiny_llama), num_gpu_blocks=64, device="cpu")
+    stats = llm.get_memory_stats()
+    # Nothing stored: no slot is used (not 100% of them).
+    assert stats["slot_utilization"] == 0.0 and stats["mean_slot_utilization"] == 0.0
+    # The CPU swap pool defaults to the KV pool's size, not 4 GiB whatever the model.
+    assert stats["cpu_blocks"] == 64
+    assert LLM(str(tiny_llama), num_gpu_blocks=64, device="cpu",
+               swap_space=0.0001).get_memory_stats()["cpu_blocks"] < 64

@@ -17,7 +17,8 @@ from pagedserve.cluster.errors import (
     too_large,
     unauthorized,
 )
-from pagedserve.cluster.protocol import ChatCompletionRequest, CompletionRequest, parse_request
+from pagedserve.cluster.parsing import parse_request
+from pagedserve.cluster.protocol import ChatCompletionRequest, CompletionRequest
 
 USER = [{"role": "user", "content": "hi"}]
 

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import user_cache
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pagedserve import LLM, SamplingParams
-
-from conftest import user_cache
 
 PLAIN = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there was a",
          "The three primary colors are", "Water boils at a temperature of"]

@@ -200,7 +200,8 @@ def test_chunks_and_lists_match_the_openai_client():
     models = model_list(["tiny", "small"], CREATED, root="/models/tiny", max_model_len=2048)
     assert models["object"] == "list"
     assert [Model.model_validate(m).id for m in models["data"]] == ["tiny", "small"]
-    assert models["data"][0]["root"] == "/models/tiny" and models["data"][0]["max_model_len"] == 2048
+    card = models["data"][0]
+    assert card["root"] == "/models/tiny" and card["max_model_len"] == 2048
 
 
 # ---------------------------------------------------------------------------- streaming

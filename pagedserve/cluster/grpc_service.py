@@ -22,18 +22,17 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from ray.serve.grpc_util import RayServegRPCContext
 
 from pagedserve.cluster import protocol, responses
-from pagedserve.cluster.proto import pagedserve_pb2 as pb
 from pagedserve.cluster.errors import OpenAIError
+from pagedserve.cluster.parsing import validate_request
+from pagedserve.cluster.proto import pagedserve_pb2 as pb
+from pagedserve.cluster.streams import Stream, client_error, last
 from pagedserve.outputs import RequestOutput
-
-if TYPE_CHECKING:
-    from pagedserve.cluster.ingress import _Stream
 
 # The HTTP statuses of protocol's errors, as gRPC codes.
 _CODES = {
@@ -107,13 +106,11 @@ class GenerationService:
 
     async def Generate(self, request: pb.GenerateRequest,
                        grpc_context: RayServegRPCContext) -> pb.GenerateReply:
-        from pagedserve.cluster.ingress import _client_error, _last  # ingress imports this module
-
         try:
             request_id, _, stream = await self._submit(request, grpc_context, stream=False)
-            final = await _last(stream)
+            final = await last(stream)
         except Exception as error:  # noqa: BLE001 - every failure becomes a gRPC status
-            _set_status(grpc_context, _client_error(error, self.config.serving.retry_after_s))
+            _set_status(grpc_context, client_error(error, self.config.serving.retry_after_s))
             return pb.GenerateReply()  # not sent: the status ends the call
         choices = [_choice(c.index, c.text, c.token_ids, c.logprobs, c.finish_reason)
                    for c in sorted(final.outputs, key=lambda c: c.index)]
@@ -122,8 +119,6 @@ class GenerationService:
     async def GenerateStream(self, request: pb.GenerateRequest,
                              grpc_context: RayServegRPCContext) -> AsyncIterator[pb.GenerateReply]:
         """One message per engine step with news: new text and tokens; usage in the last."""
-        from pagedserve.cluster.ingress import _client_error  # ingress imports this module
-
         try:
             request_id, stop, stream = await self._submit(request, grpc_context, stream=True)
             # Text that may still become a stop string is held back until it cannot.
@@ -141,18 +136,18 @@ class GenerationService:
                 if reply.choices or output.finished:
                     yield reply
         except Exception as error:  # noqa: BLE001 - every failure becomes a gRPC status
-            _set_status(grpc_context, _client_error(error, self.config.serving.retry_after_s))
+            _set_status(grpc_context, client_error(error, self.config.serving.retry_after_s))
             raise RequestRefused(grpc_context.details()) from None
 
     async def _submit(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext,
-                      stream: bool) -> tuple[str, tuple[str, ...], _Stream]:
+                      stream: bool) -> tuple[str, tuple[str, ...], Stream]:
         """Check, tokenize and start `request` as /v1/completions does.
 
         Returns the request id, the stop strings and the started stream.
         """
         self._check_api_key(_metadata(grpc_context, "authorization"))
         fields = request_fields(request) | ({"stream": True} if stream else {})
-        req = await self._accept(protocol.validate_request(protocol.CompletionRequest, fields,
+        req = await self._accept(validate_request(protocol.CompletionRequest, fields,
                                                            self._limits))
         ids = self._prompt_ids(req.prompts()[0], req)  # the oneof holds one prompt
         params = req.sampling_params(self._room(ids, req))

@@ -4,8 +4,9 @@
            <──JSON / server-sent events── (detokenized text, usage) <──
 
 The ingress owns everything about the wire: the API key, body limits, request
-parsing (cluster/protocol.py), tokenization and chat templates, and turning
-the engine's cumulative outputs into OpenAI responses or SSE chunks. Client
+parsing (cluster/parsing.py into cluster/protocol.py's models), tokenization
+and chat templates, and turning the engine's cumulative outputs into OpenAI
+responses or SSE chunks (cluster/responses.py, cluster/streams.py). Client
 mistakes become OpenAI-shaped errors with a 4xx status; a 500 means a bug.
 """
 
@@ -19,14 +20,14 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
-from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException
 from transformers import AutoTokenizer
 
 from pagedserve.cluster import errors, protocol, responses
+from pagedserve.cluster.errors import OpenAIError
+from pagedserve.cluster.grpc_service import GenerationService
 from pagedserve.cluster.logprobs import (
     TextOffsets,
     TokenStrings,
@@ -34,9 +35,16 @@ from pagedserve.cluster.logprobs import (
     completion_logprobs,
     sampled,
 )
-from pagedserve.cluster.grpc_service import GenerationService
-from pagedserve.cluster.errors import OpenAIError
-from pagedserve.cluster.server import EngineDeadError, EngineOverloadedError
+from pagedserve.cluster.parsing import Limits, parse_request
+from pagedserve.cluster.streams import (
+    Stream,
+    client_error,
+    final_outputs,
+    merge,
+    root_cause,
+    sse,
+    stream_usage,
+)
 from pagedserve.config import Config, served_model_name
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
@@ -62,127 +70,6 @@ async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
     return JSONResponse(body, status_code=error.status_code)
 
 
-class _Stream:
-    """A started request: its first output, and the generator of the rest."""
-
-    def __init__(self, first: RequestOutput, rest) -> None:
-        self.first, self.rest = first, rest
-
-    async def __aiter__(self):
-        yield self.first
-        if not self.first.finished:
-            async for output in self.rest:
-                yield output
-
-
-async def _last(stream: _Stream) -> RequestOutput:
-    final = None
-    async for output in stream:
-        final = output
-    return final
-
-
-async def _finals(streams: list[_Stream], retry_after_s: int) -> list[RequestOutput]:
-    """The last output of every stream; one failure fails them all and aborts the rest."""
-    tasks = [asyncio.ensure_future(_last(stream)) for stream in streams]
-    try:
-        return await asyncio.gather(*tasks)
-    except Exception as error:  # noqa: BLE001 - a dead replica mid-request: mapped to 503
-        raise _client_error(error, retry_after_s) from None
-    finally:
-        for task in tasks:
-            task.cancel()  # no-ops once done; otherwise closing the stream aborts upstream
-
-
-async def _merge(streams: list[_Stream]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Outputs of several requests as they come, tagged with the request's position."""
-    if len(streams) == 1:
-        async for output in streams[0]:
-            yield 0, output
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(index: int, stream: _Stream) -> None:
-        try:
-            async for output in stream:
-                await queue.put((index, output))
-        finally:
-            await queue.put((index, None))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            index, output = await queue.get()
-            if output is None:
-                remaining -= 1
-                continue
-            yield index, output
-        for task in tasks:
-            task.result()  # a pump's error surfaces here
-    finally:
-        for task in tasks:
-            task.cancel()  # the client left: cancelling aborts the requests upstream
-
-
-def _usage(finals: list[RequestOutput | None], generated: bool = True) -> dict[str, int]:
-    """Usage of a stream's requests; `generated` False (echo only): no completion tokens."""
-    done = [f for f in finals if f is not None]
-    prompt = sum(len(f.prompt_token_ids) for f in done)
-    completion = sum(len(c.token_ids) for f in done for c in f.outputs) if generated else 0
-    return responses.usage(prompt, completion)
-
-
-def _sse(chunks: AsyncIterator[dict], retry_after_s: int) -> StreamingResponse:
-    async def events() -> AsyncIterator[str]:
-        import json
-
-        try:
-            async for chunk in chunks:
-                yield f"data: {json.dumps(chunk)}\n\n"
-        except Exception as error:  # noqa: BLE001 - the status is sent: report in-band
-            failure = _client_error(error, retry_after_s)
-            yield f"data: {json.dumps(failure.body())}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(events(), media_type="text/event-stream")
-
-
-def _cause(error: BaseException) -> BaseException:
-    """Ray wraps a replica's exception; the wrapped one is what happened."""
-    return getattr(error, "cause", None) or error
-
-
-def _client_error(error: BaseException, retry_after_s: int,
-                  prompt_param: str = "prompt") -> OpenAIError:
-    """An engine or Serve failure as the error a client gets; `prompt_param` is the
-    request's prompt field ("prompt", or "messages" for chat)."""
-    cause = _cause(error)
-    if isinstance(cause, OpenAIError):
-        return cause
-    if isinstance(cause, EngineOverloadedError):
-        return errors.overloaded(cause.waiting, cause.limit, retry_after_s)
-    if isinstance(cause, ValueError):
-        message = str(cause)
-        param = (message.split(":", 1)[0].split("=", 1)[0].strip()
-                 if ":" in message or "=" in message else None)
-        # The engine names its own fields: the prompt's tokens are the request's prompt.
-        if param is not None and param.startswith(("prompt_token_ids", "prompt ")):
-            param = prompt_param
-        return errors.bad_request(message, param)
-    if isinstance(cause, EngineDeadError):  # Serve's health check replaces the replica
-        return errors.retry_later(str(cause), retry_after_s, code="engine_dead")
-    if isinstance(cause, (RayActorError, ActorUnavailableError)):
-        # The replica's process died (or is unreachable) mid-request; Serve replaces it.
-        return errors.retry_later(
-            f"the model replica serving this request stopped ({type(cause).__name__}); "
-            f"please retry after {retry_after_s} s", retry_after_s, code="replica_unavailable")
-    if isinstance(cause, BackPressureError):
-        return errors.retry_later(f"The server is overloaded: {cause}. Please retry after "
-                                    f"{retry_after_s} s.", retry_after_s)
-    return OpenAIError(500, f"internal error: {type(cause).__name__}: {cause}", type="server_error")
-
-
 @serve.ingress(app)  # here, not in app.py: each replica imports this module and needs the routes bound
 class OpenAIIngress(GenerationService):
     """The routes of `app`, one instance per ingress replica (a deployment in cluster/app.py)."""
@@ -195,7 +82,7 @@ class OpenAIIngress(GenerationService):
         self._tokenizer = None
         self._max_model_len = 0
         self._model_dir: str | None = None
-        self._limits = protocol.Limits(max_stop_sequences=config.serving.max_stop_sequences)
+        self._limits = Limits(max_stop_sequences=config.serving.max_stop_sequences)
         self._ready = asyncio.Lock()
 
     # -- routes ---------------------------------------------------------------
@@ -204,7 +91,7 @@ class OpenAIIngress(GenerationService):
         try:
             await self.server.check_health.remote()
         except Exception as error:  # noqa: BLE001 - unhealthy, whatever the reason
-            return JSONResponse({"status": "unhealthy", "error": str(_cause(error))},
+            return JSONResponse({"status": "unhealthy", "error": str(root_cause(error))},
                                 status_code=503)
         return JSONResponse({"status": "ok"})
 
@@ -229,7 +116,7 @@ class OpenAIIngress(GenerationService):
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
-        req = await self._accept(protocol.parse_request(
+        req = await self._accept(parse_request(
             protocol.CompletionRequest, await self._read(request), self._limits))
         prompts = [self._prompt_ids(p, req) for p in req.prompts()]
         # The echoed prompt: the client's text, or its tokens decoded.
@@ -245,15 +132,15 @@ class OpenAIIngress(GenerationService):
         streams = [await self._start(self._engine_id(request_id, i), ids, p, req.prompt_param)
                    for i, (ids, p) in enumerate(zip(prompts, params))]
         if req.stream:
-            return _sse(self._stream_completion(request_id, req, streams, params[0].stop, texts,
+            return sse(self._stream_completion(request_id, req, streams, params[0].stop, texts,
                                                 fmt), self.config.serving.retry_after_s)
-        finals = await _finals(streams, self.config.serving.retry_after_s)
+        outputs = await final_outputs(streams, self.config.serving.retry_after_s)
         return JSONResponse(responses.completion_response(
-            request_id, req.model, int(time.time()), finals, texts, self._tokenizer, fmt))
+            request_id, req.model, int(time.time()), outputs, texts, self._tokenizer, fmt))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        req = await self._accept(protocol.parse_request(
+        req = await self._accept(parse_request(
             protocol.ChatCompletionRequest, await self._read(request), self._limits))
         try:
             ids = list(self._tokenizer.apply_chat_template(
@@ -269,9 +156,9 @@ class OpenAIIngress(GenerationService):
         request_id = f"chatcmpl-{req.request_id or uuid.uuid4().hex}"
         stream = await self._start(self._engine_id(request_id, 0), ids, params, req.prompt_param)
         if req.stream:
-            return _sse(self._stream_chat(request_id, req, stream, params.stop),
+            return sse(self._stream_chat(request_id, req, stream, params.stop),
                         self.config.serving.retry_after_s)
-        final, = await _finals([stream], self.config.serving.retry_after_s)
+        final, = await final_outputs([stream], self.config.serving.retry_after_s)
         return JSONResponse(responses.chat_response(
             request_id, req.model, int(time.time()), final, self._tokenizer,
             req.num_top_logprobs, req.return_tokens_as_token_ids))
@@ -359,16 +246,16 @@ class OpenAIIngress(GenerationService):
         return limit - len(prompt_ids)
 
     async def _start(self, request_id: str, ids: list[int], params: SamplingParams,
-                     prompt_param: str = "prompt") -> "_Stream":
+                     prompt_param: str = "prompt") -> Stream:
         """Submit a request and wait for its first output, so refusals become HTTP errors."""
         generator = self.server.options(stream=True).generate.remote(request_id, ids, params)
         try:
             first = await generator.__anext__()
         except Exception as error:  # noqa: BLE001 - mapped below
-            raise _client_error(error, self.config.serving.retry_after_s, prompt_param) from None
-        return _Stream(first, generator)
+            raise client_error(error, self.config.serving.retry_after_s, prompt_param) from None
+        return Stream(first, generator)
 
-    async def _stream_completion(self, request_id: str, req, streams: "list[_Stream]",
+    async def _stream_completion(self, request_id: str, req, streams: list[Stream],
                                  stop: tuple[str, ...], texts: list[str],
                                  fmt: responses.CompletionFormat) -> AsyncIterator[dict]:
         created, n = int(time.time()), len(streams[0].first.outputs)
@@ -377,9 +264,9 @@ class OpenAIIngress(GenerationService):
         # Text that may still become a stop string is held back until it cannot.
         states = [responses.StreamState(stop) for _ in streams]
         offsets: dict[tuple[int, int], TextOffsets] = {}
-        finals: list[RequestOutput | None] = [None] * len(streams)
-        async for prompt_index, output in _merge(streams):
-            if finals[prompt_index] is None and fmt.echo:  # the prompt first, once per choice
+        latest: list[RequestOutput | None] = [None] * len(streams)
+        async for prompt_index, output in merge(streams):
+            if latest[prompt_index] is None and fmt.echo:  # the prompt first, once per choice
                 for index in range(n):
                     text, logprobs, offset = responses.echo_text(
                         output, texts[prompt_index], fmt, strings)
@@ -387,7 +274,7 @@ class OpenAIIngress(GenerationService):
                     yield self._with_usage(responses.completion_chunk(
                         request_id, req.model, created, prompt_index * n + index, text, None,
                         logprobs), options, output, index)
-            finals[prompt_index] = output
+            latest[prompt_index] = output
             for index, text, logprobs, finish in states[prompt_index].deltas(output):
                 if not fmt.generate:  # echo only: the generated token is not reported
                     if finish is None:
@@ -404,9 +291,9 @@ class OpenAIIngress(GenerationService):
                     chunk_logprobs), options, output, index, fmt.generate)
         if options.include_usage:
             yield responses.usage_chunk(request_id, req.model, created, "text_completion",
-                                        _usage(finals, fmt.generate))
+                                        stream_usage(latest, fmt.generate))
 
-    async def _stream_chat(self, request_id: str, req, stream: "_Stream",
+    async def _stream_chat(self, request_id: str, req, stream: Stream,
                            stop: tuple[str, ...]) -> AsyncIterator[dict]:
         created = int(time.time())
         options = req.stream_options or protocol.StreamOptions()
@@ -417,7 +304,7 @@ class OpenAIIngress(GenerationService):
                 None), options, stream.first, index, counted=False)
         state, final = responses.StreamState(stop), None
         top = req.num_top_logprobs
-        async for _, output in _merge([stream]):
+        async for _, output in merge([stream]):
             final = output
             for index, text, logprobs, finish in state.deltas(output):
                 chunk_logprobs = (chat_logprobs(logprobs, strings, top)
@@ -428,7 +315,7 @@ class OpenAIIngress(GenerationService):
                         finish, chunk_logprobs), options, output, index)
         if options.include_usage:
             yield responses.usage_chunk(request_id, req.model, created, "chat.completion.chunk",
-                                        _usage([final]))
+                                        stream_usage([final]))
 
     @staticmethod
     def _with_usage(chunk: dict, options: protocol.StreamOptions, output: RequestOutput,

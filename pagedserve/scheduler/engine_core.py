@@ -162,7 +162,8 @@ class EngineCore:
             "block_size": bm.block_size,
             "stored_tokens": bm.num_stored_tokens(),
             # Stored tokens over allocated slots: 0 while nothing is allocated.
-            "slot_utilization": bm.num_stored_tokens() / (allocated * bm.block_size) if allocated else 0.0,
+            "slot_utilization": (bm.num_stored_tokens() / (allocated * bm.block_size)
+                                 if allocated else 0.0),
             "mean_slot_utilization": (self._usage.slot_utilization / self._usage.steps
                                       if self._usage.steps else 0.0),
             "peak_allocated_blocks": self._usage.peak_allocated_blocks,

@@ -6,9 +6,10 @@ them to a decode kernel as a block of rows. Only the rows whose sequence
 samples this step go through the LM head.
 
 Rows that predict prompt tokens of a request asking for prompt logprobs are
-scored too (prompt_logprobs.py). A decode-only step replays a CUDA graph when the worker captured them
-(`graphs`, see cuda_graph.py); every other step runs eagerly. `timer`, when
-set, measures how much of each step the host spends building it.
+scored too (prompt_logprobs.py). A decode-only step replays a CUDA graph when
+the worker captured them (`graphs`, see cuda_graph.py); every other step runs
+eagerly. `timer`, when set, measures how much of each step the host spends
+building it.
 """
 
 from __future__ import annotations

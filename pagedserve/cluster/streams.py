@@ -1,0 +1,142 @@
+"""Started requests as streams of outputs, and how their failures reach a client.
+
+The ingress and the gRPC service share these: a request submitted to an
+LLMServer replica is a `Stream` (its first output, then the rest); several are
+merged as they come; a failure anywhere (a refusal, a full queue, a dead
+engine or replica) becomes the OpenAI-shaped error a client gets, or, once a
+stream has started, a last `data: {"error": ...}` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+from fastapi.responses import StreamingResponse
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
+
+from pagedserve.cluster import errors, responses
+from pagedserve.cluster.errors import OpenAIError
+from pagedserve.cluster.server import EngineDeadError, EngineOverloadedError
+from pagedserve.outputs import RequestOutput
+
+
+class Stream:
+    """A started request: its first output, and the generator of the rest."""
+
+    def __init__(self, first: RequestOutput, rest) -> None:
+        self.first, self.rest = first, rest
+
+    async def __aiter__(self):
+        yield self.first
+        if not self.first.finished:
+            async for output in self.rest:
+                yield output
+
+
+async def last(stream: Stream) -> RequestOutput:
+    final = None
+    async for output in stream:
+        final = output
+    return final
+
+
+async def final_outputs(streams: list[Stream], retry_after_s: int) -> list[RequestOutput]:
+    """The last output of every stream; one failure fails them all and aborts the rest."""
+    tasks = [asyncio.ensure_future(last(stream)) for stream in streams]
+    try:
+        return await asyncio.gather(*tasks)
+    except Exception as error:  # noqa: BLE001 - a dead replica mid-request: mapped to 503
+        raise client_error(error, retry_after_s) from None
+    finally:
+        for task in tasks:
+            task.cancel()  # no-ops once done; otherwise closing the stream aborts upstream
+
+
+async def merge(streams: list[Stream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several requests as they come, tagged with the request's position."""
+    if len(streams) == 1:
+        async for output in streams[0]:
+            yield 0, output
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: Stream) -> None:
+        try:
+            async for output in stream:
+                await queue.put((index, output))
+        finally:
+            await queue.put((index, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, output = await queue.get()
+            if output is None:
+                remaining -= 1
+                continue
+            yield index, output
+        for task in tasks:
+            task.result()  # a pump's error surfaces here
+    finally:
+        for task in tasks:
+            task.cancel()  # the client left: cancelling aborts the requests upstream
+
+
+def stream_usage(outputs: list[RequestOutput | None], generated: bool = True) -> dict[str, int]:
+    """Usage of a stream's requests; `generated` False (echo only): no completion tokens."""
+    done = [f for f in outputs if f is not None]
+    prompt = sum(len(f.prompt_token_ids) for f in done)
+    completion = sum(len(c.token_ids) for f in done for c in f.outputs) if generated else 0
+    return responses.usage(prompt, completion)
+
+
+def sse(chunks: AsyncIterator[dict], retry_after_s: int) -> StreamingResponse:
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+        except Exception as error:  # noqa: BLE001 - the status is sent: report in-band
+            failure = client_error(error, retry_after_s)
+            yield f"data: {json.dumps(failure.body())}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """Ray wraps a replica's exception; the wrapped one is what happened."""
+    return getattr(error, "cause", None) or error
+
+
+def client_error(error: BaseException, retry_after_s: int,
+                  prompt_param: str = "prompt") -> OpenAIError:
+    """An engine or Serve failure as the error a client gets; `prompt_param` is the
+    request's prompt field ("prompt", or "messages" for chat)."""
+    cause = root_cause(error)
+    if isinstance(cause, OpenAIError):
+        return cause
+    if isinstance(cause, EngineOverloadedError):
+        return errors.overloaded(cause.waiting, cause.limit, retry_after_s)
+    if isinstance(cause, ValueError):
+        message = str(cause)
+        param = (message.split(":", 1)[0].split("=", 1)[0].strip()
+                 if ":" in message or "=" in message else None)
+        # The engine names its own fields: the prompt's tokens are the request's prompt.
+        if param is not None and param.startswith(("prompt_token_ids", "prompt ")):
+            param = prompt_param
+        return errors.bad_request(message, param)
+    if isinstance(cause, EngineDeadError):  # Serve's health check replaces the replica
+        return errors.retry_later(str(cause), retry_after_s, code="engine_dead")
+    if isinstance(cause, (RayActorError, ActorUnavailableError)):
+        # The replica's process died (or is unreachable) mid-request; Serve replaces it.
+        return errors.retry_later(
+            f"the model replica serving this request stopped ({type(cause).__name__}); "
+            f"please retry after {retry_after_s} s", retry_after_s, code="replica_unavailable")
+    if isinstance(cause, BackPressureError):
+        return errors.retry_later(f"The server is overloaded: {cause}. Please retry after "
+                                    f"{retry_after_s} s.", retry_after_s)
+    return OpenAIError(500, f"internal error: {type(cause).__name__}: {cause}", type="server_error")

@@ -115,7 +115,8 @@ def _fetch(args: argparse.Namespace) -> None:
     from pagedserve.worker import gguf_file
 
     path = embedded.fetch(args.name)
-    print(f"pagedserve: {args.name}: {path} (metadata: {gguf_file.metadata_dir(path)})")
+    metadata = gguf_file.metadata_dir(path, log=print)
+    print(f"pagedserve: {args.name}: {path} (metadata: {metadata})")
 
 
 def build_parser() -> argparse.ArgumentParser:

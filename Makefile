@@ -30,7 +30,9 @@ serve: install
 demo: install
 	$(PY) -m pagedserve.demo $(CONFIG)
 
+# ruff (pyproject.toml's rules) first; the import-layer check runs in the suite (tests/test_layers.py).
 test: model
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 bench: install

@@ -37,11 +37,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import throughput
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
-import throughput
 from pagedserve import LLM, SamplingParams
 from pagedserve.planner import load_presets
 from pagedserve.worker.step_timer import StepTimer
@@ -112,7 +112,8 @@ def compare(name, requests, llm, hf, args, max_len, rows):
     useful = sum(o for _, o in requests)
     reserve = max(len(p) for p, _ in requests) + max(o for _, o in requests)
     if reserve > max_len:
-        raise SystemExit(f"{name}: a request may need {reserve} tokens, over max_model_len={max_len}")
+        raise SystemExit(f"{name}: a request may need {reserve} tokens, "
+                         f"over max_model_len={max_len}")
     batch_size = max(1, args.kv_tokens // reserve)
     row = dict(workload=name, requests=len(requests), output_tokens=useful,
                prompt_tokens=sum(len(p) for p, _ in requests), static_batch_size=batch_size)
@@ -126,7 +127,8 @@ def compare(name, requests, llm, hf, args, max_len, rows):
         row.update(static_s=seconds, static_tok_s=useful / seconds,
                    vs_static=row["paged_tok_s"] * seconds / useful,
                    match_static=throughput.matches(ours, theirs, requests))
-        print(f"  HF generate     {seconds:8.2f} s {useful / seconds:9.1f} tok/s  batch {batch_size}"
+        print(f"  HF generate     {seconds:8.2f} s {useful / seconds:9.1f} tok/s  "
+              f"batch {batch_size}"
               f"  {row['vs_static']:.1f}x  greedy equal {row['match_static']}/{len(requests)}",
               flush=True)
     if not args.skip_hf and not args.skip_hf_batch:
@@ -269,7 +271,8 @@ def main() -> None:
                       graph_memory_bytes=graphs.memory_bytes)
     print(f"pagedserve up in {startup_s:.1f} s (dummy weights, {report['parameters'] / 1e6:,.0f}M "
           f"parameters, {dtype})" + (f"; CUDA graphs for {len(graphs.sizes)} sizes in "
-                                     f"{graphs.capture_s:.1f} s, {graphs.memory_bytes / 2**20:.0f} MiB"
+                                     f"{graphs.capture_s:.1f} s, "
+                                     f"{graphs.memory_bytes / 2**20:.0f} MiB"
                                      if graphs else "; no CUDA graphs"), flush=True)
     hf = None
     if "throughput" in args.parts and not args.skip_hf:
@@ -321,14 +324,16 @@ def main() -> None:
         print("\n## CUDA graphs on vs off", flush=True)
         for batch in args.graph_batches:
             on = decode_steps(llm, batch, args.decode_context, args.decode_steps, rng, graphs=True)
-            off = decode_steps(llm, batch, args.decode_context, args.decode_steps, rng, graphs=False)
+            off = decode_steps(llm, batch, args.decode_context, args.decode_steps, rng,
+                               graphs=False)
             if not on["graphs"]:
                 print(f"  batch {batch:3d}: no CUDA graphs here (both runs eager): "
                       f"{on['step_ms']:.2f} and {off['step_ms']:.2f} ms", flush=True)
                 continue
             rows.append(dict(batch=batch, graphs_ms=on["step_ms"], eager_ms=off["step_ms"],
                              speedup=off["step_ms"] / on["step_ms"]))
-            print(f"  batch {batch:3d}: graphs {on['step_ms']:.2f} ms, eager {off['step_ms']:.2f} ms"
+            print(f"  batch {batch:3d}: graphs {on['step_ms']:.2f} ms, "
+                  f"eager {off['step_ms']:.2f} ms"
                   f" = {off['step_ms'] / on['step_ms']:.2f}x", flush=True)
 
     stats = llm.get_memory_stats()

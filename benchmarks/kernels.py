@@ -80,7 +80,8 @@ def paged_context(batch: int, context: int, num_kv_heads: int, head_dim: int, bl
         return rows.transpose(1, 2).contiguous()
 
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
-    return key_cache, value_cache, block_tables, seq_lens, contiguous(key_cache), contiguous(value_cache)
+    return (key_cache, value_cache, block_tables, seq_lens, contiguous(key_cache),
+            contiguous(value_cache))
 
 
 def bench_decode(args, batch: int, context: int, device: torch.device, copy_bw: float) -> dict:
@@ -158,7 +159,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--copy-gib", type=float, default=1.0)
     parser.add_argument("--smoke", action="store_true",
-                        help="tiny shapes, a few iterations: checks the script, not the kernels' speed")
+                        help="tiny shapes, a few iterations: checks the script, "
+                             "not the kernels' speed")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/kernels.json"))
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

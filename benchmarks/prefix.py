@@ -87,7 +87,8 @@ def main() -> None:
     for r in (off, on):
         print(f"| {'on' if r['caching'] else 'off'} | {r['seconds']:.1f} | "
               f"{r['tokens_per_s']:.1f} | {r['requests_per_s']:.2f} | {r['hit_rate']:.1%} |")
-    print(f"speed-up with caching: {ratio:.2f}x (target >= 2x: {'met' if ratio >= 2 else 'NOT met'}); "
+    print(f"speed-up with caching: {ratio:.2f}x "
+          f"(target >= 2x: {'met' if ratio >= 2 else 'NOT met'}); "
           f"greedy outputs equal for {same}/{len(prompts)} requests")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(

@@ -25,16 +25,18 @@ covers the whole scenario.
 Outputs are greedy with EOS ignored (EOS is an ordinary token in every system:
 `ignore_eos`, and eos_token_id=-1 for HF), so every request produces exactly
 its own output length and greedy tokens can be compared request by request
-(reported as a match count: batch composition may flip a near-tie). Useful tokens are those: the tokens a static batch keeps
-generating for a request past its own length are computed but not counted.
+(reported as a match count: batch composition may flip a near-tie). Useful
+tokens are those: the tokens a static batch keeps generating for a request
+past its own length are computed but not counted.
 Throughput is useful output tokens / wall time.
 
 Prompt lengths are the vLLM paper's memory-study scenarios divided by
 `--scale`, so that all scenarios and all three systems finish in ~10-20
-minutes on 2 CPU cores (the default run: ~11 minutes). The budget defaults to 65536 / scale tokens so that
-memory pressure follows the prompt lengths. Torch runs one thread by default:
-on a small shared machine two intra-op threads stall (up to 5x here) whenever
-another process takes a core, while one thread is only slowed when both are.
+minutes on 2 CPU cores (the default run: ~11 minutes). The budget defaults to
+65536 / scale tokens so that memory pressure follows the prompt lengths. Torch
+runs one thread by default: on a small shared machine two intra-op threads
+stall (up to 5x here) whenever another process takes a core, while one thread
+is only slowed when both are.
 
     python benchmarks/throughput.py [--scale 16] [--scenarios mixed] [--quick]
 """
@@ -142,7 +144,8 @@ def run_hf_batch(model, requests, kv_tokens, pad_id, max_batch_tokens=MAX_BATCHE
             result = manager.get_result(timeout=1)
             if result is not None and result.is_finished():
                 if result.error is not None:
-                    raise RuntimeError(f"HF generate_batch request {result.request_id}: {result.error}")
+                    raise RuntimeError(f"HF generate_batch request {result.request_id}: "
+                                       f"{result.error}")
                 results[result.request_id] = result
             elif result is None and not manager.is_running():
                 raise RuntimeError("HF continuous batching thread stopped with requests unfinished")
@@ -206,10 +209,14 @@ def main() -> None:
                           * MODEL["hidden_size"] // MODEL["num_attention_heads"] * 4)
     print(f"# Throughput, {today}\n{command}\n{machine}")
     print(f"model: Llama, {n_params / 1e6:.1f}M parameters {MODEL}, float32, sdpa (HF)")
-    print(f"scale {args.scale:g} (prompt lengths / {args.scale:g}), requests x {args.requests_scale:g}, "
-          f"outputs {args.output_min}-{args.output_max} tokens, greedy, ignore_eos, seed {args.seed}")
-    print(f"KV budget: {args.kv_tokens} tokens = {args.kv_tokens * kv_bytes_per_token / 2**20:.0f} MiB "
-          f"for every system; block/page size {BLOCK}; max {MAX_BATCHED_TOKENS} tokens per step\n")
+    print(f"scale {args.scale:g} (prompt lengths / {args.scale:g}), "
+          f"requests x {args.requests_scale:g}, "
+          f"outputs {args.output_min}-{args.output_max} tokens, greedy, ignore_eos, "
+          f"seed {args.seed}")
+    print(f"KV budget: {args.kv_tokens} tokens = "
+          f"{args.kv_tokens * kv_bytes_per_token / 2**20:.0f} MiB "
+          f"for every system; block/page size {BLOCK}; "
+          f"max {MAX_BATCHED_TOKENS} tokens per step\n")
     warm_up(model_dir, hf_model, pad_id, args.skip_hf_batch)
 
     results = []
@@ -236,7 +243,8 @@ def main() -> None:
                    preemptions=stats["num_preemptions"],
                    peak_kv_tokens=stats["peak_allocated_blocks"] * BLOCK)
         print(f"  pagedserve     {seconds:8.1f} s {useful / seconds:8.1f} tok/s  "
-              f"KV slot utilization {row['slot_utilization']:.1%}, {row['preemptions']} preemptions",
+              f"KV slot utilization {row['slot_utilization']:.1%}, "
+              f"{row['preemptions']} preemptions",
               flush=True)
 
         seconds, theirs = run_hf_static(hf_model, requests, batch_size, pad_id)
@@ -244,7 +252,8 @@ def main() -> None:
                    match_static=matches(ours, theirs, requests),
                    speedup_static=row["paged_tok_s"] / (useful / seconds))
         print(f"  HF static      {seconds:8.1f} s {useful / seconds:8.1f} tok/s  "
-              f"greedy tokens equal pagedserve's: {row['match_static']}/{len(requests)}", flush=True)
+              f"greedy tokens equal pagedserve's: {row['match_static']}/{len(requests)}",
+              flush=True)
 
         if not args.skip_hf_batch:
             seconds, theirs, info = run_hf_batch(hf_model, requests, args.kv_tokens, pad_id)
@@ -263,7 +272,8 @@ def main() -> None:
           f"Model: Llama-shaped random weights, {n_params / 1e6:.1f}M parameters, float32. "
           f"Prompt lengths / {args.scale:g}, requests x {args.requests_scale:g}, outputs "
           f"{args.output_min}-{args.output_max} tokens (greedy, EOS ignored). KV budget "
-          f"{args.kv_tokens} tokens for every system. Throughput = useful output tokens / wall time.\n")
+          f"{args.kv_tokens} tokens for every system. "
+          "Throughput = useful output tokens / wall time.\n")
     print("| scenario | requests | prompt tok | output tok | static batch | pagedserve tok/s (s) "
           "| HF static tok/s (s) | HF generate_batch tok/s (s) | vs static | vs generate_batch "
           "| KV slot util. | preemptions | tokens = HF static, = generate_batch |")

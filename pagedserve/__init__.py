@@ -6,17 +6,22 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from pagedserve.engine.async_engine import AsyncEngineArgs, AsyncLLMEngine
     from pagedserve.llm import LLM
     from pagedserve.outputs import CompletionOutput, RequestOutput
-    from pagedserve.sampling_params import SamplingParams
+    from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "AsyncLLMEngine",
+           "AsyncEngineArgs", "RequestOutputKind"]
 __version__ = "0.1.0"
 
 # Imported on first use, so `pagedserve plan` and `pagedserve.config` stay light
 # (no torch, no transformers).
 _HOMES = {"LLM": "pagedserve.llm", "SamplingParams": "pagedserve.sampling_params",
-          "RequestOutput": "pagedserve.outputs", "CompletionOutput": "pagedserve.outputs"}
+          "RequestOutputKind": "pagedserve.sampling_params",
+          "RequestOutput": "pagedserve.outputs", "CompletionOutput": "pagedserve.outputs",
+          "AsyncLLMEngine": "pagedserve.engine.async_engine",
+          "AsyncEngineArgs": "pagedserve.engine.async_engine"}
 
 
 def __getattr__(name: str):

@@ -228,7 +228,8 @@ class AutoscalingConfig(_Strict):
         initial = self.initial_replicas
         if initial is not None and not self.min_replicas <= initial <= self.max_replicas:
             raise ValueError(f"initial_replicas={initial} is outside "
-                             f"[min_replicas={self.min_replicas}, max_replicas={self.max_replicas}]")
+                             f"[min_replicas={self.min_replicas}, "
+                             f"max_replicas={self.max_replicas}]")
         return self
 
 
@@ -238,6 +239,26 @@ class Config(_Strict):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+
+
+# The sections whose fields LLM(...) and AsyncEngineArgs(...) take by name (no name is in
+# two of them).
+_SECTIONS = {"model": ModelConfig, "engine": EngineConfig, "parallel": ParallelConfig}
+
+
+def config_from_fields(model: str | None, fields: dict[str, Any], source: str) -> Config:
+    """A Config from keyword fields, each sent to the section that has it."""
+    sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    if model is not None:
+        sections["model"]["path"] = model
+    for key, value in fields.items():
+        owner = next((name for name, cls in _SECTIONS.items() if key in cls.model_fields), None)
+        if owner is None:
+            raise TypeError(f"{source}: unexpected keyword argument {key!r} (the fields of "
+                            f"the model, engine and parallel config sections are accepted)")
+        sections[owner][key] = value
+    return parse(sections, source=source)
+
 
 
 def _key_path(loc: tuple[int | str, ...], data: Any) -> list[str]:

@@ -41,7 +41,8 @@ def main() -> None:
         completion = output.outputs[0]
         prompt = output.prompt or llm.get_tokenizer().decode(output.prompt_token_ids)
         print(f"\nprompt: {prompt!r}\n  -> {completion.text!r}"
-              f"\n     {len(completion.token_ids)} tokens, finish_reason={completion.finish_reason}")
+              f"\n     {len(completion.token_ids)} tokens, "
+              f"finish_reason={completion.finish_reason}")
     print("\nKV pool after:", json.dumps(llm.get_memory_stats(), indent=2))
 
 

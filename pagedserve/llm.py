@@ -9,28 +9,10 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from pagedserve import config as config_module
-from pagedserve.config import Config, EngineConfig, ModelConfig, ParallelConfig
+from pagedserve.config import Config, config_from_fields
+from pagedserve.engine.core import EngineCore, PromptInput
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
-from pagedserve.scheduler.engine_core import EngineCore
-
-PromptInput = str | dict[str, Any]
-# The config sections whose fields LLM(...) takes by name (no name is in two of them).
-_SECTIONS = {"model": ModelConfig, "engine": EngineConfig, "parallel": ParallelConfig}
-
-
-def config_from_fields(model: str | None, fields: dict[str, Any], source: str) -> Config:
-    """A Config from keyword fields, each sent to the section that has it."""
-    sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
-    if model is not None:
-        sections["model"]["path"] = model
-    for key, value in fields.items():
-        owner = next((name for name, cls in _SECTIONS.items() if key in cls.model_fields), None)
-        if owner is None:
-            raise TypeError(f"LLM got an unexpected keyword argument {key!r} (the fields of "
-                            f"the model, engine and parallel config sections are accepted)")
-        sections[owner][key] = value
-    return config_module.parse(sections, source=source)
 
 
 class LLM:
@@ -80,7 +62,8 @@ class LLM:
         if len(sampling_params) != len(prompts):
             raise ValueError(f"sampling_params has {len(sampling_params)} entries for "
                              f"{len(prompts)} prompts")
-        requests = [(self._token_ids(p), p if isinstance(p, str) else None) for p in prompts]
+        requests = [(self.engine.prompt_token_ids(p), p if isinstance(p, str) else None)
+                    for p in prompts]
         order = []
         try:
             for (token_ids, text), params in zip(requests, sampling_params):
@@ -98,7 +81,8 @@ class LLM:
         """Generate replies to conversations, rendered with the model's chat template."""
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
-            raise ValueError("chat needs a tokenizer; this LLM was built with skip_tokenizer_init=True")
+            raise ValueError("chat needs a tokenizer; this LLM was built with "
+                             "skip_tokenizer_init=True")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = []
         for conversation in conversations:
@@ -108,20 +92,6 @@ class LLM:
                                                 tokenize=True, return_dict=False)
             prompts.append({"prompt_token_ids": list(ids)})
         return self.generate(prompts, sampling_params, use_tqdm)
-
-    def _token_ids(self, prompt: PromptInput) -> list[int]:
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" not in prompt:
-                raise ValueError("a dict prompt needs the key 'prompt_token_ids'")
-            return list(prompt["prompt_token_ids"])
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a str or a dict with 'prompt_token_ids', "
-                             f"got {type(prompt).__name__}")
-        tokenizer = self.engine.tokenizer
-        if tokenizer is None:
-            raise ValueError("string prompts need a tokenizer; this LLM was built with "
-                             "skip_tokenizer_init=True (pass {'prompt_token_ids': [...]})")
-        return tokenizer(prompt).input_ids
 
     def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}

@@ -145,7 +145,8 @@ def plan(config: Config, gpu_memory_gb: float | None = None,
 
     params = _params_per_rank(shape, tp)
     weight_bytes = params * dtype_bytes
-    kv_bytes_per_token = 2 * shape.num_layers * (shape.num_kv_heads // tp) * shape.head_dim * dtype_bytes
+    kv_bytes_per_token = (2 * shape.num_layers * (shape.num_kv_heads // tp) * shape.head_dim
+                          * dtype_bytes)
     block_bytes = engine.block_size * kv_bytes_per_token
 
     if device == "cpu":
@@ -204,7 +205,8 @@ def load_model_shape(model: ModelConfig) -> ModelShape:
     for name, hf in presets.items():
         if model.path in hf[PRESET_HUB_IDS_KEY]:
             return ModelShape.from_hf_config(hf, f"{model.path} (preset {name})")
-    known = "; ".join(f"{name}: {', '.join(hf[PRESET_HUB_IDS_KEY])}" for name, hf in presets.items())
+    known = "; ".join(f"{name}: {', '.join(hf[PRESET_HUB_IDS_KEY])}"
+                      for name, hf in presets.items())
     raise ValueError(f"model.path={model.path!r} is neither a local model directory nor a hub id "
                      f"with a bundled preset ({known}); point model.path at a directory holding "
                      "the model's config.json")
@@ -221,7 +223,7 @@ def load_presets() -> dict[str, dict[str, Any]]:
 def _random_model_config(spec: RandomModelSpec) -> dict[str, Any]:
     """The config `cached_random_model` would write, without training a tokenizer or weights."""
     # Imported here: the module builds models, so it pulls in torch and tokenizers.
-    from pagedserve.testing.random_model import ARCHS, DEFAULT_VOCAB_SIZE, config_kwargs
+    from pagedserve.engine.random_model import ARCHS, DEFAULT_VOCAB_SIZE, config_kwargs
 
     overrides = dict(spec.config_overrides)
     # vocab_size is build_random_model's own argument; without it the vocabulary is
@@ -251,7 +253,8 @@ def _max_model_len(model: ModelConfig, shape: ModelShape) -> int:
         return shape.context_limit
     if model.max_model_len > shape.context_limit:
         raise ValueError(f"model.max_model_len={model.max_model_len} exceeds the model's limit of "
-                         f"{shape.context_limit} tokens (max_position_embeddings or sliding_window)")
+                         f"{shape.context_limit} tokens "
+                         "(max_position_embeddings or sliding_window)")
     return model.max_model_len
 
 
@@ -304,12 +307,14 @@ def _num_blocks(config: Config, budget: int, block_bytes: int, device: str,
                                    else "engine.kv_cache_memory_gb")
     elif device == "cuda" and engine.num_gpu_blocks > fit:
         raise ValueError(f"engine.num_gpu_blocks={engine.num_gpu_blocks} exceeds the {fit} blocks "
-                         f"of {block_bytes} bytes that the KV budget of {_gib(budget)} per GPU holds")
+                         f"of {block_bytes} bytes that the KV budget of {_gib(budget)} "
+                         "per GPU holds")
     else:
         num_blocks, source = engine.num_gpu_blocks, "engine.num_gpu_blocks"
     per_seq = math.ceil(max_model_len / engine.block_size)
     if num_blocks < per_seq:
-        raise ValueError(f"the KV pool has {num_blocks} blocks of {engine.block_size} tokens, fewer "
+        raise ValueError(f"the KV pool has {num_blocks} blocks of "
+                         f"{engine.block_size} tokens, fewer "
                          f"than the {per_seq} one sequence of model.max_model_len={max_model_len} "
                          f"needs: raise {source} or lower model.max_model_len")
     return num_blocks
@@ -337,7 +342,8 @@ def format_plan(plan: Plan) -> str:
     ranks = f"{tp} {unit}{'s' if tp > 1 else ''}"
     rows = [
         ("model", m.source),
-        ("", f"{m.model_type}, {_count(plan.model_params)} parameters, {m.num_layers} layers, hidden "
+        ("", f"{m.model_type}, {_count(plan.model_params)} parameters, "
+             f"{m.num_layers} layers, hidden "
              f"{m.hidden_size}, {m.num_heads} heads / {m.num_kv_heads} KV heads x {m.head_dim}, "
              f"vocab {m.vocab_size}, {plan.dtype}"),
         ("replica", f"{ranks} (tensor_parallel_size={tp}), max_model_len {plan.max_model_len}, "

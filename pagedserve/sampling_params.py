@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
+from pagedserve.errors import RequestError
+
 MAX_LOGPROBS = 20
+
+
+class RequestOutputKind(enum.Enum):
+    """What each output of a streamed request holds (vLLM's names)."""
+
+    CUMULATIVE = 0  # everything so far
+    DELTA = 1  # only what is new since the last output
+    FINAL_ONLY = 2  # nothing until the request finishes, then everything
 
 
 @dataclass(frozen=True)
@@ -42,6 +53,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # Keep the stop string that ended the text (vLLM's name); off: it is cut off.
     include_stop_str_in_output: bool = False
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         # Accept lists and a single string, as OpenAI clients send them.
@@ -82,6 +94,12 @@ class SamplingParams:
                    self.prompt_logprobs, f"must be in [0, {MAX_LOGPROBS}]")
         if self.seed is not None:
             _check(0 <= self.seed < 2**63, "seed", self.seed, "must be in [0, 2**63)")
+        _check(isinstance(self.output_kind, RequestOutputKind), "output_kind", self.output_kind,
+               "must be a RequestOutputKind")
+        # best_of candidates are re-ranked every step: their news has no stable order.
+        _check(not (self.output_kind is RequestOutputKind.DELTA and self.best_of > self.n
+                    and not self.use_beam_search), "output_kind", self.output_kind,
+               f"DELTA needs best_of equal to n={self.n}")
 
     def _validate_beam_search(self) -> None:
         """Beam search ranks by the model's own log-probabilities: nothing may reshape them."""
@@ -94,7 +112,8 @@ class SamplingParams:
                "penalties are not supported with use_beam_search=True")
         _check(not self.stop, "stop", self.stop,
                "stop strings are not supported with use_beam_search=True (use stop_token_ids)")
-        _check(self.seed is None, "seed", self.seed, "beam search is deterministic; leave seed unset")
+        _check(self.seed is None, "seed", self.seed,
+               "beam search is deterministic; leave seed unset")
 
     @property
     def greedy(self) -> bool:
@@ -108,4 +127,4 @@ class SamplingParams:
 
 def _check(ok: bool, name: str, value: object, rule: str) -> None:
     if not ok:
-        raise ValueError(f"SamplingParams.{name}={value!r}: {rule}")
+        raise RequestError(name, f"SamplingParams.{name}={value!r}: {rule}")

@@ -7,8 +7,11 @@ import torch
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.scheduler.step import StepInput
-from pagedserve.worker.layers.attention import (TorchAttentionBackend, TritonAttentionBackend,
-                                                select_attention_backend)
+from pagedserve.worker.layers.attention import (
+    TorchAttentionBackend,
+    TritonAttentionBackend,
+    select_attention_backend,
+)
 
 # A one-token prompt admitted behind a long prompt's chunks: a q_len-1 sequence after a prefill.
 PROMPTS = [{"prompt_token_ids": list(range(7, 7 + n))} for n in (45, 1, 19, 80, 6)]

@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 from ray.serve.config import AutoscalingContext
 
-from pagedserve.cluster.autoscaling import (BLOCKS_DEMANDED, KV_UTILIZATION, NUM_WAITING,
-                                            TOTAL_BLOCKS, KVCapacityPolicy, KVUtilizationPolicy)
+from pagedserve.cluster.autoscaling import (
+    BLOCKS_DEMANDED,
+    KV_UTILIZATION,
+    NUM_WAITING,
+    TOTAL_BLOCKS,
+    KVCapacityPolicy,
+    KVUtilizationPolicy,
+)
 
 
 def context(replicas: int, stats: list[dict[str, float]], *, now: float = 100.0,

@@ -17,7 +17,8 @@ def _check_consistent(bm: BlockManager) -> None:
     for seq_id, table in bm._tables.items():
         for block_id in table:
             assert 0 <= block_id < bm.num_blocks
-            assert block_id not in owners, f"block {block_id} in seqs {owners[block_id]} and {seq_id}"
+            assert block_id not in owners, (f"block {block_id} in seqs {owners[block_id]} "
+                                            f"and {seq_id}")
             owners[block_id] = seq_id
             assert bm.ref_count(block_id) == 1
         assert len(table) == cdiv(bm.num_slots(seq_id), bm.block_size)
@@ -63,7 +64,8 @@ def test_allocate_takes_ceil_blocks():
     _check_consistent(bm)
 
 
-@pytest.mark.parametrize("num_tokens, blocks", [(1, 1), (15, 1), (16, 1), (17, 2), (32, 2), (33, 3)])
+@pytest.mark.parametrize("num_tokens, blocks",
+                         [(1, 1), (15, 1), (16, 1), (17, 2), (32, 2), (33, 3)])
 def test_allocate_block_boundaries(num_tokens, blocks):
     bm = BlockManager(4, 16)
     assert len(bm.allocate(7, num_tokens)) == blocks

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -14,10 +13,9 @@ from hypothesis.stateful import (
     invariant,
     rule,
 )
-
-from pagedserve.scheduler.block_manager import BlockManager, cdiv
 from test_block_manager import _check_consistent
 
+from pagedserve.scheduler.block_manager import BlockManager, cdiv
 
 # -- property test over random operation sequences -------------------------------------
 

@@ -1,4 +1,6 @@
-"""BlockManager sharing property test: prefix hits, fork, copy-on-write and swap keep every invariant."""
+"""BlockManager sharing property test: prefix hits, fork, copy-on-write and swap keep
+every invariant.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +18,6 @@ from hypothesis.stateful import (
 )
 
 from pagedserve.scheduler.block_manager import BlockManager, block_key, cdiv
-
 
 # -- sharing: prefix caching, fork, copy-on-write and swapping ----------------------------
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-
-from pagedserve.scheduler.block_manager import BlockManager
 from block_manager_helpers import cached, chain_keys, cpu_ref, cpu_table, free_ids, num_free_cpu
 
+from pagedserve.scheduler.block_manager import BlockManager
 
 # -- swapping ----------------------------------------------------------------------------------
 

@@ -95,7 +95,7 @@ def test_chaos_leaks_nothing_and_finished_requests_match_running_alone(seed):
     server = LLMServer(config)
     try:
         results, stats = asyncio.run(_run(server, requests))
-        engine = server.engine
+        engine = server.engine.core  # the EngineCore under the async engine
         assert not engine.has_unfinished_requests()
         bm = engine.block_manager
         # Every block is free (cached prefixes count as free: evictable); the swap pool is empty.

@@ -95,7 +95,8 @@ def test_padded_static_decode_equals_eager(model_dirs):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or interpreting(),
-                    reason="capture and replay need a GPU and compiled kernels (TRITON_INTERPRET=0)")
+                    reason="capture and replay need a GPU and compiled kernels "
+                           "(TRITON_INTERPRET=0)")
 def test_captured_graphs_replay_the_eager_tokens(model_dirs):
     engine = dict(device="cuda", dtype="float32", block_size=8, max_model_len=64,
                   num_gpu_blocks=48, max_num_seqs=6, enable_prefix_caching=False)

@@ -152,7 +152,8 @@ def test_tp2_halves_the_kv_heads_and_the_sharded_weights():
     assert two.kv_bytes_per_token * 2 == one.kv_bytes_per_token
     assert two.num_blocks == 2 * one.num_blocks  # the same budget per rank, half the heads
     replicated = 4 * 2 * 256 + 256  # RMSNorm weights: 4 layers x 2, and the final one
-    assert two.params_per_rank * 2 - replicated == one.params_per_rank  # 512 vocab rows split evenly
+    # 512 vocab rows split evenly
+    assert two.params_per_rank * 2 - replicated == one.params_per_rank
 
 
 def test_unknown_hub_id_names_the_field_and_the_presets():

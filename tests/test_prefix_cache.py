@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-
-from pagedserve.scheduler.block_manager import BlockManager, block_key
 from block_manager_helpers import cached, chain_keys, free_ids
 
+from pagedserve.scheduler.block_manager import BlockManager, block_key
 
 # -- prefix cache: hits ---------------------------------------------------------------
 

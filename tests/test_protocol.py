@@ -45,7 +45,7 @@ def test_completion_defaults():
     assert not request.echo and not request.stream and request.stream_options is None
     assert (request.top_k, request.min_p, request.repetition_penalty) == (-1, 0.0, 1.0)
     assert request.skip_special_tokens and not request.use_beam_search
-    params = request.sampling_params(max_tokens_limit=100)
+    params = request.sampling_params(room=100)
     assert (params.max_tokens, params.top_k, params.n, params.best_of) == (16, 0, 1, 1)
     assert params.logprobs is None and params.stop == () and params.temperature == 1.0
 
@@ -55,7 +55,7 @@ def test_chat_defaults():
     assert request.max_tokens is None and request.max_completion_tokens is None
     assert not request.logprobs and request.top_logprobs is None
     assert request.num_top_logprobs is None
-    params = request.sampling_params(max_tokens_limit=77)
+    params = request.sampling_params(room=77)
     assert params.max_tokens == 77 and params.logprobs is None and params.top_k == 0
 
 
@@ -165,21 +165,24 @@ def test_top_k_disabled_values_become_zero(top_k, expected):
 
 
 def test_max_tokens_against_the_context_limit():
-    assert completion(max_tokens=None).sampling_params(max_tokens_limit=40).max_tokens == 40
-    assert completion(max_tokens=40).sampling_params(max_tokens_limit=40).max_tokens == 40
-    with pytest.raises(OpenAIError) as info:
-        completion(max_tokens=41).sampling_params(max_tokens_limit=40)
-    assert info.value.param == "max_tokens" and "41" in info.value.message
-    assert "40" in info.value.message
-    with pytest.raises(OpenAIError) as info:
-        chat(max_completion_tokens=9).sampling_params(max_tokens_limit=8)
-    assert info.value.param == "max_completion_tokens"
-    with pytest.raises(OpenAIError) as info:
-        chat().sampling_params(max_tokens_limit=0)
-    assert info.value.param == "messages"  # a chat request has no `prompt`
-    with pytest.raises(OpenAIError) as info:
-        completion().sampling_params(max_tokens_limit=0)
-    assert info.value.param == "prompt"
+    """The rule lives in engine.core.context_room; the request names its own fields."""
+    from pagedserve.engine.core import context_room
+    from pagedserve.errors import RequestError
+
+    assert completion(max_tokens=None).sampling_params(room=40).max_tokens == 40
+    assert completion(max_tokens=40).sampling_params(room=40).max_tokens == 40
+    assert context_room(24, 64, 40, min_room=1) == 40
+    with pytest.raises(RequestError) as info:
+        context_room(24, 64, 41, min_room=1)
+    assert info.value.param == "max_tokens" and "65 tokens" in info.value.message
+    assert completion(max_tokens=41).param_names()[info.value.param] == "max_tokens"
+    assert chat(max_completion_tokens=9).param_names()["max_tokens"] == "max_completion_tokens"
+    with pytest.raises(RequestError) as info:
+        context_room(64, 64, None, min_room=1)  # no room left for a new token
+    assert info.value.param == "prompt_token_ids"
+    assert chat().param_names()[info.value.param] == "messages"  # a chat request has no prompt
+    assert completion().param_names()[info.value.param] == "prompt"
+    assert context_room(64, 64) == 0  # offline, a prompt that fills the context is served
 
 
 def test_sampling_fields_are_carried_over():

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-import pagedserve.testing.random_model as rm
+import pagedserve.engine.random_model as rm
 from pagedserve.testing import build_random_model, cached_random_model
 
 ARCH_CASES = {
@@ -103,7 +103,8 @@ def test_chat_template(built):
         "<|start_header|>user<|end_header|>\n\nhi<|eot|>"
         "<|start_header|>assistant<|end_header|>\n\n"
     )
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True,
+                                  return_dict=True)["input_ids"]
     assert ids.count(tok.bos_token_id) == 1 and ids.count(5) == 2  # 5 = <|eot|>
 
 
@@ -114,7 +115,8 @@ def test_deterministic_weights(tmp_path):
     assert a.keys() == b.keys() == c.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)
-    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "c" / "tokenizer.json").read_bytes()
+    assert ((tmp_path / "a" / "tokenizer.json").read_bytes()
+            == (tmp_path / "c" / "tokenizer.json").read_bytes())
 
 
 def test_rope_parameters_pass_through(tmp_path):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from paged_batch import make_paged_batch
 
 from pagedserve.kernels.reference import paged_attention
-from paged_batch import make_paged_batch
 
 # (context length, query length): decode tokens of scattered lengths, whole
 # prompts, and prompt chunks over a cached prefix.

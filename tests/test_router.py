@@ -6,8 +6,12 @@ import asyncio
 import random
 from dataclasses import dataclass, field
 
-from pagedserve.cluster.routing import (FINGERPRINTS, PrefixAwareRouter, fingerprint,
-                                        prompt_fingerprints)
+from pagedserve.cluster.routing import (
+    FINGERPRINTS,
+    PrefixAwareRouter,
+    fingerprint,
+    prompt_fingerprints,
+)
 from pagedserve.scheduler.block_manager import BlockManager
 
 BS = 16

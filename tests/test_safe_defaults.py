@@ -12,8 +12,8 @@ import pytest
 
 from pagedserve import LLM
 from pagedserve.config import load, parse
+from pagedserve.engine.resolve import load_hf_config
 from pagedserve.testing import build_random_model
-from pagedserve.worker.model_info import load_hf_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 API_KEY = "safe-key"

@@ -312,12 +312,14 @@ def test_logprobs_when_sampled_token_is_outside_top_k():
     lp = torch.log_softmax(raw, dim=-1)[0]
     assert s.token_id == 3
     assert list(s.top_logprobs) == [3, 0, 1]
-    assert list(s.top_logprobs.values()) == pytest.approx([lp[3].item(), lp[0].item(), lp[1].item()])
+    assert list(s.top_logprobs.values()) == pytest.approx([lp[3].item(), lp[0].item(),
+                                                           lp[1].item()])
 
 
 def test_logprobs_zero_returns_only_the_sampled_token():
     logits = _logits(2, 10, seed=15)
-    params = [SamplingParams(temperature=0.0, logprobs=0), SamplingParams(temperature=0.0, logprobs=3)]
+    params = [SamplingParams(temperature=0.0, logprobs=0),
+              SamplingParams(temperature=0.0, logprobs=3)]
     samples = sample(logits, [_seq(p, i) for i, p in enumerate(params)], _gen())
     assert samples[0].top_logprobs == {samples[0].token_id: pytest.approx(samples[0].logprob)}
     assert len(samples[1].top_logprobs) == 3

@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
+from test_sampler import _gen, _logits, _seq
 
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.scheduler.step import ScheduledSequence
 from pagedserve.worker import sampler
 from pagedserve.worker.sampler import sample
-from test_sampler import _gen, _logits, _seq
 
 
 def _splitmix64_reference(x: int) -> int:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from scheduler_harness import Harness, _ids, _seq
 
 from pagedserve.scheduler.block_manager import cdiv
 from pagedserve.scheduler.sequence import FinishReason, SequenceStatus
-from scheduler_harness import Harness, _ids, _seq
-
 
 # -- admission --------------------------------------------------------------------
 

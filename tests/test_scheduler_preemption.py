@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pagedserve.scheduler.sequence import FinishReason, SequenceStatus
 from scheduler_harness import Harness, _ids, _seq
 
+from pagedserve.scheduler.sequence import FinishReason, SequenceStatus
 
 # -- preemption -----------------------------------------------------------------------
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import random
 
 import pytest
-
-from pagedserve.scheduler.block_manager import cdiv
-from pagedserve.scheduler.step import StepInput
-from pagedserve.scheduler.sequence import FinishReason, SequenceStatus
 from scheduler_harness import VOCAB, Harness, _ids
 
+from pagedserve.scheduler.block_manager import cdiv
+from pagedserve.scheduler.sequence import FinishReason, SequenceStatus
+from pagedserve.scheduler.step import StepInput
 
 # -- randomized driver --------------------------------------------------------------------
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from pagedserve.scheduler.sequence import FinishReason
-from pagedserve.scheduler.step import Sample, StepOutput
 from scheduler_harness import Harness, _ids, _seq
 
+from pagedserve.scheduler.sequence import FinishReason
+from pagedserve.scheduler.step import Sample, StepOutput
 
 # -- stop conditions -------------------------------------------------------------------
 

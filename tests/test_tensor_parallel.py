@@ -18,7 +18,7 @@ from pagedserve import LLM, SamplingParams
 from pagedserve.config import parse
 from pagedserve.scheduler.step import ScheduledSequence, StepInput
 from pagedserve.testing import build_random_model
-from pagedserve.worker.executor import WorkerFailedError
+from pagedserve.worker.errors import WorkerFailedError
 
 BLOCK_SIZE = 8
 MAX_TOKENS = 12
@@ -78,7 +78,8 @@ def hf_greedy(tp_model):
 def _tp_llm(model_dir, tp_size: int, **parallel) -> LLM:
     """TP over Ray actors of a quarter CPU each, so four fit the test cluster's two."""
     config = parse({
-        "model": {"path": str(model_dir), "dtype": "float32", "max_model_len": ENGINE["max_model_len"]},
+        "model": {"path": str(model_dir), "dtype": "float32",
+                  "max_model_len": ENGINE["max_model_len"]},
         "engine": {k: v for k, v in ENGINE.items() if k not in ("max_model_len", "dtype")},
         "parallel": {"tensor_parallel_size": tp_size, "distributed_executor_backend": "ray",
                      "worker_cpus": 0.25, **parallel},
@@ -238,7 +239,8 @@ def test_shipped_tp2_config_matches_tiny_cpu(ray_cluster):
     try:
         got = [o.outputs[0].token_ids for o in tp2.generate(prompts, params, use_tqdm=False)]
         # Same pool size per rank as tiny-cpu's single worker holds: twice the blocks.
-        assert tp2.get_memory_stats()["total_blocks"] == 2 * single.get_memory_stats()["total_blocks"]
+        assert (tp2.get_memory_stats()["total_blocks"]
+                == 2 * single.get_memory_stats()["total_blocks"])
     finally:
         tp2.shutdown()
     assert got == expected

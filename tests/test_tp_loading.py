@@ -162,7 +162,8 @@ def test_dummy_weights_are_created_in_the_target_dtype(checkpoint, monkeypatch):
     model_dir, _ = checkpoint
     created = []
     empty = torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: created.append(empty(*a, **k)) or created[-1])
+    monkeypatch.setattr(torch, "empty",
+                        lambda *a, **k: created.append(empty(*a, **k)) or created[-1])
     config = AutoConfig.from_pretrained(model_dir)
     model = build_model(config, model_dir, max_position=64, dtype=torch.bfloat16,
                         device=torch.device("cpu"), load_format="dummy")

@@ -19,14 +19,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from paged_batch import make_paged_batch
 
 from pagedserve.kernels.checks import interpreting
-from pagedserve.kernels.decode_attention import (MAX_SPLITS, choose_num_splits,
-                                                 default_num_splits, paged_decode_attention)
+from pagedserve.kernels.decode_attention import (
+    MAX_SPLITS,
+    choose_num_splits,
+    default_num_splits,
+    paged_decode_attention,
+)
 from pagedserve.kernels.prefill_attention import paged_prefill_attention
-from pagedserve.worker.layers.attention import (AttentionMetadata, TorchAttentionBackend,
-                                                TritonAttentionBackend)
-from paged_batch import make_paged_batch
+from pagedserve.worker.layers.attention import (
+    AttentionMetadata,
+    TorchAttentionBackend,
+    TritonAttentionBackend,
+)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not interpreting() else "cpu")
 # Against float64 attention over the same stored values. bfloat16 keeps 8 significant

@@ -6,13 +6,13 @@ import re
 
 import pytest
 import torch
+from paged_batch import make_paged_batch
 
 from pagedserve.kernels import cache_ops, reference
 from pagedserve.kernels.checks import interpreting
 from pagedserve.kernels.decode_attention import paged_decode_attention
 from pagedserve.kernels.prefill_attention import paged_prefill_attention
 from pagedserve.kernels.swap import swap_blocks
-from paged_batch import make_paged_batch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not interpreting() else "cpu")
 
@@ -55,7 +55,9 @@ def test_write_kv_cache_matches_reference():
 
 
 def test_negative_slots_are_padding_rows_that_write_nothing():
-    """A CUDA graph pads its batch with rows whose slot is -1: Triton and the reference skip them."""
+    """A CUDA graph pads its batch with rows whose slot is -1: Triton and the reference
+    skip them.
+    """
     gen = torch.Generator().manual_seed(1)
     key, value = torch.randn(2, 6, 2, 64, generator=gen).to(DEVICE)
     slots = torch.tensor([5, -1, 17, -1, -1, 2], device=DEVICE)
@@ -140,7 +142,8 @@ def _decode_args(**changes):
     (dict(query=lambda q: q[:, :3]), "num_heads=3 is not a multiple of num_kv_heads=2"),
     (dict(block_tables=lambda t: t.long()), "block_tables has dtype int64"),
     (dict(seq_lens=lambda s: s[:1]), "block_tables has 2 rows for 1 seq_lens"),
-    (dict(key_cache=lambda k: k[:, :6]), "key_cache (10, 6, 2, 64) and value_cache (10, 8, 2, 64) differ in shape"),
+    (dict(key_cache=lambda k: k[:, :6]),
+     "key_cache (10, 6, 2, 64) and value_cache (10, 8, 2, 64) differ in shape"),
     (dict(max_seq_len=100), "fewer than max_seq_len=100"),
     (dict(num_splits=0), "num_splits=0 must be between 1 and 32"),
     (dict(out=torch.empty(2, 4, 32)), "out has shape (2, 4, 32)"),

@@ -30,7 +30,6 @@ from pagedserve.cluster.routing import PrefixAwareRouter
 from pagedserve.cluster.server import LLMServer
 from pagedserve.config import DEFAULT_CONFIG, Config, load
 
-
 ROUTER_PATH = f"{PrefixAwareRouter.__module__}:{PrefixAwareRouter.__name__}"
 POLICY_PATHS = {name: f"{policy.__module__}:{policy.__name__}"
                 for name, policy in autoscaling.POLICIES.items()}

@@ -152,4 +152,4 @@ class GenerationService:
         ids = self._prompt_ids(req.prompts()[0], req)  # the oneof holds one prompt
         params = req.sampling_params(self._room(ids, req))
         request_id = f"gen-{uuid.uuid4().hex}"
-        return request_id, params.stop, await self._start(request_id, ids, params)
+        return request_id, params.stop, await self._start(request_id, ids, params, req)

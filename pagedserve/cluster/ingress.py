@@ -46,6 +46,8 @@ from pagedserve.cluster.streams import (
     stream_usage,
 )
 from pagedserve.config import Config, served_model_name
+from pagedserve.engine.core import context_room
+from pagedserve.errors import RequestError
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
@@ -70,7 +72,8 @@ async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
     return JSONResponse(body, status_code=error.status_code)
 
 
-@serve.ingress(app)  # here, not in app.py: each replica imports this module and needs the routes bound
+# Here, not in app.py: each replica imports this module and needs the routes bound.
+@serve.ingress(app)
 class OpenAIIngress(GenerationService):
     """The routes of `app`, one instance per ingress replica (a deployment in cluster/app.py)."""
 
@@ -129,7 +132,7 @@ class OpenAIIngress(GenerationService):
             prompt_logprobs=req.prompt_logprobs, skip_special_tokens=req.skip_special_tokens,
             prompt_skip_special_tokens=isinstance(req.prompts()[0], str),
             tokens_as_ids=req.return_tokens_as_token_ids)
-        streams = [await self._start(self._engine_id(request_id, i), ids, p, req.prompt_param)
+        streams = [await self._start(self._engine_id(request_id, i), ids, p, req)
                    for i, (ids, p) in enumerate(zip(prompts, params))]
         if req.stream:
             return sse(self._stream_completion(request_id, req, streams, params[0].stop, texts,
@@ -154,7 +157,7 @@ class OpenAIIngress(GenerationService):
         ids = self._truncate(ids, req)
         params = req.sampling_params(self._room(ids, req))
         request_id = f"chatcmpl-{req.request_id or uuid.uuid4().hex}"
-        stream = await self._start(self._engine_id(request_id, 0), ids, params, req.prompt_param)
+        stream = await self._start(self._engine_id(request_id, 0), ids, params, req)
         if req.stream:
             return sse(self._stream_chat(request_id, req, stream, params.stop),
                         self.config.serving.retry_after_s)
@@ -230,29 +233,27 @@ class OpenAIIngress(GenerationService):
         return f"{request_id}-{uuid.uuid4().hex[:8]}-{index}"
 
     def _room(self, prompt_ids: list[int], req) -> int:
-        """Tokens left for the completion; a request that cannot fit is refused (vLLM's rule)."""
-        limit, max_tokens = self._max_model_len, req.max_tokens_requested()
+        """Tokens left for the completion; a request that cannot fit is refused (vLLM's
+        server rule: the prompt leaves room for one, and max_tokens fits)."""
         if not prompt_ids:
             raise errors.bad_request(f"{req.prompt_param}: the prompt must have at least one "
                                      "token", req.prompt_param)
-        total = len(prompt_ids) + (max_tokens or 0)
-        if len(prompt_ids) >= limit or total > limit:
-            # The prompt alone may leave no room; else the requested completion is too long.
-            param = req.prompt_param if len(prompt_ids) >= limit else req.max_tokens_param()
-            raise errors.bad_request(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{total} tokens ({len(prompt_ids)} in the prompt, {max_tokens or 0} in the "
-                "completion). Please reduce the length of the prompt or max_tokens.", param)
-        return limit - len(prompt_ids)
+        try:
+            return context_room(len(prompt_ids), self._max_model_len, req.max_tokens_requested(),
+                                min_room=1)
+        except RequestError as error:
+            raise client_error(error, self.config.serving.retry_after_s,
+                               req.param_names()) from None
 
     async def _start(self, request_id: str, ids: list[int], params: SamplingParams,
-                     prompt_param: str = "prompt") -> Stream:
+                     req) -> Stream:
         """Submit a request and wait for its first output, so refusals become HTTP errors."""
         generator = self.server.options(stream=True).generate.remote(request_id, ids, params)
         try:
             first = await generator.__anext__()
         except Exception as error:  # noqa: BLE001 - mapped below
-            raise client_error(error, self.config.serving.retry_after_s, prompt_param) from None
+            raise client_error(error, self.config.serving.retry_after_s,
+                               req.param_names()) from None
         return Stream(first, generator)
 
     async def _stream_completion(self, request_id: str, req, streams: list[Stream],

@@ -5,17 +5,16 @@ Names follow vLLM's (`vllm:num_requests_running` ...) with `pagedserve_` for
 own `ray_` prefix, so Prometheus sees `ray_pagedserve_num_requests_running`.
 Every series is tagged with the served model's name and the replica.
 
-The step thread calls `record_step` after each step (gauges, and counters by
+The engine's step thread calls `record_step` after each step (gauges, and counters by
 their change since the last step); `LLMServer.generate` calls
 `record_request` once a request finishes (latency histograms, token counts).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from ray.util.metrics import Counter, Gauge, Histogram
 
+from pagedserve.engine.stats import EngineStats
 from pagedserve.outputs import RequestOutput
 
 PREFIX = "pagedserve_"
@@ -63,15 +62,22 @@ class EngineMetrics:
                            for name, text in HISTOGRAMS.items()}
         self._totals = dict.fromkeys(STEP_COUNTERS, 0)
 
-    def record_step(self, state: dict[str, Any]) -> None:
-        """`state`: the gauges' values and the step counters' running totals."""
+    def record_step(self, stats: EngineStats) -> None:
+        """After a step: the gauges' values, and the counters by their totals' change."""
+        values = {"kv_cache_usage_perc": stats.utilization,
+                  "num_requests_running": stats.num_running,
+                  "num_requests_waiting": stats.num_waiting,
+                  "num_requests_swapped": stats.num_swapped,
+                  "prefix_cache_queries_total": stats.prefix_cache_queries,
+                  "prefix_cache_hits_total": stats.prefix_cache_hits,
+                  "num_preemptions_total": stats.num_preemptions}
         for name, gauge in self.gauges.items():
-            gauge.set(state[name])
+            gauge.set(values[name])
         for name in STEP_COUNTERS:
-            change = state[name] - self._totals[name]
+            change = values[name] - self._totals[name]
             if change > 0:
                 self.counters[name].inc(change)
-            self._totals[name] = state[name]
+            self._totals[name] = values[name]
 
     def record_request(self, output: RequestOutput) -> None:
         """A finished request: its token counts and latencies."""

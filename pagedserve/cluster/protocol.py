@@ -9,7 +9,6 @@ sampling fields, with vLLM's names and meanings).
 
 from __future__ import annotations
 
-import re
 from abc import abstractmethod
 from typing import Annotated, Any, Literal
 
@@ -23,8 +22,9 @@ from pydantic import (
     model_validator,
 )
 
-from pagedserve.cluster.errors import OpenAIError, bad_request
+from pagedserve.cluster.errors import bad_request
 from pagedserve.cluster.parsing import DEFAULT_MAX_STOP_SEQUENCES, FieldError
+from pagedserve.errors import RequestError
 from pagedserve.sampling_params import MAX_LOGPROBS, SamplingParams
 
 MAX_N = 128  # OpenAI's limit on choices per prompt
@@ -135,22 +135,22 @@ class _SamplingRequest(_Strict):
         """The SamplingParams.prompt_logprobs this request asks for."""
         return None
 
-    def sampling_params(self, max_tokens_limit: int) -> SamplingParams:
-        """SamplingParams for one prompt; `max_tokens_limit` is what its context leaves.
+    def param_names(self) -> dict[str, str]:
+        """The engine's names of this request's parameters -> the fields the client sent."""
+        return {"prompt_token_ids": self.prompt_param, "prompt": self.prompt_param,
+                "max_tokens": self.max_tokens_param()}
+
+    def sampling_params(self, room: int) -> SamplingParams:
+        """SamplingParams for one prompt; `room` is what its context leaves (checked by
+        engine.core.context_room: the one home of that rule).
 
         An unset max_tokens means "up to the limit" (vLLM). Beam search defaults
         temperature to 0 unless the client set it, since it ranks raw log-probabilities.
         max_tokens 0 (echo only) generates one token that is not reported, as vLLM does.
         """
-        name, max_tokens = self.max_tokens_param(), self.max_tokens_requested()
-        if max_tokens_limit < 1:
-            raise bad_request(f"the prompt leaves no room in the model's context for new tokens "
-                              f"(max_tokens limit is {max_tokens_limit})", self.prompt_param)
-        if max_tokens is not None and max_tokens > max_tokens_limit:
-            raise bad_request(f"{name}={max_tokens} is more than the {max_tokens_limit} tokens "
-                              f"the prompt leaves in the model's context", name)
+        max_tokens = self.max_tokens_requested()
         if max_tokens is None:
-            max_tokens = max_tokens_limit
+            max_tokens = room
         beam_default = self.use_beam_search and "temperature" not in self.model_fields_set
         try:
             return SamplingParams(
@@ -164,15 +164,9 @@ class _SamplingRequest(_Strict):
                 prompt_logprobs=self._prompt_logprobs(),
                 length_penalty=self.length_penalty, skip_special_tokens=self.skip_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output)
-        except ValueError as exc:
-            raise _sampling_error(exc) from None
-
-
-def _sampling_error(exc: ValueError) -> OpenAIError:
-    """SamplingParams says 'SamplingParams.<field>=<value>: <rule>'; blame that field."""
-    message = str(exc).removeprefix("SamplingParams.")
-    match = re.match(r"(\w+)=", message)
-    return bad_request(message, match.group(1) if match else None)
+        except RequestError as exc:  # names the field; SamplingParams' names are the API's
+            message = exc.message.removeprefix("SamplingParams.")
+            raise bad_request(message, self.param_names().get(exc.param, exc.param)) from None
 
 
 class CompletionRequest(_SamplingRequest):

@@ -33,8 +33,14 @@ import random
 from collections import OrderedDict, defaultdict
 from typing import Any
 
-from ray.serve.request_router import (LocalityMixin, MultiplexMixin, PendingRequest, ReplicaID,
-                                      RequestRouter, RunningReplica)
+from ray.serve.request_router import (
+    LocalityMixin,
+    MultiplexMixin,
+    PendingRequest,
+    ReplicaID,
+    RequestRouter,
+    RunningReplica,
+)
 
 from pagedserve.scheduler.block_manager import block_key
 

@@ -1,19 +1,11 @@
-"""LLMServer: one model replica, the central scheduler of its engine.
+"""LLMServer: one model replica, a thin Ray Serve wrapper over AsyncLLMEngine.
 
-It owns an EngineCore (with LocalExecutor, or RayExecutor and its
-tensor-parallel worker actors) and drives it from one thread:
-
-    generate() ──("add", id, tokens, params)──> inbox ──> step thread: engine.step()
-       ^                                                        │
-       └──────── asyncio queue per request <── RequestOutput ───┘
-
-Only the step thread touches the engine, so requests, aborts and stats
-queries go through its inbox and are applied between steps. The thread
-sleeps while nothing is pending. `generate` is an async generator: a caller
-that stops iterating (a client gone, a cancelled handle call) aborts the
-request, which frees its blocks at the next step boundary. Outputs are
-cumulative, so a caller that lags gets the newest one only: fewer, larger
-updates instead of a growing backlog.
+The engine (engine/async_engine.py) owns the step thread, the request
+queues and aborting on a consumer that leaves. The server adds what a replica
+needs on top: the bound on waiting requests (503 + Retry-After beyond it),
+Ray metrics after each step, and the stats Serve's autoscaler and the
+prefix-aware router read. It reads the engine only through its API and its
+`EngineStats` snapshot.
 
 The class is plain Python; cluster/app.py turns it into a Ray Serve
 deployment, and tests can drive it directly.
@@ -22,25 +14,21 @@ deployment, and tests can drive it directly.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import logging
 import os
-import queue
 import resource
-import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
 from pagedserve.cluster import autoscaling, routing
 from pagedserve.cluster.metrics import EngineMetrics
 from pagedserve.config import Config, served_model_name
+from pagedserve.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from pagedserve.engine.stats import EngineStats
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
-from pagedserve.scheduler.block_manager import cdiv
-from pagedserve.scheduler.engine_core import EngineCore
-from pagedserve.worker.ray_executor import normal_priority
+from pagedserve.worker.ray_utils import normal_priority
 
-logger = logging.getLogger(__name__)
+__all__ = ["EngineDeadError", "EngineOverloadedError", "LLMServer"]
 # The newest cached blocks a replica reports to the prefix-aware router.
 MAX_FINGERPRINTS = 65536
 
@@ -56,24 +44,13 @@ class EngineOverloadedError(RuntimeError):
         return f"{self.waiting} requests are waiting, the limit is {self.limit}"
 
 
-class EngineDeadError(RuntimeError):
-    """The step loop stopped; this replica cannot serve."""
-
-
 class LLMServer:
     def __init__(self, config: Config) -> None:
         normal_priority("the LLMServer replica")
         self.config = config
-        self.engine = EngineCore.from_config(config)
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._wakeup = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._adding: set[str] = set()  # sent, not yet in the scheduler: they wait too
-        self._error: BaseException | None = None
         self.metrics = EngineMetrics(served_model_name(config), _replica_name())
-        self._state = self._read_state()  # the step thread replaces it after every step
-        self._thread = threading.Thread(target=self._run, name="pagedserve-step-loop", daemon=True)
-        self._thread.start()
+        self.engine = AsyncLLMEngine.from_config(config)
+        self.engine.on_step = self.metrics.record_step
 
     # -- the API the ingress calls --------------------------------------------
     def model_info(self) -> dict[str, Any]:
@@ -84,155 +61,51 @@ class LLMServer:
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Cumulative outputs of one request as steps produce them, the last one finished."""
-        self._raise_if_dead()
+        self.engine.check_health()
         limit = self.config.serving.max_waiting_requests
+        stats = self.engine.stats()
         # Requests not yet admitted, less the free running slots they will take.
-        scheduler = self.engine.scheduler
-        free_slots = max(0, self.config.engine.max_num_seqs - len(scheduler.running))
-        waiting = max(0, len(scheduler.waiting) + len(self._adding) - free_slots)
+        free_slots = max(0, self.config.engine.max_num_seqs - stats.num_running)
+        waiting = max(0, stats.num_waiting + self.engine.num_pending - free_slots)
         if waiting >= limit:
             raise EngineOverloadedError(waiting, limit)
-        self.engine.validate(prompt_token_ids, params)  # reads only limits: safe off the thread
-        if request_id in self._streams:
-            raise ValueError(f"request id {request_id!r} is already running")
-        outputs: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), outputs)
-        self._adding.add(request_id)
-        self._send("add", request_id, prompt_token_ids, params)
-        finished = False
         interval = self.config.serving.stream_interval_s
-        try:
-            while not finished:
-                item = await outputs.get()
-                if interval and not isinstance(item, BaseException) and not item.finished:
-                    await asyncio.sleep(interval)  # let more steps land: one larger update
-                # Outputs are cumulative: when the caller lags behind the steps, the
-                # newest one says everything the skipped ones did, in one message.
-                while not isinstance(item, BaseException) and not outputs.empty():
-                    item = outputs.get_nowait()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                if finished:
-                    self.metrics.record_request(item)
-                yield item
-        finally:
-            self._streams.pop(request_id, None)
-            if not finished:  # the caller left early: give the blocks back
-                self._send("abort", request_id)
+        async for output in self.engine.generate({"prompt_token_ids": prompt_token_ids}, params,
+                                                 request_id):
+            if output.finished:
+                self.metrics.record_request(output)
+            yield output
+            if interval and not output.finished:
+                # Let more steps land: the engine hands over the newest, one larger update.
+                await asyncio.sleep(interval)
 
     async def stats(self) -> dict[str, Any]:
-        """KV memory stats and queue lengths, read between steps."""
-        self._raise_if_dead()
-        answer: concurrent.futures.Future = concurrent.futures.Future()
-        self._send("stats", answer)
-        return await asyncio.wrap_future(answer)
+        """KV memory stats and queue lengths, read between steps, and where the engine runs
+        (for operators, and the fault tests, to find it)."""
+        return {**await self.engine.get_memory_stats(), "pid": os.getpid(),
+                "worker_pids": self.engine.worker_pids, "peak_rss_bytes": _peak_rss_bytes()}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """What the autoscaling policies read (cluster/autoscaling.py), as of the last step."""
-        state = self._state
-        return {autoscaling.KV_UTILIZATION: state["kv_cache_usage_perc"],
-                autoscaling.NUM_RUNNING: state["num_requests_running"],
-                autoscaling.NUM_WAITING: (state["num_requests_waiting"]
-                                          + state["num_requests_swapped"] + len(self._adding)),
-                autoscaling.BLOCKS_DEMANDED: state["blocks_demanded"],
-                autoscaling.TOTAL_BLOCKS: state["total_blocks"]}
+        stats: EngineStats = self.engine.stats()
+        return {autoscaling.KV_UTILIZATION: stats.utilization,
+                autoscaling.NUM_RUNNING: stats.num_running,
+                autoscaling.NUM_WAITING: (stats.num_waiting + stats.num_swapped
+                                          + self.engine.num_pending),
+                autoscaling.BLOCKS_DEMANDED: stats.blocks_demanded,
+                autoscaling.TOTAL_BLOCKS: stats.total_blocks}
 
     async def record_routing_stats(self) -> dict[str, Any]:
         """For the prefix-aware router (cluster/routing.py): what this replica has cached."""
-        self._raise_if_dead()
-        answer: concurrent.futures.Future = concurrent.futures.Future()
-        self._send("routing", answer)
-        return await asyncio.wrap_future(answer)
+        keys = (await self.engine.cached_block_keys())[-MAX_FINGERPRINTS:]
+        return {routing.FINGERPRINTS: [routing.fingerprint(key) for key in keys]}
 
     def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy."""
-        self._raise_if_dead()
+        self.engine.check_health()
 
     def shutdown(self) -> None:
-        self._send("stop")
-        self._thread.join(timeout=30)
         self.engine.shutdown()
-
-    # -- the step thread ------------------------------------------------------
-    def _send(self, *message: Any) -> None:
-        self._inbox.put(message)
-        self._wakeup.set()
-
-    def _run(self) -> None:
-        try:
-            while self._apply_inbox():
-                if not self.engine.has_unfinished_requests():
-                    self._wakeup.wait()
-                    self._wakeup.clear()
-                    continue
-                for output in self.engine.step():
-                    self._deliver(output.request_id, output)
-                self._state = self._read_state()
-                self.metrics.record_step(self._state)
-        except BaseException as error:  # noqa: BLE001 - every waiter must hear of it
-            logger.exception("the step loop died")
-            self._error = error
-            for request_id in list(self._streams):
-                self._deliver(request_id, EngineDeadError(f"the engine stopped: {error!r}"))
-
-    def _apply_inbox(self) -> bool:
-        """Apply what arrived since the last step; False once asked to stop."""
-        while True:
-            try:
-                kind, *args = self._inbox.get_nowait()
-            except queue.Empty:
-                return True
-            if kind == "add":
-                request_id, prompt_token_ids, params = args
-                try:
-                    self.engine.add_request(request_id, prompt_token_ids, params)
-                except ValueError as error:
-                    self._deliver(request_id, error)
-                finally:
-                    self._adding.discard(request_id)
-            elif kind == "abort":
-                self.engine.abort_request(args[0])
-            elif kind == "stats":
-                # Where the engine runs, for operators (and the fault tests) to find it.
-                stats = {**self.engine.get_memory_stats(), "pid": os.getpid(),
-                         "worker_pids": list(self.engine.executor.worker_pids),
-                         "peak_rss_bytes": _peak_rss_bytes()}
-                args[0].set_result(stats)
-            elif kind == "routing":
-                keys = self.engine.block_manager.cached_block_keys()[-MAX_FINGERPRINTS:]
-                args[0].set_result({routing.FINGERPRINTS: [routing.fingerprint(k) for k in keys]})
-            elif kind == "stop":
-                return False
-
-    def _read_state(self) -> dict[str, float]:
-        """Queue lengths, block usage and running totals, read between steps."""
-        bm, scheduler = self.engine.block_manager, self.engine.scheduler
-        # A waiting prompt takes its blocks (less any prefix-cache hits) once admitted.
-        waiting_blocks = sum(cdiv(len(group.prompt_token_ids), bm.block_size)
-                             for group in scheduler.waiting)
-        return {"kv_cache_usage_perc": bm.num_allocated_blocks / bm.num_blocks,
-                "num_requests_running": len(scheduler.running),
-                "num_requests_waiting": len(scheduler.waiting),
-                "num_requests_swapped": len(scheduler.swapped),
-                "prefix_cache_queries_total": bm.prefix_query_tokens,
-                "prefix_cache_hits_total": bm.prefix_hit_tokens,
-                "num_preemptions_total": scheduler.num_preemptions,
-                "blocks_demanded": bm.num_allocated_blocks + waiting_blocks + bm.num_swapped_blocks,
-                "total_blocks": bm.num_blocks}
-
-    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            loop, outputs = stream
-            try:
-                loop.call_soon_threadsafe(outputs.put_nowait, item)
-            except RuntimeError:  # its event loop closed: nobody is listening any more
-                self._streams.pop(request_id, None)
-
-    def _raise_if_dead(self) -> None:
-        if self._error is not None or not self._thread.is_alive():
-            raise EngineDeadError(f"the engine's step loop is not running: {self._error!r}")
 
 
 def _peak_rss_bytes() -> int:

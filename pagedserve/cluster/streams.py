@@ -19,7 +19,9 @@ from ray.serve.exceptions import BackPressureError
 
 from pagedserve.cluster import errors, responses
 from pagedserve.cluster.errors import OpenAIError
-from pagedserve.cluster.server import EngineDeadError, EngineOverloadedError
+from pagedserve.cluster.server import EngineOverloadedError
+from pagedserve.engine.async_engine import EngineDeadError
+from pagedserve.errors import RequestError
 from pagedserve.outputs import RequestOutput
 
 
@@ -113,22 +115,22 @@ def root_cause(error: BaseException) -> BaseException:
 
 
 def client_error(error: BaseException, retry_after_s: int,
-                  prompt_param: str = "prompt") -> OpenAIError:
-    """An engine or Serve failure as the error a client gets; `prompt_param` is the
-    request's prompt field ("prompt", or "messages" for chat)."""
+                 params: dict[str, str] | None = None) -> OpenAIError:
+    """An engine or Serve failure as the error a client gets.
+
+    A RequestError's parameter is the engine's name for it; `params` maps it
+    to the request's own field (`prompt_token_ids` -> `prompt`, or `messages`
+    for chat; `max_tokens` -> `max_completion_tokens` when that was sent).
+    """
     cause = root_cause(error)
     if isinstance(cause, OpenAIError):
         return cause
     if isinstance(cause, EngineOverloadedError):
         return errors.overloaded(cause.waiting, cause.limit, retry_after_s)
+    if isinstance(cause, RequestError):
+        return errors.bad_request(cause.message, (params or {}).get(cause.param, cause.param))
     if isinstance(cause, ValueError):
-        message = str(cause)
-        param = (message.split(":", 1)[0].split("=", 1)[0].strip()
-                 if ":" in message or "=" in message else None)
-        # The engine names its own fields: the prompt's tokens are the request's prompt.
-        if param is not None and param.startswith(("prompt_token_ids", "prompt ")):
-            param = prompt_param
-        return errors.bad_request(message, param)
+        return errors.bad_request(str(cause))
     if isinstance(cause, EngineDeadError):  # Serve's health check replaces the replica
         return errors.retry_later(str(cause), retry_after_s, code="engine_dead")
     if isinstance(cause, (RayActorError, ActorUnavailableError)):

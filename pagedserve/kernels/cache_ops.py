@@ -17,8 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.kernels.checks import (ATTENTION_DTYPES, check_block_mapping, check_kv_cache,
-                                       check_launchable, check_pool, check_tensor)
+from pagedserve.kernels.checks import (
+    ATTENTION_DTYPES,
+    check_block_mapping,
+    check_kv_cache,
+    check_launchable,
+    check_pool,
+    check_tensor,
+)
 
 
 @triton.jit
@@ -69,7 +75,8 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tens
         raise ValueError(f"key rows are [num_kv_heads, head_dim] = {list(key.shape[1:])}, the "
                          f"cache's {list(key_cache.shape[2:])}")
     if slot_mapping.shape[0] != num_tokens:
-        raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries for {num_tokens} tokens")
+        raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries "
+                         f"for {num_tokens} tokens")
     check_launchable(device)
     if num_tokens == 0:
         return

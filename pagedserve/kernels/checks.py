@@ -47,7 +47,8 @@ def check_kv_cache(key_cache: torch.Tensor, value_cache: torch.Tensor,
                          f"{tuple(value_cache.shape)} differ in shape")
     block_size = key_cache.shape[1]
     if block_size & (block_size - 1):
-        raise ValueError(f"block_size (key_cache.shape[1]) must be a power of two, got {block_size}")
+        raise ValueError("block_size (key_cache.shape[1]) must be a power of two, "
+                         f"got {block_size}")
 
 
 def check_attention_args(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

@@ -185,7 +185,8 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
     block_n = block_n or (64 if head_dim_pad <= 128 else 32)
     split = num_splits > 1
     if split:
-        # partial_out: [num_seqs, num_heads, num_splits, head_dim_pad]; partial_lse without the last.
+        # partial_out: [num_seqs, num_heads, num_splits, head_dim_pad]; partial_lse without
+        # the last.
         partial_out = torch.empty(num_seqs, num_heads, num_splits, head_dim_pad,
                                   dtype=torch.float32, device=device)
         partial_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32,

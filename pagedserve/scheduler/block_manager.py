@@ -189,7 +189,8 @@ class BlockManager:
         if seq_id in self._tables:
             raise KeyError(f"sequence {seq_id} already has a block table")
         if len(computed) * self.block_size > num_tokens:
-            raise ValueError(f"{len(computed)} computed blocks hold more than num_tokens={num_tokens}")
+            raise ValueError(f"{len(computed)} computed blocks hold more than "
+                             f"num_tokens={num_tokens}")
         self._check_still_cached(computed, token_ids, extra_key)
         self._check_free(seq_id, self.blocks_to_allocate(num_tokens, computed))
         for block_id in computed:
@@ -268,7 +269,9 @@ class BlockManager:
         self._extra_keys[child_id] = self._extra_keys[parent_id]
 
     def free(self, seq_id: int) -> None:
-        """Release a sequence's blocks (GPU or swapped); shared ones stay with their other holders."""
+        """Release a sequence's blocks (GPU or swapped); shared ones stay with their
+        other holders.
+        """
         self._seq_keys.pop(seq_id, None)
         self._extra_keys.pop(seq_id, None)
         cpu_table = self._cpu_tables.pop(seq_id, None)

@@ -27,6 +27,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from pagedserve.config import EngineConfig
 from pagedserve.scheduler.beam_search import Beam
 from pagedserve.scheduler.block_manager import BlockManager
 from pagedserve.scheduler.sequence import FinishReason, Sequence, SequenceGroup, SequenceStatus
@@ -35,6 +36,9 @@ from pagedserve.scheduler.step import Sample, ScheduledSequence, StepInput, Step
 
 @dataclass(frozen=True)
 class SchedulerConfig:
+    """The scheduler's limits, resolved: engine settings plus what the model and
+    the device decide (`from_engine` builds it; tests build it directly)."""
+
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
@@ -42,7 +46,15 @@ class SchedulerConfig:
     # auto: recompute a request with one sequence, swap one with several (samples,
     # beams), whose shared blocks recomputation would duplicate. Without CPU room
     # for a swap, the request is recomputed.
-    preemption_mode: str = "auto"
+    preemption_mode: str = EngineConfig.model_fields["preemption_mode"].default
+
+    @classmethod
+    def from_engine(cls, engine: EngineConfig, *, max_model_len: int,
+                    eos_token_ids: frozenset[int], device_type: str) -> SchedulerConfig:
+        return cls(max_num_seqs=engine.max_num_seqs,
+                   max_num_batched_tokens=engine.step_token_budget(device_type),
+                   max_model_len=max_model_len, eos_token_ids=eos_token_ids,
+                   preemption_mode=engine.preemption_mode)
 
 
 @dataclass
@@ -192,7 +204,8 @@ class Scheduler:
             self._advance_beams(self._groups[request_id], samples)
         return list(touched.values())
 
-    def finish_seq(self, seq: Sequence, reason: FinishReason, stop_reason: int | str | None) -> None:
+    def finish_seq(self, seq: Sequence, reason: FinishReason,
+                   stop_reason: int | str | None) -> None:
         """Finish one sequence (e.g. on a stop string found after detokenizing)."""
         seq.finish(reason, stop_reason)
         self.block_manager.free(seq.seq_id)
@@ -348,7 +361,8 @@ class Scheduler:
             self.finish_seq(seq, FinishReason.STOP, None)
         elif token in params.stop_token_ids:
             self.finish_seq(seq, FinishReason.STOP, token)
-        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.config.max_model_len:
+        elif (seq.num_output_tokens >= params.max_tokens
+              or seq.num_tokens >= self.config.max_model_len):
             self.finish_seq(seq, FinishReason.LENGTH, None)
 
     def _set_status(self, group: SequenceGroup, status: SequenceStatus) -> None:

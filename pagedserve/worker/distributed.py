@@ -25,7 +25,8 @@ class TPGroup:
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.size:
-            raise ValueError(f"rank={self.rank} is outside a tensor-parallel group of size {self.size}")
+            raise ValueError(f"rank={self.rank} is outside a tensor-parallel group "
+                             f"of size {self.size}")
 
     def split(self, total: int, what: str) -> int:
         """This rank's part of `total`, which must divide evenly."""

@@ -3,7 +3,8 @@
 `LocalExecutor` runs the one worker in this process (tensor_parallel_size=1,
 no Ray needed); it is what the offline `LLM` uses by default and what runs on a
 GPU machine without Ray. `RayExecutor` (worker/ray_executor.py) runs one Ray
-actor per tensor-parallel rank. Both return rank 0's StepOutput.
+actor per tensor-parallel rank. Both return rank 0's StepOutput; the engine
+picks one (engine/executors.py).
 """
 
 from __future__ import annotations
@@ -11,24 +12,11 @@ from __future__ import annotations
 import os
 from typing import Protocol
 
-from pagedserve.config import EngineConfig, ParallelConfig
+from pagedserve.config import EngineConfig
 from pagedserve.scheduler.step import StepInput, StepOutput
 from pagedserve.worker import cpu_threads
 from pagedserve.worker.model_info import ModelInfo
 from pagedserve.worker.worker import Worker
-
-
-class WorkerFailedError(RuntimeError):
-    """A worker died or raised; the engine cannot step any more."""
-
-    def __init__(self, rank: int | None, detail: str) -> None:
-        super().__init__(rank, detail)  # the args rebuild it when Ray pickles it
-        self.rank, self.detail = rank, detail
-
-    def __str__(self) -> str:
-        who = ("tensor-parallel workers" if self.rank is None
-               else f"tensor-parallel worker rank {self.rank}")
-        return f"{who} failed in {self.detail}"
 
 
 class Executor(Protocol):
@@ -42,15 +30,6 @@ class Executor(Protocol):
     def execute(self, step: StepInput) -> StepOutput: ...
 
     def shutdown(self) -> None: ...
-
-
-def make_executor(info: ModelInfo, engine: EngineConfig, parallel: ParallelConfig,
-                  load_format: str) -> Executor:
-    if parallel.executor_backend == "local":
-        return LocalExecutor(info, engine, load_format)
-    from pagedserve.worker.ray_executor import RayExecutor  # Ray only when asked for
-
-    return RayExecutor(info, engine, parallel, load_format)
 
 
 class LocalExecutor:

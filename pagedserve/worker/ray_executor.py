@@ -19,8 +19,8 @@ it: a raising rank first breaks its process group so the others leave their
 collectives instead of waiting for it. The executor then stops every rank and
 every later call raises the same error.
 
-Importing this module imports Ray: `executor.make_executor` does so only when
-the config asks for Ray, so the in-process engine runs without it.
+Importing this module imports Ray: the engine (engine/executors.py) does so
+only when the config asks for Ray, so the in-process engine runs without it.
 """
 
 from __future__ import annotations
@@ -48,47 +48,15 @@ from pagedserve.config import EngineConfig, ParallelConfig
 from pagedserve.scheduler.step import StepInput, StepOutput
 from pagedserve.worker import cpu_threads
 from pagedserve.worker.distributed import init_tp_group
-from pagedserve.worker.executor import WorkerFailedError
+from pagedserve.worker.errors import WorkerFailedError
 from pagedserve.worker.model_info import ModelInfo
+from pagedserve.worker.ray_utils import check_cluster_fits, init_ray, normal_priority
 from pagedserve.worker.worker import Worker, kv_block_bytes
 
 logger = logging.getLogger(__name__)
 
 POLL_S = 1.0  # how often a waiting step looks for failed ranks
 FAILURE_GRACE_S = 2.0  # after one rank fails, how long the others get to report why
-
-
-def init_ray() -> None:
-    """Join the Ray cluster (RAY_ADDRESS, or a new local one) unless already connected."""
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING)
-
-
-def normal_priority(who: str) -> None:
-    """Undo Ray's niceness 15 for a process on the engine's critical path.
-
-    Ray starts worker processes at niceness 15 so its own daemons stay
-    responsive. The engine's step loop and its ranks are what every request
-    waits for (each step waits for the slowest rank), so they ask for normal
-    priority; that needs CAP_SYS_NICE, and without it they stay niced.
-    """
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, 0)
-    except OSError:
-        logger.warning("%s keeps niceness %d (no permission to raise its priority)", who,
-                       os.getpriority(os.PRIO_PROCESS, 0))
-
-
-def _check_cluster_fits(bundle: dict[str, float], size: int) -> None:
-    """Fail at once when the whole cluster could never hold the ranks (as vLLM does)."""
-    total = ray.cluster_resources()
-    for resource, amount in bundle.items():
-        if amount * size > total.get(resource, 0):
-            setting = "worker_cpus" if resource == "CPU" else "tensor_parallel_size"
-            raise ValueError(
-                f"parallel.tensor_parallel_size={size} needs {amount * size:g} {resource} "
-                f"({amount:g} per rank) but the Ray cluster has {total.get(resource, 0):g}: "
-                f"lower parallel.{setting} or add nodes")
 
 
 @dataclass(frozen=True)
@@ -183,7 +151,7 @@ class RayExecutor:
                     info.device.type, init_method)
 
     def _place(self, bundle: dict[str, float], parallel: ParallelConfig):
-        _check_cluster_fits(bundle, self.size)
+        check_cluster_fits(bundle, self.size)
         group = placement_group([bundle] * self.size, strategy=parallel.placement_strategy)
         if not group.wait(timeout_seconds=parallel.placement_timeout_s):
             remove_placement_group(group)

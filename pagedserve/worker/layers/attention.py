@@ -139,7 +139,8 @@ class TritonAttentionBackend:
         self._cache_ops.copy_blocks(kv_pool, block_mapping)
 
 
-def select_attention_backend(name: str, device: torch.device, num_kv_heads: int) -> AttentionBackend:
+def select_attention_backend(name: str, device: torch.device,
+                             num_kv_heads: int) -> AttentionBackend:
     """`auto` is Triton on CUDA and torch elsewhere (see EngineConfig.attention_backend)."""
     if name == "auto":
         name = "triton" if device.type == "cuda" else "torch"

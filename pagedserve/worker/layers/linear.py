@@ -109,4 +109,5 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded[:, start:start + self.part_size])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(F.linear(x, self.weight, self.bias if self.tp.rank == 0 else None))
+        return self.tp.all_reduce(F.linear(x, self.weight,
+                                           self.bias if self.tp.rank == 0 else None))

@@ -60,7 +60,8 @@ def _table(hf_config, head_dim: int, max_position: int) -> tuple[torch.Tensor, t
         inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
     else:
         raise ValueError(f"rope_type={rope_type!r} is not supported "
-                         f"(supported: default, {', '.join(sorted(set(ROPE_INIT_FUNCTIONS) - _LENGTH_DEPENDENT))})")
+                         "(supported: default, "
+                         f"{', '.join(sorted(set(ROPE_INIT_FUNCTIONS) - _LENGTH_DEPENDENT))})")
     positions = torch.arange(max_position, dtype=torch.float32)
     # transformers builds inv_freq on the CPU; the table goes where the model is built.
     freqs = positions[:, None] * inv_freq.float().to(positions.device)[None, :]

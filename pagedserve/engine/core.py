@@ -1,8 +1,9 @@
 """EngineCore: schedule -> execute -> update, one step at a time.
 
-The offline `LLM` and the serving replica both drive this loop; neither knows
-about blocks or workers. Requests come in as token ids; text appears only on
-the way out (incremental detokenization, stop strings).
+The offline `LLM` and `AsyncLLMEngine` (and through it the serving replica)
+drive this loop; neither knows about blocks or workers. Requests come in as
+token ids; text appears only on the way out (incremental detokenization,
+stop strings).
 """
 
 from __future__ import annotations
@@ -11,10 +12,15 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pagedserve.config import Config, EngineConfig
+from pagedserve.engine.executors import choose_device, make_executor
+from pagedserve.engine.resolve import resolve
+from pagedserve.engine.stats import EngineStats
+from pagedserve.errors import RequestError
 from pagedserve.outputs import CompletionOutput, RequestOutput
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.scheduler.beam_search import BeamSearch
@@ -22,11 +28,13 @@ from pagedserve.scheduler.block_manager import BlockManager, cdiv
 from pagedserve.scheduler.detokenizer import Detokenizer
 from pagedserve.scheduler.scheduler import Scheduler, SchedulerConfig
 from pagedserve.scheduler.sequence import FinishReason, SequenceGroup
-from pagedserve.worker.executor import Executor, make_executor
-from pagedserve.worker.model_info import ModelInfo, resolve
+from pagedserve.worker.executor import Executor
+from pagedserve.worker.model_info import ModelInfo
 
 logger = logging.getLogger(__name__)
 DEFAULT_SWAP_BYTES = 4 * 2**30
+# A prompt: text, or {"prompt_token_ids": [...]}.
+PromptInput = str | dict[str, Any]
 
 
 @dataclass
@@ -52,22 +60,21 @@ class EngineCore:
     @classmethod
     def from_config(cls, config: Config) -> EngineCore:
         model, engine, parallel = config.model, config.engine, config.parallel
-        info = resolve(model, engine, parallel)
+        info = resolve(model, choose_device(engine, parallel), parallel)
         tokenizer = None if model.skip_tokenizer_init else AutoTokenizer.from_pretrained(
             info.model_dir, trust_remote_code=model.trust_remote_code)
-        max_batched = engine.step_token_budget(info.device.type)
+        limits = SchedulerConfig.from_engine(engine, max_model_len=info.max_model_len,
+                                             eos_token_ids=info.eos_token_ids,
+                                             device_type=info.device.type)
         load_format = "dummy" if model.load_format == "dummy" else "safetensors"
         executor = make_executor(info, engine, parallel, load_format)
         try:
-            block_manager = cls._init_kv_cache(info, engine, executor, max_batched)
+            block_manager = cls._init_kv_cache(info, engine, executor,
+                                               limits.max_num_batched_tokens)
         except BaseException:
             executor.shutdown()
             raise
-        scheduler = Scheduler(SchedulerConfig(
-            max_num_seqs=engine.max_num_seqs, max_num_batched_tokens=max_batched,
-            max_model_len=info.max_model_len, eos_token_ids=info.eos_token_ids,
-            preemption_mode=engine.preemption_mode), block_manager)
-        return cls(info, scheduler, executor, tokenizer)
+        return cls(info, Scheduler(limits, block_manager), executor, tokenizer)
 
     @staticmethod
     def _init_kv_cache(info: ModelInfo, engine: EngineConfig, executor: Executor,
@@ -77,11 +84,13 @@ class EngineCore:
         blocks_per_seq = cdiv(info.max_model_len, engine.block_size)
         if num_blocks < blocks_per_seq:
             source = ("num_gpu_blocks" if engine.num_gpu_blocks else
-                      "gpu_memory_utilization" if info.device.type == "cuda" else "kv_cache_memory_gb")
+                      "gpu_memory_utilization" if info.device.type == "cuda"
+                      else "kv_cache_memory_gb")
             raise ValueError(
-                f"the KV pool has {num_blocks} blocks of {engine.block_size} tokens, fewer than the "
-                f"{blocks_per_seq} one sequence of max_model_len={info.max_model_len} needs: "
-                f"raise {source} (one block takes {executor.block_bytes} bytes) or lower max_model_len")
+                f"the KV pool has {num_blocks} blocks of {engine.block_size} tokens, fewer than "
+                f"the {blocks_per_seq} one sequence of max_model_len={info.max_model_len} needs: "
+                f"raise {source} (one block takes {executor.block_bytes} bytes) or lower "
+                "max_model_len")
         num_cpu_blocks = swap_blocks(engine, num_blocks, executor.block_bytes)
         executor.init_kv_cache(num_blocks, num_cpu_blocks)
         logger.info("KV pool: %d blocks x %d tokens (%.1f MiB per rank), CPU swap pool %d blocks",
@@ -113,9 +122,26 @@ class EngineCore:
                                            self.info.max_model_len - len(prompt_token_ids))))
         self.scheduler.add(group)
 
-    def abort_request(self, request_id: str) -> None:
-        """Stop a request now; every block it holds is freed at once."""
-        self.scheduler.abort(request_id)
+    def prompt_token_ids(self, prompt: PromptInput) -> list[int]:
+        """A prompt's token ids: given, or from the tokenizer."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" not in prompt:
+                raise RequestError("prompt", "a dict prompt needs the key 'prompt_token_ids'")
+            return list(prompt["prompt_token_ids"])
+        if not isinstance(prompt, str):
+            raise RequestError("prompt", f"prompt must be a str or a dict with "
+                                         f"'prompt_token_ids', got {type(prompt).__name__}")
+        if self.tokenizer is None:
+            raise RequestError("prompt", "string prompts need a tokenizer; this engine was "
+                                         "built with skip_tokenizer_init=True (pass "
+                                         "{'prompt_token_ids': [...]})")
+        return self.tokenizer(prompt).input_ids
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now; every block it holds is freed at once. Returns its last
+        output (finish reason "abort"), or None for an unknown id."""
+        group = self.scheduler.abort(request_id)
+        return None if group is None else self._request_output(group)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -143,66 +169,74 @@ class EngineCore:
         self._record_usage()
         return outputs
 
+    def stats(self) -> EngineStats:
+        bm, scheduler = self.block_manager, self.scheduler
+        allocated, stored = bm.num_allocated_blocks, bm.num_stored_tokens()
+        # A waiting prompt takes its blocks (less any prefix-cache hits) once admitted.
+        waiting_blocks = sum(cdiv(len(group.prompt_token_ids), bm.block_size)
+                             for group in scheduler.waiting)
+        return EngineStats(
+            total_blocks=bm.num_blocks, free_blocks=bm.num_free_blocks,
+            allocated_blocks=allocated, logical_blocks=bm.num_logical_blocks,
+            physical_blocks=allocated, cached_blocks=bm.num_cached_blocks,
+            swapped_blocks=bm.num_swapped_blocks, cpu_blocks=bm.num_cpu_blocks,
+            block_size=bm.block_size, utilization=allocated / bm.num_blocks,
+            stored_tokens=stored,
+            slot_utilization=stored / (allocated * bm.block_size) if allocated else 0.0,
+            mean_slot_utilization=(self._usage.slot_utilization / self._usage.steps
+                                   if self._usage.steps else 0.0),
+            peak_allocated_blocks=self._usage.peak_allocated_blocks,
+            blocks_demanded=allocated + waiting_blocks + bm.num_swapped_blocks,
+            prefix_cache_queries=bm.prefix_query_tokens, prefix_cache_hits=bm.prefix_hit_tokens,
+            prefix_cache_hit_rate=(bm.prefix_hit_tokens / bm.prefix_query_tokens
+                                   if bm.prefix_query_tokens else 0.0),
+            num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
+            num_swapped=len(scheduler.swapped), num_preemptions=scheduler.num_preemptions,
+            num_swap_preemptions=scheduler.num_swaps)
+
     def get_memory_stats(self) -> dict[str, float | int]:
-        bm = self.block_manager
-        allocated = bm.num_allocated_blocks
-        return {
-            "total_blocks": bm.num_blocks,
-            "free_blocks": bm.num_free_blocks,
-            "allocated_blocks": allocated,
-            # Sharing: table entries over all sequences vs distinct blocks behind them.
-            "logical_blocks": bm.num_logical_blocks,
-            "physical_blocks": allocated,
-            "cached_blocks": bm.num_cached_blocks,
-            "prefix_cache_hit_rate": (bm.prefix_hit_tokens / bm.prefix_query_tokens
-                                      if bm.prefix_query_tokens else 0.0),
-            "swapped_blocks": bm.num_swapped_blocks,
-            "cpu_blocks": bm.num_cpu_blocks,
-            "utilization": allocated / bm.num_blocks,
-            "block_size": bm.block_size,
-            "stored_tokens": bm.num_stored_tokens(),
-            # Stored tokens over allocated slots: 0 while nothing is allocated.
-            "slot_utilization": (bm.num_stored_tokens() / (allocated * bm.block_size)
-                                 if allocated else 0.0),
-            "mean_slot_utilization": (self._usage.slot_utilization / self._usage.steps
-                                      if self._usage.steps else 0.0),
-            "peak_allocated_blocks": self._usage.peak_allocated_blocks,
-            "num_preemptions": self.scheduler.num_preemptions,
-            "num_swap_preemptions": self.scheduler.num_swaps,
-            "num_running": len(self.scheduler.running),
-            "num_waiting": len(self.scheduler.waiting),
-            "num_swapped": len(self.scheduler.swapped),
-        }
+        return dataclasses.asdict(self.stats())
+
+    def cached_block_keys(self) -> list:
+        """Keys of the cached blocks, oldest first (what the prefix-aware router matches)."""
+        return self.block_manager.cached_block_keys()
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """The processes holding the model, rank 0 first."""
+        return list(self.executor.worker_pids)
 
     # -- helpers -------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Refuse a request this engine could never serve (ValueError naming the limit)."""
+        """Refuse a request this engine could never serve (RequestError naming the limit)."""
         info, engine_limits = self.info, self.scheduler.config
         if not prompt_token_ids:
-            raise ValueError("prompt_token_ids: the prompt must have at least one token")
+            raise RequestError("prompt_token_ids", "prompt_token_ids: the prompt must have at "
+                                                   "least one token")
         bad = next((t for t in prompt_token_ids if not 0 <= t < info.vocab_size), None)
         if bad is not None:
-            raise ValueError(f"prompt_token_ids: token id {bad} is outside the vocabulary "
-                             f"[0, {info.vocab_size})")
-        if len(prompt_token_ids) > info.max_model_len:
-            raise ValueError(f"prompt has {len(prompt_token_ids)} tokens, more than "
-                             f"max_model_len={info.max_model_len}")
+            raise RequestError("prompt_token_ids", f"prompt_token_ids: token id {bad} is outside "
+                                                   f"the vocabulary [0, {info.vocab_size})")
+        context_room(len(prompt_token_ids), info.max_model_len)
         if params.best_of > engine_limits.max_num_seqs:
-            raise ValueError(f"best_of={params.best_of} exceeds max_num_seqs={engine_limits.max_num_seqs}")
+            raise RequestError("best_of", f"best_of={params.best_of} exceeds max_num_seqs="
+                                          f"{engine_limits.max_num_seqs}")
         if params.use_beam_search and params.best_of > engine_limits.max_num_batched_tokens:
-            raise ValueError(f"best_of={params.best_of} beams exceed max_num_batched_tokens="
-                             f"{engine_limits.max_num_batched_tokens}: every beam takes a token "
-                             "each step")
+            raise RequestError("best_of", f"best_of={params.best_of} beams exceed "
+                                          f"max_num_batched_tokens="
+                                          f"{engine_limits.max_num_batched_tokens}: every beam "
+                                          "takes a token each step")
         if params.stop and self.detokenizer is None:
-            raise ValueError("stop strings need a tokenizer; this engine was built with "
-                             "skip_tokenizer_init=True (use stop_token_ids instead)")
+            raise RequestError("stop", "stop strings need a tokenizer; this engine was built "
+                                       "with skip_tokenizer_init=True (use stop_token_ids instead)")
         needed = blocks_needed(len(prompt_token_ids), params, info.max_model_len,
                                self.block_manager.block_size)
         if needed > self.block_manager.num_blocks:
-            raise ValueError(f"request needs up to {needed} KV blocks (a {len(prompt_token_ids)}"
-                             f"-token prompt, {params.best_of} sequences of up to "
-                             f"{params.max_tokens} new tokens), more than the pool's "
-                             f"{self.block_manager.num_blocks}")
+            raise RequestError("max_tokens", f"request needs up to {needed} KV blocks (a "
+                                             f"{len(prompt_token_ids)}-token prompt, "
+                                             f"{params.best_of} sequences of up to "
+                                             f"{params.max_tokens} new tokens), more than the "
+                                             f"pool's {self.block_manager.num_blocks}")
 
     def _detokenize(self, group: SequenceGroup) -> None:
         if self.detokenizer is None or group.beam_search is not None:
@@ -247,6 +281,26 @@ def _prompt_logprobs(group: SequenceGroup) -> list[dict[int, float] | None] | No
     if group.prompt_logprobs is None or group.needs_prompt_logprobs:
         return None
     return list(group.prompt_logprobs)
+
+
+def context_room(prompt_len: int, max_model_len: int, max_tokens: int | None = None,
+                 min_room: int = 0) -> int:
+    """The tokens a prompt leaves in the context for new ones: the one home of the rule.
+
+    The prompt must leave `min_room` (0 offline, as vLLM's engine; the API asks
+    for 1, as vLLM's server), and `max_tokens`, when given, must fit.
+    Raises a RequestError blaming `prompt_token_ids` or `max_tokens`.
+    """
+    room = max_model_len - prompt_len
+    if room < min_room or (max_tokens is not None and max_tokens > room):
+        total = prompt_len + (max_tokens or 0)
+        param = "prompt_token_ids" if room < min_room else "max_tokens"
+        raise RequestError(param, f"This model's maximum context length is {max_model_len} "
+                                  f"tokens. However, you requested {total} tokens "
+                                  f"({prompt_len} in the prompt, {max_tokens or 0} in the "
+                                  f"completion), over max_model_len={max_model_len}. Please "
+                                  "reduce the length of the prompt or max_tokens.")
+    return room
 
 
 def blocks_needed(prompt_len: int, params: SamplingParams, max_model_len: int,

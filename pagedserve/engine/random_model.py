@@ -1,9 +1,10 @@
-"""Tiny random-weight Hugging Face models for tests.
+"""Tiny random-weight Hugging Face models: `model.random_init`, and the tests' models.
 
-No real checkpoint can be downloaded in CI, so tests need a model that is
-small, fast, deterministic and still *real*: an ordinary HF model directory
-(config, safetensors weights, tokenizer, chat template) that goes through the
-exact same loading code as a production checkpoint.  This module builds one.
+Where no real checkpoint can be had (CI, a machine without a model hub), a
+model that is small, fast, deterministic and still *real* serves: an
+ordinary HF model directory (config, safetensors weights, tokenizer, chat
+template) that goes through the exact same loading code as a production
+checkpoint. This module builds one.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from transformers import (
 from transformers.models.qwen2.tokenization_qwen2 import (
     PRETOKENIZE_REGEX as QWEN2_PRETOKENIZE_REGEX,
 )
+
+from pagedserve.cache import cache_dir as default_cache_dir
 
 # Bump when the output of build_random_model changes (corpus, defaults,
 # tokenizer recipe...) so that stale cached models are not reused.
@@ -254,7 +257,7 @@ def cached_random_model(
     the rename throws its copy away and uses the winner's (identical) one.
     """
     if cache_dir is None:
-        cache_dir = os.environ.get("PAGEDSERVE_CACHE_DIR") or Path.home() / ".cache" / "pagedserve"
+        cache_dir = default_cache_dir()
     target = Path(cache_dir) / "models" / f"{name}-{_cache_key(arch, seed, config_overrides)}"
     # Only complete directories are ever renamed into place, so presence of
     # config.json means the model is finished.

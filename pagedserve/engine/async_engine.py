@@ -1,0 +1,236 @@
+"""AsyncLLMEngine: vLLM's in-process async API over one EngineCore.
+
+    engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(model=..., max_model_len=4096))
+    async for output in engine.generate(prompt, SamplingParams(...), request_id="1"):
+        ...
+
+One step thread drives the engine; everything else talks to it through an
+inbox, applied between steps:
+
+    generate() ──("add", id, tokens, params)──> inbox ──> step thread: core.step()
+       ^                                                       │
+       └──────── asyncio queue per request <── RequestOutput ──┘
+
+Requests from any number of `generate` calls are batched together. The
+thread sleeps while nothing is pending. A consumer that stops iterating (it
+left, or was cancelled) aborts its request, whose blocks are freed at the
+next step boundary. Outputs are cumulative inside; a consumer that lags takes
+the newest, so it gets fewer, larger updates rather than a backlog, and
+`SamplingParams.output_kind` turns them into deltas or the final one only.
+It needs no Ray: with the local executor it is the GPU machine's path too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from pagedserve import config as config_module
+from pagedserve.config import Config, config_from_fields
+from pagedserve.engine.core import EngineCore, PromptInput
+from pagedserve.engine.output_kinds import DeltaTracker
+from pagedserve.engine.stats import EngineStats
+from pagedserve.outputs import RequestOutput
+from pagedserve.sampling_params import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The step loop stopped; this engine cannot serve."""
+
+
+class AsyncEngineArgs:
+    """vLLM's engine arguments: the model, and any field of the model, engine and
+    parallel config sections by name (config.py holds their defaults)."""
+
+    def __init__(self, model: str | None = None, **fields: Any) -> None:
+        self.model, self.fields = model, fields
+        self.config = config_from_fields(model, fields, source="AsyncEngineArgs")
+
+
+class AsyncLLMEngine:
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._adding: set[str] = set()  # sent, not yet in the scheduler: they wait too
+        self._error: BaseException | None = None
+        self._stats = core.stats()  # the step thread replaces it after every step
+        self.on_step: Callable[[EngineStats], None] | None = None  # called after each step
+        self._thread = threading.Thread(target=self._run, name="pagedserve-step-loop",
+                                        daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_engine_args(cls, args: AsyncEngineArgs) -> AsyncLLMEngine:
+        return cls.from_config(args.config)
+
+    @classmethod
+    def from_config(cls, config: Config | str) -> AsyncLLMEngine:
+        """From a Config, or the path of a YAML config file (see configs/)."""
+        if not isinstance(config, Config):
+            config = config_module.load(config)
+        return cls(EngineCore.from_config(config))
+
+    # -- requests -----------------------------------------------------------------------
+    async def generate(self, prompt: PromptInput, sampling_params: SamplingParams,
+                       request_id: str, lora_request: None = None) -> AsyncIterator[RequestOutput]:
+        """The request's outputs as steps produce them, the last one finished.
+
+        Refusals (a bad prompt, limits) raise at the first iteration.
+        """
+        if lora_request is not None:
+            raise ValueError("lora_request: LoRA adapters are not supported by this engine")
+        self.check_health()
+        prompt_token_ids = self.core.prompt_token_ids(prompt)
+        self.core.validate(prompt_token_ids, sampling_params)  # reads only limits
+        if request_id in self._streams or request_id in self._adding:
+            raise ValueError(f"request_id {request_id!r} is already running")
+        outputs: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), outputs)
+        self._adding.add(request_id)
+        self._send("add", request_id, prompt_token_ids, sampling_params,
+                   prompt if isinstance(prompt, str) else None)
+        kind = sampling_params.output_kind
+        deltas = DeltaTracker(sampling_params.stop) if kind is RequestOutputKind.DELTA else None
+        finished = False
+        try:
+            while not finished:
+                item = await outputs.get()
+                # Outputs are cumulative: when the consumer lags behind the steps, the
+                # newest one says everything the skipped ones did, in one message.
+                while not isinstance(item, BaseException) and not outputs.empty():
+                    item = outputs.get_nowait()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                if kind is RequestOutputKind.FINAL_ONLY and not finished:
+                    continue
+                yield deltas.delta(item) if deltas is not None else item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:  # the consumer left early: give the blocks back
+                self._send("abort", request_id)
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request: its generator ends with its last output (finish reason
+        "abort") and its blocks are freed. An unknown id is a no-op."""
+        self._send("abort", request_id)
+
+    # -- state ----------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        """The engine as of the last step."""
+        return self._stats
+
+    @property
+    def num_pending(self) -> int:
+        """Requests sent and not yet in the scheduler."""
+        return len(self._adding)
+
+    async def get_memory_stats(self) -> dict[str, float | int]:
+        """The KV memory stats and queue lengths, read between steps."""
+        return await self._ask(self.core.get_memory_stats)
+
+    async def cached_block_keys(self) -> list:
+        return await self._ask(self.core.cached_block_keys)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return self.core.worker_pids
+
+    @property
+    def info(self):
+        return self.core.info
+
+    def get_tokenizer(self):
+        return self.core.tokenizer
+
+    def check_health(self) -> None:
+        """Raises EngineDeadError once the step loop has stopped."""
+        if self._error is not None or not self._thread.is_alive():
+            raise EngineDeadError(f"the engine's step loop is not running: {self._error!r}")
+
+    def shutdown(self) -> None:
+        """Stop the step loop, then the workers."""
+        self._send("stop")
+        self._thread.join(timeout=30)
+        self.core.shutdown()
+
+    # -- the step thread --------------------------------------------------------------
+    def _send(self, *message: Any) -> None:
+        self._inbox.put(message)
+        self._wakeup.set()
+
+    async def _ask(self, read: Callable[[], Any]) -> Any:
+        """`read()`'s answer, computed by the step thread between steps."""
+        self.check_health()
+        answer: concurrent.futures.Future = concurrent.futures.Future()
+        self._send("ask", read, answer)
+        return await asyncio.wrap_future(answer)
+
+    def _run(self) -> None:
+        try:
+            while self._apply_inbox():
+                if not self.core.has_unfinished_requests():
+                    self._stats = self.core.stats()  # aborts may have freed blocks
+                    self._wakeup.wait()
+                    self._wakeup.clear()
+                    continue
+                outputs = self.core.step()
+                self._stats = self.core.stats()  # before anyone hears of the step
+                for output in outputs:
+                    self._deliver(output.request_id, output)
+                if self.on_step is not None:
+                    self.on_step(self._stats)
+        except BaseException as error:  # noqa: BLE001 - every waiter must hear of it
+            logger.exception("the step loop died")
+            self._error = error
+            for request_id in list(self._streams):
+                self._deliver(request_id, EngineDeadError(f"the engine stopped: {error!r}"))
+
+    def _apply_inbox(self) -> bool:
+        """Apply what arrived since the last step; False once asked to stop."""
+        while True:
+            try:
+                kind, *args = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+            if kind == "add":
+                request_id, prompt_token_ids, params, prompt = args
+                try:
+                    self.core.add_request(request_id, prompt_token_ids, params, prompt=prompt)
+                except ValueError as error:
+                    self._deliver(request_id, error)
+                finally:
+                    self._adding.discard(request_id)
+            elif kind == "abort":
+                self._abort(args[0])
+            elif kind == "ask":
+                read, answer = args
+                try:
+                    answer.set_result(read())
+                except Exception as error:  # noqa: BLE001 - the asker gets it
+                    answer.set_exception(error)
+            elif kind == "stop":
+                return False
+
+    def _abort(self, request_id: str) -> None:
+        output = self.core.abort_request(request_id)
+        if output is not None:  # its generator ends with the aborted state
+            self._deliver(request_id, output)
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            loop, outputs = stream
+            try:
+                loop.call_soon_threadsafe(outputs.put_nowait, item)
+            except RuntimeError:  # its event loop closed: nobody is listening any more
+                self._streams.pop(request_id, None)

@@ -1,0 +1,135 @@
+"""Resolve a ModelConfig against the model and the machine, once, at engine build.
+
+The result (`ModelInfo`, worker/model_info.py) is frozen: the directory holding
+the HF config and tokenizer, the GGUF file when the weights come from one,
+the real max_model_len, dtype and device, and the token ids that end a
+sequence. Nothing here starts Ray: the device of Ray workers is chosen where
+the executor is (engine/executors.py) and passed in.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, GenerationConfig, PretrainedConfig
+
+from pagedserve import embedded
+from pagedserve.config import ModelConfig, ParallelConfig
+from pagedserve.engine.random_model import cached_random_model
+from pagedserve.worker import gguf_file
+from pagedserve.worker.model_info import ModelInfo
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve(model: ModelConfig, device: torch.device,
+            parallel: ParallelConfig = ParallelConfig()) -> ModelInfo:
+    """`device` is where the workers run (engine/executors.py chooses it)."""
+    directory, gguf = locate(model)
+    hf_config = load_hf_config(directory, model.trust_remote_code)
+    check_tensor_parallel(hf_config, parallel.tensor_parallel_size)
+    return ModelInfo(
+        model_dir=directory,
+        hf_config=hf_config,
+        max_model_len=_max_model_len(hf_config, model.max_model_len),
+        dtype=_dtype(hf_config, model.dtype, device),
+        device=device,
+        eos_token_ids=_eos_token_ids(directory, hf_config),
+        vocab_size=hf_config.vocab_size,
+        gguf_file=gguf,
+    )
+
+
+def load_hf_config(directory: Path, trust_remote_code: bool) -> PretrainedConfig:
+    """config.json, through transformers; a model's own Python runs only when trusted."""
+    try:
+        return AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        if trust_remote_code or "trust_remote_code" not in str(error):
+            raise
+        raise ValueError(f"the model at {directory} ships its own code (config.json auto_map), "
+                         "which runs only with model.trust_remote_code: true (trust_remote_code="
+                         "True for LLM); leave it off unless you have read that code") from None
+
+
+def locate(model: ModelConfig) -> tuple[Path, Path | None]:
+    """The model's local directory (config, tokenizer) and its GGUF file, if any.
+
+    The directory is the path, a hub snapshot, the built random model, or, for a
+    GGUF file (the embedded model is one), an HF directory made from its metadata.
+    """
+    if model.random_init is not None:
+        spec = model.random_init
+        return cached_random_model(spec.name, arch=spec.arch, seed=spec.seed,
+                                   **spec.config_overrides), None
+    if model.embedded is not None:
+        gguf = embedded.fetch(model.embedded, log=logger.warning)
+        return gguf_file.metadata_dir(gguf, log=logger.warning), gguf
+    path = Path(model.path).expanduser()
+    if path.is_dir():
+        return path, None
+    if gguf_file.is_gguf(path):
+        return gguf_file.metadata_dir(path, log=logger.warning), path.resolve()
+    if path.exists():
+        raise ValueError(f"model.path={model.path!r} is a file but not a .gguf file; expected "
+                         "a model directory, a hub id or a GGUF file")
+    if path.suffix == ".gguf":
+        raise ValueError(f"model.path={model.path!r}: no such GGUF file")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+    return Path(snapshot_download(model.path, allow_patterns=patterns)), None
+
+
+def check_tensor_parallel(hf_config: PretrainedConfig, tp_size: int) -> None:
+    """Heads and MLP features are split evenly over ranks, or the model cannot be sharded."""
+    for field in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        heads = getattr(hf_config, field)
+        if heads % tp_size:
+            raise ValueError(f"parallel.tensor_parallel_size={tp_size} does not divide the "
+                             f"model's {field}={heads}: choose a tensor_parallel_size that does")
+
+
+def _dtype(hf_config: PretrainedConfig, requested: str, device: torch.device) -> torch.dtype:
+    if requested != "auto":
+        return _DTYPES[requested]
+    saved = getattr(hf_config, "dtype", None)  # transformers 5 reads torch_dtype into it
+    if isinstance(saved, str):
+        saved = _DTYPES.get(saved)
+    dtype = saved if saved in _DTYPES.values() else torch.float32
+    if dtype == torch.float16 and device.type == "cpu":
+        return torch.bfloat16  # CPUs have no fast float16 matmul; bfloat16 keeps the range
+    return dtype
+
+
+def _max_model_len(hf_config: PretrainedConfig, requested: int | None) -> int:
+    limit = hf_config.max_position_embeddings
+    window = getattr(hf_config, "sliding_window", None)
+    if getattr(hf_config, "use_sliding_window", True) is False:
+        window = None
+    if window is not None and window < limit:
+        # Attention here is over the whole context, which equals sliding-window
+        # attention only while the context fits in the window.
+        logger.warning("model has sliding_window=%d: max_model_len is capped to it", window)
+        limit = window
+    if requested is None:
+        return limit
+    if requested > limit:
+        raise ValueError(f"max_model_len={requested} exceeds the model's limit of {limit} tokens "
+                         "(max_position_embeddings or sliding_window)")
+    return requested
+
+
+def _eos_token_ids(model_dir: Path, hf_config: PretrainedConfig) -> frozenset[int]:
+    eos = None
+    if (model_dir / "generation_config.json").exists():
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    if eos is None:
+        eos = hf_config.eos_token_id
+    if eos is None:
+        return frozenset()
+    return frozenset(eos if isinstance(eos, (list, tuple)) else [eos])

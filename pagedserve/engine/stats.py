@@ -1,0 +1,40 @@
+"""One snapshot of an engine between steps: its KV pool, its queues and running totals.
+
+Every statistic has one home here: `LLM.get_memory_stats()`, the server's
+`/stats`, its metrics and its autoscaling and routing reports all read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    # The pool, in blocks.
+    total_blocks: int
+    free_blocks: int
+    allocated_blocks: int
+    logical_blocks: int  # table entries over all sequences; their gap to physical is sharing
+    physical_blocks: int
+    cached_blocks: int
+    swapped_blocks: int
+    cpu_blocks: int
+    block_size: int
+    utilization: float  # allocated / total
+    stored_tokens: int
+    slot_utilization: float  # stored tokens over allocated slots; 0 with nothing allocated
+    mean_slot_utilization: float  # the same, averaged over the steps so far
+    peak_allocated_blocks: int
+    # What running and waiting requests demand: allocated, waiting prompts, swapped out.
+    blocks_demanded: int
+    # The prefix cache, as running totals of prompt tokens.
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    prefix_cache_hit_rate: float
+    # The queues.
+    num_running: int
+    num_waiting: int
+    num_swapped: int
+    num_preemptions: int
+    num_swap_preemptions: int

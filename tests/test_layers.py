@@ -1,0 +1,144 @@
+"""The import graph keeps its layers: no upward import, no cycle.
+
+    entry points (llm, cli, demo, planner, testing)
+      -> cluster -> engine -> worker -> scheduler -> base (config, sampling_params, ...)
+    kernels: imports nothing of pagedserve's; worker uses it
+
+Every `import` in the package counts, those inside functions too: a lazy
+import still ties two modules together.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "pagedserve"
+# Higher imports lower; a module may import its own layer and any below it.
+RANKS = {"entry": 6, "cluster": 5, "engine": 4, "worker": 3, "scheduler": 2, "base": 1}
+ENTRY = {"pagedserve", "pagedserve.__main__", "pagedserve.cli", "pagedserve.demo",
+         "pagedserve.llm", "pagedserve.planner"}
+SUBPACKAGES = ("cluster", "engine", "worker", "scheduler", "kernels", "testing")
+GENERATED = ("pagedserve.cluster.proto",)
+
+
+def layer(module: str) -> str:
+    if module in ENTRY:
+        return "entry"
+    parts = module.split(".")
+    if len(parts) > 1 and parts[1] in SUBPACKAGES:
+        return "entry" if parts[1] == "testing" else parts[1]
+    return "base"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path, modules: set[str]) -> set[str]:
+    """The pagedserve modules `path` imports (`from a import b` counts a.b if it is one)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
+        else:
+            continue
+        for name in names:
+            while name and name not in modules:
+                name = name.rpartition(".")[0]
+            if name and name != "pagedserve":
+                found.add(name)
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    files = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+    modules = set(files)
+    return {name: imports(path, modules) - {name} for name, path in files.items()
+            if not name.startswith(GENERATED)}
+
+
+def upward_imports(edges: dict[str, set[str]]) -> list[str]:
+    problems = []
+    for source, targets in sorted(edges.items()):
+        for target in sorted(targets):
+            if target.startswith(GENERATED):
+                continue
+            low, high = layer(source), layer(target)
+            if low == high:
+                continue
+            if low == "kernels":
+                problems.append(f"{source} -> {target}: kernels import nothing of pagedserve's")
+            elif high == "kernels":
+                if low not in ("worker", "entry"):
+                    problems.append(f"{source} -> {target}: only the worker uses the kernels")
+            elif high == "entry" and low != "entry":
+                problems.append(f"{source} -> {target}: product code imports an entry point "
+                                "or pagedserve.testing")
+            elif RANKS[high] > RANKS[low]:
+                problems.append(f"{source} ({low}) -> {target} ({high}): an upward import")
+    return problems
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in edges.get(node, ()):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(edges):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_module_imports_a_higher_layer():
+    assert upward_imports(graph()) == []
+
+
+def test_the_import_graph_has_no_cycle():
+    assert cycles(graph()) == []
+
+
+def test_the_scheduler_imports_no_torch():
+    for path in (PACKAGE / "scheduler").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] == "torch" for n in names), path
+
+
+def test_the_check_sees_an_upward_import_and_a_cycle():
+    edges = graph()
+    edges["pagedserve.scheduler.scheduler"] = edges["pagedserve.scheduler.scheduler"] | {
+        "pagedserve.engine.core"}
+    assert upward_imports(edges) == ["pagedserve.scheduler.scheduler (scheduler) -> "
+                                     "pagedserve.engine.core (engine): an upward import"]
+    assert ["pagedserve.engine.core", "pagedserve.scheduler.scheduler"] in cycles(edges)

@@ -136,10 +136,16 @@ def test_a_consumer_that_leaves_and_an_abort_free_every_block(engine):
 
 def test_a_cancelled_consumer_aborts_its_request(engine):
     async def run():
-        task = asyncio.create_task(_collect(engine, {"prompt_token_ids": PROMPTS[2]},
-                                            SamplingParams(max_tokens=100, ignore_eos=True),
-                                            "cancelled"))
-        await asyncio.sleep(0.2)
+        started = asyncio.Event()
+
+        async def consume():
+            async for _ in engine.generate({"prompt_token_ids": PROMPTS[2]},
+                                           SamplingParams(max_tokens=100, ignore_eos=True),
+                                           "cancelled"):
+                started.set()
+
+        task = asyncio.create_task(consume())
+        await started.wait()  # cancelled while it waits for its next output
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -159,8 +165,8 @@ def test_refusals_raise_at_the_first_iteration(engine):
         asyncio.run(first({"prompt_token_ids": [10**6]}, SamplingParams()))
     with pytest.raises(ValueError, match="DELTA needs best_of equal to n=1"):
         SamplingParams(best_of=2, output_kind=RequestOutputKind.DELTA)
-    assert engine.get_tokenizer() is not None
-    engine.check_health()
+    assert asyncio.run(engine.get_tokenizer()) is not None
+    asyncio.run(engine.check_health())
 
 
 def test_runs_without_ray(model_dir):

@@ -61,7 +61,7 @@ class LLMServer:
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Cumulative outputs of one request as steps produce them, the last one finished."""
-        self.engine.check_health()
+        await self.engine.check_health()
         limit = self.config.serving.max_waiting_requests
         stats = self.engine.stats()
         # Requests not yet admitted, less the free running slots they will take.
@@ -100,9 +100,9 @@ class LLMServer:
         keys = (await self.engine.cached_block_keys())[-MAX_FINGERPRINTS:]
         return {routing.FINGERPRINTS: [routing.fingerprint(key) for key in keys]}
 
-    def check_health(self) -> None:
+    async def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy."""
-        self.engine.check_health()
+        await self.engine.check_health()
 
     def shutdown(self) -> None:
         self.engine.shutdown()

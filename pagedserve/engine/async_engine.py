@@ -88,7 +88,7 @@ class AsyncLLMEngine:
         """
         if lora_request is not None:
             raise ValueError("lora_request: LoRA adapters are not supported by this engine")
-        self.check_health()
+        self._raise_if_dead()
         prompt_token_ids = self.core.prompt_token_ids(prompt)
         self.core.validate(prompt_token_ids, sampling_params)  # reads only limits
         if request_id in self._streams or request_id in self._adding:
@@ -149,11 +149,14 @@ class AsyncLLMEngine:
     def info(self):
         return self.core.info
 
-    def get_tokenizer(self):
+    async def get_tokenizer(self):
         return self.core.tokenizer
 
-    def check_health(self) -> None:
+    async def check_health(self) -> None:
         """Raises EngineDeadError once the step loop has stopped."""
+        self._raise_if_dead()
+
+    def _raise_if_dead(self) -> None:
         if self._error is not None or not self._thread.is_alive():
             raise EngineDeadError(f"the engine's step loop is not running: {self._error!r}")
 
@@ -170,7 +173,7 @@ class AsyncLLMEngine:
 
     async def _ask(self, read: Callable[[], Any]) -> Any:
         """`read()`'s answer, computed by the step thread between steps."""
-        self.check_health()
+        self._raise_if_dead()
         answer: concurrent.futures.Future = concurrent.futures.Future()
         self._send("ask", read, answer)
         return await asyncio.wrap_future(answer)

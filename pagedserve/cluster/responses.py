@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pagedserve.cluster import logprobs as lp
+from pagedserve.engine.output_kinds import DeltaTracker
 from pagedserve.outputs import CompletionOutput, RequestOutput
 
 OWNED_BY = "pagedserve"
@@ -183,37 +184,17 @@ Delta = tuple[int, str, list[dict[int, float]] | None, str | None]
 class StreamState:
     """What one request has already streamed, per choice, so each update sends only news.
 
-    The engine's text can shrink once: a stop string is cut off when it
-    completes. So, with stop strings, the last `max(len(stop)) - 1` characters
-    stay unsent until more text arrives or the choice finishes; sent text is
-    then always a prefix of the final text.
+    The engine's delta tracking (engine/output_kinds.py) does the work, holding
+    back text that may still become a stop string; this gives its news as
+    OpenAI's stream needs it.
     """
 
     def __init__(self, stop: Sequence[str] = ()) -> None:
-        self.hold_back = max((len(s) for s in stop), default=1) - 1
-        self.text_sent: dict[int, int] = {}
-        self.logprobs_sent: dict[int, int] = {}
-        self.finished: set[int] = set()
+        self._tracker = DeltaTracker(stop)
 
     def deltas(self, output: RequestOutput) -> list[Delta]:
         """(choice index, new text, new logprob entries or None, OpenAI finish_reason
-        if it just finished) for every choice with something new."""
-        deltas = []
-        for choice in _sorted(output.outputs):
-            index = choice.index
-            if index in self.finished:
-                continue
-            sent = self.text_sent.get(index, 0)
-            end = len(choice.text) if choice.finished else len(choice.text) - self.hold_back
-            text = choice.text[sent:end] if end > sent else ""
-            self.text_sent[index] = sent + len(text)
-            entries = None
-            if choice.logprobs is not None:
-                entries = choice.logprobs[self.logprobs_sent.get(index, 0):]
-                self.logprobs_sent[index] = len(choice.logprobs)
-            reason = finish_reason(choice.finish_reason)
-            if reason is not None:
-                self.finished.add(index)
-            if text or entries or reason is not None:
-                deltas.append((index, text, entries, reason))
-        return deltas
+        if it just finished) for every choice with new text, logprobs or an end."""
+        return [(news.index, news.text, news.logprobs, finish_reason(news.finish_reason))
+                for news in self._tracker.delta(output).outputs
+                if news.text or news.logprobs or news.finished]

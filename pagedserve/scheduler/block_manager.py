@@ -269,9 +269,7 @@ class BlockManager:
         self._extra_keys[child_id] = self._extra_keys[parent_id]
 
     def free(self, seq_id: int) -> None:
-        """Release a sequence's blocks (GPU or swapped); shared ones stay with their
-        other holders.
-        """
+        """Release a sequence's blocks (GPU or swapped); shared ones stay with others."""
         self._seq_keys.pop(seq_id, None)
         self._extra_keys.pop(seq_id, None)
         cpu_table = self._cpu_tables.pop(seq_id, None)

@@ -189,8 +189,7 @@ class BlockManager:
         if seq_id in self._tables:
             raise KeyError(f"sequence {seq_id} already has a block table")
         if len(computed) * self.block_size > num_tokens:
-            raise ValueError(f"{len(computed)} computed blocks hold more than "
-                             f"num_tokens={num_tokens}")
+            raise ValueError(f"{len(computed)} computed blocks exceed num_tokens={num_tokens}")
         self._check_still_cached(computed, token_ids, extra_key)
         self._check_free(seq_id, self.blocks_to_allocate(num_tokens, computed))
         for block_id in computed:

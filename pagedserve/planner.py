@@ -17,72 +17,23 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from pagedserve.config import Config, ModelConfig, RandomModelSpec
+from pagedserve.model_shape import (
+    DTYPE_BYTES,
+    GIB,
+    PRESET_HUB_IDS_KEY,
+    ModelShape,
+    headroom_bytes,
+    load_presets,
+    params_per_rank,
+)
 
-GIB = 2**30
+__all__ = ["DEFAULT_GPU_MEMORY_GB", "Plan", "format_plan", "load_model_shape", "load_presets",
+           "plan"]
 DEFAULT_GPU_MEMORY_GB = 80.0
-# CUDA context, NCCL buffers and caching-allocator slack: outside any tensor we size.
-RUNTIME_OVERHEAD_BYTES = GIB
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# The key a preset adds to the HF config.json it copies: the hub ids it stands for.
-PRESET_HUB_IDS_KEY = "pagedserve_hub_ids"
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The numbers of an HF config.json that memory depends on."""
-
-    source: str
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    context_limit: int  # max_position_embeddings, or a smaller sliding window
-    tie_word_embeddings: bool
-    qkv_bias: bool
-    o_proj_bias: bool
-    mlp_bias: bool
-    saved_dtype: str | None
-
-    @classmethod
-    def from_hf_config(cls, hf: dict[str, Any], source: str) -> ModelShape:
-        missing = [key for key in ("vocab_size", "hidden_size", "intermediate_size",
-                                   "num_hidden_layers", "num_attention_heads",
-                                   "max_position_embeddings") if hf.get(key) is None]
-        if missing:
-            raise ValueError(f"{source}: the model config has no {', '.join(missing)}")
-        heads = hf["num_attention_heads"]
-        limit = hf["max_position_embeddings"]
-        window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
-        attention_bias = bool(hf.get("attention_bias", False))
-        return cls(
-            source=source,
-            model_type=hf.get("model_type", "llama"),
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            # The engine attends over the whole context, so a sliding window caps it.
-            context_limit=min(limit, window) if window else limit,
-            # Llama, Mistral and Qwen2 configs default to untied embeddings.
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            # As the model builds them: Qwen2 always has q/k/v biases.
-            qkv_bias=attention_bias or hf.get("model_type") == "qwen2",
-            o_proj_bias=attention_bias,
-            mlp_bias=bool(hf.get("mlp_bias", False)),
-            saved_dtype=hf.get("dtype") or hf.get("torch_dtype"),
-        )
 
 
 @dataclass(frozen=True)
@@ -143,10 +94,9 @@ def plan(config: Config, gpu_memory_gb: float | None = None,
     device = "cpu" if engine.device == "cpu" else "cuda"
     step_tokens = engine.step_token_budget(device)
 
-    params = _params_per_rank(shape, tp)
+    params = params_per_rank(shape, tp)
     weight_bytes = params * dtype_bytes
-    kv_bytes_per_token = (2 * shape.num_layers * (shape.num_kv_heads // tp) * shape.head_dim
-                          * dtype_bytes)
+    kv_bytes_per_token = shape.kv_bytes_per_token(tp, dtype_bytes)
     block_bytes = engine.block_size * kv_bytes_per_token
 
     if device == "cpu":
@@ -160,7 +110,7 @@ def plan(config: Config, gpu_memory_gb: float | None = None,
         if gpu_memory_gb <= 0:
             raise ValueError(f"gpu_memory_gb={gpu_memory_gb} must be positive")
         gpu_memory, utilization = int(gpu_memory_gb * GIB), engine.gpu_memory_utilization
-        headroom = _headroom_bytes(shape, tp, dtype_bytes, step_tokens, engine.max_num_seqs)
+        headroom = headroom_bytes(shape, tp, dtype_bytes, step_tokens, engine.max_num_seqs)
         budget = _gpu_kv_budget(config, gpu_memory, weight_bytes, headroom)
     num_blocks = _num_blocks(config, budget, block_bytes, device, max_model_len)
     num_cache_tokens = num_blocks * engine.block_size
@@ -168,7 +118,7 @@ def plan(config: Config, gpu_memory_gb: float | None = None,
         model=shape, dtype=dtype, device=device, tensor_parallel_size=tp,
         block_size=engine.block_size, max_model_len=max_model_len,
         max_num_seqs=engine.max_num_seqs, max_num_batched_tokens=step_tokens,
-        model_params=_params_per_rank(shape, 1), params_per_rank=params,
+        model_params=params_per_rank(shape, 1), params_per_rank=params,
         weight_bytes_per_rank=weight_bytes, total_weight_bytes=weight_bytes * tp,
         kv_bytes_per_token=kv_bytes_per_token, gpu_memory_bytes=gpu_memory,
         gpu_memory_utilization=utilization,
@@ -212,14 +162,6 @@ def load_model_shape(model: ModelConfig) -> ModelShape:
                      "the model's config.json")
 
 
-def load_presets() -> dict[str, dict[str, Any]]:
-    """Bundled HF configs of well-known models, by preset name (the file's stem)."""
-    folder = resources.files("pagedserve").joinpath("presets")
-    return {entry.name.removesuffix(".json"): json.loads(entry.read_text())
-            for entry in sorted(folder.iterdir(), key=lambda entry: entry.name)
-            if entry.name.endswith(".json")}
-
-
 def _random_model_config(spec: RandomModelSpec) -> dict[str, Any]:
     """The config `cached_random_model` would write, without training a tokenizer or weights."""
     # Imported here: the module builds models, so it pulls in torch and tokenizers.
@@ -259,28 +201,6 @@ def _max_model_len(model: ModelConfig, shape: ModelShape) -> int:
 
 
 # -- memory -----------------------------------------------------------------------------------
-
-def _params_per_rank(shape: ModelShape, tp: int) -> int:
-    hidden, inter = shape.hidden_size, shape.intermediate_size // tp
-    q = shape.num_heads // tp * shape.head_dim
-    kv = shape.num_kv_heads // tp * shape.head_dim
-    attention = hidden * (q + 2 * kv) + q * hidden
-    attention += (q + 2 * kv) * shape.qkv_bias + hidden * shape.o_proj_bias
-    mlp = 3 * hidden * inter + (2 * inter + hidden) * shape.mlp_bias
-    layer = attention + mlp + 2 * hidden  # + input and post-attention RMSNorm
-    embedding = math.ceil(shape.vocab_size / tp) * hidden
-    lm_head = 0 if shape.tie_word_embeddings else embedding
-    return shape.num_layers * layer + embedding + lm_head + hidden  # + final norm
-
-
-def _headroom_bytes(shape: ModelShape, tp: int, dtype_bytes: int, step_tokens: int,
-                    max_num_seqs: int) -> int:
-    """See `plan`: runtime overhead, one step's peak activations, rank 0's logits."""
-    qkv = (shape.num_heads + 2 * shape.num_kv_heads) * shape.head_dim // tp
-    per_token = 4 * shape.hidden_size + qkv + 3 * shape.intermediate_size // tp
-    logits = max_num_seqs * shape.vocab_size * 4 * 2
-    return RUNTIME_OVERHEAD_BYTES + step_tokens * per_token * dtype_bytes + logits
-
 
 def _gpu_kv_budget(config: Config, gpu_memory: int, weight_bytes: int, headroom: int) -> int:
     """What the KV pool of one GPU gets; an error that says how much is missing when nothing."""

@@ -24,7 +24,8 @@ def _check_step(h: Harness, step_input: StepInput, budget: int, max_num_seqs: in
     seqs = {seq.seq_id: seq for g in sched.running for seq in g.seqs}
     for s in step_input.seqs:
         seq = seqs[s.seq_id]  # every scheduled sequence belongs to a running request
-        assert s.start_pos == seq.num_computed_tokens
+        assert s.context_len == seq.num_computed_tokens  # counted when scheduled
+        assert seq.num_pending == int(s.do_sample)
         assert s.num_tokens > 0
         assert s.token_ids == seq.token_ids[s.start_pos:s.context_len]
         assert s.do_sample == (s.context_len == seq.num_tokens)

@@ -212,7 +212,7 @@ class OpenAIIngress(GenerationService):
                 self._max_model_len = info["max_model_len"]
                 self._model_dir = info["model_dir"]
                 self._tokenizer = await asyncio.to_thread(
-                    AutoTokenizer.from_pretrained, info["model_dir"],
+                    AutoTokenizer.from_pretrained, info["tokenizer_dir"],
                     trust_remote_code=self.config.model.trust_remote_code)
 
     def _prompt_ids(self, prompt: str | list[int], req) -> list[int]:

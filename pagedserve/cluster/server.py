@@ -55,7 +55,8 @@ class LLMServer:
     # -- the API the ingress calls --------------------------------------------
     def model_info(self) -> dict[str, Any]:
         info = self.engine.info
-        return {"model_dir": str(info.model_dir), "max_model_len": info.max_model_len,
+        return {"model_dir": str(info.model_dir), "tokenizer_dir": str(info.tokenizer_path),
+                "max_model_len": info.max_model_len,
                 "vocab_size": info.vocab_size}
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],

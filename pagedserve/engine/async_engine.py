@@ -138,6 +138,10 @@ class AsyncLLMEngine:
         """The KV memory stats and queue lengths, read between steps."""
         return await self._ask(self.core.get_memory_stats)
 
+    async def get_step_stats(self) -> dict[str, float | int]:
+        """steps, device_s, wall_s and host_s of the steps so far (EngineCore.get_step_stats)."""
+        return await self._ask(self.core.get_step_stats)
+
     async def cached_block_keys(self) -> list:
         return await self._ask(self.core.cached_block_keys)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,19 +23,29 @@ from pagedserve.engine.resolve import resolve
 from pagedserve.engine.stats import EngineStats
 from pagedserve.errors import RequestError
 from pagedserve.outputs import CompletionOutput, RequestOutput
-from pagedserve.sampling_params import SamplingParams
+from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 from pagedserve.scheduler.beam_search import BeamSearch
 from pagedserve.scheduler.block_manager import BlockManager, cdiv
 from pagedserve.scheduler.detokenizer import Detokenizer
 from pagedserve.scheduler.scheduler import Scheduler, SchedulerConfig
 from pagedserve.scheduler.sequence import FinishReason, SequenceGroup
-from pagedserve.worker.executor import Executor
+from pagedserve.scheduler.step import StepInput, StepOutput
+from pagedserve.worker.executor import Executor, PendingStep
 from pagedserve.worker.model_info import ModelInfo
 
 logger = logging.getLogger(__name__)
 DEFAULT_SWAP_BYTES = 4 * 2**30
 # A prompt: text, or {"prompt_token_ids": [...]}.
 PromptInput = str | dict[str, Any]
+
+
+@dataclass
+class StepStats:
+    """Where the engine's stepping time went (see EngineCore.get_step_stats)."""
+
+    steps: int = 0
+    device_s: float = 0.0
+    wall_s: float = 0.0
 
 
 @dataclass
@@ -48,24 +59,32 @@ class _Usage:
 
 class EngineCore:
     def __init__(self, info: ModelInfo, scheduler: Scheduler, executor: Executor,
-                 tokenizer: PreTrainedTokenizerBase | None) -> None:
+                 tokenizer: PreTrainedTokenizerBase | None,
+                 async_scheduling: bool = False) -> None:
         self.info = info
         self.scheduler = scheduler
         self.block_manager = scheduler.block_manager
         self.executor = executor
         self.tokenizer = tokenizer
         self.detokenizer = Detokenizer(tokenizer.backend_tokenizer) if tokenizer else None
+        self.async_scheduling = async_scheduling
+        # Steps sent to the device, oldest first: at most two with async scheduling.
+        self._in_flight: deque[tuple[StepInput, PendingStep]] = deque()
         self._usage = _Usage()
+        self._step_stats = StepStats()
+        self._busy_since: float | None = None  # start of the last step() call that left work
 
     @classmethod
     def from_config(cls, config: Config) -> EngineCore:
         model, engine, parallel = config.model, config.engine, config.parallel
-        info = resolve(model, choose_device(engine, parallel), parallel)
+        simulated = engine.simulator is not None
+        info = resolve(model, choose_device(engine, parallel), parallel, simulated=simulated)
         tokenizer = None if model.skip_tokenizer_init else AutoTokenizer.from_pretrained(
-            info.model_dir, trust_remote_code=model.trust_remote_code)
+            info.tokenizer_path, trust_remote_code=model.trust_remote_code)
         limits = SchedulerConfig.from_engine(engine, max_model_len=info.max_model_len,
                                              eos_token_ids=info.eos_token_ids,
-                                             device_type=info.device.type)
+                                             device_type="cuda" if simulated
+                                             else info.device.type)
         load_format = "dummy" if model.load_format == "dummy" else "safetensors"
         executor = make_executor(info, engine, parallel, load_format)
         try:
@@ -74,7 +93,9 @@ class EngineCore:
         except BaseException:
             executor.shutdown()
             raise
-        return cls(info, Scheduler(limits, block_manager), executor, tokenizer)
+        return cls(info, Scheduler(limits, block_manager), executor, tokenizer,
+                   async_scheduling=engine.uses_async_scheduling(
+                       "cuda" if simulated else info.device.type))
 
     @staticmethod
     def _init_kv_cache(info: ModelInfo, engine: EngineConfig, executor: Executor,
@@ -84,7 +105,7 @@ class EngineCore:
         blocks_per_seq = cdiv(info.max_model_len, engine.block_size)
         if num_blocks < blocks_per_seq:
             source = ("num_gpu_blocks" if engine.num_gpu_blocks else
-                      "gpu_memory_utilization" if info.device.type == "cuda"
+                      "gpu_memory_utilization" if info.device.type == "cuda" or engine.simulator
                       else "kv_cache_memory_gb")
             raise ValueError(
                 f"the KV pool has {num_blocks} blocks of {engine.block_size} tokens, fewer than "
@@ -103,6 +124,7 @@ class EngineCore:
 
     def shutdown(self) -> None:
         """Stop the workers (Ray actors and their placement group, if any)."""
+        self._in_flight.clear()
         self.executor.shutdown()
 
     # -- requests ------------------------------------------------------------
@@ -144,27 +166,69 @@ class EngineCore:
         return None if group is None else self._request_output(group)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._in_flight)
 
     # -- the loop ------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one batched step; returns the requests that advanced (finished ones included)."""
-        step_input = self.scheduler.schedule()
-        if step_input.is_empty:
+        """Run one batched step; returns the requests that advanced (finished ones included).
+
+        With async scheduling the device is kept one step ahead, as vLLM's
+        async scheduler does: step N+1 is planned and sent while step N runs,
+        then N's tokens are taken in. A decode in N+1 takes the token N samples
+        as its input on the worker (scheduler.PLACEHOLDER). A sequence that N
+        finishes (EOS, a stop string) has one more token computed in N+1,
+        which is dropped, and its blocks are freed when N's outcome arrives.
+        """
+        started = time.perf_counter()
+        stats = self._step_stats
+        if self._busy_since is not None:
+            stats.wall_s += started - self._busy_since
+        try:
+            return self._step()
+        finally:
+            if self.has_unfinished_requests():
+                self._busy_since = started
+            else:
+                stats.wall_s += time.perf_counter() - started
+                self._busy_since = None
+
+    def _step(self) -> list[RequestOutput]:
+        if not self.async_scheduling:
+            step_input = self.scheduler.schedule()
+            if step_input.is_empty:
+                return []
+            return self._take_in(step_input, self.executor.execute(step_input))
+        if len(self._in_flight) < 2:
+            step_input = self.scheduler.schedule()
+            if not step_input.is_empty:
+                self._in_flight.append((step_input, self.executor.submit(step_input)))
+                if len(self._in_flight) < 2:
+                    return []  # the device has its step; the next is planned while it runs
+        if not self._in_flight:
             return []
-        step_output = self.executor.execute(step_input)
+        step_input, pending = self._in_flight.popleft()
+        return self._take_in(step_input, pending.result())
+
+    def _take_in(self, step_input: StepInput, step_output: StepOutput) -> list[RequestOutput]:
+        """A step's outcome: tokens recorded, text decoded, finished requests freed."""
+        self._step_stats.steps += 1
+        self._step_stats.device_s += step_output.device_s or 0.0
         advanced = self.scheduler.update(step_input, step_output)
+        now = time.monotonic()
+        outputs = []
         for group in advanced:
             self._detokenize(group)
-        outputs = [self._request_output(group) for group in advanced]
-        now = time.monotonic()
-        for group, output in zip(advanced, outputs):
             metrics = group.metrics
-            if metrics.first_token_time is None and any(o.token_ids for o in output.outputs):
-                metrics.first_token_time = now
-            if output.finished:
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now  # advancing means a token was sampled
+            finished = group.finished
+            if finished:
                 metrics.finished_time = now
-            output.metrics = dataclasses.replace(metrics)
+            # A FINAL_ONLY request (the offline LLM's) needs no output until it ends.
+            if finished or group.sampling_params.output_kind is not RequestOutputKind.FINAL_ONLY:
+                output = self._request_output(group)
+                output.metrics = dataclasses.replace(metrics)
+                outputs.append(output)
         self.scheduler.free_finished(advanced)
         self._record_usage()
         return outputs
@@ -196,6 +260,21 @@ class EngineCore:
 
     def get_memory_stats(self) -> dict[str, float | int]:
         return dataclasses.asdict(self.stats())
+
+    def get_step_stats(self) -> dict[str, float | int]:
+        """Steps so far; `device_s`, the device time they took; `wall_s`, the wall
+        time the engine spent stepping them (from a step() call to the next while
+        work remained); `host_s`, the wall time not covered by device time: what the
+        device waited for the host."""
+        stats = self._step_stats
+        return {"steps": stats.steps, "device_s": stats.device_s, "wall_s": stats.wall_s,
+                "host_s": max(0.0, stats.wall_s - stats.device_s)}
+
+    def reset_step_stats(self) -> None:
+        """Start counting afresh (a step under way counts from now)."""
+        self._step_stats = StepStats()
+        if self._busy_since is not None:
+            self._busy_since = time.perf_counter()
 
     def cached_block_keys(self) -> list:
         """Keys of the cached blocks, oldest first (what the prefix-aware router matches)."""

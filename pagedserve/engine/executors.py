@@ -16,6 +16,8 @@ from pagedserve.worker.model_info import ModelInfo
 
 
 def choose_device(engine: EngineConfig, parallel: ParallelConfig) -> torch.device:
+    if engine.simulator is not None:
+        return torch.device("cpu")  # the simulated GPU's workers hold host objects only
     if parallel.executor_backend == "ray":
         from pagedserve.worker.ray_utils import cluster_device  # Ray only when asked for
 

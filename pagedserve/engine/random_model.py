@@ -95,7 +95,7 @@ CHAT_TEMPLATE = (
 
 def _corpus_text() -> str:
     """The bundled training text (read as package data so it works from a wheel)."""
-    return resources.files(__package__).joinpath("corpus.txt").read_text(encoding="utf-8")
+    return resources.files("pagedserve").joinpath("data/corpus.txt").read_text(encoding="utf-8")
 
 
 def train_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE, arch: str = "llama") -> Tokenizer:

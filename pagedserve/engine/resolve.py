@@ -18,6 +18,7 @@ from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 from pagedserve import embedded
 from pagedserve.config import ModelConfig, ParallelConfig
 from pagedserve.engine.random_model import cached_random_model
+from pagedserve.model_shape import PRESET_HUB_IDS_KEY, preset_for
 from pagedserve.worker import gguf_file
 from pagedserve.worker.model_info import ModelInfo
 
@@ -27,21 +28,57 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve(model: ModelConfig, device: torch.device,
-            parallel: ParallelConfig = ParallelConfig()) -> ModelInfo:
-    """`device` is where the workers run (engine/executors.py chooses it)."""
-    directory, gguf = locate(model)
-    hf_config = load_hf_config(directory, model.trust_remote_code)
+            parallel: ParallelConfig = ParallelConfig(), simulated: bool = False) -> ModelInfo:
+    """`device` is where the workers run (engine/executors.py chooses it).
+
+    A `simulated` model needs only its shape: a hub id with a bundled preset is
+    taken from the preset, without its weights or the hub.
+    """
+    preset = preset_for(model.path) if simulated and model.path else None
+    if preset is not None:
+        hf_config = AutoConfig.for_model(**{key: value for key, value in preset.items()
+                                            if key != PRESET_HUB_IDS_KEY})
+        directory, gguf = None, None
+    else:
+        directory, gguf = locate(model)
+        hf_config = load_hf_config(directory, model.trust_remote_code)
+    tokenizer_dir = locate_tokenizer(model.tokenizer) if model.tokenizer else None
+    if directory is None:
+        if tokenizer_dir is None:
+            raise ValueError(f"model.path={model.path!r} is simulated from its bundled preset, "
+                             "which has no tokenizer: set model.tokenizer (a tokenizer "
+                             "directory, or an embedded model's name such as "
+                             f"{next(iter(embedded.MODELS))!r})")
+        directory = tokenizer_dir  # the model has no files of its own here
     check_tensor_parallel(hf_config, parallel.tensor_parallel_size)
+    # A tokenizer borrowed for a preset's shape brings its own end-of-text token.
+    eos_source = tokenizer_dir if preset is not None else directory
     return ModelInfo(
         model_dir=directory,
         hf_config=hf_config,
         max_model_len=_max_model_len(hf_config, model.max_model_len),
         dtype=_dtype(hf_config, model.dtype, device),
         device=device,
-        eos_token_ids=_eos_token_ids(directory, hf_config),
+        eos_token_ids=_eos_token_ids(eos_source, hf_config if preset is None else None),
         vocab_size=hf_config.vocab_size,
         gguf_file=gguf,
+        tokenizer_dir=tokenizer_dir,
     )
+
+
+def locate_tokenizer(name: str) -> Path:
+    """model.tokenizer: an embedded model's name (its HF metadata directory holds the
+    tokenizer), a local directory, or a hub id."""
+    if name in embedded.MODELS:
+        return gguf_file.metadata_dir(embedded.fetch(name, log=logger.warning),
+                                      log=logger.warning)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name, allow_patterns=["tokenizer*", "*.json", "*.model",
+                                                        "*.jinja"]))
 
 
 def load_hf_config(directory: Path, trust_remote_code: bool) -> PretrainedConfig:
@@ -124,11 +161,15 @@ def _max_model_len(hf_config: PretrainedConfig, requested: int | None) -> int:
     return requested
 
 
-def _eos_token_ids(model_dir: Path, hf_config: PretrainedConfig) -> frozenset[int]:
+def _eos_token_ids(model_dir: Path, hf_config: PretrainedConfig | None) -> frozenset[int]:
+    """From generation_config.json, else the model's config (`hf_config` None: the
+    directory's own config.json)."""
     eos = None
     if (model_dir / "generation_config.json").exists():
         eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
-    if eos is None:
+    if eos is None and hf_config is None and (model_dir / "config.json").exists():
+        hf_config = AutoConfig.from_pretrained(model_dir)
+    if eos is None and hf_config is not None:
         eos = hf_config.eos_token_id
     if eos is None:
         return frozenset()

@@ -31,7 +31,13 @@ from pagedserve.config import EngineConfig
 from pagedserve.scheduler.beam_search import Beam
 from pagedserve.scheduler.block_manager import BlockManager
 from pagedserve.scheduler.sequence import FinishReason, Sequence, SequenceGroup, SequenceStatus
-from pagedserve.scheduler.step import Sample, ScheduledSequence, StepInput, StepOutput
+from pagedserve.scheduler.step import (
+    PLACEHOLDER,
+    Sample,
+    ScheduledSequence,
+    StepInput,
+    StepOutput,
+)
 
 
 @dataclass(frozen=True)
@@ -57,13 +63,14 @@ class SchedulerConfig:
                    preemption_mode=engine.preemption_mode)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Work:
     """One sequence's tokens in a step's plan."""
 
     seq: Sequence
     num_tokens: int
     computed_blocks: list[int]  # prefix-cache hits, for a sequence without a table yet
+    blocks: int  # free blocks these tokens take (a copy on write included)
 
 
 class Scheduler:
@@ -125,6 +132,7 @@ class Scheduler:
                 preempted = True
                 if victim is group:
                     break
+                plan = self._plan(group, budget)  # the victim's blocks may have been shared
             else:
                 budget -= self._commit(group, plan, step)
                 index += 1
@@ -171,11 +179,12 @@ class Scheduler:
         return step
 
     def update(self, step_input: StepInput, step_output: StepOutput) -> list[SequenceGroup]:
-        """Record computed tokens and sampled ones; returns the requests that advanced."""
-        for scheduled in step_input.seqs:
-            seq = self._seqs.get(scheduled.seq_id)
-            if seq is not None and not seq.finished:
-                seq.num_computed_tokens += scheduled.num_tokens
+        """Record a step's sampled tokens; returns the requests that advanced.
+
+        Its tokens were counted as computed when it was scheduled. A sample for
+        a sequence that finished meanwhile (aborted, or stopped by the step
+        before: found one step late) is dropped.
+        """
         touched: dict[str, SequenceGroup] = {}
         for scored in step_output.prompt_logprobs:
             seq = self._seqs.get(scored.seq_id)
@@ -192,6 +201,7 @@ class Scheduler:
                 continue
             group = self._seq_group[seq_id]
             touched[group.request_id] = group
+            seq.num_pending -= 1
             if group.beam_search is not None:
                 beam_steps.setdefault(group.request_id, {})[seq_id] = samples[0]
                 continue
@@ -219,6 +229,8 @@ class Scheduler:
     def _plan(self, group: SequenceGroup, budget: int) -> list[_Work]:
         manager = self.block_manager
         seqs = group.unfinished_seqs
+        if any(seq.num_pending for seq in seqs) and not self._continues(group):
+            return []  # it waits for the step in flight to say what it sampled
         # Beams choose their next tokens together, so while any beam is still
         # catching up (a recompute), the others hold back their last token.
         hold_last = group.beam_search is not None and any(
@@ -227,30 +239,48 @@ class Scheduler:
         for seq in seqs:
             if budget <= 0:
                 break
+            if seq.num_pending and self._at_limit(seq, group):
+                continue  # the token in flight is its last
+            seq_id = seq.seq_id
             computed = []
+            has_table = manager.has(seq_id)
             # Cached blocks have no logits: a prompt still to be scored is computed whole.
-            if not manager.has(seq.seq_id) and not group.needs_prompt_logprobs:
+            if not has_table and not group.needs_prompt_logprobs:
                 computed = manager.computed_blocks(seq.token_ids)
             start = max(seq.num_computed_tokens, len(computed) * manager.block_size)
-            num_tokens = min(seq.num_tokens - start - int(hold_last), budget)
+            num_tokens = min(seq.num_uncomputed_tokens - (start - seq.num_computed_tokens)
+                             - int(hold_last), budget)
             if num_tokens > 0:
-                plan.append(_Work(seq, num_tokens, computed))
+                blocks = (manager.blocks_to_append(seq_id, num_tokens) if has_table else
+                          manager.blocks_to_allocate(start + num_tokens, computed))
+                plan.append(_Work(seq, num_tokens, computed, blocks))
                 budget -= num_tokens
         if group.beam_search is not None and not hold_last and len(plan) < len(seqs):
             return []  # not every beam fits the budget: they wait a step together
         return plan
 
+    @staticmethod
+    def _continues(group: SequenceGroup) -> bool:
+        """Can the group's next step be planned before the one in flight returns?
+
+        A sequence decoding on its own can: its next input is the token in
+        flight, which the worker fills in. Beams (chosen on the host), penalties
+        (which count the tokens so far), samples about to fork, and sequences
+        catching up after a preemption wait for the step's outcome.
+        """
+        params = group.sampling_params
+        if group.beam_search is not None or params.uses_penalties or params.best_of > 1:
+            return False
+        return all(seq.num_computed_tokens == seq.num_tokens
+                   for seq in group.unfinished_seqs if seq.num_pending)
+
+    def _at_limit(self, seq: Sequence, group: SequenceGroup) -> bool:
+        """With the tokens in flight, the sequence reaches max_tokens or the context."""
+        return (seq.num_output_tokens + seq.num_pending >= group.sampling_params.max_tokens
+                or seq.num_tokens + seq.num_pending >= self.config.max_model_len)
+
     def _fits(self, plan: list[_Work], reserve: int = 0) -> bool:
-        manager = self.block_manager
-        needed = 0
-        for work in plan:
-            seq_id = work.seq.seq_id
-            if manager.has(seq_id):
-                needed += manager.blocks_to_append(seq_id, work.num_tokens)
-            else:
-                start = len(work.computed_blocks) * manager.block_size
-                needed += manager.blocks_to_allocate(start + work.num_tokens, work.computed_blocks)
-        return needed + reserve <= manager.num_free_blocks
+        return sum(work.blocks for work in plan) + reserve <= self.block_manager.num_free_blocks
 
     def _commit(self, group: SequenceGroup, plan: list[_Work], step: StepInput) -> int:
         manager = self.block_manager
@@ -268,21 +298,25 @@ class Scheduler:
                 step.blocks_to_copy.append(manager.copy_on_write(seq.seq_id))
             manager.append_slots(seq.seq_id, num_tokens, seq.token_ids)
             start = seq.num_computed_tokens
-            do_sample = start + num_tokens == seq.num_tokens
+            end = start + num_tokens
+            do_sample = end == seq.num_tokens + seq.num_pending
             penalties = do_sample and params.uses_penalties
             beam = group.beam_search
             targets = None
             if group.needs_prompt_logprobs:  # rows predicting prompt tokens are scored
-                end = min(start + num_tokens, seq.num_prompt_tokens - 1)
-                targets = seq.token_ids[start + 1:end + 1] if end > start else None
+                last = min(end, seq.num_prompt_tokens - 1)
+                targets = seq.token_ids[start + 1:last + 1] if last > start else None
+            token_ids = seq.token_ids[start:end]
+            if end > seq.num_tokens:  # the token in flight: the worker has it
+                token_ids += [PLACEHOLDER] * (end - max(start, seq.num_tokens))
             step.seqs.append(ScheduledSequence(
                 seq_id=seq.seq_id,
-                token_ids=seq.token_ids[start:start + num_tokens],
+                token_ids=token_ids,
                 start_pos=start,
                 block_table=list(manager.block_table(seq.seq_id)),  # a snapshot, not the live list
                 do_sample=do_sample,
                 sampling_params=params if do_sample else None,
-                output_index=seq.num_output_tokens,
+                output_index=seq.num_output_tokens + seq.num_pending,
                 prompt_token_ids=seq.prompt_token_ids if penalties else None,
                 output_token_ids=seq.output_token_ids if penalties else None,
                 num_samples=params.best_of if do_sample and group.forks_at_prompt_end else 1,
@@ -291,6 +325,8 @@ class Scheduler:
                 prompt_targets=targets,
                 prompt_logprobs=params.prompt_logprobs or 0,
             ))
+            seq.num_computed_tokens = end  # the step will have computed them
+            seq.num_pending += do_sample
         return sum(work.num_tokens for work in plan)
 
     def _preempt(self, group: SequenceGroup, step: StepInput) -> None:

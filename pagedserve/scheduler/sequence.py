@@ -41,6 +41,9 @@ class Sequence:
     sample_index: int = 0  # which of the request's samples (picks its seeded stream)
     token_ids: list[int] = field(init=False)  # prompt followed by outputs
     num_computed_tokens: int = 0
+    # Tokens a scheduled step will sample, not yet known here: with asynchronous
+    # scheduling the next step is planned while this one runs (scheduler.py).
+    num_pending: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
@@ -70,7 +73,7 @@ class Sequence:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        return len(self.token_ids) + self.num_pending - self.num_computed_tokens
 
     @property
     def finished(self) -> bool:

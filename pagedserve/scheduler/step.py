@@ -12,8 +12,12 @@ from dataclasses import dataclass, field
 
 from pagedserve.sampling_params import SamplingParams
 
+# A token id the host does not know yet: the one the step in flight samples for
+# this sequence. The worker puts that token in its place (worker.py).
+PLACEHOLDER = -1
 
-@dataclass(frozen=True)
+
+@dataclass(slots=True)
 class ScheduledSequence:
     """One sequence's share of a step.
 
@@ -101,3 +105,6 @@ class PromptLogprobs:
 class StepOutput:
     samples: list[Sample]
     prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
+    # Seconds the device spent on the step, where the worker knows (CUDA events,
+    # the simulator's model, a CPU worker's own compute time).
+    device_s: float | None = None

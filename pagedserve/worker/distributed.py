@@ -40,6 +40,12 @@ class TPGroup:
             dist.all_reduce(tensor, group=self.group)
         return tensor
 
+    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's tensor on every rank, in place."""
+        if self.size > 1:
+            dist.broadcast(tensor, src=0, group=self.group)
+        return tensor
+
     def gather_last_dim(self, tensor: torch.Tensor) -> torch.Tensor | None:
         """Concatenate every rank's tensor along the last dim on rank 0; None elsewhere."""
         if self.size == 1:

@@ -10,13 +10,19 @@ picks one (engine/executors.py).
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 from pagedserve.config import EngineConfig
 from pagedserve.scheduler.step import StepInput, StepOutput
 from pagedserve.worker import cpu_threads
 from pagedserve.worker.model_info import ModelInfo
-from pagedserve.worker.worker import Worker
+from pagedserve.worker.simulated import SimulatedWorker
+from pagedserve.worker.worker import make_worker
+
+
+class PendingStep(Protocol):
+    def result(self) -> StepOutput: ...
 
 
 class Executor(Protocol):
@@ -29,15 +35,24 @@ class Executor(Protocol):
 
     def execute(self, step: StepInput) -> StepOutput: ...
 
+    def submit(self, step: StepInput) -> PendingStep:
+        """Start a step and return at once; steps run in the order submitted."""
+        ...
+
     def shutdown(self) -> None: ...
 
 
 class LocalExecutor:
     def __init__(self, info: ModelInfo, engine: EngineConfig, load_format: str) -> None:
-        if info.device.type == "cpu":
+        if info.device.type == "cpu" and engine.simulator is None:
             cpu_threads.apply(engine.cpu_threads)
-        self.worker = Worker(info, engine, load_format)
+        self.worker = make_worker(info, engine, load_format)
         self.worker_pids = [os.getpid()]
+        # The device's queue: one thread runs the steps in order while the engine
+        # plans the next (asynchronous scheduling). The simulator keeps its own.
+        self._device = (ThreadPoolExecutor(1, thread_name_prefix="pagedserve-device")
+                        if engine.uses_async_scheduling(info.device.type)
+                        and engine.simulator is None else None)
 
     @property
     def block_bytes(self) -> int:
@@ -52,5 +67,19 @@ class LocalExecutor:
     def execute(self, step: StepInput) -> StepOutput:
         return self.worker.execute(step)
 
+    def submit(self, step: StepInput) -> PendingStep:
+        if isinstance(self.worker, SimulatedWorker):
+            return self.worker.submit(step)
+        if self._device is not None:
+            return self._device.submit(self.worker.execute, step)
+        done: Future = Future()
+        try:
+            done.set_result(self.worker.execute(step))
+        except Exception as error:  # noqa: BLE001 - raised again by result()
+            done.set_exception(error)
+        return done
+
     def shutdown(self) -> None:
-        """Nothing to stop: the worker lives and dies with this process."""
+        """The worker lives and dies with this process; its queue stops here."""
+        if self._device is not None:
+            self._device.shutdown(wait=True)

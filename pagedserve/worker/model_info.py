@@ -23,3 +23,8 @@ class ModelInfo:
     eos_token_ids: frozenset[int]
     vocab_size: int
     gguf_file: Path | None = None  # the weights, when they come from a GGUF file
+    tokenizer_dir: Path | None = None  # model.tokenizer's directory; None: model_dir
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.tokenizer_dir or self.model_dir

@@ -14,6 +14,9 @@ building it.
 
 from __future__ import annotations
 
+import dataclasses
+import time
+
 import numpy as np
 import torch
 from torch import nn
@@ -44,7 +47,7 @@ class ModelRunner:
     def execute(self, step: StepInput, kv_caches: list[KVCache]) -> StepOutput | None:
         """Rank 0 returns the step's samples; other tensor-parallel ranks return None."""
         if not step.seqs:  # a step of block moves only
-            return StepOutput(samples=[])
+            return StepOutput(samples=[], device_s=0.0)
         if self.timer:
             self.timer.start()
         seqs = sorted(step.seqs, key=lambda seq: seq.num_tokens > 1)  # decodes first, stable
@@ -73,11 +76,26 @@ class ModelRunner:
     def _launching(self) -> None:
         if self.timer:
             self.timer.launch()
+        self._launched = time.perf_counter()
+        if self.device.type == "cuda":
+            self._launch_event = torch.cuda.Event(enable_timing=True)
+            self._launch_event.record()
 
     def _finish(self, output: StepOutput | None) -> StepOutput | None:
+        """The step's output with its device time: first launch to the last kernel
+        (CUDA events), or the compute on the host's clock where the host is the device."""
         if self.timer:
             self.timer.stop()
-        return output
+        if output is None:
+            return None
+        if self.device.type == "cuda":
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            end.synchronize()  # the sampled ids are on the host: only the record is left
+            device_s = self._launch_event.elapsed_time(end) / 1e3
+        else:
+            device_s = time.perf_counter() - self._launched
+        return dataclasses.replace(output, device_s=device_s)
 
     def prepare(self, seqs: list[ScheduledSequence]):
         arrays = flatten(seqs, self.block_size)

@@ -47,11 +47,11 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from pagedserve.config import EngineConfig, ParallelConfig
 from pagedserve.scheduler.step import StepInput, StepOutput
 from pagedserve.worker import cpu_threads
-from pagedserve.worker.distributed import init_tp_group
+from pagedserve.worker.distributed import TPGroup, init_tp_group
 from pagedserve.worker.errors import WorkerFailedError
 from pagedserve.worker.model_info import ModelInfo
 from pagedserve.worker.ray_utils import check_cluster_fits, init_ray, normal_priority
-from pagedserve.worker.worker import Worker, kv_block_bytes
+from pagedserve.worker.worker import Worker, kv_block_bytes, make_worker
 
 logger = logging.getLogger(__name__)
 
@@ -85,13 +85,16 @@ class RayWorker:
 
     def init_worker(self, info: ModelInfo, engine: EngineConfig, load_format: str, size: int,
                     init_method: str, timeout_s: float, reserved_cpus: float) -> None:
+        if engine.simulator is not None:  # no collectives: every rank sleeps the same step
+            self.worker = make_worker(info, engine, load_format, TPGroup(self.rank, size))
+            return
         backend = "nccl" if info.device.type == "cuda" else "gloo"
         if info.device.type == "cuda":
             torch.cuda.set_device(0)  # Ray exposes exactly this actor's GPU
         else:
             cpu_threads.apply(engine.cpu_threads, reserved_cpus)
         tp = init_tp_group(self.rank, size, init_method, backend, timeout_s)
-        self.worker = Worker(info, engine, load_format, tp)
+        self.worker = make_worker(info, engine, load_format, tp)
 
     def num_available_blocks(self, max_num_batched_tokens: int) -> int:
         return self.worker.num_available_blocks(max_num_batched_tokens)
@@ -168,14 +171,25 @@ class RayExecutor:
         self.call_all("init_kv_cache", num_blocks, num_cpu_blocks)
 
     def execute(self, step: StepInput) -> StepOutput:
+        return self.submit(step).result()
+
+    def submit(self, step: StepInput) -> _PendingStep:
+        """Send a step to every rank; its result is waited for later. Each rank runs
+        its calls in the order sent, so steps never overtake one another."""
         self._raise_if_failed()
         if self.use_compiled_graph:
-            outputs = self._execute_compiled(step)
+            return _PendingStep(self, graph_ref=self._submit_compiled(step))
+        # One serialization either way: inline for a single rank, else one
+        # object in the store whose ref every rank reads.
+        step_arg = step if self.size == 1 else ray.put(step)
+        return _PendingStep(self, refs=[w.execute.remote(step_arg) for w in self.workers])
+
+    def _result(self, pending: _PendingStep) -> StepOutput:
+        self._raise_if_failed()
+        if pending.graph_ref is not None:
+            outputs = self._wait_compiled(pending.graph_ref)
         else:
-            # One serialization either way: inline for a single rank, else one
-            # object in the store whose ref every rank reads.
-            step_arg = step if self.size == 1 else ray.put(step)
-            outputs = self._collect([w.execute.remote(step_arg) for w in self.workers], "execute")
+            outputs = self._collect(pending.refs, "execute")
         failures = [output for output in outputs if isinstance(output, RankFailure)]
         if failures:
             first = min(failures, key=lambda failure: failure.at)
@@ -202,13 +216,20 @@ class RayExecutor:
         self.placement_group = None
 
     # -- internals -----------------------------------------------------------
-    def _execute_compiled(self, step: StepInput) -> list[Any]:
+    def _submit_compiled(self, step: StepInput):
         if self._graph is None:
             with InputNode() as step_input:
                 graph = MultiOutputNode([w.execute.bind(step_input) for w in self.workers])
             self._graph = graph.experimental_compile(_submit_timeout=self.timeout_s)
         try:
-            return ray.get(self._graph.execute(step), timeout=self.timeout_s)
+            return self._graph.execute(step)
+        except Exception as error:  # noqa: BLE001 - a dead actor, a closed channel
+            rank, detail = self._culprit(error)
+            self._fail(rank, f"execute ({detail})", error)
+
+    def _wait_compiled(self, ref) -> list[Any]:
+        try:
+            return ray.get(ref, timeout=self.timeout_s)
         except Exception as error:  # noqa: BLE001 - a dead actor, a closed channel, a timeout
             # A rank's death often reaches the driver first as the graph's
             # channel closing: ask the actors which one is gone before blaming none.
@@ -305,6 +326,17 @@ class RayExecutor:
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise self._error
+
+
+class _PendingStep:
+    """A step sent to the ranks: its refs (plain calls) or its compiled graph's ref."""
+
+    def __init__(self, executor: RayExecutor, refs: list | None = None,
+                 graph_ref: Any = None) -> None:
+        self.executor, self.refs, self.graph_ref = executor, refs, graph_ref
+
+    def result(self) -> StepOutput:
+        return self.executor._result(self)
 
 
 def _summary(error: BaseException) -> str:

@@ -18,6 +18,7 @@ KV pool's budget.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -25,7 +26,7 @@ import torch
 from pagedserve.config import EngineConfig
 from pagedserve.kernels.swap import swap_blocks
 from pagedserve.sampling_params import SamplingParams
-from pagedserve.scheduler.step import ScheduledSequence, StepInput, StepOutput
+from pagedserve.scheduler.step import PLACEHOLDER, ScheduledSequence, StepInput, StepOutput
 from pagedserve.worker.cuda_graph import DecodeGraphs
 from pagedserve.worker.distributed import TPGroup
 from pagedserve.worker.layers.attention import select_attention_backend
@@ -33,6 +34,7 @@ from pagedserve.worker.model_info import ModelInfo
 from pagedserve.worker.model_runner import ModelRunner
 from pagedserve.worker.models import build_model
 from pagedserve.worker.models.llama import head_dim
+from pagedserve.worker.simulated import SimulatedWorker
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,9 @@ class Worker:
         self.cpu_pool: torch.Tensor | None = None
         self.kv_caches: list[KVCache] = []
         self.graph_memory_bytes = 0  # measured while profiling
+        # The tokens the last step sampled: the inputs of the next step's placeholders.
+        self.async_scheduling = engine.uses_async_scheduling(info.device.type)
+        self._last_tokens: dict[int, int] = {}
         self.uses_graphs = info.device.type == "cuda" and not engine.enforce_eager
         if self.uses_graphs and not self.attention.supports_graphs:
             logger.warning("attention_backend=%r runs eagerly: CUDA graphs need 'triton'",
@@ -142,7 +147,13 @@ class Worker:
         return (self.info.hf_config.num_hidden_layers, 2, num_blocks, *self.kv_block_shape)
 
     def execute(self, step: StepInput) -> StepOutput | None:
-        """Run one step; rank 0 returns the sampled tokens, other ranks None."""
+        """Run one step; rank 0 returns the sampled tokens, other ranks None.
+
+        A decode whose input is `PLACEHOLDER` (scheduled while the step before
+        ran) takes the token this worker sampled for it in that step.
+        """
+        if self._last_tokens:
+            step = _fill_placeholders(step, self._last_tokens)
         # Block moves come first: out before in (a swapped-in block may reuse a
         # swapped-out one), copies before anything writes into them.
         if step.blocks_to_swap_out:
@@ -152,7 +163,40 @@ class Worker:
         if step.blocks_to_copy:
             mapping = torch.tensor(step.blocks_to_copy, dtype=torch.int64, device=self.info.device)
             self.attention.copy_blocks(self.kv_pool, mapping)
-        return self.runner.execute(step, self.kv_caches)
+        output = self.runner.execute(step, self.kv_caches)
+        if self.async_scheduling:
+            self._last_tokens = self._sampled_tokens(step, output)
+        return output
+
+    def _sampled_tokens(self, step: StepInput, output: StepOutput | None) -> dict[int, int]:
+        """Each sampling sequence's token, on every rank: rank 0 broadcasts what it sampled."""
+        seq_ids = [seq.seq_id for seq in step.seqs if seq.do_sample]
+        if not seq_ids:
+            return {}
+        tokens = {}
+        if output is not None:
+            for sample in output.samples:
+                tokens.setdefault(sample.seq_id, sample.token_id)
+        if self.tp.size > 1:
+            values = torch.tensor([tokens.get(seq_id, PLACEHOLDER) for seq_id in seq_ids],
+                                  dtype=torch.int64, device=self.info.device)
+            self.tp.broadcast(values)
+            tokens = dict(zip(seq_ids, values.tolist()))
+        return tokens
+
+
+def _fill_placeholders(step: StepInput, tokens: dict[int, int]) -> StepInput:
+    seqs = [dataclasses.replace(seq, token_ids=[tokens[seq.seq_id]])
+            if seq.token_ids[-1] == PLACEHOLDER else seq for seq in step.seqs]
+    return dataclasses.replace(step, seqs=seqs)
+
+
+def make_worker(info: ModelInfo, engine: EngineConfig, load_format: str,
+                tp: TPGroup = TPGroup()) -> Worker | SimulatedWorker:
+    """A worker on the device, or on the simulated accelerator the config names."""
+    if engine.simulator is not None:
+        return SimulatedWorker(info, engine, tp.rank, tp.size)
+    return Worker(info, engine, load_format, tp)
 
 
 def _layer_caches(kv_pool: torch.Tensor) -> list[KVCache]:

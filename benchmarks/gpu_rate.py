@@ -1,0 +1,369 @@
+"""Keeping up with a GPU: the engine's host side against a simulated device.
+
+The model runs on the simulated accelerator (pagedserve/worker/simulated.py):
+every step takes the device time a roofline model gives for Llama-3-8B on an
+H200 (or the config's shape and GPU), spent asleep. What is measured is
+everything else, on this machine's CPU: scheduling, building steps, taking in
+tokens, detokenizing, stop strings, and (with --served) the serving path.
+The kernels themselves are not measured.
+
+Offline, at each batch size, the same requests (prompts of 512-1536 tokens,
+512 new tokens each, so contexts of 512-2048) run through `LLM.generate` with
+`async_scheduling` off and on, alternating over `--rounds`:
+
+- throughput against the device bound: the sum of the simulated step times
+  over the wall time (1.0: the device never waited);
+- host time per step: the wall time the device waited for the host
+  (`get_step_stats()["host_s"]`) over the steps, and its share of the wall time.
+
+Targets (issue: keeping up with a GPU): >= 0.95 of the bound at batch 256 with
+async scheduling, and <= 3 ms of host time per step there.
+
+With --served, the same engine behind `pagedserve serve`'s Ray Serve app on
+this machine, against the offline engine on the same requests (prompts of
+256-768 tokens, `--served-output-len` new tokens), at each of `--streams`
+concurrent streaming clients:
+
+- output tokens/s as the client receives them, against offline;
+- CPU-seconds per 1,000 streamed tokens of each serving process (proxy,
+  ingress, LLMServer replica, the rest of Ray) and of the client;
+- time to first token, served minus offline, at 1 and 32 clients.
+
+The client runs in its own process: raw aiohttp streams, each SSE line
+counted, JSON parsed only for the final usage chunk.
+
+    python benchmarks/gpu_rate.py [--config configs/llama-3-8b-h200-sim.yaml]
+                                  [--batches 64 256 512] [--rounds 3]
+                                  [--served] [--streams 64 256 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pagedserve import LLM, SamplingParams
+from pagedserve.config import Config, load
+
+MODES = {"sync": False, "async": True}
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def requests(batch: int, seed: int, vocab: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab) for _ in range(rng.randint(512, 1536))]
+            for _ in range(batch)]
+
+
+def with_engine(config: Config, **fields) -> Config:
+    return config.model_copy(update={"engine": config.engine.model_copy(update=fields)})
+
+
+def offline_run(llm: LLM, prompts: list[list[int]], output_len: int) -> dict:
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True)
+    llm.engine.reset_step_stats()
+    start, cpu = time.perf_counter(), time.process_time()
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    stats = llm.get_step_stats()
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return {"wall_s": wall, "cpu_s": cpu, "tokens": tokens, "tokens_per_s": tokens / wall,
+            "bound_tokens_per_s": tokens / stats["device_s"],
+            "of_bound": stats["device_s"] / wall, "steps": stats["steps"],
+            "host_ms_per_step": stats["host_s"] / stats["steps"] * 1e3,
+            "host_share": stats["host_s"] / wall,
+            "preemptions": llm.get_memory_stats()["num_preemptions"]}
+
+
+def offline(config: Config, batches: list[int], rounds: int, output_len: int,
+            seed: int) -> dict:
+    engines = {mode: LLM(config=with_engine(config, async_scheduling=on))
+               for mode, on in MODES.items()}
+    vocab = min(engines["sync"].engine.info.vocab_size, 40000)
+    results: dict = {}
+    try:
+        for llm in engines.values():  # warm-up: first-step costs out of the figures
+            llm.generate({"prompt_token_ids": [100] * 64}, SamplingParams(max_tokens=4),
+                         use_tqdm=False)
+        for batch in batches:
+            prompts = requests(batch, seed + batch, vocab)
+            runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
+            for round_index in range(rounds):  # alternate the modes: the machine is noisy
+                order = list(MODES) if round_index % 2 == 0 else list(reversed(MODES))
+                for mode in order:
+                    run = offline_run(engines[mode], prompts, output_len)
+                    runs[mode].append(run)
+                    print(f"batch {batch} round {round_index} {mode:5}: "
+                          f"{run['tokens_per_s']:8.0f} tok/s, {run['of_bound']:.3f} of the "
+                          f"bound, host {run['host_ms_per_step']:.2f} ms/step "
+                          f"({run['host_share']:.1%}), {run['steps']} steps", flush=True)
+            results[batch] = {mode: {"median": {key: statistics.median(r[key] for r in rs)
+                                                for key in rs[0]}, "runs": rs}
+                              for mode, rs in runs.items()}
+    finally:
+        for llm in engines.values():
+            llm.shutdown()
+    return results
+
+
+def report(results: dict, gpu: str) -> str:
+    lines = ["| batch | mode | output tok/s | device bound tok/s | of bound | "
+             "host ms/step | host share | steps |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for batch, modes in results.items():
+        for mode, entry in modes.items():
+            m = entry["median"]
+            lines.append(f"| {batch} | {mode} | {m['tokens_per_s']:.0f} | "
+                         f"{m['bound_tokens_per_s']:.0f} | {m['of_bound']:.3f} | "
+                         f"{m['host_ms_per_step']:.2f} | {m['host_share']:.1%} | "
+                         f"{m['steps']:.0f} |")
+    if 256 in results:
+        m = results[256]["async"]["median"]
+        lines.append("")
+        lines.append(f"batch 256, async, simulated {gpu}: {m['of_bound']:.3f} of the bound "
+                     f"(target >= 0.95: {'met' if m['of_bound'] >= 0.95 else 'NOT met'}), "
+                     f"host {m['host_ms_per_step']:.2f} ms/step (target <= 3: "
+                     f"{'met' if m['host_ms_per_step'] <= 3 else 'NOT met'})")
+    return "\n".join(lines)
+
+
+# -- served ---------------------------------------------------------------------------------
+
+def served_requests(count: int, seed: int, vocab: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab) for _ in range(rng.randint(256, 768))]
+            for _ in range(count)]
+
+
+async def _stream(session, url: str, model: str, prompt: list[int], max_tokens: int) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first, chunks, tokens = None, 0, 0
+    async with session.post(url, json=body) as response:
+        if response.status != 200:
+            return {"error": f"{response.status}: {await response.text()}"}
+        async for line in response.content:
+            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                continue
+            if first is None:
+                first = time.perf_counter() - start
+            if b'"usage"' in line:
+                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+            else:
+                chunks += 1
+    return {"ttft_s": first, "e2e_s": time.perf_counter() - start, "chunks": chunks,
+            "tokens": tokens}
+
+
+async def _clients(url: str, model: str, prompts: list[list[int]], max_tokens: int) -> dict:
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=3600)) as session:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(_stream(session, url, model, p, max_tokens)
+                                         for p in prompts))
+        return {"wall_s": time.perf_counter() - start, "results": results}
+
+
+def client_main(spec_file: str) -> None:
+    """The client process: run the streams in `spec_file`, print the results as JSON."""
+    spec = json.loads(Path(spec_file).read_text())
+    cpu = time.process_time()
+    out = asyncio.run(_clients(spec["url"], spec["model"], spec["prompts"], spec["max_tokens"]))
+    out["cpu_s"] = time.process_time() - cpu
+    print(json.dumps(out))
+
+
+def run_clients(url: str, model: str, prompts: list[list[int]], max_tokens: int) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as spec:
+        json.dump({"url": url, "model": model, "prompts": prompts, "max_tokens": max_tokens},
+                  spec)
+    try:
+        done = subprocess.run([sys.executable, __file__, "--client", spec.name],
+                              capture_output=True, text=True, check=True)
+    finally:
+        os.unlink(spec.name)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def serving_processes() -> dict[int, str]:
+    """Ray's processes on this machine, by the part of the serving plane they are."""
+    import psutil
+
+    roles = {}
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if "ProxyActor" in cmdline:
+            roles[process.pid] = "proxy"
+        elif "OpenAIIngress" in cmdline:
+            roles[process.pid] = "ingress"
+        elif "LLMServer" in cmdline:
+            roles[process.pid] = "replica"
+        elif "RayWorker" in cmdline:
+            roles[process.pid] = "ranks"
+        elif any(name in cmdline for name in ("raylet", "gcs_server", "ServeController",
+                                              "dashboard", "log_monitor", "ray::")):
+            roles[process.pid] = "ray (other)"
+    return roles
+
+
+def cpu_by_role(roles: dict[int, str]) -> dict[str, float]:
+    import psutil
+
+    seconds: dict[str, float] = {}
+    for pid, role in roles.items():
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        seconds[role] = seconds.get(role, 0.0) + times.user + times.system
+    return seconds
+
+
+def offline_first_token(llm: LLM, prompts: list[list[int]], max_tokens: int) -> dict:
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    wall = time.perf_counter() - start
+    ttft = [o.metrics.first_token_time - o.metrics.arrival_time for o in outputs]
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return {"wall_s": wall, "tokens_per_s": tokens / wall, "ttft_s": statistics.median(ttft)}
+
+
+def served(config: Config, streams: list[int], output_len: int, seed: int) -> dict:
+    import ray
+    from ray import serve
+
+    from pagedserve.cluster.app import build, serve_environment
+    from pagedserve.config import served_model_name
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    offline_llm = LLM(config=config)
+    vocab = min(offline_llm.engine.info.vocab_size, 40000)
+    workloads = {n: served_requests(n, seed + n, vocab) for n in sorted({1, 32, *streams})}
+    offline_llm.generate({"prompt_token_ids": [100] * 64}, SamplingParams(max_tokens=4),
+                         use_tqdm=False)
+    base = {n: offline_first_token(offline_llm, prompts, output_len if n > 32 else 16)
+            for n, prompts in workloads.items()}
+    offline_llm.shutdown()
+
+    serve_environment()
+    ray.init(logging_level="ERROR", include_dashboard=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build(config), name="gpu-rate", route_prefix="/")
+    url, model = f"http://127.0.0.1:{port}/v1/completions", served_model_name(config)
+    results: dict = {}
+    try:
+        run_clients(url, model, workloads[1] * 4, 8)  # warm-up
+        roles = serving_processes()
+        for n, prompts in workloads.items():
+            max_tokens = output_len if n > 32 else 16
+            before = cpu_by_role(roles)
+            out = run_clients(url, model, prompts, max_tokens)
+            after = cpu_by_role(roles)
+            done = [r for r in out["results"] if "error" not in r]
+            tokens = sum(r["tokens"] for r in done)
+            cpu = {role: after[role] - before.get(role, 0.0) for role in after}
+            cpu["client"] = out["cpu_s"]
+            row = {"streams": n, "errors": len(out["results"]) - len(done),
+                   "tokens": tokens, "chunks": sum(r["chunks"] for r in done),
+                   "tokens_per_s": tokens / out["wall_s"],
+                   "offline_tokens_per_s": base[n]["tokens_per_s"],
+                   "ttft_s": statistics.median(r["ttft_s"] for r in done),
+                   "offline_ttft_s": base[n]["ttft_s"],
+                   "cpu_ms_per_1000_tokens": {role: seconds / tokens * 1e6
+                                              for role, seconds in cpu.items()}}
+            row["of_offline"] = row["tokens_per_s"] / row["offline_tokens_per_s"]
+            row["serving_us_per_token"] = sum(
+                seconds for role, seconds in cpu.items()
+                if role in ("proxy", "ingress", "replica")) / tokens * 1e6
+            results[n] = row
+            print(f"{n} streams: {row['tokens_per_s']:.0f} tok/s received, "
+                  f"{row['of_offline']:.2f} of offline, serving CPU "
+                  f"{row['serving_us_per_token']:.0f} us/token, TTFT "
+                  f"{row['ttft_s'] * 1e3:.1f} ms (offline {row['offline_ttft_s'] * 1e3:.1f}), "
+                  f"{row['errors']} errors", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return results
+
+
+def served_report(results: dict) -> str:
+    lines = ["| streams | received tok/s | offline tok/s | served/offline | serving-plane CPU "
+             "us/token | CPU ms per 1,000 tokens by process | TTFT served - offline ms |",
+             "|---:|---:|---:|---:|---:|---|---:|"]
+    for n, row in results.items():
+        by_role = ", ".join(f"{role} {ms:.0f}"
+                            for role, ms in sorted(row["cpu_ms_per_1000_tokens"].items()))
+        lines.append(f"| {n} | {row['tokens_per_s']:.0f} | {row['offline_tokens_per_s']:.0f} | "
+                     f"{row['of_offline']:.2f} | {row['serving_us_per_token']:.0f} | "
+                     f"{by_role} | {(row['ttft_s'] - row['offline_ttft_s']) * 1e3:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--client":
+        client_main(sys.argv[2])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/llama-3-8b-h200-sim.yaml")
+    parser.add_argument("--batches", type=int, nargs="+", default=[64, 256, 512])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--output-len", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--served", action="store_true",
+                        help="also measure the serving path (Ray Serve) against offline")
+    parser.add_argument("--served-only", action="store_true")
+    parser.add_argument("--streams", type=int, nargs="+", default=[64, 256, 1024])
+    parser.add_argument("--served-output-len", type=int, default=128)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_rate.json"))
+    args = parser.parse_args()
+    config = load(args.config)
+    if config.engine.simulator is None:
+        raise SystemExit(f"{args.config} has no engine.simulator: this benchmark measures "
+                         "the host side against a simulated GPU")
+    gpu = config.engine.simulator.gpu
+    print(f"{args.config}: {config.model.path} on simulated {gpu} x "
+          f"{config.parallel.tensor_parallel_size}; host CPU {cpu_model()}", flush=True)
+    results, serving = {}, {}
+    if not args.served_only:
+        results = offline(config, args.batches, args.rounds, args.output_len, args.seed)
+        print()
+        print(report(results, gpu))
+    if args.served or args.served_only:
+        serving = served(config, args.streams, args.served_output_len, args.seed)
+        print()
+        print(served_report(serving))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "date": datetime.date.today().isoformat(), "cpu": cpu_model(), "config": args.config,
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "offline": {str(batch): modes for batch, modes in results.items()},
+        "served": {str(n): row for n, row in serving.items()}}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

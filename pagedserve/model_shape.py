@@ -1,0 +1,116 @@
+"""Model shapes and the memory they take: what planning and simulation need.
+
+The numbers of an HF config.json that memory and step time depend on
+(`ModelShape`), the bundled presets of well-known models, and per-rank
+parameter and activation figures. Pure arithmetic: no torch, no weights.
+The planner (planner.py) reports them; the simulated accelerator
+(worker/simulated.py) sizes its KV pool and times its steps with them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+GIB = 2**30
+# CUDA context, NCCL buffers and caching-allocator slack: outside any tensor we size.
+RUNTIME_OVERHEAD_BYTES = GIB
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# The key a preset adds to the HF config.json it copies: the hub ids it stands for.
+PRESET_HUB_IDS_KEY = "pagedserve_hub_ids"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of an HF config.json that memory depends on."""
+
+    source: str
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    context_limit: int  # max_position_embeddings, or a smaller sliding window
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_proj_bias: bool
+    mlp_bias: bool
+    saved_dtype: str | None
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any], source: str) -> ModelShape:
+        missing = [key for key in ("vocab_size", "hidden_size", "intermediate_size",
+                                   "num_hidden_layers", "num_attention_heads",
+                                   "max_position_embeddings") if hf.get(key) is None]
+        if missing:
+            raise ValueError(f"{source}: the model config has no {', '.join(missing)}")
+        heads = hf["num_attention_heads"]
+        limit = hf["max_position_embeddings"]
+        window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+        attention_bias = bool(hf.get("attention_bias", False))
+        return cls(
+            source=source,
+            model_type=hf.get("model_type", "llama"),
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            # The engine attends over the whole context, so a sliding window caps it.
+            context_limit=min(limit, window) if window else limit,
+            # Llama, Mistral and Qwen2 configs default to untied embeddings.
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            # As the model builds them: Qwen2 always has q/k/v biases.
+            qkv_bias=attention_bias or hf.get("model_type") == "qwen2",
+            o_proj_bias=attention_bias,
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            saved_dtype=hf.get("dtype") or hf.get("torch_dtype"),
+        )
+
+    def kv_bytes_per_token(self, tp: int, dtype_bytes: int) -> int:
+        """KV bytes of one token on one rank: its share of the KV heads, every layer."""
+        return 2 * self.num_layers * (self.num_kv_heads // tp) * self.head_dim * dtype_bytes
+
+
+def load_presets() -> dict[str, dict[str, Any]]:
+    """Bundled HF configs of well-known models, by preset name (the file's stem)."""
+    folder = resources.files("pagedserve").joinpath("presets")
+    return {entry.name.removesuffix(".json"): json.loads(entry.read_text())
+            for entry in sorted(folder.iterdir(), key=lambda entry: entry.name)
+            if entry.name.endswith(".json")}
+
+
+def preset_for(hub_id: str) -> dict[str, Any] | None:
+    """The bundled config of a hub id, if a preset stands for it."""
+    return next((hf for hf in load_presets().values() if hub_id in hf[PRESET_HUB_IDS_KEY]),
+                None)
+
+
+def params_per_rank(shape: ModelShape, tp: int) -> int:
+    hidden, inter = shape.hidden_size, shape.intermediate_size // tp
+    q = shape.num_heads // tp * shape.head_dim
+    kv = shape.num_kv_heads // tp * shape.head_dim
+    attention = hidden * (q + 2 * kv) + q * hidden
+    attention += (q + 2 * kv) * shape.qkv_bias + hidden * shape.o_proj_bias
+    mlp = 3 * hidden * inter + (2 * inter + hidden) * shape.mlp_bias
+    layer = attention + mlp + 2 * hidden  # + input and post-attention RMSNorm
+    embedding = math.ceil(shape.vocab_size / tp) * hidden
+    lm_head = 0 if shape.tie_word_embeddings else embedding
+    return shape.num_layers * layer + embedding + lm_head + hidden  # + final norm
+
+
+def headroom_bytes(shape: ModelShape, tp: int, dtype_bytes: int, step_tokens: int,
+                    max_num_seqs: int) -> int:
+    """See planner.plan: runtime overhead, one step's peak activations, rank 0's logits."""
+    qkv = (shape.num_heads + 2 * shape.num_kv_heads) * shape.head_dim // tp
+    per_token = 4 * shape.hidden_size + qkv + 3 * shape.intermediate_size // tp
+    logits = max_num_seqs * shape.vocab_size * 4 * 2
+    return RUNTIME_OVERHEAD_BYTES + step_tokens * per_token * dtype_bytes + logits

@@ -1,0 +1,120 @@
+"""How long a step takes on a GPU: a roofline model, and the GPUs it knows.
+
+A step reads every weight of its rank once and the KV of every scheduled
+context, and does 2 FLOPs per weight per token plus attention. It takes
+whichever is longer:
+
+    memory  = (weights + KV read + KV written) / copy bandwidth
+    compute = FLOPs / (dense bf16 peak x tensor efficiency)
+    step    = max(memory, compute) + all-reduces (tensor parallel only)
+
+Decode steps are memory-bound and prefill steps compute-bound, so a mixed step
+takes the larger of the two. With tensor parallelism each layer all-reduces
+its attention and MLP outputs over the link: a ring moves 2 (tp - 1) / tp of
+the bytes, plus a fixed latency per all-reduce.
+
+Llama-3-8B in bf16 at batch 256, 1,024-token contexts, on an H200:
+16.06 GB of weights + 256 x 1,024 x 128 KiB of KV = 50.4 GB, / 4.3 TB/s = 11.7 ms.
+
+Pure arithmetic, no torch: the planner and the simulated accelerator
+(simulated.py) both use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pagedserve.model_shape import ModelShape, params_per_rank
+
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    memory_bytes: int  # what the driver reports (nvidia-smi's total)
+    copy_bandwidth: float  # bytes/s, a measured device-to-device copy, read + write
+    dense_bf16_flops: float  # data-sheet peak, dense (no sparsity)
+    tensor_efficiency: float  # the share of that peak large GEMMs sustain
+    link_bandwidth: float  # bytes/s of all-reduce bus bandwidth per GPU (NVLink, NCCL)
+    allreduce_latency_s: float  # per all-reduce, however small
+    sources: str
+
+    @property
+    def sustained_flops(self) -> float:
+        return self.dense_bf16_flops * self.tensor_efficiency
+
+
+GPUS = {gpu.name: gpu for gpu in (
+    GPU("h100-sxm", memory_bytes=81559 * MIB, copy_bandwidth=3.0e12, dense_bf16_flops=989e12,
+        tensor_efficiency=0.75, link_bandwidth=360e9, allreduce_latency_s=10e-6,
+        sources="NVIDIA H100 data sheet (80 GB HBM3, 3.35 TB/s, 989 TFLOPS dense bf16, "
+                "NVLink 900 GB/s); copy bandwidth about 3.0 TB/s measured; NCCL all-reduce "
+                "bus bandwidth about 360 GB/s on 4-8 GPUs (nccl-tests); 81559 MiB as "
+                "nvidia-smi reports; efficiency and latency assumed"),
+    GPU("h200", memory_bytes=143771 * MIB, copy_bandwidth=4.3e12, dense_bf16_flops=989e12,
+        tensor_efficiency=0.78, link_bandwidth=360e9, allreduce_latency_s=10e-6,
+        sources="NVIDIA H200 data sheet (141 GB HBM3e, 4.8 TB/s, 989 TFLOPS dense bf16, "
+                "NVLink 900 GB/s); measured on an H200 here: copy 4.3 TB/s, 8192^3 bf16 "
+                "matmul 769-798 TFLOP/s (0.78 of peak), 143771 MiB in nvidia-smi; link as "
+                "the H100's; latency assumed"),
+    GPU("a100-80gb", memory_bytes=81920 * MIB, copy_bandwidth=1.7e12, dense_bf16_flops=312e12,
+        tensor_efficiency=0.75, link_bandwidth=230e9, allreduce_latency_s=12e-6,
+        sources="NVIDIA A100 data sheet (80 GB HBM2e, 2.04 TB/s, 312 TFLOPS dense bf16, "
+                "NVLink 600 GB/s); copy bandwidth about 1.7 TB/s measured (about 85% of "
+                "peak, as on Hopper); NCCL bus bandwidth about 230 GB/s; efficiency and "
+                "latency assumed"),
+)}
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """One scheduled sequence as the model sees it: new tokens, and the context they
+    attend to once written (the new tokens included)."""
+
+    num_tokens: int
+    context_len: int
+    samples: bool  # its last row goes through the LM head
+
+
+class Roofline:
+    """Step times of one model shape on one GPU, per tensor-parallel rank."""
+
+    def __init__(self, gpu: GPU, shape: ModelShape, tp: int, dtype_bytes: int) -> None:
+        self.gpu, self.shape, self.tp = gpu, shape, tp
+        self.dtype_bytes = dtype_bytes
+        self.weight_bytes = params_per_rank(shape, tp) * dtype_bytes
+        self.kv_bytes_per_token = shape.kv_bytes_per_token(tp, dtype_bytes)
+        vocab_rows = -(-shape.vocab_size // tp)
+        # Weights every token multiplies (the embedding is a lookup, the LM head
+        # runs on sampled rows only).
+        self.lm_head_params = vocab_rows * shape.hidden_size
+        embedding = vocab_rows * shape.hidden_size
+        self.body_params = params_per_rank(shape, tp) - embedding - (
+            0 if shape.tie_word_embeddings else self.lm_head_params)
+        self.attention_width = shape.num_heads // tp * shape.head_dim
+
+    def step_time(self, seqs: list[StepShape]) -> float:
+        """Seconds one step takes on the GPU (every rank alike)."""
+        if not seqs:
+            return 0.0
+        tokens = sum(seq.num_tokens for seq in seqs)
+        sampled = sum(seq.samples for seq in seqs)
+        kv_read = sum(seq.context_len for seq in seqs) * self.kv_bytes_per_token
+        kv_written = tokens * self.kv_bytes_per_token
+        memory = (self.weight_bytes + kv_read + kv_written) / self.gpu.copy_bandwidth
+        # Each new token attends to the context before it: q x (c - q) + q (q + 1) / 2 pairs.
+        pairs = sum(seq.num_tokens * (seq.context_len - seq.num_tokens)
+                    + seq.num_tokens * (seq.num_tokens + 1) // 2 for seq in seqs)
+        flops = (2 * self.body_params * tokens + 2 * self.lm_head_params * sampled
+                 + 4 * self.shape.num_layers * self.attention_width * pairs)
+        compute = flops / self.gpu.sustained_flops
+        return max(memory, compute) + self.allreduce_time(tokens)
+
+    def allreduce_time(self, tokens: int) -> float:
+        """Two all-reduces per layer (attention out, MLP out) of [tokens, hidden]."""
+        if self.tp == 1:
+            return 0.0
+        size = tokens * self.shape.hidden_size * self.dtype_bytes
+        ring = 2 * (self.tp - 1) / self.tp * size / self.gpu.link_bandwidth
+        return 2 * self.shape.num_layers * (ring + self.gpu.allreduce_latency_s)

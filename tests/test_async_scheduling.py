@@ -1,0 +1,135 @@
+"""Asynchronous scheduling: step N+1 planned while step N runs changes no output.
+
+The same requests run with `async_scheduling` off and on (a CPU worker on its
+device thread): greedy equals HF, and seeded sampling, stop strings, parallel
+samples, penalties, beams, prefix-cache hits and preemption under a small
+pool all give the same tokens. A stop found one step late emits no token and
+keeps no block; an abort while steps are in flight frees every block.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pagedserve import LLM, SamplingParams
+from pagedserve.scheduler.step import PLACEHOLDER
+
+PROMPTS = [[7 + i, 40 + 3 * i, 100 + i, 9, 17 + i] + list(range(200, 200 + 3 * i))
+           for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(model_dirs):
+    return model_dirs("llama-gqa")
+
+
+def engine(model_dir, async_scheduling: bool, **fields) -> LLM:
+    options = dict(max_model_len=128, device="cpu", dtype="float32", num_gpu_blocks=48,
+                   block_size=4, max_num_seqs=6, max_num_batched_tokens=48)
+    options.update(fields)
+    return LLM(str(model_dir), async_scheduling=async_scheduling, **options)
+
+
+@pytest.fixture(scope="module")
+def engines(model_dir):
+    pair = {mode: engine(model_dir, mode) for mode in (False, True)}
+    yield pair
+    for llm in pair.values():
+        llm.shutdown()
+
+
+def run(llm: LLM, prompts, params):
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    stats = llm.get_memory_stats()
+    assert stats["free_blocks"] == stats["total_blocks"], stats
+    return [[(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in o.outputs]
+            for o in outs]
+
+
+def test_greedy_equals_hf_with_steps_overlapped(engines, model_dir):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        expected = [model.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False)[
+            0, len(p):].tolist() for p in PROMPTS]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    outs = engines[True].generate([{"prompt_token_ids": p} for p in PROMPTS], params,
+                                  use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert engines[True].engine.async_scheduling
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.8, seed=3, max_tokens=20),
+    SamplingParams(temperature=0.0, max_tokens=24, stop=["e", "a "]),
+    SamplingParams(temperature=1.0, seed=5, n=2, best_of=3, max_tokens=10),
+    SamplingParams(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.5,
+                   max_tokens=12),
+    SamplingParams(temperature=0.0, use_beam_search=True, n=2, best_of=3, max_tokens=8),
+    SamplingParams(temperature=0.7, seed=11, max_tokens=16, logprobs=2),
+], ids=["seeded", "stop-strings", "parallel-samples", "penalties", "beams", "logprobs"])
+def test_outputs_equal_the_synchronous_engine(engines, params):
+    """Small pool and budget: requests are chunked, preempted and share prefix blocks."""
+    prompts = PROMPTS + [PROMPTS[-1][:12] + [5, 6]]  # a shared prefix
+    assert run(engines[True], prompts, params) == run(engines[False], prompts, params)
+
+
+def test_preemption_by_swap_and_recompute_changes_nothing(model_dir):
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    results = {}
+    for mode in (False, True):
+        llm = engine(model_dir, mode, num_gpu_blocks=36, max_num_seqs=8,
+                     preemption_mode="swap")
+        try:
+            results[mode] = run(llm, PROMPTS[:8], params)
+            assert llm.get_memory_stats()["num_preemptions"] > 0
+        finally:
+            llm.shutdown()
+    assert results[True] == results[False]
+
+
+def test_a_stop_found_one_step_late_emits_nothing_and_keeps_no_block(engines):
+    """Each sequence's next step is already in flight when its stop token arrives."""
+    llm = engines[True]
+    free = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    first = llm.generate({"prompt_token_ids": PROMPTS[0]}, free, use_tqdm=False)[0].outputs[0]
+    stop_at = first.token_ids[4]
+    steps = []
+    submit = llm.engine.executor.submit
+
+    def recording(step):
+        steps.append(step)
+        return submit(step)
+
+    llm.engine.executor.submit = recording
+    try:
+        out = llm.generate({"prompt_token_ids": PROMPTS[0]},
+                           SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                                          stop_token_ids=[stop_at]),
+                           use_tqdm=False)[0].outputs[0]
+    finally:
+        llm.engine.executor.submit = submit
+    assert out.token_ids == first.token_ids[:first.token_ids.index(stop_at) + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_at
+    # One more step was planned for it with the stop token still unknown (a placeholder).
+    assert len(steps) == len(out.token_ids) + 1
+    assert steps[-1].seqs[0].token_ids == [PLACEHOLDER]
+    stats = llm.get_memory_stats()
+    assert stats["free_blocks"] == stats["total_blocks"]
+
+
+def test_an_abort_with_steps_in_flight_frees_every_block(engines):
+    core = engines[True].engine
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    for index, prompt in enumerate(PROMPTS[:4]):
+        core.add_request(f"abort-{index}", prompt, params)
+    for _ in range(4):
+        core.step()
+    assert core._in_flight  # a step is running while the requests go
+    for index in range(4):
+        core.abort_request(f"abort-{index}")
+    while core.has_unfinished_requests():
+        assert core.step() == []  # the steps in flight return nothing for aborted requests
+    stats = core.get_memory_stats()
+    assert stats["free_blocks"] == stats["total_blocks"] and stats["num_running"] == 0

@@ -24,6 +24,12 @@ async def _collect(server: LLMServer, request_id: str, params: SamplingParams):
     return [output async for output in server.generate(request_id, [5, 6, 7], params)]
 
 
+def _tokens(outputs) -> list[int]:
+    """A request's tokens: the replica sends deltas, so its messages add up to them."""
+    return [token for output in outputs for choice in output.outputs
+            for token in choice.token_ids]
+
+
 def test_concurrent_requests_stream_and_finish():
     server = _server()
 
@@ -38,9 +44,13 @@ def test_concurrent_requests_stream_and_finish():
     finally:
         server.shutdown()
     for outputs in results:
-        assert outputs[-1].finished and len(outputs[-1].outputs[0].token_ids) == 6
+        assert outputs[-1].finished and len(_tokens(outputs)) == 6
         assert not any(o.finished for o in outputs[:-1])
-    assert len({tuple(o[-1].outputs[0].token_ids) for o in results}) == 1  # same prompt, greedy
+        # Deltas: at most the step's news in each message, the prompt in the first only.
+        assert all(len(o.outputs[0].token_ids) <= 2 for o in outputs if o.outputs)
+        assert outputs[0].prompt_token_ids == [5, 6, 7]
+        assert all(o.prompt_token_ids == [] for o in outputs[1:])
+    assert len({tuple(_tokens(o)) for o in results}) == 1  # same prompt, greedy
     assert stats["num_running"] == 0 and stats["free_blocks"] == stats["total_blocks"]
 
 
@@ -74,7 +84,7 @@ def test_stream_interval_coalesces_updates():
     finally:
         server.shutdown()
     # 40 steps arrive in fewer, larger updates; nothing is lost.
-    assert len(outputs) < 40 and len(outputs[-1].outputs[0].token_ids) == 40
+    assert len(outputs) < 40 and len(_tokens(outputs)) == 40
 
 
 def test_bad_request_and_full_queue_are_refused():

@@ -197,3 +197,31 @@ def test_four_simulated_ranks_under_ray(ray_cluster, tokenizer_dir):
         assert memory["free_blocks"] == memory["total_blocks"]
     finally:
         tp4.shutdown()
+
+
+def test_the_simulated_config_serves_through_the_openai_api(serve_instance, tokenizer_dir):
+    """What `pagedserve serve configs/llama-3-8b-h200-sim.yaml` runs, on Serve."""
+    import openai
+    from ray import serve
+
+    from pagedserve.cluster.app import build
+
+    config = sim_config(SIM_8B, tokenizer_dir)
+    serve.run(build(config), name="pagedserve-sim", route_prefix="/sim")
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{serve_instance.http}/sim/v1",
+                               api_key="none", max_retries=0)
+        model = client.models.list().data[0].id
+        assert model == "meta-llama/Meta-Llama-3-8B-Instruct"
+        stream = client.completions.create(model=model, prompt="Once upon a time",
+                                           max_tokens=24, stream=True,
+                                           stream_options={"include_usage": True})
+        chunks = list(stream)
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        assert chunks[-1].usage.completion_tokens == 24 and len(text) > 24
+        # Another request reads another place of the text; any text has a space.
+        whole = client.completions.create(model=model, prompt="Once upon a time", max_tokens=24,
+                                          stop=[" "])
+        assert whole.choices[0].finish_reason == "stop" and " " not in whole.choices[0].text
+    finally:
+        serve.delete("pagedserve-sim")

@@ -67,7 +67,8 @@ def served(config: Config) -> Config:
 def server_options(config: Config) -> dict[str, Any]:
     """Replicas, resources and placement of the LLMServer deployment."""
     parallel, scaling = config.parallel, config.autoscaling
-    on_gpu = config.engine.device == "cuda"
+    # A simulated GPU's workers only sleep: they take a sliver of a CPU, no GPU.
+    on_gpu = config.engine.device == "cuda" and config.engine.simulator is None
     options: dict[str, Any] = {"health_check_period_s": config.serving.health_check_period_s,
                                "health_check_timeout_s": config.serving.health_check_timeout_s,
                                "max_ongoing_requests": max_ongoing_requests(config),

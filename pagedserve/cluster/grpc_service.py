@@ -122,7 +122,7 @@ class GenerationService:
         try:
             request_id, stop, stream = await self._submit(request, grpc_context, stream=True)
             # Text that may still become a stop string is held back until it cannot.
-            state = responses.StreamState(stop)
+            state = responses.StreamState(() if stream.stop_safe else stop)
             tokens_sent: dict[int, int] = {}
             async for output in stream:
                 by_index = {choice.index: choice for choice in output.outputs}

@@ -36,6 +36,7 @@ from pagedserve.cluster.logprobs import (
     sampled,
 )
 from pagedserve.cluster.parsing import Limits, parse_request
+from pagedserve.cluster.server import wire_deltas
 from pagedserve.cluster.streams import (
     Stream,
     client_error,
@@ -254,7 +255,7 @@ class OpenAIIngress(GenerationService):
         except Exception as error:  # noqa: BLE001 - mapped below
             raise client_error(error, self.config.serving.retry_after_s,
                                req.param_names()) from None
-        return Stream(first, generator)
+        return Stream(first, generator, ids, wire_deltas(params))
 
     async def _stream_completion(self, request_id: str, req, streams: list[Stream],
                                  stop: tuple[str, ...], texts: list[str],
@@ -263,7 +264,7 @@ class OpenAIIngress(GenerationService):
         options = req.stream_options or protocol.StreamOptions()
         strings = TokenStrings(self._tokenizer, fmt.tokens_as_ids)
         # Text that may still become a stop string is held back until it cannot.
-        states = [responses.StreamState(stop) for _ in streams]
+        states = [responses.StreamState(() if s.stop_safe else stop) for s in streams]
         offsets: dict[tuple[int, int], TextOffsets] = {}
         latest: list[RequestOutput | None] = [None] * len(streams)
         async for prompt_index, output in merge(streams):
@@ -303,7 +304,7 @@ class OpenAIIngress(GenerationService):
             yield self._with_usage(responses.chat_chunk(
                 request_id, req.model, created, index, {"role": "assistant", "content": ""},
                 None), options, stream.first, index, counted=False)
-        state, final = responses.StreamState(stop), None
+        state, final = responses.StreamState(() if stream.stop_safe else stop), None
         top = req.num_top_logprobs
         async for _, output in merge([stream]):
             final = output

@@ -79,10 +79,12 @@ class EngineMetrics:
                 self.counters[name].inc(change)
             self._totals[name] = values[name]
 
-    def record_request(self, output: RequestOutput) -> None:
-        """A finished request: its token counts and latencies."""
-        generated = sum(len(completion.token_ids) for completion in output.outputs)
-        self.counters["prompt_tokens_total"].inc(len(output.prompt_token_ids))
+    def record_request(self, output: RequestOutput, prompt_tokens: int,
+                       generated_by_choice: dict[int, int]) -> None:
+        """A finished request (its last output, whose metrics hold its times): its token
+        counts, per choice index, and latencies."""
+        generated = sum(generated_by_choice.values())
+        self.counters["prompt_tokens_total"].inc(prompt_tokens)
         if generated:
             self.counters["generation_tokens_total"].inc(generated)
         times = output.metrics
@@ -94,7 +96,7 @@ class EngineMetrics:
             observe["request_queue_time_seconds"](times.first_scheduled_time - times.arrival_time)
         if times.first_token_time is not None:
             observe["time_to_first_token_seconds"](times.first_token_time - times.arrival_time)
-            tokens = max(len(completion.token_ids) for completion in output.outputs)
+            tokens = max(generated_by_choice.values(), default=0)
             if tokens > 1:
                 observe["time_per_output_token_seconds"](
                     (times.finished_time - times.first_token_time) / (tokens - 1))

@@ -14,6 +14,7 @@ deployment, and tests can drive it directly.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import resource
 from collections.abc import AsyncIterator
@@ -25,7 +26,7 @@ from pagedserve.config import Config, served_model_name
 from pagedserve.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from pagedserve.engine.stats import EngineStats
 from pagedserve.outputs import RequestOutput
-from pagedserve.sampling_params import SamplingParams
+from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 from pagedserve.worker.ray_utils import normal_priority
 
 __all__ = ["EngineDeadError", "EngineOverloadedError", "LLMServer"]
@@ -61,7 +62,13 @@ class LLMServer:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Cumulative outputs of one request as steps produce them, the last one finished."""
+        """One request's outputs as steps produce them, the last one finished.
+
+        They cross to the ingress as deltas (the new token ids, text and logprobs),
+        at most one message per step, and only the first carries the prompt's ids
+        (`prompt_token_ids` is empty after it). Requests whose best_of exceeds n
+        re-rank their candidates every step and are sent cumulative.
+        """
         await self.engine.check_health()
         limit = self.config.serving.max_waiting_requests
         stats = self.engine.stats()
@@ -71,10 +78,22 @@ class LLMServer:
         if waiting >= limit:
             raise EngineOverloadedError(waiting, limit)
         interval = self.config.serving.stream_interval_s
+        deltas = wire_deltas(params)
+        if deltas:
+            params = dataclasses.replace(params, output_kind=RequestOutputKind.DELTA)
+        generated: dict[int, int] = {}  # tokens so far, per choice index
+        first = True
         async for output in self.engine.generate({"prompt_token_ids": prompt_token_ids}, params,
                                                  request_id):
+            for choice in output.outputs:
+                count = len(choice.token_ids)
+                generated[choice.index] = generated.get(choice.index, 0) + count if deltas \
+                    else count
             if output.finished:
-                self.metrics.record_request(output)
+                self.metrics.record_request(output, len(prompt_token_ids), generated)
+            if not first:
+                output.prompt_token_ids = []  # the ingress has them
+            first = False
             yield output
             if interval and not output.finished:
                 # Let more steps land: the engine hands over the newest, one larger update.
@@ -107,6 +126,11 @@ class LLMServer:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+
+
+def wire_deltas(params: SamplingParams) -> bool:
+    """Whether a request's outputs cross to the ingress as deltas (see LLMServer.generate)."""
+    return params.best_of == params.n or params.use_beam_search
 
 
 def _peak_rss_bytes() -> int:

@@ -21,21 +21,37 @@ from pagedserve.cluster import errors, responses
 from pagedserve.cluster.errors import OpenAIError
 from pagedserve.cluster.server import EngineOverloadedError
 from pagedserve.engine.async_engine import EngineDeadError
+from pagedserve.engine.output_kinds import Accumulator
 from pagedserve.errors import RequestError
 from pagedserve.outputs import RequestOutput
 
 
 class Stream:
-    """A started request: its first output, and the generator of the rest."""
+    """A started request: its outputs from the replica, made cumulative again.
 
-    def __init__(self, first: RequestOutput, rest) -> None:
-        self.first, self.rest = first, rest
+    The replica sends deltas (LLMServer.generate); they are added up here by
+    extending lists, so each message costs what it carries. `stop_safe`: the
+    text was held back for stop strings by the engine already.
+    """
+
+    def __init__(self, first: RequestOutput, rest, prompt_token_ids: list[int],
+                 deltas: bool) -> None:
+        self.rest, self.deltas = rest, deltas
+        self._sum = Accumulator(prompt_token_ids) if deltas else None
+        self.first = self._add(first)
+
+    @property
+    def stop_safe(self) -> bool:
+        return self.deltas
+
+    def _add(self, output: RequestOutput) -> RequestOutput:
+        return self._sum.add(output) if self._sum is not None else output
 
     async def __aiter__(self):
         yield self.first
         if not self.first.finished:
             async for output in self.rest:
-                yield output
+                yield self._add(output)
 
 
 async def last(stream: Stream) -> RequestOutput:

@@ -33,7 +33,7 @@ from typing import Any
 from pagedserve import config as config_module
 from pagedserve.config import Config, config_from_fields
 from pagedserve.engine.core import EngineCore, PromptInput
-from pagedserve.engine.output_kinds import DeltaTracker
+from pagedserve.engine.output_kinds import merge
 from pagedserve.engine.stats import EngineStats
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
@@ -98,22 +98,21 @@ class AsyncLLMEngine:
         self._adding.add(request_id)
         self._send("add", request_id, prompt_token_ids, sampling_params,
                    prompt if isinstance(prompt, str) else None)
-        kind = sampling_params.output_kind
-        deltas = DeltaTracker(sampling_params.stop) if kind is RequestOutputKind.DELTA else None
+        delta = sampling_params.output_kind is RequestOutputKind.DELTA
         finished = False
         try:
             while not finished:
                 item = await outputs.get()
-                # Outputs are cumulative: when the consumer lags behind the steps, the
-                # newest one says everything the skipped ones did, in one message.
+                # A consumer that lags behind the steps gets one message for them all:
+                # the newest cumulative output, or the deltas merged.
                 while not isinstance(item, BaseException) and not outputs.empty():
-                    item = outputs.get_nowait()
+                    newer = outputs.get_nowait()
+                    item = newer if isinstance(newer, BaseException) or not delta else merge(
+                        item, newer)
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
-                if kind is RequestOutputKind.FINAL_ONLY and not finished:
-                    continue
-                yield deltas.delta(item) if deltas is not None else item
+                yield item
         finally:
             self._streams.pop(request_id, None)
             if not finished:  # the consumer left early: give the blocks back

@@ -19,6 +19,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pagedserve.config import Config, EngineConfig
 from pagedserve.engine.executors import choose_device, make_executor
+from pagedserve.engine.output_kinds import DeltaTracker
 from pagedserve.engine.resolve import resolve
 from pagedserve.engine.stats import EngineStats
 from pagedserve.errors import RequestError
@@ -71,6 +72,7 @@ class EngineCore:
         # Steps sent to the device, oldest first: at most two with async scheduling.
         self._in_flight: deque[tuple[StepInput, PendingStep]] = deque()
         self._usage = _Usage()
+        self._deltas: dict[str, DeltaTracker] = {}  # what each DELTA request has had
         self._step_stats = StepStats()
         self._busy_since: float | None = None  # start of the last step() call that left work
 
@@ -163,7 +165,11 @@ class EngineCore:
         """Stop a request now; every block it holds is freed at once. Returns its last
         output (finish reason "abort"), or None for an unknown id."""
         group = self.scheduler.abort(request_id)
-        return None if group is None else self._request_output(group)
+        if group is None:
+            return None
+        output = self._request_output(group)
+        self._deltas.pop(request_id, None)
+        return output
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._in_flight)
@@ -230,6 +236,9 @@ class EngineCore:
                 output.metrics = dataclasses.replace(metrics)
                 outputs.append(output)
         self.scheduler.free_finished(advanced)
+        for group in advanced:
+            if group.finished:
+                self._deltas.pop(group.request_id, None)
         self._record_usage()
         return outputs
 
@@ -337,8 +346,19 @@ class EngineCore:
 
 
     def _request_output(self, group: SequenceGroup) -> RequestOutput:
+        if group.sampling_params.output_kind is RequestOutputKind.DELTA:
+            tracker = self._deltas.get(group.request_id)
+            if tracker is None:
+                tracker = self._deltas[group.request_id] = DeltaTracker(
+                    group.sampling_params.stop)
+            if group.beam_search is None:
+                return _delta_output(group, tracker)
+            return tracker.delta(self._beam_output(group))
         if group.beam_search is None:
             return _request_output(group)
+        return self._beam_output(group)
+
+    def _beam_output(self, group: SequenceGroup) -> RequestOutput:
         outputs = []
         if group.hypotheses is not None:
             eos = group.beam_search.eos_token_ids
@@ -403,6 +423,22 @@ def swap_blocks(engine: EngineConfig, num_blocks: int, block_bytes: int) -> int:
     if engine.swap_space is not None:
         return int(engine.swap_space * 2**30) // block_bytes
     return min(num_blocks, DEFAULT_SWAP_BYTES // block_bytes)
+
+
+def _delta_output(group: SequenceGroup, tracker: DeltaTracker) -> RequestOutput:
+    """What is new in each sequence since the request's last output (best_of == n)."""
+    want_logprobs = group.sampling_params.logprobs is not None
+    outputs = []
+    for index, seq in enumerate(group.seqs):
+        news = tracker.news(index, seq.output_text, seq.token_ids, seq.num_prompt_tokens,
+                            seq.output_logprobs if want_logprobs else None,
+                            seq.finish_reason.value if seq.finish_reason else None,
+                            seq.stop_reason, seq.cumulative_logprob)
+        if news is not None:
+            outputs.append(news)
+    return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outputs,
+                         finished=group.finished,
+                         prompt_logprobs=tracker.prompt_logprobs(_prompt_logprobs(group)))
 
 
 def _request_output(group: SequenceGroup) -> RequestOutput:

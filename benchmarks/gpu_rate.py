@@ -8,8 +8,9 @@ tokens, detokenizing, stop strings, and (with --served) the serving path.
 The kernels themselves are not measured.
 
 Offline, at each batch size, the same requests (prompts of 512-1536 tokens,
-512 new tokens each, so contexts of 512-2048) run through `LLM.generate` with
-`async_scheduling` off and on, alternating over `--rounds`:
+512 new tokens each, so contexts of 512-2048; new prompts each round, so the
+prefix cache never hits) run through `LLM.generate` with `async_scheduling`
+off and on, alternating over `--rounds`:
 
 - throughput against the device bound: the sum of the simulated step times
   over the wall time (1.0: the device never waited);
@@ -104,9 +105,10 @@ def offline(config: Config, batches: list[int], rounds: int, output_len: int,
             llm.generate({"prompt_token_ids": [100] * 64}, SamplingParams(max_tokens=4),
                          use_tqdm=False)
         for batch in batches:
-            prompts = requests(batch, seed + batch, vocab)
             runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
             for round_index in range(rounds):  # alternate the modes: the machine is noisy
+                # Fresh prompts each round (the same for both modes): no prefix-cache hits.
+                prompts = requests(batch, seed + 1000 * round_index + batch, vocab)
                 order = list(MODES) if round_index % 2 == 0 else list(reversed(MODES))
                 for mode in order:
                     run = offline_run(engines[mode], prompts, output_len)

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from pagedserve import LLM, SamplingParams
-from pagedserve.cluster.server import LLMServer
+from pagedserve.cluster.server import LLMServer, wire_deltas
 from pagedserve.config import load, parse
+from pagedserve.engine.output_kinds import Accumulator
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
 VOCAB = range(6, 500)  # the tiny model's ordinary tokens
@@ -57,11 +58,13 @@ async def _client(server: LLMServer, request: dict):
     """Run one request as its fate says; its final output if it finished."""
     await asyncio.sleep(request["delay"])
     stream = server.generate(request["id"], request["prompt"], request["params"])
+    # The replica sends deltas (cumulative when best_of > n); added up as the ingress does.
+    total = Accumulator(request["prompt"]) if wire_deltas(request["params"]) else None
     seen, final = 0, None
     try:
         async for output in stream:
             seen += 1
-            final = output
+            final = total.add(output) if total is not None else output
             if request["fate"] == "leave" and seen > request["after"]:
                 return None  # the client disconnects; closing the stream aborts it
     finally:

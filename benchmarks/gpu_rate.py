@@ -17,8 +17,8 @@ off and on, alternating over `--rounds`:
 - host time per step: the wall time the device waited for the host
   (`get_step_stats()["host_s"]`) over the steps, and its share of the wall time.
 
-Targets (issue: keeping up with a GPU): >= 0.95 of the bound at batch 256 with
-async scheduling, and <= 3 ms of host time per step there.
+Targets: >= 0.95 of the bound at batch 256 with async scheduling, and
+<= 3 ms of host time per step there.
 
 With --served, the same engine behind `pagedserve serve`'s Ray Serve app on
 this machine, against the offline engine on the same requests (prompts of

@@ -19,11 +19,11 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pagedserve.config import Config, EngineConfig
 from pagedserve.engine.executors import choose_device, make_executor
-from pagedserve.engine.output_kinds import DeltaTracker
+from pagedserve.engine.request_outputs import OutputBuilder
 from pagedserve.engine.resolve import resolve
 from pagedserve.engine.stats import EngineStats
 from pagedserve.errors import RequestError
-from pagedserve.outputs import CompletionOutput, RequestOutput
+from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 from pagedserve.scheduler.beam_search import BeamSearch
 from pagedserve.scheduler.block_manager import BlockManager, cdiv
@@ -72,7 +72,7 @@ class EngineCore:
         # Steps sent to the device, oldest first: at most two with async scheduling.
         self._in_flight: deque[tuple[StepInput, PendingStep]] = deque()
         self._usage = _Usage()
-        self._deltas: dict[str, DeltaTracker] = {}  # what each DELTA request has had
+        self.outputs = OutputBuilder(tokenizer)
         self._step_stats = StepStats()
         self._busy_since: float | None = None  # start of the last step() call that left work
 
@@ -167,8 +167,8 @@ class EngineCore:
         group = self.scheduler.abort(request_id)
         if group is None:
             return None
-        output = self._request_output(group)
-        self._deltas.pop(request_id, None)
+        output = self.outputs.build(group)
+        self.outputs.forget(request_id)
         return output
 
     def has_unfinished_requests(self) -> bool:
@@ -232,13 +232,13 @@ class EngineCore:
                 metrics.finished_time = now
             # A FINAL_ONLY request (the offline LLM's) needs no output until it ends.
             if finished or group.sampling_params.output_kind is not RequestOutputKind.FINAL_ONLY:
-                output = self._request_output(group)
+                output = self.outputs.build(group)
                 output.metrics = dataclasses.replace(metrics)
                 outputs.append(output)
         self.scheduler.free_finished(advanced)
         for group in advanced:
             if group.finished:
-                self._deltas.pop(group.request_id, None)
+                self.outputs.forget(group.request_id)
         self._record_usage()
         return outputs
 
@@ -345,43 +345,6 @@ class EngineCore:
             self._usage.peak_allocated_blocks = max(self._usage.peak_allocated_blocks, allocated)
 
 
-    def _request_output(self, group: SequenceGroup) -> RequestOutput:
-        if group.sampling_params.output_kind is RequestOutputKind.DELTA:
-            tracker = self._deltas.get(group.request_id)
-            if tracker is None:
-                tracker = self._deltas[group.request_id] = DeltaTracker(
-                    group.sampling_params.stop)
-            if group.beam_search is None:
-                return _delta_output(group, tracker)
-            return tracker.delta(self._beam_output(group))
-        if group.beam_search is None:
-            return _request_output(group)
-        return self._beam_output(group)
-
-    def _beam_output(self, group: SequenceGroup) -> RequestOutput:
-        outputs = []
-        if group.hypotheses is not None:
-            eos = group.beam_search.eos_token_ids
-            skip = group.sampling_params.skip_special_tokens
-            for index, hyp in enumerate(group.hypotheses):
-                text = (self.tokenizer.decode(hyp.output_token_ids, skip_special_tokens=skip)
-                        if self.tokenizer else "")
-                ended = bool(hyp.output_token_ids) and hyp.output_token_ids[-1] in eos
-                outputs.append(CompletionOutput(
-                    index=index, text=text, token_ids=list(hyp.output_token_ids),
-                    cumulative_logprob=hyp.cumulative_logprob, logprobs=None,
-                    finish_reason="stop" if ended else "length", stop_reason=None))
-        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outputs,
-                             finished=group.finished, prompt_logprobs=_prompt_logprobs(group))
-
-
-def _prompt_logprobs(group: SequenceGroup) -> list[dict[int, float] | None] | None:
-    """The prompt's scores once all are in (a prefill in chunks fills them in steps)."""
-    if group.prompt_logprobs is None or group.needs_prompt_logprobs:
-        return None
-    return list(group.prompt_logprobs)
-
-
 def context_room(prompt_len: int, max_model_len: int, max_tokens: int | None = None,
                  min_room: int = 0) -> int:
     """The tokens a prompt leaves in the context for new ones: the one home of the rule.
@@ -423,40 +386,3 @@ def swap_blocks(engine: EngineConfig, num_blocks: int, block_bytes: int) -> int:
     if engine.swap_space is not None:
         return int(engine.swap_space * 2**30) // block_bytes
     return min(num_blocks, DEFAULT_SWAP_BYTES // block_bytes)
-
-
-def _delta_output(group: SequenceGroup, tracker: DeltaTracker) -> RequestOutput:
-    """What is new in each sequence since the request's last output (best_of == n)."""
-    want_logprobs = group.sampling_params.logprobs is not None
-    outputs = []
-    for index, seq in enumerate(group.seqs):
-        news = tracker.news(index, seq.output_text, seq.token_ids, seq.num_prompt_tokens,
-                            seq.output_logprobs if want_logprobs else None,
-                            seq.finish_reason.value if seq.finish_reason else None,
-                            seq.stop_reason, seq.cumulative_logprob)
-        if news is not None:
-            outputs.append(news)
-    return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outputs,
-                         finished=group.finished,
-                         prompt_logprobs=tracker.prompt_logprobs(_prompt_logprobs(group)))
-
-
-def _request_output(group: SequenceGroup) -> RequestOutput:
-    params = group.sampling_params
-    seqs = group.seqs
-    if params.best_of > params.n:
-        seqs = sorted(seqs, key=lambda seq: seq.cumulative_logprob, reverse=True)[:params.n]
-    outputs = [
-        CompletionOutput(
-            index=index,
-            text=seq.output_text,
-            token_ids=seq.output_token_ids,
-            cumulative_logprob=seq.cumulative_logprob,
-            logprobs=list(seq.output_logprobs) if params.logprobs is not None else None,
-            finish_reason=seq.finish_reason.value if seq.finish_reason else None,
-            stop_reason=seq.stop_reason,
-        )
-        for index, seq in enumerate(seqs)
-    ]
-    return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outputs,
-                         finished=group.finished, prompt_logprobs=_prompt_logprobs(group))

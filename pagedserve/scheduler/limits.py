@@ -1,0 +1,30 @@
+"""The scheduler's limits, resolved once at engine build."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pagedserve.config import EngineConfig
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The scheduler's limits, resolved: engine settings plus what the model and
+    the device decide (`from_engine` builds it; tests build it directly)."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    eos_token_ids: frozenset[int] = frozenset()
+    # auto: recompute a request with one sequence, swap one with several (samples,
+    # beams), whose shared blocks recomputation would duplicate. Without CPU room
+    # for a swap, the request is recomputed.
+    preemption_mode: str = EngineConfig.model_fields["preemption_mode"].default
+
+    @classmethod
+    def from_engine(cls, engine: EngineConfig, *, max_model_len: int,
+                    eos_token_ids: frozenset[int], device_type: str) -> SchedulerConfig:
+        return cls(max_num_seqs=engine.max_num_seqs,
+                   max_num_batched_tokens=engine.step_token_budget(device_type),
+                   max_model_len=max_model_len, eos_token_ids=eos_token_ids,
+                   preemption_mode=engine.preemption_mode)

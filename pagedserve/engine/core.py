@@ -83,10 +83,10 @@ class EngineCore:
         info = resolve(model, choose_device(engine, parallel), parallel, simulated=simulated)
         tokenizer = None if model.skip_tokenizer_init else AutoTokenizer.from_pretrained(
             info.tokenizer_path, trust_remote_code=model.trust_remote_code)
+        device_type = "cuda" if simulated else info.device.type  # a simulated GPU is a GPU
         limits = SchedulerConfig.from_engine(engine, max_model_len=info.max_model_len,
                                              eos_token_ids=info.eos_token_ids,
-                                             device_type="cuda" if simulated
-                                             else info.device.type)
+                                             device_type=device_type)
         load_format = "dummy" if model.load_format == "dummy" else "safetensors"
         executor = make_executor(info, engine, parallel, load_format)
         try:
@@ -96,8 +96,7 @@ class EngineCore:
             executor.shutdown()
             raise
         return cls(info, Scheduler(limits, block_manager), executor, tokenizer,
-                   async_scheduling=engine.uses_async_scheduling(
-                       "cuda" if simulated else info.device.type))
+                   async_scheduling=engine.uses_async_scheduling(device_type))
 
     @staticmethod
     def _init_kv_cache(info: ModelInfo, engine: EngineConfig, executor: Executor,

@@ -84,7 +84,7 @@ class SimulatedWorker:
         self.sim = engine.simulator
         self.gpu = GPUS[self.sim.gpu]
         self.shape = ModelShape.from_hf_config(info.hf_config.to_dict(), str(info.model_dir))
-        self.dtype_bytes = _dtype_bytes(info)
+        self.dtype_bytes = info.dtype.itemsize
         self.roofline = Roofline(self.gpu, self.shape, tp_size, self.dtype_bytes)
         self.tp_size = tp_size
         self.block_bytes = engine.block_size * self.roofline.kv_bytes_per_token
@@ -189,7 +189,3 @@ class SimulatedWorker:
                                  -0.2 - 1.2 * rank)
             entries.append(entry)
         return PromptLogprobs(seq.seq_id, seq.start_pos, entries)
-
-
-def _dtype_bytes(info: ModelInfo) -> int:
-    return info.dtype.itemsize

@@ -208,6 +208,9 @@ def run_clients(url: str, model: str, prompts: list[list[int]], max_tokens: int)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+SERVING_PLANE = ("proxy", "ingress", "inbox", "replica")
+
+
 def serving_processes() -> dict[int, str]:
     """Ray's processes on this machine, by the part of the serving plane they are."""
     import psutil
@@ -221,6 +224,8 @@ def serving_processes() -> dict[int, str]:
             roles[process.pid] = "ingress"
         elif "LLMServer" in cmdline:
             roles[process.pid] = "replica"
+        elif "Inbox" in cmdline:
+            roles[process.pid] = "inbox"
         elif "RayWorker" in cmdline:
             roles[process.pid] = "ranks"
         elif any(name in cmdline for name in ("raylet", "gcs_server", "ServeController",
@@ -300,7 +305,7 @@ def served(config: Config, streams: list[int], output_len: int, seed: int) -> di
             row["of_offline"] = row["tokens_per_s"] / row["offline_tokens_per_s"]
             row["serving_us_per_token"] = sum(
                 seconds for role, seconds in cpu.items()
-                if role in ("proxy", "ingress", "replica")) / tokens * 1e6
+                if role in SERVING_PLANE) / tokens * 1e6
             results[n] = row
             print(f"{n} streams: {row['tokens_per_s']:.0f} tok/s received, "
                   f"{row['of_offline']:.2f} of offline, serving CPU "

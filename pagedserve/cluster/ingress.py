@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException
 from transformers import AutoTokenizer
 
 from pagedserve.cluster import errors, protocol, responses
+from pagedserve.cluster.channel import Receiver
 from pagedserve.cluster.errors import OpenAIError
 from pagedserve.cluster.grpc_service import GenerationService
 from pagedserve.cluster.logprobs import (
@@ -88,6 +89,7 @@ class OpenAIIngress(GenerationService):
         self._model_dir: str | None = None
         self._limits = Limits(max_stop_sequences=config.serving.max_stop_sequences)
         self._ready = asyncio.Lock()
+        self._receiver = Receiver()  # outputs after the first, batched (cluster/channel.py)
 
     # -- routes ---------------------------------------------------------------
     @app.get("/health")
@@ -249,13 +251,20 @@ class OpenAIIngress(GenerationService):
     async def _start(self, request_id: str, ids: list[int], params: SamplingParams,
                      req) -> Stream:
         """Submit a request and wait for its first output, so refusals become HTTP errors."""
-        generator = self.server.options(stream=True).generate.remote(request_id, ids, params)
+        receiver = self._receiver
+        queue = receiver.open(request_id)
         try:
+            generator = self.server.options(stream=True).generate.remote(
+                request_id, ids, params, receiver.inbox)
             first = await generator.__anext__()
-        except Exception as error:  # noqa: BLE001 - mapped below
+        except BaseException as error:
+            receiver.close(request_id)
+            if not isinstance(error, Exception):
+                raise
             raise client_error(error, self.config.serving.retry_after_s,
                                req.param_names()) from None
-        return Stream(first, generator, ids, wire_deltas(params))
+        return Stream(first, generator, ids, wire_deltas(params), queue,
+                      lambda: receiver.close(request_id))
 
     async def _stream_completion(self, request_id: str, req, streams: list[Stream],
                                  stop: tuple[str, ...], texts: list[str],

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from pagedserve.cluster import autoscaling, routing
+from pagedserve.cluster.channel import Outbox
 from pagedserve.cluster.metrics import EngineMetrics
 from pagedserve.config import Config, served_model_name
 from pagedserve.engine.async_engine import AsyncLLMEngine, EngineDeadError
@@ -52,6 +53,7 @@ class LLMServer:
         self.metrics = EngineMetrics(served_model_name(config), _replica_name())
         self.engine = AsyncLLMEngine.from_config(config)
         self.engine.on_step = self.metrics.record_step
+        self._outboxes: dict[Any, Outbox] = {}  # by the ingress replica's Inbox actor
 
     # -- the API the ingress calls --------------------------------------------
     def model_info(self) -> dict[str, Any]:
@@ -61,13 +63,17 @@ class LLMServer:
                 "vocab_size": info.vocab_size}
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+                       params: SamplingParams, inbox: Any = None,
+                       ) -> AsyncIterator[RequestOutput]:
         """One request's outputs as steps produce them, the last one finished.
 
         They cross to the ingress as deltas (the new token ids, text and logprobs),
         at most one message per step, and only the first carries the prompt's ids
         (`prompt_token_ids` is empty after it). Requests whose best_of exceeds n
-        re-rank their candidates every step and are sent cumulative.
+        re-rank their candidates every step and are sent cumulative. With an
+        `inbox` (cluster/channel.py), only the first output is yielded; the rest
+        go into the inbox with the other requests' outputs of the same step, and
+        the call returns once the last one is there.
         """
         await self.engine.check_health()
         limit = self.config.serving.max_waiting_requests
@@ -81,6 +87,7 @@ class LLMServer:
         deltas = wire_deltas(params)
         if deltas:
             params = dataclasses.replace(params, output_kind=RequestOutputKind.DELTA)
+        outbox = self._outbox(inbox) if inbox is not None else None
         generated: dict[int, int] = {}  # tokens so far, per choice index
         first = True
         async for output in self.engine.generate({"prompt_token_ids": prompt_token_ids}, params,
@@ -91,13 +98,28 @@ class LLMServer:
                     else count
             if output.finished:
                 self.metrics.record_request(output, len(prompt_token_ids), generated)
-            if not first:
-                output.prompt_token_ids = []  # the ingress has them
-            first = False
-            yield output
+            if first or outbox is None:
+                if not first:
+                    output.prompt_token_ids = []  # the ingress has them
+                first = False
+                yield output
+            else:
+                output.prompt_token_ids = []
+                outbox.add(request_id, output)
+                if output.finished:
+                    await outbox.delivered()
             if interval and not output.finished:
                 # Let more steps land: the engine hands over the newest, one larger update.
                 await asyncio.sleep(interval)
+
+    def _outbox(self, inbox: Any) -> Outbox:
+        """The outbox to an ingress's inbox; a failed one is replaced."""
+        outbox = self._outboxes.get(inbox)
+        if outbox is None or outbox.error is not None:
+            for key in [key for key, box in self._outboxes.items() if box.error is not None]:
+                del self._outboxes[key]  # their ingress replicas are gone
+            outbox = self._outboxes[inbox] = Outbox(inbox)
+        return outbox
 
     async def stats(self) -> dict[str, Any]:
         """KV memory stats and queue lengths, read between steps, and where the engine runs

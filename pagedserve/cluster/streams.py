@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi.responses import StreamingResponse
 from ray.exceptions import ActorUnavailableError, RayActorError
@@ -25,18 +25,25 @@ from pagedserve.engine.output_kinds import Accumulator
 from pagedserve.errors import RequestError
 from pagedserve.outputs import RequestOutput
 
+_WATCHING: set[asyncio.Future] = set()
+
 
 class Stream:
     """A started request: its outputs from the replica, made cumulative again.
 
     The replica sends deltas (LLMServer.generate); they are added up here by
     extending lists, so each message costs what it carries. `stop_safe`: the
-    text was held back for stop strings by the engine already.
+    text was held back for stop strings by the engine already. With `queue`,
+    the outputs after the first come through the ingress's inbox
+    (cluster/channel.py) while `rest`, the Serve call, only reports how it
+    ended: a failure there fails the stream, and leaving early cancels it.
     """
 
     def __init__(self, first: RequestOutput, rest, prompt_token_ids: list[int],
-                 deltas: bool) -> None:
+                 deltas: bool, queue: asyncio.Queue | None = None,
+                 close: Callable[[], None] | None = None) -> None:
         self.rest, self.deltas = rest, deltas
+        self._queue, self._close = queue, close
         self._sum = Accumulator(prompt_token_ids) if deltas else None
         self.first = self._add(first)
 
@@ -48,10 +55,40 @@ class Stream:
         return self._sum.add(output) if self._sum is not None else output
 
     async def __aiter__(self):
-        yield self.first
-        if not self.first.finished:
-            async for output in self.rest:
-                yield self._add(output)
+        try:
+            yield self.first
+            if self.first.finished:
+                return
+            if self._queue is None:
+                async for output in self.rest:
+                    yield self._add(output)
+                return
+            watch, finished = asyncio.ensure_future(self._watch()), False
+            _WATCHING.add(watch)  # it may outlive the stream by a moment: keep it referenced
+            watch.add_done_callback(_WATCHING.discard)
+            try:
+                while not finished:
+                    item = await self._queue.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    output = self._add(item)
+                    finished = output.finished
+                    yield output
+            finally:
+                if not finished and not watch.done():  # left early: abort the request
+                    watch.cancel()
+                    self.rest.cancel()
+        finally:
+            if self._close is not None:
+                self._close()
+
+    async def _watch(self) -> None:
+        """The Serve call ends once the last output is in the inbox; a failure is the stream's."""
+        try:
+            async for _ in self.rest:
+                pass
+        except Exception as error:  # noqa: BLE001 - raised by the stream's reader
+            self._queue.put_nowait(error)
 
 
 async def last(stream: Stream) -> RequestOutput:

@@ -191,8 +191,7 @@ class AsyncLLMEngine:
                     continue
                 outputs = self.core.step()
                 self._stats = self.core.stats()  # before anyone hears of the step
-                for output in outputs:
-                    self._deliver(output.request_id, output)
+                self._deliver_all(outputs)
                 if self.on_step is not None:
                     self.on_step(self._stats)
         except BaseException as error:  # noqa: BLE001 - every waiter must hear of it
@@ -240,3 +239,22 @@ class AsyncLLMEngine:
                 loop.call_soon_threadsafe(outputs.put_nowait, item)
             except RuntimeError:  # its event loop closed: nobody is listening any more
                 self._streams.pop(request_id, None)
+
+    def _deliver_all(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs: one wakeup per event loop, not one per request."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                by_loop.setdefault(stream[0], []).append((stream[1], output))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # its event loop closed: nobody is listening any more
+                for request_id in [i for i, (owner, _) in self._streams.items() if owner is loop]:
+                    self._streams.pop(request_id, None)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for outputs, item in items:
+        outputs.put_nowait(item)

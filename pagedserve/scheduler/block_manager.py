@@ -70,13 +70,13 @@ class BlockManager:
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._ref_counts = [0] * num_blocks
         self._keys: list[BlockKey | None] = [None] * num_blocks  # key of a cached block
+        self._free_cached = 0  # free blocks that have a key
         self._cached: dict[BlockKey, int] = {}
         self._tables: dict[int, list[int]] = {}
         self._num_slots: dict[int, int] = {}  # tokens each sequence has slots for
         self._seq_keys: dict[int, list[BlockKey]] = {}  # keys of each sequence's full blocks
         self._extra_keys: dict[int, str | None] = {}
-        # Filled slots of each physical block, and their sum over the allocated
-        # blocks: a shared block's tokens count once.
+        # Filled slots of each block, and their sum over allocated ones (shared: once).
         self._fill = [0] * num_blocks
         self._stored = 0
         # The CPU pool: tables of swapped-out sequences, and its own ref counts.
@@ -102,7 +102,7 @@ class BlockManager:
     @property
     def num_cached_blocks(self) -> int:
         """Free blocks that still hold a cached prefix."""
-        return sum(1 for block_id in self._free if self._keys[block_id] is not None)
+        return self._free_cached
 
     def cached_block_keys(self) -> list[BlockKey]:
         """The prefix-cache keys of every cached block, in use or free, oldest first."""
@@ -369,6 +369,7 @@ class BlockManager:
     def _hold(self, block_id: int) -> None:
         if self._ref_counts[block_id] == 0:
             del self._free[block_id]  # a cache hit on a free block: no longer evictable
+            self._free_cached -= self._keys[block_id] is not None
             self._stored += self._fill[block_id]
         self._ref_counts[block_id] += 1
 
@@ -379,11 +380,14 @@ class BlockManager:
             self._free[block_id] = None  # at the back: evicted last
             if self._keys[block_id] is None:
                 self._free.move_to_end(block_id, last=False)  # nothing to keep: reuse first
+            else:
+                self._free_cached += 1
 
     def _take(self) -> int:
         block_id, _ = self._free.popitem(last=False)
         key = self._keys[block_id]
         if key is not None:  # evict
+            self._free_cached -= 1
             del self._cached[key]
             self._keys[block_id] = None
         self._ref_counts[block_id] = 1

@@ -1,0 +1,141 @@
+"""Step batches: a replica's outputs for many requests, one message per step.
+
+Serve streams each request's outputs as messages of their own, so at a GPU's
+token rate the serving plane pays Ray's per-message cost once per token, on
+both ends. Here a request's first output still comes back through its Serve
+call, so refusals and errors map as before and the first token waits for no
+timer. The call stays open until the request ends, so Serve's routing, its
+accounting and its cancellation (the client left, or the ingress died) are
+unchanged. Every later output goes through the ingress's inbox instead:
+
+    ingress ──generate(id, ids, params, inbox)──> LLMServer ──first output──> ingress
+    LLMServer: Outbox ──one batch per send──> Inbox actor ──take()──> Receiver ──> queue per request
+
+An Outbox (one per ingress, in the replica) keeps one batch in flight: outputs
+that arrive meanwhile join the next, so a step's outputs leave together and a
+slow ingress gets fewer, larger batches instead of a backlog. Batches travel
+pickled once as bytes, which the Inbox stores and hands on without reading.
+A request's last output is acknowledged before its Serve call returns; an
+inbox that dies fails every request waiting on it, as a dead replica would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pickle
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+logger = logging.getLogger(__name__)
+
+
+@ray.remote(num_cpus=0)
+class Inbox:
+    """Batches from the replicas, held for the one ingress replica that reads them."""
+
+    def __init__(self) -> None:
+        self._batches: list[bytes] = []
+        self._ready = asyncio.Event()
+
+    async def put(self, batch: bytes) -> None:
+        self._batches.append(batch)
+        self._ready.set()
+
+    async def take(self) -> list[bytes]:
+        """Every batch so far, waiting for one if there is none."""
+        await self._ready.wait()
+        self._ready.clear()
+        batches, self._batches = self._batches, []
+        return batches
+
+
+class Outbox:
+    """The replica's end: outputs for one ingress, sent one batch at a time."""
+
+    def __init__(self, inbox: Any) -> None:
+        self._inbox = inbox
+        self._batch: list[tuple[str, Any]] = []
+        self._waiters: list[asyncio.Future] = []  # for the batch being filled
+        self._sender: asyncio.Task | None = None
+        self.error: BaseException | None = None  # the inbox failed: this outbox is done
+
+    def add(self, request_id: str, output: Any) -> None:
+        if self.error is not None:
+            raise self.error
+        self._batch.append((request_id, output))
+        if self._sender is None or self._sender.done():
+            # Scheduled after the tasks the same step woke, so their outputs join this batch.
+            self._sender = asyncio.create_task(self._send())
+
+    async def delivered(self) -> None:
+        """Wait until everything added so far is in the inbox."""
+        if not self._batch:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
+
+    async def _send(self) -> None:
+        while self._batch:
+            batch, waiters = self._batch, self._waiters
+            self._batch, self._waiters = [], []
+            try:
+                await self._inbox.put.remote(pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL))
+            except Exception as error:  # noqa: BLE001 - the ingress is gone; its requests fail
+                self.error = error
+                for waiter in waiters + self._waiters:
+                    if not waiter.done():
+                        waiter.set_exception(error)
+                return
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+
+class Receiver:
+    """The ingress's end: its Inbox actor and a queue per request that waits on it."""
+
+    def __init__(self) -> None:
+        self._inbox: Any = None
+        self._reader: asyncio.Task | None = None
+        self._queues: dict[str, asyncio.Queue] = {}
+
+    @property
+    def inbox(self) -> Any:
+        """The Inbox actor, started on first use on this node (again after a failure)."""
+        if self._inbox is None:
+            node = ray.get_runtime_context().get_node_id()
+            self._inbox = Inbox.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+                node, soft=True)).remote()
+            self._reader = asyncio.create_task(self._read(self._inbox))
+        return self._inbox
+
+    def open(self, request_id: str) -> asyncio.Queue:
+        """The queue that gets `request_id`'s outputs, or an exception if they cannot come."""
+        self._queues[request_id] = queue = asyncio.Queue()
+        return queue
+
+    def close(self, request_id: str) -> None:
+        self._queues.pop(request_id, None)
+
+    async def _read(self, inbox: Any) -> None:
+        try:
+            while True:
+                for batch in await inbox.take.remote():
+                    for request_id, output in pickle.loads(batch):
+                        queue = self._queues.get(request_id)
+                        if queue is not None:  # None: the client left, the request is aborted
+                            queue.put_nowait(output)
+        except Exception as error:  # noqa: BLE001 - every waiting request hears of it
+            logger.warning("the ingress's inbox failed: %r", error)
+            if self._inbox is inbox:
+                self._inbox = None
+            for queue in self._queues.values():
+                queue.put_nowait(error)
+
+    def shutdown(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()

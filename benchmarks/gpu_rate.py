@@ -23,11 +23,13 @@ Targets: >= 0.95 of the bound at batch 256 with async scheduling, and
 With --served, the same engine behind `pagedserve serve`'s Ray Serve app on
 this machine, against the offline engine on the same requests (prompts of
 256-768 tokens, `--served-output-len` new tokens), at each of `--streams`
-concurrent streaming clients:
+concurrent streaming clients, through both ways in: Serve's proxy
+(`serving.proxy_port`) and the ingress replica itself (`serving.port`, direct
+ingress), alternating over `--served-rounds`, medians:
 
 - output tokens/s as the client receives them, against offline;
-- CPU-seconds per 1,000 streamed tokens of each serving process (proxy,
-  ingress, LLMServer replica, the rest of Ray) and of the client;
+- CPU microseconds per streamed token of each serving process (proxy,
+  ingress, its inbox, the LLMServer replica, the rest of Ray) and of the client;
 - time to first token, served minus offline, at 1 and 32 clients.
 
 The client runs in its own process: raw aiohttp streams, each SSE line
@@ -36,6 +38,7 @@ counted, JSON parsed only for the final usage chunk.
     python benchmarks/gpu_rate.py [--config configs/llama-3-8b-h200-sim.yaml]
                                   [--batches 64 256 512] [--rounds 3]
                                   [--served] [--streams 64 256 1024]
+                                  [--served-rounds 3]
 """
 
 from __future__ import annotations
@@ -257,16 +260,45 @@ def offline_first_token(llm: LLM, prompts: list[list[int]], max_tokens: int) -> 
     return {"wall_s": wall, "tokens_per_s": tokens / wall, "ttft_s": statistics.median(ttft)}
 
 
-def served(config: Config, streams: list[int], output_len: int, seed: int) -> dict:
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+PATHS = ("proxy", "direct")  # Serve's proxy, then the ingress replica; direct ingress
+
+
+def served_run(url: str, model: str, prompts: list[list[int]], max_tokens: int,
+               roles: dict[int, str]) -> dict:
+    before = cpu_by_role(roles)
+    out = run_clients(url, model, prompts, max_tokens)
+    after = cpu_by_role(roles)
+    done = [r for r in out["results"] if "error" not in r]
+    tokens = sum(r["tokens"] for r in done)
+    cpu = {role: after[role] - before.get(role, 0.0) for role in after}
+    cpu["client"] = out["cpu_s"]
+    return {"errors": len(out["results"]) - len(done), "tokens": tokens,
+            "chunks": sum(r["chunks"] for r in done), "tokens_per_s": tokens / out["wall_s"],
+            "ttft_s": statistics.median(r["ttft_s"] for r in done),
+            "cpu_us_per_token": {role: seconds / tokens * 1e6 for role, seconds in cpu.items()},
+            "serving_us_per_token": sum(seconds for role, seconds in cpu.items()
+                                        if role in SERVING_PLANE) / tokens * 1e6}
+
+
+def served(config: Config, streams: list[int], output_len: int, seed: int,
+           rounds: int) -> dict:
+    """Each stream count through both paths, alternating over `rounds`; medians."""
     import ray
     from ray import serve
 
-    from pagedserve.cluster.app import build, serve_environment
+    from pagedserve.cluster.app import build, http_options, serve_environment
     from pagedserve.config import served_model_name
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port, proxy_port = free_port(), free_port()
+    serving = config.serving.model_copy(update={"port": port, "proxy_port": proxy_port,
+                                                "direct_ingress": True})
+    config = config.model_copy(update={"serving": serving})
     offline_llm = LLM(config=config)
     vocab = min(offline_llm.engine.info.vocab_size, 40000)
     workloads = {n: served_requests(n, seed + n, vocab) for n in sorted({1, 32, *streams})}
@@ -276,42 +308,43 @@ def served(config: Config, streams: list[int], output_len: int, seed: int) -> di
             for n, prompts in workloads.items()}
     offline_llm.shutdown()
 
-    serve_environment()
+    serve_environment(config)
     ray.init(logging_level="ERROR", include_dashboard=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options=http_options(config))
     serve.run(build(config), name="gpu-rate", route_prefix="/")
-    url, model = f"http://127.0.0.1:{port}/v1/completions", served_model_name(config)
+    urls = {"proxy": f"http://127.0.0.1:{proxy_port}/v1/completions",
+            "direct": f"http://127.0.0.1:{port}/v1/completions"}
+    model = served_model_name(config)
     results: dict = {}
     try:
-        run_clients(url, model, workloads[1] * 4, 8)  # warm-up
+        for url in urls.values():
+            run_clients(url, model, workloads[1] * 4, 8)  # warm-up
         roles = serving_processes()
         for n, prompts in workloads.items():
             max_tokens = output_len if n > 32 else 16
-            before = cpu_by_role(roles)
-            out = run_clients(url, model, prompts, max_tokens)
-            after = cpu_by_role(roles)
-            done = [r for r in out["results"] if "error" not in r]
-            tokens = sum(r["tokens"] for r in done)
-            cpu = {role: after[role] - before.get(role, 0.0) for role in after}
-            cpu["client"] = out["cpu_s"]
-            row = {"streams": n, "errors": len(out["results"]) - len(done),
-                   "tokens": tokens, "chunks": sum(r["chunks"] for r in done),
-                   "tokens_per_s": tokens / out["wall_s"],
-                   "offline_tokens_per_s": base[n]["tokens_per_s"],
-                   "ttft_s": statistics.median(r["ttft_s"] for r in done),
-                   "offline_ttft_s": base[n]["ttft_s"],
-                   "cpu_ms_per_1000_tokens": {role: seconds / tokens * 1e6
-                                              for role, seconds in cpu.items()}}
-            row["of_offline"] = row["tokens_per_s"] / row["offline_tokens_per_s"]
-            row["serving_us_per_token"] = sum(
-                seconds for role, seconds in cpu.items()
-                if role in SERVING_PLANE) / tokens * 1e6
-            results[n] = row
-            print(f"{n} streams: {row['tokens_per_s']:.0f} tok/s received, "
-                  f"{row['of_offline']:.2f} of offline, serving CPU "
-                  f"{row['serving_us_per_token']:.0f} us/token, TTFT "
-                  f"{row['ttft_s'] * 1e3:.1f} ms (offline {row['offline_ttft_s'] * 1e3:.1f}), "
-                  f"{row['errors']} errors", flush=True)
+            runs: dict[str, list[dict]] = {path: [] for path in PATHS}
+            for index in range(rounds):
+                for path in PATHS if index % 2 == 0 else PATHS[::-1]:
+                    runs[path].append(served_run(urls[path], model, prompts, max_tokens, roles))
+            results[n] = {}
+            for path, path_runs in runs.items():
+                row = {"streams": n, "rounds": len(path_runs),
+                       "errors": sum(r["errors"] for r in path_runs),
+                       "offline_tokens_per_s": base[n]["tokens_per_s"],
+                       "offline_ttft_s": base[n]["ttft_s"]}
+                for key in ("tokens_per_s", "ttft_s", "serving_us_per_token"):
+                    row[key] = statistics.median(r[key] for r in path_runs)
+                row["cpu_us_per_token"] = {
+                    role: statistics.median(r["cpu_us_per_token"].get(role, 0.0)
+                                            for r in path_runs)
+                    for role in path_runs[0]["cpu_us_per_token"]}
+                row["of_offline"] = row["tokens_per_s"] / row["offline_tokens_per_s"]
+                results[n][path] = row
+                print(f"{n} streams, {path}: {row['tokens_per_s']:.0f} tok/s received, "
+                      f"{row['of_offline']:.2f} of offline, serving CPU "
+                      f"{row['serving_us_per_token']:.0f} us/token, TTFT "
+                      f"{row['ttft_s'] * 1e3:.1f} ms (offline "
+                      f"{row['offline_ttft_s'] * 1e3:.1f}), {row['errors']} errors", flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -319,15 +352,19 @@ def served(config: Config, streams: list[int], output_len: int, seed: int) -> di
 
 
 def served_report(results: dict) -> str:
-    lines = ["| streams | received tok/s | offline tok/s | served/offline | serving-plane CPU "
-             "us/token | CPU ms per 1,000 tokens by process | TTFT served - offline ms |",
-             "|---:|---:|---:|---:|---:|---|---:|"]
-    for n, row in results.items():
-        by_role = ", ".join(f"{role} {ms:.0f}"
-                            for role, ms in sorted(row["cpu_ms_per_1000_tokens"].items()))
-        lines.append(f"| {n} | {row['tokens_per_s']:.0f} | {row['offline_tokens_per_s']:.0f} | "
-                     f"{row['of_offline']:.2f} | {row['serving_us_per_token']:.0f} | "
-                     f"{by_role} | {(row['ttft_s'] - row['offline_ttft_s']) * 1e3:.1f} |")
+    lines = ["| streams | path | received tok/s | offline tok/s | served/offline | "
+             "serving-plane CPU µs/token | CPU µs per token by process | "
+             "TTFT served − offline ms |",
+             "|---:|---|---:|---:|---:|---:|---|---:|"]
+    for n, paths in results.items():
+        for path, row in paths.items():
+            by_role = ", ".join(f"{role} {us:.0f}"
+                                for role, us in sorted(row["cpu_us_per_token"].items()))
+            lines.append(
+                f"| {n} | {path} | {row['tokens_per_s']:.0f} | "
+                f"{row['offline_tokens_per_s']:.0f} | {row['of_offline']:.2f} | "
+                f"{row['serving_us_per_token']:.0f} | {by_role} | "
+                f"{(row['ttft_s'] - row['offline_ttft_s']) * 1e3:.1f} |")
     return "\n".join(lines)
 
 
@@ -346,6 +383,7 @@ def main() -> None:
     parser.add_argument("--served-only", action="store_true")
     parser.add_argument("--streams", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--served-output-len", type=int, default=128)
+    parser.add_argument("--served-rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_rate.json"))
     args = parser.parse_args()
     config = load(args.config)
@@ -361,7 +399,8 @@ def main() -> None:
         print()
         print(report(results, gpu))
     if args.served or args.served_only:
-        serving = served(config, args.streams, args.served_output_len, args.seed)
+        serving = served(config, args.streams, args.served_output_len, args.seed,
+                         args.served_rounds)
         print()
         print(served_report(serving))
     args.out.parent.mkdir(parents=True, exist_ok=True)

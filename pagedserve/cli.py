@@ -37,7 +37,13 @@ def _serve(args: argparse.Namespace) -> None:
     import ray
     from ray import serve
 
-    from pagedserve.cluster.app import build, grpc_options, serve_environment
+    from pagedserve.cluster.app import (
+        build,
+        grpc_options,
+        http_options,
+        http_targets,
+        serve_environment,
+    )
 
     config = config_module.load(args.config or config_module.DEFAULT_CONFIG)
     overrides = {key: value for key, value in
@@ -49,26 +55,31 @@ def _serve(args: argparse.Namespace) -> None:
         config = config_module.parse(data, "command-line options")
     config = _fetch_model(config)
     serving = config.serving
-    serve_environment()  # for the local cluster ray.init starts (RAY_ADDRESS: that cluster's own)
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
+        _check_ports_free(serving)
+    serve_environment(config)  # for the local cluster ray.init starts (RAY_ADDRESS: its own)
     # Without an address ray.init would join whatever cluster this machine started
     # last (Ray's ray_current_cluster record), which may be another user's.
-    address = os.environ.get("RAY_ADDRESS") or "local"
     ray.init(address=address, logging_level="WARNING")
     # After ray.init, which installs handlers of its own: Ctrl-C and SIGTERM both
     # end the loop below, and the cleanup runs.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        serve.start(http_options={"host": serving.host, "port": serving.port},
-                    grpc_options=grpc_options(config))
+        serve.start(http_options=http_options(config), grpc_options=grpc_options(config))
         serve.run(build(config), name="pagedserve", route_prefix="/")
+        # Where HTTP is answered: the ingress replica itself (direct ingress), or the
+        # proxy where the cluster runs Serve without it.
+        ports = [port for _, port in http_targets("pagedserve")] or [serving.port]
+        http = f"http://{serving.host}:{ports[0]}/v1"
         # Serve's gRPC proxy has no host option: it listens on every interface.
         grpc_address = ("" if serving.grpc_port is None else
                         f" and gRPC at [::]:{serving.grpc_port} (application=pagedserve)")
         cluster = ("a new local Ray cluster" if address == "local"
                    else f"the Ray cluster at RAY_ADDRESS={address}")
         print(f"pagedserve: serving {config_module.served_model_name(config)!r} at "
-              f"http://{serving.host}:{serving.port}/v1{grpc_address} on {cluster} "
+              f"{http}{grpc_address} on {cluster} "
               "(Ctrl-C stops)", flush=True)
         print("pagedserve: Ray Serve's logs are in /tmp/ray/session_latest/logs/serve/",
               flush=True)
@@ -81,6 +92,21 @@ def _serve(args: argparse.Namespace) -> None:
             signal.signal(stop, signal.SIG_IGN)
         serve.shutdown()
         ray.shutdown()
+
+
+def _check_ports_free(serving: config_module.ServingConfig) -> None:
+    """Refuse at once a port that is taken; Serve would only fail to deploy, later."""
+    import socket
+
+    wanted = {"serving.port": serving.port, "serving.proxy_port": serving.http_proxy_port}
+    for field, port in wanted.items():
+        with socket.socket() as sock:
+            try:
+                sock.bind((serving.host, port))
+            except OSError as error:
+                raise SystemExit(f"pagedserve: {field}={port} on {serving.host} is not free "
+                                 f"({error.strerror}): stop what holds it, or pick another "
+                                 "with --port or the config") from None
 
 
 def _fetch_model(config: config_module.Config) -> config_module.Config:

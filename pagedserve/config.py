@@ -184,6 +184,14 @@ class ServingConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     grpc_port: int | None = Field(default=None, ge=1, le=65535)
+    # The ingress replica answers `port` itself (Ray Serve's direct ingress), so a
+    # request skips the proxy's hop, which costs more CPU per streamed token than
+    # anything else in the serving plane (BENCHMARKS.md). Serve's proxy still
+    # runs, on `proxy_port` (default: port + 1). Off: the proxy answers `port`.
+    # It is set when `pagedserve serve` starts Ray; a cluster joined through
+    # RAY_ADDRESS keeps the setting its nodes were started with.
+    direct_ingress: bool = True
+    proxy_port: int | None = Field(default=None, ge=1, le=65535)
     # Clients must send `Authorization: Bearer <api_key>` when set.
     api_key: str | None = Field(default=None, min_length=1)
     # The name clients pass as `model`; defaults to model.path or the random model's name.
@@ -215,6 +223,23 @@ class ServingConfig(_Strict):
     health_check_timeout_s: float = Field(default=30.0, gt=0.0)
     # Log each request's prompt and sampling parameters (off: only ids, sizes, status).
     log_requests: bool = False
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> ServingConfig:
+        if self.direct_ingress and self.http_proxy_port in (self.port, self.grpc_port):
+            raise ValueError(f"proxy_port={self.http_proxy_port}: Serve's proxy needs a port "
+                             f"of its own beside port={self.port} and grpc_port={self.grpc_port}")
+        if self.http_proxy_port > 65535:
+            raise ValueError(f"proxy_port: port + 1 = {self.http_proxy_port} is not a port; "
+                             "set proxy_port (at most 65535)")
+        return self
+
+    @property
+    def http_proxy_port(self) -> int:
+        """Where Serve's HTTP proxy listens: `port` unless the ingress answers it directly."""
+        if not self.direct_ingress:
+            return self.port
+        return self.proxy_port if self.proxy_port is not None else self.port + 1
 
 
 # The key that picks a member of a tagged union (the autoscaling policy).

@@ -6,6 +6,7 @@ import contextlib
 import os
 import socket
 import tempfile
+import time
 from typing import NamedTuple
 
 # Triton kernels run in Triton's interpreter on this CPU. Triton reads this when a
@@ -132,6 +133,17 @@ def ray_metrics_url(ray_cluster) -> str:
 class ServePorts(NamedTuple):
     http: int
     grpc: int
+
+
+def direct_url(app_name: str) -> str:
+    """Where an app's ingress replica answers HTTP itself (Serve's direct ingress)."""
+    from pagedserve.cluster.app import http_targets
+
+    deadline = time.monotonic() + 60
+    while not (targets := http_targets(app_name)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    (_, port), = targets  # one ingress replica
+    return f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="session")

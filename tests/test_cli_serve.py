@@ -5,12 +5,15 @@ default config that an installed package has too.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from conftest import free_port
 
 from pagedserve import cli, embedded
 from pagedserve import config as config_module
+from pagedserve.cluster import app
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +50,8 @@ def _descendants(pid: int) -> list[psutil.Process]:
 def test_sigterm_stops_the_server_and_every_process_it_started(tmp_path):
     env = {**os.environ, "PAGEDSERVE_CACHE_DIR": str(tmp_path / "cache")}
     env.pop("RAY_ADDRESS", None)
-    config = _tiny_config(tmp_path, free_port())
+    port = free_port()
+    config = _tiny_config(tmp_path, port)
     server = subprocess.Popen([sys.executable, "-m", "pagedserve", "serve", str(config)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=env, cwd=tmp_path, start_new_session=True)
@@ -61,6 +66,13 @@ def test_sigterm_stops_the_server_and_every_process_it_started(tmp_path):
             time.sleep(0.5)
         banner = next(line for line in lines if "pagedserve: serving" in line)
         assert "on a new local Ray cluster" in banner  # never someone else's
+        # The configured port is answered by the ingress replica itself (direct
+        # ingress), and Serve's proxy, beside it, answers too.
+        assert f"at http://127.0.0.1:{port}/v1 " in banner, banner
+        for answering in (port, port + 1):
+            with urllib.request.urlopen(f"http://127.0.0.1:{answering}/v1/models",
+                                        timeout=60) as response:
+                assert json.loads(response.read())["data"][0]["id"], answering
         started = _descendants(server.pid)
         assert started, "the server started no processes (no local Ray cluster?)"
         server.send_signal(signal.SIGTERM)
@@ -107,6 +119,8 @@ def _serve_without_ray(monkeypatch, config: Path) -> dict:
     monkeypatch.setattr(serve, "start", lambda **kwargs: None)
     monkeypatch.setattr(serve, "run", lambda *args, **kwargs: None)
     monkeypatch.setattr(serve, "shutdown", lambda: None)
+    monkeypatch.setattr(app, "http_targets", lambda name: [])
+    monkeypatch.setattr(cli, "_check_ports_free", lambda serving: None)
     monkeypatch.setattr(time, "sleep", lambda seconds: (_ for _ in ()).throw(KeyboardInterrupt))
     monkeypatch.setattr(signal, "signal", lambda *args: None)
     cli.main(["serve", str(config)])
@@ -122,6 +136,21 @@ def test_serve_starts_its_own_cluster_unless_ray_address_is_set(tmp_path, monkey
     monkeypatch.setenv("RAY_ADDRESS", "ray://10.0.0.5:10001")
     assert _serve_without_ray(monkeypatch, config)["init"]["address"] == "ray://10.0.0.5:10001"
     assert "on the Ray cluster at RAY_ADDRESS=ray://10.0.0.5:10001" in capsys.readouterr().out
+
+
+def test_a_taken_port_is_refused_before_ray_starts(tmp_path, monkeypatch):
+    import ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail("Ray started"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for configured, field in ((port, "serving.port"), (port - 1, "serving.proxy_port")):
+            config = _tiny_config(tmp_path, configured)
+            with pytest.raises(SystemExit, match=f"{field}={port} on 127.0.0.1 is not free"):
+                cli.main(["serve", str(config)])
 
 
 def test_the_embedded_default_exposes_nothing_beyond_loopback():

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import direct_url
 
 from pagedserve.config import load, parse
 from pagedserve.testing.load import flood
@@ -31,7 +32,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 LONG = {"model": "tiny-llama", "prompt": "Hello", "max_tokens": 1800, "ignore_eos": True}
 
 
-def _app(serve_instance, name: str, **sections):
+def _app(serve_instance, name: str, path: str = "direct", **sections):
+    """Deploy an app; its address through `path`: the ingress replica itself, or the proxy."""
     from ray import serve
 
     from pagedserve.cluster.app import build
@@ -41,7 +43,8 @@ def _app(serve_instance, name: str, **sections):
     for section, values in sections.items():
         data[section].update(values)
     serve.run(build(parse(data)), name=name, route_prefix=f"/{name}")
-    return f"http://127.0.0.1:{serve_instance.http}/{name}"
+    base = direct_url(name) if path == "direct" else f"http://127.0.0.1:{serve_instance.http}"
+    return f"{base}/{name}"
 
 
 def _stats(url: str) -> dict:
@@ -157,10 +160,11 @@ def test_killed_replica_fails_in_flight_requests_and_is_replaced(faults):
     assert after["free_blocks"] == after["total_blocks"]
 
 
-def test_flood_is_refused_beyond_the_bounded_queues_and_memory_stays_flat(serve_instance):
+@pytest.mark.parametrize("path", ["direct", "proxy"])
+def test_flood_is_refused_beyond_the_bounded_queues_and_memory_stays_flat(serve_instance, path):
     from ray import serve
 
-    url = _app(serve_instance, "flood", engine={"max_num_seqs": 4},
+    url = _app(serve_instance, "flood", path, engine={"max_num_seqs": 4},
                serving={"max_waiting_requests": 8, "max_queued_requests": 8})
     prompt = "flood " * 450  # 1,800 tokens: a queue that grew would show in memory
     first = asyncio.run(flood(url, "tiny-llama", 100, prompt=prompt))

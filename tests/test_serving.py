@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from conftest import direct_url
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.config import load
@@ -34,14 +35,21 @@ def config():
 
 
 @pytest.fixture(scope="module")
-def server(serve_instance, config):
+def app_urls(serve_instance, config):
     from ray import serve
 
     from pagedserve.cluster.app import build
 
     serve.run(build(config), name="pagedserve-test", route_prefix="/")
-    yield f"http://127.0.0.1:{serve_instance.http}"
+    yield {"direct": direct_url("pagedserve-test"),
+           "proxy": f"http://127.0.0.1:{serve_instance.http}"}
     serve.delete("pagedserve-test")
+
+
+@pytest.fixture(scope="module", params=["direct", "proxy"])
+def server(request, app_urls):
+    """The app's address: its ingress replica itself (direct ingress), or Serve's proxy."""
+    return app_urls[request.param]
 
 
 @pytest.fixture(scope="module")

@@ -41,19 +41,52 @@ GRPC_SERVICER_FUNCTIONS = (
 # Ray Serve's throughput-optimized mode: handles reach replicas over gRPC
 # instead of Ray actor calls, user code and the router run on each replica's own
 # event loop, and Serve's logs go to files only
-# (/tmp/ray/session_latest/logs/serve/), not through stderr. Every streamed
-# chunk crosses two Serve hops; this mode halves the CPU they take (BENCHMARKS.md,
-# serving). Its direct ingress stays off: each ingress replica would bind a port
-# of its own and hold every stop for a 30 s draining period. Serve reads these
-# when its processes start, so they must be in the environment of the process
-# that starts Ray (or of a cluster's nodes).
-SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+# (/tmp/ray/session_latest/logs/serve/), not through stderr. With direct ingress
+# the ingress replica answers HTTP itself, so streamed chunks skip the proxy's
+# hop (BENCHMARKS.md, serving). An ingress replica that stops is held open for
+# a draining period, and its port kept from the next one for a quarantine, both
+# for load balancers to notice: 1 s and none here, not Serve's 30 s and 150 s,
+# so a replaced ingress replica takes the configured port again at once.
+# Serve reads these when its processes start, so they must be in the
+# environment of the process that starts Ray (or of a cluster's nodes).
+SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+             "RAY_SERVE_PORT_QUARANTINE_S": "0"}
 
 
-def serve_environment() -> None:
-    """Put SERVE_ENV in this process's environment (a value already set wins)."""
-    for name, value in SERVE_ENV.items():
+def serve_environment(config: Config | None = None) -> None:
+    """Put SERVE_ENV in this process's environment (a value already set wins).
+
+    With a config, its `serving.direct_ingress`: on, the ingress replica takes
+    `serving.port` (one ingress replica per node); off, the proxy does.
+    """
+    env = dict(SERVE_ENV)
+    if config is not None and config.serving.direct_ingress:
+        port = config.serving.port  # the range is [min, max)
+        env |= {"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+                "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1)}
+    elif config is not None:
+        env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "0"
+    for name, value in env.items():
         os.environ.setdefault(name, value)
+
+
+def http_options(config: Config) -> dict[str, Any]:
+    """Serve's HTTP proxy options (for `serve.start`)."""
+    return {"host": config.serving.host, "port": config.serving.http_proxy_port}
+
+
+def http_targets(app_name: str) -> list[tuple[str, int]]:
+    """The (node address, port) pairs that answer an application's HTTP requests, as a
+    load balancer would be told: its ingress replicas with direct ingress, else
+    Serve's proxies. Each listens on the `host` given to `serve.start`."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    groups = ray.get(controller.get_target_groups.remote(app_name))
+    return sorted((target.ip, target.port) for group in groups
+                  if group.protocol == "HTTP" for target in group.targets)
 
 
 def served(config: Config) -> Config:

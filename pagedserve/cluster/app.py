@@ -38,9 +38,9 @@ GRPC_SERVICER_FUNCTIONS = (
     "pagedserve.cluster.proto.pagedserve_pb2_grpc.add_GenerationServicer_to_server",)
 
 
-# Ray Serve's throughput-optimized mode: handles reach replicas over gRPC
-# instead of Ray actor calls, user code and the router run on each replica's own
-# event loop, and Serve's logs go to files only
+# Ray Serve's throughput-optimized mode: handle calls pass results by value,
+# not through the object store, user code and the router run on each replica's
+# own event loop, and Serve's logs go to files only
 # (/tmp/ray/session_latest/logs/serve/), not through stderr. With direct ingress
 # the ingress replica answers HTTP itself, so streamed chunks skip the proxy's
 # hop (BENCHMARKS.md, serving). An ingress replica that stops is held open for

@@ -220,16 +220,17 @@ class BlockManager:
         if self.needs_copy_on_write(seq_id, num_new_tokens):
             raise RuntimeError(f"sequence {seq_id} would write into shared block "
                                f"{self._tables[seq_id][-1]} (call copy_on_write first)")
-        table = self._tables[seq_id]
-        needed = max(0, cdiv(self.num_slots(seq_id) + num_new_tokens, self.block_size) - len(table))
-        self._check_free(seq_id, needed)
-        new_blocks = [self._take() for _ in range(needed)]
-        table.extend(new_blocks)
+        table, bs = self._tables[seq_id], self.block_size
         start = self._num_slots[seq_id]
         end = start + num_new_tokens
-        for index in range(start // self.block_size, cdiv(end, self.block_size)):
-            lo = max(start, index * self.block_size)
-            self._fill[table[index]] += min(end, (index + 1) * self.block_size) - lo
+        needed = max(0, cdiv(end, bs) - len(table))
+        new_blocks = []
+        if needed:
+            self._check_free(seq_id, needed)
+            new_blocks = [self._take() for _ in range(needed)]
+            table.extend(new_blocks)
+        for index in range(start // bs, cdiv(end, bs)):
+            self._fill[table[index]] += min(end, (index + 1) * bs) - max(start, index * bs)
         self._num_slots[seq_id] = end
         self._stored += num_new_tokens
         if token_ids is not None and self.enable_prefix_caching:
@@ -239,8 +240,9 @@ class BlockManager:
     def needs_copy_on_write(self, seq_id: int, num_new_tokens: int) -> bool:
         """Would these tokens land in a partly filled last block that others hold too?"""
         table = self._tables.get(seq_id)
-        filled = self.num_slots(seq_id) % self.block_size
-        return bool(table) and num_new_tokens > 0 and filled > 0 and self._ref_counts[table[-1]] > 1
+        if not table or num_new_tokens <= 0 or self._ref_counts[table[-1]] == 1:
+            return False  # the common case, decided first: a private last block
+        return self._num_slots[seq_id] % self.block_size > 0
 
     def copy_on_write(self, seq_id: int) -> tuple[int, int]:
         """Give the sequence a private copy of its shared last block; returns (src, dst)."""

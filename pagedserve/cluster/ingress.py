@@ -125,8 +125,8 @@ class OpenAIIngress(GenerationService):
         req = await self._accept(parse_request(
             protocol.CompletionRequest, await self._read(request), self._limits))
         prompts = [self._prompt_ids(p, req) for p in req.prompts()]
-        # The echoed prompt: the client's text, or its tokens decoded.
-        texts = [p if isinstance(p, str) else self._tokenizer.decode(ids)
+        # The echoed prompt: the client's text, or its tokens decoded (only when echoed).
+        texts = [p if isinstance(p, str) else self._tokenizer.decode(ids) if req.echo else ""
                  for p, ids in zip(req.prompts(), prompts)]
         params = [req.sampling_params(self._room(ids, req)) for ids in prompts]
         request_id = f"cmpl-{req.request_id or uuid.uuid4().hex}"

@@ -299,6 +299,7 @@ def served(config: Config, streams: list[int], output_len: int, seed: int,
     serving = config.serving.model_copy(update={"port": port, "proxy_port": proxy_port,
                                                 "direct_ingress": True})
     config = config.model_copy(update={"serving": serving})
+    serve_environment(config)  # before Ray starts: a TP config's offline engine starts it
     offline_llm = LLM(config=config)
     vocab = min(offline_llm.engine.info.vocab_size, 40000)
     workloads = {n: served_requests(n, seed + n, vocab) for n in sorted({1, 32, *streams})}
@@ -308,8 +309,8 @@ def served(config: Config, streams: list[int], output_len: int, seed: int,
             for n, prompts in workloads.items()}
     offline_llm.shutdown()
 
-    serve_environment(config)
-    ray.init(logging_level="ERROR", include_dashboard=False)
+    if not ray.is_initialized():
+        ray.init(logging_level="ERROR", include_dashboard=False)
     serve.start(http_options=http_options(config))
     serve.run(build(config), name="gpu-rate", route_prefix="/")
     urls = {"proxy": f"http://127.0.0.1:{proxy_port}/v1/completions",
@@ -317,15 +318,19 @@ def served(config: Config, streams: list[int], output_len: int, seed: int,
     model = served_model_name(config)
     results: dict = {}
     try:
-        for url in urls.values():
-            run_clients(url, model, workloads[1] * 4, 8)  # warm-up
+        for index, url in enumerate(urls.values()):  # warm-up, on prompts of its own
+            run_clients(url, model, served_requests(4, seed - 1 - index, vocab), 8)
         roles = serving_processes()
         for n, prompts in workloads.items():
             max_tokens = output_len if n > 32 else 16
             runs: dict[str, list[dict]] = {path: [] for path in PATHS}
             for index in range(rounds):
-                for path in PATHS if index % 2 == 0 else PATHS[::-1]:
-                    runs[path].append(served_run(urls[path], model, prompts, max_tokens, roles))
+                for order, path in enumerate(PATHS if index % 2 == 0 else PATHS[::-1]):
+                    # Fresh prompts each run (the first is offline's): the prefix cache
+                    # would otherwise skip every prefill after the first.
+                    fresh = prompts if index == order == 0 else served_requests(
+                        n, seed + n + 1000 * (2 * index + order), vocab)
+                    runs[path].append(served_run(urls[path], model, fresh, max_tokens, roles))
             results[n] = {}
             for path, path_runs in runs.items():
                 row = {"streams": n, "rounds": len(path_runs),

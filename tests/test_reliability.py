@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from conftest import direct_url
 
@@ -158,6 +159,32 @@ def test_killed_replica_fails_in_flight_requests_and_is_replaced(faults):
     _assert_failed_fast(flight, {"replica_unavailable"})
     after = _serves_again(faults, before["pid"])
     assert after["free_blocks"] == after["total_blocks"]
+
+
+def test_a_killed_inbox_fails_in_flight_requests_and_the_next_ones_are_served(faults):
+    """The ingress's inbox (cluster/channel.py) dies: its requests end at once, their
+    blocks are freed, and the next request gets a new inbox."""
+    flight = _InFlight(faults)
+    flight.start()
+    inboxes = [p for p in psutil.process_iter(["cmdline"])
+               if "ray::Inbox" in " ".join(p.info["cmdline"] or [])]
+    assert inboxes, "no inbox process"
+    for process in inboxes:
+        process.kill()
+    flight.join(timeout=60)
+    _assert_failed_fast(flight, {"ingress_unavailable", "replica_unavailable"})
+    deadline = time.monotonic() + 60
+    while True:
+        response = httpx.post(f"{faults}/v1/completions", timeout=30,
+                              json={"model": "tiny-llama", "prompt": "Hi", "max_tokens": 4,
+                                    "stream": True})
+        stats = _stats(faults)
+        served = response.status_code == 200 and "[DONE]" in response.text
+        if served and stats["num_running"] == 0 and stats["free_blocks"] == stats["total_blocks"]:
+            break
+        assert time.monotonic() < deadline, (response.status_code, response.text, stats)
+        time.sleep(0.5)
+    assert '"error"' not in response.text
 
 
 @pytest.mark.parametrize("path", ["direct", "proxy"])

@@ -32,6 +32,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 logger = logging.getLogger(__name__)
 
 
+class InboxLost(RuntimeError):
+    """The ingress's inbox failed: the requests waiting on it cannot get their outputs."""
+
+
 @ray.remote(num_cpus=0)
 class Inbox:
     """Batches from the replicas, held for the one ingress replica that reads them."""
@@ -59,6 +63,7 @@ class Outbox:
         self._inbox = inbox
         self._batch: list[tuple[str, Any]] = []
         self._waiters: list[asyncio.Future] = []  # for the batch being filled
+        self._sent_waiters: list[asyncio.Future] | None = None  # for the batch in flight
         self._sender: asyncio.Task | None = None
         self.error: BaseException | None = None  # the inbox failed: this outbox is done
 
@@ -72,27 +77,33 @@ class Outbox:
 
     async def delivered(self) -> None:
         """Wait until everything added so far is in the inbox."""
-        if not self._batch:
+        if self.error is not None:
+            raise self.error
+        # The batch being filled, else the one in flight, else nothing is pending.
+        waiters = self._waiters if self._batch else self._sent_waiters
+        if waiters is None:
             return
         waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        waiters.append(waiter)
         await waiter
 
     async def _send(self) -> None:
         while self._batch:
-            batch, waiters = self._batch, self._waiters
+            batch, self._sent_waiters = self._batch, self._waiters
             self._batch, self._waiters = [], []
             try:
                 await self._inbox.put.remote(pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL))
             except Exception as error:  # noqa: BLE001 - the ingress is gone; its requests fail
                 self.error = error
-                for waiter in waiters + self._waiters:
+                for waiter in self._sent_waiters + self._waiters:
                     if not waiter.done():
                         waiter.set_exception(error)
+                self._sent_waiters = None
                 return
-            for waiter in waiters:
+            for waiter in self._sent_waiters:
                 if not waiter.done():
                     waiter.set_result(None)
+            self._sent_waiters = None
 
 
 class Receiver:
@@ -132,9 +143,11 @@ class Receiver:
         except Exception as error:  # noqa: BLE001 - every waiting request hears of it
             logger.warning("the ingress's inbox failed: %r", error)
             if self._inbox is inbox:
-                self._inbox = None
+                self._inbox = None  # the next request starts another
+            lost = InboxLost(f"the ingress lost the outputs of its requests in flight "
+                             f"({type(error).__name__})")
             for queue in self._queues.values():
-                queue.put_nowait(error)
+                queue.put_nowait(lost)
 
     def shutdown(self) -> None:
         if self._reader is not None:

@@ -18,6 +18,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
 from pagedserve.cluster import errors, responses
+from pagedserve.cluster.channel import InboxLost
 from pagedserve.cluster.errors import OpenAIError
 from pagedserve.cluster.server import EngineOverloadedError
 from pagedserve.engine.async_engine import EngineDeadError
@@ -184,6 +185,9 @@ def client_error(error: BaseException, retry_after_s: int,
         return errors.bad_request(cause.message, (params or {}).get(cause.param, cause.param))
     if isinstance(cause, ValueError):
         return errors.bad_request(str(cause))
+    if isinstance(cause, InboxLost):  # the next request gets a new inbox
+        return errors.retry_later(f"{cause}; please retry after {retry_after_s} s",
+                                  retry_after_s, code="ingress_unavailable")
     if isinstance(cause, EngineDeadError):  # Serve's health check replaces the replica
         return errors.retry_later(str(cause), retry_after_s, code="engine_dead")
     if isinstance(cause, (RayActorError, ActorUnavailableError)):

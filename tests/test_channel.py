@@ -1,0 +1,99 @@
+"""The batches between a replica and an ingress (cluster/channel.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+
+import pytest
+
+from pagedserve.cluster.channel import InboxLost, Outbox, Receiver
+
+
+class _Inbox:
+    """Stands in for the Inbox actor: records each batch put; a put completes when let."""
+
+    def __init__(self) -> None:
+        self.batches: list[list] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.fail: BaseException | None = None
+
+    @property
+    def put(self) -> _Inbox:
+        return self
+
+    def remote(self, batch: bytes):
+        self.batches.append(pickle.loads(batch))
+        return self._ack()
+
+    async def _ack(self) -> None:
+        await self.gate.wait()
+        if self.fail is not None:
+            raise self.fail
+
+
+def test_a_steps_outputs_leave_together_and_one_batch_is_in_flight():
+    async def main() -> None:
+        inbox = _Inbox()
+        inbox.gate.clear()
+        box = Outbox(inbox)
+        for index in range(3):  # one step's outputs, for three requests
+            box.add(f"r{index}", index)
+        await asyncio.sleep(0)
+        assert inbox.batches == [[("r0", 0), ("r1", 1), ("r2", 2)]]
+        in_flight = asyncio.ensure_future(box.delivered())  # sent, not yet acknowledged
+        await asyncio.sleep(0)
+        box.add("r0", 3)  # the next step's, while the first batch is in flight
+        box.add("r1", 4)
+        delivered = asyncio.ensure_future(box.delivered())
+        await asyncio.sleep(0.05)
+        assert len(inbox.batches) == 1 and not delivered.done() and not in_flight.done()
+        inbox.gate.set()
+        await asyncio.wait_for(delivered, 5)
+        assert in_flight.done()
+        assert inbox.batches[1] == [("r0", 3), ("r1", 4)]
+        await box.delivered()  # nothing pending: returns at once
+
+    asyncio.run(main())
+
+
+def test_a_failed_inbox_fails_whoever_waits_and_every_later_add():
+    async def main() -> None:
+        inbox = _Inbox()
+        inbox.fail = RuntimeError("the inbox died")
+        box = Outbox(inbox)
+        box.add("r0", 0)
+        with pytest.raises(RuntimeError, match="the inbox died"):
+            await asyncio.wait_for(box.delivered(), 5)
+        assert box.error is inbox.fail
+        with pytest.raises(RuntimeError, match="the inbox died"):
+            box.add("r0", 1)
+
+    asyncio.run(main())
+
+
+def test_the_receiver_routes_each_output_and_a_lost_inbox_reaches_every_request(ray_cluster):
+    import ray
+
+    async def main() -> None:
+        receiver = Receiver()
+        first, second = receiver.open("a"), receiver.open("b")
+        box = Outbox(receiver.inbox)
+        for request_id, output in (("a", 1), ("b", 2), ("left", 3), ("a", 4)):
+            box.add(request_id, output)  # "left": a request whose client left
+        await asyncio.wait_for(box.delivered(), 30)
+        assert [await first.get(), await first.get(), await second.get()] == [1, 4, 2]
+        old = receiver.inbox
+        ray.kill(old)
+        for queue in (first, second):
+            assert isinstance(await asyncio.wait_for(queue.get(), 30), InboxLost)
+        receiver.close("a")
+        fresh = Outbox(receiver.inbox)  # the next request starts another inbox
+        assert receiver.inbox != old
+        fresh.add("b", 5)
+        await asyncio.wait_for(fresh.delivered(), 30)
+        assert await asyncio.wait_for(second.get(), 30) == 5
+        receiver.shutdown()
+
+    asyncio.run(main())

@@ -208,3 +208,21 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int,
         probs = scores.softmax(dim=-1).to(v.dtype)
         out[:, start:end] = torch.matmul(probs, v).view(num_heads, end - start, head_dim)
     return out
+
+
+def lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, slots: torch.Tensor,
+                scaling: torch.Tensor) -> torch.Tensor:
+    """kernels/lora.lora_shrink in torch: one matmul per adapter slot present."""
+    out = torch.zeros(x.shape[0], a_stack.shape[1], dtype=torch.float32, device=x.device)
+    for slot in slots[slots >= 0].unique().tolist():
+        rows = slots == slot
+        out[rows] = (x[rows].float() @ a_stack[slot].float().t()) * scaling[slot]
+    return out
+
+
+def lora_expand(y: torch.Tensor, h: torch.Tensor, b_stack: torch.Tensor,
+                slots: torch.Tensor) -> None:
+    """kernels/lora.lora_expand in torch: y[t] += h[t] B[slots[t]]^T in place."""
+    for slot in slots[slots >= 0].unique().tolist():
+        rows = slots == slot
+        y[rows] = (y[rows].float() + h[rows] @ b_stack[slot].float().t()).to(y.dtype)

@@ -1,0 +1,139 @@
+"""Batched LoRA for a batch that mixes adapters: shrink (x A^T) then expand (h B^T).
+
+The base projection runs once for the whole batch; these add each token's
+adapter on top, indexed by its slot in the stacked, preallocated weights:
+
+    a_stack: [num_slots, max_rank, in_features]    adapters of smaller rank are zero-padded
+    b_stack: [num_slots, out_features, max_rank]
+    slots:   [num_tokens] int, the token's adapter slot, -1 for none (a base request)
+
+    h = lora_shrink(x, a_stack, slots, scaling)     [num_tokens, max_rank], float32
+    lora_expand(y, h, b_stack, slots)               y[t] += h[t] B[slots[t]]^T, in place
+
+One program per token and output block (Punica's BGMV). Zero padding makes a
+smaller rank exact, so adapters of any rank up to max_rank share one launch.
+`y` may be a column slice of a fused projection's output (q, k or v of
+qkv_proj), which is how a request adapts q and v but not k.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pagedserve.kernels.checks import check_launchable, check_tensor
+
+LORA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _shrink_kernel(x_ptr, a_ptr, slots_ptr, scaling_ptr, out_ptr,
+                   stride_xt, stride_as, stride_ar, stride_ot,
+                   IN_FEATURES: tl.constexpr, RANK: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    slot = tl.load(slots_ptr + token).to(tl.int64)
+    num_k = tl.where(slot >= 0, IN_FEATURES, 0)  # -1: a base request, whose h is zero
+    slot = tl.maximum(slot, 0)
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for k0 in range(0, IN_FEATURES, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        in_k = offs_k < num_k
+        x = tl.load(x_ptr + token * stride_xt + offs_k, mask=in_k, other=0.0)
+        a = tl.load(a_ptr + slot * stride_as + offs_r[:, None] * stride_ar + offs_k[None, :],
+                    mask=(offs_r < RANK)[:, None] & in_k[None, :], other=0.0)
+        acc += tl.sum(a.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+    scale = tl.load(scaling_ptr + slot)  # slot was clamped: in range
+    tl.store(out_ptr + token * stride_ot + offs_r, acc * scale, mask=offs_r < RANK)
+
+
+@triton.jit
+def _expand_kernel(y_ptr, h_ptr, b_ptr, slots_ptr,
+                   stride_yt, stride_ht, stride_bs, stride_bn,
+                   OUT_FEATURES: tl.constexpr, RANK: tl.constexpr,
+                   BLOCK_N: tl.constexpr, RANK_PAD: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, RANK_PAD)
+    slot = tl.load(slots_ptr + token).to(tl.int64)
+    num_n = tl.where(slot >= 0, OUT_FEATURES, 0)  # -1: a base request's row is left alone
+    slot = tl.maximum(slot, 0)
+    in_n = offs_n < num_n
+    h = tl.load(h_ptr + token * stride_ht + offs_r, mask=offs_r < RANK, other=0.0)
+    b = tl.load(b_ptr + slot * stride_bs + offs_n[:, None] * stride_bn + offs_r[None, :],
+                mask=in_n[:, None] & (offs_r < RANK)[None, :], other=0.0)
+    delta = tl.sum(b.to(tl.float32) * h[None, :], axis=1)
+    y = tl.load(y_ptr + token * stride_yt + offs_n, mask=in_n, other=0.0)
+    tl.store(y_ptr + token * stride_yt + offs_n, (y.to(tl.float32) + delta).to(y.dtype),
+             mask=in_n)
+
+
+def _check_slots(slots: torch.Tensor, num_tokens: int, num_slots: int,
+                 device: torch.device) -> None:
+    check_tensor("slots", slots, ndim=1, dtypes=(torch.int32, torch.int64), device=device)
+    if slots.shape[0] != num_tokens:
+        raise ValueError(f"slots has {slots.shape[0]} entries for {num_tokens} tokens")
+    # On a GPU this check would wait for the device; there the caller's indices are trusted.
+    if device.type == "cpu" and num_tokens and not bool(((slots >= -1) & (slots < num_slots))
+                                                        .all()):
+        raise ValueError(f"slots must be -1 or below num_slots={num_slots}, got "
+                         f"{slots.min().item()}..{slots.max().item()}")
+
+
+def lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, slots: torch.Tensor,
+                scaling: torch.Tensor) -> torch.Tensor:
+    """h[t] = scaling[s] * x[t] A[s]^T for s = slots[t], zero where s is -1.
+
+    x: [num_tokens, in_features]; a_stack: [num_slots, max_rank, in_features] of
+    x's dtype; scaling: [num_slots] float32. Returns [num_tokens, max_rank] float32.
+    """
+    check_tensor("x", x, ndim=2, dtypes=LORA_DTYPES)
+    check_tensor("a_stack", a_stack, ndim=3, dtypes=(x.dtype,), device=x.device)
+    check_tensor("scaling", scaling, ndim=1, dtypes=(torch.float32,), device=x.device)
+    num_slots, rank, in_features = a_stack.shape
+    if in_features != x.shape[1]:
+        raise ValueError(f"a_stack takes {in_features} input features, x has {x.shape[1]}")
+    if scaling.shape[0] != num_slots:
+        raise ValueError(f"scaling has {scaling.shape[0]} entries for {num_slots} slots")
+    _check_slots(slots, x.shape[0], num_slots, x.device)
+    check_launchable(x.device)
+    out = torch.empty(x.shape[0], rank, dtype=torch.float32, device=x.device)
+    if x.shape[0] == 0 or rank == 0:
+        return out.zero_()
+    block_r = min(triton.next_power_of_2(rank), 64)
+    grid = (x.shape[0], triton.cdiv(rank, block_r))
+    _shrink_kernel[grid](x, a_stack, slots, scaling, out,
+                         x.stride(0), a_stack.stride(0), a_stack.stride(1), out.stride(0),
+                         IN_FEATURES=in_features, RANK=rank, BLOCK_R=block_r,
+                         BLOCK_K=min(triton.next_power_of_2(in_features), 128))
+    return out
+
+
+def lora_expand(y: torch.Tensor, h: torch.Tensor, b_stack: torch.Tensor,
+                slots: torch.Tensor) -> None:
+    """y[t] += h[t] B[s]^T for s = slots[t], in place; rows whose slot is -1 are untouched.
+
+    y: [num_tokens, out_features], rows may be strided (a column slice of a
+    fused output); h: [num_tokens, max_rank] float32 (from lora_shrink);
+    b_stack: [num_slots, out_features, max_rank] of y's dtype.
+    """
+    check_tensor("y", y, ndim=2, dtypes=LORA_DTYPES)
+    check_tensor("h", h, ndim=2, dtypes=(torch.float32,), device=y.device)
+    check_tensor("b_stack", b_stack, ndim=3, dtypes=(y.dtype,), device=y.device)
+    num_slots, out_features, rank = b_stack.shape
+    if out_features != y.shape[1]:
+        raise ValueError(f"b_stack gives {out_features} output features, y has {y.shape[1]}")
+    if tuple(h.shape) != (y.shape[0], rank):
+        raise ValueError(f"h must be [{y.shape[0]}, {rank}] (tokens, max_rank), "
+                         f"got {list(h.shape)}")
+    _check_slots(slots, y.shape[0], num_slots, y.device)
+    check_launchable(y.device)
+    if y.shape[0] == 0 or rank == 0:
+        return
+    block_n = min(triton.next_power_of_2(out_features), 128)
+    grid = (y.shape[0], triton.cdiv(out_features, block_n))
+    _expand_kernel[grid](y, h, b_stack, slots, y.stride(0), h.stride(0), b_stack.stride(0),
+                         b_stack.stride(1), OUT_FEATURES=out_features, RANK=rank,
+                         BLOCK_N=block_n, RANK_PAD=triton.next_power_of_2(rank))

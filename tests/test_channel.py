@@ -18,12 +18,14 @@ class _Inbox:
         self.gate = asyncio.Event()
         self.gate.set()
         self.fail: BaseException | None = None
+        self.probe = lambda: None
 
     @property
     def put(self) -> _Inbox:
         return self
 
     def remote(self, batch: bytes):
+        self.probe()
         self.batches.append(pickle.loads(batch))
         return self._ack()
 
@@ -69,6 +71,40 @@ def test_a_failed_inbox_fails_whoever_waits_and_every_later_add():
         assert box.error is inbox.fail
         with pytest.raises(RuntimeError, match="the inbox died"):
             box.add("r0", 1)
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_send_fails_its_requests_instead_of_losing_their_outputs():
+    """Were the sender cancelled mid-put, the requests of that batch would wait forever."""
+    async def main() -> None:
+        inbox = _Inbox()
+        inbox.fail = asyncio.CancelledError()
+        box = Outbox(inbox)
+        box.add("r0", "last output")
+        with pytest.raises(InboxLost, match="cancelled"):
+            await asyncio.wait_for(box.delivered(), 5)
+        with pytest.raises(InboxLost):
+            box.add("r1", 0)
+
+    asyncio.run(main())
+
+
+def test_the_sender_and_reader_run_outside_the_request_that_starts_them():
+    """Ray cancels what a cancelled request started; these serve every request."""
+    import contextvars
+
+    request = contextvars.ContextVar("request", default=None)
+
+    async def main() -> None:
+        request.set("a request whose client may leave")
+        seen = []
+        inbox = _Inbox()
+        inbox.probe = lambda: seen.append(request.get())  # where the put is submitted from
+        box = Outbox(inbox)
+        box.add("r0", 0)
+        await box.delivered()
+        assert seen == [None]
 
     asyncio.run(main())
 

@@ -22,6 +22,7 @@ inbox that dies fails every request waiting on it, as a dead replica would.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import pickle
 from typing import Any
@@ -34,6 +35,16 @@ logger = logging.getLogger(__name__)
 
 class InboxLost(RuntimeError):
     """The ingress's inbox failed: the requests waiting on it cannot get their outputs."""
+
+
+def _background(coroutine) -> asyncio.Task:
+    """A task of the process's own, outside the request that happened to start it.
+
+    Ray cancels the calls a task made when the task is cancelled, and Serve
+    cancels a request whose client left: a sender or reader started inside
+    that request would be cancelled with it, and every other request with it.
+    """
+    return contextvars.Context().run(asyncio.ensure_future, coroutine)
 
 
 @ray.remote(num_cpus=0)
@@ -73,7 +84,7 @@ class Outbox:
         self._batch.append((request_id, output))
         if self._sender is None or self._sender.done():
             # Scheduled after the tasks the same step woke, so their outputs join this batch.
-            self._sender = asyncio.create_task(self._send())
+            self._sender = _background(self._send())
 
     async def delivered(self) -> None:
         """Wait until everything added so far is in the inbox."""
@@ -93,12 +104,15 @@ class Outbox:
             self._batch, self._waiters = [], []
             try:
                 await self._inbox.put.remote(pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL))
-            except Exception as error:  # noqa: BLE001 - the ingress is gone; its requests fail
-                self.error = error
+            except BaseException as error:  # cancelled too: a batch is never lost silently
+                self.error = error if isinstance(error, Exception) else InboxLost(
+                    f"sending to the ingress's inbox was cancelled ({type(error).__name__})")
                 for waiter in self._sent_waiters + self._waiters:
                     if not waiter.done():
-                        waiter.set_exception(error)
+                        waiter.set_exception(self.error)
                 self._sent_waiters = None
+                if not isinstance(error, Exception):
+                    raise
                 return
             for waiter in self._sent_waiters:
                 if not waiter.done():
@@ -121,7 +135,7 @@ class Receiver:
             node = ray.get_runtime_context().get_node_id()
             self._inbox = Inbox.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
                 node, soft=True)).remote()
-            self._reader = asyncio.create_task(self._read(self._inbox))
+            self._reader = _background(self._read(self._inbox))
         return self._inbox
 
     def open(self, request_id: str) -> asyncio.Queue:
@@ -140,14 +154,20 @@ class Receiver:
                         queue = self._queues.get(request_id)
                         if queue is not None:  # None: the client left, the request is aborted
                             queue.put_nowait(output)
-        except Exception as error:  # noqa: BLE001 - every waiting request hears of it
-            logger.warning("the ingress's inbox failed: %r", error)
-            if self._inbox is inbox:
-                self._inbox = None  # the next request starts another
-            lost = InboxLost(f"the ingress lost the outputs of its requests in flight "
-                             f"({type(error).__name__})")
-            for queue in self._queues.values():
-                queue.put_nowait(lost)
+        except BaseException as error:  # cancelled too: no request may wait on a dead reader
+            self._lose(inbox, error)
+            if not isinstance(error, Exception):
+                raise
+
+    def _lose(self, inbox: Any, error: BaseException) -> None:
+        """Every waiting request hears that its outputs will not come."""
+        logger.warning("the ingress's inbox failed: %r", error)
+        if self._inbox is inbox:
+            self._inbox = None  # the next request starts another
+        lost = InboxLost(f"the ingress lost the outputs of its requests in flight "
+                         f"({type(error).__name__})")
+        for queue in self._queues.values():
+            queue.put_nowait(lost)
 
     def shutdown(self) -> None:
         if self._reader is not None:

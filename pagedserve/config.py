@@ -14,7 +14,8 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import ErrorDetails
+
+from pagedserve.config_errors import DISCRIMINATOR, format_errors, yaml_error
 
 # The embedded default ships inside the package, so an installed pagedserve has it too.
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
@@ -242,8 +243,6 @@ class ServingConfig(_Strict):
         return self.proxy_port if self.proxy_port is not None else self.port + 1
 
 
-# The key that picks a member of a tagged union (the autoscaling policy).
-_DISCRIMINATOR = "name"
 
 
 class _Policy(_Strict):
@@ -273,7 +272,7 @@ class AutoscalingConfig(_Strict):
     initial_replicas: int | None = Field(default=None, ge=0)
     policy: KVUtilizationPolicy | KVCapacityPolicy = Field(
         default_factory=lambda: KVUtilizationPolicy(name="kv_utilization"),
-        discriminator=_DISCRIMINATOR)
+        discriminator=DISCRIMINATOR)
     # How often each replica sends its stats to Serve's controller, and the
     # window the controller averages them over (Serve's fields of those names).
     metrics_interval_s: float = Field(default=10.0, gt=0.0)
@@ -324,57 +323,12 @@ def config_from_fields(model: str | None, fields: dict[str, Any], source: str) -
 
 
 
-def _key_path(loc: tuple[int | str, ...], data: Any) -> list[str]:
-    """The YAML keys of an error location.
-
-    Inside a tagged union pydantic adds the member's tag to the location
-    (`autoscaling.policy.kv_utilization.target_utilization`); the file has no
-    such key, so a part that is not a key but the mapping's tag is left out.
-    """
-    keys, node = [], data
-    for part in loc:
-        if isinstance(node, dict) and part not in node and node.get(_DISCRIMINATOR) == part:
-            continue
-        keys.append(str(part))
-        node = node.get(part) if isinstance(node, dict) else None
-    return keys
-
-
-def _format_error(item: ErrorDetails, data: Any) -> str:
-    keys = _key_path(item["loc"], data)
-    message, value = item["msg"].removeprefix("Value error, "), item.get("input")
-    # A missing or unknown tag is an error of the tag's key, not of the whole mapping.
-    if item["type"] == "union_tag_not_found":
-        keys.append(_DISCRIMINATOR)
-        message = "Field required"
-    elif item["type"] == "union_tag_invalid":
-        keys.append(_DISCRIMINATOR)
-        message, value = f"must be one of {item['ctx']['expected_tags']}", value[_DISCRIMINATOR]
-    return f"  {'.'.join(keys) or '<root>'}: {message} (got {value!r})"
-
-
-def _format_errors(error: ValidationError, data: Any, source: str) -> str:
-    lines = [f"invalid configuration in {source}:"]
-    lines.extend(_format_error(item, data) for item in error.errors())
-    return "\n".join(lines)
-
-
 def parse(data: dict[str, Any], source: str = "<dict>") -> Config:
     """Validate a config mapping; errors name the key path, the value and the rule."""
     try:
         return Config.model_validate(data)
     except ValidationError as error:
-        raise ValueError(_format_errors(error, data, source)) from None
-
-
-def _yaml_error(path: Path, error: yaml.YAMLError) -> str:
-    """One line: where the parser stopped, and what it expected there."""
-    if not isinstance(error, yaml.MarkedYAMLError) or error.problem_mark is None:
-        return f"{path}: not valid YAML: {error}"
-    mark = error.problem_mark
-    context = f" ({error.context})" if error.context else ""
-    return (f"{path}, line {mark.line + 1}, column {mark.column + 1}: not valid YAML: "
-            f"{error.problem}{context}")
+        raise ValueError(format_errors(error, data, source)) from None
 
 
 def served_model_name(config: Config) -> str:
@@ -395,7 +349,7 @@ def load(path: str | Path) -> Config:
         try:
             data = yaml.safe_load(f) or {}
         except yaml.YAMLError as error:
-            raise ValueError(_yaml_error(path, error)) from None
+            raise ValueError(yaml_error(path, error)) from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     return parse(data, str(path))

@@ -42,7 +42,7 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
-from pagedserve.scheduler.block_manager import block_key
+from pagedserve.scheduler.block_keys import block_key
 
 FINGERPRINTS = "prefix_fingerprints"  # the routing-stats key, LLMServer.record_routing_stats
 

@@ -8,11 +8,12 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from pagedserve.engine.async_engine import AsyncEngineArgs, AsyncLLMEngine
     from pagedserve.llm import LLM
+    from pagedserve.lora_request import LoRARequest
     from pagedserve.outputs import CompletionOutput, RequestOutput
     from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "AsyncLLMEngine",
-           "AsyncEngineArgs", "RequestOutputKind"]
+           "AsyncEngineArgs", "RequestOutputKind", "LoRARequest"]
 __version__ = "0.1.0"
 
 # Imported on first use, so `pagedserve plan` and `pagedserve.config` stay light
@@ -21,7 +22,8 @@ _HOMES = {"LLM": "pagedserve.llm", "SamplingParams": "pagedserve.sampling_params
           "RequestOutputKind": "pagedserve.sampling_params",
           "RequestOutput": "pagedserve.outputs", "CompletionOutput": "pagedserve.outputs",
           "AsyncLLMEngine": "pagedserve.engine.async_engine",
-          "AsyncEngineArgs": "pagedserve.engine.async_engine"}
+          "AsyncEngineArgs": "pagedserve.engine.async_engine",
+          "LoRARequest": "pagedserve.lora_request"}
 
 
 def __getattr__(name: str):

@@ -243,6 +243,46 @@ class ServingConfig(_Strict):
         return self.proxy_port if self.proxy_port is not None else self.port + 1
 
 
+class LoRAModule(_Strict):
+    """An adapter served from start-up: clients name it as `model`."""
+
+    name: str = Field(min_length=1)
+    path: str = Field(min_length=1)
+
+
+class LoRAConfig(_Strict):
+    """LoRA adapters over the base model (vLLM's names): `max_loras` of them are
+    resident on the device at once in preallocated slots of rank `max_lora_rank`,
+    and `max_cpu_loras` are kept in host memory, least recently used first out."""
+
+    enable_lora: bool = False
+    max_lora_rank: int = Field(default=16, ge=1, le=512)
+    max_loras: int = Field(default=4, ge=1, le=256)
+    # None: as many as max_loras.
+    max_cpu_loras: int | None = Field(default=None, ge=1)
+    # Served: loaded at start, answered by name.
+    modules: list[LoRAModule] = Field(default_factory=list)
+    # Served: POST /v1/load_lora_adapter and /v1/unload_lora_adapter (behind the API key).
+    allow_runtime_updates: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LoRAConfig:
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras={self.max_cpu_loras} must be at least "
+                             f"max_loras={self.max_loras}: every adapter on the device is "
+                             "also kept on the host")
+        if (self.modules or self.allow_runtime_updates) and not self.enable_lora:
+            raise ValueError("lora.modules and lora.allow_runtime_updates need "
+                             "lora.enable_lora: true")
+        names = [module.name for module in self.modules]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"lora.modules: the names {repeated} are given more than once")
+        return self
+
+    @property
+    def cpu_capacity(self) -> int:
+        return self.max_cpu_loras or self.max_loras
 
 
 class _Policy(_Strict):
@@ -301,11 +341,20 @@ class Config(_Strict):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+
+    @model_validator(mode="after")
+    def _lora_runs(self) -> Config:
+        if self.lora.enable_lora and self.engine.simulator is not None:
+            raise ValueError("lora.enable_lora: the simulated accelerator (engine.simulator) "
+                             "has no weights to adapt")
+        return self
 
 
 # The sections whose fields LLM(...) and AsyncEngineArgs(...) take by name (no name is in
 # two of them).
-_SECTIONS = {"model": ModelConfig, "engine": EngineConfig, "parallel": ParallelConfig}
+_SECTIONS = {"model": ModelConfig, "engine": EngineConfig, "parallel": ParallelConfig,
+             "lora": LoRAConfig}
 
 
 def config_from_fields(model: str | None, fields: dict[str, Any], source: str) -> Config:
@@ -317,7 +366,7 @@ def config_from_fields(model: str | None, fields: dict[str, Any], source: str) -
         owner = next((name for name, cls in _SECTIONS.items() if key in cls.model_fields), None)
         if owner is None:
             raise TypeError(f"{source}: unexpected keyword argument {key!r} (the fields of "
-                            f"the model, engine and parallel config sections are accepted)")
+                            f"the model, engine, parallel and lora config sections are accepted)")
         sections[owner][key] = value
     return parse(sections, source=source)
 

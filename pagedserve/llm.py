@@ -12,6 +12,8 @@ from tqdm.auto import tqdm
 from pagedserve import config as config_module
 from pagedserve.config import Config, config_from_fields
 from pagedserve.engine.core import EngineCore, PromptInput
+from pagedserve.errors import RequestError
+from pagedserve.lora_request import LoRARequest
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 
@@ -57,8 +59,14 @@ class LLM:
 
     def generate(self, prompts: PromptInput | Seq[PromptInput],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs come back in prompt order."""
+                 use_tqdm: bool = True,
+                 lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
+                 ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in prompt order.
+
+        `lora_request`: one adapter for every prompt, or one per prompt (None: the
+        base model); the engine must be built with enable_lora=True.
+        """
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         if sampling_params is None:
@@ -68,6 +76,11 @@ class LLM:
         if len(sampling_params) != len(prompts):
             raise ValueError(f"sampling_params has {len(sampling_params)} entries for "
                              f"{len(prompts)} prompts")
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            lora_request = [lora_request] * len(prompts)
+        if len(lora_request) != len(prompts):
+            raise RequestError("lora_request", f"lora_request has {len(lora_request)} entries "
+                                               f"for {len(prompts)} prompts")
         requests = [(self.engine.prompt_token_ids(p), p if isinstance(p, str) else None)
                     for p in prompts]
         # Only the final outputs are returned, so the engine builds no others (as vLLM's LLM).
@@ -76,9 +89,10 @@ class LLM:
         sampling_params = [final_only[id(p)] for p in sampling_params]
         order = []
         try:
-            for (token_ids, text), params in zip(requests, sampling_params):
+            for (token_ids, text), params, lora in zip(requests, sampling_params, lora_request):
                 request_id = str(next(self._request_ids))
-                self.engine.add_request(request_id, token_ids, params, prompt=text)
+                self.engine.add_request(request_id, token_ids, params, prompt=text,
+                                        lora_request=lora)
                 order.append(request_id)
             return self._run(order, use_tqdm)
         finally:
@@ -87,7 +101,9 @@ class LLM:
 
     def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-             use_tqdm: bool = True) -> list[RequestOutput]:
+             use_tqdm: bool = True,
+             lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
+             ) -> list[RequestOutput]:
         """Generate replies to conversations, rendered with the model's chat template."""
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
@@ -101,7 +117,7 @@ class LLM:
             ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True,
                                                 tokenize=True, return_dict=False)
             prompts.append({"prompt_token_ids": list(ids)})
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request)
 
     def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}

@@ -57,6 +57,9 @@ class AdapterSpec:
     scaling: float
     target_modules: tuple[str, ...]  # a subset of TARGET_MODULES, in that order
     layers: tuple[int, ...] | None  # `layers_to_transform`; None: every layer
+    # Who asks for it: set when an engine registers the adapter under a request's name and id.
+    name: str = ""
+    lora_id: int = 0
 
 
 def read_adapter_config(path: str | Path, max_lora_rank: int) -> AdapterSpec:

@@ -35,6 +35,7 @@ from pagedserve.config import Config, config_from_fields
 from pagedserve.engine.core import EngineCore, PromptInput
 from pagedserve.engine.output_kinds import merge
 from pagedserve.engine.stats import EngineStats
+from pagedserve.lora_request import LoRARequest
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 
@@ -81,13 +82,13 @@ class AsyncLLMEngine:
 
     # -- requests -----------------------------------------------------------------------
     async def generate(self, prompt: PromptInput, sampling_params: SamplingParams,
-                       request_id: str, lora_request: None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str, lora_request: LoRARequest | None = None
+                       ) -> AsyncIterator[RequestOutput]:
         """The request's outputs as steps produce them, the last one finished.
 
-        Refusals (a bad prompt, limits) raise at the first iteration.
+        Refusals (a bad prompt, limits, an adapter that cannot be loaded) raise at
+        the first iteration.
         """
-        if lora_request is not None:
-            raise ValueError("lora_request: LoRA adapters are not supported by this engine")
         self._raise_if_dead()
         prompt_token_ids = self.core.prompt_token_ids(prompt)
         self.core.validate(prompt_token_ids, sampling_params)  # reads only limits
@@ -97,7 +98,7 @@ class AsyncLLMEngine:
         self._streams[request_id] = (asyncio.get_running_loop(), outputs)
         self._adding.add(request_id)
         self._send("add", request_id, prompt_token_ids, sampling_params,
-                   prompt if isinstance(prompt, str) else None)
+                   prompt if isinstance(prompt, str) else None, lora_request)
         delta = sampling_params.output_kind is RequestOutputKind.DELTA
         finished = False
         try:
@@ -122,6 +123,17 @@ class AsyncLLMEngine:
         """Stop a request: its generator ends with its last output (finish reason
         "abort") and its blocks are freed. An unknown id is a no-op."""
         self._send("abort", request_id)
+
+    async def add_lora(self, lora_request: LoRARequest) -> None:
+        """Register an adapter ahead of its requests; RequestError if it cannot serve."""
+        await self._ask(lambda: self.core.add_lora(lora_request))
+
+    async def remove_lora(self, lora_id: int) -> bool:
+        """Unload an adapter; one in use goes when its last request ends (False)."""
+        return await self._ask(lambda: self.core.remove_lora(lora_id))
+
+    async def list_loras(self) -> list[LoRARequest]:
+        return await self._ask(self.core.list_loras)
 
     # -- state ----------------------------------------------------------------------------
     def stats(self) -> EngineStats:
@@ -208,9 +220,10 @@ class AsyncLLMEngine:
             except queue.Empty:
                 return True
             if kind == "add":
-                request_id, prompt_token_ids, params, prompt = args
+                request_id, prompt_token_ids, params, prompt, lora_request = args
                 try:
-                    self.core.add_request(request_id, prompt_token_ids, params, prompt=prompt)
+                    self.core.add_request(request_id, prompt_token_ids, params, prompt=prompt,
+                                          lora_request=lora_request)
                 except ValueError as error:
                     self._deliver(request_id, error)
                 finally:

@@ -18,16 +18,19 @@ from typing import Any
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pagedserve.config import Config, EngineConfig
+from pagedserve.engine.adapters import AdapterRegistry
 from pagedserve.engine.executors import choose_device, make_executor
 from pagedserve.engine.request_outputs import OutputBuilder
 from pagedserve.engine.resolve import resolve
 from pagedserve.engine.stats import EngineStats
 from pagedserve.errors import RequestError
+from pagedserve.lora_request import LoRARequest
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 from pagedserve.scheduler.beam_search import BeamSearch
 from pagedserve.scheduler.block_manager import BlockManager, cdiv
 from pagedserve.scheduler.detokenizer import Detokenizer
+from pagedserve.scheduler.lora_slots import AdapterSlots
 from pagedserve.scheduler.scheduler import Scheduler, SchedulerConfig
 from pagedserve.scheduler.sequence import FinishReason, SequenceGroup
 from pagedserve.scheduler.step import StepInput, StepOutput
@@ -64,6 +67,8 @@ class EngineCore:
                  async_scheduling: bool = False) -> None:
         self.info = info
         self.scheduler = scheduler
+        self.adapters = AdapterRegistry(info.lora, info.hf_config)
+        scheduler.adapters.on_unloaded = self.adapters.remove
         self.block_manager = scheduler.block_manager
         self.executor = executor
         self.tokenizer = tokenizer
@@ -81,6 +86,8 @@ class EngineCore:
         model, engine, parallel = config.model, config.engine, config.parallel
         simulated = engine.simulator is not None
         info = resolve(model, choose_device(engine, parallel), parallel, simulated=simulated)
+        if config.lora.enable_lora:
+            info = dataclasses.replace(info, lora=config.lora)
         tokenizer = None if model.skip_tokenizer_init else AutoTokenizer.from_pretrained(
             info.tokenizer_path, trust_remote_code=model.trust_remote_code)
         device_type = "cuda" if simulated else info.device.type  # a simulated GPU is a GPU
@@ -95,7 +102,8 @@ class EngineCore:
         except BaseException:
             executor.shutdown()
             raise
-        return cls(info, Scheduler(limits, block_manager), executor, tokenizer,
+        slots = AdapterSlots(config.lora.max_loras) if config.lora.enable_lora else None
+        return cls(info, Scheduler(limits, block_manager, slots), executor, tokenizer,
                    async_scheduling=engine.uses_async_scheduling(device_type))
 
     @staticmethod
@@ -130,11 +138,12 @@ class EngineCore:
 
     # -- requests ------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None) -> None:
+                    prompt: str | None = None, lora_request: LoRARequest | None = None) -> None:
         self.validate(prompt_token_ids, params)
+        adapter = self.adapters.resolve(lora_request)
         # One sequence computes the prompt; samples and beams fork from it.
         group = SequenceGroup(request_id, [self.scheduler.new_sequence(prompt_token_ids)], params,
-                              prompt)
+                              prompt, lora=adapter)
         if params.use_beam_search:
             eos = set() if params.ignore_eos else set(self.info.eos_token_ids)
             group.beam_search = BeamSearch(
@@ -169,6 +178,19 @@ class EngineCore:
         output = self.outputs.build(group)
         self.outputs.forget(request_id)
         return output
+
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        """Register an adapter ahead of its requests (its files are checked now)."""
+        self.adapters.resolve(lora_request)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Unload an adapter: at once if no request uses it (True); otherwise new
+        requests for it are refused and it goes when its last request ends."""
+        self.adapters.closing(lora_id)
+        return self.scheduler.adapters.unload(lora_id)
+
+    def list_loras(self) -> list[LoRARequest]:
+        return self.adapters.requests()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._in_flight)

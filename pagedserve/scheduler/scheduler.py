@@ -13,7 +13,9 @@ Every step, in this order:
    pool allow, starting from the longest prefix the prefix cache holds.
 
 Steps 2 and 3 are skipped in a step that had to preempt, and 3 while any
-request is still swapped out.
+request is still swapped out. A request under a LoRA adapter holds one of the
+device's `max_loras` adapter slots while it runs (lora_slots.py); one whose
+adapter cannot get a slot waits at the head of its queue until one is free.
 
 A request's sequences share blocks: parallel samples fork off the prompt at
 its last token, beams fork and drop every step. A sequence about to write into
@@ -30,6 +32,8 @@ from dataclasses import dataclass
 from pagedserve.scheduler.beam_search import Beam
 from pagedserve.scheduler.block_manager import BlockManager
 from pagedserve.scheduler.limits import SchedulerConfig
+from pagedserve.scheduler.adapter_use import AdapterUse
+from pagedserve.scheduler.lora_slots import AdapterSlots
 from pagedserve.scheduler.sequence import FinishReason, Sequence, SequenceGroup, SequenceStatus
 from pagedserve.scheduler.step import (
     PLACEHOLDER,
@@ -53,9 +57,11 @@ class _Work:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
+                 lora_slots: AdapterSlots | None = None) -> None:
         self.config = config
         self.block_manager = block_manager
+        self.adapters = AdapterUse(lora_slots)
         self.waiting: deque[SequenceGroup] = deque()
         self.running: list[SequenceGroup] = []
         self.swapped: deque[SequenceGroup] = deque()
@@ -73,6 +79,7 @@ class Scheduler:
     def add(self, group: SequenceGroup) -> None:
         if group.request_id in self._groups:
             raise ValueError(f"request_id {group.request_id!r} is already in use")
+        self.adapters.add(group)
         self._groups[group.request_id] = group
         for seq in group.seqs:
             self._track(seq, group)
@@ -97,6 +104,11 @@ class Scheduler:
 
     # -- one step ------------------------------------------------------------
     def schedule(self) -> StepInput:
+        step = self._schedule()
+        self.adapters.attach(step)
+        return step
+
+    def _schedule(self) -> StepInput:
         budget = self.config.max_num_batched_tokens
         step = StepInput(seqs=[])
         preempted = False
@@ -125,7 +137,8 @@ class Scheduler:
             seq_ids = [seq.seq_id for seq in group.unfinished_seqs]
             needed = self.block_manager.blocks_to_swap_in(seq_ids)
             if (num_seqs + len(seq_ids) > self.config.max_num_seqs
-                    or needed + len(seq_ids) + reserve > self.block_manager.num_free_blocks):
+                    or needed + len(seq_ids) + reserve > self.block_manager.num_free_blocks
+                    or not self.adapters.hold(group)):
                 break
             self.swapped.popleft()
             step.blocks_to_swap_in.extend(self.block_manager.swap_in(seq_ids))
@@ -146,7 +159,7 @@ class Scheduler:
             # The watermark keeps room for running sequences to grow; with none
             # running it would only stop a request that fills the pool alone.
             reserve = self.block_manager.watermark_blocks if self.running else 0
-            if not plan or not self._fits(plan, reserve):
+            if not plan or not self._fits(plan, reserve) or not self.adapters.hold(group):
                 break
             self.waiting.popleft()
             self._set_status(group, SequenceStatus.RUNNING)
@@ -225,7 +238,7 @@ class Scheduler:
             has_table = manager.has(seq_id)
             # Cached blocks have no logits: a prompt still to be scored is computed whole.
             if not has_table and not group.needs_prompt_logprobs:
-                computed = manager.computed_blocks(seq.token_ids)
+                computed = manager.computed_blocks(seq.token_ids, group.cache_key)
             start = max(seq.num_computed_tokens, len(computed) * manager.block_size)
             num_tokens = min(seq.num_uncomputed_tokens - (start - seq.num_computed_tokens)
                              - int(hold_last), budget)
@@ -270,7 +283,7 @@ class Scheduler:
             if not manager.has(work.seq.seq_id):
                 work.seq.num_computed_tokens = len(work.computed_blocks) * manager.block_size
                 manager.allocate(work.seq.seq_id, work.seq.num_computed_tokens,
-                                 work.seq.token_ids, work.computed_blocks)
+                                 work.seq.token_ids, work.computed_blocks, group.cache_key)
         for work in plan:
             seq, num_tokens = work.seq, work.num_tokens
             if manager.needs_copy_on_write(seq.seq_id, num_tokens):
@@ -303,12 +316,14 @@ class Scheduler:
                 num_candidates=beam.candidates_per_beam if do_sample and beam else 0,
                 prompt_targets=targets,
                 prompt_logprobs=params.prompt_logprobs or 0,
+                lora_slot=-1 if group.lora_slot is None else group.lora_slot,
             ))
             seq.num_computed_tokens = end  # the step will have computed them
             seq.num_pending += do_sample
         return sum(work.num_tokens for work in plan)
 
     def _preempt(self, group: SequenceGroup, step: StepInput) -> None:
+        self.adapters.release(group)
         seq_ids = [seq.seq_id for seq in group.unfinished_seqs]
         mode = self.config.preemption_mode
         swap = mode == "swap" or (mode == "auto" and len(seq_ids) > 1)
@@ -389,6 +404,8 @@ class Scheduler:
         self._seq_group[seq.seq_id] = group
 
     def _retire(self, group: SequenceGroup) -> None:
+        if group.request_id in self._groups:
+            self.adapters.retire(group)
         for seq in group.seqs:
             self.block_manager.free(seq.seq_id)
             self._seqs.pop(seq.seq_id, None)

@@ -14,6 +14,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pagedserve.lora_request import AdapterSpec
 from pagedserve.outputs import RequestMetrics
 from pagedserve.sampling_params import SamplingParams
 
@@ -127,6 +128,10 @@ class SequenceGroup:
     # With SamplingParams.prompt_logprobs: per prompt position, {token: logprob} of
     # the prompt's token and the top-k; None for the first token, which nothing predicts.
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    # The LoRA adapter the request runs under (None: the base model), and the
+    # device slot it holds while running (scheduler/lora_slots.py).
+    lora: AdapterSpec | None = None
+    lora_slot: int | None = None
 
     def __post_init__(self) -> None:
         if self.sampling_params.prompt_logprobs is not None:
@@ -145,6 +150,16 @@ class SequenceGroup:
             raise ValueError(f"prompt logprobs from position {first_position} leave a gap after "
                              f"{held}")
         self.prompt_logprobs.extend(entries[held - first_position:])
+
+    @property
+    def lora_id(self) -> int:
+        return self.lora.lora_id if self.lora is not None else 0
+
+    @property
+    def cache_key(self) -> str | None:
+        """What the prefix cache keys this request's blocks by, beside their tokens:
+        the same prompt under two adapters is two different contexts."""
+        return self.lora.name if self.lora is not None else None
 
     @property
     def forks_at_prompt_end(self) -> bool:

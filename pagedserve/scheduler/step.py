@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pagedserve.lora_request import AdapterSpec
 from pagedserve.sampling_params import SamplingParams
 
 # A token id the host does not know yet: the one the step in flight samples for
@@ -52,6 +53,8 @@ class ScheduledSequence:
     # each with its top `prompt_logprobs` alternatives.
     prompt_targets: list[int] | None = None
     prompt_logprobs: int = 0
+    # The device slot of the sequence's LoRA adapter; -1: the base model.
+    lora_slot: int = -1
 
     @property
     def num_tokens(self) -> int:
@@ -70,6 +73,10 @@ class StepInput:
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
+    # Adapters to put in device slots before the step runs, and adapters unloaded
+    # since the last step (scheduler/lora_slots.py, worker/lora_manager.py).
+    lora_loads: list[tuple[int, AdapterSpec]] = field(default_factory=list)
+    lora_unloads: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -78,7 +85,7 @@ class StepInput:
     @property
     def is_empty(self) -> bool:
         return not (self.seqs or self.blocks_to_swap_in or self.blocks_to_swap_out
-                    or self.blocks_to_copy)
+                    or self.blocks_to_copy or self.lora_unloads)
 
 
 @dataclass(frozen=True)

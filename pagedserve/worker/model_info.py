@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
+from pagedserve.config import LoRAConfig
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -24,6 +26,8 @@ class ModelInfo:
     vocab_size: int
     gguf_file: Path | None = None  # the weights, when they come from a GGUF file
     tokenizer_dir: Path | None = None  # model.tokenizer's directory; None: model_dir
+    # The adapter slots the model is built with (worker/lora_manager.py); None: no LoRA.
+    lora: LoRAConfig | None = None
 
     @property
     def tokenizer_path(self) -> Path:

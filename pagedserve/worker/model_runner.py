@@ -26,6 +26,7 @@ from pagedserve.worker import prompt_logprobs, sampler
 from pagedserve.worker.cuda_graph import DecodeGraphs
 from pagedserve.worker.inputs import flatten
 from pagedserve.worker.layers.attention import AttentionBackend, AttentionMetadata
+from pagedserve.worker.lora_manager import WorkerLoRA
 from pagedserve.worker.step_timer import StepTimer
 from pagedserve.worker.transfer import to_device
 
@@ -42,6 +43,7 @@ class ModelRunner:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.graphs: DecodeGraphs | None = None
         self.timer: StepTimer | None = None
+        self.lora: WorkerLoRA | None = None  # the adapter slots, when the engine serves LoRA
 
     @torch.inference_mode()
     def execute(self, step: StepInput, kv_caches: list[KVCache]) -> StepOutput | None:
@@ -99,6 +101,8 @@ class ModelRunner:
 
     def prepare(self, seqs: list[ScheduledSequence]):
         arrays = flatten(seqs, self.block_size)
+        if self.lora is not None:
+            self.lora.set_tokens(arrays.lora_slots)
 
         def as_tensor(values: np.ndarray) -> torch.Tensor:
             return to_device(torch.from_numpy(values), self.device)

@@ -30,6 +30,7 @@ from pagedserve.scheduler.step import PLACEHOLDER, ScheduledSequence, StepInput,
 from pagedserve.worker.cuda_graph import DecodeGraphs
 from pagedserve.worker.distributed import TPGroup
 from pagedserve.worker.layers.attention import select_attention_backend
+from pagedserve.worker.lora_manager import WorkerLoRA
 from pagedserve.worker.model_info import ModelInfo
 from pagedserve.worker.model_runner import ModelRunner
 from pagedserve.worker.models import build_model
@@ -66,6 +67,10 @@ class Worker:
                                                   self.kv_block_shape[1])
         self.runner = ModelRunner(self.model, engine.block_size, self.attention, info.device,
                                   engine.seed)
+        # Adapter slots take their memory before the KV pool is sized from what is left.
+        self.lora = None if info.lora is None else WorkerLoRA(
+            self.model, info.lora, info.hf_config, info.dtype, info.device)
+        self.runner.lora = self.lora
         self.kv_pool: torch.Tensor | None = None
         self.cpu_pool: torch.Tensor | None = None
         self.kv_caches: list[KVCache] = []
@@ -73,7 +78,9 @@ class Worker:
         # The tokens the last step sampled: the inputs of the next step's placeholders.
         self.async_scheduling = engine.uses_async_scheduling(info.device.type)
         self._last_tokens: dict[int, int] = {}
-        self.uses_graphs = info.device.type == "cuda" and not engine.enforce_eager
+        # Decode graphs are captured without adapters: with LoRA every step runs eagerly.
+        self.uses_graphs = (info.device.type == "cuda" and not engine.enforce_eager
+                            and self.lora is None)
         if self.uses_graphs and not self.attention.supports_graphs:
             logger.warning("attention_backend=%r runs eagerly: CUDA graphs need 'triton'",
                            self.attention.name)
@@ -163,6 +170,8 @@ class Worker:
         if step.blocks_to_copy:
             mapping = torch.tensor(step.blocks_to_copy, dtype=torch.int64, device=self.info.device)
             self.attention.copy_blocks(self.kv_pool, mapping)
+        if step.lora_loads or step.lora_unloads:
+            self.lora.apply(step.lora_loads, step.lora_unloads)
         output = self.runner.execute(step, self.kv_caches)
         if self.async_scheduling:
             self._last_tokens = self._sampled_tokens(step, output)

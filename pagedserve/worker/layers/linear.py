@@ -63,6 +63,7 @@ class ColumnParallelLinear(nn.Module):
             if param is not None:
                 param.weight_loader = self.load_part
                 param.num_parts = len(self.full_sizes)
+        self.lora = None  # a LoRAStack (layers/lora.py) when the engine serves adapters
 
     def load_part(self, param: torch.Tensor, loaded, shard_id: int | None) -> None:
         index = shard_id or 0
@@ -72,7 +73,10 @@ class ColumnParallelLinear(nn.Module):
         param.data.narrow(0, sum(self.part_sizes[:index]), part).copy_(loaded[start:start + part])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        out = F.linear(x, self.weight, self.bias)
+        if self.lora is not None:
+            self.lora.add_to(x, out)
+        return out
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -102,6 +106,7 @@ class RowParallelLinear(nn.Module):
         self.weight = _new_parameter(output_size, self.part_size)
         self.weight.weight_loader = self.load_weight
         self.bias = _new_parameter(output_size) if bias else None
+        self.lora = None  # a LoRAStack (layers/lora.py) when the engine serves adapters
 
     def load_weight(self, param: torch.Tensor, loaded, shard_id: int | None) -> None:
         check_shape(checkpoint_shape(loaded), (param.shape[0], self.part_size * self.tp.size))
@@ -109,5 +114,7 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded[:, start:start + self.part_size])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(F.linear(x, self.weight,
-                                           self.bias if self.tp.rank == 0 else None))
+        out = F.linear(x, self.weight, self.bias if self.tp.rank == 0 else None)
+        if self.lora is not None:  # this rank's partial delta joins the one all-reduce
+            self.lora.add_to(x, out)
+        return self.tp.all_reduce(out)

@@ -16,6 +16,7 @@ Adapters of a smaller rank than `max_rank` are zero-padded, which is exact.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from pagedserve.kernels import lora as lora_kernels
@@ -28,11 +29,27 @@ PARTS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_p
          "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", 0)}
 
 
+class LoRABatch:
+    """The slot of each token row of the step being run, shared by every stack of a model."""
+
+    def __init__(self) -> None:
+        self.slots: torch.Tensor | None = None  # [T] int32, -1: the base model
+        self.present: set[int] = set()  # the slots that occur in `slots`
+
+    def set(self, token_slots: np.ndarray | None, device: torch.device) -> None:
+        if token_slots is None or not (token_slots >= 0).any():
+            self.slots, self.present = None, set()
+            return
+        self.present = {int(slot) for slot in np.unique(token_slots) if slot >= 0}
+        self.slots = torch.from_numpy(token_slots.astype(np.int32)).to(device, non_blocking=True)
+
+
 class LoRAStack:
     """Stacked A and B per part of a fused layer (q, k, v; gate, up; or the one of o, down)."""
 
     def __init__(self, layer: ColumnParallelLinear | RowParallelLinear, max_loras: int,
-                 max_rank: int) -> None:
+                 max_rank: int, batch: LoRABatch | None = None) -> None:
+        self.batch = batch
         weight = layer.weight
         self.tp, self.max_rank = layer.tp, max_rank
         self.row_parallel = isinstance(layer, RowParallelLinear)
@@ -64,6 +81,16 @@ class LoRAStack:
             self.a[part][slot, :rank].copy_(a)
             self.b[part][slot, :, :rank].copy_(b)
             self.adapted[part].add(slot)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.a, *self.b))
+
+    def add_to(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """The layer's hook: out += the deltas of the batch's adapters (see `apply`)."""
+        batch = self.batch
+        if batch is not None and batch.slots is not None:
+            self.apply(x, out, batch.slots, batch.present)
 
     def clear(self, slot: int) -> None:
         for part in range(len(self.part_sizes)):

@@ -107,6 +107,19 @@ def params_per_rank(shape: ModelShape, tp: int) -> int:
     return shape.num_layers * layer + embedding + lm_head + hidden  # + final norm
 
 
+def lora_slot_bytes(shape: ModelShape, tp: int, dtype_bytes: int, max_loras: int,
+                    max_rank: int) -> int:
+    """The LoRA slots of one rank (worker/lora_manager.py): per layer and slot, an A of
+    [rank, in] and a B of [out, rank] for each of q, k, v, o, gate, up, down, sharded
+    as their layers are (column-parallel B by rows, row-parallel A by columns)."""
+    hidden, inter = shape.hidden_size, shape.intermediate_size // tp
+    q = shape.num_heads // tp * shape.head_dim
+    kv = shape.num_kv_heads // tp * shape.head_dim
+    a = 3 * hidden + q + 2 * hidden + inter  # qkv, o, gate_up, down: the inputs
+    b = (q + 2 * kv) + hidden + 2 * inter + hidden  # and the outputs
+    return shape.num_layers * max_loras * max_rank * (a + b) * dtype_bytes
+
+
 def headroom_bytes(shape: ModelShape, tp: int, dtype_bytes: int, step_tokens: int,
                     max_num_seqs: int) -> int:
     """See planner.plan: runtime overhead, one step's peak activations, rank 0's logits."""

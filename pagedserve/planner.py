@@ -28,6 +28,7 @@ from pagedserve.model_shape import (
     ModelShape,
     headroom_bytes,
     load_presets,
+    lora_slot_bytes,
     params_per_rank,
 )
 
@@ -54,6 +55,8 @@ class Plan:
     gpu_memory_bytes: int | None  # None on CPU, where engine.kv_cache_memory_gb is the budget
     gpu_memory_utilization: float | None
     headroom_bytes: int | None
+    lora_bytes_per_rank: int  # the adapter slots (0 without lora.enable_lora)
+    lora_slots: int
     kv_budget_bytes: int
     num_blocks: int
     num_cache_tokens: int
@@ -78,8 +81,9 @@ def plan(config: Config, gpu_memory_gb: float | None = None,
       + max_num_seqs * vocab * 4 * 2   (float32 logits and their softmax, rank 0)
     where q = heads * head_dim and kv = kv_heads * head_dim.
 
-    KV budget = gpu_memory * gpu_memory_utilization - weights - headroom; on a
-    CPU config it is engine.kv_cache_memory_gb, as the engine takes it.
+    KV budget = gpu_memory * gpu_memory_utilization - weights - LoRA slots - headroom;
+    on a CPU config it is engine.kv_cache_memory_gb, as the engine takes it (the
+    slots come on top). The LoRA slots: model_shape.lora_slot_bytes.
     """
     engine, tp = config.engine, config.parallel.tensor_parallel_size
     shape = load_model_shape(config.model)
@@ -98,6 +102,9 @@ def plan(config: Config, gpu_memory_gb: float | None = None,
     weight_bytes = params * dtype_bytes
     kv_bytes_per_token = shape.kv_bytes_per_token(tp, dtype_bytes)
     block_bytes = engine.block_size * kv_bytes_per_token
+    lora = config.lora
+    lora_bytes = lora_slot_bytes(shape, tp, dtype_bytes, lora.max_loras, lora.max_lora_rank
+                                 ) if lora.enable_lora else 0
 
     if device == "cpu":
         if gpu_memory_gb is not None:
@@ -111,7 +118,7 @@ def plan(config: Config, gpu_memory_gb: float | None = None,
             raise ValueError(f"gpu_memory_gb={gpu_memory_gb} must be positive")
         gpu_memory, utilization = int(gpu_memory_gb * GIB), engine.gpu_memory_utilization
         headroom = headroom_bytes(shape, tp, dtype_bytes, step_tokens, engine.max_num_seqs)
-        budget = _gpu_kv_budget(config, gpu_memory, weight_bytes, headroom)
+        budget = _gpu_kv_budget(config, gpu_memory, weight_bytes + lora_bytes, headroom)
     num_blocks = _num_blocks(config, budget, block_bytes, device, max_model_len)
     num_cache_tokens = num_blocks * engine.block_size
     return Plan(
@@ -122,7 +129,9 @@ def plan(config: Config, gpu_memory_gb: float | None = None,
         weight_bytes_per_rank=weight_bytes, total_weight_bytes=weight_bytes * tp,
         kv_bytes_per_token=kv_bytes_per_token, gpu_memory_bytes=gpu_memory,
         gpu_memory_utilization=utilization,
-        headroom_bytes=headroom, kv_budget_bytes=budget, num_blocks=num_blocks,
+        headroom_bytes=headroom, lora_bytes_per_rank=lora_bytes,
+        lora_slots=lora.max_loras if lora.enable_lora else 0, kv_budget_bytes=budget,
+        num_blocks=num_blocks,
         num_cache_tokens=num_cache_tokens, mean_seq_len=mean_seq_len,
         seqs_at_mean_len=num_blocks // math.ceil(mean_seq_len / engine.block_size),
         seqs_at_max_model_len=num_cache_tokens // max_model_len,
@@ -273,6 +282,9 @@ def format_plan(plan: Plan) -> str:
         ("  parameters", f"{plan.params_per_rank:,}"),
         ("  weights", _gib(plan.weight_bytes_per_rank)),
     ]
+    if plan.lora_slots:
+        rows.append(("  LoRA slots", f"{_gib(plan.lora_bytes_per_rank)} ({plan.lora_slots} "
+                                     "adapters at max_lora_rank)"))
     if plan.gpu_memory_bytes is not None and plan.headroom_bytes is not None:
         rows += [
             ("  GPU memory", f"{_gib(plan.gpu_memory_bytes)} x gpu_memory_utilization "

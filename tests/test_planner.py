@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from pagedserve import config as config_module
 from pagedserve.cli import main
-from pagedserve.planner import load_presets, plan
+from pagedserve.planner import format_plan, load_presets, plan
 from pagedserve.testing import build_random_model, cached_random_model
 
 CONFIG_DIR = Path(__file__).parent.parent / "configs"
@@ -214,3 +214,25 @@ def test_cli_bad_config_exits_2_naming_the_key(tmp_path, capsys, yaml_text, expe
 def test_plan_rejects_what_the_engine_would(name, changes, kwargs, message):
     with pytest.raises(ValueError, match=message):
         plan(_config(name, **changes), **kwargs)
+
+
+def test_lora_slots_are_planned_as_the_worker_allocates_them():
+    from pagedserve import LLM
+
+    lora = {"enable_lora": True, "max_loras": 3, "max_lora_rank": 8}
+    config = _config("tiny-cpu.yaml", lora=lora,
+                     parallel={"distributed_executor_backend": "local"})
+    planned = plan(config)
+    llm = LLM(config=config)
+    assert planned.lora_bytes_per_rank == llm.engine.executor.worker.lora.slot_bytes > 0
+    assert "LoRA slots" in format_plan(planned)
+    # On a GPU the slots come out of the KV budget. 4 adapters of rank 64 on Llama 3 8B:
+    # per layer, A over the inputs of q, k, v, o, gate, up, down (6 x 4096 + 14336) and B
+    # over their outputs (6144 for q, k, v; 4096; 2 x 14336; 4096), x 64 x 32 layers x
+    # 4 slots x 2 bytes.
+    base = _config("llama-3-8b.yaml")
+    with_slots = _config("llama-3-8b.yaml", lora={"enable_lora": True, "max_loras": 4,
+                                                  "max_lora_rank": 64})
+    slot_bytes = (4096 * 6 + 14336 + 6144 + 4096 + 2 * 14336 + 4096) * 64 * 32 * 4 * 2
+    assert plan(with_slots).lora_bytes_per_rank == slot_bytes
+    assert plan(base).kv_budget_bytes - plan(with_slots).kv_budget_bytes == slot_bytes

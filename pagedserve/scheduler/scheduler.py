@@ -29,10 +29,10 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from pagedserve.scheduler.adapter_use import AdapterUse
 from pagedserve.scheduler.beam_search import Beam
 from pagedserve.scheduler.block_manager import BlockManager
 from pagedserve.scheduler.limits import SchedulerConfig
-from pagedserve.scheduler.adapter_use import AdapterUse
 from pagedserve.scheduler.lora_slots import AdapterSlots
 from pagedserve.scheduler.sequence import FinishReason, Sequence, SequenceGroup, SequenceStatus
 from pagedserve.scheduler.step import (

@@ -20,12 +20,17 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 from starlette.exceptions import HTTPException
 from transformers import AutoTokenizer
 
 from pagedserve.cluster import errors, protocol, responses
+from pagedserve.cluster.adapters import (
+    AdapterTable,
+    LoadLoRAAdapterRequest,
+    UnloadLoRAAdapterRequest,
+)
 from pagedserve.cluster.channel import Receiver
 from pagedserve.cluster.errors import OpenAIError
 from pagedserve.cluster.grpc_service import GenerationService
@@ -83,6 +88,7 @@ class OpenAIIngress(GenerationService):
         self.server = server  # DeploymentHandle to LLMServer
         self.config = config
         self.model_name = served_model_name(config)
+        self.adapters = AdapterTable(config.lora, self.model_name)
         self.created = int(time.time())
         self._tokenizer = None
         self._max_model_len = 0
@@ -110,9 +116,32 @@ class OpenAIIngress(GenerationService):
     async def models(self, request: Request) -> JSONResponse:
         self._authorize(request)
         await self._load()
-        return JSONResponse(responses.model_list([self.model_name], self.created,
-                                                 root=self._model_dir,
-                                                 max_model_len=self._max_model_len))
+        return JSONResponse(responses.model_list(
+            [self.model_name], self.created, root=self._model_dir,
+            max_model_len=self._max_model_len,
+            adapters=[(a.lora_name, a.lora_path) for a in self.adapters.adapters()]))
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(self, request: Request) -> PlainTextResponse:
+        self.adapters.check_updates_allowed()
+        body = parse_request(LoadLoRAAdapterRequest, await self._read(request))
+        adapter = self.adapters.new(body)
+        try:  # a replica reads and checks it: a bad adapter is never listed
+            await self.server.check_lora.remote(adapter)
+        except Exception as error:  # noqa: BLE001 - its cause decides the status
+            raise client_error(error, self.config.serving.retry_after_s,
+                               {"lora_request": "lora_path"}) from None
+        self.adapters.add(adapter)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added "
+                                 "successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(self, request: Request) -> PlainTextResponse:
+        self.adapters.check_updates_allowed()
+        body = parse_request(UnloadLoRAAdapterRequest, await self._read(request))
+        self.adapters.remove(body)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed "
+                                 "successfully.")
 
     @app.get("/stats")
     async def stats(self, request: Request) -> JSONResponse:
@@ -202,8 +231,7 @@ class OpenAIIngress(GenerationService):
         return req
 
     def _check_model(self, model: str) -> None:
-        if model != self.model_name:
-            raise errors.not_found_model(model, [self.model_name])
+        self.adapters.resolve(model)  # the base, or an adapter's name: 404 for any other
 
     async def _load(self) -> None:
         """The tokenizer and the context limit, fetched from the engine once."""
@@ -255,7 +283,7 @@ class OpenAIIngress(GenerationService):
         queue = receiver.open(request_id)
         try:
             generator = self.server.options(stream=True).generate.remote(
-                request_id, ids, params, receiver.inbox)
+                request_id, ids, params, receiver.inbox, self.adapters.resolve(req.model))
             first = await generator.__anext__()
         except BaseException as error:
             receiver.close(request_id)

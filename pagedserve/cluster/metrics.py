@@ -12,6 +12,8 @@ their change since the last step); `LLMServer.generate` calls
 
 from __future__ import annotations
 
+import time
+
 from ray.util.metrics import Counter, Gauge, Histogram
 
 from pagedserve.engine.stats import EngineStats
@@ -34,7 +36,12 @@ STEP_COUNTERS = {
     "prefix_cache_queries_total": "Prompt tokens looked up in the prefix cache.",
     "prefix_cache_hits_total": "Prompt tokens found in the prefix cache.",
     "num_preemptions_total": "Sequence groups preempted (recomputed or swapped out).",
+    "lora_loads_total": "LoRA adapters put into a device slot.",
+    "lora_evictions_total": "LoRA adapters evicted from a device slot for another.",
 }
+# vLLM's lora_requests_info: the time, tagged with the adapters running and waiting
+# (comma-separated names) and the number of device slots.
+LORA_INFO_TAGS = ("max_lora", "running_lora_adapters", "waiting_lora_adapters")
 REQUEST_COUNTERS = {
     "prompt_tokens_total": "Prompt tokens of finished requests.",
     "generation_tokens_total": "Tokens generated and returned by finished requests.",
@@ -61,6 +68,9 @@ class EngineMetrics:
         self.histograms = {name: make(Histogram, name, text, boundaries=LATENCY_BUCKETS)
                            for name, text in HISTOGRAMS.items()}
         self._totals = dict.fromkeys(STEP_COUNTERS, 0)
+        self.lora_info = Gauge(PREFIX + "lora_requests_info",
+                               "Running and waiting requests per LoRA adapter.",
+                               tag_keys=TAG_KEYS + LORA_INFO_TAGS).set_default_tags(tags)
 
     def record_step(self, stats: EngineStats) -> None:
         """After a step: the gauges' values, and the counters by their totals' change."""
@@ -70,7 +80,9 @@ class EngineMetrics:
                   "num_requests_swapped": stats.num_swapped,
                   "prefix_cache_queries_total": stats.prefix_cache_queries,
                   "prefix_cache_hits_total": stats.prefix_cache_hits,
-                  "num_preemptions_total": stats.num_preemptions}
+                  "num_preemptions_total": stats.num_preemptions,
+                  "lora_loads_total": stats.lora_loads,
+                  "lora_evictions_total": stats.lora_evictions}
         for name, gauge in self.gauges.items():
             gauge.set(values[name])
         for name in STEP_COUNTERS:
@@ -78,6 +90,11 @@ class EngineMetrics:
             if change > 0:
                 self.counters[name].inc(change)
             self._totals[name] = values[name]
+        if stats.max_loras:
+            self.lora_info.set(time.time(), tags={
+                "max_lora": str(stats.max_loras),
+                "running_lora_adapters": ",".join(sorted(stats.lora_running)),
+                "waiting_lora_adapters": ",".join(sorted(stats.lora_waiting))})
 
     def record_request(self, output: RequestOutput, prompt_tokens: int,
                        generated_by_choice: dict[int, int]) -> None:

@@ -138,7 +138,7 @@ class _SamplingRequest(_Strict):
     def param_names(self) -> dict[str, str]:
         """The engine's names of this request's parameters -> the fields the client sent."""
         return {"prompt_token_ids": self.prompt_param, "prompt": self.prompt_param,
-                "max_tokens": self.max_tokens_param()}
+                "max_tokens": self.max_tokens_param(), "lora_request": "model"}
 
     def sampling_params(self, room: int) -> SamplingParams:
         """SamplingParams for one prompt; `room` is what its context leaves (checked by

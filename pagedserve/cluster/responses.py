@@ -34,13 +34,18 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def model_list(names: list[str], created: int, root: str | None = None,
-               max_model_len: int | None = None) -> dict:
+               max_model_len: int | None = None,
+               adapters: list[tuple[str, str]] = ()) -> dict:
     """Model cards; `root` is where the model's config and tokenizer are (vLLM's field,
-    where benchmark clients look for the tokenizer)."""
-    return {"object": "list", "data": [
-        {"id": name, "object": "model", "created": created, "owned_by": OWNED_BY,
-         "root": root, "parent": None, "max_model_len": max_model_len}
-        for name in names]}
+    where benchmark clients look for the tokenizer). Each LoRA adapter (name, path)
+    follows, its `parent` the first model, as vLLM lists them."""
+    cards = [{"id": name, "object": "model", "created": created, "owned_by": OWNED_BY,
+              "root": root, "parent": None, "max_model_len": max_model_len}
+             for name in names]
+    cards += [{"id": name, "object": "model", "created": created, "owned_by": OWNED_BY,
+               "root": path, "parent": names[0], "max_model_len": max_model_len}
+              for name, path in adapters]
+    return {"object": "list", "data": cards}
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,11 @@ distinct prefixes (the most room to cache it; ties: the less loaded), so
 tenants spread evenly over the replicas' caches. Requests without token ids
 or a full block go to the less loaded of two random replicas, as with
 Serve's default. Selected by `serving.request_router: prefix_aware`.
+
+A request under a LoRA adapter goes to a replica that reports the adapter in
+its device slots (routing stats, `ADAPTERS`), when one does, so adapters are
+not loaded everywhere; its prompt's blocks are keyed by the adapter's name,
+as the replica's prefix cache keys them, so they match only that adapter's.
 """
 
 from __future__ import annotations
@@ -45,18 +50,20 @@ from ray.serve.request_router import (
 from pagedserve.scheduler.block_keys import block_key
 
 FINGERPRINTS = "prefix_fingerprints"  # the routing-stats key, LLMServer.record_routing_stats
+ADAPTERS = "lora_adapters"  # the names of the LoRA adapters in a replica's device slots
 
 
 def fingerprint(key: bytes) -> int:
     return int.from_bytes(key[:8], "little")
 
 
-def prompt_fingerprints(token_ids: list[int], block_size: int, max_blocks: int) -> list[int]:
+def prompt_fingerprints(token_ids: list[int], block_size: int, max_blocks: int,
+                        adapter: str | None = None) -> list[int]:
     """Fingerprints of the prompt's full blocks, as the block manager keys them."""
     prints, parent = [], None
     for start in range(0, min(len(token_ids) - 1, max_blocks * block_size) - block_size + 1,
                        block_size):
-        parent = block_key(parent, token_ids[start:start + block_size], None)
+        parent = block_key(parent, token_ids[start:start + block_size], adapter)
         prints.append(fingerprint(parent))
     return prints
 
@@ -75,6 +82,15 @@ def _prompt(pending_request: PendingRequest | None) -> list[int] | None:
         return None
     tokens = pending_request.args[1]
     return tokens if isinstance(tokens, list) else None
+
+
+def _adapter(pending_request: PendingRequest | None) -> str | None:
+    """The LoRA adapter's name of a generate(..., inbox, lora) call, if it has one."""
+    if pending_request is None:
+        return None
+    lora = (pending_request.args[4] if len(pending_request.args) > 4
+            else pending_request.kwargs.get("lora"))
+    return getattr(lora, "lora_name", None)
 
 
 class PrefixAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
@@ -104,8 +120,16 @@ class PrefixAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
                               ) -> list[list[RunningReplica]]:
         if len(candidate_replicas) <= 1:
             return [candidate_replicas]
+        adapter = _adapter(pending_request)
+        if adapter is not None:
+            holders = [r for r in candidate_replicas
+                       if adapter in (r.routing_stats.get(ADAPTERS) or ())]
+            if holders and len(holders) < len(candidate_replicas):
+                others = [r for r in candidate_replicas if r not in holders]
+                ranked = await self.choose_replicas(holders, pending_request)
+                return [*ranked, others]  # the others only if every holder refuses
         tokens = _prompt(pending_request)
-        prints = (prompt_fingerprints(tokens, self.block_size, self.max_prompt_blocks)
+        prints = (prompt_fingerprints(tokens, self.block_size, self.max_prompt_blocks, adapter)
                   if tokens is not None else [])
         if not prints:  # no token ids, or not one full block: Serve's default
             return [random.sample(candidate_replicas, 2)]

@@ -26,6 +26,7 @@ from pagedserve.cluster.metrics import EngineMetrics
 from pagedserve.config import Config, served_model_name
 from pagedserve.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from pagedserve.engine.stats import EngineStats
+from pagedserve.lora_request import LoRARequest
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 from pagedserve.worker.ray_utils import normal_priority
@@ -64,7 +65,7 @@ class LLMServer:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams, inbox: Any = None,
-                       ) -> AsyncIterator[RequestOutput]:
+                       lora: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
         """One request's outputs as steps produce them, the last one finished.
 
         They cross to the ingress as deltas (the new token ids, text and logprobs),
@@ -73,7 +74,8 @@ class LLMServer:
         re-rank their candidates every step and are sent cumulative. With an
         `inbox` (cluster/channel.py), only the first output is yielded; the rest
         go into the inbox with the other requests' outputs of the same step, and
-        the call returns once the last one is there.
+        the call returns once the last one is there. `lora`: the adapter to run
+        under (cluster/adapters.py), registered here on first sight.
         """
         await self.engine.check_health()
         limit = self.config.serving.max_waiting_requests
@@ -91,7 +93,7 @@ class LLMServer:
         generated: dict[int, int] = {}  # tokens so far, per choice index
         first = True
         async for output in self.engine.generate({"prompt_token_ids": prompt_token_ids}, params,
-                                                 request_id):
+                                                 request_id, lora_request=lora):
             for choice in output.outputs:
                 count = len(choice.token_ids)
                 generated[choice.index] = generated.get(choice.index, 0) + count if deltas \
@@ -121,6 +123,10 @@ class LLMServer:
             outbox = self._outboxes[inbox] = Outbox(inbox)
         return outbox
 
+    async def check_lora(self, lora: LoRARequest) -> None:
+        """Register an adapter (a load at run time): RequestError if it cannot be served."""
+        await self.engine.add_lora(lora)
+
     async def stats(self) -> dict[str, Any]:
         """KV memory stats and queue lengths, read between steps, and where the engine runs
         (for operators, and the fault tests, to find it)."""
@@ -140,7 +146,8 @@ class LLMServer:
     async def record_routing_stats(self) -> dict[str, Any]:
         """For the prefix-aware router (cluster/routing.py): what this replica has cached."""
         keys = (await self.engine.cached_block_keys())[-MAX_FINGERPRINTS:]
-        return {routing.FINGERPRINTS: [routing.fingerprint(key) for key in keys]}
+        return {routing.FINGERPRINTS: [routing.fingerprint(key) for key in keys],
+                routing.ADAPTERS: await self.engine.resident_loras()}
 
     async def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy."""

@@ -6,14 +6,16 @@ checked against the base model's shapes (worker/lora_weights.py). Anything
 wrong is a RequestError naming the problem, and nothing is kept. The workers
 read the weights again when the scheduler first gives the adapter a slot.
 
-An id stands for one adapter: one name and one path. A second name or path
-under a known id, or a known name under another id, is refused, since the
-prefix cache keys an adapter's blocks by its name.
+An id stands for one adapter: one name and one path; a second name or path
+under a known id is refused. A known name under a new id replaces the adapter
+of the old id once no request uses it (refused until then), since the prefix
+cache keys an adapter's blocks by its name.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from pagedserve.config import LoRAConfig
 from pagedserve.errors import RequestError
@@ -24,8 +26,10 @@ _PARAM = "lora_request"
 
 
 class AdapterRegistry:
-    def __init__(self, config: LoRAConfig | None, hf_config) -> None:
+    def __init__(self, config: LoRAConfig | None, hf_config,
+                 unload: Callable[[int], bool] = lambda lora_id: True) -> None:
         self.config = config
+        self._unload = unload  # drops an adapter now if unused (True), else once it is
         self._hf_config = hf_config
         self._by_id: dict[int, AdapterSpec] = {}
         self._ids: dict[str, int] = {}  # name -> id
@@ -53,9 +57,10 @@ class AdapterRegistry:
                                            f"at {str(first.lora_path)!r}; one id names one "
                                            "adapter")
             return known
-        if name in self._ids:
+        if name in self._ids and not self._unload(self._ids[name]):
             raise RequestError(_PARAM, f"lora_name {name!r} is adapter id {self._ids[name]}, "
-                                       f"not {lora_id}; one name names one adapter")
+                                       f"which still has requests running; id {lora_id} can "
+                                       "take the name once they end")
         spec = read_adapter_config(request.lora_path, self.config.max_lora_rank)
         load_lora_weights(spec, self._hf_config)  # shapes checked; nothing is kept
         spec = dataclasses.replace(spec, name=name, lora_id=lora_id)
@@ -75,6 +80,9 @@ class AdapterRegistry:
     def closing(self, lora_id: int) -> None:
         """Unloaded while requests still use it: refuse new ones until `remove`."""
         self._closing.add(lora_id)
+
+    def reopen(self, lora_id: int) -> None:
+        self._closing.discard(lora_id)
 
     def remove(self, lora_id: int) -> None:
         spec = self._by_id.pop(lora_id, None)

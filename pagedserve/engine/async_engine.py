@@ -135,6 +135,10 @@ class AsyncLLMEngine:
     async def list_loras(self) -> list[LoRARequest]:
         return await self._ask(self.core.list_loras)
 
+    async def resident_loras(self) -> list[str]:
+        """The names of the adapters in device slots."""
+        return await self._ask(self.core.resident_loras)
+
     # -- state ----------------------------------------------------------------------------
     def stats(self) -> EngineStats:
         """The engine as of the last step."""

@@ -67,7 +67,7 @@ class EngineCore:
                  async_scheduling: bool = False) -> None:
         self.info = info
         self.scheduler = scheduler
-        self.adapters = AdapterRegistry(info.lora, info.hf_config)
+        self.adapters = AdapterRegistry(info.lora, info.hf_config, unload=self.remove_lora)
         scheduler.adapters.on_unloaded = self.adapters.remove
         self.block_manager = scheduler.block_manager
         self.executor = executor
@@ -103,8 +103,15 @@ class EngineCore:
             executor.shutdown()
             raise
         slots = AdapterSlots(config.lora.max_loras) if config.lora.enable_lora else None
-        return cls(info, Scheduler(limits, block_manager, slots), executor, tokenizer,
+        core = cls(info, Scheduler(limits, block_manager, slots), executor, tokenizer,
                    async_scheduling=engine.uses_async_scheduling(device_type))
+        try:  # the served adapters (ids 1, 2, ... as cluster/adapters.py numbers them)
+            for lora_id, module in enumerate(config.lora.modules, start=1):
+                core.add_lora(LoRARequest(module.name, lora_id, module.path))
+        except BaseException:
+            core.shutdown()
+            raise
+        return core
 
     @staticmethod
     def _init_kv_cache(info: ModelInfo, engine: EngineConfig, executor: Executor,
@@ -180,7 +187,10 @@ class EngineCore:
         return output
 
     def add_lora(self, lora_request: LoRARequest) -> None:
-        """Register an adapter ahead of its requests (its files are checked now)."""
+        """Register an adapter ahead of its requests (its files are checked now); one
+        being unloaded is kept after all."""
+        self.adapters.reopen(lora_request.lora_int_id)
+        self.scheduler.adapters.reopen(lora_request.lora_int_id)
         self.adapters.resolve(lora_request)
 
     def remove_lora(self, lora_id: int) -> bool:
@@ -191,6 +201,12 @@ class EngineCore:
 
     def list_loras(self) -> list[LoRARequest]:
         return self.adapters.requests()
+
+    def resident_loras(self) -> list[str]:
+        """The names of the adapters in device slots, in slot order."""
+        slots = self.scheduler.adapters.slots
+        names = {request.lora_int_id: request.lora_name for request in self.list_loras()}
+        return [names[i] for i in (slots.resident() if slots else []) if i in names]
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._in_flight)
@@ -286,7 +302,16 @@ class EngineCore:
                                    if bm.prefix_query_tokens else 0.0),
             num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
             num_swapped=len(scheduler.swapped), num_preemptions=scheduler.num_preemptions,
-            num_swap_preemptions=scheduler.num_swaps)
+            num_swap_preemptions=scheduler.num_swaps, **self._lora_stats())
+
+    def _lora_stats(self) -> dict:
+        slots, use = self.scheduler.adapters.slots, self.scheduler.adapters
+        if slots is None:
+            return {}
+        scheduler = self.scheduler
+        return {"max_loras": slots.max_loras, "lora_running": use.count(scheduler.running),
+                "lora_waiting": use.count([*scheduler.waiting, *scheduler.swapped]),
+                "lora_loads": slots.loads, "lora_evictions": slots.evictions}
 
     def get_memory_stats(self) -> dict[str, float | int]:
         return dataclasses.asdict(self.stats())

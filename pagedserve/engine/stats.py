@@ -6,7 +6,7 @@ Every statistic has one home here: `LLM.get_memory_stats()`, the server's
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -38,3 +38,10 @@ class EngineStats:
     num_swapped: int
     num_preemptions: int
     num_swap_preemptions: int
+    # LoRA: requests per adapter name (running; waiting or swapped), and the device
+    # slots' loads and evictions so far (0 and empty without enable_lora).
+    max_loras: int = 0
+    lora_running: dict[str, int] = field(default_factory=dict)
+    lora_waiting: dict[str, int] = field(default_factory=dict)
+    lora_loads: int = 0
+    lora_evictions: int = 0

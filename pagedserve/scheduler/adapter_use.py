@@ -78,6 +78,17 @@ class AdapterUse:
     def requests(self, lora_id: int) -> int:
         return self._requests[lora_id]
 
+    def reopen(self, lora_id: int) -> None:
+        """Cancel an unload still waiting for its requests (the adapter is wanted again)."""
+        self._closing.discard(lora_id)
+
+    @staticmethod
+    def count(groups) -> dict[str, int]:
+        """Requests per adapter name among `groups`."""
+        counts: Counter[str] = Counter(group.lora.name for group in groups
+                                       if group.lora is not None)
+        return dict(counts)
+
     def attach(self, step: StepInput) -> None:
         """Put the loads decided for this step, and the unloads since the last, on it."""
         if self.slots is None:

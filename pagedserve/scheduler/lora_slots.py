@@ -31,6 +31,7 @@ class AdapterSlots:
         self._idle: OrderedDict[int, None] = OrderedDict()  # resident, unused; oldest first
         self._free = list(range(max_loras - 1, -1, -1))  # slots never used, lowest last
         self._loads: list[tuple[int, int]] = []
+        self.loads = 0  # adapters put into a slot, so far
         self.evictions = 0
 
     def slot(self, lora_id: int) -> int | None:
@@ -63,6 +64,7 @@ class AdapterSlots:
                 return None
             self._slot[lora_id], self._users[lora_id] = slot, 0
             self._loads.append((slot, lora_id))
+            self.loads += 1
         self._idle.pop(lora_id, None)
         self._users[lora_id] += 1
         return slot

@@ -14,7 +14,7 @@ from pagedserve.worker.layers.linear import (
     QKVParallelLinear,
     RowParallelLinear,
 )
-from pagedserve.worker.layers.lora import PARTS, LoRAStack
+from pagedserve.worker.layers.lora import PARTS, LoRABatch, LoRAStack
 from pagedserve.worker.lora_weights import load_lora_weights
 from pagedserve.worker.models.llama import head_dim
 
@@ -71,7 +71,8 @@ def test_a_mixed_batch_equals_each_adapter_in_peft(adapters, tp_size):
     layer_index = 1
     torch.manual_seed(5)
     slots = torch.tensor([-1, 0, 1, 2, 1, -1, 2, 0, 0, 1, 2, -1])
-    present = set(slots[slots >= 0].tolist())
+    batch = LoRABatch()
+    batch.set(slots.numpy(), torch.device("cpu"))
     inputs = {"qkv_proj": torch.randn(len(slots), config.hidden_size),
               "gate_up_proj": torch.randn(len(slots), config.hidden_size),
               "o_proj": torch.randn(len(slots), config.num_attention_heads * head_dim(config)),
@@ -97,7 +98,7 @@ def test_a_mixed_batch_equals_each_adapter_in_peft(adapters, tp_size):
             if isinstance(layer, RowParallelLinear):  # this rank's input columns
                 x = x[:, rank * layer.part_size:(rank + 1) * layer.part_size]
             out = F.linear(x, layer.weight)  # before any all-reduce
-            stacks[name].apply(x, out, slots, present)
+            stacks[name].apply(x, out, batch)
             outputs[name].append(out)
     for name, parts in outputs.items():
         layer = _layers(config, TPGroup())[name]

@@ -94,3 +94,68 @@ def test_the_launchers_name_what_they_refuse(call, words):
     with pytest.raises(ValueError, match=r"h must be \[5, 8\]"):
         lora.lora_expand(torch.zeros(5, 16, device=DEVICE), torch.zeros(5, 4, device=DEVICE),
                          torch.zeros(2, 16, 8, device=DEVICE), slots)
+
+
+def _segments(slots: torch.Tensor):
+    """Runs of equal slots, as the model runner's sorted batches give them (LoRABatch)."""
+    from pagedserve.worker.layers.lora import LoRABatch
+
+    batch = LoRABatch()
+    batch.set(slots.cpu().numpy(), torch.device("cpu"))
+    host = batch.segments
+    starts = torch.tensor([start for _, start, _ in host], dtype=torch.int32, device=DEVICE)
+    lengths = torch.tensor([end - start for _, start, end in host], dtype=torch.int32,
+                           device=DEVICE)
+    segment_slots = torch.tensor([slot for slot, _, _ in host], dtype=torch.int32,
+                                 device=DEVICE)
+    return host, (starts, lengths, segment_slots), batch.max_length
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ranks, max_rank", [([8], 8), ([4, 16, 8], 16), ([1, 64, 32, 7], 64)])
+@pytest.mark.parametrize("runs", [[(0, 40), (-1, 3), (1, 1), (2, 17)],  # prefills and a decode
+                                  [(1, 1), (0, 1), (-1, 1), (2, 1), (0, 1)]])  # decodes
+def test_segment_kernels_equal_the_per_token_ones(ranks, max_rank, runs, dtype):
+    gen = torch.Generator().manual_seed(max_rank + len(runs))
+    num_slots, in_features, out_features = len(ranks), 72, 40
+    slots = torch.cat([torch.full((length,), slot if slot < num_slots else num_slots - 1)
+                       for slot, length in runs]).to(DEVICE)
+    a, b = _stacks(gen, num_slots, ranks, max_rank, in_features, out_features, dtype)
+    scaling = (torch.rand(num_slots, generator=gen) + 0.5).to(DEVICE)
+    x = torch.randn(len(slots), in_features, generator=gen).to(dtype).to(DEVICE)
+    base = torch.randn(len(slots), out_features, generator=gen).to(dtype).to(DEVICE)
+    host, segments, max_length = _segments(slots)
+    tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}
+
+    h = lora.sgmv_shrink(x, a, segments, max_length, scaling)
+    expected_h = reference.lora_shrink(x, a, slots, scaling)
+    torch.testing.assert_close(h, expected_h, **tol)
+    torch.testing.assert_close(reference.sgmv_shrink(x, a, host, scaling.tolist()),
+                               expected_h, **tol)
+    y, expected_y, host_y = base.clone(), base.clone(), base.clone()
+    lora.sgmv_expand(y, h, b, segments, max_length)
+    reference.lora_expand(expected_y, expected_h, b, slots)
+    reference.sgmv_expand(host_y, expected_h, b, host)
+    torch.testing.assert_close(y, expected_y, **tol)
+    torch.testing.assert_close(host_y, expected_y, **tol)
+    base_rows = slots < 0
+    assert torch.equal(y[base_rows], base[base_rows])  # base tokens untouched
+
+
+def test_segment_launchers_name_what_they_refuse():
+    x = torch.randn(6, 64, device=DEVICE)
+    a = torch.zeros(2, 8, 64, device=DEVICE)
+    ones = torch.ones(2, device=DEVICE)
+    segments = tuple(torch.tensor(v, dtype=torch.int32, device=DEVICE)
+                     for v in ([0, 4], [4, 2], [0, 1]))
+    with pytest.raises(ValueError, match="over max_length=3"):
+        lora.sgmv_shrink(x, a, segments, 3, ones)
+    with pytest.raises(ValueError, match="reach past the 5 tokens"):
+        lora.sgmv_shrink(x[:5], a, segments, 4, ones)
+    with pytest.raises(ValueError, match="lengths has 1 entries for 2 segments"):
+        lora.sgmv_shrink(x, a, (segments[0], segments[1][:1], segments[2]), 4, ones)
+    with pytest.raises(ValueError, match="starts has dtype int64"):
+        lora.sgmv_shrink(x, a, (segments[0].long(), *segments[1:]), 4, ones)
+    with pytest.raises(ValueError, match=r"h must be \[6, 8\]"):
+        lora.sgmv_expand(torch.zeros(6, 16, device=DEVICE), torch.zeros(6, 4, device=DEVICE),
+                         torch.zeros(2, 16, 8, device=DEVICE), segments, 4)

@@ -14,6 +14,14 @@ One program per token and output block (Punica's BGMV). Zero padding makes a
 smaller rank exact, so adapters of any rank up to max_rank share one launch.
 `y` may be a column slice of a fused projection's output (q, k or v of
 qkv_proj), which is how a request adapts q and v but not k.
+
+When a step's tokens are sorted by slot, each adapter's tokens form a few
+runs (segments), and `sgmv_shrink` / `sgmv_expand` (Punica's SGMV) compute a
+tile of rows of one segment at a time with tensor-core matmuls: one adapter's
+weights are read once per tile instead of once per token, which is what a
+prefill of many tokens needs. A segment is (first row, rows, slot):
+
+    segments = (starts [G] int32, lengths [G] int32, slots [G] int32), max_length
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import triton
 import triton.language as tl
 
 from pagedserve.kernels.checks import check_launchable, check_tensor
+from pagedserve.kernels.common import dot, dot_in_f32
 
 LORA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -137,3 +146,130 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, b_stack: torch.Tensor,
     _expand_kernel[grid](y, h, b_stack, slots, y.stride(0), h.stride(0), b_stack.stride(0),
                          b_stack.stride(1), OUT_FEATURES=out_features, RANK=rank,
                          BLOCK_N=block_n, RANK_PAD=triton.next_power_of_2(rank))
+
+
+@triton.jit
+def _sgmv_shrink_kernel(x_ptr, a_ptr, starts_ptr, lengths_ptr, slots_ptr, scaling_ptr, out_ptr,
+                        stride_xt, stride_as, stride_ar, stride_ot,
+                        IN_FEATURES: tl.constexpr, RANK: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
+    segment = tl.program_id(0)
+    first = tl.program_id(1) * BLOCK_M
+    length = tl.load(lengths_ptr + segment)
+    if first < length:
+        rows = tl.load(starts_ptr + segment).to(tl.int64) + first + tl.arange(0, BLOCK_M)
+        in_m = first + tl.arange(0, BLOCK_M) < length
+        slot = tl.load(slots_ptr + segment).to(tl.int64)
+        offs_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+        in_r = offs_r < RANK
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, IN_FEATURES, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            in_k = offs_k < IN_FEATURES
+            x = tl.load(x_ptr + rows[:, None] * stride_xt + offs_k[None, :],
+                        mask=in_m[:, None] & in_k[None, :], other=0.0)
+            a = tl.load(a_ptr + slot * stride_as + offs_r[None, :] * stride_ar + offs_k[:, None],
+                        mask=in_k[:, None] & in_r[None, :], other=0.0)  # [BLOCK_K, BLOCK_R]
+            acc += dot(x, a, DOT_F32)
+        scale = tl.load(scaling_ptr + slot)
+        tl.store(out_ptr + rows[:, None] * stride_ot + offs_r[None, :], acc * scale,
+                 mask=in_m[:, None] & in_r[None, :])
+
+
+@triton.jit
+def _sgmv_expand_kernel(y_ptr, h_ptr, b_ptr, starts_ptr, lengths_ptr, slots_ptr,
+                        stride_yt, stride_ht, stride_bs, stride_bn,
+                        OUT_FEATURES: tl.constexpr, RANK: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, RANK_PAD: tl.constexpr):
+    segment = tl.program_id(0)
+    first = tl.program_id(1) * BLOCK_M
+    length = tl.load(lengths_ptr + segment)
+    if first < length:
+        rows = tl.load(starts_ptr + segment).to(tl.int64) + first + tl.arange(0, BLOCK_M)
+        in_m = first + tl.arange(0, BLOCK_M) < length
+        slot = tl.load(slots_ptr + segment).to(tl.int64)
+        offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_n = offs_n < OUT_FEATURES
+        offs_r = tl.arange(0, RANK_PAD)
+        in_r = offs_r < RANK
+        h = tl.load(h_ptr + rows[:, None] * stride_ht + offs_r[None, :],
+                    mask=in_m[:, None] & in_r[None, :], other=0.0)  # [BLOCK_M, RANK_PAD] fp32
+        b = tl.load(b_ptr + slot * stride_bs + offs_n[None, :] * stride_bn + offs_r[:, None],
+                    mask=in_r[:, None] & in_n[None, :], other=0.0)  # [RANK_PAD, BLOCK_N]
+        delta = dot(h, b.to(tl.float32), True)  # h is float32 already: kept exact
+        mask = in_m[:, None] & in_n[None, :]
+        pointers = y_ptr + rows[:, None] * stride_yt + offs_n[None, :]
+        y = tl.load(pointers, mask=mask, other=0.0)
+        tl.store(pointers, (y.to(tl.float32) + delta).to(y.dtype), mask=mask)
+
+
+Segments = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # starts, lengths, slots
+
+
+def _check_segments(segments: Segments, max_length: int, num_tokens: int,
+                    device: torch.device) -> None:
+    starts, lengths, slots = segments
+    for name, tensor in (("starts", starts), ("lengths", lengths), ("segment slots", slots)):
+        check_tensor(name, tensor, ndim=1, dtypes=(torch.int32,), device=device)
+        if tensor.shape[0] != starts.shape[0]:
+            raise ValueError(f"{name} has {tensor.shape[0]} entries for {starts.shape[0]} "
+                             "segments")
+    if max_length < 0:
+        raise ValueError(f"max_length must be >= 0, got {max_length}")
+    # On a GPU these checks would wait for the device; there the caller's segments are trusted.
+    if device.type == "cpu" and starts.numel():
+        if bool((starts < 0).any()) or bool((starts + lengths > num_tokens).any()):
+            raise ValueError(f"segments reach past the {num_tokens} tokens")
+        if int(lengths.max()) > max_length:
+            raise ValueError(f"a segment has {int(lengths.max())} rows, over "
+                             f"max_length={max_length}")
+
+
+def sgmv_shrink(x: torch.Tensor, a_stack: torch.Tensor, segments: Segments, max_length: int,
+                scaling: torch.Tensor) -> torch.Tensor:
+    """lora_shrink over segments: rows of a segment use its slot; rows outside any are zero."""
+    check_tensor("x", x, ndim=2, dtypes=LORA_DTYPES)
+    check_tensor("a_stack", a_stack, ndim=3, dtypes=(x.dtype,), device=x.device)
+    check_tensor("scaling", scaling, ndim=1, dtypes=(torch.float32,), device=x.device)
+    num_slots, rank, in_features = a_stack.shape
+    if in_features != x.shape[1]:
+        raise ValueError(f"a_stack takes {in_features} input features, x has {x.shape[1]}")
+    _check_segments(segments, max_length, x.shape[0], x.device)
+    check_launchable(x.device)
+    out = torch.zeros(x.shape[0], rank, dtype=torch.float32, device=x.device)
+    if not segments[0].numel() or max_length == 0 or rank == 0:
+        return out
+    block_m = 16 if max_length <= 16 else 32
+    block_r = min(max(triton.next_power_of_2(rank), 16), 64)
+    grid = (segments[0].shape[0], triton.cdiv(max_length, block_m), triton.cdiv(rank, block_r))
+    _sgmv_shrink_kernel[grid](x, a_stack, *segments, scaling, out, x.stride(0),
+                              a_stack.stride(0), a_stack.stride(1), out.stride(0),
+                              IN_FEATURES=in_features, RANK=rank, BLOCK_M=block_m,
+                              BLOCK_R=block_r, BLOCK_K=64, DOT_F32=dot_in_f32(x.dtype))
+    return out
+
+
+def sgmv_expand(y: torch.Tensor, h: torch.Tensor, b_stack: torch.Tensor, segments: Segments,
+                max_length: int) -> None:
+    """lora_expand over segments, in place; rows outside any segment are untouched."""
+    check_tensor("y", y, ndim=2, dtypes=LORA_DTYPES)
+    check_tensor("h", h, ndim=2, dtypes=(torch.float32,), device=y.device)
+    check_tensor("b_stack", b_stack, ndim=3, dtypes=(y.dtype,), device=y.device)
+    num_slots, out_features, rank = b_stack.shape
+    if out_features != y.shape[1]:
+        raise ValueError(f"b_stack gives {out_features} output features, y has {y.shape[1]}")
+    if tuple(h.shape) != (y.shape[0], rank):
+        raise ValueError(f"h must be [{y.shape[0]}, {rank}] (tokens, max_rank), "
+                         f"got {list(h.shape)}")
+    _check_segments(segments, max_length, y.shape[0], y.device)
+    check_launchable(y.device)
+    if not segments[0].numel() or max_length == 0 or rank == 0:
+        return
+    block_m = 16 if max_length <= 16 else 32
+    block_n = min(max(triton.next_power_of_2(out_features), 16), 64)
+    grid = (segments[0].shape[0], triton.cdiv(max_length, block_m),
+            triton.cdiv(out_features, block_n))
+    _sgmv_expand_kernel[grid](y, h, b_stack, *segments, y.stride(0), h.stride(0),
+                              b_stack.stride(0), b_stack.stride(1), OUT_FEATURES=out_features,
+                              RANK=rank, BLOCK_M=block_m, BLOCK_N=block_n,
+                              RANK_PAD=max(triton.next_power_of_2(rank), 16))

@@ -226,3 +226,25 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, b_stack: torch.Tensor,
     for slot in slots[slots >= 0].unique().tolist():
         rows = slots == slot
         y[rows] = (y[rows].float() + h[rows] @ b_stack[slot].float().t()).to(y.dtype)
+
+
+def sgmv_shrink(x: torch.Tensor, a_stack: torch.Tensor,
+                segments: list[tuple[int, int, int]], scaling: list[float]) -> torch.Tensor:
+    """kernels/lora.sgmv_shrink in torch, over (slot, first row, end row) segments: one
+    matmul of contiguous rows per segment, no gathering."""
+    out = torch.zeros(x.shape[0], a_stack.shape[1], dtype=torch.float32, device=x.device)
+    for slot, start, end in segments:
+        torch.mm(x[start:end].float(), a_stack[slot].float().t(), out=out[start:end])
+        out[start:end] *= scaling[slot]
+    return out
+
+
+def sgmv_expand(y: torch.Tensor, h: torch.Tensor, b_stack: torch.Tensor,
+                segments: list[tuple[int, int, int]]) -> None:
+    """kernels/lora.sgmv_expand in torch: y[rows] += h[rows] B[slot]^T per segment, in place."""
+    for slot, start, end in segments:
+        rows = y[start:end]
+        if y.dtype == torch.float32:
+            rows.addmm_(h[start:end], b_stack[slot].t())
+        else:
+            rows.copy_(rows.float().addmm_(h[start:end], b_stack[slot].float().t()))

@@ -48,3 +48,38 @@ def peft_greedy(base_dir: str | Path, adapter_dir: str | Path | None, prompts: l
                                  do_sample=False)
             results.append(out[0, len(prompt):].tolist())
     return results
+
+
+def write_random_adapter(hf_config, out_dir: str | Path, rank: int, target_modules: list[str],
+                         seed: int = 0, lora_alpha: float | None = None,
+                         std: float = 0.02) -> Path:
+    """Write a random adapter in PEFT's format without building a model: for a base
+    whose weights cannot be saved as an HF directory (a GGUF file), or many adapters."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from pagedserve.worker.lora_weights import projection_shapes
+
+    generator = torch.Generator().manual_seed(seed)
+    shapes = projection_shapes(hf_config)
+    tensors = {}
+    for layer in range(hf_config.num_hidden_layers):
+        for module in target_modules:
+            in_features, out_features = shapes[module]
+            block = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_features,
+                                                             generator=generator) * std
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_features, rank,
+                                                             generator=generator) * std
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"))
+    (out_dir / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank,
+        "lora_alpha": lora_alpha if lora_alpha is not None else 2 * rank,
+        "target_modules": list(target_modules), "lora_dropout": 0.0, "bias": "none",
+        "base_model_name_or_path": None}))
+    return out_dir

@@ -52,7 +52,9 @@ class ModelRunner:
             return StepOutput(samples=[], device_s=0.0)
         if self.timer:
             self.timer.start()
-        seqs = sorted(step.seqs, key=lambda seq: seq.num_tokens > 1)  # decodes first, stable
+        # Decodes first (stable); under LoRA, by adapter slot within each, so every
+        # adapter's tokens are a few contiguous runs (layers/lora.py).
+        seqs = sorted(step.seqs, key=_by_slot if self.lora is not None else _decodes_first)
         sampling = [seq for seq in seqs if seq.do_sample]
         scoring = any(seq.prompt_targets for seq in seqs)
         if self.graphs is not None and not scoring and self.graphs.fits(seqs):
@@ -125,3 +127,11 @@ class ModelRunner:
         )
         return (as_tensor(arrays.token_ids), as_tensor(arrays.positions), metadata,
                 as_tensor(arrays.logits_rows))
+
+
+def _decodes_first(seq: ScheduledSequence) -> bool:
+    return seq.num_tokens > 1
+
+
+def _by_slot(seq: ScheduledSequence) -> tuple[bool, int]:
+    return seq.num_tokens > 1, seq.lora_slot

@@ -47,8 +47,9 @@ bench: install
 # references, then the GPU benchmarks. Results go to benchmarks/results/.
 gpu-check:
 	TRITON_INTERPRET=0 $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_triton_attention.py \
-		tests/test_triton_cache_ops.py tests/test_cuda_graph.py
+		tests/test_triton_cache_ops.py tests/test_cuda_graph.py tests/test_triton_lora.py
 	$(PYTHON) benchmarks/kernels.py
+	$(PYTHON) benchmarks/lora_kernels.py
 	$(PYTHON) benchmarks/gpu_e2e.py
 
 clean:

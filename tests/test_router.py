@@ -116,3 +116,33 @@ def test_new_prefixes_spread_evenly_over_the_replicas_caches():
     assert sorted(h.replica_id for h in homes) == ["a"] * 3 + ["b"] * 3 + ["c"] * 3
     for t in range(9):  # and each tenant's later requests find its home
         assert route(r, replicas, tenant_prompt(t, 1)) is homes[t]
+
+
+def test_an_adapters_requests_go_where_it_is_resident_and_match_its_own_blocks():
+    from pagedserve import LoRARequest
+    from pagedserve.cluster.routing import ADAPTERS
+
+    sql = LoRARequest("sql", 1, "/adapters/sql")
+    replicas = [Replica("a", {ADAPTERS: []}), Replica("b", {ADAPTERS: ["sql"]}),
+                Replica("c", {ADAPTERS: ["chat"]})]
+    picker = router()
+
+    def send(prompt, lora):
+        ranks = asyncio.run(picker.choose_replicas(replicas, Request(["id", prompt, None, None,
+                                                                      lora])))
+        chosen = min(ranks[0], key=lambda r: picker._in_flight[r.replica_id])
+        picker._in_flight[chosen.replica_id] += 1
+        return chosen.replica_id, ranks
+
+    for user in range(6):  # wherever each prompt's blocks are, the adapter decides
+        chosen, ranks = send(tenant_prompt(user, user), sql)
+        assert chosen == "b"
+        assert {r.replica_id for r in ranks[-1]} == {"a", "c"}  # only if b refuses
+    # A prompt routed under the adapter is keyed by it: the base's same prompt does not
+    # match it, so it goes to the replica with the fewest prefixes, not to b.
+    prompt = tenant_prompt(42, 0)
+    assert send(prompt, sql)[0] == "b"
+    assert prompt_fingerprints(prompt, BS, 256, "sql") != prompt_fingerprints(prompt, BS, 256)
+    assert send(prompt, None)[0] != "b"
+    # No replica holds it: routed as any other request.
+    assert send(tenant_prompt(7, 1), LoRARequest("new", 2, "/adapters/new"))[0] in "abc"

@@ -159,3 +159,21 @@ def test_segment_launchers_name_what_they_refuse():
     with pytest.raises(ValueError, match=r"h must be \[6, 8\]"):
         lora.sgmv_expand(torch.zeros(6, 16, device=DEVICE), torch.zeros(6, 4, device=DEVICE),
                          torch.zeros(2, 16, 8, device=DEVICE), segments, 4)
+
+
+def test_kernel_benchmark_smoke(tmp_path):
+    """benchmarks/lora_kernels.py runs end to end (tiny shapes, interpreted), checking
+    its kernels against the reference before timing them."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "lora_kernels.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "lora_kernels.py"
+    subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], check=True,
+                   env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, timeout=300)
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["kernel"] for row in rows] == ["bgmv", "sgmv"]
+    assert all(row["lora_ms"] > 0 and row["segments"] >= 1 for row in rows)

@@ -53,7 +53,7 @@ from pagedserve.cluster.streams import (
     stream_usage,
 )
 from pagedserve.config import Config, served_model_name
-from pagedserve.engine.core import context_room
+from pagedserve.engine.limits import context_room
 from pagedserve.errors import RequestError
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams

@@ -142,7 +142,7 @@ class _SamplingRequest(_Strict):
 
     def sampling_params(self, room: int) -> SamplingParams:
         """SamplingParams for one prompt; `room` is what its context leaves (checked by
-        engine.core.context_room: the one home of that rule).
+        engine.limits.context_room: the one home of that rule).
 
         An unset max_tokens means "up to the limit" (vLLM). Beam search defaults
         temperature to 0 unless the client set it, since it ranks raw log-probabilities.

@@ -89,7 +89,7 @@ def _adapter(pending_request: PendingRequest | None) -> str | None:
     if pending_request is None:
         return None
     lora = (pending_request.args[4] if len(pending_request.args) > 4
-            else pending_request.kwargs.get("lora"))
+            else (getattr(pending_request, "kwargs", None) or {}).get("lora"))
     return getattr(lora, "lora_name", None)
 
 

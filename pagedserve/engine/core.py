@@ -20,6 +20,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from pagedserve.config import Config, EngineConfig
 from pagedserve.engine.adapters import AdapterRegistry
 from pagedserve.engine.executors import choose_device, make_executor
+from pagedserve.engine.limits import blocks_needed, context_room, swap_blocks
 from pagedserve.engine.request_outputs import OutputBuilder
 from pagedserve.engine.resolve import resolve
 from pagedserve.engine.stats import EngineStats
@@ -38,7 +39,6 @@ from pagedserve.worker.executor import Executor, PendingStep
 from pagedserve.worker.model_info import ModelInfo
 
 logger = logging.getLogger(__name__)
-DEFAULT_SWAP_BYTES = 4 * 2**30
 # A prompt: text, or {"prompt_token_ids": [...]}.
 PromptInput = str | dict[str, Any]
 
@@ -389,46 +389,3 @@ class EngineCore:
             self._usage.steps += 1
             self._usage.slot_utilization += stored / (allocated * self.block_manager.block_size)
             self._usage.peak_allocated_blocks = max(self._usage.peak_allocated_blocks, allocated)
-
-
-def context_room(prompt_len: int, max_model_len: int, max_tokens: int | None = None,
-                 min_room: int = 0) -> int:
-    """The tokens a prompt leaves in the context for new ones: the one home of the rule.
-
-    The prompt must leave `min_room` (0 offline, as vLLM's engine; the API asks
-    for 1, as vLLM's server), and `max_tokens`, when given, must fit.
-    Raises a RequestError blaming `prompt_token_ids` or `max_tokens`.
-    """
-    room = max_model_len - prompt_len
-    if room < min_room or (max_tokens is not None and max_tokens > room):
-        total = prompt_len + (max_tokens or 0)
-        param = "prompt_token_ids" if room < min_room else "max_tokens"
-        raise RequestError(param, f"This model's maximum context length is {max_model_len} "
-                                  f"tokens. However, you requested {total} tokens "
-                                  f"({prompt_len} in the prompt, {max_tokens or 0} in the "
-                                  f"completion), over max_model_len={max_model_len}. Please "
-                                  "reduce the length of the prompt or max_tokens.")
-    return room
-
-
-def blocks_needed(prompt_len: int, params: SamplingParams, max_model_len: int,
-                  block_size: int) -> int:
-    """The most KV blocks a request holds at once.
-
-    Its sequences share the prompt's full blocks; each holds its own copy of
-    the rest (the prompt's partial block, copied on write, and its new tokens):
-
-        prompt 140 tokens, blocks of 8, 8 new tokens, 4 beams:
-        17 shared full blocks + 4 x (19 - 17) own blocks = 25
-    """
-    longest = min(prompt_len + params.max_tokens, max_model_len)
-    shared = prompt_len // block_size
-    return shared + params.best_of * (cdiv(longest, block_size) - shared)
-
-
-def swap_blocks(engine: EngineConfig, num_blocks: int, block_bytes: int) -> int:
-    """Blocks of the CPU swap pool: swap_space GiB, or by default as many as the KV
-    pool holds, within 4 GiB (vLLM's default swap space)."""
-    if engine.swap_space is not None:
-        return int(engine.swap_space * 2**30) // block_bytes
-    return min(num_blocks, DEFAULT_SWAP_BYTES // block_bytes)

@@ -15,7 +15,13 @@ from pathlib import Path
 
 import httpx
 
-from pagedserve.cluster.metrics import GAUGES, HISTOGRAMS, REQUEST_COUNTERS, STEP_COUNTERS
+from pagedserve.cluster.metrics import (
+    GAUGES,
+    HISTOGRAMS,
+    LORA_COUNTERS,
+    REQUEST_COUNTERS,
+    STEP_COUNTERS,
+)
 from pagedserve.config import load, parse
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -212,5 +218,6 @@ def test_grafana_dashboard_plots_every_metric():
 
     dashboard = json.loads((CONFIGS.parent / "dashboards" / "grafana-pagedserve.json").read_text())
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
-    for name in [*GAUGES, *STEP_COUNTERS, *REQUEST_COUNTERS, *HISTOGRAMS]:
+    for name in [*GAUGES, *STEP_COUNTERS, *LORA_COUNTERS, *REQUEST_COUNTERS, *HISTOGRAMS,
+                 "lora_requests_info"]:
         assert f"ray_pagedserve_{name}" in exprs, name

@@ -153,3 +153,26 @@ def test_grpc_takes_an_adapter_name(serve_instance, url, client):
             pb.GenerateRequest(model="sql", prompt=PROMPT, max_tokens=12, temperature=0.0),
             metadata=metadata, timeout=60)
     assert reply.choices[0].text == _complete(client, "sql")
+
+
+def test_lora_metrics_reach_rays_endpoint(url, client, ray_metrics_url):
+    import re
+    import time
+
+    _complete(client, "sql")
+
+    def samples(text: str, metric: str) -> list[tuple[str, float]]:
+        pattern = re.compile(rf'^ray_pagedserve_{metric}\{{([^}}]*)\}} (\S+)$', re.M)
+        return [(tags, float(value)) for tags, value in pattern.findall(text)
+                if 'model_name="base"' in tags]
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # Ray exports every 0.5 s here
+        text = httpx.get(ray_metrics_url, timeout=10).text
+        if sum(v for _, v in samples(text, "lora_loads_total")) >= 3:
+            break
+        time.sleep(0.5)
+    assert sum(v for _, v in samples(text, "lora_loads_total")) >= 3  # sql, chat, sql, ...
+    assert sum(v for _, v in samples(text, "lora_evictions_total")) >= 2
+    info = samples(text, "lora_requests_info")
+    assert info and all('max_lora="1"' in tags for tags, _ in info)

@@ -123,8 +123,9 @@ class OpenAIIngress(GenerationService):
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(self, request: Request) -> PlainTextResponse:
+        raw = await self._read(request)  # the API key first, as on every route
         self.adapters.check_updates_allowed()
-        body = parse_request(LoadLoRAAdapterRequest, await self._read(request))
+        body = parse_request(LoadLoRAAdapterRequest, raw)
         adapter = self.adapters.new(body)
         try:  # a replica reads and checks it: a bad adapter is never listed
             await self.server.check_lora.remote(adapter)
@@ -137,8 +138,9 @@ class OpenAIIngress(GenerationService):
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(self, request: Request) -> PlainTextResponse:
+        raw = await self._read(request)
         self.adapters.check_updates_allowed()
-        body = parse_request(UnloadLoRAAdapterRequest, await self._read(request))
+        body = parse_request(UnloadLoRAAdapterRequest, raw)
         self.adapters.remove(body)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed "
                                  "successfully.")

@@ -36,6 +36,9 @@ STEP_COUNTERS = {
     "prefix_cache_queries_total": "Prompt tokens looked up in the prefix cache.",
     "prefix_cache_hits_total": "Prompt tokens found in the prefix cache.",
     "num_preemptions_total": "Sequence groups preempted (recomputed or swapped out).",
+}
+# With LoRA enabled (engine stats' max_loras > 0).
+LORA_COUNTERS = {
     "lora_loads_total": "LoRA adapters put into a device slot.",
     "lora_evictions_total": "LoRA adapters evicted from a device slot for another.",
 }
@@ -63,11 +66,11 @@ class EngineMetrics:
                         **options).set_default_tags(tags)
 
         self.gauges = {name: make(Gauge, name, text) for name, text in GAUGES.items()}
-        self.counters = {name: make(Counter, name, text)
-                         for name, text in {**STEP_COUNTERS, **REQUEST_COUNTERS}.items()}
+        self.counters = {name: make(Counter, name, text) for name, text in
+                         {**STEP_COUNTERS, **LORA_COUNTERS, **REQUEST_COUNTERS}.items()}
         self.histograms = {name: make(Histogram, name, text, boundaries=LATENCY_BUCKETS)
                            for name, text in HISTOGRAMS.items()}
-        self._totals = dict.fromkeys(STEP_COUNTERS, 0)
+        self._totals = dict.fromkeys([*STEP_COUNTERS, *LORA_COUNTERS], 0)
         self.lora_info = Gauge(PREFIX + "lora_requests_info",
                                "Running and waiting requests per LoRA adapter.",
                                tag_keys=TAG_KEYS + LORA_INFO_TAGS).set_default_tags(tags)
@@ -85,7 +88,7 @@ class EngineMetrics:
                   "lora_evictions_total": stats.lora_evictions}
         for name, gauge in self.gauges.items():
             gauge.set(values[name])
-        for name in STEP_COUNTERS:
+        for name in [*STEP_COUNTERS, *LORA_COUNTERS] if stats.max_loras else STEP_COUNTERS:
             change = values[name] - self._totals[name]
             if change > 0:
                 self.counters[name].inc(change)

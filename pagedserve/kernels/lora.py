@@ -91,13 +91,8 @@ def _check_slots(slots: torch.Tensor, num_tokens: int, num_slots: int,
                          f"{slots.min().item()}..{slots.max().item()}")
 
 
-def lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, slots: torch.Tensor,
-                scaling: torch.Tensor) -> torch.Tensor:
-    """h[t] = scaling[s] * x[t] A[s]^T for s = slots[t], zero where s is -1.
-
-    x: [num_tokens, in_features]; a_stack: [num_slots, max_rank, in_features] of
-    x's dtype; scaling: [num_slots] float32. Returns [num_tokens, max_rank] float32.
-    """
+def _check_shrink(x: torch.Tensor, a_stack: torch.Tensor,
+                  scaling: torch.Tensor) -> tuple[int, int, int]:
     check_tensor("x", x, ndim=2, dtypes=LORA_DTYPES)
     check_tensor("a_stack", a_stack, ndim=3, dtypes=(x.dtype,), device=x.device)
     check_tensor("scaling", scaling, ndim=1, dtypes=(torch.float32,), device=x.device)
@@ -106,6 +101,31 @@ def lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, slots: torch.Tensor,
         raise ValueError(f"a_stack takes {in_features} input features, x has {x.shape[1]}")
     if scaling.shape[0] != num_slots:
         raise ValueError(f"scaling has {scaling.shape[0]} entries for {num_slots} slots")
+    return num_slots, rank, in_features
+
+
+def _check_expand(y: torch.Tensor, h: torch.Tensor,
+                  b_stack: torch.Tensor) -> tuple[int, int, int]:
+    check_tensor("y", y, ndim=2, dtypes=LORA_DTYPES)
+    check_tensor("h", h, ndim=2, dtypes=(torch.float32,), device=y.device)
+    check_tensor("b_stack", b_stack, ndim=3, dtypes=(y.dtype,), device=y.device)
+    num_slots, out_features, rank = b_stack.shape
+    if out_features != y.shape[1]:
+        raise ValueError(f"b_stack gives {out_features} output features, y has {y.shape[1]}")
+    if tuple(h.shape) != (y.shape[0], rank):
+        raise ValueError(f"h must be [{y.shape[0]}, {rank}] (tokens, max_rank), "
+                         f"got {list(h.shape)}")
+    return num_slots, out_features, rank
+
+
+def lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, slots: torch.Tensor,
+                scaling: torch.Tensor) -> torch.Tensor:
+    """h[t] = scaling[s] * x[t] A[s]^T for s = slots[t], zero where s is -1.
+
+    x: [num_tokens, in_features]; a_stack: [num_slots, max_rank, in_features] of
+    x's dtype; scaling: [num_slots] float32. Returns [num_tokens, max_rank] float32.
+    """
+    num_slots, rank, in_features = _check_shrink(x, a_stack, scaling)
     _check_slots(slots, x.shape[0], num_slots, x.device)
     check_launchable(x.device)
     out = torch.empty(x.shape[0], rank, dtype=torch.float32, device=x.device)
@@ -128,15 +148,7 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, b_stack: torch.Tensor,
     fused output); h: [num_tokens, max_rank] float32 (from lora_shrink);
     b_stack: [num_slots, out_features, max_rank] of y's dtype.
     """
-    check_tensor("y", y, ndim=2, dtypes=LORA_DTYPES)
-    check_tensor("h", h, ndim=2, dtypes=(torch.float32,), device=y.device)
-    check_tensor("b_stack", b_stack, ndim=3, dtypes=(y.dtype,), device=y.device)
-    num_slots, out_features, rank = b_stack.shape
-    if out_features != y.shape[1]:
-        raise ValueError(f"b_stack gives {out_features} output features, y has {y.shape[1]}")
-    if tuple(h.shape) != (y.shape[0], rank):
-        raise ValueError(f"h must be [{y.shape[0]}, {rank}] (tokens, max_rank), "
-                         f"got {list(h.shape)}")
+    num_slots, out_features, rank = _check_expand(y, h, b_stack)
     _check_slots(slots, y.shape[0], num_slots, y.device)
     check_launchable(y.device)
     if y.shape[0] == 0 or rank == 0:
@@ -149,17 +161,23 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, b_stack: torch.Tensor,
 
 
 @triton.jit
+def _segment_rows(starts_ptr, lengths_ptr, slots_ptr, first, BLOCK_M: tl.constexpr):
+    """Rows first .. first + BLOCK_M - 1 of this program's segment: their indices, which
+    are in it, and the segment's slot."""
+    segment = tl.program_id(0)
+    offsets = first + tl.arange(0, BLOCK_M)
+    rows = tl.load(starts_ptr + segment).to(tl.int64) + offsets
+    return rows, offsets < tl.load(lengths_ptr + segment), tl.load(slots_ptr + segment).to(tl.int64)
+
+
+@triton.jit
 def _sgmv_shrink_kernel(x_ptr, a_ptr, starts_ptr, lengths_ptr, slots_ptr, scaling_ptr, out_ptr,
                         stride_xt, stride_as, stride_ar, stride_ot,
                         IN_FEATURES: tl.constexpr, RANK: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
-    segment = tl.program_id(0)
     first = tl.program_id(1) * BLOCK_M
-    length = tl.load(lengths_ptr + segment)
-    if first < length:
-        rows = tl.load(starts_ptr + segment).to(tl.int64) + first + tl.arange(0, BLOCK_M)
-        in_m = first + tl.arange(0, BLOCK_M) < length
-        slot = tl.load(slots_ptr + segment).to(tl.int64)
+    if first < tl.load(lengths_ptr + tl.program_id(0)):
+        rows, in_m, slot = _segment_rows(starts_ptr, lengths_ptr, slots_ptr, first, BLOCK_M)
         offs_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
         in_r = offs_r < RANK
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -181,13 +199,9 @@ def _sgmv_expand_kernel(y_ptr, h_ptr, b_ptr, starts_ptr, lengths_ptr, slots_ptr,
                         stride_yt, stride_ht, stride_bs, stride_bn,
                         OUT_FEATURES: tl.constexpr, RANK: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, RANK_PAD: tl.constexpr):
-    segment = tl.program_id(0)
     first = tl.program_id(1) * BLOCK_M
-    length = tl.load(lengths_ptr + segment)
-    if first < length:
-        rows = tl.load(starts_ptr + segment).to(tl.int64) + first + tl.arange(0, BLOCK_M)
-        in_m = first + tl.arange(0, BLOCK_M) < length
-        slot = tl.load(slots_ptr + segment).to(tl.int64)
+    if first < tl.load(lengths_ptr + tl.program_id(0)):
+        rows, in_m, slot = _segment_rows(starts_ptr, lengths_ptr, slots_ptr, first, BLOCK_M)
         offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_n = offs_n < OUT_FEATURES
         offs_r = tl.arange(0, RANK_PAD)
@@ -228,12 +242,7 @@ def _check_segments(segments: Segments, max_length: int, num_tokens: int,
 def sgmv_shrink(x: torch.Tensor, a_stack: torch.Tensor, segments: Segments, max_length: int,
                 scaling: torch.Tensor) -> torch.Tensor:
     """lora_shrink over segments: rows of a segment use its slot; rows outside any are zero."""
-    check_tensor("x", x, ndim=2, dtypes=LORA_DTYPES)
-    check_tensor("a_stack", a_stack, ndim=3, dtypes=(x.dtype,), device=x.device)
-    check_tensor("scaling", scaling, ndim=1, dtypes=(torch.float32,), device=x.device)
-    num_slots, rank, in_features = a_stack.shape
-    if in_features != x.shape[1]:
-        raise ValueError(f"a_stack takes {in_features} input features, x has {x.shape[1]}")
+    num_slots, rank, in_features = _check_shrink(x, a_stack, scaling)
     _check_segments(segments, max_length, x.shape[0], x.device)
     check_launchable(x.device)
     out = torch.zeros(x.shape[0], rank, dtype=torch.float32, device=x.device)
@@ -252,15 +261,7 @@ def sgmv_shrink(x: torch.Tensor, a_stack: torch.Tensor, segments: Segments, max_
 def sgmv_expand(y: torch.Tensor, h: torch.Tensor, b_stack: torch.Tensor, segments: Segments,
                 max_length: int) -> None:
     """lora_expand over segments, in place; rows outside any segment are untouched."""
-    check_tensor("y", y, ndim=2, dtypes=LORA_DTYPES)
-    check_tensor("h", h, ndim=2, dtypes=(torch.float32,), device=y.device)
-    check_tensor("b_stack", b_stack, ndim=3, dtypes=(y.dtype,), device=y.device)
-    num_slots, out_features, rank = b_stack.shape
-    if out_features != y.shape[1]:
-        raise ValueError(f"b_stack gives {out_features} output features, y has {y.shape[1]}")
-    if tuple(h.shape) != (y.shape[0], rank):
-        raise ValueError(f"h must be [{y.shape[0]}, {rank}] (tokens, max_rank), "
-                         f"got {list(h.shape)}")
+    num_slots, out_features, rank = _check_expand(y, h, b_stack)
     _check_segments(segments, max_length, y.shape[0], y.device)
     check_launchable(y.device)
     if not segments[0].numel() or max_length == 0 or rank == 0:

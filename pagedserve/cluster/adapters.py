@@ -79,8 +79,8 @@ class AdapterTable:
         self._adapters[adapter.lora_name] = adapter
 
     def remove(self, body: UnloadLoRAAdapterRequest) -> LoRARequest:
-        adapter = self._adapters.get(body.lora_name)
+        adapter = self._adapters.pop(body.lora_name, None)
         if adapter is None:
             raise errors.OpenAIError(404, f"The lora adapter '{body.lora_name}' cannot be "
                                           "found.", param="lora_name", code="not_found")
-        return self._adapters.pop(body.lora_name)
+        return adapter

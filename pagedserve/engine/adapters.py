@@ -68,10 +68,6 @@ class AdapterRegistry:
         self._requests[lora_id] = request
         return spec
 
-    def get(self, name: str) -> AdapterSpec | None:
-        lora_id = self._ids.get(name)
-        return None if lora_id is None or lora_id in self._closing else self._by_id[lora_id]
-
     def requests(self) -> list[LoRARequest]:
         """The registered adapters not being unloaded, by id, as they were requested."""
         return [request for lora_id, request in sorted(self._requests.items())

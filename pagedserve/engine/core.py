@@ -305,10 +305,11 @@ class EngineCore:
             num_swap_preemptions=scheduler.num_swaps, **self._lora_stats())
 
     def _lora_stats(self) -> dict:
-        slots, use = self.scheduler.adapters.slots, self.scheduler.adapters
+        scheduler = self.scheduler
+        use = scheduler.adapters
+        slots = use.slots
         if slots is None:
             return {}
-        scheduler = self.scheduler
         return {"max_loras": slots.max_loras, "lora_running": use.count(scheduler.running),
                 "lora_waiting": use.count([*scheduler.waiting, *scheduler.swapped]),
                 "lora_loads": slots.loads, "lora_evictions": slots.evictions}

@@ -75,9 +75,6 @@ class AdapterUse:
         self._forget(lora_id)
         return True
 
-    def requests(self, lora_id: int) -> int:
-        return self._requests[lora_id]
-
     def reopen(self, lora_id: int) -> None:
         """Cancel an unload still waiting for its requests (the adapter is wanted again)."""
         self._closing.discard(lora_id)

@@ -34,6 +34,7 @@ from pagedserve.scheduler.beam_search import Beam
 from pagedserve.scheduler.block_manager import BlockManager
 from pagedserve.scheduler.limits import SchedulerConfig
 from pagedserve.scheduler.lora_slots import AdapterSlots
+from pagedserve.scheduler.progress import at_limit, plans_ahead, stop_reason
 from pagedserve.scheduler.sequence import FinishReason, Sequence, SequenceGroup, SequenceStatus
 from pagedserve.scheduler.step import (
     PLACEHOLDER,
@@ -201,7 +202,9 @@ class Scheduler:
             children = [self._fork(group, seq) for _ in samples[1:]]
             for target, sample in zip([seq, *children], samples):
                 target.append_token(sample.token_id, sample.logprob, sample.top_logprobs)
-                self._check_stop(target, group)
+                stop = stop_reason(target, group.sampling_params, self.config)
+                if stop is not None:
+                    self.finish_seq(target, *stop)
         for request_id, samples in beam_steps.items():
             self._advance_beams(self._groups[request_id], samples)
         return list(touched.values())
@@ -221,7 +224,7 @@ class Scheduler:
     def _plan(self, group: SequenceGroup, budget: int) -> list[_Work]:
         manager = self.block_manager
         seqs = group.unfinished_seqs
-        if any(seq.num_pending for seq in seqs) and not self._continues(group):
+        if any(seq.num_pending for seq in seqs) and not plans_ahead(group):
             return []  # it waits for the step in flight to say what it sampled
         # Beams choose their next tokens together, so while any beam is still
         # catching up (a recompute), the others hold back their last token.
@@ -231,7 +234,7 @@ class Scheduler:
         for seq in seqs:
             if budget <= 0:
                 break
-            if seq.num_pending and self._at_limit(seq, group):
+            if seq.num_pending and at_limit(seq, group.sampling_params, self.config.max_model_len):
                 continue  # the token in flight is its last
             seq_id = seq.seq_id
             computed = []
@@ -250,26 +253,6 @@ class Scheduler:
         if group.beam_search is not None and not hold_last and len(plan) < len(seqs):
             return []  # not every beam fits the budget: they wait a step together
         return plan
-
-    @staticmethod
-    def _continues(group: SequenceGroup) -> bool:
-        """Can the group's next step be planned before the one in flight returns?
-
-        A sequence decoding on its own can: its next input is the token in
-        flight, which the worker fills in. Beams (chosen on the host), penalties
-        (which count the tokens so far), samples about to fork, and sequences
-        catching up after a preemption wait for the step's outcome.
-        """
-        params = group.sampling_params
-        if group.beam_search is not None or params.uses_penalties or params.best_of > 1:
-            return False
-        return all(seq.num_computed_tokens == seq.num_tokens
-                   for seq in group.unfinished_seqs if seq.num_pending)
-
-    def _at_limit(self, seq: Sequence, group: SequenceGroup) -> bool:
-        """With the tokens in flight, the sequence reaches max_tokens or the context."""
-        return (seq.num_output_tokens + seq.num_pending >= group.sampling_params.max_tokens
-                or seq.num_tokens + seq.num_pending >= self.config.max_model_len)
 
     def _fits(self, plan: list[_Work], reserve: int = 0) -> bool:
         return sum(work.blocks for work in plan) + reserve <= self.block_manager.num_free_blocks
@@ -383,17 +366,6 @@ class Scheduler:
         self.block_manager.free(seq.seq_id)
         self._seqs.pop(seq.seq_id, None)
         self._seq_group.pop(seq.seq_id, None)
-
-    def _check_stop(self, seq: Sequence, group: SequenceGroup) -> None:
-        params = group.sampling_params
-        token = seq.token_ids[-1]
-        if not params.ignore_eos and token in self.config.eos_token_ids:
-            self.finish_seq(seq, FinishReason.STOP, None)
-        elif token in params.stop_token_ids:
-            self.finish_seq(seq, FinishReason.STOP, token)
-        elif (seq.num_output_tokens >= params.max_tokens
-              or seq.num_tokens >= self.config.max_model_len):
-            self.finish_seq(seq, FinishReason.LENGTH, None)
 
     def _set_status(self, group: SequenceGroup, status: SequenceStatus) -> None:
         for seq in group.unfinished_seqs:

@@ -78,9 +78,6 @@ class WorkerLoRA:
         self._host.move_to_end(spec.lora_id)
         return weights
 
-    def resident_on_host(self) -> list[int]:
-        return list(self._host)
-
     def set_tokens(self, token_slots: np.ndarray | None) -> None:
         """The step's slot per token row, in the order the model sees them (None: all base)."""
         self.batch.set(token_slots, self.device)

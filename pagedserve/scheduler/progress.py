@@ -1,0 +1,45 @@
+"""Rules about one request's progress, which the scheduler applies every step:
+whether a sequence stops on its newest token, whether the tokens in flight
+bring it to its limit, and whether its next step can be planned before the
+one in flight returns (async scheduling).
+"""
+
+from __future__ import annotations
+
+from pagedserve.sampling_params import SamplingParams
+from pagedserve.scheduler.limits import SchedulerConfig
+from pagedserve.scheduler.sequence import FinishReason, Sequence, SequenceGroup
+
+
+def stop_reason(seq: Sequence, params: SamplingParams, config: SchedulerConfig
+                ) -> tuple[FinishReason, int | None] | None:
+    """Why the sequence ends with its newest token (and the stop token), or None."""
+    token = seq.token_ids[-1]
+    if not params.ignore_eos and token in config.eos_token_ids:
+        return FinishReason.STOP, None
+    if token in params.stop_token_ids:
+        return FinishReason.STOP, token
+    if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= config.max_model_len:
+        return FinishReason.LENGTH, None
+    return None
+
+
+def at_limit(seq: Sequence, params: SamplingParams, max_model_len: int) -> bool:
+    """With the tokens in flight, the sequence reaches max_tokens or the context."""
+    return (seq.num_output_tokens + seq.num_pending >= params.max_tokens
+            or seq.num_tokens + seq.num_pending >= max_model_len)
+
+
+def plans_ahead(group: SequenceGroup) -> bool:
+    """Can the group's next step be planned before the one in flight returns?
+
+    A sequence decoding on its own can: its next input is the token in
+    flight, which the worker fills in. Beams (chosen on the host), penalties
+    (which count the tokens so far), samples about to fork, and sequences
+    catching up after a preemption wait for the step's outcome.
+    """
+    params = group.sampling_params
+    if group.beam_search is not None or params.uses_penalties or params.best_of > 1:
+        return False
+    return all(seq.num_computed_tokens == seq.num_tokens
+               for seq in group.unfinished_seqs if seq.num_pending)

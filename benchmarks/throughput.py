@@ -30,6 +30,20 @@ tokens are those: the tokens a static batch keeps generating for a request
 past its own length are computed but not counted.
 Throughput is useful output tokens / wall time.
 
+* vLLM (`--peer vllm`): vLLM's CPU build, in its own venv (`make peer-vllm`),
+  driven by benchmarks/vllm_peer.py in a process of its own, started once with
+  the same weights, a KV cache of the same bytes (`kv_cache_memory_bytes`) and
+  block size 32 (vLLM's CPU attention needs a multiple of 32). pagedserve then
+  runs at block size 32, and at `--block-size` (16) too. `--threads` sets
+  vLLM's compute threads as well (VLLM_CPU_OMP_THREADS_BIND); `--one-core` pins
+  every process of both systems to CPU 0, so that vLLM's polling engine and
+  frontend are charged to the same core as its compute.
+
+With `--rounds N` the systems run N times each, in an order rotated every
+round, and the tables give medians. CPU-seconds are counted per process over
+the timed run: this process for pagedserve and HF; vLLM's frontend and its
+engine-core process for vLLM.
+
 Prompt lengths are the vLLM paper's memory-study scenarios divided by
 `--scale`, so that all scenarios and all three systems finish in ~10-20
 minutes on 2 CPU cores (the default run: ~11 minutes). The budget defaults to
@@ -39,6 +53,7 @@ stall (up to 5x here) whenever another process takes a core, while one thread
 is only slowed when both are.
 
     python benchmarks/throughput.py [--scale 16] [--scenarios mixed] [--quick]
+    python benchmarks/throughput.py --peer vllm --rounds 3 [--threads 2] [--one-core]
 """
 
 from __future__ import annotations
@@ -50,6 +65,8 @@ import json
 import os
 import platform
 import random
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -73,6 +90,7 @@ MODEL = dict(vocab_size=32000, hidden_size=512, num_hidden_layers=8, num_attenti
 FIRST_TOKEN = 6  # ids 0..5 are the tokenizer's special tokens (BOS, EOS, PAD, ...)
 BLOCK = 16
 MAX_BATCHED_TOKENS = 2048
+RESULTS = Path("benchmarks/results")
 
 
 def workload(name: str, args) -> list[tuple[list[int], int]]:
@@ -87,16 +105,17 @@ def workload(name: str, args) -> list[tuple[list[int], int]]:
             for p, o in lengths]
 
 
-def run_pagedserve(model_dir, requests, kv_tokens, max_len):
-    llm = LLM(model=str(model_dir), block_size=BLOCK, num_gpu_blocks=kv_tokens // BLOCK,
+def run_pagedserve(model_dir, requests, kv_tokens, max_len, block=BLOCK):
+    llm = LLM(model=str(model_dir), block_size=block, num_gpu_blocks=kv_tokens // block,
               max_model_len=max_len, max_num_seqs=256, max_num_batched_tokens=MAX_BATCHED_TOKENS,
               dtype="float32", device="cpu", skip_tokenizer_init=True)
     prompts = [{"prompt_token_ids": p} for p, _ in requests]
     params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for _, o in requests]
-    start = time.perf_counter()
+    cpu, start = time.process_time(), time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     stats = llm.get_memory_stats()
+    stats["cpu_s"] = cpu
     return elapsed, [list(out.outputs[0].token_ids) for out in outs], stats
 
 
@@ -153,13 +172,63 @@ def run_hf_batch(model, requests, kv_tokens, pad_id, max_batch_tokens=MAX_BATCHE
     return elapsed, [list(results[f"r{i}"].generated_tokens) for i in range(len(requests))], info
 
 
-def warm_up(model_dir, hf_model, pad_id, skip_hf_batch):
+class VLLMPeer:
+    """vLLM's CPU build in its own venv and process (benchmarks/vllm_peer.py)."""
+
+    VENV = Path(__file__).parent / ".venvs" / "vllm"
+    BLOCK = 32
+
+    def __init__(self, model_dir, kv_bytes: int, max_len: int, threads: int, one_core: bool):
+        python = self.VENV / "bin" / "python"
+        if not python.exists():
+            raise SystemExit(f"--peer vllm needs vLLM's venv at {self.VENV}: run `make peer-vllm`")
+        cores = "0" if one_core or threads == 1 else f"0-{threads - 1}"
+        # vLLM binds one OpenMP thread per listed core and, by default, reserves a core for
+        # its frontend; here every core listed computes, and --one-core pins the frontend too.
+        env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_OMP_THREADS_BIND": cores,
+               "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "TOKENIZERS_PARALLELISM": "false"}
+        command = [str(python), str(Path(__file__).parent / "vllm_peer.py"),
+                   "--model", str(model_dir), "--kv-cache-bytes", str(kv_bytes),
+                   "--block-size", str(self.BLOCK), "--max-model-len", str(max_len),
+                   "--max-num-batched-tokens", str(MAX_BATCHED_TOKENS)]
+        if one_core:
+            command = ["taskset", "-c", "0", *command]
+        self.log = open(RESULTS / "vllm_peer.log", "w")
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=self.log, text=True, env=env)
+        self.version = self._answer()["version"]
+
+    def _answer(self) -> dict:
+        from vllm_peer import RESULT_MARK
+
+        for line in self.process.stdout:
+            if line.startswith(RESULT_MARK):
+                return json.loads(line[len(RESULT_MARK):])
+        raise RuntimeError(f"vLLM peer exited ({self.process.wait()}); see {self.log.name}")
+
+    def run(self, requests):
+        self.process.stdin.write(json.dumps({"requests": requests}) + "\n")
+        self.process.stdin.flush()
+        answer = self._answer()
+        return answer["seconds"], answer["tokens"], answer["cpu_s"]
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=120)
+        self.log.close()
+
+
+def warm_up(model_dir, hf_model, pad_id, args, peer):
     rng = random.Random(0)
     requests = [([rng.randrange(FIRST_TOKEN, 1000) for _ in range(n)], 8) for n in (24, 40)]
-    run_pagedserve(model_dir, requests, 1024, 64)
-    run_hf_static(hf_model, requests, 2, pad_id)
-    if not skip_hf_batch:
-        run_hf_batch(hf_model, requests, 1024, pad_id)
+    for block in args.blocks:
+        run_pagedserve(model_dir, requests, 1024, 64, block)
+    if not args.skip_hf:
+        run_hf_static(hf_model, requests, 2, pad_id)
+        if not args.skip_hf_batch:
+            run_hf_batch(hf_model, requests, 1024, pad_id)
+    if peer is not None:
+        peer.run(requests)
 
 
 def matches(ours, theirs, requests):
@@ -178,7 +247,13 @@ def parse_args():
                         help="KV budget in tokens for every system (default 65536/scale)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: stable on a shared machine, see the docstring)")
+                        help="compute threads (1: stable on a shared machine, see the docstring)")
+    parser.add_argument("--block-size", type=int, default=BLOCK, help="pagedserve's block size")
+    parser.add_argument("--peer", choices=["none", "vllm"], default="none")
+    parser.add_argument("--one-core", action="store_true",
+                        help="pin every process to CPU 0 (a fair CPU-second count for vLLM)")
+    parser.add_argument("--rounds", type=int, default=1, help="runs per system; medians reported")
+    parser.add_argument("--skip-hf", action="store_true", help="skip both HF systems")
     parser.add_argument("--skip-hf-batch", action="store_true", help="skip HF generate_batch")
     parser.add_argument("--out", default="benchmarks/results/throughput.json")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a <1 minute smoke run")
@@ -187,18 +262,35 @@ def parse_args():
         args.scale, args.requests_scale, args.output_min, args.output_max = 64.0, 0.03, 4, 12
     if args.kv_tokens is None:
         args.kv_tokens = int(65536 / args.scale)
-    args.kv_tokens -= args.kv_tokens % BLOCK
+    # With vLLM as the peer, pagedserve runs at vLLM's block size as well as its own.
+    args.blocks = sorted({args.block_size} | ({VLLMPeer.BLOCK} if args.peer == "vllm" else set()))
+    args.kv_tokens -= args.kv_tokens % max(args.blocks)
     return args
+
+
+def median_row(runs: list[dict]) -> dict:
+    """The median of each number over rounds (tokens come from the first round)."""
+    row = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            row[key] = statistics.median(run[key] for run in runs)
+    row["rounds"] = [{k: v for k, v in run.items() if k != "tokens"} for run in runs]
+    return row
 
 
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
+    if args.one_core:
+        os.sched_setaffinity(0, {0})
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()  # eos_token_id=-1 warns once per generate() call
     command = "python " + " ".join(["benchmarks/throughput.py", *sys.argv[1:]])
-    machine = (f"{platform.platform()}, {os.cpu_count()} CPUs ({torch.get_num_threads()} torch "
-               f"thread{'s' * (args.threads > 1)}), torch {torch.__version__}")
+    cpu_model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                      if line.startswith("model name")), platform.processor())
+    machine = (f"{cpu_model}, {platform.platform()}, {os.cpu_count()} CPUs "
+               f"({args.threads} compute thread{'s' * (args.threads > 1)}"
+               f"{', all on CPU 0' if args.one_core else ''}), torch {torch.__version__}")
     today = datetime.date.today().isoformat()
     model_dir = cached_random_model("bench-llama-50m", arch="llama", **MODEL)
     hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
@@ -207,93 +299,142 @@ def main() -> None:
     n_params = sum(p.numel() for p in hf_model.parameters())
     kv_bytes_per_token = (2 * MODEL["num_hidden_layers"] * MODEL["num_key_value_heads"]
                           * MODEL["hidden_size"] // MODEL["num_attention_heads"] * 4)
+    scenarios = {name: workload(name, args) for name in args.scenarios}
+    longest = max(len(p) + o for requests in scenarios.values() for p, o in requests)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    peer = None
+    if args.peer == "vllm":
+        reserve = max(len(p) for r in scenarios.values() for p, _ in r) + args.output_max
+        peer = VLLMPeer(model_dir, args.kv_tokens * kv_bytes_per_token,
+                        max(longest, reserve, 64), args.threads, args.one_core)  # 64: warm-up
+        machine += f"; vLLM {peer.version} (vllm-cpu)"
     print(f"# Throughput, {today}\n{command}\n{machine}")
     print(f"model: Llama, {n_params / 1e6:.1f}M parameters {MODEL}, float32, sdpa (HF)")
     print(f"scale {args.scale:g} (prompt lengths / {args.scale:g}), "
           f"requests x {args.requests_scale:g}, "
           f"outputs {args.output_min}-{args.output_max} tokens, greedy, ignore_eos, "
-          f"seed {args.seed}")
+          f"seed {args.seed}; {args.rounds} round(s), medians")
     print(f"KV budget: {args.kv_tokens} tokens = "
           f"{args.kv_tokens * kv_bytes_per_token / 2**20:.0f} MiB "
-          f"for every system; block/page size {BLOCK}; "
+          f"for every system; pagedserve block sizes {args.blocks}; "
           f"max {MAX_BATCHED_TOKENS} tokens per step\n")
-    warm_up(model_dir, hf_model, pad_id, args.skip_hf_batch)
+    warm_up(model_dir, hf_model, pad_id, args, peer)
 
     results = []
-    for name in args.scenarios:
-        requests = workload(name, args)
-        max_prompt = max(len(p) for p, _ in requests)
-        reserve = max_prompt + args.output_max  # what a static batcher must reserve per sequence
-        longest = max(len(p) + o for p, o in requests)
-        if longest > MODEL["max_position_embeddings"] or args.kv_tokens < reserve:
-            raise SystemExit(f"{name}: a request of {longest} tokens (reserve {reserve}) does not "
-                             f"fit max_position_embeddings or --kv-tokens={args.kv_tokens}")
-        batch_size = max(1, args.kv_tokens // reserve)
-        useful = sum(o for _, o in requests)
-        row = {"scenario": name, "requests": len(requests),
-               "prompt_tokens": sum(len(p) for p, _ in requests), "output_tokens": useful,
-               "max_prompt": max_prompt, "static_batch_size": batch_size}
-        print(f"## {name}: {row['requests']} requests, {row['prompt_tokens']} prompt tokens, "
-              f"{useful} useful output tokens; static batch {batch_size} "
-              f"(= {args.kv_tokens} // ({max_prompt} + {args.output_max}))", flush=True)
+    try:
+        for name, requests in scenarios.items():
+            results.append(run_scenario(name, requests, args, model_dir, hf_model, pad_id, peer))
+    finally:
+        if peer is not None:
+            peer.close()
+    print_tables(results, args, command, machine, today, n_params)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": command, "machine": machine, "date": today,
+                               "parameters": n_params, "model": MODEL,
+                               "args": {k: v for k, v in vars(args).items()},
+                               "results": results}, indent=2))
+    print(f"\nwrote {out}")
 
-        seconds, ours, stats = run_pagedserve(model_dir, requests, args.kv_tokens, reserve)
-        row.update(paged_s=seconds, paged_tok_s=useful / seconds,
-                   slot_utilization=stats["mean_slot_utilization"],
-                   preemptions=stats["num_preemptions"],
-                   peak_kv_tokens=stats["peak_allocated_blocks"] * BLOCK)
-        print(f"  pagedserve     {seconds:8.1f} s {useful / seconds:8.1f} tok/s  "
-              f"KV slot utilization {row['slot_utilization']:.1%}, "
-              f"{row['preemptions']} preemptions",
-              flush=True)
 
-        seconds, theirs = run_hf_static(hf_model, requests, batch_size, pad_id)
-        row.update(static_s=seconds, static_tok_s=useful / seconds,
-                   match_static=matches(ours, theirs, requests),
-                   speedup_static=row["paged_tok_s"] / (useful / seconds))
-        print(f"  HF static      {seconds:8.1f} s {useful / seconds:8.1f} tok/s  "
-              f"greedy tokens equal pagedserve's: {row['match_static']}/{len(requests)}",
-              flush=True)
+def run_scenario(name, requests, args, model_dir, hf_model, pad_id, peer) -> dict:
+    max_prompt = max(len(p) for p, _ in requests)
+    reserve = max_prompt + args.output_max  # what a static batcher must reserve per sequence
+    longest = max(len(p) + o for p, o in requests)
+    if longest > MODEL["max_position_embeddings"] or args.kv_tokens < reserve:
+        raise SystemExit(f"{name}: a request of {longest} tokens (reserve {reserve}) does not "
+                         f"fit max_position_embeddings or --kv-tokens={args.kv_tokens}")
+    batch_size = max(1, args.kv_tokens // reserve)
+    useful = sum(o for _, o in requests)
+    row = {"scenario": name, "requests": len(requests),
+           "prompt_tokens": sum(len(p) for p, _ in requests), "output_tokens": useful,
+           "max_prompt": max_prompt, "static_batch_size": batch_size, "systems": {}}
+    print(f"## {name}: {row['requests']} requests, {row['prompt_tokens']} prompt tokens, "
+          f"{useful} useful output tokens; static batch {batch_size} "
+          f"(= {args.kv_tokens} // ({max_prompt} + {args.output_max}))", flush=True)
 
+    def paged(block):
+        def run():
+            seconds, tokens, stats = run_pagedserve(model_dir, requests, args.kv_tokens, reserve,
+                                                    block)
+            return {"seconds": seconds, "tokens": tokens, "cpu_s": stats["cpu_s"],
+                    "slot_utilization": stats["mean_slot_utilization"],
+                    "preemptions": stats["num_preemptions"]}
+        return run
+
+    def static():
+        cpu = time.process_time()
+        seconds, tokens = run_hf_static(hf_model, requests, batch_size, pad_id)
+        return {"seconds": seconds, "tokens": tokens, "cpu_s": time.process_time() - cpu}
+
+    def batch():
+        cpu = time.process_time()
+        seconds, tokens, info = run_hf_batch(hf_model, requests, args.kv_tokens, pad_id)
+        return {"seconds": seconds, "tokens": tokens, "cpu_s": time.process_time() - cpu,
+                "info": info}
+
+    def vllm():
+        seconds, tokens, cpu = peer.run(requests)
+        return {"seconds": seconds, "tokens": tokens, "cpu_s": cpu["frontend"] + cpu["engine"],
+                "cpu_frontend_s": cpu["frontend"], "cpu_engine_s": cpu["engine"]}
+
+    systems = {f"pagedserve b{block}": paged(block) for block in args.blocks}
+    if peer is not None:
+        systems["vLLM b32"] = vllm
+    if not args.skip_hf:
+        systems["HF static"] = static
         if not args.skip_hf_batch:
-            seconds, theirs, info = run_hf_batch(hf_model, requests, args.kv_tokens, pad_id)
-            row.update(batch_s=seconds, batch_tok_s=useful / seconds, hf_batch_info=info,
-                       match_batch=matches(ours, theirs, requests),
-                       speedup_batch=row["paged_tok_s"] / (useful / seconds))
-            print(f"  HF gen_batch   {seconds:8.1f} s {useful / seconds:8.1f} tok/s  "
-                  f"greedy tokens equal pagedserve's: {row['match_batch']}/{len(requests)} {info}",
-                  flush=True)
-        results.append(row)
+            systems["HF generate_batch"] = batch
+    runs = {system: [] for system in systems}
+    order = list(systems)
+    for round_index in range(args.rounds):
+        shift = round_index % len(order)
+        for system in order[shift:] + order[:shift]:
+            run = systems[system]()
+            run["tok_s"] = useful / run["seconds"]
+            runs[system].append(run)
+            print(f"  [{round_index + 1}/{args.rounds}] {system:18s} {run['seconds']:7.1f} s "
+                  f"{run['tok_s']:7.1f} tok/s  {run['cpu_s']:7.1f} CPU-s", flush=True)
+    reference = reference_system(args)
+    ours = runs[reference][0]["tokens"]
+    for system, system_runs in runs.items():
+        summary = median_row(system_runs)
+        summary["match"] = matches(ours, summary.pop("tokens"), requests)
+        row["systems"][system] = summary
+        print(f"  median {system:18s} {summary['tok_s']:7.1f} tok/s {summary['cpu_s']:7.1f} CPU-s  "
+              f"greedy tokens equal {reference}'s: {summary['match']}/{len(requests)}", flush=True)
+    return row
 
-    def cell(row, key, fmt, suffix=""):
-        return format(row[key], fmt) + suffix if key in row else "-"
 
+def reference_system(args) -> str:
+    """The pagedserve run others are compared with: at vLLM's block size when it is the peer."""
+    return f"pagedserve b{VLLMPeer.BLOCK if args.peer == 'vllm' else args.block_size}"
+
+
+def print_tables(results, args, command, machine, today, n_params) -> None:
     print(f"\n### Offline throughput ({today})\n\n`{command}`  \n{machine}  \n"
           f"Model: Llama-shaped random weights, {n_params / 1e6:.1f}M parameters, float32. "
           f"Prompt lengths / {args.scale:g}, requests x {args.requests_scale:g}, outputs "
           f"{args.output_min}-{args.output_max} tokens (greedy, EOS ignored). KV budget "
-          f"{args.kv_tokens} tokens for every system. "
+          f"{args.kv_tokens} tokens for every system. Medians of {args.rounds} round(s). "
           "Throughput = useful output tokens / wall time.\n")
-    print("| scenario | requests | prompt tok | output tok | static batch | pagedserve tok/s (s) "
-          "| HF static tok/s (s) | HF generate_batch tok/s (s) | vs static | vs generate_batch "
-          "| KV slot util. | preemptions | tokens = HF static, = generate_batch |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    ours = reference_system(args)
+    print("| scenario | system | output tok/s | s | CPU-s | tok/s vs | CPU-s vs "
+          f"| greedy tokens = {ours} |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
-        n = r["requests"]
-        print(f"| {r['scenario']} | {r['requests']} | {r['prompt_tokens']} | {r['output_tokens']} "
-              f"| {r['static_batch_size']} | {r['paged_tok_s']:.0f} ({r['paged_s']:.1f}) "
-              f"| {r['static_tok_s']:.0f} ({r['static_s']:.1f}) "
-              f"| {cell(r, 'batch_tok_s', '.0f')} ({cell(r, 'batch_s', '.1f')}) "
-              f"| {r['speedup_static']:.2f}x | {cell(r, 'speedup_batch', '.2f', 'x')} "
-              f"| {r['slot_utilization']:.1%} | {r['preemptions']} "
-              f"| {r['match_static']}/{n}, {cell(r, 'match_batch', 'd', f'/{n}')} |")
-
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": command, "machine": machine, "date": today,
-                               "parameters": n_params, "model": MODEL, "args": vars(args),
-                               "results": results}, indent=2))
-    print(f"\nwrote {out}")
+        systems = r["systems"]
+        for name, s in systems.items():
+            versus = "" if name.startswith("pagedserve") else (
+                f"{systems[ours]['tok_s'] / s['tok_s']:.2f}x")
+            cpu_versus = "" if name.startswith("pagedserve") else (
+                f"{systems[ours]['cpu_s'] / s['cpu_s']:.2f}x")
+            extra = (f" (frontend {s['cpu_frontend_s']:.1f} + engine {s['cpu_engine_s']:.1f})"
+                     if "cpu_engine_s" in s else "")
+            print(f"| {r['scenario']} | {name} | {s['tok_s']:.0f} | {s['seconds']:.1f} "
+                  f"| {s['cpu_s']:.1f}{extra} | {versus} | {cpu_versus} "
+                  f"| {s['match']}/{r['requests']} |")
+    print(f"\n(`tok/s vs` and `CPU-s vs`: {ours}'s over the system's.)")
 
 
 if __name__ == "__main__":

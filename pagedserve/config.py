@@ -104,8 +104,9 @@ class EngineConfig(_Strict):
     # captured at start-up for batch sizes 1, 2, 4, 8, 16, ... max_num_seqs
     # (worker/cuda_graph.py). True: every step runs eagerly. No effect on CPU.
     enforce_eager: bool = False
-    # auto: Triton kernels on CUDA, the torch reference on CPU.
-    attention_backend: Literal["auto", "triton", "torch"] = "auto"
+    # auto: Triton kernels on CUDA; on CPU the C++ kernel reading blocks in place (cpu), or
+    # the torch reference (torch) where no C++ compiler can build it.
+    attention_backend: Literal["auto", "cpu", "triton", "torch"] = "auto"
     device: Device = "auto"
     seed: int = 0
     # Compute threads of a CPU worker; None: the CPUs the process may use, less

@@ -13,7 +13,9 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    cumulative_logprob: float
+    # Sum of the generated tokens' log-probabilities; None unless SamplingParams.logprobs
+    # is set (or best_of > n ranks the samples by it), as in vLLM.
+    cumulative_logprob: float | None
     # Per generated token: {token_id: logprob}, the sampled token first, then the
     # top-`logprobs` alternatives. None unless SamplingParams.logprobs is set.
     logprobs: list[dict[int, float]] | None

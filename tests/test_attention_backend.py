@@ -8,6 +8,7 @@ import torch
 from pagedserve import LLM, SamplingParams
 from pagedserve.scheduler.step import StepInput
 from pagedserve.worker.layers.attention import (
+    CPUAttentionBackend,
     TorchAttentionBackend,
     TritonAttentionBackend,
     select_attention_backend,
@@ -18,7 +19,7 @@ PROMPTS = [{"prompt_token_ids": list(range(7, 7 + n))} for n in (45, 1, 19, 80, 
 
 
 @pytest.mark.parametrize("name,device,expected", [
-    ("auto", "cpu", TorchAttentionBackend),
+    ("auto", "cpu", CPUAttentionBackend),
     ("auto", "cuda", TritonAttentionBackend),
     ("torch", "cuda", TorchAttentionBackend),
     ("triton", "cpu", TritonAttentionBackend),  # interpreted, as in these tests

@@ -19,6 +19,7 @@ from pagedserve.testing import build_random_model
 from pagedserve.testing.gguf_model import write_gguf
 from pagedserve.worker.distributed import TPGroup
 from pagedserve.worker.gguf_file import metadata_dir
+from pagedserve.worker.layers.linear import dense_parameters
 from pagedserve.worker.models import build_model
 
 # GQA (2 KV heads of 4), so q and k are un-permuted with different head counts.
@@ -72,7 +73,7 @@ def _unfused(model) -> dict[str, torch.Tensor]:
     split = {"qkv_proj": (["q_proj", "k_proj", "v_proj"], [q, kv, kv]),
              "gate_up_proj": (["gate_proj", "up_proj"], [config.intermediate_size] * 2)}
     out = {}
-    for name, param in model.named_parameters():
+    for name, param in dense_parameters(model).items():
         fused = next((f for f in split if f".{f}." in name), None)
         if fused is None:
             out[name] = param
@@ -132,7 +133,8 @@ def test_each_rank_dequantizes_its_own_slice(gguf_files):
     def build(rank: int, size: int):
         return dict(build_model(config, None, max_position=128, dtype=torch.float32,
                                 device=torch.device("cpu"), load_format="gguf",
-                                tp=TPGroup(rank, size), gguf_file=path).named_parameters())
+                                tp=TPGroup(rank, size), gguf_file=path,
+                                pack_cpu_weights=False).named_parameters())
 
     whole = build(0, 1)
     shards = [build(rank, 2) for rank in range(2)]

@@ -170,7 +170,8 @@ def test_best_of_returns_the_n_most_likely(tiny_llama):
               num_gpu_blocks=64)
     params = SamplingParams(n=2, best_of=5, temperature=1.0, seed=5, max_tokens=6,
                             ignore_eos=True)
-    every = SamplingParams(n=5, temperature=1.0, seed=5, max_tokens=6, ignore_eos=True)
+    every = SamplingParams(n=5, temperature=1.0, seed=5, max_tokens=6, ignore_eos=True,
+                           logprobs=0)  # to rank them
     prompt = {"prompt_token_ids": list(range(30, 40))}
     best = llm.generate(prompt, params, use_tqdm=False)[0].outputs
     candidates = llm.generate(prompt, every, use_tqdm=False)[0].outputs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.scheduler.step import ScheduledSequence
 from pagedserve.worker import sampler
-from pagedserve.worker.sampler import SamplingBatch, sample
+from pagedserve.worker.sampler import SamplingBatch, needs_logprobs, sample
 
 
 def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -260,14 +261,14 @@ def test_seeded_sampling_follows_the_distribution():
 def test_logprob_is_raw_log_softmax_with_penalties_and_temperature():
     logits = _logits(6, 25, seed=13)
     raw = logits.clone()
-    params = [
+    params = [dataclasses.replace(p, logprobs=0) for p in (
         SamplingParams(temperature=0.0),
         SamplingParams(temperature=0.3),
         SamplingParams(temperature=2.0, top_k=4),
         SamplingParams(temperature=0.0, repetition_penalty=3.0, presence_penalty=1.5),
         SamplingParams(temperature=0.7, frequency_penalty=2.0, top_p=0.5, seed=9),
         SamplingParams(temperature=1.2, repetition_penalty=0.5, min_p=0.1),
-    ]
+    )]
     seqs = [_seq(p, i, prompt=[0, 1, 2], output=[3, 3, 4]) for i, p in enumerate(params)]
     samples = sample(logits, seqs, _gen(5))
     assert torch.equal(logits, raw), "sample modified the caller's logits"
@@ -276,9 +277,27 @@ def test_logprob_is_raw_log_softmax_with_penalties_and_temperature():
         assert s.logprob == pytest.approx(expected[i, s.token_id].item(), abs=1e-5)
 
 
+def test_logprobs_are_computed_only_for_the_rows_that_use_them():
+    """Rows asking for none get NaN; the others get the same values as in a batch where
+    every row asks."""
+    logits = _logits(4, 25, seed=15)
+    asked = [SamplingParams(temperature=0.0, logprobs=0), SamplingParams(temperature=0.0),
+             SamplingParams(temperature=0.0, logprobs=2), SamplingParams(temperature=0.0)]
+    samples = sample(logits.clone(), [_seq(p, i) for i, p in enumerate(asked)], _gen())
+    every = sample(logits.clone(), [
+        _seq(p if p.logprobs is not None else dataclasses.replace(p, logprobs=0), i)
+        for i, p in enumerate(asked)], _gen())
+    assert [s.token_id for s in samples] == [s.token_id for s in every]
+    assert math.isnan(samples[1].logprob) and math.isnan(samples[3].logprob)
+    assert samples[0].logprob == every[0].logprob and samples[2].logprob == every[2].logprob
+    assert samples[2].top_logprobs == every[2].top_logprobs
+    assert needs_logprobs(_seq(SamplingParams(n=2, best_of=3, temperature=1.0)))
+    assert not needs_logprobs(_seq(SamplingParams(n=2, temperature=1.0)))
+
+
 def test_greedy_with_penalties_picks_penalized_argmax_but_reports_raw_logprob():
     raw = torch.tensor([[5.0, 4.0, 3.0, 1.0, 0.0]])
-    params = SamplingParams(temperature=0.0, repetition_penalty=10.0)
+    params = SamplingParams(temperature=0.0, repetition_penalty=10.0, logprobs=0)
     (s,) = sample(raw.clone(), [_seq(params, prompt=[0, 1, 2], output=[])], _gen())
     # Penalized: [0.5, 0.4, 0.3, 1.0, 0.0] -> token 3.
     assert s.token_id == 3
@@ -392,7 +411,7 @@ def test_penalties_change_the_greedy_choice():
     logits = torch.tensor([BASE])
     plain = sample(logits, [_seq(SamplingParams(temperature=0.0))], _gen())[0]
     assert plain.token_id == 3
-    params = SamplingParams(temperature=0.0, frequency_penalty=1.0)
+    params = SamplingParams(temperature=0.0, frequency_penalty=1.0, logprobs=0)
     penalized = sample(logits, [_seq(params, output=[3, 3])], _gen())[0]
     # 3.0 - 2 * 1.0 = 1.0 < 2.0: token 0 wins.
     assert penalized.token_id == 0

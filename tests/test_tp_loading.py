@@ -38,7 +38,7 @@ def _build(model_dir, rank: int, size: int):
     config = AutoConfig.from_pretrained(model_dir)
     model = build_model(config, model_dir, max_position=128, dtype=torch.float32,
                         device=torch.device("cpu"), load_format="safetensors",
-                        tp=TPGroup(rank, size))
+                        tp=TPGroup(rank, size), pack_cpu_weights=False)  # the loaded slices
     return config, model
 
 
@@ -166,7 +166,7 @@ def test_dummy_weights_are_created_in_the_target_dtype(checkpoint, monkeypatch):
                         lambda *a, **k: created.append(empty(*a, **k)) or created[-1])
     config = AutoConfig.from_pretrained(model_dir)
     model = build_model(config, model_dir, max_position=64, dtype=torch.bfloat16,
-                        device=torch.device("cpu"), load_format="dummy")
+                        device=torch.device("cpu"), load_format="dummy", pack_cpu_weights=False)
     assert torch.get_default_dtype() == torch.float32
     assert created and {t.dtype for t in created} == {torch.bfloat16}
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

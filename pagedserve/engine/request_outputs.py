@@ -71,7 +71,7 @@ def _delta_output(group: SequenceGroup, tracker: DeltaTracker) -> RequestOutput:
         news = tracker.news(index, seq.output_text, seq.token_ids, seq.num_prompt_tokens,
                             seq.output_logprobs if want_logprobs else None,
                             seq.finish_reason.value if seq.finish_reason else None,
-                            seq.stop_reason, seq.cumulative_logprob)
+                            seq.stop_reason, _cumulative(group, seq))
         if news is not None:
             outputs.append(news)
     return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outputs,
@@ -89,7 +89,7 @@ def _request_output(group: SequenceGroup) -> RequestOutput:
             index=index,
             text=seq.output_text,
             token_ids=seq.output_token_ids,
-            cumulative_logprob=seq.cumulative_logprob,
+            cumulative_logprob=_cumulative(group, seq),
             logprobs=list(seq.output_logprobs) if params.logprobs is not None else None,
             finish_reason=seq.finish_reason.value if seq.finish_reason else None,
             stop_reason=seq.stop_reason,
@@ -98,3 +98,11 @@ def _request_output(group: SequenceGroup) -> RequestOutput:
     ]
     return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outputs,
                          finished=group.finished, prompt_logprobs=_prompt_logprobs(group))
+
+
+def _cumulative(group: SequenceGroup, seq) -> float | None:
+    """A sample's cumulative log-probability where its request uses log-probabilities (as
+    vLLM: None otherwise, since the sampler computes them only for such rows)."""
+    params = group.sampling_params
+    return seq.cumulative_logprob if params.logprobs is not None or params.best_of > params.n \
+        else None

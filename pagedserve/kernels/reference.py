@@ -142,14 +142,17 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
 
 
 def run_attention_plan(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                       plan: AttentionPlan, scale: float) -> torch.Tensor:
+                       plan: AttentionPlan, scale: float,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+    """The plan's rows of the output (`out`'s other rows are left as they are)."""
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
     flat_k = key_cache.view(-1, num_kv_heads, head_dim)
     flat_v = value_cache.view(-1, num_kv_heads, head_dim)
-    out = torch.empty_like(query)
+    if out is None:
+        out = torch.empty_like(query)
     for bucket in plan.decode:
         out.index_copy_(0, bucket.rows, _attend_decode(query, flat_k, flat_v, bucket, scale))
     for seq in plan.prefill:

@@ -3,7 +3,9 @@
 Order of operations (as in vLLM): penalties on the raw logits, then greedy rows
 take the argmax; the others are divided by their temperature, filtered by
 top-k, top-p and min-p, and sampled. Returned log-probabilities are always
-those of the model's raw distribution (log-softmax of the unprocessed logits).
+those of the model's raw distribution (log-softmax of the unprocessed logits),
+and are computed only for the rows that use them (`needs_logprobs`): the
+others get NaN, and their outputs report no cumulative log-probability.
 
 Per-row settings travel as one small tensor per kind (`SamplingBatch`), built
 on the host from the step's sequences and copied without a sync; the only
@@ -46,6 +48,7 @@ class SamplingBatch:
     use_min_p: bool
     penalties: _Penalties | None
     num_top: int  # the most top log-probabilities or beam candidates any row asks for
+    logprob_rows: list[int] | None  # rows whose log-probabilities are used; None: every row
 
     @classmethod
     def build(cls, seqs: list[ScheduledSequence], vocab_size: int,
@@ -63,6 +66,7 @@ class SamplingBatch:
                 [_stream(params[i].seed, seqs[i].output_index, seqs[i].sample_index)
                  for i in seeded_rows], dtype=torch.int64), device)
         sampled = [params[i] for i in random_rows]
+        logprob_rows = [i for i, seq in enumerate(seqs) if needs_logprobs(seq)]
         return cls(
             temperature=table[:, 0], top_k=table[:, 1].long(), top_p=table[:, 2],
             min_p=table[:, 3], random_rows=random_rows,
@@ -72,7 +76,15 @@ class SamplingBatch:
             penalties=_Penalties.build(seqs, vocab_size, device),
             num_top=max(max((p.logprobs or 0) for p in params),
                         max(seq.num_candidates for seq in seqs)),
+            logprob_rows=None if len(logprob_rows) == len(seqs) else logprob_rows,
         )
+
+
+def needs_logprobs(seq: ScheduledSequence) -> bool:
+    """Whether a row's log-probabilities are used: asked for, beam candidates, or the
+    ranking of best_of > n samples."""
+    params = seq.sampling_params
+    return params.logprobs is not None or seq.num_candidates > 0 or params.best_of > params.n
 
 
 @dataclass
@@ -123,7 +135,7 @@ def sample(logits: torch.Tensor, seqs: list[ScheduledSequence],
 def sample_tensors(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generator):
     """Everything on the device: [S] tokens, [S] their raw log-probabilities, and the
     [S, num_top] best raw log-probabilities with their ids (None when nobody asks)."""
-    log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # [S, 1]
+    log_norm = _log_norm(logits, batch.logprob_rows)  # [S, 1]
     raw_logits = logits
     if batch.penalties is not None:
         logits = apply_penalties(logits.clone(), batch.penalties)
@@ -138,6 +150,17 @@ def sample_tensors(logits: torch.Tensor, batch: SamplingBatch, generator: torch.
         top_values = top_values - log_norm
     token_logprobs = (raw_logits.gather(1, tokens[:, None]) - log_norm).squeeze(1)
     return tokens, token_logprobs, top_values, top_ids
+
+
+def _log_norm(logits: torch.Tensor, rows: list[int] | None) -> torch.Tensor:
+    """logsumexp of each row that needs it, NaN for the others: [S, 1]."""
+    if rows is None:
+        return torch.logsumexp(logits, dim=-1, keepdim=True)
+    log_norm = torch.full((logits.shape[0], 1), float("nan"), device=logits.device)
+    if rows:
+        index = to_device(torch.tensor(rows), logits.device)
+        log_norm.index_copy_(0, index, torch.logsumexp(logits[index], dim=-1, keepdim=True))
+    return log_norm
 
 
 def apply_penalties(logits: torch.Tensor, penalties: _Penalties) -> torch.Tensor:

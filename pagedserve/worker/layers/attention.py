@@ -4,7 +4,8 @@ The model hands each layer's q/k/v, its slice of the pool and the step's
 `AttentionMetadata` to `Attention`; the metadata carries the backend that
 runs it, so model code never knows which one does:
 
-    torch   kernels/reference.py: batched matmuls, the CPU path and the oracle
+    cpu     kernels/cpu_attention.py: a C++ kernel reading the blocks in place, the CPU path
+    torch   kernels/reference.py: gathers and batched matmuls, the oracle (and any device)
     triton  kernels/*_attention.py: paged kernels, the CUDA path
 
 A backend prepares whatever it needs once per step (`plan`); every layer
@@ -13,16 +14,18 @@ reuses it, since every layer reads the same positions.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import nn
 
-from pagedserve.kernels import reference
+from pagedserve.kernels import cpu_attention, reference
 from pagedserve.kernels.checks import interpreting
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -75,6 +78,56 @@ class TorchAttentionBackend:
         key_cache, value_cache = kv_cache
         reference.write_kv_cache(k, v, key_cache, value_cache, metadata.slot_mapping)
         return reference.run_attention_plan(q, key_cache, value_cache, metadata.plan, scale)
+
+    def copy_blocks(self, kv_pool, block_mapping):
+        reference.copy_blocks(kv_pool, block_mapping)
+
+
+@dataclass
+class _CPUPlan:
+    kernel_seqs: torch.Tensor | None  # [n] int32, the sequences the C++ kernel computes
+    matmul: reference.AttentionPlan | None  # the prompt chunks the torch path computes
+
+
+class CPUAttentionBackend:
+    """Decode tokens and short chunks through kernels/cpu_attention.py, which reads K/V
+    where they lie; chunks of `MATMUL_FROM` query rows or more through the torch path's
+    matmuls over their gathered context, which run at BLAS speed (for those, the gather
+    is a small part of the work, and the kernel's loops were measured slower)."""
+
+    name = "cpu"
+    supports_graphs = False
+    MATMUL_FROM = 4
+
+    def __init__(self, num_kv_heads: int) -> None:
+        self.num_kv_heads = num_kv_heads
+        cpu_attention.extension()  # built (or loaded) now, not in the first step
+
+    def plan(self, block_tables, seq_lens, query_lens, num_decodes, block_size):
+        long = [i for i, q_len in enumerate(query_lens) if q_len >= self.MATMUL_FROM]
+        if not long:
+            return _CPUPlan(None, None)
+        starts = [0]
+        for q_len in query_lens:
+            starts.append(starts[-1] + q_len)
+        prefill = [reference.PrefillSequence(starts[i], starts[i + 1], reference.context_slots(
+            block_tables[i], seq_lens[i], block_size)) for i in long]
+        short = sorted(set(range(len(query_lens))) - set(long))
+        kernel_seqs = torch.tensor(short, dtype=torch.int32) if short else None
+        return _CPUPlan(kernel_seqs, reference.AttentionPlan([], prefill))
+
+    def forward(self, q, k, v, kv_cache, metadata, scale):
+        key_cache, value_cache = kv_cache
+        reference.write_kv_cache(k, v, key_cache, value_cache, metadata.slot_mapping)
+        plan: _CPUPlan = metadata.plan
+        out = torch.empty_like(q)
+        if plan.matmul is None or plan.kernel_seqs is not None:
+            cpu_attention.paged_attention(q, key_cache, value_cache, metadata.block_tables,
+                                          metadata.seq_lens, metadata.query_start_loc, scale,
+                                          out=out, sequences=plan.kernel_seqs)
+        if plan.matmul is not None:
+            reference.run_attention_plan(q, key_cache, value_cache, plan.matmul, scale, out=out)
+        return out
 
     def copy_blocks(self, kv_pool, block_mapping):
         reference.copy_blocks(kv_pool, block_mapping)
@@ -141,17 +194,34 @@ class TritonAttentionBackend:
 
 def select_attention_backend(name: str, device: torch.device,
                              num_kv_heads: int) -> AttentionBackend:
-    """`auto` is Triton on CUDA and torch elsewhere (see EngineConfig.attention_backend)."""
+    """`auto` is Triton on CUDA, the C++ kernel on the CPU and torch elsewhere (see
+    EngineConfig.attention_backend). Where the C++ kernel cannot be built, `auto` warns
+    and uses torch; asked for by name, it raises."""
     if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
+        if device.type == "cuda":
+            name = "triton"
+        elif device.type == "cpu":
+            try:
+                return CPUAttentionBackend(num_kv_heads)
+            except cpu_attention.CPUAttentionUnavailable as error:
+                logger.warning("attention_backend='auto' uses 'torch': %s", error)
+                name = "torch"
+        else:
+            name = "torch"
     if name == "torch":
         return TorchAttentionBackend(num_kv_heads)
+    if name == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"attention_backend='cpu' runs on the CPU, but the engine runs on "
+                             f"{device.type}; use 'auto'")
+        return CPUAttentionBackend(num_kv_heads)
     if name != "triton":
-        raise ValueError(f"attention_backend={name!r}: expected 'auto', 'triton' or 'torch'")
+        raise ValueError(f"attention_backend={name!r}: expected 'auto', 'cpu', 'triton' or "
+                         "'torch'")
     if device.type != "cuda" and not interpreting():
         raise ValueError(f"attention_backend='triton' needs a CUDA device, but the engine runs on "
-                         f"{device.type}; use 'torch' (or 'auto'), or set TRITON_INTERPRET=1 to "
-                         "run the kernels in Triton's interpreter")
+                         f"{device.type}; use 'cpu' or 'torch' (or 'auto'), or set "
+                         "TRITON_INTERPRET=1 to run the kernels in Triton's interpreter")
     return TritonAttentionBackend(num_kv_heads)
 
 

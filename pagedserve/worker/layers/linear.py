@@ -10,6 +10,9 @@ intermediate features (MLP). Each parameter carries a `weight_loader(param,
 loaded, shard_id)` that copies only this rank's slice of a checkpoint tensor;
 `loaded` is a safetensors slice (nothing is read until it is indexed) or a
 tensor.
+
+On the CPU, `pack_linear_weights` packs every linear weight once after loading
+(kernels/cpu_gemm.py), and `apply_linear` runs on the packed weight.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedserve.kernels import cpu_gemm
 from pagedserve.worker.distributed import TPGroup
 
 
@@ -37,6 +41,56 @@ def default_weight_loader(param: torch.Tensor, loaded, shard_id: int | None = No
 def check_shape(got: tuple[int, ...], expected: tuple[int, ...]) -> None:
     if got != expected:
         raise ValueError(f"has shape {got}, the model expects {expected}")
+
+
+def apply_linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ layer.weight^T + bias, on the packed weight when the layer has one."""
+    if layer.packed_weight is None:
+        return F.linear(x, layer.weight, bias)
+    return cpu_gemm.linear(x, layer.packed_weight, bias)
+
+
+def pack_linear_weights(model: nn.Module) -> int:
+    """Pack the weight of every layer that takes one (`packed_weight`) for oneDNN; returns
+    how many were packed, 0 where oneDNN is missing.
+
+    Called once, after loading (and after TP sharding: each rank packs its own
+    slice). The plain weight is then dropped: `weight` becomes a meta tensor of
+    its shape, so that reading it fails instead of computing with stale values.
+    A weight another module shares is kept: a tied LM head keeps the embedding's
+    table, which lookups need. The packed weight has the shape, dtype and device
+    of the plain one (LoRA stacks are sized by it), and `dense_parameters` reads
+    the values back.
+    """
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None:
+                owners[id(param)] = owners.get(id(param), 0) + 1
+    packed = 0
+    for module in model.modules():
+        if not hasattr(module, "packed_weight") or not cpu_gemm.can_pack(module.weight):
+            continue
+        module.packed_weight = cpu_gemm.pack(module.weight)
+        if owners[id(module.weight)] == 1:
+            module.weight = nn.Parameter(module.weight.to("meta"), requires_grad=False)
+        packed += 1
+    return packed
+
+
+def base_weight(layer: nn.Module) -> torch.Tensor:
+    """The tensor that holds a layer's weight: packed or plain, with its shape, dtype and
+    device."""
+    return layer.weight if layer.packed_weight is None else layer.packed_weight
+
+
+def dense_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`named_parameters`, with packed weights read back as plain tensors."""
+    params = dict(model.named_parameters())
+    for name, module in model.named_modules():
+        if getattr(module, "packed_weight", None) is not None:
+            params[f"{name}.weight"] = module.packed_weight.to_dense()
+    return params
 
 
 def _new_parameter(*shape: int) -> nn.Parameter:
@@ -64,6 +118,7 @@ class ColumnParallelLinear(nn.Module):
                 param.weight_loader = self.load_part
                 param.num_parts = len(self.full_sizes)
         self.lora = None  # a LoRAStack (layers/lora.py) when the engine serves adapters
+        self.packed_weight = None  # set by pack_linear_weights
 
     def load_part(self, param: torch.Tensor, loaded, shard_id: int | None) -> None:
         index = shard_id or 0
@@ -73,7 +128,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.narrow(0, sum(self.part_sizes[:index]), part).copy_(loaded[start:start + part])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = apply_linear(self, x, self.bias)
         if self.lora is not None:
             self.lora.add_to(x, out)
         return out
@@ -107,6 +162,7 @@ class RowParallelLinear(nn.Module):
         self.weight.weight_loader = self.load_weight
         self.bias = _new_parameter(output_size) if bias else None
         self.lora = None  # a LoRAStack (layers/lora.py) when the engine serves adapters
+        self.packed_weight = None  # set by pack_linear_weights
 
     def load_weight(self, param: torch.Tensor, loaded, shard_id: int | None) -> None:
         check_shape(checkpoint_shape(loaded), (param.shape[0], self.part_size * self.tp.size))
@@ -114,7 +170,7 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded[:, start:start + self.part_size])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias if self.tp.rank == 0 else None)
+        out = apply_linear(self, x, self.bias if self.tp.rank == 0 else None)
         if self.lora is not None:  # this rank's partial delta joins the one all-reduce
             self.lora.add_to(x, out)
         return self.tp.all_reduce(out)

@@ -25,7 +25,7 @@ import torch
 
 from pagedserve.kernels import lora as lora_kernels
 from pagedserve.kernels import reference
-from pagedserve.worker.layers.linear import ColumnParallelLinear, RowParallelLinear
+from pagedserve.worker.layers.linear import ColumnParallelLinear, RowParallelLinear, base_weight
 
 # Where each adapted projection lives in our layers: (fused layer, part index).
 PARTS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -70,7 +70,7 @@ class LoRAStack:
     def __init__(self, layer: ColumnParallelLinear | RowParallelLinear, max_loras: int,
                  max_rank: int, batch: LoRABatch | None = None) -> None:
         self.batch = batch
-        weight = layer.weight
+        weight = base_weight(layer)
         self.tp, self.max_rank = layer.tp, max_rank
         self.row_parallel = isinstance(layer, RowParallelLinear)
         if self.row_parallel:

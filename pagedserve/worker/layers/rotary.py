@@ -13,6 +13,8 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from pagedserve.worker.layers import default_dtype
 
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin of a step's positions: [T, 1, D] each
+
 # These change their frequencies with the running sequence length, which a
 # fixed table (shared by every sequence in a batch) cannot express.
 _LENGTH_DEPENDENT = {"dynamic", "longrope"}
@@ -37,16 +39,24 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor,
-                k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T]; q: [T, H, D]; k: [T, H_kv, D] (rotate-half layout).
+    def lookup(self, positions: torch.Tensor) -> Rope:
+        """cos and sin of a step's positions, [T, 1, D] each: looked up once per step, then
+        applied in every layer.
 
         The table is cast with the model (`module.to(dtype)`), as transformers
         casts its float32 cos/sin to the activations' dtype.
         """
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
-        sin = self.sin[positions].unsqueeze(1)
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    @staticmethod
+    def apply(rope: Rope, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, H, D]; k: [T, H_kv, D] (rotate-half layout), rotated by `lookup`'s tables."""
+        cos, sin = rope
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor,
+                k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.apply(self.lookup(positions), q, k)
 
 
 def _table(hf_config, head_dim: int, max_position: int) -> tuple[torch.Tensor, torch.Tensor]:

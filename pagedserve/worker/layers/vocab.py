@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.worker.distributed import TPGroup
-from pagedserve.worker.layers.linear import check_shape, checkpoint_shape
+from pagedserve.worker.layers.linear import apply_linear, check_shape, checkpoint_shape
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -46,6 +46,10 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits over this rank's vocab rows, gathered on rank 0 (None on the others)."""
 
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup) -> None:
+        super().__init__(vocab_size, hidden_size, tp)
+        self.packed_weight = None  # set by pack_linear_weights
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        logits = self.tp.gather_last_dim(F.linear(hidden, self.weight))
+        logits = self.tp.gather_last_dim(apply_linear(self, hidden, None))
         return None if logits is None else logits[:, :self.vocab_size]

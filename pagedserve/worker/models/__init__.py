@@ -12,7 +12,7 @@ from torch import nn
 from pagedserve.worker.distributed import TPGroup
 from pagedserve.worker.gguf_file import tensors as gguf_tensors
 from pagedserve.worker.layers import default_dtype
-from pagedserve.worker.layers.linear import default_weight_loader
+from pagedserve.worker.layers.linear import default_weight_loader, pack_linear_weights
 from pagedserve.worker.models.llama import LlamaForCausalLM
 
 _ARCHITECTURES: dict[str, type[nn.Module]] = {
@@ -32,13 +32,14 @@ def model_class(hf_config) -> type[nn.Module]:
 
 def build_model(hf_config, model_dir: Path, *, max_position: int, dtype: torch.dtype,
                 device: torch.device, load_format: str, tp: TPGroup = TPGroup(),
-                gguf_file: Path | None = None) -> nn.Module:
+                gguf_file: Path | None = None, pack_cpu_weights: bool = True) -> nn.Module:
     """This rank's shard of the model, with its weights (or random ones for "dummy").
 
     Weights come from the safetensors files of `model_dir`, or from `gguf_file`
     when set. Parameters are created on `device` in `dtype` and left
     uninitialised until they are loaded or drawn; buffers built in float32 (the
-    rotary table) are cast after.
+    rotary table) are cast after. On the CPU, linear weights are then packed for
+    oneDNN's GEMM (layers/linear.py), unless `pack_cpu_weights` is False.
     """
     with torch.device(device), default_dtype(dtype):
         model = model_class(hf_config)(hf_config, max_position, tp)
@@ -50,7 +51,10 @@ def build_model(hf_config, model_dir: Path, *, max_position: int, dtype: torch.d
                      str(gguf_file))
     else:
         load_weights(model, _safetensors(model_dir), str(model_dir))
-    return model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    if device.type == "cpu" and pack_cpu_weights:
+        pack_linear_weights(model)
+    return model
 
 
 def _safetensors(model_dir: Path) -> Iterator[tuple[str, object]]:

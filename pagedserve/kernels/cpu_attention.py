@@ -1,0 +1,91 @@
+"""Paged attention on the CPU that reads K/V from the blocks in place (a C++ extension).
+
+The torch path (reference.py) copies each sequence's K/V out of the pool
+(`index_select`) in every layer, which is most of a decode token's attention
+time. csrc/paged_attention_cpu.cpp walks the block table instead: per
+(sequence, KV head, tile of query rows) it reads each K and V row once, for
+all the query heads that share it, with float32 scores and accumulation.
+
+The extension is compiled once per machine and torch version, with the
+machine's own vector instructions (`-march=native`), into the pagedserve
+cache (`python -m pagedserve.kernels.cpu_attention` builds it; `make install`
+runs that). `torch.utils.cpp_extension` locks the build directory, so
+processes starting together build it once.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from pagedserve.cache import cache_dir
+
+_SOURCE = Path(__file__).with_name("csrc") / "paged_attention_cpu.cpp"
+# -fopenmp: at::parallel_for is inlined, and runs on torch's OpenMP threads only when built so.
+_FLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+
+class CPUAttentionUnavailable(RuntimeError):
+    """The extension cannot be built here (no compiler, or the build failed)."""
+
+
+def build_directory() -> Path:
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:12]
+    version = torch.__version__.replace("+", "-")
+    return cache_dir() / "extensions" / f"cpu_attention-torch{version}-{digest}"
+
+
+@functools.cache
+def extension():
+    """The compiled module, built on first use if `make install` has not built it."""
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise CPUAttentionUnavailable(
+            f"the CPU attention kernel needs a C++ compiler, and {compiler!r} is not on PATH: "
+            "install one (Debian/Ubuntu: apt install g++), or set attention_backend='torch'")
+    from torch.utils import cpp_extension
+
+    directory = build_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        return cpp_extension.load(name="pagedserve_cpu_attention", sources=[str(_SOURCE)],
+                                  extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+                                  build_directory=str(directory),
+                                  verbose=False)
+    except (RuntimeError, OSError, ImportError) as error:
+        raise CPUAttentionUnavailable(
+            f"building the CPU attention kernel in {directory} failed: {error}; set "
+            "attention_backend='torch' to run without it") from error
+
+
+def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                    query_start_loc: torch.Tensor, scale: float,
+                    out: torch.Tensor | None = None,
+                    sequences: torch.Tensor | None = None) -> torch.Tensor:
+    """reference.paged_attention, reading the blocks in place: [T, H, D] in the query's dtype.
+
+    block_tables, seq_lens and query_start_loc are int32 (as AttentionMetadata holds them).
+    `sequences` (int32) lists the sequences to compute; the rows of the others are left
+    as `out` has them.
+    """
+    query = query.contiguous()
+    if out is None:
+        out = torch.empty_like(query)
+    if sequences is None:
+        sequences = _ALL
+    return extension().paged_attention(query, key_cache, value_cache, block_tables, seq_lens,
+                                       query_start_loc, sequences, scale, out)
+
+
+_ALL = torch.empty(0, dtype=torch.int32)
+
+
+if __name__ == "__main__":
+    extension()
+    print(f"pagedserve: CPU attention kernel built in {build_directory()}")

@@ -1,0 +1,234 @@
+// Paged attention on the CPU, reading K and V from the pool's blocks where they lie.
+//
+// Shapes as in kernels/reference.py:
+//   query          [num_tokens, num_heads, head_dim]
+//   key/value      [num_blocks, block_size, num_kv_heads, head_dim]
+//   block_tables   [num_seqs, max_blocks] int32
+//   seq_lens       [num_seqs] int32, context length after this step
+//   query_start_loc[num_seqs + 1] int32
+// Query row j of a sequence with q_len queries sees context positions
+// 0 .. seq_len - q_len + j (causal over a paged prefix; a decode token sees all).
+//
+// One work item is (sequence, KV head, a tile of up to kQueryTile query rows):
+// the query heads that share the KV head and the tile's rows are processed
+// together, so each K and V row is read once per item. Scores are kept for the
+// whole context (float32), then softmaxed, then V is accumulated: two passes
+// over the blocks, no gather, no padding. `sequences` (int32) lists the
+// sequences to compute, all of them when empty; the others' rows are left as
+// they are.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kQueryTile = 16;
+constexpr int64_t kTransposeFrom = 8;  // vectors per item from which Q is held transposed
+constexpr int64_t kVRows = 4;  // rows of V per accumulator update (the FMA below names 4)
+
+struct Item {
+  int64_t seq, kv_head, row_begin, row_end;
+};
+
+// A K or V row as float32: in place for float32, converted into `buffer` otherwise.
+template <typename scalar_t>
+inline const float* as_float(const scalar_t* src, float* buffer, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return src;
+  } else {
+#pragma omp simd
+    for (int64_t d = 0; d < n; ++d) buffer[d] = static_cast<float>(src[d]);
+    return buffer;
+  }
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t d = 0; d < n; ++d) acc += a[d] * b[d];
+  return acc;
+}
+
+template <typename scalar_t>
+void attend(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+            const at::Tensor& block_tables, const at::Tensor& seq_lens,
+            const at::Tensor& query_start_loc, const at::Tensor& sequences, double scale,
+            at::Tensor& out) {
+  const int64_t num_heads = query.size(1), head_dim = query.size(2);
+  const int64_t block_size = key_cache.size(1), num_kv_heads = key_cache.size(2);
+  const int64_t group = num_heads / num_kv_heads, max_blocks = block_tables.size(1);
+  const int64_t num_seqs = seq_lens.size(0);
+  const scalar_t* q_data = query.data_ptr<scalar_t>();
+  const scalar_t* k_data = key_cache.data_ptr<scalar_t>();
+  const scalar_t* v_data = value_cache.data_ptr<scalar_t>();
+  scalar_t* out_data = out.data_ptr<scalar_t>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int32_t* starts = query_start_loc.data_ptr<int32_t>();
+  const int64_t token_stride = num_kv_heads * head_dim;  // between rows of one block
+
+  std::vector<int64_t> chosen;
+  if (sequences.numel() == 0) {
+    for (int64_t s = 0; s < num_seqs; ++s) chosen.push_back(s);
+  } else {
+    const int32_t* listed = sequences.data_ptr<int32_t>();
+    for (int64_t i = 0; i < sequences.numel(); ++i) {
+      TORCH_CHECK(listed[i] >= 0 && listed[i] < num_seqs, "sequences[", i, "]=", listed[i],
+                  " is not a sequence of the batch (", num_seqs, ")");
+      chosen.push_back(listed[i]);
+    }
+  }
+  std::vector<Item> items;
+  for (const int64_t s : chosen) {
+    const int64_t q_len = starts[s + 1] - starts[s];
+    for (int64_t h = 0; h < num_kv_heads; ++h)
+      for (int64_t r = 0; r < q_len; r += kQueryTile)
+        items.push_back({s, h, r, std::min(q_len, r + kQueryTile)});
+  }
+
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q_buf, scores, acc, row(kVRows * head_dim);
+    std::vector<int64_t> limits_buf;
+    for (int64_t i = begin; i < end; ++i) {
+      const Item& item = items[i];
+      const int64_t q_start = starts[item.seq], q_len = starts[item.seq + 1] - q_start;
+      const int64_t seq_len = lens[item.seq], prefix = seq_len - q_len;
+      const int64_t rows = item.row_end - item.row_begin, m_count = rows * group;
+      const int64_t context = prefix + item.row_end;  // what the tile's last row sees
+      const int32_t* table = tables + item.seq * max_blocks;
+      TORCH_CHECK((context + block_size - 1) / block_size <= max_blocks,
+                  "seq_lens[", item.seq, "]=", seq_len, " needs more blocks than block_tables has (",
+                  max_blocks, ")");
+      // Vector m is query row (row_begin + m / group), head (kv_head * group + m % group).
+      // Scores are position-major, [context][m_count], so that one position's scores for
+      // every vector are side by side. Few vectors (a decode token's group) take one dot
+      // product each; many (a prompt tile) are held transposed, [head_dim][m_count], so
+      // that a K row updates all their scores with vector FMAs and no horizontal sums.
+      const bool transposed = m_count >= kTransposeFrom;
+      q_buf.resize(m_count * head_dim);
+      scores.resize(context * m_count);
+      acc.assign(m_count * head_dim, 0.f);
+      limits_buf.resize(m_count);
+      for (int64_t m = 0; m < m_count; ++m) {
+        const int64_t token = q_start + item.row_begin + m / group;
+        const int64_t head = item.kv_head * group + m % group;
+        const scalar_t* q_row = q_data + (token * num_heads + head) * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) {
+          const float value = static_cast<float>(q_row[d]) * static_cast<float>(scale);
+          q_buf[transposed ? d * m_count + m : m * head_dim + d] = value;
+        }
+        limits_buf[m] = prefix + item.row_begin + m / group + 1;  // positions it sees
+      }
+      // Pass 1: scores of every vector against every context position it may see. Rows
+      // are causal: the vectors from `first` on see position t.
+      for (int64_t t = 0; t < context; ++t) {
+        const int64_t slot = static_cast<int64_t>(table[t / block_size]) * block_size +
+                             t % block_size;
+        const float* k = as_float(k_data + slot * token_stride + item.kv_head * head_dim,
+                                  row.data(), head_dim);
+        const int64_t first = std::max<int64_t>(0, t - prefix - item.row_begin) * group;
+        float* score = &scores[t * m_count];
+        if (transposed) {
+          std::fill(score + first, score + m_count, 0.f);
+          for (int64_t d = 0; d < head_dim; ++d) {
+            const float kd = k[d];
+            const float* qd = &q_buf[d * m_count];
+#pragma omp simd
+            for (int64_t m = first; m < m_count; ++m) score[m] += qd[m] * kd;
+          }
+        } else {
+          for (int64_t m = first; m < m_count; ++m)
+            score[m] = dot(&q_buf[m * head_dim], k, head_dim);
+        }
+      }
+      // Softmax of each vector over the positions it sees; the others weigh 0.
+      for (int64_t m = 0; m < m_count; ++m) {
+        const int64_t seen = limits_buf[m];
+        float max_score = -std::numeric_limits<float>::infinity();
+        for (int64_t t = 0; t < seen; ++t) max_score = std::max(max_score, scores[t * m_count + m]);
+        float sum = 0.f;
+        for (int64_t t = 0; t < seen; ++t) {
+          const float p = std::exp(scores[t * m_count + m] - max_score);
+          scores[t * m_count + m] = p;
+          sum += p;
+        }
+        const float inverse = 1.f / sum;
+        for (int64_t t = 0; t < seen; ++t) scores[t * m_count + m] *= inverse;
+        for (int64_t t = seen; t < context; ++t) scores[t * m_count + m] = 0.f;
+      }
+      // Pass 2: the probabilities times V, kVRows positions at a time, so that each vector's
+      // accumulator is loaded and stored once per kVRows rows of V.
+      for (int64_t t0 = 0; t0 < context; t0 += kVRows) {
+        const int64_t count = std::min<int64_t>(kVRows, context - t0);
+        const float* v[kVRows];
+        for (int64_t j = 0; j < kVRows; ++j) {
+          const int64_t t = t0 + std::min(j, count - 1);  // a short group repeats its last row
+          const int64_t slot = static_cast<int64_t>(table[t / block_size]) * block_size +
+                               t % block_size;
+          v[j] = as_float(v_data + slot * token_stride + item.kv_head * head_dim,
+                          &row[j * head_dim], head_dim);
+        }
+        const int64_t first = std::max<int64_t>(0, t0 - prefix - item.row_begin) * group;
+        for (int64_t m = first; m < m_count; ++m) {
+          float p[kVRows];
+          for (int64_t j = 0; j < kVRows; ++j) p[j] = j < count ? scores[(t0 + j) * m_count + m] : 0.f;
+          float* a = &acc[m * head_dim];
+#pragma omp simd
+          for (int64_t d = 0; d < head_dim; ++d)
+            a[d] += p[0] * v[0][d] + p[1] * v[1][d] + p[2] * v[2][d] + p[3] * v[3][d];
+        }
+      }
+      for (int64_t m = 0; m < m_count; ++m) {
+        const int64_t token = q_start + item.row_begin + m / group;
+        const int64_t head = item.kv_head * group + m % group;
+        scalar_t* dst = out_data + (token * num_heads + head) * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<scalar_t>(acc[m * head_dim + d]);
+      }
+    }
+  });
+}
+
+at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
+                           const at::Tensor& value_cache, const at::Tensor& block_tables,
+                           const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+                           const at::Tensor& sequences, double scale, at::Tensor out) {
+  TORCH_CHECK(query.dim() == 3 && key_cache.dim() == 4, "query must be [T, H, D] and key_cache "
+              "[blocks, block_size, H_kv, D]");
+  TORCH_CHECK(query.is_contiguous() && key_cache.is_contiguous() && value_cache.is_contiguous() &&
+              out.is_contiguous(), "query, key_cache, value_cache and out must be contiguous");
+  TORCH_CHECK(key_cache.sizes() == value_cache.sizes(), "key_cache and value_cache differ in shape");
+  TORCH_CHECK(query.size(2) == key_cache.size(3), "head_dim of query (", query.size(2),
+              ") and of key_cache (", key_cache.size(3), ") differ");
+  TORCH_CHECK(query.size(1) % key_cache.size(2) == 0, "num_heads=", query.size(1),
+              " is not a multiple of num_kv_heads=", key_cache.size(2));
+  TORCH_CHECK(query.scalar_type() == key_cache.scalar_type() &&
+              query.scalar_type() == value_cache.scalar_type() &&
+              query.scalar_type() == out.scalar_type(), "query, caches and out must share a dtype");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
+              query_start_loc.scalar_type() == at::kInt && sequences.scalar_type() == at::kInt,
+              "block_tables, seq_lens, query_start_loc and sequences must be int32");
+  TORCH_CHECK(block_tables.is_contiguous() && seq_lens.is_contiguous() &&
+              query_start_loc.is_contiguous() && sequences.is_contiguous(),
+              "the index tensors must be contiguous");
+  TORCH_CHECK(query_start_loc.size(0) == seq_lens.size(0) + 1 &&
+              block_tables.size(0) == seq_lens.size(0),
+              "query_start_loc must have num_seqs + 1 entries and block_tables num_seqs rows");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "paged_attention",
+                                  [&] {
+    attend<scalar_t>(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
+                     sequences, scale, out);
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_attention", &paged_attention, "Paged attention over K/V read in place (CPU)");
+}

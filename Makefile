@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
 	$(PY) -m pip install --quiet -e ".[dev]"
-	$(PY) -m pagedserve.kernels.cpu_attention  # the CPU attention kernel, compiled once here
+	$(PY) -m pagedserve.kernels.cpu_kernels  # the CPU attention kernel, compiled once here
 	touch $@
 
 install: $(VENV)/.installed

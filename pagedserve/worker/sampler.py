@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pagedserve.kernels import cpu_kernels
 from pagedserve.scheduler.step import Sample, ScheduledSequence
 from pagedserve.worker.transfer import to_device
 
@@ -139,7 +140,7 @@ def sample_tensors(logits: torch.Tensor, batch: SamplingBatch, generator: torch.
     raw_logits = logits
     if batch.penalties is not None:
         logits = apply_penalties(logits.clone(), batch.penalties)
-    tokens = logits.argmax(dim=-1)
+    tokens = _argmax(logits)
     if batch.random_rows:
         rows = to_device(torch.tensor(batch.random_rows), logits.device)
         drawn = _draw(logits[rows], _select(batch, batch.random_rows), generator)
@@ -150,6 +151,14 @@ def sample_tensors(logits: torch.Tensor, batch: SamplingBatch, generator: torch.
         top_values = top_values - log_norm
     token_logprobs = (raw_logits.gather(1, tokens[:, None]) - log_norm).squeeze(1)
     return tokens, token_logprobs, top_values, top_ids
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Greedy tokens, [S] int64; on the CPU through the C++ kernel where it is built."""
+    if (logits.device.type == "cpu" and logits.dtype == torch.float32
+            and logits.is_contiguous() and cpu_kernels.usable()):
+        return cpu_kernels.argmax_rows(logits)
+    return logits.argmax(dim=-1)
 
 
 def _log_norm(logits: torch.Tensor, rows: list[int] | None) -> torch.Tensor:

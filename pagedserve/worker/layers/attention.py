@@ -4,7 +4,7 @@ The model hands each layer's q/k/v, its slice of the pool and the step's
 `AttentionMetadata` to `Attention`; the metadata carries the backend that
 runs it, so model code never knows which one does:
 
-    cpu     kernels/cpu_attention.py: a C++ kernel reading the blocks in place, the CPU path
+    cpu     kernels/cpu_kernels.py: a C++ kernel reading the blocks in place, the CPU path
     torch   kernels/reference.py: gathers and batched matmuls, the oracle (and any device)
     triton  kernels/*_attention.py: paged kernels, the CUDA path
 
@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from pagedserve.kernels import cpu_attention, reference
+from pagedserve.kernels import cpu_kernels, reference
 from pagedserve.kernels.checks import interpreting
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -90,7 +90,7 @@ class _CPUPlan:
 
 
 class CPUAttentionBackend:
-    """Decode tokens and short chunks through kernels/cpu_attention.py, which reads K/V
+    """Decode tokens and short chunks through kernels/cpu_kernels.py, which reads K/V
     where they lie; chunks of `MATMUL_FROM` query rows or more through the torch path's
     matmuls over their gathered context, which run at BLAS speed (for those, the gather
     is a small part of the work, and the kernel's loops were measured slower)."""
@@ -101,7 +101,7 @@ class CPUAttentionBackend:
 
     def __init__(self, num_kv_heads: int) -> None:
         self.num_kv_heads = num_kv_heads
-        cpu_attention.extension()  # built (or loaded) now, not in the first step
+        cpu_kernels.extension()  # built (or loaded) now, not in the first step
 
     def plan(self, block_tables, seq_lens, query_lens, num_decodes, block_size):
         long = [i for i, q_len in enumerate(query_lens) if q_len >= self.MATMUL_FROM]
@@ -122,7 +122,7 @@ class CPUAttentionBackend:
         plan: _CPUPlan = metadata.plan
         out = torch.empty_like(q)
         if plan.matmul is None or plan.kernel_seqs is not None:
-            cpu_attention.paged_attention(q, key_cache, value_cache, metadata.block_tables,
+            cpu_kernels.paged_attention(q, key_cache, value_cache, metadata.block_tables,
                                           metadata.seq_lens, metadata.query_start_loc, scale,
                                           out=out, sequences=plan.kernel_seqs)
         if plan.matmul is not None:
@@ -203,7 +203,7 @@ def select_attention_backend(name: str, device: torch.device,
         elif device.type == "cpu":
             try:
                 return CPUAttentionBackend(num_kv_heads)
-            except cpu_attention.CPUAttentionUnavailable as error:
+            except cpu_kernels.CPUKernelsUnavailable as error:
                 logger.warning("attention_backend='auto' uses 'torch': %s", error)
                 name = "torch"
         else:

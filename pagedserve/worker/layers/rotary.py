@@ -7,13 +7,14 @@ reference model by construction.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from pagedserve.kernels import cpu_kernels
 from pagedserve.worker.layers import default_dtype
-
-Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin of a step's positions: [T, 1, D] each
 
 # These change their frequencies with the running sequence length, which a
 # fixed table (shared by every sequence in a batch) cannot express.
@@ -40,23 +41,41 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     def lookup(self, positions: torch.Tensor) -> Rope:
-        """cos and sin of a step's positions, [T, 1, D] each: looked up once per step, then
-        applied in every layer.
+        """A step's rotation, looked up once and applied in every layer.
 
         The table is cast with the model (`module.to(dtype)`), as transformers
-        casts its float32 cos/sin to the activations' dtype.
+        casts its float32 cos/sin to the activations' dtype. A float32 table on
+        the CPU rotates in place through the C++ kernel; otherwise the rows of
+        the step's positions are gathered here, once.
         """
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        if (self.cos.device.type == "cpu" and self.cos.dtype == torch.float32
+                and cpu_kernels.usable()):
+            return Rope(positions.to(torch.int64).contiguous(), table=self)
+        return Rope(positions, self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
 
     @staticmethod
     def apply(rope: Rope, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, H, D]; k: [T, H_kv, D] (rotate-half layout), rotated by `lookup`'s tables."""
-        cos, sin = rope
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        """q: [T, H, D]; k: [T, H_kv, D] (rotate-half layout), rotated by `rope` (in place
+        when the kernel does it)."""
+        if rope.table is not None:
+            cpu_kernels.rotary_(q, k, rope.table.cos, rope.table.sin, rope.positions)
+            return q, k
+        return _rotate(q, rope.cos, rope.sin), _rotate(k, rope.cos, rope.sin)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.apply(self.lookup(positions), q, k)
+
+
+@dataclass
+class Rope:
+    """A step's positions and how they rotate: the rows of cos and sin ([T, 1, D] each),
+    or the table the CPU kernel reads them from."""
+
+    positions: torch.Tensor
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+    table: RotaryEmbedding | None = None
 
 
 def _table(hf_config, head_dim: int, max_position: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,14 +1,20 @@
-"""Paged attention on the CPU that reads K/V from the blocks in place (a C++ extension).
+"""CPU kernels in a C++ extension: paged attention that reads K/V from the blocks in
+place, the greedy argmax, and rotary embeddings in place.
 
-The torch path (reference.py) copies each sequence's K/V out of the pool
+Attention: the torch path (reference.py) copies each sequence's K/V out of the pool
 (`index_select`) in every layer, which is most of a decode token's attention
-time. csrc/paged_attention_cpu.cpp walks the block table instead: per
+time. csrc/cpu_kernels.cpp walks the block table instead: per
 (sequence, KV head, tile of query rows) it reads each K and V row once, for
 all the query heads that share it, with float32 scores and accumulation.
 
+`argmax_rows` is torch.argmax over float32 rows, which on the CPU runs at a
+tenth of the speed of a vectorized maximum (2.9 ms for 50 rows of a 32,000
+vocabulary, against 0.3 ms for `amax`). `rotary_` rotates q and k where the
+QKV projection wrote them, with no temporaries.
+
 The extension is compiled once per machine and torch version, with the
 machine's own vector instructions (`-march=native`), into the pagedserve
-cache (`python -m pagedserve.kernels.cpu_attention` builds it; `make install`
+cache (`python -m pagedserve.kernels.cpu_kernels` builds it; `make install`
 runs that). `torch.utils.cpp_extension` locks the build directory, so
 processes starting together build it once.
 """
@@ -25,19 +31,19 @@ import torch
 
 from pagedserve.cache import cache_dir
 
-_SOURCE = Path(__file__).with_name("csrc") / "paged_attention_cpu.cpp"
+_SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 # -fopenmp: at::parallel_for is inlined, and runs on torch's OpenMP threads only when built so.
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
-class CPUAttentionUnavailable(RuntimeError):
+class CPUKernelsUnavailable(RuntimeError):
     """The extension cannot be built here (no compiler, or the build failed)."""
 
 
 def build_directory() -> Path:
     digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:12]
     version = torch.__version__.replace("+", "-")
-    return cache_dir() / "extensions" / f"cpu_attention-torch{version}-{digest}"
+    return cache_dir() / "extensions" / f"cpu_kernels-torch{version}-{digest}"
 
 
 @functools.cache
@@ -45,7 +51,7 @@ def extension():
     """The compiled module, built on first use if `make install` has not built it."""
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
-        raise CPUAttentionUnavailable(
+        raise CPUKernelsUnavailable(
             f"the CPU attention kernel needs a C++ compiler, and {compiler!r} is not on PATH: "
             "install one (Debian/Ubuntu: apt install g++), or set attention_backend='torch'")
     from torch.utils import cpp_extension
@@ -53,14 +59,24 @@ def extension():
     directory = build_directory()
     directory.mkdir(parents=True, exist_ok=True)
     try:
-        return cpp_extension.load(name="pagedserve_cpu_attention", sources=[str(_SOURCE)],
+        return cpp_extension.load(name="pagedserve_cpu_kernels", sources=[str(_SOURCE)],
                                   extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
                                   build_directory=str(directory),
                                   verbose=False)
     except (RuntimeError, OSError, ImportError) as error:
-        raise CPUAttentionUnavailable(
+        raise CPUKernelsUnavailable(
             f"building the CPU attention kernel in {directory} failed: {error}; set "
             "attention_backend='torch' to run without it") from error
+
+
+@functools.cache
+def usable() -> bool:
+    """Whether the extension is built or can be (callers with a torch fallback ask this)."""
+    try:
+        extension()
+    except CPUKernelsUnavailable:
+        return False
+    return True
 
 
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -86,6 +102,18 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
 _ALL = torch.empty(0, dtype=torch.int32)
 
 
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(logits, dim=-1) for a contiguous [S, V] float32 tensor: [S] int64."""
+    return extension().argmax_rows(logits)
+
+
+def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            positions: torch.Tensor) -> None:
+    """Rotate q [T, H, D] and k [T, H_kv, D] (float32, contiguous head_dim) in place by the
+    rows `positions` of the cos and sin tables [max_position, D]."""
+    extension().rotary_(q, k, cos, sin, positions)
+
+
 if __name__ == "__main__":
     extension()
-    print(f"pagedserve: CPU attention kernel built in {build_directory()}")
+    print(f"pagedserve: CPU kernels built in {build_directory()}")

@@ -12,7 +12,7 @@ import torch
 from paged_batch import make_paged_batch
 
 from pagedserve import LLM, SamplingParams
-from pagedserve.kernels import cpu_attention
+from pagedserve.kernels import cpu_kernels
 from pagedserve.kernels.reference import paged_attention as reference_attention
 from pagedserve.worker.layers.attention import (
     AttentionMetadata,
@@ -31,7 +31,7 @@ PREFILLS = [(7, 7), (40, 13), (70, 70), (31, 2), (5, 1), (100, 33), (90, 17)]
 
 def run(batch, **kw):
     out = torch.full_like(batch.query, float("nan"))
-    result = cpu_attention.paged_attention(batch.query, batch.key_cache, batch.value_cache,
+    result = cpu_kernels.paged_attention(batch.query, batch.key_cache, batch.value_cache,
                                            batch.block_tables, batch.seq_lens,
                                            batch.query_start_loc, batch.scale, out=out, **kw)
     assert result is out
@@ -110,16 +110,16 @@ def test_refuses_bad_inputs_naming_them():
     args = (batch.key_cache, batch.value_cache, batch.block_tables, batch.seq_lens,
             batch.query_start_loc, batch.scale)
     with pytest.raises(RuntimeError, match="must be int32"):
-        cpu_attention.paged_attention(batch.query, batch.key_cache, batch.value_cache,
+        cpu_kernels.paged_attention(batch.query, batch.key_cache, batch.value_cache,
                                       batch.block_tables.long(), batch.seq_lens,
                                       batch.query_start_loc, batch.scale)
     with pytest.raises(RuntimeError, match="head_dim"):
-        cpu_attention.paged_attention(batch.query[..., :8], *args)
+        cpu_kernels.paged_attention(batch.query[..., :8], *args)
     with pytest.raises(RuntimeError, match="share a dtype"):
-        cpu_attention.paged_attention(batch.query.double(), *args)
+        cpu_kernels.paged_attention(batch.query.double(), *args)
     too_long = batch.seq_lens + 100
     with pytest.raises(RuntimeError, match="needs more blocks than block_tables"):
-        cpu_attention.paged_attention(batch.query, batch.key_cache, batch.value_cache,
+        cpu_kernels.paged_attention(batch.query, batch.key_cache, batch.value_cache,
                                       batch.block_tables, too_long, batch.query_start_loc,
                                       batch.scale)
 
@@ -129,26 +129,26 @@ def test_auto_selects_it_on_cpu_and_falls_back_without_a_compiler(monkeypatch):
                       CPUAttentionBackend)
 
     def missing():
-        raise cpu_attention.CPUAttentionUnavailable("no compiler")
+        raise cpu_kernels.CPUKernelsUnavailable("no compiler")
 
-    monkeypatch.setattr(cpu_attention, "extension", missing)
+    monkeypatch.setattr(cpu_kernels, "extension", missing)
     assert isinstance(select_attention_backend("auto", torch.device("cpu"), 2),
                       TorchAttentionBackend)
-    with pytest.raises(cpu_attention.CPUAttentionUnavailable, match="no compiler"):
+    with pytest.raises(cpu_kernels.CPUKernelsUnavailable, match="no compiler"):
         select_attention_backend("cpu", torch.device("cpu"), 2)
     with pytest.raises(ValueError, match="attention_backend='cpu' runs on the CPU"):
         select_attention_backend("cpu", torch.device("cuda"), 2)
 
 
 def test_missing_compiler_is_a_clear_error(monkeypatch):
-    cpu_attention.extension.cache_clear()
+    cpu_kernels.extension.cache_clear()
     monkeypatch.setenv("CXX", "no-such-compiler-here")
     try:
-        with pytest.raises(cpu_attention.CPUAttentionUnavailable,
+        with pytest.raises(cpu_kernels.CPUKernelsUnavailable,
                            match="needs a C\\+\\+ compiler.*'no-such-compiler-here'"):
-            cpu_attention.extension()
+            cpu_kernels.extension()
     finally:
-        cpu_attention.extension.cache_clear()
+        cpu_kernels.extension.cache_clear()
 
 
 @pytest.mark.parametrize("engine", [
@@ -168,3 +168,41 @@ def test_engine_gives_the_torch_backends_answers(model_dirs, engine):
     for ours, theirs in zip(outputs["cpu"], outputs["torch"]):
         assert ours.token_ids == theirs.token_ids
         assert ours.cumulative_logprob == pytest.approx(theirs.cumulative_logprob, abs=1e-3)
+
+
+def test_argmax_rows_is_torch_argmax_ties_and_nan_included():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(9, 1000, generator=gen)
+    logits[1, [5, 700]] = 50.0  # a tie: the first index wins
+    logits[2] = float("-inf")
+    logits[3, [10, 400]] = float("nan")  # torch.argmax takes the first NaN
+    logits[4, 999] = 60.0  # the last column
+    assert torch.equal(cpu_kernels.argmax_rows(logits), logits.argmax(dim=-1))
+    assert cpu_kernels.argmax_rows(logits[:0]).shape == (0,)
+    with pytest.raises(RuntimeError, match="contiguous \\[rows, vocab\\] float32"):
+        cpu_kernels.argmax_rows(logits.double())
+
+
+def test_rotary_in_place_equals_the_torch_rotation():
+    """q and k as the model has them: views of one fused QKV output, with row strides."""
+    from transformers import LlamaConfig
+
+    from pagedserve.worker.layers.rotary import RotaryEmbedding, _rotate
+
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    rotary = RotaryEmbedding(config, 16, 128)
+    positions = torch.tensor([0, 5, 127, 3, 3])
+    qkv = torch.randn(5, (4 + 2 + 2) * 16)
+    q, k = qkv[:, :64].view(5, 4, 16), qkv[:, 64:96].view(5, 2, 16)
+    cos, sin = rotary.cos[positions].unsqueeze(1), rotary.sin[positions].unsqueeze(1)
+    want_q, want_k, v = _rotate(q, cos, sin), _rotate(k, cos, sin), qkv[:, 96:].clone()
+    rope = rotary.lookup(positions)
+    assert rope.table is rotary  # the kernel's path on the CPU in float32
+    got_q, got_k = RotaryEmbedding.apply(rope, q, k)
+    assert got_q.data_ptr() == q.data_ptr()  # in place
+    torch.testing.assert_close(got_q, want_q, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got_k, want_k, atol=1e-6, rtol=1e-6)
+    assert torch.equal(qkv[:, 96:], v)  # v untouched
+    with pytest.raises(RuntimeError, match="outside the rotary table"):
+        cpu_kernels.rotary_(q, k, rotary.cos, rotary.sin, torch.tensor([0, 1, 2, 3, 128]))

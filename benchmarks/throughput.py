@@ -105,8 +105,9 @@ def workload(name: str, args) -> list[tuple[list[int], int]]:
             for p, o in lengths]
 
 
-def run_pagedserve(model_dir, requests, kv_tokens, max_len, block=BLOCK):
+def run_pagedserve(model_dir, requests, kv_tokens, max_len, block=BLOCK, threads=None):
     llm = LLM(model=str(model_dir), block_size=block, num_gpu_blocks=kv_tokens // block,
+              cpu_threads=threads or torch.get_num_threads(),
               max_model_len=max_len, max_num_seqs=256, max_num_batched_tokens=MAX_BATCHED_TOKENS,
               dtype="float32", device="cpu", skip_tokenizer_init=True)
     prompts = [{"prompt_token_ids": p} for p, _ in requests]

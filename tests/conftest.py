@@ -61,17 +61,9 @@ def embedded_gguf():
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
-    """Models the engine builds on first use go to a per-session cache, not the user's.
-
-    Compiled kernels are the exception: the suite uses the ones `make install` built
-    in the user's cache (kernels/cpu_kernels.py), and builds them there if missing.
-    """
+    """Models the engine builds on first use go to a per-session cache, not the user's."""
     previous = os.environ.get("PAGEDSERVE_CACHE_DIR")
-    cache = tmp_path_factory.mktemp("cache")
-    extensions = os.path.join(USER_CACHE, "extensions")
-    os.makedirs(extensions, exist_ok=True)
-    os.symlink(extensions, cache / "extensions")
-    os.environ["PAGEDSERVE_CACHE_DIR"] = str(cache)
+    os.environ["PAGEDSERVE_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
     yield
     if previous is None:
         os.environ.pop("PAGEDSERVE_CACHE_DIR", None)

@@ -206,3 +206,23 @@ def test_rotary_in_place_equals_the_torch_rotation():
     assert torch.equal(qkv[:, 96:], v)  # v untouched
     with pytest.raises(RuntimeError, match="outside the rotary table"):
         cpu_kernels.rotary_(q, k, rotary.cos, rotary.sin, torch.tensor([0, 1, 2, 3, 128]))
+
+
+def test_rms_norm_with_and_without_the_residual_add():
+    from pagedserve.worker.layers.norm import RMSNorm
+
+    gen = torch.Generator().manual_seed(1)
+    x, residual = torch.randn(7, 48, generator=gen), torch.randn(7, 48, generator=gen)
+    norm = RMSNorm(48, 1e-6)
+    norm.weight.data = torch.randn(48, generator=gen)
+    torch.testing.assert_close(cpu_kernels.rms_norm(x, norm.weight, 1e-6), norm._norm(x),
+                               atol=1e-6, rtol=1e-5)
+    total = residual + x
+    normed, stream = norm(x, residual.clone())
+    torch.testing.assert_close(stream, total, atol=0, rtol=0)
+    torch.testing.assert_close(normed, norm._norm(total), atol=1e-6, rtol=1e-5)
+    in_place = residual.clone()
+    cpu_kernels.rms_norm(x, norm.weight, 1e-6, in_place)
+    assert torch.equal(in_place, total)  # the residual stream is updated where it lies
+    with pytest.raises(RuntimeError, match="residual must be a contiguous float32 like x"):
+        cpu_kernels.rms_norm(x, norm.weight, 1e-6, residual[:3])

@@ -1,5 +1,6 @@
 // CPU kernels: paged attention reading K and V from the pool's blocks where they
-// lie, the greedy argmax of logits rows, and rotary embeddings applied in place.
+// lie, the greedy argmax of logits rows, rotary embeddings applied in place, and
+// RMSNorm fused with the residual add.
 //
 // Paged attention.
 // Shapes as in kernels/reference.py:
@@ -327,10 +328,54 @@ void rotary_(at::Tensor q, at::Tensor k, const at::Tensor& cos, const at::Tensor
   });
 }
 
+// RMSNorm of float32 rows [T, H] by `weight` [H], as Llama's reference computes it:
+// x * rsqrt(mean(x^2) + eps) * weight. With `residual` defined, x is first added into
+// it in place (residual += x) and the sum is what is normalized: the residual stream
+// and the next sublayer's input in one pass.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps,
+                    c10::optional<at::Tensor> residual) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "x must be a contiguous [T, H] float32 tensor");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
+              weight.numel() == x.size(1), "weight must be a contiguous float32 [H]");
+  const bool add = residual.has_value() && residual->defined();
+  if (add)
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == at::kFloat &&
+                residual->is_contiguous(), "residual must be a contiguous float32 like x");
+  const int64_t rows = x.size(0), hidden = x.size(1);
+  at::Tensor out = at::empty_like(x);
+  const float* in = x.data_ptr<float>();
+  float* sum = add ? residual->data_ptr<float>() : nullptr;
+  const float* w = weight.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = in + r * hidden;
+      if (add) {
+        float* acc = sum + r * hidden;
+#pragma omp simd
+        for (int64_t i = 0; i < hidden; ++i) acc[i] += row[i];
+        row = acc;
+      }
+      float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+      for (int64_t i = 0; i < hidden; ++i) squares += row[i] * row[i];
+      const float inverse = 1.f / std::sqrt(squares / static_cast<float>(hidden) +
+                                            static_cast<float>(eps));
+      float* o = dst + r * hidden;
+#pragma omp simd
+      for (int64_t i = 0; i < hidden; ++i) o[i] = w[i] * (row[i] * inverse);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "Paged attention over K/V read in place (CPU)");
   m.def("argmax_rows", &argmax_rows, "The first index of each row's maximum (float32)");
   m.def("rotary_", &rotary_, "Rotate-half rotary embedding of q and k in place (float32)");
+  m.def("rms_norm", &rms_norm, "RMSNorm of float32 rows, after adding them into a residual",
+        py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("residual") = py::none());
 }

@@ -83,10 +83,19 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, rope: Rope, hidden: torch.Tensor, kv_cache: KVCache,
-                metadata: AttentionMetadata) -> torch.Tensor:
-        hidden = hidden + self.self_attn(rope, self.input_layernorm(hidden), kv_cache, metadata)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, rope: Rope, hidden: torch.Tensor, residual: torch.Tensor | None,
+                kv_cache: KVCache, metadata: AttentionMetadata
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden: the previous layer's MLP output (the embeddings in the first layer,
+        where `residual` is None); residual: the sum of everything before it. Returns
+        this layer's MLP output and the residual stream before it."""
+        if residual is None:
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(rope, hidden, kv_cache, metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
@@ -124,9 +133,10 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [T] -> hidden states [T, hidden_size] (before the final norm)."""
         hidden = self.model.embed_tokens(input_ids)
         rope = self.model.rotary.lookup(positions)
+        residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches):
-            hidden = layer(rope, hidden, kv_cache, metadata)
-        return hidden
+            hidden, residual = layer(rope, hidden, residual, kv_cache, metadata)
+        return residual + hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Only for the rows that sample: [S, hidden_size] -> [S, vocab_size] float32.

@@ -32,8 +32,8 @@ PREFILLS = [(7, 7), (40, 13), (70, 70), (31, 2), (5, 1), (100, 33), (90, 17)]
 def run(batch, **kw):
     out = torch.full_like(batch.query, float("nan"))
     result = cpu_kernels.paged_attention(batch.query, batch.key_cache, batch.value_cache,
-                                           batch.block_tables, batch.seq_lens,
-                                           batch.query_start_loc, batch.scale, out=out, **kw)
+                                         batch.block_tables, batch.seq_lens,
+                                         batch.query_start_loc, batch.scale, out=out, **kw)
     assert result is out
     return out
 
@@ -111,8 +111,8 @@ def test_refuses_bad_inputs_naming_them():
             batch.query_start_loc, batch.scale)
     with pytest.raises(RuntimeError, match="must be int32"):
         cpu_kernels.paged_attention(batch.query, batch.key_cache, batch.value_cache,
-                                      batch.block_tables.long(), batch.seq_lens,
-                                      batch.query_start_loc, batch.scale)
+                                    batch.block_tables.long(), batch.seq_lens,
+                                    batch.query_start_loc, batch.scale)
     with pytest.raises(RuntimeError, match="head_dim"):
         cpu_kernels.paged_attention(batch.query[..., :8], *args)
     with pytest.raises(RuntimeError, match="share a dtype"):
@@ -120,8 +120,8 @@ def test_refuses_bad_inputs_naming_them():
     too_long = batch.seq_lens + 100
     with pytest.raises(RuntimeError, match="needs more blocks than block_tables"):
         cpu_kernels.paged_attention(batch.query, batch.key_cache, batch.value_cache,
-                                      batch.block_tables, too_long, batch.query_start_loc,
-                                      batch.scale)
+                                    batch.block_tables, too_long, batch.query_start_loc,
+                                    batch.scale)
 
 
 def test_auto_selects_it_on_cpu_and_falls_back_without_a_compiler(monkeypatch):

@@ -14,7 +14,7 @@ import torch
 from pagedserve import LLM, SamplingParams
 from pagedserve.kernels.checks import interpreting
 from pagedserve.worker.cuda_graph import DecodeGraphs, capture_sizes
-from pagedserve.worker.layers.attention import TorchAttentionBackend
+from pagedserve.worker.layers.attention import CPUAttentionBackend, TorchAttentionBackend
 
 
 @pytest.mark.parametrize("max_num_seqs,expected", [
@@ -36,10 +36,13 @@ def test_capture_sizes_default_ladder():
     assert steps == {8, 16} and len(sizes) == 4 + 7 + 12
 
 
-def test_graphs_need_a_length_independent_backend(tiny_llama):
-    llm = LLM(str(tiny_llama), device="cpu", dtype="float32", max_model_len=64, num_gpu_blocks=8)
+@pytest.mark.parametrize("backend,kind", [("torch", TorchAttentionBackend),
+                                          ("auto", CPUAttentionBackend)])
+def test_graphs_need_a_length_independent_backend(tiny_llama, backend, kind):
+    llm = LLM(str(tiny_llama), device="cpu", dtype="float32", max_model_len=64, num_gpu_blocks=8,
+              attention_backend=backend)
     worker = llm.engine.executor.worker
-    assert isinstance(worker.attention, TorchAttentionBackend)
+    assert isinstance(worker.attention, kind)
     with pytest.raises(ValueError, match="decode graphs need the 'triton' backend"):
         DecodeGraphs(worker.model, worker.attention, worker.kv_caches, block_size=16,
                      max_model_len=64, max_num_seqs=8, device=torch.device("cpu"))

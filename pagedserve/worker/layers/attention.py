@@ -123,8 +123,8 @@ class CPUAttentionBackend:
         out = torch.empty_like(q)
         if plan.matmul is None or plan.kernel_seqs is not None:
             cpu_kernels.paged_attention(q, key_cache, value_cache, metadata.block_tables,
-                                          metadata.seq_lens, metadata.query_start_loc, scale,
-                                          out=out, sequences=plan.kernel_seqs)
+                                        metadata.seq_lens, metadata.query_start_loc, scale,
+                                        out=out, sequences=plan.kernel_seqs)
         if plan.matmul is not None:
             reference.run_attention_plan(q, key_cache, value_cache, plan.matmul, scale, out=out)
         return out

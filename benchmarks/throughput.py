@@ -41,8 +41,8 @@ Throughput is useful output tokens / wall time.
 
 With `--rounds N` the systems run N times each, in an order rotated every
 round, and the tables give medians. CPU-seconds are counted per process over
-the timed run: this process for pagedserve and HF; vLLM's frontend and its
-engine-core process for vLLM.
+the timed run: this process for pagedserve and HF; for vLLM, its frontend and
+its child processes (engine core and model worker).
 
 Prompt lengths are the vLLM paper's memory-study scenarios divided by
 `--scale`, so that all scenarios and all three systems finish in ~10-20

@@ -9,8 +9,8 @@ with RESULT_MARK (vLLM logs to the same streams):
       -> {"seconds": s, "tokens": [[ids], ...], "cpu_s": {"frontend": s, "engine": s}}
 
 CPU-seconds are user + system time of this process (the frontend) and of
-its children (vLLM's engine-core process, which runs the model on the CPU
-and polls for work), read with psutil over the `generate` call alone.
+all its children (vLLM's engine-core process, which polls for work, and the
+model worker it starts), read with psutil over the `generate` call alone.
 """
 
 from __future__ import annotations

@@ -66,7 +66,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -74,6 +73,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
 from transformers.utils import logging as hf_logging
+from vllm_peer import VLLMPeer
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.testing import cached_random_model
@@ -173,52 +173,6 @@ def run_hf_batch(model, requests, kv_tokens, pad_id, max_batch_tokens=MAX_BATCHE
     return elapsed, [list(results[f"r{i}"].generated_tokens) for i in range(len(requests))], info
 
 
-class VLLMPeer:
-    """vLLM's CPU build in its own venv and process (benchmarks/vllm_peer.py)."""
-
-    VENV = Path(__file__).parent / ".venvs" / "vllm"
-    BLOCK = 32
-
-    def __init__(self, model_dir, kv_bytes: int, max_len: int, threads: int, one_core: bool):
-        python = self.VENV / "bin" / "python"
-        if not python.exists():
-            raise SystemExit(f"--peer vllm needs vLLM's venv at {self.VENV}: run `make peer-vllm`")
-        cores = "0" if one_core or threads == 1 else f"0-{threads - 1}"
-        # vLLM binds one OpenMP thread per listed core and, by default, reserves a core for
-        # its frontend; here every core listed computes, and --one-core pins the frontend too.
-        env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_OMP_THREADS_BIND": cores,
-               "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "TOKENIZERS_PARALLELISM": "false"}
-        command = [str(python), str(Path(__file__).parent / "vllm_peer.py"),
-                   "--model", str(model_dir), "--kv-cache-bytes", str(kv_bytes),
-                   "--block-size", str(self.BLOCK), "--max-model-len", str(max_len),
-                   "--max-num-batched-tokens", str(MAX_BATCHED_TOKENS)]
-        if one_core:
-            command = ["taskset", "-c", "0", *command]
-        self.log = open(RESULTS / "vllm_peer.log", "w")
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=self.log, text=True, env=env)
-        self.version = self._answer()["version"]
-
-    def _answer(self) -> dict:
-        from vllm_peer import RESULT_MARK
-
-        for line in self.process.stdout:
-            if line.startswith(RESULT_MARK):
-                return json.loads(line[len(RESULT_MARK):])
-        raise RuntimeError(f"vLLM peer exited ({self.process.wait()}); see {self.log.name}")
-
-    def run(self, requests):
-        self.process.stdin.write(json.dumps({"requests": requests}) + "\n")
-        self.process.stdin.flush()
-        answer = self._answer()
-        return answer["seconds"], answer["tokens"], answer["cpu_s"]
-
-    def close(self) -> None:
-        self.process.stdin.close()
-        self.process.wait(timeout=120)
-        self.log.close()
-
-
 def warm_up(model_dir, hf_model, pad_id, args, peer):
     rng = random.Random(0)
     requests = [([rng.randrange(FIRST_TOKEN, 1000) for _ in range(n)], 8) for n in (24, 40)]
@@ -307,7 +261,8 @@ def main() -> None:
     if args.peer == "vllm":
         reserve = max(len(p) for r in scenarios.values() for p, _ in r) + args.output_max
         peer = VLLMPeer(model_dir, args.kv_tokens * kv_bytes_per_token,
-                        max(longest, reserve, 64), args.threads, args.one_core)  # 64: warm-up
+                        max(longest, reserve, 64), args.threads, args.one_core,  # 64: warm-up
+                        MAX_BATCHED_TOKENS, RESULTS / "vllm_peer.log")
         machine += f"; vLLM {peer.version} (vllm-cpu)"
     print(f"# Throughput, {today}\n{command}\n{machine}")
     print(f"model: Llama, {n_params / 1e6:.1f}M parameters {MODEL}, float32, sdpa (HF)")

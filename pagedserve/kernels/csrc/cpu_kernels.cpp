@@ -29,10 +29,15 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 constexpr int64_t kQueryTile = 16;
 constexpr int64_t kTransposeFrom = 8;  // vectors per item from which Q is held transposed
+constexpr int64_t kPrefetch = 4;  // positions ahead whose K or V row is prefetched
 constexpr int64_t kVRows = 4;  // rows of V per accumulator update (the FMA below names 4)
 
 struct Item {
@@ -51,11 +56,39 @@ inline const float* as_float(const scalar_t* src, float* buffer, int64_t n) {
   }
 }
 
+// Asks for the cache lines of a K or V row a few positions ahead (a prefetch never
+// faults, so rows past the block's end cost a wasted request at most). The rows of
+// one KV head lie a whole token's heads apart, a stride the hardware prefetcher
+// does not follow across pages.
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* row, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(scalar_t)); b += 64)
+    __builtin_prefetch(bytes + b);
+}
+
+// A dot product in one vector register, summed across its lanes at the end. Written
+// with intrinsics where the machine has them: the compiler's own reduction of an
+// `omp simd` loop sums the lanes one by one through memory, which costs more than
+// the products.
 inline float dot(const float* a, const float* b, int64_t n) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t d = 0; d < n; ++d) acc += a[d] * b[d];
-  return acc;
+  int64_t d = 0;
+  float sum = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; d + 16 <= n; d += 16)
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
+  sum = _mm512_reduce_add_ps(acc);
+#elif defined(__AVX2__) && defined(__FMA__)
+  __m256 acc = _mm256_setzero_ps();
+  for (; d + 8 <= n; d += 8)
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  sum = _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
+#endif
+  for (; d < n; ++d) sum += a[d] * b[d];
+  return sum;
 }
 
 template <typename scalar_t>
@@ -75,6 +108,7 @@ void attend(const at::Tensor& query, const at::Tensor& key_cache, const at::Tens
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int32_t* starts = query_start_loc.data_ptr<int32_t>();
   const int64_t token_stride = num_kv_heads * head_dim;  // between rows of one block
+  const int64_t block_stride = block_size * token_stride;
 
   std::vector<int64_t> chosen;
   if (sequences.numel() == 0) {
@@ -128,26 +162,30 @@ void attend(const at::Tensor& query, const at::Tensor& key_cache, const at::Tens
         }
         limits_buf[m] = prefix + item.row_begin + m / group + 1;  // positions it sees
       }
+      // Both passes walk the table block by block (a division per position would cost
+      // more than the position's arithmetic).
       // Pass 1: scores of every vector against every context position it may see. Rows
       // are causal: the vectors from `first` on see position t.
-      for (int64_t t = 0; t < context; ++t) {
-        const int64_t slot = static_cast<int64_t>(table[t / block_size]) * block_size +
-                             t % block_size;
-        const float* k = as_float(k_data + slot * token_stride + item.kv_head * head_dim,
-                                  row.data(), head_dim);
-        const int64_t first = std::max<int64_t>(0, t - prefix - item.row_begin) * group;
-        float* score = &scores[t * m_count];
-        if (transposed) {
-          std::fill(score + first, score + m_count, 0.f);
-          for (int64_t d = 0; d < head_dim; ++d) {
-            const float kd = k[d];
-            const float* qd = &q_buf[d * m_count];
+      for (int64_t b = 0, t = 0; t < context; ++b) {
+        const scalar_t* k_row = k_data + table[b] * block_stride + item.kv_head * head_dim;
+        for (const int64_t end = std::min(context, t + block_size); t < end;
+             ++t, k_row += token_stride) {
+          prefetch_row(k_row + kPrefetch * token_stride, head_dim);
+          const float* k = as_float(k_row, row.data(), head_dim);
+          const int64_t first = std::max<int64_t>(0, t - prefix - item.row_begin) * group;
+          float* score = &scores[t * m_count];
+          if (transposed) {
+            std::fill(score + first, score + m_count, 0.f);
+            for (int64_t d = 0; d < head_dim; ++d) {
+              const float kd = k[d];
+              const float* qd = &q_buf[d * m_count];
 #pragma omp simd
-            for (int64_t m = first; m < m_count; ++m) score[m] += qd[m] * kd;
+              for (int64_t m = first; m < m_count; ++m) score[m] += qd[m] * kd;
+            }
+          } else {
+            for (int64_t m = first; m < m_count; ++m)
+              score[m] = dot(&q_buf[m * head_dim], k, head_dim);
           }
-        } else {
-          for (int64_t m = first; m < m_count; ++m)
-            score[m] = dot(&q_buf[m * head_dim], k, head_dim);
         }
       }
       // Softmax of each vector over the positions it sees; the others weigh 0.
@@ -165,26 +203,31 @@ void attend(const at::Tensor& query, const at::Tensor& key_cache, const at::Tens
         for (int64_t t = 0; t < seen; ++t) scores[t * m_count + m] *= inverse;
         for (int64_t t = seen; t < context; ++t) scores[t * m_count + m] = 0.f;
       }
-      // Pass 2: the probabilities times V, kVRows positions at a time, so that each vector's
-      // accumulator is loaded and stored once per kVRows rows of V.
-      for (int64_t t0 = 0; t0 < context; t0 += kVRows) {
-        const int64_t count = std::min<int64_t>(kVRows, context - t0);
-        const float* v[kVRows];
-        for (int64_t j = 0; j < kVRows; ++j) {
-          const int64_t t = t0 + std::min(j, count - 1);  // a short group repeats its last row
-          const int64_t slot = static_cast<int64_t>(table[t / block_size]) * block_size +
-                               t % block_size;
-          v[j] = as_float(v_data + slot * token_stride + item.kv_head * head_dim,
-                          &row[j * head_dim], head_dim);
-        }
-        const int64_t first = std::max<int64_t>(0, t0 - prefix - item.row_begin) * group;
-        for (int64_t m = first; m < m_count; ++m) {
-          float p[kVRows];
-          for (int64_t j = 0; j < kVRows; ++j) p[j] = j < count ? scores[(t0 + j) * m_count + m] : 0.f;
-          float* a = &acc[m * head_dim];
+      // Pass 2: the probabilities times V, kVRows positions of a block at a time, so that
+      // each vector's accumulator is loaded and stored once per kVRows rows of V.
+      for (int64_t b = 0, block_start = 0; block_start < context; ++b, block_start += block_size) {
+        const scalar_t* v_block = v_data + table[b] * block_stride + item.kv_head * head_dim;
+        const int64_t end = std::min(context, block_start + block_size);
+        for (int64_t t0 = block_start; t0 < end; t0 += kVRows) {
+          const int64_t count = std::min<int64_t>(kVRows, end - t0);
+          for (int64_t j = 0; j < kVRows; ++j)
+            prefetch_row(v_block + (t0 - block_start + kPrefetch + j) * token_stride, head_dim);
+          const float* v[kVRows];
+          for (int64_t j = 0; j < kVRows; ++j) {
+            const int64_t t = t0 + std::min(j, count - 1);  // a short group repeats its last row
+            v[j] = as_float(v_block + (t - block_start) * token_stride, &row[j * head_dim],
+                            head_dim);
+          }
+          const int64_t first = std::max<int64_t>(0, t0 - prefix - item.row_begin) * group;
+          for (int64_t m = first; m < m_count; ++m) {
+            float p[kVRows];
+            for (int64_t j = 0; j < kVRows; ++j)
+              p[j] = j < count ? scores[(t0 + j) * m_count + m] : 0.f;
+            float* a = &acc[m * head_dim];
 #pragma omp simd
-          for (int64_t d = 0; d < head_dim; ++d)
-            a[d] += p[0] * v[0][d] + p[1] * v[1][d] + p[2] * v[2][d] + p[3] * v[3][d];
+            for (int64_t d = 0; d < head_dim; ++d)
+              a[d] += p[0] * v[0][d] + p[1] * v[1][d] + p[2] * v[2][d] + p[3] * v[3][d];
+          }
         }
       }
       for (int64_t m = 0; m < m_count; ++m) {

@@ -143,6 +143,13 @@ class EngineConfig(_Strict):
         return value
 
 
+# Why a tensor-parallel group should stay on one node (the planner and the executor say it).
+TP_ACROSS_NODES = ("every layer's two all-reduces then cross the network between nodes at "
+                   "each step, not the links within a node: keep each replica's ranks on one "
+                   "node (placement_strategy STRICT_PACK) and scale out with replicas, one or "
+                   "more per node")
+
+
 class ParallelConfig(_Strict):
     """How the model is split over workers and where those workers run."""
 
@@ -163,6 +170,10 @@ class ParallelConfig(_Strict):
     ray_compiled_graph: Literal["auto", True, False] = "auto"
     # A step (or a collective) that takes longer fails the engine instead of hanging it.
     step_timeout_s: float = Field(default=600.0, gt=0.0)
+
+    def tp_may_span_nodes(self) -> bool:
+        """Whether the placement lets a tensor-parallel group's ranks land on several nodes."""
+        return self.tensor_parallel_size > 1 and self.placement_strategy != "STRICT_PACK"
 
     @model_validator(mode="after")
     def _backend_fits(self) -> ParallelConfig:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pagedserve.config import Config, ModelConfig, RandomModelSpec
+from pagedserve.config import TP_ACROSS_NODES, Config, ModelConfig, RandomModelSpec
 from pagedserve.model_shape import (
     DTYPE_BYTES,
     GIB,
@@ -43,6 +43,7 @@ class Plan:
     dtype: str
     device: str  # "cuda" or "cpu"
     tensor_parallel_size: int  # GPUs (or CPU workers) one replica takes
+    placement_strategy: str  # how the ranks' placement-group bundles go onto nodes
     block_size: int
     max_model_len: int
     max_num_seqs: int
@@ -123,6 +124,7 @@ def plan(config: Config, gpu_memory_gb: float | None = None,
     num_cache_tokens = num_blocks * engine.block_size
     return Plan(
         model=shape, dtype=dtype, device=device, tensor_parallel_size=tp,
+        placement_strategy=config.parallel.placement_strategy,
         block_size=engine.block_size, max_model_len=max_model_len,
         max_num_seqs=engine.max_num_seqs, max_num_batched_tokens=step_tokens,
         model_params=params_per_rank(shape, 1), params_per_rank=params,
@@ -264,6 +266,21 @@ def _count(n: int) -> str:
     return str(n)
 
 
+_PLACEMENTS = {
+    "STRICT_PACK": "all ranks on one node (STRICT_PACK)",
+    "PACK": "on one node where one has room, else over several (PACK)",
+    "SPREAD": "over as many nodes as there are (SPREAD)",
+    "STRICT_SPREAD": "one rank per node (STRICT_SPREAD)",
+}
+
+
+def _placement(plan: Plan) -> str:
+    where = _PLACEMENTS[plan.placement_strategy]
+    if plan.placement_strategy == "STRICT_PACK":
+        return where
+    return f"{where}; across nodes, {TP_ACROSS_NODES}"
+
+
 def format_plan(plan: Plan) -> str:
     """A human-readable report of `plan`, per GPU first, then per replica."""
     m, tp = plan.model, plan.tensor_parallel_size
@@ -277,6 +294,7 @@ def format_plan(plan: Plan) -> str:
              f"vocab {m.vocab_size}, {plan.dtype}"),
         ("replica", f"{ranks} (tensor_parallel_size={tp}), max_model_len {plan.max_model_len}, "
                     f"block_size {plan.block_size}"),
+        *([("placement", _placement(plan))] if tp > 1 else []),
         ("weights, all ranks", _gib(plan.total_weight_bytes)),
         ("per rank", ""),
         ("  parameters", f"{plan.params_per_rank:,}"),

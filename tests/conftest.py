@@ -108,9 +108,11 @@ FAST_RAY_ENV = {"RAY_metrics_report_interval_ms": "500",
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray instance for the whole session (starting one takes seconds)."""
-    import ray
+def cluster():
+    """The session's Ray cluster (`ray.cluster_utils.Cluster`): a head node of two CPUs,
+    to which the multi-node tests add worker nodes, each its own raylet on this machine.
+    Starting one takes seconds, so there is one for the whole session."""
+    from ray.cluster_utils import Cluster
 
     from pagedserve.cluster.app import serve_environment
 
@@ -118,8 +120,18 @@ def ray_cluster():
     for name, value in FAST_RAY_ENV.items():
         os.environ.setdefault(name, value)
     _RAY_PORTS["metrics"] = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             _metrics_export_port=_RAY_PORTS["metrics"])
+    local = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "include_dashboard": False, "metrics_export_port": _RAY_PORTS["metrics"]})
+    yield local
+    local.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(cluster):
+    """This process connected to the session's Ray cluster."""
+    import ray
+
+    ray.init(address=cluster.address, logging_level="WARNING")
     yield ray
     ray.shutdown()
 
@@ -159,7 +171,9 @@ def serve_instance(ray_cluster):
     from pagedserve.cluster.app import GRPC_SERVICER_FUNCTIONS
 
     ports = ServePorts(http=free_port(), grpc=free_port())
-    serve.start(http_options={"host": "127.0.0.1", "port": ports.http},
+    # One proxy, on the head: the multi-node tests' nodes share this machine's ports,
+    # where a proxy on each would take the same one.
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": ports.http},
                 grpc_options=gRPCOptions(port=ports.grpc,
                                          grpc_servicer_functions=list(GRPC_SERVICER_FUNCTIONS)))
     yield ports

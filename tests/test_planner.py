@@ -156,6 +156,21 @@ def test_tp2_halves_the_kv_heads_and_the_sharded_weights():
     assert two.params_per_rank * 2 - replicated == one.params_per_rank
 
 
+@pytest.mark.parametrize("strategy, spread", [("STRICT_PACK", False), ("PACK", True),
+                                               ("SPREAD", True), ("STRICT_SPREAD", True)])
+def test_the_plan_says_when_a_tensor_parallel_group_may_cross_nodes(strategy, spread):
+    report = format_plan(plan(_config("tiny-cpu-tp2.yaml",
+                                      parallel={"placement_strategy": strategy})))
+    placement = next(line for line in report.splitlines() if line.startswith("placement"))
+    assert f"({strategy})" in placement
+    assert ("all-reduces then cross the network" in placement) == spread, placement
+    assert ("keep each replica's ranks on one node (placement_strategy STRICT_PACK)"
+            in placement) == spread
+    one_rank = format_plan(plan(_config("tiny-cpu.yaml",
+                                        parallel={"placement_strategy": strategy})))
+    assert "placement" not in one_rank  # one rank is on one node whatever the strategy
+
+
 def test_unknown_hub_id_names_the_field_and_the_presets():
     config = config_module.parse({"model": {"path": "someone/unknown-model"}})
     with pytest.raises(ValueError) as info:

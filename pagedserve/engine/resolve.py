@@ -20,7 +20,7 @@ from pagedserve.config import ModelConfig, ParallelConfig
 from pagedserve.engine.random_model import cached_random_model
 from pagedserve.model_shape import PRESET_HUB_IDS_KEY, preset_for
 from pagedserve.worker import gguf_file
-from pagedserve.worker.model_info import ModelInfo
+from pagedserve.worker.model_info import HUB_PATTERNS, ModelInfo
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +38,9 @@ def resolve(model: ModelConfig, device: torch.device,
     if preset is not None:
         hf_config = AutoConfig.for_model(**{key: value for key, value in preset.items()
                                             if key != PRESET_HUB_IDS_KEY})
-        directory, gguf = None, None
+        directory, gguf, hub_id = None, None, None
     else:
-        directory, gguf = locate(model)
+        directory, gguf, hub_id = locate(model)
         hf_config = load_hf_config(directory, model.trust_remote_code)
     tokenizer_dir = locate_tokenizer(model.tokenizer) if model.tokenizer else None
     if directory is None:
@@ -63,6 +63,7 @@ def resolve(model: ModelConfig, device: torch.device,
         vocab_size=hf_config.vocab_size,
         gguf_file=gguf,
         tokenizer_dir=tokenizer_dir,
+        hub_id=hub_id,
     )
 
 
@@ -93,8 +94,9 @@ def load_hf_config(directory: Path, trust_remote_code: bool) -> PretrainedConfig
                          "True for LLM); leave it off unless you have read that code") from None
 
 
-def locate(model: ModelConfig) -> tuple[Path, Path | None]:
-    """The model's local directory (config, tokenizer) and its GGUF file, if any.
+def locate(model: ModelConfig) -> tuple[Path, Path | None, str | None]:
+    """The model's local directory (config, tokenizer), its GGUF file if any, and its
+    hub id if it came from the hub.
 
     The directory is the path, a hub snapshot, the built random model, or, for a
     GGUF file (the embedded model is one), an HF directory made from its metadata.
@@ -102,15 +104,15 @@ def locate(model: ModelConfig) -> tuple[Path, Path | None]:
     if model.random_init is not None:
         spec = model.random_init
         return cached_random_model(spec.name, arch=spec.arch, seed=spec.seed,
-                                   **spec.config_overrides), None
+                                   **spec.config_overrides), None, None
     if model.embedded is not None:
         gguf = embedded.fetch(model.embedded, log=logger.warning)
-        return gguf_file.metadata_dir(gguf, log=logger.warning), gguf
+        return gguf_file.metadata_dir(gguf, log=logger.warning), gguf, None
     path = Path(model.path).expanduser()
     if path.is_dir():
-        return path, None
+        return path, None, None
     if gguf_file.is_gguf(path):
-        return gguf_file.metadata_dir(path, log=logger.warning), path.resolve()
+        return gguf_file.metadata_dir(path, log=logger.warning), path.resolve(), None
     if path.exists():
         raise ValueError(f"model.path={model.path!r} is a file but not a .gguf file; expected "
                          "a model directory, a hub id or a GGUF file")
@@ -118,8 +120,7 @@ def locate(model: ModelConfig) -> tuple[Path, Path | None]:
         raise ValueError(f"model.path={model.path!r}: no such GGUF file")
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
-    return Path(snapshot_download(model.path, allow_patterns=patterns)), None
+    return Path(snapshot_download(model.path, allow_patterns=HUB_PATTERNS)), None, model.path
 
 
 def check_tensor_parallel(hf_config: PretrainedConfig, tp_size: int) -> None:

@@ -14,6 +14,9 @@ from transformers import PretrainedConfig
 
 from pagedserve.config import LoRAConfig
 
+# What the engine takes from a hub snapshot: config, weights and tokenizer files.
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -28,6 +31,9 @@ class ModelInfo:
     tokenizer_dir: Path | None = None  # model.tokenizer's directory; None: model_dir
     # The adapter slots the model is built with (worker/lora_manager.py); None: no LoRA.
     lora: LoRAConfig | None = None
+    # model.path when it is a hub id: a worker on another node resolves it through that
+    # node's own hub cache, since model_dir is a path on the engine's node.
+    hub_id: str | None = None
 
     @property
     def tokenizer_path(self) -> Path:

@@ -44,13 +44,18 @@ from ray.util.placement_group import (
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from pagedserve.config import EngineConfig, ParallelConfig
+from pagedserve.config import TP_ACROSS_NODES, EngineConfig, ParallelConfig
 from pagedserve.scheduler.step import StepInput, StepOutput
 from pagedserve.worker import cpu_threads
 from pagedserve.worker.distributed import TPGroup, init_tp_group
 from pagedserve.worker.errors import WorkerFailedError
 from pagedserve.worker.model_info import ModelInfo
-from pagedserve.worker.ray_utils import check_cluster_fits, init_ray, normal_priority
+from pagedserve.worker.ray_utils import (
+    check_cluster_fits,
+    init_ray,
+    model_files_here,
+    normal_priority,
+)
 from pagedserve.worker.worker import Worker, kv_block_bytes, make_worker
 
 logger = logging.getLogger(__name__)
@@ -83,8 +88,14 @@ class RayWorker:
             port = sock.getsockname()[1]
         return f"tcp://{ray.util.get_node_ip_address()}:{port}"
 
+    def node(self) -> tuple[str, str]:
+        """(node id, node address) of the node this rank runs on."""
+        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+
     def init_worker(self, info: ModelInfo, engine: EngineConfig, load_format: str, size: int,
                     init_method: str, timeout_s: float, reserved_cpus: float) -> None:
+        if load_format != "dummy":
+            info = model_files_here(info, self.rank)
         if engine.simulator is not None:  # no collectives: every rank sleeps the same step
             self.worker = make_worker(info, engine, load_format, TPGroup(self.rank, size))
             return
@@ -146,12 +157,24 @@ class RayExecutor:
             ).remote(rank)
             for rank in range(self.size)
         ]
+        self.rank_nodes = self._call(self.workers, "node")  # (node id, address) per rank
+        self._log_placement(parallel)
         init_method = self._call([self.workers[0]], "rendezvous_address")[0]
         self.call_all("init_worker", info, engine, load_format, self.size, init_method,
                       self.timeout_s, parallel.worker_cpus)
         self.worker_pids = self.call_all("pid")
         logger.info("%d tensor-parallel workers ready (%s, rendezvous %s)", self.size,
                     info.device.type, init_method)
+
+    def _log_placement(self, parallel: ParallelConfig) -> None:
+        nodes = {node for node, _ in self.rank_nodes}
+        if len(nodes) == 1:
+            return
+        ranks = ", ".join(f"rank {rank} on {address} ({node[:8]})"
+                          for rank, (node, address) in enumerate(self.rank_nodes))
+        logger.warning("the %d tensor-parallel ranks are spread over %d nodes (%s, %s): %s",
+                       self.size, len(nodes), parallel.placement_strategy, ranks,
+                       TP_ACROSS_NODES)
 
     def _place(self, bundle: dict[str, float], parallel: ParallelConfig):
         check_cluster_fits(bundle, self.size)

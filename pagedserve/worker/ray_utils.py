@@ -1,4 +1,5 @@
-"""Ray for the engine's processes: joining the cluster, priority, and what it can hold.
+"""Ray for the engine's processes: joining the cluster, priority, what it can hold, and
+the model's files on each node.
 
 One module for the Ray process helpers the executor, the engine and the
 Serve replica share; it imports nothing of pagedserve's above the worker.
@@ -6,11 +7,15 @@ Serve replica share; it imports nothing of pagedserve's above the worker.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+from pathlib import Path
 
 import ray
 import torch
+
+from pagedserve.worker.model_info import HUB_PATTERNS, ModelInfo
 
 logger = logging.getLogger(__name__)
 
@@ -55,3 +60,35 @@ def cluster_device(name: str) -> torch.device:
         return torch.device(name)
     init_ray()
     return torch.device("cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu")
+
+
+def model_files_here(info: ModelInfo, rank: int) -> ModelInfo:
+    """`info` with model files that exist on this rank's node.
+
+    model_dir (and the GGUF file) are paths on the node that resolved the model.
+    A hub id is resolved again here, through this node's hub cache; any other path
+    must exist on every node, or the rank fails with the node, the path and the
+    remedy named.
+    """
+    needed = [path for path in (info.model_dir, info.gguf_file) if path is not None]
+    if all(path.exists() for path in needed):
+        return info
+    node, address = ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+    where = f"tensor-parallel rank {rank} runs on node {node} ({address})"
+    if info.hub_id is not None:
+        from huggingface_hub import snapshot_download
+
+        try:
+            directory = snapshot_download(info.hub_id, allow_patterns=HUB_PATTERNS)
+        except Exception as error:  # noqa: BLE001 - the hub's errors are many; all end here
+            raise FileNotFoundError(
+                f"{where}, which could not resolve the hub id {info.hub_id!r} through its hub "
+                f"cache ({type(error).__name__}: {str(error).splitlines()[0]}): let that node "
+                "reach the hub, or fill its hub cache (HF_HOME) with the model") from error
+        return dataclasses.replace(info, model_dir=Path(directory))
+    missing = next(path for path in needed if not path.exists())
+    raise FileNotFoundError(
+        f"{where}, where the model's {missing} does not exist (it does on the node that "
+        "started the engine): put the model on a filesystem that every node mounts at the "
+        "same path, or give model.path as a hub id, which each node resolves through its "
+        "own hub cache")

@@ -1,0 +1,154 @@
+"""Several nodes: the session's Ray cluster gets two worker nodes of one CPU each
+(`ray.cluster_utils.Cluster`, each its own raylet on this machine, with a hub cache
+of its own), and engines run across them.
+
+- A TP=2 group placed STRICT_SPREAD has its ranks on two nodes, says so at start,
+  and gives HF's greedy tokens.
+- A model directory that a rank's node lacks fails at start with the node, the
+  path and the remedy named; a hub id is resolved again on each rank's node,
+  through that node's hub cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pagedserve import LLM, SamplingParams
+from pagedserve.config import EngineConfig, ModelConfig, ParallelConfig
+from pagedserve.testing import build_random_model
+from pagedserve.worker.errors import WorkerFailedError
+
+HUB_ID = "pagedserve-tests/tiny-llama"
+ENGINE = dict(block_size=8, max_model_len=128, dtype="float32", device="cpu",
+              num_gpu_blocks=32)
+SPREAD = dict(tensor_parallel_size=2, placement_strategy="STRICT_SPREAD", worker_cpus=0.5,
+              distributed_executor_backend="ray")
+PROMPTS = [[7, 8, 9, 10, 11], [100, 200, 300], list(range(20, 60))]
+
+
+def _hub_cache(root: Path, model_dir: Path, revision: str = "0" * 40) -> Path:
+    """A hub cache that holds `model_dir` as HUB_ID, as `snapshot_download` leaves one."""
+    repo = root / f"models--{HUB_ID.replace('/', '--')}"
+    shutil.copytree(model_dir, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_random_model(tmp_path_factory.mktemp("multi-node") / "tiny",
+                              arch="llama", num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def nodes(cluster, ray_cluster, tiny, tmp_path_factory):
+    """Two worker nodes of one CPU, each with its own hub cache holding HUB_ID; removed
+    at the end, and the cluster is back to its head alone."""
+    ray = ray_cluster
+    before = ray.cluster_resources().get("CPU", 0)
+    added = []
+    for name in ("a", "b"):
+        cache = _hub_cache(tmp_path_factory.mktemp(f"hub-{name}"), tiny)
+        added.append(cluster.add_node(num_cpus=1, resources={f"node_{name}": 1}, env_vars={
+            "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}))
+    cluster.wait_for_nodes()
+    yield added
+    for node in added:
+        cluster.remove_node(node)
+    deadline = time.monotonic() + 60
+    while ray.cluster_resources().get("CPU", 0) != before and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(tiny):
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return [model.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False)
+                [0, len(p):].tolist() for p in PROMPTS]
+
+
+def _greedy(llm: LLM) -> list[list[int]]:
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def test_strict_spread_puts_the_ranks_on_two_nodes_and_equals_hf(nodes, tiny, hf_greedy,
+                                                                  caplog):
+    with caplog.at_level(logging.WARNING, logger="pagedserve.worker.ray_executor"):
+        llm = LLM(str(tiny), **ENGINE, **SPREAD)
+    try:
+        executor = llm.engine.executor
+        assert len({node for node, _ in executor.rank_nodes}) == 2, executor.rank_nodes
+        assert any("spread over 2 nodes (STRICT_SPREAD" in r.getMessage()
+                   and "STRICT_PACK" in r.getMessage() for r in caplog.records), caplog.text
+        assert _greedy(llm) == hf_greedy
+    finally:
+        llm.shutdown()
+
+
+def _executor(info, **parallel):
+    from pagedserve.worker.ray_executor import RayExecutor
+
+    engine = EngineConfig(**{k: v for k, v in ENGINE.items() if k not in ("max_model_len",
+                                                                          "dtype")})
+    return RayExecutor(info, engine, ParallelConfig(**{**SPREAD, **parallel}), "auto")
+
+
+def _resolved(tiny: Path):
+    from pagedserve.engine.resolve import resolve
+
+    return resolve(ModelConfig(path=str(tiny), dtype="float32", max_model_len=128),
+                   torch.device("cpu"))
+
+
+@pytest.fixture
+def head_taken(nodes, ray_cluster):
+    """The head's two CPUs held by a placement group of their own (no other node has
+    two), so that ranks of a CPU each go to the worker nodes."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    group = placement_group([{"CPU": 2}])
+    assert group.wait(timeout_seconds=60)
+    yield
+    remove_placement_group(group)
+
+
+def test_a_directory_missing_on_a_ranks_node_names_the_node_the_path_and_the_remedy(
+        nodes, head_taken, tiny, tmp_path):
+    # What the engine's node resolved, at a path the worker nodes do not have.
+    elsewhere = tmp_path / "only-on-the-engine-node"
+    info = dataclasses.replace(_resolved(tiny), model_dir=elsewhere)
+    with pytest.raises(WorkerFailedError) as failure:
+        _executor(info, worker_cpus=1.0)
+    message = str(failure.value)
+    assert any(node.node_id in message for node in nodes), message
+    assert str(elsewhere) in message
+    assert "filesystem that every node mounts" in message and "hub id" in message
+
+
+def test_a_hub_id_is_resolved_on_each_ranks_node_through_its_hub_cache(nodes, head_taken,
+                                                                       tiny):
+    # The engine's node resolved HUB_ID to a snapshot in its own cache, a path the
+    # ranks' nodes lack: each rank finds the model in its node's cache instead.
+    info = dataclasses.replace(_resolved(tiny), model_dir=Path("/nonexistent/snapshot"),
+                               hub_id=HUB_ID)
+    executor = _executor(info, worker_cpus=1.0)
+    try:
+        assert {node for node, _ in executor.rank_nodes} == {n.node_id for n in nodes}
+    finally:
+        executor.shutdown()
+    # A hub id that no node's cache holds (and no hub to reach) names the id and the node.
+    with pytest.raises(WorkerFailedError, match=r"node .*could not resolve the hub id "
+                                                r"'pagedserve-tests/absent'"):
+        _executor(dataclasses.replace(info, hub_id="pagedserve-tests/absent"), worker_cpus=1.0)

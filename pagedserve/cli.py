@@ -3,6 +3,7 @@
     pagedserve serve [CONFIG] [--host H --port P --api-key K]
     pagedserve fetch [smollm2-135m-instruct]
     pagedserve plan configs/llama-3-70b-tp4.yaml --gpu-memory-gb 80
+    pagedserve kuberay configs/llama-3-70b-tp4.yaml [--image IMAGE] > rayservice.yaml
 
 Each subcommand is a function taking the parsed arguments, registered in
 `build_parser`; a user error (a bad config, an unknown model) is one message on
@@ -20,11 +21,27 @@ from dataclasses import asdict
 from pagedserve import config as config_module
 from pagedserve.planner import DEFAULT_GPU_MEMORY_GB, format_plan, plan
 
+DEFAULT_IMAGE = "pagedserve:latest"  # any image with pagedserve (and its Ray) installed
+
 
 def _plan(args: argparse.Namespace) -> None:
     result = plan(config_module.load(args.config), gpu_memory_gb=args.gpu_memory_gb,
                   mean_seq_len=args.mean_seq_len)
     print(json.dumps(asdict(result), indent=2) if args.json else format_plan(result))
+
+
+def _kuberay(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    import ray
+
+    from pagedserve.cluster.kuberay import ray_service, render
+
+    path = Path(args.config)
+    documents = ray_service(config_module.load(path), path, image=args.image,
+                            ray_version=args.ray_version or ray.__version__,
+                            worker_cpus=args.worker_cpus, worker_memory=args.worker_memory)
+    print(render(documents, args.config), end="")
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -184,6 +201,22 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(default max_model_len // 4)")
     plan_parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan_parser.set_defaults(run=_plan)
+
+    kuberay_parser = commands.add_parser(
+        "kuberay", help="a KubeRay RayService manifest for a config",
+        description="Print a KubeRay RayService (and the ConfigMap holding the config file) "
+                    "that serves the config on Kubernetes: one worker pod per replica, "
+                    "tensor_parallel_size GPUs each, scaled between the config's replica "
+                    "bounds.")
+    kuberay_parser.add_argument("config", help="YAML config file (see configs/)")
+    kuberay_parser.add_argument("--image", default=DEFAULT_IMAGE,
+                                help=f"container image with pagedserve (default {DEFAULT_IMAGE})")
+    kuberay_parser.add_argument("--ray-version", help="the image's Ray (default: this one's)")
+    kuberay_parser.add_argument("--worker-cpus", type=int, default=32,
+                                help="CPUs of each worker pod (default 32)")
+    kuberay_parser.add_argument("--worker-memory", default="320Gi",
+                                help="memory of each worker pod (default 320Gi)")
+    kuberay_parser.set_defaults(run=_kuberay)
     return parser
 
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+import ray
 
 from pagedserve.cluster.metrics import (
     GAUGES,
@@ -96,6 +97,11 @@ def test_metrics_reach_rays_endpoint_and_count_the_tokens_served(serve_instance,
     ttft = sum(_samples(text, "time_to_first_token_seconds_sum", model))
     e2e = sum(_samples(text, "e2e_request_latency_seconds_sum", model))
     assert 0 < ttft < e2e
+    # Every series names the Ray node its replica runs on.
+    series = [line for line in text.splitlines()
+              if line.startswith("ray_pagedserve_") and f'model_name="{model}"' in line]
+    nodes = {re.search(r'node_id="([^"]*)"', line).group(1) for line in series}
+    assert nodes and nodes <= {node["NodeID"] for node in ray.nodes()}, nodes
 
 
 def _by_replica(text: str, metric: str, model: str) -> dict[str, float]:
@@ -213,11 +219,27 @@ def test_kv_utilization_scales_up_under_load_and_down_when_idle(serve_instance):
         serve.delete("scaling")
 
 
-def test_grafana_dashboard_plots_every_metric():
+def _dashboard() -> dict:
     import json
 
-    dashboard = json.loads((CONFIGS.parent / "dashboards" / "grafana-pagedserve.json").read_text())
-    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    return json.loads((CONFIGS.parent / "dashboards" / "grafana-pagedserve.json").read_text())
+
+
+def test_grafana_dashboard_plots_every_metric():
+    panels = _dashboard()["panels"]
+    exprs = " ".join(t["expr"] for p in panels for t in p.get("targets", []))
     for name in [*GAUGES, *STEP_COUNTERS, *LORA_COUNTERS, *REQUEST_COUNTERS, *HISTOGRAMS,
                  "lora_requests_info"]:
         assert f"ray_pagedserve_{name}" in exprs, name
+
+
+def test_grafana_dashboard_has_a_per_node_view():
+    dashboard = _dashboard()
+    assert "node_id" in {variable["name"] for variable in dashboard["templating"]["list"]}
+    panels = dashboard["panels"]
+    row = next(i for i, p in enumerate(panels) if p["type"] == "row" and p["title"] == "Per node")
+    per_node = panels[row + 1:]
+    assert len(per_node) >= 3
+    for panel in per_node:
+        for target in panel["targets"]:
+            assert "by (node_id)" in target["expr"] and '$node_id' in target["expr"], target

@@ -54,12 +54,10 @@ SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_ING
              "RAY_SERVE_PORT_QUARANTINE_S": "0"}
 
 
-def serve_environment(config: Config | None = None) -> None:
-    """Put SERVE_ENV in this process's environment (a value already set wins).
-
-    With a config, its `serving.direct_ingress`: on, the ingress replica takes
-    `serving.port` (one ingress replica per node); off, the proxy does.
-    """
+def serve_env(config: Config | None = None) -> dict[str, str]:
+    """The environment Serve's processes need: SERVE_ENV, and with a config its
+    `serving.direct_ingress`: on, the ingress replica takes `serving.port` (one
+    ingress replica per node); off, the proxy does."""
     env = dict(SERVE_ENV)
     if config is not None and config.serving.direct_ingress:
         port = config.serving.port  # the range is [min, max)
@@ -67,7 +65,12 @@ def serve_environment(config: Config | None = None) -> None:
                 "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1)}
     elif config is not None:
         env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "0"
-    for name, value in env.items():
+    return env
+
+
+def serve_environment(config: Config | None = None) -> None:
+    """Put serve_env(config) in this process's environment (a value already set wins)."""
+    for name, value in serve_env(config).items():
         os.environ.setdefault(name, value)
 
 

@@ -3,7 +3,8 @@
 Names follow vLLM's (`vllm:num_requests_running` ...) with `pagedserve_` for
 `vllm:`: Ray's metric pipeline drops names that contain a colon, and adds its
 own `ray_` prefix, so Prometheus sees `ray_pagedserve_num_requests_running`.
-Every series is tagged with the served model's name and the replica.
+Every series is tagged with the served model's name, the replica and the Ray node id
+of the node it runs on (the dashboard's per-node view sums by it).
 
 The engine's step thread calls `record_step` after each step (gauges, and counters by
 their change since the last step); `LLMServer.generate` calls
@@ -20,7 +21,7 @@ from pagedserve.engine.stats import EngineStats
 from pagedserve.outputs import RequestOutput
 
 PREFIX = "pagedserve_"
-TAG_KEYS = ("model_name", "replica")
+TAG_KEYS = ("model_name", "replica", "node_id")
 # Seconds: from 1 ms to 10 min, like vLLM's latency buckets.
 LATENCY_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
                    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0]
@@ -58,8 +59,8 @@ HISTOGRAMS = {
 
 
 class EngineMetrics:
-    def __init__(self, model_name: str, replica: str) -> None:
-        tags = {"model_name": model_name, "replica": replica}
+    def __init__(self, model_name: str, replica: str, node_id: str) -> None:
+        tags = {"model_name": model_name, "replica": replica, "node_id": node_id}
 
         def make(kind, name: str, description: str, **options):
             return kind(PREFIX + name, description, tag_keys=TAG_KEYS,

@@ -20,6 +20,8 @@ import resource
 from collections.abc import AsyncIterator
 from typing import Any
 
+import ray
+
 from pagedserve.cluster import autoscaling, routing
 from pagedserve.cluster.channel import Outbox
 from pagedserve.cluster.metrics import EngineMetrics
@@ -51,7 +53,7 @@ class LLMServer:
     def __init__(self, config: Config) -> None:
         normal_priority("the LLMServer replica")
         self.config = config
-        self.metrics = EngineMetrics(served_model_name(config), _replica_name())
+        self.metrics = EngineMetrics(served_model_name(config), _replica_name(), _node_id())
         self.engine = AsyncLLMEngine.from_config(config)
         self.engine.on_step = self.metrics.record_step
         self._outboxes: dict[Any, Outbox] = {}  # by the ingress replica's Inbox actor
@@ -165,6 +167,11 @@ def wire_deltas(params: SamplingParams) -> bool:
 def _peak_rss_bytes() -> int:
     """The most resident memory this process has held (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _node_id() -> str:
+    """The Ray node this process runs on, or "local" outside Ray."""
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
 
 def _replica_name() -> str:

@@ -17,7 +17,15 @@ and streams left after a few chunks):
    resident memory before and after.
 4. After each phase: blocks still allocated (leaked) and requests still queued.
 
+With `--nodes N`, a cluster of N nodes on this machine instead
+(`ray.cluster_utils.Cluster`: the head with two CPUs, N - 1 worker nodes with
+one each), and one phase: two replicas on two worker nodes under 32 clients for
+`--fault-s` seconds, and at a third of the way the node holding one replica
+(and its worker, not the ingress) is removed. Reported: the outcomes, seconds
+from the removal to two replicas serving again, and blocks leaked on both.
+
     python benchmarks/reliability.py [--clients 16 64 128] [--phase-s 30] [--fault-s 90]
+    python benchmarks/reliability.py --nodes 3 [--fault-s 60]
 """
 
 from __future__ import annotations
@@ -124,15 +132,100 @@ def flood_phase(port: int, count: int) -> dict:
     return result
 
 
+def node_loss(cluster, port: int, duration_s: float) -> dict:
+    from ray.util.placement_group import remove_placement_group
+
+    from pagedserve.testing.nodes import hold_cpus, ingress_node, replica_nodes, replica_stats
+
+    data = load(CONFIGS / "tiny-cpu.yaml").model_dump()
+    data["parallel"].update(worker_cpus=0.9)  # a replica and its worker per one-CPU node
+    data["autoscaling"].update(min_replicas=2, max_replicas=2)
+    data["serving"].update(health_check_period_s=1.0, health_check_timeout_s=10.0)
+    held = hold_cpus(2)  # the head's: the two replicas start on worker nodes
+    try:
+        serve.run(build(parse(data)), name="nodes", route_prefix="/")
+    finally:
+        remove_placement_group(held)  # the lost replica's replacement may go there
+    url = f"http://127.0.0.1:{port}"
+    placed = replica_nodes(url, 2)
+    ingress = ingress_node("nodes")
+    victim = next(pid for pid, node in placed.items() if node != ingress)
+    node = next(n for n in cluster.worker_nodes if n.node_id == placed[victim])
+    result: dict = {}
+
+    def run_load() -> None:
+        result["load"] = asyncio.run(mixed_load(url, MODEL, clients=32, duration_s=duration_s,
+                                                seed=7)).summary()
+
+    loader = threading.Thread(target=run_load)
+    start = time.monotonic()
+    loader.start()
+    time.sleep(duration_s / 3)
+    removed_at = time.monotonic()
+    cluster.remove_node(node)
+    while victim in (now := replica_nodes(url, 2, timeout=300)):
+        time.sleep(0.2)
+    result["recovery_s"] = time.monotonic() - removed_at
+    result["removed_at_s"] = removed_at - start
+    result["removed_node"] = placed[victim]
+    result["replica_nodes_after"] = sorted(now.values())
+    loader.join()
+    for _ in range(100):  # the clients are gone: what the replicas still hold
+        idle = replica_stats(url, 2)
+        if all(s["num_running"] == s["num_waiting"] == 0 for s in idle.values()):
+            break
+        time.sleep(0.1)
+    result["blocks_leaked"] = sum(s["total_blocks"] - s["free_blocks"] for s in idle.values())
+    result["requests_queued"] = sum(s["num_running"] + s["num_waiting"] for s in idle.values())
+    serve.delete("nodes")
+    return result
+
+
+def main_nodes(args: argparse.Namespace) -> None:
+    from ray.cluster_utils import Cluster
+
+    serve_environment()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2,
+                                                            "include_dashboard": False})
+    for _ in range(args.nodes - 1):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="ERROR")
+    port = free_port()
+    # One proxy, on the head: the nodes share this machine's ports.
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    lost = node_loss(cluster, port, args.fault_s)
+    f = lost["load"]
+    print(f"node removed under load ({args.nodes} nodes, 32 clients, {args.fault_s:.0f} s, "
+          f"removed at {lost['removed_at_s']:.0f} s): sent {f['sent']}, ok {f['ok']}, "
+          f"left {f['left']}, refused {f['refused']}, errored {f['errored']}, lost {f['lost']}; "
+          f"two replicas serving again after {lost['recovery_s']:.1f} s; blocks leaked "
+          f"{lost['blocks_leaked']}, queued {lost['requests_queued']}")
+    for failure in f["failures"]:
+        print("  e.g.", failure)
+    serve.shutdown()
+    ray.shutdown()
+    cluster.shutdown()
+    (args.out_dir / "reliability-nodes.json").write_text(json.dumps(dict(
+        date=datetime.date.today().isoformat(), machine=platform.machine(), cpus=os.cpu_count(),
+        args={k: str(v) for k, v in vars(args).items()}, node_loss=lost), indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[16, 64, 128])
     parser.add_argument("--phase-s", type=float, default=30.0)
     parser.add_argument("--fault-s", type=float, default=90.0)
     parser.add_argument("--flood", type=int, default=2000)
+    parser.add_argument("--nodes", type=int, default=1,
+                        help="nodes of a simulated cluster (>= 3: the node-loss phase only)")
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    if args.nodes > 1:
+        if args.nodes < 3:
+            parser.error("--nodes: at least 3 (the head and two worker nodes, one per replica)")
+        return main_nodes(args)
 
     serve_environment()
     port = free_port()

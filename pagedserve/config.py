@@ -55,6 +55,12 @@ class ModelConfig(_Strict):
     max_model_len: int | None = Field(default=None, gt=0)
     skip_tokenizer_init: bool = False
     load_format: Literal["auto", "safetensors", "dummy"] = "auto"
+    # How Ray worker ranks get the weights. files: each rank reads its slices of the
+    # safetensors files on its own node, so every node needs them (a shared
+    # filesystem, or a hub id each node resolves). object_store: the engine reads
+    # the files once and the ranks take them from Ray's object store, one copy per
+    # node: no other node needs the files.
+    weights_transfer: Literal["files", "object_store"] = "files"
     # A model directory may name Python files of its own (config.json's auto_map);
     # they run only when this is true. Off, such a model is refused.
     trust_remote_code: bool = False

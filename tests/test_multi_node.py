@@ -7,6 +7,8 @@ of its own), and engines run across them.
 - A model directory that a rank's node lacks fails at start with the node, the
   path and the remedy named; a hub id is resolved again on each rank's node,
   through that node's hub cache.
+- weights_transfer='object_store': the engine reads the files once, and ranks
+  that have no files load from the object store's copy.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from transformers import AutoModelForCausalLM
 from pagedserve import LLM, SamplingParams
 from pagedserve.config import EngineConfig, ModelConfig, ParallelConfig
 from pagedserve.testing import build_random_model
+from pagedserve.testing.nodes import hold_cpus
 from pagedserve.worker.errors import WorkerFailedError
 
 HUB_ID = "pagedserve-tests/tiny-llama"
@@ -77,6 +80,12 @@ def hf_greedy(tiny):
                 [0, len(p):].tolist() for p in PROMPTS]
 
 
+def _tiny_state(tiny: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(tiny.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
 def _greedy(llm: LLM) -> list[list[int]]:
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
@@ -113,13 +122,12 @@ def _resolved(tiny: Path):
 
 
 @pytest.fixture
-def head_taken(nodes, ray_cluster):
-    """The head's two CPUs held by a placement group of their own (no other node has
-    two), so that ranks of a CPU each go to the worker nodes."""
-    from ray.util.placement_group import placement_group, remove_placement_group
+def head_taken(nodes):
+    """The head's two CPUs held (no worker node has two), so that ranks of a CPU each
+    go to the worker nodes."""
+    from ray.util.placement_group import remove_placement_group
 
-    group = placement_group([{"CPU": 2}])
-    assert group.wait(timeout_seconds=60)
+    group = hold_cpus(2)
     yield
     remove_placement_group(group)
 
@@ -152,3 +160,38 @@ def test_a_hub_id_is_resolved_on_each_ranks_node_through_its_hub_cache(nodes, he
     with pytest.raises(WorkerFailedError, match=r"node .*could not resolve the hub id "
                                                 r"'pagedserve-tests/absent'"):
         _executor(dataclasses.replace(info, hub_id="pagedserve-tests/absent"), worker_cpus=1.0)
+
+
+def test_object_store_weights_give_hfs_tokens_across_nodes(nodes, tiny, hf_greedy):
+    llm = LLM(str(tiny), **ENGINE, **SPREAD, weights_transfer="object_store")
+    try:
+        assert len({node for node, _ in llm.engine.executor.rank_nodes}) == 2
+        assert _greedy(llm) == hf_greedy
+    finally:
+        llm.shutdown()
+
+
+def test_a_rank_given_the_stored_checkpoint_reads_no_files(ray_cluster, tiny, hf_greedy):
+    """The rank's side of weights_transfer='object_store', in this process: its model
+    directory does not exist, and it loads the weights from the store's copy."""
+    from pagedserve.worker.ray_executor import RayWorker
+    from pagedserve.worker.ray_utils import checkpoint_for_store
+
+    info = _resolved(tiny)
+    stored = [ray_cluster.put(checkpoint_for_store(info))]
+    rank = RayWorker(0)
+    engine = EngineConfig(**{k: v for k, v in ENGINE.items() if k not in ("max_model_len",
+                                                                          "dtype")})
+    nowhere = dataclasses.replace(info, model_dir=Path("/nonexistent/model"))
+    threads = torch.get_num_threads()  # the rank sets its own: this process's, here
+    rank.init_worker(nowhere, engine, "auto", 1, rank.rendezvous_address(), 60.0, 1.0, stored)
+    try:
+        loaded = dict(rank.worker.model.state_dict())
+        expected = _tiny_state(tiny)
+        assert loaded["model.embed_tokens.weight"].equal(expected["model.embed_tokens.weight"])
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        torch.set_num_threads(threads)

@@ -132,9 +132,12 @@ class Receiver:
     def inbox(self) -> Any:
         """The Inbox actor, started on first use on this node (again after a failure)."""
         if self._inbox is None:
+            # On this node and no other (not soft: a soft affinity was seen to place it on
+            # another node): the inbox then lives and dies with the ingress's node, and a
+            # lost node takes only the requests of its own replicas.
             node = ray.get_runtime_context().get_node_id()
             self._inbox = Inbox.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-                node, soft=True)).remote()
+                node, soft=False)).remote()
             self._reader = _background(self._read(self._inbox))
         return self._inbox
 

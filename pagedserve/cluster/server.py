@@ -133,7 +133,8 @@ class LLMServer:
         """KV memory stats and queue lengths, read between steps, and where the engine runs
         (for operators, and the fault tests, to find it)."""
         return {**await self.engine.get_memory_stats(), "pid": os.getpid(),
-                "worker_pids": self.engine.worker_pids, "peak_rss_bytes": _peak_rss_bytes()}
+                "node_id": _node_id(), "worker_pids": self.engine.worker_pids,
+                "peak_rss_bytes": _peak_rss_bytes()}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """What the autoscaling policies read (cluster/autoscaling.py), as of the last step."""

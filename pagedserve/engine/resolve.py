@@ -64,6 +64,7 @@ def resolve(model: ModelConfig, device: torch.device,
         gguf_file=gguf,
         tokenizer_dir=tokenizer_dir,
         hub_id=hub_id,
+        weights_transfer=model.weights_transfer,
     )
 
 

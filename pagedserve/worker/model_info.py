@@ -34,6 +34,7 @@ class ModelInfo:
     # model.path when it is a hub id: a worker on another node resolves it through that
     # node's own hub cache, since model_dir is a path on the engine's node.
     hub_id: str | None = None
+    weights_transfer: str = "files"  # model.weights_transfer
 
     @property
     def tokenizer_path(self) -> Path:

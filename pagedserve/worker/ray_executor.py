@@ -52,9 +52,11 @@ from pagedserve.worker.errors import WorkerFailedError
 from pagedserve.worker.model_info import ModelInfo
 from pagedserve.worker.ray_utils import (
     check_cluster_fits,
+    checkpoint_for_store,
     init_ray,
     model_files_here,
     normal_priority,
+    stored_checkpoint,
 )
 from pagedserve.worker.worker import Worker, kv_block_bytes, make_worker
 
@@ -93,8 +95,12 @@ class RayWorker:
         return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
 
     def init_worker(self, info: ModelInfo, engine: EngineConfig, load_format: str, size: int,
-                    init_method: str, timeout_s: float, reserved_cpus: float) -> None:
-        if load_format != "dummy":
+                    init_method: str, timeout_s: float, reserved_cpus: float,
+                    stored: list | None = None) -> None:
+        """`stored`: [the object-store ref of the checkpoint] (weights_transfer
+        object_store), else None: the rank reads the files on its node."""
+        checkpoint = stored_checkpoint(ray.get(stored[0])) if stored else None
+        if load_format != "dummy" and checkpoint is None:
             info = model_files_here(info, self.rank)
         if engine.simulator is not None:  # no collectives: every rank sleeps the same step
             self.worker = make_worker(info, engine, load_format, TPGroup(self.rank, size))
@@ -105,7 +111,7 @@ class RayWorker:
         else:
             cpu_threads.apply(engine.cpu_threads, reserved_cpus)
         tp = init_tp_group(self.rank, size, init_method, backend, timeout_s)
-        self.worker = make_worker(info, engine, load_format, tp)
+        self.worker = make_worker(info, engine, load_format, tp, checkpoint)
 
     def num_available_blocks(self, max_num_batched_tokens: int) -> int:
         return self.worker.num_available_blocks(max_num_batched_tokens)
@@ -160,8 +166,12 @@ class RayExecutor:
         self.rank_nodes = self._call(self.workers, "node")  # (node id, address) per rank
         self._log_placement(parallel)
         init_method = self._call([self.workers[0]], "rendezvous_address")[0]
+        stored = None
+        if info.weights_transfer == "object_store" and load_format != "dummy":
+            stored = [ray.put(checkpoint_for_store(info))]  # in a list: each rank gets it
         self.call_all("init_worker", info, engine, load_format, self.size, init_method,
-                      self.timeout_s, parallel.worker_cpus)
+                      self.timeout_s, parallel.worker_cpus, stored)
+        del stored  # the store drops its copy once no rank holds the ref
         self.worker_pids = self.call_all("pid")
         logger.info("%d tensor-parallel workers ready (%s, rendezvous %s)", self.size,
                     info.device.type, init_method)

@@ -10,12 +10,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import warnings
 from pathlib import Path
 
+import numpy as np
 import ray
 import torch
 
 from pagedserve.worker.model_info import HUB_PATTERNS, ModelInfo
+from pagedserve.worker.models import read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -92,3 +95,28 @@ def model_files_here(info: ModelInfo, rank: int) -> ModelInfo:
         "started the engine): put the model on a filesystem that every node mounts at the "
         "same path, or give model.path as a hub id, which each node resolves through its "
         "own hub cache")
+
+
+def checkpoint_for_store(info: ModelInfo) -> dict[str, tuple[np.ndarray, str, tuple[int, ...]]]:
+    """The model's safetensors, read once here, as raw bytes for Ray's object store.
+
+    Numpy arrays are read from the store without a copy, by every rank of a node
+    (torch tensors would be unpickled into each rank's memory): each tensor
+    travels as its bytes, its dtype's name and its shape.
+    """
+    if info.gguf_file is not None:
+        raise ValueError("model.weights_transfer='object_store' ships safetensors checkpoints; "
+                         f"{info.gguf_file.name} is a GGUF file: use weights_transfer 'files'")
+    return {name: (tensor.contiguous().view(-1).view(torch.uint8).numpy(),
+                   str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape))
+            for name, tensor in read_checkpoint(info.model_dir).items()}
+
+
+def stored_checkpoint(stored: dict[str, tuple[np.ndarray, str, tuple[int, ...]]]
+                      ) -> dict[str, torch.Tensor]:
+    """checkpoint_for_store's tensors again, as views of the store's read-only memory
+    (the weight loaders copy out only this rank's slices)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return {name: torch.from_numpy(data).view(getattr(torch, dtype)).view(shape)
+                for name, (data, dtype, shape) in stored.items()}

@@ -56,13 +56,14 @@ def kv_block_bytes(info: ModelInfo, block_size: int, tp_size: int) -> int:
 
 class Worker:
     def __init__(self, info: ModelInfo, engine: EngineConfig, load_format: str,
-                 tp: TPGroup = TPGroup()) -> None:
+                 tp: TPGroup = TPGroup(), checkpoint: dict[str, torch.Tensor] | None = None
+                 ) -> None:
         self.info = info
         self.engine = engine
         self.tp = tp
         self.model = build_model(info.hf_config, info.model_dir, max_position=info.max_model_len,
                                  dtype=info.dtype, device=info.device, load_format=load_format,
-                                 tp=tp, gguf_file=info.gguf_file)
+                                 tp=tp, gguf_file=info.gguf_file, checkpoint=checkpoint)
         self.attention = select_attention_backend(engine.attention_backend, info.device,
                                                   self.kv_block_shape[1])
         self.runner = ModelRunner(self.model, engine.block_size, self.attention, info.device,
@@ -201,11 +202,12 @@ def _fill_placeholders(step: StepInput, tokens: dict[int, int]) -> StepInput:
 
 
 def make_worker(info: ModelInfo, engine: EngineConfig, load_format: str,
-                tp: TPGroup = TPGroup()) -> Worker | SimulatedWorker:
+                tp: TPGroup = TPGroup(), checkpoint: dict[str, torch.Tensor] | None = None
+                ) -> Worker | SimulatedWorker:
     """A worker on the device, or on the simulated accelerator the config names."""
     if engine.simulator is not None:
         return SimulatedWorker(info, engine, tp.rank, tp.size)
-    return Worker(info, engine, load_format, tp)
+    return Worker(info, engine, load_format, tp, checkpoint)
 
 
 def _layer_caches(kv_pool: torch.Tensor) -> list[KVCache]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from pagedserve.worker.distributed import TPGroup
@@ -32,11 +33,13 @@ def model_class(hf_config) -> type[nn.Module]:
 
 def build_model(hf_config, model_dir: Path, *, max_position: int, dtype: torch.dtype,
                 device: torch.device, load_format: str, tp: TPGroup = TPGroup(),
-                gguf_file: Path | None = None, pack_cpu_weights: bool = True) -> nn.Module:
+                gguf_file: Path | None = None, pack_cpu_weights: bool = True,
+                checkpoint: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """This rank's shard of the model, with its weights (or random ones for "dummy").
 
-    Weights come from the safetensors files of `model_dir`, or from `gguf_file`
-    when set. Parameters are created on `device` in `dtype` and left
+    Weights come from `checkpoint` when given (whole tensors by checkpoint name:
+    the object store's copy), else from the safetensors files of `model_dir`, or
+    from `gguf_file` when set. Parameters are created on `device` in `dtype` and left
     uninitialised until they are loaded or drawn; buffers built in float32 (the
     rotary table) are cast after. On the CPU, linear weights are then packed for
     oneDNN's GEMM (layers/linear.py), unless `pack_cpu_weights` is False.
@@ -46,6 +49,8 @@ def build_model(hf_config, model_dir: Path, *, max_position: int, dtype: torch.d
     model.to(dtype=dtype)
     if load_format == "dummy":
         _init_dummy(model)
+    elif checkpoint is not None:
+        load_weights(model, checkpoint.items(), "the object store's checkpoint")
     elif gguf_file is not None:
         load_weights(model, gguf_tensors(gguf_file, hf_config, checkpoint_names(model)),
                      str(gguf_file))
@@ -55,6 +60,14 @@ def build_model(hf_config, model_dir: Path, *, max_position: int, dtype: torch.d
     if device.type == "cpu" and pack_cpu_weights:
         pack_linear_weights(model)
     return model
+
+
+def read_checkpoint(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the directory's safetensors files, read whole (for the object store)."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+    return {name: tensor for file in files for name, tensor in load_file(file).items()}
 
 
 def _safetensors(model_dir: Path) -> Iterator[tuple[str, object]]:

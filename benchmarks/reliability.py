@@ -88,16 +88,23 @@ def recovery_s(url: str, old_pid: int, killed_at: float) -> float:
         time.sleep(0.2)
 
 
-def faults(url: str, duration_s: float) -> dict:
-    result: dict = {}
+def background_load(url: str, duration_s: float, result: dict) -> threading.Thread:
+    """32 mixed clients for `duration_s` in a thread of their own; their summary goes
+    to result["load"]."""
 
     def run_load() -> None:
         result["load"] = asyncio.run(mixed_load(url, MODEL, clients=32, duration_s=duration_s,
                                                 seed=7)).summary()
 
     loader = threading.Thread(target=run_load)
-    start = time.monotonic()
     loader.start()
+    return loader
+
+
+def faults(url: str, duration_s: float) -> dict:
+    result: dict = {}
+    start = time.monotonic()
+    loader = background_load(url, duration_s, result)
     for name, at in (("worker", 1 / 3), ("replica", 2 / 3)):
         time.sleep(max(0.0, start + duration_s * at - time.monotonic()))
         before = stats(url)
@@ -152,14 +159,8 @@ def node_loss(cluster, port: int, duration_s: float) -> dict:
     victim = next(pid for pid, node in placed.items() if node != ingress)
     node = next(n for n in cluster.worker_nodes if n.node_id == placed[victim])
     result: dict = {}
-
-    def run_load() -> None:
-        result["load"] = asyncio.run(mixed_load(url, MODEL, clients=32, duration_s=duration_s,
-                                                seed=7)).summary()
-
-    loader = threading.Thread(target=run_load)
     start = time.monotonic()
-    loader.start()
+    loader = background_load(url, duration_s, result)
     time.sleep(duration_s / 3)
     removed_at = time.monotonic()
     cluster.remove_node(node)

@@ -126,6 +126,27 @@ def cluster():
     local.shutdown()
 
 
+@contextlib.contextmanager
+def worker_nodes(cluster, *options: dict):
+    """Worker nodes added to the session's cluster, one per dict of `add_node` options.
+    At the end those still there are removed, and the cluster is back to the CPUs it
+    had, so that later tests see the cluster they expect."""
+    import ray
+
+    before = ray.cluster_resources().get("CPU", 0)
+    added = [cluster.add_node(**node_options) for node_options in options]
+    cluster.wait_for_nodes()
+    try:
+        yield added
+    finally:
+        for node in added:
+            if node in cluster.worker_nodes:
+                cluster.remove_node(node)
+        deadline = time.monotonic() + 60
+        while ray.cluster_resources().get("CPU", 0) != before and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(cluster):
     """This process connected to the session's Ray cluster."""

@@ -16,11 +16,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import worker_nodes
 from transformers import AutoModelForCausalLM
 
 from pagedserve import LLM, SamplingParams
@@ -28,6 +28,7 @@ from pagedserve.config import EngineConfig, ModelConfig, ParallelConfig
 from pagedserve.testing import build_random_model
 from pagedserve.testing.nodes import hold_cpus
 from pagedserve.worker.errors import WorkerFailedError
+from pagedserve.worker.models import read_checkpoint
 
 HUB_ID = "pagedserve-tests/tiny-llama"
 ENGINE = dict(block_size=8, max_model_len=128, dtype="float32", device="cpu",
@@ -54,22 +55,11 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def nodes(cluster, ray_cluster, tiny, tmp_path_factory):
-    """Two worker nodes of one CPU, each with its own hub cache holding HUB_ID; removed
-    at the end, and the cluster is back to its head alone."""
-    ray = ray_cluster
-    before = ray.cluster_resources().get("CPU", 0)
-    added = []
-    for name in ("a", "b"):
-        cache = _hub_cache(tmp_path_factory.mktemp(f"hub-{name}"), tiny)
-        added.append(cluster.add_node(num_cpus=1, resources={f"node_{name}": 1}, env_vars={
-            "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}))
-    cluster.wait_for_nodes()
-    yield added
-    for node in added:
-        cluster.remove_node(node)
-    deadline = time.monotonic() + 60
-    while ray.cluster_resources().get("CPU", 0) != before and time.monotonic() < deadline:
-        time.sleep(0.2)
+    """Two worker nodes of one CPU, each with its own hub cache holding HUB_ID."""
+    caches = [_hub_cache(tmp_path_factory.mktemp(f"hub-{name}"), tiny) for name in "ab"]
+    with worker_nodes(cluster, *({"num_cpus": 1, "env_vars": {
+            "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}} for cache in caches)) as added:
+        yield added
 
 
 @pytest.fixture(scope="module")
@@ -78,12 +68,6 @@ def hf_greedy(tiny):
     with torch.inference_mode():
         return [model.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False)
                 [0, len(p):].tolist() for p in PROMPTS]
-
-
-def _tiny_state(tiny: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return {k: v for f in sorted(tiny.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
 def _greedy(llm: LLM) -> list[list[int]]:
@@ -171,7 +155,7 @@ def test_object_store_weights_give_hfs_tokens_across_nodes(nodes, tiny, hf_greed
         llm.shutdown()
 
 
-def test_a_rank_given_the_stored_checkpoint_reads_no_files(ray_cluster, tiny, hf_greedy):
+def test_a_rank_given_the_stored_checkpoint_reads_no_files(ray_cluster, tiny):
     """The rank's side of weights_transfer='object_store', in this process: its model
     directory does not exist, and it loads the weights from the store's copy."""
     from pagedserve.worker.ray_executor import RayWorker
@@ -187,7 +171,7 @@ def test_a_rank_given_the_stored_checkpoint_reads_no_files(ray_cluster, tiny, hf
     rank.init_worker(nowhere, engine, "auto", 1, rank.rendezvous_address(), 60.0, 1.0, stored)
     try:
         loaded = dict(rank.worker.model.state_dict())
-        expected = _tiny_state(tiny)
+        expected = read_checkpoint(tiny)
         assert loaded["model.embed_tokens.weight"].equal(expected["model.embed_tokens.weight"])
     finally:
         import torch.distributed as dist

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port
+from conftest import free_port, worker_nodes
 
 from pagedserve.config import load, parse
 from pagedserve.testing.nodes import hold_cpus, ingress_node, replica_nodes, replica_stats
@@ -37,18 +37,10 @@ WORKER_CPUS = 0.9
 
 @pytest.fixture(scope="module")
 def two_nodes(cluster, ray_cluster):
-    """Two one-CPU worker nodes; removed at the end (those still there), and the
-    cluster is back to its head alone."""
-    before = ray_cluster.cluster_resources().get("CPU", 0)
-    added = [cluster.add_node(num_cpus=1, metrics_export_port=free_port()) for _ in range(2)]
-    cluster.wait_for_nodes()
-    yield cluster, added
-    for node in added:
-        if node in cluster.worker_nodes:
-            cluster.remove_node(node)
-    deadline = time.monotonic() + 60
-    while ray_cluster.cluster_resources().get("CPU", 0) != before and time.monotonic() < deadline:
-        time.sleep(0.2)
+    """Two one-CPU worker nodes, each with a metrics port of its own."""
+    with worker_nodes(cluster, *({"num_cpus": 1, "metrics_export_port": free_port()}
+                                 for _ in range(2))) as added:
+        yield cluster, added
 
 
 def _hold_head():

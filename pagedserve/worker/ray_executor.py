@@ -55,6 +55,7 @@ from pagedserve.worker.ray_utils import (
     checkpoint_for_store,
     init_ray,
     model_files_here,
+    node_here,
     normal_priority,
     stored_checkpoint,
 )
@@ -92,7 +93,7 @@ class RayWorker:
 
     def node(self) -> tuple[str, str]:
         """(node id, node address) of the node this rank runs on."""
-        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+        return node_here()
 
     def init_worker(self, info: ModelInfo, engine: EngineConfig, load_format: str, size: int,
                     init_method: str, timeout_s: float, reserved_cpus: float,
@@ -167,7 +168,8 @@ class RayExecutor:
         self._log_placement(parallel)
         init_method = self._call([self.workers[0]], "rendezvous_address")[0]
         stored = None
-        if info.weights_transfer == "object_store" and load_format != "dummy":
+        if (info.weights_transfer == "object_store" and load_format != "dummy"
+                and engine.simulator is None):  # a simulated accelerator loads nothing
             stored = [ray.put(checkpoint_for_store(info))]  # in a list: each rank gets it
         self.call_all("init_worker", info, engine, load_format, self.size, init_method,
                       self.timeout_s, parallel.worker_cpus, stored)

@@ -65,6 +65,11 @@ def cluster_device(name: str) -> torch.device:
     return torch.device("cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu")
 
 
+def node_here() -> tuple[str, str]:
+    """(Ray node id, node address) of the node this process runs on."""
+    return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+
+
 def model_files_here(info: ModelInfo, rank: int) -> ModelInfo:
     """`info` with model files that exist on this rank's node.
 
@@ -76,7 +81,7 @@ def model_files_here(info: ModelInfo, rank: int) -> ModelInfo:
     needed = [path for path in (info.model_dir, info.gguf_file) if path is not None]
     if all(path.exists() for path in needed):
         return info
-    node, address = ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+    node, address = node_here()
     where = f"tensor-parallel rank {rank} runs on node {node} ({address})"
     if info.hub_id is not None:
         from huggingface_hub import snapshot_download

@@ -164,12 +164,14 @@ void attend(const at::Tensor& query, const at::Tensor& key_cache, const at::Tens
       }
       // Both passes walk the table block by block (a division per position would cost
       // more than the position's arithmetic).
+      const int64_t num_blocks = (context + block_size - 1) / block_size;
       // Pass 1: scores of every vector against every context position it may see. Rows
       // are causal: the vectors from `first` on see position t.
-      for (int64_t b = 0, t = 0; t < context; ++b) {
+      for (int64_t b = 0; b < num_blocks; ++b) {
+        const int64_t block_start = b * block_size;
+        const int64_t end = std::min(context, block_start + block_size);
         const scalar_t* k_row = k_data + table[b] * block_stride + item.kv_head * head_dim;
-        for (const int64_t end = std::min(context, t + block_size); t < end;
-             ++t, k_row += token_stride) {
+        for (int64_t t = block_start; t < end; ++t, k_row += token_stride) {
           prefetch_row(k_row + kPrefetch * token_stride, head_dim);
           const float* k = as_float(k_row, row.data(), head_dim);
           const int64_t first = std::max<int64_t>(0, t - prefix - item.row_begin) * group;
@@ -205,9 +207,10 @@ void attend(const at::Tensor& query, const at::Tensor& key_cache, const at::Tens
       }
       // Pass 2: the probabilities times V, kVRows positions of a block at a time, so that
       // each vector's accumulator is loaded and stored once per kVRows rows of V.
-      for (int64_t b = 0, block_start = 0; block_start < context; ++b, block_start += block_size) {
-        const scalar_t* v_block = v_data + table[b] * block_stride + item.kv_head * head_dim;
+      for (int64_t b = 0; b < num_blocks; ++b) {
+        const int64_t block_start = b * block_size;
         const int64_t end = std::min(context, block_start + block_size);
+        const scalar_t* v_block = v_data + table[b] * block_stride + item.kv_head * head_dim;
         for (int64_t t0 = block_start; t0 < end; t0 += kVRows) {
           const int64_t count = std::min<int64_t>(kVRows, end - t0);
           for (int64_t j = 0; j < kVRows; ++j)

@@ -64,10 +64,15 @@ def build_model(hf_config, model_dir: Path, *, max_position: int, dtype: torch.d
 
 def read_checkpoint(model_dir: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the directory's safetensors files, read whole (for the object store)."""
+    return {name: tensor for file in _safetensors_files(model_dir)
+            for name, tensor in load_file(file).items()}
+
+
+def _safetensors_files(model_dir: Path) -> list[Path]:
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
-    return {name: tensor for file in files for name, tensor in load_file(file).items()}
+    return files
 
 
 def _safetensors(model_dir: Path) -> Iterator[tuple[str, object]]:
@@ -75,10 +80,7 @@ def _safetensors(model_dir: Path) -> Iterator[tuple[str, object]]:
 
     Tensors are opened as safetensors slices: nothing is read until indexed.
     """
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
-    for file in files:
+    for file in _safetensors_files(model_dir):
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
                 yield name, f.get_slice(name)

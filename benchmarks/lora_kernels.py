@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from kernels import copy_bandwidth, median_ms
+from attention_kernels import copy_bandwidth, median_ms
 
 from pagedserve.kernels import lora, reference
 from pagedserve.worker.layers.lora import LoRABatch

@@ -9,6 +9,7 @@ the final usage chunk.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -127,4 +128,7 @@ def free_port() -> int:
 
 
 if __name__ == "__main__":
-    client_main(sys.argv[1])
+    parser = argparse.ArgumentParser(description="The streaming clients of gpu_rate.py "
+                                     "--served, as run_clients starts them.")
+    parser.add_argument("spec", help="JSON file: url, model, prompts (token ids), max_tokens")
+    client_main(parser.parse_args().spec)

@@ -88,7 +88,10 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     args = parser.parse_args()
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
-    # This directory's kernels.py would shadow the `kernels` package transformers looks for.
+    # vLLM's own environment (benchmarks/.venvs/vllm) has other top-level packages than
+    # ours, so a script's name here could shadow one of them (as kernels.py, now
+    # attention_kernels.py, once shadowed transformers' `kernels`): keep this directory
+    # off the path.
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [path for path in sys.path if os.path.abspath(path or ".") != here]
 

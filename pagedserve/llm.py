@@ -10,6 +10,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from pagedserve import config as config_module
+from pagedserve.chat_template import load_chat_template, render_chat
 from pagedserve.config import Config, config_from_fields
 from pagedserve.engine.core import EngineCore, PromptInput
 from pagedserve.errors import RequestError
@@ -36,6 +37,13 @@ class LLM:
         self.config = config
         self.engine = EngineCore.from_config(config)
         self._request_ids = itertools.count()
+
+    @property
+    def llm_engine(self) -> EngineCore:
+        """The engine, by vLLM's name (also `engine`): `llm.llm_engine.scheduler`
+        has `waiting_queue_size`, and its `block_manager` the pool's
+        `num_total_blocks`, `num_allocated_blocks` and `num_free_blocks`."""
+        return self.engine
 
     @classmethod
     def from_config(cls, path: str) -> LLM:
@@ -103,20 +111,23 @@ class LLM:
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
              use_tqdm: bool = True,
              lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
+             chat_template: str | None = None,
              ) -> list[RequestOutput]:
-        """Generate replies to conversations, rendered with the model's chat template."""
+        """Generate replies to conversations, rendered with a chat template.
+
+        `chat_template` (a file or a Jinja string) overrides, for this call, the
+        configured model.chat_template, which overrides the tokenizer's own.
+        """
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
             raise ValueError("chat needs a tokenizer; this LLM was built with "
                              "skip_tokenizer_init=True")
+        template = (self.config.model.chat_template if chat_template is None
+                    else load_chat_template(chat_template))
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = []
-        for conversation in conversations:
-            # Tokenized by the template itself: its text already holds the special
-            # tokens (BOS), which tokenizing the rendered string would add again.
-            ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True,
-                                                tokenize=True, return_dict=False)
-            prompts.append({"prompt_token_ids": list(ids)})
+        prompts = [{"prompt_token_ids": render_chat(tokenizer, conversation, template,
+                                                    add_generation_prompt=True)}
+                   for conversation in conversations]
         return self.generate(prompts, sampling_params, use_tqdm, lora_request)
 
     def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:

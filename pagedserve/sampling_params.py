@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import enum
+import logging
 from dataclasses import dataclass
 
 from pagedserve.errors import RequestError
 
+logger = logging.getLogger(__name__)
+
 MAX_LOGPROBS = 20
+# What the sampling knobs are when they change nothing: beam search sets them so.
+_NEUTRAL_KNOBS = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
 
 
 class RequestOutputKind(enum.Enum):
@@ -22,7 +27,12 @@ class RequestOutputKind(enum.Enum):
 class SamplingParams:
     """How to pick tokens and when to stop.
 
-    `temperature=0` means greedy. `top_k=0` and `top_p=1` disable those filters.
+    `temperature=0` means greedy; unset (None) it is 1. `top_k=0` (or vLLM's -1)
+    and `top_p=1` disable those filters. `max_tokens=None` means up to the
+    context limit: max_model_len less the prompt's length (at least 1).
+    Beam search ranks the model's own log-probabilities, as transformers'
+    `generate(num_beams=..., do_sample=False)`: a temperature, top_p, top_k or
+    min_p given with it is ignored, with a warning naming them.
     `logprobs=k` returns, for every generated token, its log-probability and the
     k most likely alternatives (log-softmax of the model's raw logits);
     `prompt_logprobs=k` does the same for every prompt token after the first.
@@ -32,14 +42,14 @@ class SamplingParams:
     n: int = 1
     best_of: int | None = None
     use_beam_search: bool = False
-    temperature: float = 1.0
+    temperature: float | None = None  # None: 1 (0 with use_beam_search)
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    max_tokens: int = 16
+    max_tokens: int | None = 16
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
@@ -62,6 +72,12 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         if self.best_of is None:
             object.__setattr__(self, "best_of", self.n)
+        if self.top_k == -1:  # vLLM's spelling of "off"
+            object.__setattr__(self, "top_k", 0)
+        if self.use_beam_search:
+            self._ignore_sampling_knobs()
+        elif self.temperature is None:
+            object.__setattr__(self, "temperature", 1.0)
         self._validate()
 
     def _validate(self) -> None:
@@ -73,7 +89,7 @@ class SamplingParams:
             self._validate_beam_search()
         _check(self.temperature >= 0.0, "temperature", self.temperature, "must be >= 0")
         _check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "must be in (0, 1]")
-        _check(self.top_k >= 0, "top_k", self.top_k, "must be >= 0 (0 disables it)")
+        _check(self.top_k >= 0, "top_k", self.top_k, "must be >= 0, or -1 (0 and -1 disable it)")
         _check(0.0 <= self.min_p <= 1.0, "min_p", self.min_p, "must be in [0, 1]")
         _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", self.presence_penalty,
                "must be in [-2, 2]")
@@ -81,7 +97,8 @@ class SamplingParams:
                "must be in [-2, 2]")
         _check(self.repetition_penalty > 0.0, "repetition_penalty", self.repetition_penalty,
                "must be > 0")
-        _check(self.max_tokens >= 1, "max_tokens", self.max_tokens, "must be at least 1")
+        _check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", self.max_tokens,
+               "must be at least 1 (None: up to the context limit)")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop,
                "must be non-empty strings")
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
@@ -101,15 +118,28 @@ class SamplingParams:
                     and not self.use_beam_search), "output_kind", self.output_kind,
                f"DELTA needs best_of equal to n={self.n}")
 
+    def _ignore_sampling_knobs(self) -> None:
+        """Beam search ranks by the model's own log-probabilities, so the knobs that
+        reshape them for sampling are set to change nothing, as transformers ignores
+        them with do_sample=False. One given is named in a warning: this runs once
+        per SamplingParams, and a copy (dataclasses.replace) finds them neutral."""
+        ignored = [f"{name}={getattr(self, name)!r}" for name, neutral in _NEUTRAL_KNOBS.items()
+                   if getattr(self, name) is not None and getattr(self, name) != neutral]
+        for name, neutral in _NEUTRAL_KNOBS.items():
+            object.__setattr__(self, name, neutral)
+        if ignored:
+            logger.warning("use_beam_search=True ignores %s: beam search ranks the model's own "
+                           "log-probabilities, as transformers' generate(num_beams=..., "
+                           "do_sample=False) does", ", ".join(ignored))
+
     def _validate_beam_search(self) -> None:
-        """Beam search ranks by the model's own log-probabilities: nothing may reshape them."""
-        rule = "must be {} with use_beam_search=True"
-        _check(self.temperature == 0.0, "temperature", self.temperature, rule.format(0))
-        _check(self.top_p == 1.0, "top_p", self.top_p, rule.format(1))
-        _check(self.top_k == 0, "top_k", self.top_k, rule.format(0))
-        _check(self.min_p == 0.0, "min_p", self.min_p, rule.format(0))
-        _check(not self.uses_penalties, "repetition_penalty", self.repetition_penalty,
-               "penalties are not supported with use_beam_search=True")
+        """Beam search ranks by the model's own log-probabilities: nothing may reshape them
+        (the sampling knobs were set neutral above; penalties, stop strings and seed are
+        refused)."""
+        for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0),
+                              ("repetition_penalty", 1.0)):
+            _check(getattr(self, name) == neutral, name, getattr(self, name),
+                   "penalties are not supported with use_beam_search=True")
         _check(not self.stop, "stop", self.stop,
                "stop strings are not supported with use_beam_search=True (use stop_token_ids)")
         _check(self.seed is None, "seed", self.seed,

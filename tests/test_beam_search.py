@@ -82,3 +82,31 @@ def test_beams_share_blocks_and_survive_swapping(tiny_llama):
     recompute_stats, recomputed = run(num_gpu_blocks=16, preemption_mode="recompute")
     assert recomputed == roomy
     assert recompute_stats["num_preemptions"] > 0
+
+
+def test_sampling_knobs_are_ignored_as_hf_does(tiny_llama, hf_model, caplog):
+    """vLLM users' beam search: temperature and top_k given, ignored with one warning, as
+    transformers' generate(num_beams=5, do_sample=False) ignores them."""
+    with caplog.at_level("WARNING", logger="pagedserve"):
+        params = SamplingParams(temperature=1.0, top_k=1, use_beam_search=True, best_of=5,
+                                max_tokens=MAX_TOKENS)
+    [warning] = [r for r in caplog.records if r.name.startswith("pagedserve")]
+    assert "temperature=1.0" in warning.getMessage() and "top_k=1" in warning.getMessage()
+    llm = LLM(str(tiny_llama), block_size=8, max_model_len=64, dtype="float32", device="cpu",
+              num_gpu_blocks=64)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pagedserve"):
+        outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params,
+                               use_tqdm=False)
+    assert not [r for r in caplog.records if "use_beam_search" in r.getMessage()]  # once only
+    eos = sorted(llm.engine.info.eos_token_ids)
+    for prompt, output in zip(PROMPTS, outputs):
+        [best] = _hf_beams(hf_model, prompt, 5, 1, 1.0, eos)
+        assert [c.token_ids for c in output.outputs] == [best], f"prompt {prompt[:3]}..."
+
+
+def test_default_temperature_is_no_knob_given(caplog):
+    """SamplingParams(use_beam_search=True, best_of=4) sets no knob: nothing to warn about."""
+    with caplog.at_level("WARNING", logger="pagedserve"):
+        params = SamplingParams(use_beam_search=True, best_of=4, max_tokens=256)
+    assert params.temperature == 0.0 and not caplog.records

@@ -27,8 +27,8 @@ from pagedserve import LLM, SamplingParams
 from pagedserve.config import EngineConfig, ModelConfig, ParallelConfig
 from pagedserve.testing import build_random_model
 from pagedserve.testing.nodes import hold_cpus
+from pagedserve.worker.checkpoint_files import read_checkpoint
 from pagedserve.worker.errors import WorkerFailedError
-from pagedserve.worker.models import read_checkpoint
 
 HUB_ID = "pagedserve-tests/tiny-llama"
 ENGINE = dict(block_size=8, max_model_len=128, dtype="float32", device="cpu",

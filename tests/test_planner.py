@@ -14,6 +14,7 @@ from pagedserve import config as config_module
 from pagedserve.cli import main
 from pagedserve.planner import format_plan, load_presets, plan
 from pagedserve.testing import build_random_model, cached_random_model
+from pagedserve.worker.checkpoint_files import weight_files
 
 CONFIG_DIR = Path(__file__).parent.parent / "configs"
 GIB = 2**30
@@ -30,7 +31,7 @@ def _config(name: str, **sections: dict):
 def _checkpoint_params(model_dir: Path) -> int:
     """Elements in the checkpoint's tensors (a tied LM head is not saved twice)."""
     total = 0
-    for file in model_dir.glob("*.safetensors"):
+    for file in weight_files(model_dir):
         with safe_open(file, framework="pt") as f:
             total += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
     return total
@@ -181,12 +182,92 @@ def test_unknown_hub_id_names_the_field_and_the_presets():
         assert name in message and all(hub_id in message for hub_id in hf["pagedserve_hub_ids"])
 
 
-def test_presets_are_distinct_llama_configs():
+def test_presets_are_distinct_configs_of_supported_architectures():
     presets = load_presets()
-    assert {"llama-3-8b", "llama-3-70b"} <= set(presets)
+    assert {"llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3-8b", "llama-3-70b",
+            "qwen2-1.5b"} <= set(presets)
     hub_ids = [hub_id for hf in presets.values() for hub_id in hf["pagedserve_hub_ids"]]
     assert len(hub_ids) == len(set(hub_ids))
-    assert all(hf["architectures"] == ["LlamaForCausalLM"] for hf in presets.values())
+    architectures = {"llama": ["LlamaForCausalLM"], "qwen2": ["Qwen2ForCausalLM"]}
+    assert all(hf["architectures"] == architectures[hf["model_type"]] for hf in presets.values())
+
+
+# Llama 2 (meta-llama/Llama-2-*-hf config.json): vocab 32000, untied LM head, float16,
+# 4,096 positions. (preset, hidden, layers, heads, KV heads, intermediate, Meta's count)
+LLAMA_2 = [("llama-2-7b", 4096, 32, 32, 32, 11008, 6_738_415_616),
+           ("llama-2-13b", 5120, 40, 40, 40, 13824, 13_015_864_320),
+           ("llama-2-70b", 8192, 80, 64, 8, 28672, 68_976_648_192)]
+
+
+@pytest.mark.parametrize("name, hidden, layers, heads, kv_heads, inter, published", LLAMA_2,
+                         ids=[row[0] for row in LLAMA_2])
+def test_llama_2_presets_match_the_published_parameter_counts(name, hidden, layers, heads,
+                                                              kv_heads, inter, published):
+    hf = load_presets()[name]
+    assert (hf["hidden_size"], hf["num_hidden_layers"], hf["num_attention_heads"],
+            hf["num_key_value_heads"], hf["intermediate_size"]) == (hidden, layers, heads,
+                                                                    kv_heads, inter)
+    assert (hf["vocab_size"], hf["max_position_embeddings"], hf["torch_dtype"],
+            hf["tie_word_embeddings"]) == (32000, 4096, "float16", False)
+    head_dim = hidden // heads
+    attention = 2 * hidden * hidden + 2 * hidden * kv_heads * head_dim  # q, o; k, v
+    per_layer = attention + 3 * hidden * inter + 2 * hidden  # + two RMSNorms
+    params = layers * per_layer + 2 * 32000 * hidden + hidden  # embedding, LM head, final norm
+    assert params == published
+    for hub_id in (f"meta-llama/Llama-2-{name[8:]}-hf", f"meta-llama/Llama-2-{name[8:]}-chat-hf"):
+        assert hub_id in hf["pagedserve_hub_ids"]
+        # The hub id alone finds the preset; eight GPUs, so that even 70B fits.
+        config = config_module.parse({"model": {"path": hub_id},
+                                      "parallel": {"tensor_parallel_size": 8}})
+        assert plan(config, gpu_memory_gb=80).model_params == published
+
+
+def test_qwen2_1_5b_preset_matches_the_published_parameter_count():
+    # Qwen/Qwen2-1.5B: hidden 1536, 28 layers, 12 heads and 2 KV heads of 128, intermediate
+    # 8960, vocab 151936 shared by the embedding and the LM head; q, k, v have biases.
+    q, kv = 1536, 2 * 128
+    per_layer = 1536 * (q + 2 * kv) + (q + 2 * kv) + q * 1536 + 3 * 1536 * 8960 + 2 * 1536
+    params = 28 * per_layer + 151936 * 1536 + 1536
+    assert params == 1_543_714_304  # Qwen's published 1.54B
+    result = plan(_config("qwen2-1.5b.yaml"), gpu_memory_gb=80)
+    assert result.model_params == result.params_per_rank == params
+    assert result.model.context_limit == 131072  # use_sliding_window is false
+    assert result.dtype == "bfloat16" and result.kv_bytes_per_token == 2 * 28 * 2 * 128 * 2
+
+
+@pytest.mark.parametrize("name, kib", [("llama-2-7b.yaml", 512), ("llama-2-13b.yaml", 800),
+                                       ("llama-2-70b-tp4.yaml", 320)])
+def test_llama_2_kv_bytes_per_token_in_float16(name, kib):
+    # K and V x layers x KV heads x 128 x 2 bytes: 2*32*32*128*2, 2*40*40*128*2, 2*80*8*128*2
+    whole = plan(_config(name, parallel={"tensor_parallel_size": 1}), gpu_memory_gb=1000)
+    assert whole.dtype == "float16" and whole.kv_bytes_per_token == kib * 1024
+    shipped = plan(_config(name), gpu_memory_gb=80)
+    assert shipped.kv_bytes_per_token * shipped.tensor_parallel_size == kib * 1024
+
+
+def test_llama_2_7b_fits_a_24_gib_gpu_and_13b_does_not():
+    small = {"max_num_batched_tokens": 2048, "max_num_seqs": 64}
+    fits = plan(_config("llama-2-7b.yaml", engine=small), gpu_memory_gb=24)
+    weights = 2 * 6_738_415_616
+    headroom = GIB + 2048 * (4 * 4096 + 3 * 4096 + 3 * 11008) * 2 + 64 * 32000 * 8
+    assert fits.headroom_bytes == headroom
+    assert fits.num_blocks == (int(24 * GIB * 0.9) - weights - headroom) // (16 * 512 * 1024)
+    assert fits.seqs_at_max_model_len == fits.num_blocks * 16 // 4096 >= 1
+    with pytest.raises(ValueError, match=r"does not fit[\s\S]*by \d+\.\d+ GiB"):
+        plan(_config("llama-2-13b.yaml", engine=small), gpu_memory_gb=24)
+
+
+def test_llama_2_70b_needs_the_four_gpus_of_its_config():
+    with pytest.raises(ValueError, match=r"does not fit[\s\S]*tensor_parallel_size=1"):
+        plan(_config("llama-2-70b-tp4.yaml", parallel={"tensor_parallel_size": 1}),
+             gpu_memory_gb=80)
+    result = plan(_config("llama-2-70b-tp4.yaml"), gpu_memory_gb=80)
+    sharded = 2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672
+    per_rank = 80 * (sharded // 4 + 2 * 8192) + 2 * 8000 * 8192 + 8192  # 8,000 vocab rows
+    assert result.params_per_rank == per_rank == 17_245_151_232
+    headroom = GIB + 8192 * (4 * 8192 + (8192 + 2 * 1024) // 4 + 3 * 28672 // 4) * 2 \
+        + 256 * 32000 * 8
+    assert result.num_blocks == (int(80 * GIB * 0.9) - 2 * per_rank - headroom) // (16 * 81920)
 
 
 def test_cli_prints_the_plan(capsys):

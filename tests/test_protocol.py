@@ -198,17 +198,24 @@ def test_sampling_fields_are_carried_over():
     assert not params.skip_special_tokens
 
 
-def test_beam_search_fields():
-    params = completion(use_beam_search=True, best_of=4, n=2, length_penalty=0.8,
-                        max_tokens=8).sampling_params(100)
+def test_beam_search_fields(caplog):
+    with caplog.at_level("WARNING", logger="pagedserve"):
+        params = completion(use_beam_search=True, best_of=4, n=2, length_penalty=0.8,
+                            max_tokens=8).sampling_params(100)
     assert params.use_beam_search and (params.best_of, params.n) == (4, 2)
     assert params.length_penalty == 0.8
-    # Temperature defaults to 0 for beam search; one the client set is checked.
-    assert params.temperature == 0.0
+    assert params.temperature == 0.0 and not caplog.records  # nothing set, nothing ignored
+    # Sampling knobs the client set are ignored with a warning, as SamplingParams does.
+    with caplog.at_level("WARNING", logger="pagedserve"):
+        params = completion(use_beam_search=True, best_of=2, temperature=0.7, top_k=5,
+                            top_p=0.9, min_p=0.1).sampling_params(100)
+    assert (params.temperature, params.top_k, params.top_p, params.min_p) == (0.0, 0, 1.0, 0.0)
+    [record] = caplog.records
+    assert all(name in record.getMessage() for name in ("temperature", "top_k", "top_p", "min_p"))
     with pytest.raises(OpenAIError) as info:
-        completion(use_beam_search=True, temperature=0.7).sampling_params(100)
-    assert info.value.status_code == 400 and info.value.param == "temperature"
-    assert info.value.message == "temperature=0.7: must be 0 with use_beam_search=True"
+        completion(use_beam_search=True, presence_penalty=0.5).sampling_params(100)
+    assert info.value.status_code == 400 and info.value.param == "presence_penalty"
+    assert "use_beam_search" in info.value.message
     with pytest.raises(OpenAIError, match="use_beam_search") as info:
         parse_request(CompletionRequest, body(model="m", prompt="x", use_beam_search=True,
                                               logprobs=1))

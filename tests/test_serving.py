@@ -164,8 +164,10 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "wizard", "content": "x"}]},
      API_KEY, 400, "role"),
     ("/v1/chat/completions", {**CHAT, "top_logprobs": 3}, API_KEY, 400, "top_logprobs"),
-    ("/v1/chat/completions", {**CHAT, "use_beam_search": True, "temperature": 0.7}, API_KEY, 400,
-     "temperature"),
+    ("/v1/chat/completions", {**CHAT, "use_beam_search": True, "repetition_penalty": 1.2},
+     API_KEY, 400, "repetition_penalty"),
+    ("/v1/chat/completions", {**CHAT, "chat_template": "{% for m in messages %}"}, API_KEY, 400,
+     "chat_template: not a valid Jinja template"),
 ]
 
 

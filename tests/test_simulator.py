@@ -18,7 +18,8 @@ from pagedserve.worker.roofline import GPUS, Roofline, StepShape
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SIM_8B = CONFIGS / "llama-3-8b-h200-sim.yaml"
 SIM_70B = CONFIGS / "llama-3-70b-tp4-h100-sim.yaml"
-# Llama-3-8B in bf16 (REFERENCE_FIGURES.md): 8,030,261,248 parameters, 128 KiB of KV a token.
+# Llama-3-8B in bf16 (BENCHMARKS.md, "Published figures we compare against"):
+# 8,030,261,248 parameters, 128 KiB of KV a token.
 WEIGHTS_8B = 8_030_261_248 * 2
 KV_8B = 2 * 32 * 8 * 128 * 2
 

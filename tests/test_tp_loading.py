@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pagedserve.testing import build_random_model
-from pagedserve.worker import models
+from pagedserve.worker import checkpoint_files
 from pagedserve.worker.distributed import TPGroup
 from pagedserve.worker.models import build_model
 from pagedserve.worker.models.llama import head_dim
@@ -145,7 +145,7 @@ def test_ranks_read_only_their_slices(checkpoint, monkeypatch):
         read_by_rank = []
         for rank in range(size):
             counter = [0]
-            monkeypatch.setattr(models, "safe_open",
+            monkeypatch.setattr(checkpoint_files, "safe_open",
                                 lambda *a, counter=counter, **k: _CountingFile(counter, *a, **k))
             _build(model_dir, rank, size)
             read_by_rank.append(counter[0])

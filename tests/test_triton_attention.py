@@ -206,9 +206,10 @@ def test_no_split_off_cuda():
 
 
 def test_kernel_benchmark_smoke(tmp_path):
-    """benchmarks/kernels.py runs end to end (tiny shapes, interpreted) and checks its kernels."""
-    out = tmp_path / "kernels.json"
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
+    """benchmarks/attention_kernels.py runs end to end (tiny shapes, interpreted) and checks
+    its kernels."""
+    out = tmp_path / "attention_kernels.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "attention_kernels.py"
     env = dict(os.environ, TRITON_INTERPRET="1")
     subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], check=True,
                    env=env, capture_output=True, timeout=300)

@@ -17,9 +17,7 @@ SAMPLING_ERRORS = [
     ("n", dict(n=0)),
     ("n", dict(n=-2)),
     ("best_of", dict(n=3, best_of=2)),
-    ("temperature", dict(use_beam_search=True, best_of=2)),  # beams rank raw log-probabilities
-    ("top_p", dict(use_beam_search=True, best_of=2, temperature=0, top_p=0.9)),
-    ("top_k", dict(use_beam_search=True, best_of=2, temperature=0, top_k=5)),
+    # Beam search ignores the sampling knobs (test_beam_search.py) but refuses these.
     ("repetition_penalty", dict(use_beam_search=True, best_of=2, temperature=0,
                                 repetition_penalty=1.2)),
     ("stop", dict(use_beam_search=True, best_of=2, temperature=0, stop=["x"])),
@@ -30,7 +28,7 @@ SAMPLING_ERRORS = [
     ("top_p", dict(top_p=0.0)),
     ("top_p", dict(top_p=1.5)),
     ("top_p", dict(top_p=-0.5)),
-    ("top_k", dict(top_k=-1)),
+    ("top_k", dict(top_k=-2)),
     ("min_p", dict(min_p=-0.1)),
     ("min_p", dict(min_p=1.5)),
     ("presence_penalty", dict(presence_penalty=2.5)),
@@ -68,6 +66,7 @@ def test_sampling_params_rejects(field, kwargs):
 @pytest.mark.parametrize("kwargs", [
     dict(n=1), dict(n=3, best_of=3), dict(n=2, best_of=5),
     dict(temperature=0.0), dict(top_p=1.0), dict(top_p=1e-9), dict(top_k=0), dict(top_k=1),
+    dict(top_k=-1), dict(max_tokens=None),
     dict(min_p=0.0), dict(min_p=1.0),
     dict(presence_penalty=-2.0, frequency_penalty=2.0), dict(repetition_penalty=1e-3),
     dict(max_tokens=1), dict(stop="x"), dict(stop=["a", "b"]), dict(stop_token_ids=[0]),

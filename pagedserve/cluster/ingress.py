@@ -21,10 +21,12 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
+from jinja2 import TemplateSyntaxError
 from ray import serve
 from starlette.exceptions import HTTPException
 from transformers import AutoTokenizer
 
+from pagedserve.chat_template import NoChatTemplateError, render_chat
 from pagedserve.cluster import errors, protocol, responses
 from pagedserve.cluster.adapters import (
     AdapterTable,
@@ -77,6 +79,25 @@ async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
     body = OpenAIError(error.status_code, f"{request.method} {request.url.path}: {error.detail}",
                        code=str(error.status_code)).body()
     return JSONResponse(body, status_code=error.status_code)
+
+
+def chat_prompt_ids(tokenizer, req: protocol.ChatCompletionRequest,
+                    configured_template: str | None) -> list[int]:
+    """A chat request's prompt, rendered with its own chat_template, else the
+    configured one, else the tokenizer's; what the client got wrong is a 400."""
+    template = req.chat_template if req.chat_template is not None else configured_template
+    try:
+        return render_chat(tokenizer, req.conversation(), template,
+                           add_generation_prompt=req.add_generation_prompt,
+                           continue_final_message=req.continue_final_message,
+                           **(req.chat_template_kwargs or {}))
+    except NoChatTemplateError as error:
+        raise errors.bad_request(str(error), "chat_template") from None
+    except TemplateSyntaxError as error:
+        raise errors.bad_request(f"chat_template: not a valid Jinja template: {error}",
+                                 "chat_template") from None
+    except Exception as error:  # noqa: BLE001 - the template rejected the messages
+        raise errors.bad_request(f"messages: {error}", "messages") from None
 
 
 # Here, not in app.py: each replica imports this module and needs the routes bound.
@@ -179,13 +200,7 @@ class OpenAIIngress(GenerationService):
     async def chat_completions(self, request: Request):
         req = await self._accept(parse_request(
             protocol.ChatCompletionRequest, await self._read(request), self._limits))
-        try:
-            ids = list(self._tokenizer.apply_chat_template(
-                req.conversation(), add_generation_prompt=req.add_generation_prompt,
-                continue_final_message=req.continue_final_message, tokenize=True,
-                return_dict=False, **(req.chat_template_kwargs or {})))
-        except Exception as error:  # noqa: BLE001 - the template rejected the messages
-            raise errors.bad_request(f"messages: {error}", "messages") from None
+        ids = chat_prompt_ids(self._tokenizer, req, self.config.model.chat_template)
         if req.add_special_tokens:
             ids = self._tokenizer.build_inputs_with_special_tokens(ids)
         ids = self._truncate(ids, req)

@@ -144,19 +144,20 @@ class _SamplingRequest(_Strict):
         """SamplingParams for one prompt; `room` is what its context leaves (checked by
         engine.limits.context_room: the one home of that rule).
 
-        An unset max_tokens means "up to the limit" (vLLM). Beam search defaults
-        temperature to 0 unless the client set it, since it ranks raw log-probabilities.
+        An unset max_tokens means "up to the limit" (vLLM). An unset temperature
+        reaches SamplingParams unset (1, or nothing with beam search), and so does
+        top_k -1 (vLLM's "off"): SamplingParams holds the one rule for beam search's
+        sampling knobs (those the client set are ignored, with a warning).
         max_tokens 0 (echo only) generates one token that is not reported, as vLLM does.
         """
         max_tokens = self.max_tokens_requested()
         if max_tokens is None:
             max_tokens = room
-        beam_default = self.use_beam_search and "temperature" not in self.model_fields_set
+        temperature = self.temperature if "temperature" in self.model_fields_set else None
         try:
             return SamplingParams(
                 n=self.n, best_of=self.best_of, use_beam_search=self.use_beam_search,
-                temperature=0.0 if beam_default else self.temperature, top_p=self.top_p,
-                top_k=max(self.top_k, 0), min_p=self.min_p,
+                temperature=temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
                 presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                 repetition_penalty=self.repetition_penalty, max_tokens=max(max_tokens, 1),
                 stop=self.stop or (), stop_token_ids=self.stop_token_ids or (),
@@ -286,6 +287,8 @@ class ChatCompletionRequest(_SamplingRequest):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    # Jinja text (never a file of the server's) over the configured and the model's own
+    chat_template: str | None = Field(None, min_length=1)
     add_special_tokens: bool = False
 
     @model_validator(mode="after")

@@ -87,8 +87,12 @@ class AsyncLLMEngine:
         """The request's outputs as steps produce them, the last one finished.
 
         Refusals (a bad prompt, limits, an adapter that cannot be loaded) raise at
-        the first iteration.
+        the first iteration. `request_id` must be a str, as in vLLM.
         """
+        if not isinstance(request_id, str):
+            raise TypeError(f"request_id must be a str (vLLM's type), got "
+                            f"{type(request_id).__name__} {request_id!r}: pass "
+                            f"request_id={str(request_id)!r}")
         self._raise_if_dead()
         prompt_token_ids = self.core.prompt_token_ids(prompt)
         self.core.validate(prompt_token_ids, sampling_params)  # reads only limits

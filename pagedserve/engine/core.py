@@ -20,7 +20,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from pagedserve.config import Config, EngineConfig
 from pagedserve.engine.adapters import AdapterRegistry
 from pagedserve.engine.executors import choose_device, make_executor
-from pagedserve.engine.limits import blocks_needed, context_room, swap_blocks
+from pagedserve.engine.limits import blocks_needed, context_room, max_new_tokens, swap_blocks
 from pagedserve.engine.request_outputs import OutputBuilder
 from pagedserve.engine.resolve import resolve
 from pagedserve.engine.stats import EngineStats
@@ -147,6 +147,9 @@ class EngineCore:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, lora_request: LoRARequest | None = None) -> None:
         self.validate(prompt_token_ids, params)
+        if params.max_tokens is None:  # up to the context limit: the scheduler needs a number
+            params = dataclasses.replace(params, max_tokens=max_new_tokens(
+                len(prompt_token_ids), params, self.info.max_model_len))
         adapter = self.adapters.resolve(lora_request)
         # One sequence computes the prompt; samples and beams fork from it.
         group = SequenceGroup(request_id, [self.scheduler.new_sequence(prompt_token_ids)], params,
@@ -286,7 +289,7 @@ class EngineCore:
         waiting_blocks = sum(cdiv(len(group.prompt_token_ids), bm.block_size)
                              for group in scheduler.waiting)
         return EngineStats(
-            total_blocks=bm.num_blocks, free_blocks=bm.num_free_blocks,
+            total_blocks=bm.num_total_blocks, free_blocks=bm.num_free_blocks,
             allocated_blocks=allocated, logical_blocks=bm.num_logical_blocks,
             physical_blocks=allocated, cached_blocks=bm.num_cached_blocks,
             swapped_blocks=bm.num_swapped_blocks, cpu_blocks=bm.num_cpu_blocks,
@@ -300,7 +303,7 @@ class EngineCore:
             prefix_cache_queries=bm.prefix_query_tokens, prefix_cache_hits=bm.prefix_hit_tokens,
             prefix_cache_hit_rate=(bm.prefix_hit_tokens / bm.prefix_query_tokens
                                    if bm.prefix_query_tokens else 0.0),
-            num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
+            num_running=len(scheduler.running), num_waiting=scheduler.waiting_queue_size,
             num_swapped=len(scheduler.swapped), num_preemptions=scheduler.num_preemptions,
             num_swap_preemptions=scheduler.num_swaps, **self._lora_stats())
 
@@ -366,11 +369,12 @@ class EngineCore:
                                        "with skip_tokenizer_init=True (use stop_token_ids instead)")
         needed = blocks_needed(len(prompt_token_ids), params, info.max_model_len,
                                self.block_manager.block_size)
+        new_tokens = max_new_tokens(len(prompt_token_ids), params, info.max_model_len)
         if needed > self.block_manager.num_blocks:
             raise RequestError("max_tokens", f"request needs up to {needed} KV blocks (a "
                                              f"{len(prompt_token_ids)}-token prompt, "
                                              f"{params.best_of} sequences of up to "
-                                             f"{params.max_tokens} new tokens), more than the "
+                                             f"{new_tokens} new tokens), more than the "
                                              f"pool's {self.block_manager.num_blocks}")
 
     def _detokenize(self, group: SequenceGroup) -> None:

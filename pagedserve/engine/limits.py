@@ -34,6 +34,14 @@ def context_room(prompt_len: int, max_model_len: int, max_tokens: int | None = N
     return room
 
 
+def max_new_tokens(prompt_len: int, params: SamplingParams, max_model_len: int) -> int:
+    """`params.max_tokens`, or for None (up to the context limit) what the context
+    leaves: max_model_len less the prompt, at least 1, as the HTTP API's null."""
+    if params.max_tokens is not None:
+        return params.max_tokens
+    return max(max_model_len - prompt_len, 1)
+
+
 def blocks_needed(prompt_len: int, params: SamplingParams, max_model_len: int,
                   block_size: int) -> int:
     """The most KV blocks a request holds at once.
@@ -44,7 +52,7 @@ def blocks_needed(prompt_len: int, params: SamplingParams, max_model_len: int,
         prompt 140 tokens, blocks of 8, 8 new tokens, 4 beams:
         17 shared full blocks + 4 x (19 - 17) own blocks = 25
     """
-    longest = min(prompt_len + params.max_tokens, max_model_len)
+    longest = min(prompt_len + max_new_tokens(prompt_len, params, max_model_len), max_model_len)
     shared = prompt_len // block_size
     return shared + params.best_of * (cdiv(longest, block_size) - shared)
 

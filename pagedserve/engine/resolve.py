@@ -20,7 +20,9 @@ from pagedserve.config import ModelConfig, ParallelConfig
 from pagedserve.engine.random_model import cached_random_model
 from pagedserve.model_shape import PRESET_HUB_IDS_KEY, preset_for
 from pagedserve.worker import gguf_file
-from pagedserve.worker.model_info import HUB_PATTERNS, ModelInfo
+from pagedserve.worker.checkpoint_files import hub_snapshot
+from pagedserve.worker.layers.linear import cpu_float16_supported
+from pagedserve.worker.model_info import ModelInfo
 
 logger = logging.getLogger(__name__)
 
@@ -119,9 +121,7 @@ def locate(model: ModelConfig) -> tuple[Path, Path | None, str | None]:
                          "a model directory, a hub id or a GGUF file")
     if path.suffix == ".gguf":
         raise ValueError(f"model.path={model.path!r}: no such GGUF file")
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(model.path, allow_patterns=HUB_PATTERNS)), None, model.path
+    return hub_snapshot(model.path), None, model.path
 
 
 def check_tensor_parallel(hf_config: PretrainedConfig, tp_size: int) -> None:
@@ -135,7 +135,7 @@ def check_tensor_parallel(hf_config: PretrainedConfig, tp_size: int) -> None:
 
 def _dtype(hf_config: PretrainedConfig, requested: str, device: torch.device) -> torch.dtype:
     if requested != "auto":
-        return _DTYPES[requested]
+        return _cpu_float16(_DTYPES[requested], device)
     saved = getattr(hf_config, "dtype", None)  # transformers 5 reads torch_dtype into it
     if isinstance(saved, str):
         saved = _DTYPES.get(saved)
@@ -143,6 +143,16 @@ def _dtype(hf_config: PretrainedConfig, requested: str, device: torch.device) ->
     if dtype == torch.float16 and device.type == "cpu":
         return torch.bfloat16  # CPUs have no fast float16 matmul; bfloat16 keeps the range
     return dtype
+
+
+def _cpu_float16(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """An asked-for float16 on a CPU without native float16 matmuls (avx512_fp16 or
+    avx_ne_convert) runs in bfloat16, which has float16's size and more range."""
+    if dtype != torch.float16 or device.type != "cpu" or cpu_float16_supported():
+        return dtype
+    logger.warning("dtype float16: this CPU has no native float16 matmul (avx512_fp16 or "
+                   "avx_ne_convert); serving in bfloat16 instead")
+    return torch.bfloat16
 
 
 def _max_model_len(hf_config: PretrainedConfig, requested: int | None) -> int:

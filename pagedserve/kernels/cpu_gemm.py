@@ -6,11 +6,12 @@ path) that packing is a large share of a step. oneDNN can do that packing once:
 `pack` reorders a weight into the layout its GEMM reads, and `linear` runs on
 the packed weight. This is what vLLM's CPU build does.
 
-The two ops are private to torch (`torch.ops.mkldnn._reorder_linear_weight`,
+The ops are private to torch (`torch.ops.mkldnn._reorder_linear_weight`,
 `torch.ops.mkldnn._linear_pointwise`, the ones torch.compile uses for CPU
-linears). This module is their only user, so a torch upgrade that renames or
-removes them breaks one place: `available()` turns False, the layers keep
-`F.linear`, and tests/test_cpu_gemm.py fails loudly.
+linears, and its float16 check `_is_mkldnn_fp16_supported`). This module is
+their only user, so a torch upgrade that renames or removes them breaks one
+place: `available()` turns False, the layers keep `F.linear`, and
+tests/test_cpu_gemm.py fails loudly.
 """
 
 from __future__ import annotations
@@ -48,9 +49,20 @@ def available() -> bool:
         return False
 
 
+@functools.cache
+def float16_supported() -> bool:
+    """Whether oneDNN's float16 GEMM runs on this CPU: it needs avx512_fp16 or
+    avx_ne_convert (torch's own check, which the packing op enforces); without
+    them, packing a float16 weight raises."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def can_pack(weight: torch.Tensor) -> bool:
     return (weight.device.type == "cpu" and weight.dim() == 2 and weight.dtype in DTYPES
-            and available())
+            and available() and (weight.dtype != torch.float16 or float16_supported()))
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:

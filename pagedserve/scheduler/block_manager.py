@@ -76,12 +76,22 @@ class BlockManager:
 
     # -- queries -------------------------------------------------------------
     @property
+    def num_total_blocks(self) -> int:
+        """The pool's blocks (vLLM's name for `num_blocks`): always
+        num_allocated_blocks + num_free_blocks."""
+        return self.num_blocks
+
+    @property
     def num_free_blocks(self) -> int:
-        """Blocks no sequence holds, cached ones included (they are evictable)."""
+        """Blocks no sequence holds, cached ones included: a cached prefix block
+        nobody holds is reclaimable (evicted, LRU, when a fresh block is needed).
+        This is get_memory_stats()'s `free_blocks`; `num_cached_blocks` says how
+        many of them still hold a cached prefix."""
         return len(self._free)
 
     @property
     def num_allocated_blocks(self) -> int:
+        """Blocks some sequence holds (a shared block counts once)."""
         return self.num_blocks - len(self._free)
 
     @property

@@ -100,6 +100,12 @@ class Scheduler:
         return bool(self.waiting or self.running or self.swapped)
 
     @property
+    def waiting_queue_size(self) -> int:
+        """Requests waiting to be admitted (new, or preempted to recompute); swapped
+        ones are counted apart. get_memory_stats()'s `num_waiting`."""
+        return len(self.waiting)
+
+    @property
     def num_running_seqs(self) -> int:
         return sum(len(group.unfinished_seqs) for group in self.running)
 

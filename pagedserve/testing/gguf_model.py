@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
+
+from pagedserve.worker.checkpoint_files import read_checkpoint
 
 
 def write_gguf(model_dir: Path, path: Path, tensor_type: str = "F32") -> Path:
@@ -30,9 +31,7 @@ def write_gguf(model_dir: Path, path: Path, tensor_type: str = "F32") -> Path:
     writer = gguf.GGUFWriter(path, arch=arch)
     _write_config(writer, config)
     _write_tokenizer(writer, model_dir)
-    state = {}
-    for file in sorted(Path(model_dir).glob("*.safetensors")):
-        state.update(load_file(file))
+    state = read_checkpoint(Path(model_dir))
     name_map = gguf.get_tensor_name_map(
         {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch], config.num_hidden_layers)
     head_dim = config.hidden_size // config.num_attention_heads

@@ -14,13 +14,10 @@ from transformers import PretrainedConfig
 
 from pagedserve.config import LoRAConfig
 
-# What the engine takes from a hub snapshot: config, weights and tokenizer files.
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
-
 
 @dataclass(frozen=True)
 class ModelInfo:
-    model_dir: Path  # config and tokenizer files (and the safetensors weights, if no gguf_file)
+    model_dir: Path  # config and tokenizer files (and the checkpoint files, if no gguf_file)
     hf_config: PretrainedConfig
     max_model_len: int
     dtype: torch.dtype

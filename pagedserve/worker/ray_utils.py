@@ -11,14 +11,13 @@ import dataclasses
 import logging
 import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 import ray
 import torch
 
-from pagedserve.worker.model_info import HUB_PATTERNS, ModelInfo
-from pagedserve.worker.models import read_checkpoint
+from pagedserve.worker.checkpoint_files import hub_snapshot, read_checkpoint
+from pagedserve.worker.model_info import ModelInfo
 
 logger = logging.getLogger(__name__)
 
@@ -84,16 +83,14 @@ def model_files_here(info: ModelInfo, rank: int) -> ModelInfo:
     node, address = node_here()
     where = f"tensor-parallel rank {rank} runs on node {node} ({address})"
     if info.hub_id is not None:
-        from huggingface_hub import snapshot_download
-
         try:
-            directory = snapshot_download(info.hub_id, allow_patterns=HUB_PATTERNS)
+            directory = hub_snapshot(info.hub_id)
         except Exception as error:  # noqa: BLE001 - the hub's errors are many; all end here
             raise FileNotFoundError(
                 f"{where}, which could not resolve the hub id {info.hub_id!r} through its hub "
                 f"cache ({type(error).__name__}: {str(error).splitlines()[0]}): let that node "
                 "reach the hub, or fill its hub cache (HF_HOME) with the model") from error
-        return dataclasses.replace(info, model_dir=Path(directory))
+        return dataclasses.replace(info, model_dir=directory)
     missing = next(path for path in needed if not path.exists())
     raise FileNotFoundError(
         f"{where}, where the model's {missing} does not exist (it does on the node that "
@@ -103,15 +100,17 @@ def model_files_here(info: ModelInfo, rank: int) -> ModelInfo:
 
 
 def checkpoint_for_store(info: ModelInfo) -> dict[str, tuple[np.ndarray, str, tuple[int, ...]]]:
-    """The model's safetensors, read once here, as raw bytes for Ray's object store.
+    """The model's checkpoint (its safetensors or .bin files, checkpoint_files.py), read
+    once here, as raw bytes for Ray's object store.
 
     Numpy arrays are read from the store without a copy, by every rank of a node
     (torch tensors would be unpickled into each rank's memory): each tensor
     travels as its bytes, its dtype's name and its shape.
     """
     if info.gguf_file is not None:
-        raise ValueError("model.weights_transfer='object_store' ships safetensors checkpoints; "
-                         f"{info.gguf_file.name} is a GGUF file: use weights_transfer 'files'")
+        raise ValueError("model.weights_transfer='object_store' ships HF checkpoints "
+                         f"(safetensors or .bin files); {info.gguf_file.name} is a GGUF file: "
+                         "use weights_transfer 'files'")
     return {name: (tensor.contiguous().view(-1).view(torch.uint8).numpy(),
                    str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape))
             for name, tensor in read_checkpoint(info.model_dir).items()}

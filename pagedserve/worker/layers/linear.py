@@ -50,6 +50,12 @@ def apply_linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -
     return cpu_gemm.linear(x, layer.packed_weight, bias)
 
 
+def cpu_float16_supported() -> bool:
+    """Whether this CPU runs float16 linear layers natively (oneDNN's float16 GEMM,
+    on avx512_fp16 or avx_ne_convert). Without, float16 is slow and unpacked."""
+    return cpu_gemm.float16_supported()
+
+
 def pack_linear_weights(model: nn.Module) -> int:
     """Pack the weight of every layer that takes one (`packed_weight`) for oneDNN; returns
     how many were packed, 0 where oneDNN is missing.

@@ -1,15 +1,14 @@
-"""Model registry and weight loading (HF safetensors directories, hub ids, GGUF files)."""
+"""Model registry and weight loading (HF directories, hub ids, GGUF files)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 
+from pagedserve.worker.checkpoint_files import checkpoint_tensors
 from pagedserve.worker.distributed import TPGroup
 from pagedserve.worker.gguf_file import tensors as gguf_tensors
 from pagedserve.worker.layers import default_dtype
@@ -38,11 +37,12 @@ def build_model(hf_config, model_dir: Path, *, max_position: int, dtype: torch.d
     """This rank's shard of the model, with its weights (or random ones for "dummy").
 
     Weights come from `checkpoint` when given (whole tensors by checkpoint name:
-    the object store's copy), else from the safetensors files of `model_dir`, or
-    from `gguf_file` when set. Parameters are created on `device` in `dtype` and left
-    uninitialised until they are loaded or drawn; buffers built in float32 (the
-    rotary table) are cast after. On the CPU, linear weights are then packed for
-    oneDNN's GEMM (layers/linear.py), unless `pack_cpu_weights` is False.
+    the object store's copy), else from the checkpoint files of `model_dir`
+    (safetensors or .bin, checkpoint_files.py), or from `gguf_file` when set.
+    Parameters are created on `device` in `dtype` and left uninitialised until
+    they are loaded or drawn; buffers built in float32 (the rotary table) are
+    cast after. On the CPU, linear weights are then packed for oneDNN's GEMM
+    (layers/linear.py), unless `pack_cpu_weights` is False.
     """
     with torch.device(device), default_dtype(dtype):
         model = model_class(hf_config)(hf_config, max_position, tp)
@@ -55,35 +55,11 @@ def build_model(hf_config, model_dir: Path, *, max_position: int, dtype: torch.d
         load_weights(model, gguf_tensors(gguf_file, hf_config, checkpoint_names(model)),
                      str(gguf_file))
     else:
-        load_weights(model, _safetensors(model_dir), str(model_dir))
+        load_weights(model, checkpoint_tensors(model_dir), str(model_dir))
     model.eval().requires_grad_(False)
     if device.type == "cpu" and pack_cpu_weights:
         pack_linear_weights(model)
     return model
-
-
-def read_checkpoint(model_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the directory's safetensors files, read whole (for the object store)."""
-    return {name: tensor for file in _safetensors_files(model_dir)
-            for name, tensor in load_file(file).items()}
-
-
-def _safetensors_files(model_dir: Path) -> list[Path]:
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
-    return files
-
-
-def _safetensors(model_dir: Path) -> Iterator[tuple[str, object]]:
-    """(name, slice) of every tensor of the directory's safetensors files.
-
-    Tensors are opened as safetensors slices: nothing is read until indexed.
-    """
-    for file in _safetensors_files(model_dir):
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_slice(name)
 
 
 def checkpoint_names(model: nn.Module) -> list[str]:

@@ -17,8 +17,8 @@ contiguous data.
 
 Every kernel's output is checked against SDPA before it is timed.
 
-    python benchmarks/kernels.py                 # on a CUDA GPU
-    TRITON_INTERPRET=1 python benchmarks/kernels.py --smoke   # CPU: exercises the
+    python benchmarks/attention_kernels.py       # on a CUDA GPU
+    TRITON_INTERPRET=1 python benchmarks/attention_kernels.py --smoke   # CPU: exercises the
         script with tiny shapes in Triton's interpreter; its times mean nothing
 """
 
@@ -161,7 +161,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes, a few iterations: checks the script, "
                              "not the kernels' speed")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/kernels.json"))
+    parser.add_argument("--out", type=Path,
+                        default=Path("benchmarks/results/attention_kernels.json"))
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.smoke:

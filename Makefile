@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 # A config for `make serve` / `make demo`; empty: the embedded default (SmolLM2-135M-Instruct).
 CONFIG ?=
 
-.PHONY: install model serve demo test bench peer-vllm gpu-check clean
+.PHONY: install model serve demo test bench peer-vllm gpu-bundle gpu-site gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,15 +60,36 @@ $(PEER_VLLM)/.installed:
 
 peer-vllm: $(PEER_VLLM)/.installed
 
-# On a CUDA machine whose Python already has torch, Triton and transformers
-# (plus pydantic and pyyaml): the compiled kernels and CUDA graphs against their
-# references, then the GPU benchmarks. Results go to benchmarks/results/.
-gpu-check:
-	TRITON_INTERPRET=0 $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_triton_attention.py \
-		tests/test_triton_cache_ops.py tests/test_cuda_graph.py tests/test_triton_lora.py
-	$(PYTHON) benchmarks/kernels.py
-	$(PYTHON) benchmarks/lora_kernels.py
-	$(PYTHON) benchmarks/gpu_e2e.py
+# The GPU machine: its image has torch, Triton and transformers (benchmarks/gpu-image.txt)
+# but reaches no package index. `make gpu-bundle`, here, downloads the wheels it lacks
+# (benchmarks/gpu-bundle.txt) for its Python into $(GPU_BUNDLE); the tree, bundle
+# included, is copied there, and `make gpu-check` installs them into $(GPU_SITE) and runs
+# benchmarks/gpu_check.py: the compiled-kernel tests, a greedy check against HF on CUDA,
+# the end-to-end figures and the kernel sweeps, each step with its own time limit.
+# Results: $$OUT when set, else benchmarks/results/gpu-check-<date>/.
+GPU_BUNDLE ?= .gpu-bundle
+GPU_SITE ?= .gpu-site
+GPU_PYTHON_VERSION ?= 3.12
+GPU_PLATFORMS ?= manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
+GPU_CHECK_ARGS ?=
+BUNDLE_PIP ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m pip
+
+gpu-bundle:
+	mkdir -p $(GPU_BUNDLE)
+	$(BUNDLE_PIP) download --quiet --no-deps --only-binary=:all: \
+		--python-version $(GPU_PYTHON_VERSION) --implementation cp \
+		$(addprefix --platform ,$(GPU_PLATFORMS)) --dest $(GPU_BUNDLE) -r benchmarks/gpu-bundle.txt
+	@du -sh $(GPU_BUNDLE)
+
+# Exactly the pinned wheels, from the bundle alone: a missing one fails here.
+gpu-site:
+	rm -rf $(GPU_SITE)
+	$(PYTHON) -m pip install --quiet --no-index --no-deps --find-links $(GPU_BUNDLE) \
+		--target $(GPU_SITE) -r benchmarks/gpu-bundle.txt
+
+gpu-check: gpu-site
+	PYTHONPATH=$(abspath $(GPU_SITE)):$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} \
+		$(PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

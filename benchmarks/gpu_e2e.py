@@ -44,6 +44,7 @@ from transformers.utils import logging as hf_logging
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.planner import load_presets
+from pagedserve.worker.layers.linear import dense_parameters
 from pagedserve.worker.step_timer import StepTimer
 
 PAIRS = [(512, 256), (2048, 256), (2048, 1024)]
@@ -73,7 +74,7 @@ def hf_copy(llm: LLM, model_dir: Path, dtype: torch.dtype, device: torch.device)
     for fused, part, shard in ours.stacked_params:
         parts.setdefault(fused, []).append((shard, part))
     state = {}
-    for name, param in ours.named_parameters():
+    for name, param in dense_parameters(ours).items():  # packed CPU weights read back
         module_name, _ = name.rsplit(".", 1)
         leaf = module_name.rsplit(".", 1)[-1]
         if leaf not in parts:

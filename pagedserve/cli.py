@@ -1,6 +1,6 @@
 """The `pagedserve` command line (also `python -m pagedserve`).
 
-    pagedserve serve [CONFIG] [--host H --port P --api-key K]
+    pagedserve serve [CONFIG] [--host H --port P --api-key K] [--verbose]
     pagedserve fetch [smollm2-135m-instruct]
     pagedserve plan configs/llama-3-70b-tp4.yaml --gpu-memory-gb 80
     pagedserve kuberay configs/llama-3-70b-tp4.yaml [--image IMAGE] > rayservice.yaml
@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 
 from pagedserve import config as config_module
 from pagedserve.planner import DEFAULT_GPU_MEMORY_GB, format_plan, plan
@@ -76,13 +78,26 @@ def _serve(args: argparse.Namespace) -> None:
     if address == "local":
         _check_ports_free(serving)
     serve_environment(config)  # for the local cluster ray.init starts (RAY_ADDRESS: its own)
+    held = None if args.verbose else _hold_ray_logs()
     # Without an address ray.init would join whatever cluster this machine started
-    # last (Ray's ray_current_cluster record), which may be another user's.
-    ray.init(address=address, logging_level="WARNING")
+    # last (Ray's ray_current_cluster record), which may be another user's. Its
+    # actors' output reaches this console only with --verbose; its errors (a worker
+    # that died) always do.
+    ray.init(address=address, logging_level=logging.INFO, log_to_driver=args.verbose)
+    logs = _session_logs()
+    if held is not None:
+        _write_ray_logs(held, logs)
     # After ray.init, which installs handlers of its own: Ctrl-C and SIGTERM both
     # end the loop below, and the cleanup runs.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    def stop(signum: int, frame: object) -> None:
+        # Once: another (`timeout` signals its child, then its group) must not cut
+        # the cleanup short.
+        for stop_signal in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(stop_signal, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     try:
         serve.start(http_options=http_options(config), grpc_options=grpc_options(config))
         serve.run(build(config), name="pagedserve", route_prefix="/")
@@ -95,18 +110,18 @@ def _serve(args: argparse.Namespace) -> None:
                         f" and gRPC at [::]:{serving.grpc_port} (application=pagedserve)")
         cluster = ("a new local Ray cluster" if address == "local"
                    else f"the Ray cluster at RAY_ADDRESS={address}")
+        where = "" if address == "local" else " on the cluster's head node"
+        verbose = "" if args.verbose else "; --verbose prints Ray's and Serve's here too"
         print(f"pagedserve: serving {config_module.served_model_name(config)!r} at "
-              f"{http}{grpc_address} on {cluster} "
-              "(Ctrl-C stops)", flush=True)
-        print("pagedserve: Ray Serve's logs are in /tmp/ray/session_latest/logs/serve/",
-              flush=True)
+              f"{http}{grpc_address} on {cluster} (Ctrl-C stops)\n"
+              f"pagedserve: logs in {logs}{where} (Serve's in serve/{verbose})", flush=True)
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
         print("pagedserve: shutting down", flush=True)
     finally:
-        for stop in (signal.SIGINT, signal.SIGTERM):  # a second one must not cut the cleanup
-            signal.signal(stop, signal.SIG_IGN)
+        for stop_signal in (signal.SIGINT, signal.SIGTERM):  # nor may one that comes now
+            signal.signal(stop_signal, signal.SIG_IGN)
         serve.shutdown()
         ray.shutdown()
 
@@ -124,6 +139,60 @@ def _check_ports_free(serving: config_module.ServingConfig) -> None:
                 raise SystemExit(f"pagedserve: {field}={port} on {serving.host} is not free "
                                  f"({error.strerror}): stop what holds it, or pick another "
                                  "with --port or the config") from None
+
+
+# Ray's and Serve's loggers in this process, each with a console handler of its own
+# (neither propagates), and the least level of a record that still prints there
+# without --verbose: Ray's errors, Serve's warnings (a controller that did not stop).
+RAY_LOGGERS = {"ray": logging.ERROR, "ray.serve": logging.WARNING}
+
+
+def _hold_ray_logs() -> logging.handlers.MemoryHandler:
+    """Keep Ray's and Serve's lesser records here off the console: each is held, from
+    INFO on, until Ray's session directory exists (`_write_ray_logs`); Ray's first,
+    the token-authentication warning, comes before it does."""
+    import logging.handlers
+
+    # Without a target a MemoryHandler holds every record (it flushes into its target).
+    held = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1)
+    for name, least in RAY_LOGGERS.items():
+        logger = logging.getLogger(name)
+        for console in logger.handlers:
+            console.setLevel(least)
+        logger.addHandler(held)
+    return held
+
+
+def _write_ray_logs(held: logging.handlers.MemoryHandler, logs: Path) -> None:
+    """Write the held records, and the ones to come, to LOGS/pagedserve_PID.log, where
+    this machine has that directory (joined through Ray Client, it may not)."""
+    import os
+
+    target = None
+    if logs.is_dir():
+        target = logging.FileHandler(logs / f"pagedserve_{os.getpid()}.log")
+        target.setFormatter(logging.Formatter(
+            "%(asctime)s\t%(levelname)s %(name)s:%(lineno)s -- %(message)s"))
+    for name in RAY_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.removeHandler(held)
+        if target is not None:
+            logger.addHandler(target)
+    held.setTarget(target)
+    held.close()  # flushes what it held into the file
+
+
+def _session_logs() -> Path:
+    """The logs directory of the Ray session this process is connected to, by its own
+    name: `session_latest` points at whichever session the machine started last."""
+    import ray
+
+    context = ray.get_runtime_context()
+    try:
+        temp_dir = context.get_temp_dir()
+    except AttributeError:  # Ray Client (ray://) knows only the session's name
+        temp_dir = "/tmp/ray"  # Ray's default
+    return Path(temp_dir, context.get_session_name(), "logs")
 
 
 def _fetch_model(config: config_module.Config) -> config_module.Config:
@@ -177,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--port", type=int, help="HTTP port (serving.port)")
     serve_parser.add_argument("--api-key", help="require `Authorization: Bearer KEY` "
                                                 "(serving.api_key)")
+    serve_parser.add_argument("--verbose", action="store_true",
+                              help="print Ray's and Serve's logs here too, not only in "
+                                   "their files")
     serve_parser.set_defaults(run=_serve)
 
     from pagedserve.embedded import DEFAULT, MODELS

@@ -6,7 +6,9 @@ default config that an installed package has too.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -48,6 +50,8 @@ def _descendants(pid: int) -> list[psutil.Process]:
 
 
 def test_sigterm_stops_the_server_and_every_process_it_started(tmp_path):
+    """Also: what it prints is the banner, once; Ray's and Serve's own lines go to the
+    session's log files, which the banner names."""
     env = {**os.environ, "PAGEDSERVE_CACHE_DIR": str(tmp_path / "cache")}
     env.pop("RAY_ADDRESS", None)
     port = free_port()
@@ -84,6 +88,7 @@ def test_sigterm_stops_the_server_and_every_process_it_started(tmp_path):
     output = "".join(lines)
     assert "Traceback" not in output and "Fatal Python error" not in output, output[-3000:]
     assert "pagedserve: shutting down" in output
+    _assert_says_one_thing(output, port, server.pid)
     # Nothing it started is left: not Ray's dashboard, agents, raylet or workers.
     deadline = time.monotonic() + 30
     while True:
@@ -94,6 +99,23 @@ def test_sigterm_stops_the_server_and_every_process_it_started(tmp_path):
         time.sleep(0.5)
     assert not alive, [p.info if hasattr(p, "info") else p.cmdline() for p in alive]
     assert not in_session
+
+
+def _assert_says_one_thing(output: str, port: int, pid: int) -> None:
+    """One URL, the OpenAI base URL; no line of Ray's or Serve's, and the logs directory
+    of this run's Ray session, by its own name, holds them."""
+    assert output.count(f"http://127.0.0.1:{port}/v1") == 1, output
+    assert f":{port + 1}" not in output, output  # Serve's proxy
+    assert "is ready at" not in output and "Started Serve" not in output, output
+    assert not re.search(r"\b(INFO|WARNING)\b", output), output  # Ray's, Serve's format
+    assert "Token authentication" not in output, output
+    logs = Path(re.search(r"^pagedserve: logs in (\S+) ", output, re.MULTILINE)[1])
+    session = logs.parent
+    assert logs.name == "logs" and session.name.startswith("session_2"), logs
+    assert not session.is_symlink() and session.name != "session_latest", logs
+    kept = (logs / f"pagedserve_{pid}.log").read_text()
+    assert "Application 'pagedserve' is ready" in kept, kept
+    assert list((logs / "serve").glob("controller_*.log"))
 
 
 def _session(process: psutil.Process) -> int | None:
@@ -107,23 +129,56 @@ class _Stop(Exception):
     pass
 
 
-def _serve_without_ray(monkeypatch, config: Path) -> dict:
+def _serve_without_ray(monkeypatch, config: Path, *options: str) -> dict:
     """Run `pagedserve serve` with Ray and Serve replaced: what ray.init was asked, and
-    the banner, up to the point where the server would wait."""
+    what was printed, up to the point where the server would wait. The stand-ins log
+    as Ray's and Serve's do: a warning while Ray starts, Serve's "is ready" line once
+    it has, and an error while the server waits. The session's logs directory is
+    beside config; Ray's and Serve's loggers are as they were afterwards."""
     import ray
     from ray import serve
 
-    seen: dict = {}
-    monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(init=kwargs))
+    logs = config.parent / "session_2000-01-01_00-00-00_000000_1" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    seen: dict = {"logs": logs}
+
+    def init(**kwargs):
+        seen.update(init=kwargs)
+        logging.getLogger("ray._private.authentication").warning("Token authentication on")
+
+    def wait(seconds):
+        logging.getLogger("ray").error("a worker died")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_session_logs", lambda: logs)
+    monkeypatch.setattr(ray, "init", init)
     monkeypatch.setattr(ray, "shutdown", lambda: None)
     monkeypatch.setattr(serve, "start", lambda **kwargs: None)
-    monkeypatch.setattr(serve, "run", lambda *args, **kwargs: None)
+    monkeypatch.setattr(serve, "run", lambda *args, **kwargs: logging.getLogger(
+        "ray.serve").info("Application 'pagedserve' is ready at :8001"))
     monkeypatch.setattr(serve, "shutdown", lambda: None)
     monkeypatch.setattr(app, "http_targets", lambda name: [])
     monkeypatch.setattr(cli, "_check_ports_free", lambda serving: None)
-    monkeypatch.setattr(time, "sleep", lambda seconds: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(time, "sleep", wait)
     monkeypatch.setattr(signal, "signal", lambda *args: None)
-    cli.main(["serve", str(config)])
+    with monkeypatch.context() as patch:
+        kept = {}
+        for name in cli.RAY_LOGGERS:
+            logger = logging.getLogger(name)
+            kept[name] = list(logger.handlers)
+            patch.setattr(logger, "handlers", list(logger.handlers))
+            for handler in logger.handlers:
+                patch.setattr(handler, "level", handler.level)
+                # Ray's and Serve's console handlers (not pytest's) print where capsys reads.
+                if type(handler).__module__ in ("logging", "ray._private.log"):
+                    patch.setattr(handler, "stream", sys.stderr)
+        try:
+            cli.main(["serve", str(config), *options])
+        finally:
+            for name, handlers in kept.items():
+                for handler in logging.getLogger(name).handlers:
+                    if handler not in handlers:
+                        handler.close()
     return seen
 
 
@@ -131,11 +186,38 @@ def test_serve_starts_its_own_cluster_unless_ray_address_is_set(tmp_path, monkey
     config = _tiny_config(tmp_path, 8000)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     # Not `None`: that would follow Ray's record of the last cluster `ray start` made.
-    assert _serve_without_ray(monkeypatch, config)["init"]["address"] == "local"
-    assert "on a new local Ray cluster" in capsys.readouterr().out
+    seen = _serve_without_ray(monkeypatch, config)
+    assert seen["init"]["address"] == "local"
+    out = capsys.readouterr().out
+    assert "on a new local Ray cluster" in out
+    assert f"pagedserve: logs in {seen['logs']} (" in out
     monkeypatch.setenv("RAY_ADDRESS", "ray://10.0.0.5:10001")
-    assert _serve_without_ray(monkeypatch, config)["init"]["address"] == "ray://10.0.0.5:10001"
-    assert "on the Ray cluster at RAY_ADDRESS=ray://10.0.0.5:10001" in capsys.readouterr().out
+    seen = _serve_without_ray(monkeypatch, config)
+    assert seen["init"]["address"] == "ray://10.0.0.5:10001"
+    out = capsys.readouterr().out
+    assert "on the Ray cluster at RAY_ADDRESS=ray://10.0.0.5:10001" in out
+    assert f"pagedserve: logs in {seen['logs']} on the cluster's head node" in out
+
+
+def test_ray_and_serve_log_to_files_unless_verbose(tmp_path, monkeypatch, capsys):
+    config = _tiny_config(tmp_path, 8000)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    seen = _serve_without_ray(monkeypatch, config)
+    assert seen["init"]["log_to_driver"] is False  # actors' output: their own log files
+    printed = capsys.readouterr()
+    assert "Token authentication" not in printed.err + printed.out
+    assert "is ready" not in printed.err + printed.out
+    assert "a worker died" in printed.err  # errors still reach the console
+    assert "--verbose prints Ray's and Serve's here too" in printed.out
+    kept = (seen["logs"] / f"pagedserve_{os.getpid()}.log").read_text()
+    assert "WARNING ray._private.authentication" in kept and "Token authentication on" in kept
+    assert "INFO ray.serve" in kept and "is ready at :8001" in kept
+
+    seen = _serve_without_ray(monkeypatch, config, "--verbose")
+    assert seen["init"]["log_to_driver"] is True
+    printed = capsys.readouterr()
+    assert "Token authentication on" in printed.err and "is ready at :8001" in printed.err
+    assert "--verbose" not in printed.out
 
 
 def test_a_taken_port_is_refused_before_ray_starts(tmp_path, monkeypatch):

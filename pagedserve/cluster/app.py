@@ -40,8 +40,8 @@ GRPC_SERVICER_FUNCTIONS = (
 
 # Ray Serve's throughput-optimized mode: handle calls pass results by value,
 # not through the object store, user code and the router run on each replica's
-# own event loop, and Serve's logs go to files only
-# (/tmp/ray/session_latest/logs/serve/), not through stderr. With direct ingress
+# own event loop, and Serve's logs go to files only (the Ray session's
+# logs/serve/, which `pagedserve serve` names), not through stderr. With direct ingress
 # the ingress replica answers HTTP itself, so streamed chunks skip the proxy's
 # hop (BENCHMARKS.md, serving). An ingress replica that stops is held open for
 # a draining period, and its port kept from the next one for a quarantine, both

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from pagedserve.kernels.decode_attention import default_num_splits, paged_decode_attention
 from pagedserve.kernels.prefill_attention import paged_prefill_attention
+from pagedserve.math_utils import cdiv
 
 
 def median_ms(fn, iters: int, device: torch.device) -> float:
@@ -67,7 +68,7 @@ def copy_bandwidth(device: torch.device, nbytes: int, iters: int) -> float:
 def paged_context(batch: int, context: int, num_kv_heads: int, head_dim: int, block_size: int,
                   dtype: torch.dtype, device: torch.device, gen: torch.Generator):
     """A pool holding `batch` contexts in shuffled blocks, and the same K/V contiguous."""
-    blocks_per_seq = -(-context // block_size)
+    blocks_per_seq = cdiv(context, block_size)
     num_blocks = batch * blocks_per_seq
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     key_cache = torch.randn(shape, generator=gen, device=device, dtype=dtype)

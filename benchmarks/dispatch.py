@@ -131,7 +131,7 @@ def main() -> None:
             row[f"decode_b{batch}_ms"] = median_ms(ray_times)
             row[f"local_b{batch}_ms"] = median_ms(local_times)
             row[f"decode_b{batch}_added_ms"] = median_ms(
-                [r - loc for r, loc in zip(ray_times, local_times)])
+                [r - loc for r, loc in zip(ray_times, local_times, strict=True)])
         windows[name] = [median_ms(empty_steps(llm, args.window_steps))
                          for _ in range(args.windows)]
         llm.shutdown()

@@ -162,7 +162,7 @@ def greedy_check(device_name: str) -> int:
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
         hf.eval()
         mismatches = 0
-        for prompt, output in zip(prompts, outputs):
+        for prompt, output in zip(prompts, outputs, strict=True):
             with torch.inference_mode():
                 expected = hf.generate(torch.tensor([prompt], device=device), do_sample=False,
                                        max_new_tokens=GREEDY_MAX_TOKENS)[0, len(prompt):].tolist()

@@ -43,6 +43,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from pagedserve import LLM, SamplingParams
+from pagedserve.math_utils import cdiv
 from pagedserve.planner import load_presets
 from pagedserve.worker.layers.linear import dense_parameters
 from pagedserve.worker.step_timer import StepTimer
@@ -81,7 +82,7 @@ def hf_copy(llm: LLM, model_dir: Path, dtype: torch.dtype, device: torch.device)
             state[name] = param
             continue
         sizes = ours.get_submodule(module_name).part_sizes
-        for (_, part), chunk in zip(sorted(parts[leaf]), param.split(sizes, dim=0)):
+        for (_, part), chunk in zip(sorted(parts[leaf]), param.split(sizes, dim=0), strict=True):
             state[name.replace(f".{leaf}.", f".{part}.")] = chunk
     missing, unexpected = hf.load_state_dict(state, strict=False)
     if unexpected or any("rotary" not in key for key in missing):
@@ -174,7 +175,7 @@ def decode_steps(llm: LLM, batch: int, context: int, steps: int, rng: random.Ran
     runner = engine.executor.worker.runner
     saved_graphs = runner.graphs
     vocab = engine.info.vocab_size
-    needed = batch * -(-(context + steps + 4) // BLOCK)
+    needed = batch * cdiv(context + steps + 4, BLOCK)
     if needed > engine.block_manager.num_blocks:
         raise SystemExit(f"decode batch {batch} x {context} tokens needs {needed} blocks, the pool "
                          f"has {engine.block_manager.num_blocks}: raise --kv-tokens")

@@ -99,7 +99,7 @@ def run_hf_peft(model, requests, names: list[str], batch_size: int, pad_id: int)
                 out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
                                      min_new_tokens=new, do_sample=False, pad_token_id=pad_id,
                                      eos_token_id=-1)
-                for (index, (_, out_len, _)), row in zip(batch, out):
+                for (index, (_, out_len, _)), row in zip(batch, out, strict=True):
                     tokens[index] = row[width:width + out_len].tolist()
     return time.perf_counter() - start, [tokens[i] for i in range(len(requests))]
 
@@ -198,7 +198,7 @@ def main() -> None:
                     f"{row['base_tok_s']:7.1f} tok/s, overhead {row['overhead']:+.1%}")
             if with_hf:
                 row["hf_peft_speedup"] = row["lora_tok_s"] / row["hf_tok_s"]
-                row["match_hf"] = sum(a == b for a, b in zip(ours, theirs))
+                row["match_hf"] = sum(a == b for a, b in zip(ours, theirs, strict=True))
                 line += (f"; HF PEFT {row['hf_tok_s']:6.1f} tok/s -> x{row['hf_peft_speedup']:.2f}"
                          f", tokens equal {row['match_hf']}/{len(requests)}")
             print(line, flush=True)

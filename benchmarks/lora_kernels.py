@@ -52,7 +52,7 @@ def bench(args, num_tokens: int, segmented: bool, device: torch.device, copy_bw:
     batch.set(token_slots.numpy().astype("int32"), torch.device("cpu"))
     slots = token_slots.to(torch.int32).to(device)
     segments = tuple(torch.tensor(column, dtype=torch.int32, device=device) for column in zip(
-        *[(start, end - start, slot) for slot, start, end in batch.segments]))
+        *[(start, end - start, slot) for slot, start, end in batch.segments], strict=True))
     out = F.linear(x, weight)
 
     def run() -> torch.Tensor:

@@ -80,7 +80,7 @@ class FakeExecutor:
     def execute(self, step: StepInput) -> StepOutput:
         samples: list[Sample] = []
         for row in step.seqs:
-            if row.do_sample and row.num_candidates:
+            if row.do_sample and row.num_candidates is not None:
                 samples.append(self._beam_row(row.seq_id, row.num_candidates))
             elif row.do_sample:  # the prompt's row is sampled once per sample
                 samples.extend(Sample(row.seq_id, (row.seq_id * 7919 + row.context_len * 31 + j)
@@ -152,7 +152,7 @@ def workload(name: str, pool_tokens: int, seed: int) -> list[tuple[int, int]]:
     rng = random.Random(seed)
     counts = [max(1, round(num_requests * weight / total)) for weight, _, _ in parts]
     requests = [(rng.randint(lo, hi), rng.randint(*OUTPUTS))
-                for count, (_, lo, hi) in zip(counts, parts) for _ in range(count)]
+                for count, (_, lo, hi) in zip(counts, parts, strict=True) for _ in range(count)]
     rng.shuffle(requests)
     return requests
 
@@ -255,7 +255,7 @@ def plot_utilization(memory: dict, path: Path) -> None:
         ax.bar(xs, used, 0.38, color=color, label=f"{system}: used")
         ax.bar(xs, [100 - u for u in used], 0.38, bottom=used, color=color, alpha=0.25,
                hatch="//", label=f"{system}: wasted")
-        for x, u in zip(xs, used):
+        for x, u in zip(xs, used, strict=True):
             ax.text(x, u - 6, f"{u:.1f}%", ha="center", color="white", fontsize=8)
     ax.axhline(100 * (1 - WASTE_TARGET), color="black", ls="--", lw=1, label="target: waste <= 4%")
     ax.set_xticks(range(len(names)), names)

@@ -78,7 +78,7 @@ def main() -> None:
     prompts = requests(args)
     off = run(model_dir, prompts, caching=False, args=args)
     on = run(model_dir, prompts, caching=True, args=args)
-    same = sum(a == b for a, b in zip(on.pop("token_ids"), off.pop("token_ids")))
+    same = sum(a == b for a, b in zip(on.pop("token_ids"), off.pop("token_ids"), strict=True))
     ratio = on["tokens_per_s"] / off["tokens_per_s"]
     print(f"{args.requests} requests: {args.system_tokens}-token system prompt + "
           f"{args.suffix_min}-{args.suffix_max} token suffix, {args.output_tokens} output tokens")

@@ -137,7 +137,8 @@ def run_hf_static(model, requests, batch_size, pad_id):
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
                                  min_new_tokens=new, do_sample=False, pad_token_id=pad_id,
                                  eos_token_id=-1)
-            tokens += [row[width:width + o].tolist() for row, (_, o) in zip(out, batch)]
+            tokens += [row[width:width + o].tolist()
+                       for row, (_, o) in zip(out, batch, strict=True)]
     return time.perf_counter() - start, tokens
 
 
@@ -187,7 +188,7 @@ def warm_up(model_dir, hf_model, pad_id, args, peer):
 
 
 def matches(ours, theirs, requests):
-    return sum(a[:o] == b[:o] for a, b, (_, o) in zip(ours, theirs, requests))
+    return sum(a[:o] == b[:o] for a, b, (_, o) in zip(ours, theirs, requests, strict=True))
 
 
 def parse_args():

@@ -117,7 +117,8 @@ def main() -> None:
         outs = llm.generate(prompts, params, use_tqdm=False)
         seconds = time.perf_counter() - start
         frontend = cpu_seconds(me) - before[0]
-        engine = sum(cpu_seconds(child) - was for child, was in zip(children, before[1]))
+        engine = sum(cpu_seconds(child) - was
+                     for child, was in zip(children, before[1], strict=True))
         print(RESULT_MARK + json.dumps({
             "seconds": seconds, "tokens": [list(out.outputs[0].token_ids) for out in outs],
             "cpu_s": {"frontend": frontend, "engine": engine}}), flush=True)

@@ -199,10 +199,11 @@ class ParallelConfig(_Strict):
     # How long to wait for the cluster to place every rank's bundle.
     placement_timeout_s: float = Field(default=300.0, gt=0.0)
     # How steps reach the ranks. A Ray compiled graph writes each step once to a
-    # shared-memory channel every rank reads (~0.1 ms), but its readers spin a
-    # CPU core each while waiting, even when idle. Plain actor calls cost ~1 ms
-    # and idle for free. auto: the compiled graph on GPUs, plain calls on CPU,
-    # where the spinning core is one the ranks compute on.
+    # shared-memory channel every rank reads, the cheaper dispatch, but its readers
+    # spin a CPU core each while waiting, even when idle. Plain actor calls cost
+    # more per step and idle for free (BENCHMARKS.md, "Ray dispatch overhead").
+    # auto: the compiled graph on GPUs, plain calls on CPU, where the spinning
+    # core is one the ranks compute on.
     ray_compiled_graph: Literal["auto", True, False] = "auto"
     # A step (or a collective) that takes longer fails the engine instead of hanging it.
     step_timeout_s: float = Field(default=600.0, gt=0.0)

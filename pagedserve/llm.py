@@ -97,7 +97,8 @@ class LLM:
         sampling_params = [final_only[id(p)] for p in sampling_params]
         order = []
         try:
-            for (token_ids, text), params, lora in zip(requests, sampling_params, lora_request):
+            for (token_ids, text), params, lora in zip(requests, sampling_params, lora_request,
+                                                       strict=True):
                 request_id = str(next(self._request_ids))
                 self.engine.add_request(request_id, token_ids, params, prompt=text,
                                         lora_request=lora)

@@ -10,10 +10,11 @@ The planner (planner.py) reports them; the simulated accelerator
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
+
+from pagedserve.math_utils import cdiv
 
 GIB = 2**30
 # CUDA context, NCCL buffers and caching-allocator slack: outside any tensor we size.
@@ -102,7 +103,7 @@ def params_per_rank(shape: ModelShape, tp: int) -> int:
     attention += (q + 2 * kv) * shape.qkv_bias + hidden * shape.o_proj_bias
     mlp = 3 * hidden * inter + (2 * inter + hidden) * shape.mlp_bias
     layer = attention + mlp + 2 * hidden  # + input and post-attention RMSNorm
-    embedding = math.ceil(shape.vocab_size / tp) * hidden
+    embedding = cdiv(shape.vocab_size, tp) * hidden
     lm_head = 0 if shape.tie_word_embeddings else embedding
     return shape.num_layers * layer + embedding + lm_head + hidden  # + final norm
 

@@ -50,7 +50,9 @@ class RequestOutput:
 
     request_id: str
     prompt: str | None
-    prompt_token_ids: list[int]
+    # None only in a Serve replica's outputs after a request's first: the
+    # ingress, which tokenized the prompt, holds its ids (cluster/server.py).
+    prompt_token_ids: list[int] | None
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None

@@ -15,12 +15,12 @@ which also holds the full logits, is the one planned for.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pagedserve.config import TP_ACROSS_NODES, Config, ModelConfig, RandomModelSpec
+from pagedserve.math_utils import cdiv
 from pagedserve.model_shape import (
     DTYPE_BYTES,
     GIB,
@@ -135,7 +135,7 @@ def plan(config: Config, gpu_memory_gb: float | None = None,
         lora_slots=lora.max_loras if lora.enable_lora else 0, kv_budget_bytes=budget,
         num_blocks=num_blocks,
         num_cache_tokens=num_cache_tokens, mean_seq_len=mean_seq_len,
-        seqs_at_mean_len=num_blocks // math.ceil(mean_seq_len / engine.block_size),
+        seqs_at_mean_len=num_blocks // cdiv(mean_seq_len, engine.block_size),
         seqs_at_max_model_len=num_cache_tokens // max_model_len,
     )
 
@@ -242,7 +242,7 @@ def _num_blocks(config: Config, budget: int, block_bytes: int, device: str,
                          "per GPU holds")
     else:
         num_blocks, source = engine.num_gpu_blocks, "engine.num_gpu_blocks"
-    per_seq = math.ceil(max_model_len / engine.block_size)
+    per_seq = cdiv(max_model_len, engine.block_size)
     if num_blocks < per_seq:
         raise ValueError(f"the KV pool has {num_blocks} blocks of "
                          f"{engine.block_size} tokens, fewer "

@@ -7,6 +7,7 @@ import os
 import socket
 import tempfile
 import time
+from pathlib import Path
 from typing import NamedTuple
 
 # Triton kernels run in Triton's interpreter on this CPU. Triton reads this when a
@@ -15,9 +16,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 # A model's own code (trust_remote_code tests) is copied here, not into the user's cache.
 os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="pagedserve-hf-modules-"))
 
-import pytest  # noqa: E402
+import pytest
 
-from pagedserve.testing import build_random_model  # noqa: E402
+from pagedserve.testing import build_random_model
 
 # Tiny variants of each supported architecture (defaults: hidden 64, 2 layers, 4 heads).
 MODEL_VARIANTS = {
@@ -184,7 +185,8 @@ def serve_instance(ray_cluster):
     """Ray Serve with its HTTP and gRPC proxies, for every serving test.
 
     Serve takes proxy options only when it first starts in a Ray session, so it
-    starts here, once; each test module runs its app on it under its own name.
+    starts here, once; each test module runs its app on it under its own name, or
+    uses an app it shares with others (`shared_app`).
     """
     from ray import serve
     from ray.serve.config import gRPCOptions
@@ -199,3 +201,89 @@ def serve_instance(ray_cluster):
                                          grpc_servicer_functions=list(GRPC_SERVICER_FUNCTIONS)))
     yield ports
     serve.shutdown()
+
+
+# The app that the modules which only send requests share: tiny-cpu.yaml as
+# `served_tiny_cpu` gives it, under this name (gRPC's `application` metadata) and
+# route prefix, behind this API key.
+SERVED_TINY_CPU = "shared-tiny-cpu"
+SERVED_API_KEY = "test-key"
+
+
+def served_tiny_cpu():
+    """tiny-cpu.yaml with an API key, a small body limit and half a CPU for its worker:
+    the one config of the modules that share an app (`shared_app`)."""
+    from pagedserve.config import load, parse
+
+    data = load(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml").model_dump()
+    data["serving"].update(api_key=SERVED_API_KEY, max_request_bytes=64 * 1024)
+    data["parallel"].update(worker_cpus=0.5)
+    return parse(data)
+
+
+class SharedApp(NamedTuple):
+    direct: str  # its ingress replica's own address, route prefix included
+    proxy: str  # the same through Serve's HTTP proxy
+    ports: ServePorts
+
+
+# name -> (its config, the app): the shared apps running now.
+_shared_apps: dict[str, tuple[str, SharedApp]] = {}
+# The test modules that use them.
+_sharing_modules: set[Path] = set()
+
+
+def _stop_shared_apps() -> None:
+    from ray import serve
+
+    for name in list(_shared_apps):
+        serve.delete(name)
+        del _shared_apps[name]
+
+
+@pytest.fixture(scope="session")
+def shared_app(serve_instance):
+    """(name, config) -> a `SharedApp`: the Serve app of that name and route prefix,
+    started on first use.
+
+    Starting an app takes seconds, so the modules that serve the same config share
+    one: they run one after another, and the app is stopped after the last of them
+    (`pytest_collection_modifyitems`, `pytest_runtest_teardown`), so that no other
+    module finds it holding CPUs. Only for modules that send requests: none may
+    change the app (its config, its replicas) or depend on what it served before.
+    """
+    from ray import serve
+
+    from pagedserve.cluster.app import build
+
+    def get(name: str, config) -> SharedApp:
+        key = config.model_dump_json()
+        if name not in _shared_apps:
+            serve.run(build(config), name=name, route_prefix=f"/{name}")
+            _shared_apps[name] = key, SharedApp(f"{direct_url(name)}/{name}",
+                                                f"http://127.0.0.1:{serve_instance.http}/{name}",
+                                                serve_instance)
+        started, app = _shared_apps[name]
+        assert started == key, f"app {name} is shared by modules with different configs"
+        return app
+
+    yield get
+    _stop_shared_apps()
+
+
+def pytest_collection_modifyitems(items):
+    """The modules that use `shared_app` run one after another, where the first of
+    them would have run; the others keep their order."""
+    _sharing_modules.update(item.path for item in items if "shared_app" in item.fixturenames)
+    if _sharing_modules:
+        first = next(i for i, item in enumerate(items) if item.path in _sharing_modules)
+        rest = [item for item in items if item.path not in _sharing_modules]
+        items[:] = (rest[:first] + [item for item in items if item.path in _sharing_modules]
+                    + rest[first:])
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """After the last module that uses `shared_app`, its apps stop (at the session's
+    end, the fixture stops them)."""
+    if _shared_apps and nextitem is not None and nextitem.path not in _sharing_modules:
+        _stop_shared_apps()

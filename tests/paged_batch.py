@@ -49,7 +49,7 @@ class PagedBatch:
     def expected(self) -> torch.Tensor:
         """[num_tokens, H, D] float64."""
         return torch.cat([dense_attention(q, k, v, self.scale)
-                          for q, (k, v) in zip(self.queries, self.contexts)])
+                          for q, (k, v) in zip(self.queries, self.contexts, strict=True)])
 
 
 def make_paged_batch(seqs: list[tuple[int, int]], *, block_size: int, num_heads: int,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from itertools import pairwise
 
 import pytest
 import torch
@@ -65,9 +66,9 @@ def test_eight_concurrent_streams_equal_hf_and_grow(engine, hf_greedy):
             for i, p in enumerate(PROMPTS)))
 
     streams = asyncio.run(run())
-    for stream, expected in zip(streams, hf_greedy):
+    for stream, expected in zip(streams, hf_greedy, strict=True):
         assert stream[-1].finished and stream[-1].outputs[0].token_ids == expected
-        for before, after in zip(stream, stream[1:]):  # each output extends the last
+        for before, after in pairwise(stream):  # each output extends the last
             old, new = before.outputs[0], after.outputs[0]
             assert new.token_ids[:len(old.token_ids)] == old.token_ids
             assert new.text.startswith(old.text)
@@ -96,7 +97,7 @@ def test_delta_outputs_add_up_to_the_cumulative_result(engine):
     # (The second run reads the first's prompt from the prefix cache: float noise only.)
     entries = [e for c in news for e in c.logprobs]
     assert [list(e) for e in entries] == [list(e) for e in expected.logprobs]
-    for entry, reference in zip(entries, expected.logprobs):
+    for entry, reference in zip(entries, expected.logprobs, strict=True):
         assert list(entry.values()) == pytest.approx(list(reference.values()), abs=1e-5)
     assert news[-1].finish_reason == expected.finish_reason and deltas[-1].finished
     assert len(final) == 1 and final[0].finished

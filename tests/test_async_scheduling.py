@@ -14,7 +14,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pagedserve import LLM, SamplingParams
-from pagedserve.scheduler.step import PLACEHOLDER
 
 PROMPTS = [[7 + i, 40 + 3 * i, 100 + i, 9, 17 + i] + list(range(200, 200 + 3 * i))
            for i in range(10)]
@@ -112,9 +111,10 @@ def test_a_stop_found_one_step_late_emits_nothing_and_keeps_no_block(engines):
         llm.engine.executor.submit = submit
     assert out.token_ids == first.token_ids[:first.token_ids.index(stop_at) + 1]
     assert out.finish_reason == "stop" and out.stop_reason == stop_at
-    # One more step was planned for it with the stop token still unknown (a placeholder).
+    # One more step was planned for it with the stop token still unknown (in flight).
     assert len(steps) == len(out.token_ids) + 1
-    assert steps[-1].seqs[0].token_ids == [PLACEHOLDER]
+    last = steps[-1].seqs[0]
+    assert last.token_ids == [] and last.last_token_in_flight
     stats = llm.get_memory_stats()
     assert stats["free_blocks"] == stats["total_blocks"]
 

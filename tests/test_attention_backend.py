@@ -62,7 +62,7 @@ def test_greedy_outputs_identical_between_backends(model_dirs, variant, engine, 
     triton_llm, got = _run(model_dir, "triton", **engine)
 
     assert [c.token_ids for c in got] == [c.token_ids for c in expected]
-    for a, b in zip(got, expected):
+    for a, b in zip(got, expected, strict=True):
         assert a.cumulative_logprob == pytest.approx(b.cumulative_logprob, abs=1e-3)
     preempted = torch_llm.get_memory_stats()["num_preemptions"]
     assert triton_llm.get_memory_stats()["num_preemptions"] == preempted

@@ -20,7 +20,7 @@ def context(replicas: int, stats: list[dict[str, float]], *, now: float = 100.0,
     """`replicas` running, each reporting one dict of stats (averaged already, as Serve does)."""
     ids = [f"replica-{i}" for i in range(len(stats))]
     metrics: dict[str, dict[str, float]] = {}
-    for replica, reported in zip(ids, stats):
+    for replica, reported in zip(ids, stats, strict=True):
         for name, value in reported.items():
             metrics.setdefault(name, {})[replica] = value
     return AutoscalingContext(

@@ -51,7 +51,7 @@ def test_equals_hf(tiny_llama, hf_model, width, n, length_penalty):
 
     eos = sorted(llm.engine.info.eos_token_ids | set(EXTRA_EOS))
     ended_early = 0
-    for prompt, output in zip(PROMPTS, outputs):
+    for prompt, output in zip(PROMPTS, outputs, strict=True):
         expected = _hf_beams(hf_model, prompt, width, n, length_penalty, eos)
         assert [c.token_ids for c in output.outputs] == expected, f"prompt {prompt[:3]}..."
         ended_early += sum(c.finish_reason == "stop" for c in output.outputs)
@@ -100,7 +100,7 @@ def test_sampling_knobs_are_ignored_as_hf_does(tiny_llama, hf_model, caplog):
                                use_tqdm=False)
     assert not [r for r in caplog.records if "use_beam_search" in r.getMessage()]  # once only
     eos = sorted(llm.engine.info.eos_token_ids)
-    for prompt, output in zip(PROMPTS, outputs):
+    for prompt, output in zip(PROMPTS, outputs, strict=True):
         [best] = _hf_beams(hf_model, prompt, 5, 1, 1.0, eos)
         assert [c.token_ids for c in output.outputs] == [best], f"prompt {prompt[:3]}..."
 

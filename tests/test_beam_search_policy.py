@@ -55,7 +55,7 @@ def model_logprobs(model):
         if todo:
             with torch.inference_mode():
                 logits = model(torch.tensor(todo)).logits[:, -1].float()
-            cache.update(zip(todo, torch.log_softmax(logits, dim=-1)))
+            cache.update(zip(todo, torch.log_softmax(logits, dim=-1), strict=True))
         return [cache[tuple(s)] for s in seqs]
 
     return get
@@ -95,7 +95,7 @@ def _run_hf(model, prompt: list[int], eos: tuple[int, ...], recorder: _Recorder,
             return_dict_in_generate=True, logits_processor=LogitsProcessorList([recorder]),
             **kwargs)
     results = []
-    for seq, score in zip(out.sequences.tolist(), out.sequences_scores.tolist()):
+    for seq, score in zip(out.sequences.tolist(), out.sequences_scores.tolist(), strict=True):
         tokens = seq[len(prompt):]
         end = next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))
         assert all(t == PAD for t in tokens[end:]), tokens  # hypotheses end at their EOS
@@ -113,7 +113,7 @@ def _run_policy(policy: BeamSearch, prompt: list[int],
         top = []
         for row in logprobs(steps[-1]):
             values, tokens = torch.topk(row, policy.candidates_per_beam)
-            top.append(list(zip(tokens.tolist(), values.tolist())))
+            top.append(list(zip(tokens.tolist(), values.tolist(), strict=True)))
         chosen = policy.step(beams, top)
         if not chosen:
             break

@@ -75,7 +75,7 @@ def help_runs() -> dict[str, subprocess.CompletedProcess]:
     """`python benchmarks/X.py --help` for every script, two at a time (two cores)."""
     with ThreadPoolExecutor(max_workers=2) as pool:
         runs = pool.map(lambda name: _run([f"benchmarks/{name}", "--help"]), SCRIPTS)
-        return dict(zip(SCRIPTS, runs))
+        return dict(zip(SCRIPTS, runs, strict=True))
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pagedserve.scheduler.block_manager import BlockManager, cdiv
+from pagedserve.math_utils import cdiv
+from pagedserve.scheduler.block_manager import BlockManager
 
 
 def _check_consistent(bm: BlockManager) -> None:

@@ -15,7 +15,8 @@ from hypothesis.stateful import (
 )
 from test_block_manager import _check_consistent
 
-from pagedserve.scheduler.block_manager import BlockManager, cdiv
+from pagedserve.math_utils import cdiv
+from pagedserve.scheduler.block_manager import BlockManager
 
 # -- property test over random operation sequences -------------------------------------
 

@@ -17,7 +17,8 @@ from hypothesis.stateful import (
     rule,
 )
 
-from pagedserve.scheduler.block_manager import BlockManager, block_key, cdiv
+from pagedserve.math_utils import cdiv
+from pagedserve.scheduler.block_manager import BlockManager, block_key
 
 # -- sharing: prefix caching, fork, copy-on-write and swapping ----------------------------
 
@@ -190,7 +191,7 @@ class SharingMachine(RuleBasedStateMachine):
                               group=self.group_of[parent])
         bm.fork(parent, child)
         assert bm.block_table(child) == table and bm.num_slots(child) == self.slots[parent]
-        for block, before in zip(table, refs):
+        for block, before in zip(table, refs, strict=True):
             assert bm.ref_count(block) == before + table.count(block)
         assert bm.num_free_blocks == free
 

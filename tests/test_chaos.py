@@ -80,7 +80,7 @@ async def _client(server: LLMServer, request: dict):
 async def _run(server: LLMServer, requests: list[dict]):
     tasks = [asyncio.create_task(_client(server, r)) for r in requests]
     rng = random.Random(1)
-    for request, task in zip(requests, tasks):
+    for request, task in zip(requests, tasks, strict=True):
         if request["fate"] == "cancel":  # the caller's task is cancelled (Serve's abort)
             asyncio.get_running_loop().call_later(rng.uniform(0.0, 1.0), task.cancel)
     results = await asyncio.gather(*tasks, return_exceptions=True)
@@ -137,7 +137,7 @@ def test_chaos_leaks_nothing_and_finished_requests_match_running_alone(seed, lor
             assert slots.evictions > 0 and stats["lora_running"] == stats["lora_waiting"] == {}
     finally:
         server.shutdown()
-    finished = [(r, out) for r, out in zip(requests, results)
+    finished = [(r, out) for r, out in zip(requests, results, strict=True)
                 if r["fate"] == "finish" or (r["fate"] == "cancel" and out is not None
                                              and not isinstance(out, BaseException))]
     assert all(out is not None and out.finished for _, out in finished)

@@ -6,7 +6,8 @@
   vLLM's `stream_options.continuous_usage_stats`, `ignore_eos`, and chat content parts.
 
 The bodies are those the clients sent to a logging server (lm-eval 0.4.13,
-guidellm 0.8.1). The offline `LLM` on the same config is the reference for values.
+guidellm 0.8.1); here they go, with an API key as those clients send one, to the
+session's shared app. The offline `LLM` on the same config is the reference for values.
 """
 
 from __future__ import annotations
@@ -16,30 +17,22 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import SERVED_API_KEY, SERVED_TINY_CPU, served_tiny_cpu
 
 from pagedserve import LLM, SamplingParams
-from pagedserve.config import load, parse
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
 MODEL = "tiny-llama"
+HEADERS = {"Authorization": f"Bearer {SERVED_API_KEY}"}
 
 
 @pytest.fixture(scope="module")
 def config():
-    data = load(CONFIG).model_dump()
-    data["parallel"].update(worker_cpus=0.5)
-    return parse(data)
+    return served_tiny_cpu()
 
 
 @pytest.fixture(scope="module")
-def server(serve_instance, config):
-    from ray import serve
-
-    from pagedserve.cluster.app import build
-
-    serve.run(build(config), name="client-shapes", route_prefix="/clients")
-    yield f"http://127.0.0.1:{serve_instance.http}/clients"
-    serve.delete("client-shapes")
+def server(shared_app, config):
+    return shared_app(SERVED_TINY_CPU, config).proxy
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +41,12 @@ def offline(config):
 
 
 def _post(server: str, path: str, body: dict) -> httpx.Response:
-    return httpx.post(f"{server}{path}", json=body, timeout=120)
+    return httpx.post(f"{server}{path}", json=body, headers=HEADERS, timeout=120)
 
 
 def _events(server: str, path: str, body: dict) -> list[dict]:
-    with httpx.stream("POST", f"{server}{path}", json=body, timeout=120) as response:
+    with httpx.stream("POST", f"{server}{path}", json=body, headers=HEADERS,
+                      timeout=120) as response:
         assert response.status_code == 200, response.read()
         lines = [line.removeprefix("data: ") for line in response.iter_lines()
                  if line.startswith("data: ")]
@@ -64,7 +58,7 @@ def test_lm_eval_loglikelihood_requests(server, offline):
     tokenizer = offline.get_tokenizer()
     contexts = ["Question: What is the capital of France?\nAnswer:", "The sky is"]
     continuations = [" Paris", " blue today"]
-    prompts = [tokenizer(c + x).input_ids for c, x in zip(contexts, continuations)]
+    prompts = [tokenizer(c + x).input_ids for c, x in zip(contexts, continuations, strict=True)]
     body = {"model": MODEL, "prompt": prompts, "temperature": 0, "max_tokens": 1,
             "logprobs": 1, "seed": 1234, "echo": True}
     response = _post(server, "/v1/completions", body)
@@ -74,7 +68,8 @@ def test_lm_eval_loglikelihood_requests(server, offline):
     expected = offline.generate([{"prompt_token_ids": p} for p in prompts],
                                 SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1),
                                 use_tqdm=False)
-    for prompt, context, choice, reference in zip(prompts, contexts, choices, expected):
+    for prompt, context, choice, reference in zip(prompts, contexts, choices, expected,
+                                                  strict=True):
         logprobs = choice["logprobs"]
         # Every prompt token, then the one generated token lm-eval cuts off with [:-1].
         assert len(logprobs["token_logprobs"]) == len(prompt) + 1
@@ -126,7 +121,7 @@ def test_echo_with_max_tokens_0_returns_the_prompt_only(server, offline):
 
 def test_guidellm_finds_health_and_the_model(server, config):
     assert httpx.get(f"{server}/health", timeout=60).status_code == 200
-    (card,) = httpx.get(f"{server}/v1/models", timeout=60).json()["data"]
+    (card,) = httpx.get(f"{server}/v1/models", headers=HEADERS, timeout=60).json()["data"]
     assert card["id"] == MODEL and card["max_model_len"] == config.model.max_model_len
     # root: where benchmark clients load the tokenizer from.
     assert (Path(card["root"]) / "tokenizer.json").is_file()

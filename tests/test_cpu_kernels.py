@@ -165,7 +165,7 @@ def test_engine_gives_the_torch_backends_answers(model_dirs, engine):
         assert llm.engine.executor.worker.attention.name == backend
         outputs[backend] = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
         assert llm.get_memory_stats()["free_blocks"] == engine["num_gpu_blocks"]
-    for ours, theirs in zip(outputs["cpu"], outputs["torch"]):
+    for ours, theirs in zip(outputs["cpu"], outputs["torch"], strict=True):
         assert ours.token_ids == theirs.token_ids
         assert ours.cumulative_logprob == pytest.approx(theirs.cumulative_logprob, abs=1e-3)
 

@@ -8,6 +8,8 @@ kernels. A GPU run of benchmarks/gpu_e2e.py covers the capture and replay.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 
@@ -32,7 +34,7 @@ def test_capture_sizes(max_num_seqs, expected):
 def test_capture_sizes_default_ladder():
     sizes = capture_sizes(256)
     assert sizes[:4] == [1, 2, 4, 8] and sizes[-1] == 256
-    steps = {b - a for a, b in zip(sizes[4:], sizes[5:])}
+    steps = {b - a for a, b in pairwise(sizes[4:])}
     assert steps == {8, 16} and len(sizes) == 4 + 7 + 12
 
 
@@ -85,8 +87,8 @@ def test_padded_static_decode_equals_eager(model_dirs):
     got = _generate(llm)
 
     assert [c.token_ids for c in got] == [c.token_ids for c in eager]
-    for ours, theirs in zip(got, eager):
-        for a, b in zip(ours.logprobs, theirs.logprobs):
+    for ours, theirs in zip(got, eager, strict=True):
+        for a, b in zip(ours.logprobs, theirs.logprobs, strict=True):
             assert a.keys() == b.keys()
             assert list(a.values()) == pytest.approx(list(b.values()), abs=1e-4)
     assert (5, 6) in loaded and (3, 4) in loaded  # padded batches ran
@@ -111,6 +113,6 @@ def test_captured_graphs_replay_the_eager_tokens(model_dirs):
     assert eager_llm.engine.executor.worker.runner.graphs is None
     expected = _generate(eager_llm)
     assert [c.token_ids for c in got] == [c.token_ids for c in expected]
-    for ours, theirs in zip(got, expected):
-        for a, b in zip(ours.logprobs, theirs.logprobs):
+    for ours, theirs in zip(got, expected, strict=True):
+        for a, b in zip(ours.logprobs, theirs.logprobs, strict=True):
             assert list(a.values()) == pytest.approx(list(b.values()), abs=1e-3)

@@ -79,7 +79,7 @@ def _unfused(model) -> dict[str, torch.Tensor]:
             out[name] = param
             continue
         parts, sizes = split[fused]
-        for part, piece in zip(parts, param.split(sizes, dim=0)):
+        for part, piece in zip(parts, param.split(sizes, dim=0), strict=True):
             out[name.replace(fused, part)] = piece
     return out
 

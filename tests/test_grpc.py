@@ -1,56 +1,43 @@
 """The gRPC API through Ray Serve's gRPC proxy, next to the HTTP API of the same app.
 
-One Serve application for the module (tiny-cpu's model and an API key) on the
-session's Serve instance; a grpcio client with the generated stub must get
-what the OpenAI-compatible HTTP API gives for the same request.
+The session's shared Serve application of tiny-cpu's model (with an API key); a
+grpcio client with the generated stub must get what the OpenAI-compatible HTTP API
+gives for the same request.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import grpc
 import httpx
 import pytest
+from conftest import SERVED_API_KEY, SERVED_TINY_CPU, served_tiny_cpu
 
 from pagedserve.cluster import errors, protocol
 from pagedserve.cluster.grpc_service import request_fields, status_code
 from pagedserve.cluster.parsing import validate_request
 from pagedserve.cluster.proto import pagedserve_pb2 as pb
 from pagedserve.cluster.proto import pagedserve_pb2_grpc as pb_grpc
-from pagedserve.config import load, parse
 
-API_KEY = "grpc-test-key"
-APP = "pagedserve-grpc-test"
-ROUTE = "/grpc-test"
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
+API_KEY = SERVED_API_KEY
+APP = SERVED_TINY_CPU
 PROMPT = "The quick brown fox"
 METADATA = (("application", APP), ("authorization", f"Bearer {API_KEY}"))
 TIMEOUT_S = 60
 
 
 @pytest.fixture(scope="module")
-def app(serve_instance):
-    from ray import serve
-
-    from pagedserve.cluster.app import build
-
-    data = load(CONFIG).model_dump()
-    data["serving"].update(api_key=API_KEY)
-    data["parallel"].update(worker_cpus=0.5)
-    serve.run(build(parse(data)), name=APP, route_prefix=ROUTE)
-    yield serve_instance
-    serve.delete(APP)
+def app(shared_app):
+    return shared_app(APP, served_tiny_cpu())
 
 
 @pytest.fixture(scope="module")
 def stub(app):
-    with grpc.insecure_channel(f"127.0.0.1:{app.grpc}") as channel:
+    with grpc.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
         yield pb_grpc.GenerationStub(channel)
 
 
-def _http_completion(ports, **body) -> dict:
-    response = httpx.post(f"http://127.0.0.1:{ports.http}{ROUTE}/v1/completions",
+def _http_completion(app, **body) -> dict:
+    response = httpx.post(f"{app.proxy}/v1/completions",
                           json={"model": "tiny-llama", **body},
                           headers={"Authorization": f"Bearer {API_KEY}"}, timeout=TIMEOUT_S)
     assert response.status_code == 200, response.text

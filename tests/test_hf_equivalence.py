@@ -50,7 +50,7 @@ def hf_reference(model_dirs):
                                          return_dict_in_generate=True)
                 tokens = out.sequences[0, len(prompt):].tolist()
                 logprobs = [torch.log_softmax(score[0].float(), -1)[t].item()
-                            for score, t in zip(out.scores, tokens)]
+                            for score, t in zip(out.scores, tokens, strict=True)]
                 results.append((tokens, logprobs))
             cache[name] = results
         return cache[name]
@@ -72,10 +72,11 @@ def test_greedy_matches_hf(model_dirs, hf_reference, name, setting, block_size):
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=0)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
 
-    for prompt, output, (hf_tokens, hf_logprobs) in zip(prompts, outputs, expected):
+    for prompt, output, (hf_tokens, hf_logprobs) in zip(prompts, outputs, expected, strict=True):
         completion = output.outputs[0]
         assert completion.token_ids == hf_tokens, f"prompt of {len(prompt)} tokens"
-        ours = [entry[token] for entry, token in zip(completion.logprobs, completion.token_ids)]
+        ours = [entry[token]
+                for entry, token in zip(completion.logprobs, completion.token_ids, strict=True)]
         assert ours == pytest.approx(hf_logprobs, abs=1e-3)
     stats = llm.get_memory_stats()
     assert stats["allocated_blocks"] == 0 and stats["num_running"] == stats["num_waiting"] == 0

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from pagedserve import SamplingParams
-from pagedserve.cluster.server import EngineOverloadedError, LLMServer
+from pagedserve.cluster.server import EngineOverloadedError, LLMServer, wire_deltas
+from pagedserve.cluster.streams import Stream
 from pagedserve.config import load, parse
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
@@ -49,9 +50,38 @@ def test_concurrent_requests_stream_and_finish():
         # Deltas: at most the step's news in each message, the prompt in the first only.
         assert all(len(o.outputs[0].token_ids) <= 2 for o in outputs if o.outputs)
         assert outputs[0].prompt_token_ids == [5, 6, 7]
-        assert all(o.prompt_token_ids == [] for o in outputs[1:])
+        assert all(o.prompt_token_ids is None for o in outputs[1:])
     assert len({tuple(_tokens(o)) for o in results}) == 1  # same prompt, greedy
     assert stats["num_running"] == 0 and stats["free_blocks"] == stats["total_blocks"]
+
+
+def test_cumulative_outputs_get_the_prompt_back_at_the_ingress():
+    """best_of > n is sent cumulative, the prompt's ids in the first output only;
+    the ingress's stream puts its own back in the rest."""
+    server = _server()
+    params = SamplingParams(n=1, best_of=2, max_tokens=6, ignore_eos=True, temperature=0.8,
+                            seed=1)
+
+    async def run():
+        replica = server.generate("r", [5, 6, 7], params)
+        first = await replica.__anext__()
+        sent = []
+
+        async def rest():
+            async for output in replica:
+                sent.append(output)
+                yield output
+
+        outputs = [o async for o in Stream(first, rest(), [5, 6, 7], wire_deltas(params))]
+        return sent, outputs
+
+    try:
+        sent, outputs = asyncio.run(run())
+    finally:
+        server.shutdown()
+    assert sent and all(o.prompt_token_ids is None for o in sent)
+    assert outputs[-1].finished and len(outputs[-1].outputs[0].token_ids) == 6
+    assert all(o.prompt_token_ids == [5, 6, 7] for o in outputs)
 
 
 def test_leaving_early_aborts_and_frees_blocks():

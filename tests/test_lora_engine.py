@@ -228,8 +228,8 @@ def test_async_engine_unloads_an_adapter_after_its_requests(base, adapters):
                                            lora_request=lora):
                 pass
         final = first
-        async for final in stream:
-            pass
+        async for output in stream:
+            final = output
         assert final.finished
         assert await engine.list_loras() == []
         return final.outputs[0].token_ids

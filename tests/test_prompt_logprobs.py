@@ -30,7 +30,7 @@ def hf_logprobs(model_dir):
 
 
 def _check(outputs, hf_logprobs, k: int) -> None:
-    for prompt, output, ref in zip(PROMPTS, outputs, hf_logprobs):
+    for prompt, output, ref in zip(PROMPTS, outputs, hf_logprobs, strict=True):
         scored = output.prompt_logprobs
         assert len(scored) == len(prompt) and scored[0] is None
         for i in range(1, len(prompt)):
@@ -39,7 +39,7 @@ def _check(outputs, hf_logprobs, k: int) -> None:
             assert entry[prompt[i]] == pytest.approx(ref[i - 1, prompt[i]].item(), abs=1e-4)
             top = ref[i - 1].topk(k)
             assert set(entry) == {prompt[i], *top.indices.tolist()}
-            for token, value in zip(top.indices.tolist(), top.values.tolist()):
+            for token, value in zip(top.indices.tolist(), top.values.tolist(), strict=True):
                 assert entry[token] == pytest.approx(value, abs=1e-4)
 
 

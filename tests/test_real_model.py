@@ -56,7 +56,7 @@ def _hf_generate(hf, prompt: list[int], **kwargs) -> torch.Tensor:
 def test_greedy_tokens_equal_transformers(llm, hf, prompts):
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                            SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)
-    for prompt, output in zip(prompts, outputs):
+    for prompt, output in zip(prompts, outputs, strict=True):
         expected = _hf_generate(hf, prompt, max_new_tokens=MAX_TOKENS)[0, len(prompt):].tolist()
         eos = next((i + 1 for i, t in enumerate(expected) if t == 2), len(expected))
         assert output.outputs[0].token_ids == expected[:eos], llm.get_tokenizer().decode(prompt)

@@ -121,7 +121,7 @@ def test_echo_puts_the_prompt_first_in_text_and_logprobs(tokenizer):
     assert lps["token_logprobs"][1:] == [-1.0 - i for i in range(len(prompt_ids) - 1)] + [-0.25]
     assert all(top for top in lps["top_logprobs"][1:])  # lm-eval reads every one after the first
     # Offsets index the echoed text: each token's text starts where it says.
-    for token, offset in zip(lps["tokens"], lps["text_offset"]):
+    for token, offset in zip(lps["tokens"], lps["text_offset"], strict=True):
         assert only["text"][offset:offset + len(token)] == token
     # max_tokens 0: the prompt alone, nothing generated or billed.
     alone = completion_response("c", "m", CREATED, [output], [prompt_text], tokenizer,
@@ -147,7 +147,7 @@ def test_offsets_and_bytes_of_partial_utf8_tokens(tokenizer):
     offsets = completion_logprobs(sampled(entries), strings, TextOffsets(tokenizer))["text_offset"]
     assert offsets == sorted(offsets) and offsets[0] == 0 and offsets[-1] < len(text)
     # Tokens whose text is whole start exactly where the text has it.
-    for token, offset in zip(ids, offsets):
+    for token, offset in zip(ids, offsets, strict=True):
         piece = strings.text(token)
         if "\ufffd" not in piece:
             assert text[offset:offset + len(piece)] == piece

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import SERVED_API_KEY, SERVED_TINY_CPU, served_tiny_cpu
 
 from pagedserve import LLM
 from pagedserve.config import load, parse
@@ -16,7 +17,7 @@ from pagedserve.engine.resolve import load_hf_config
 from pagedserve.testing import build_random_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-API_KEY = "safe-key"
+API_KEY = SERVED_API_KEY  # the shared app's, and the one the loud app is given
 SECRET = "zebra-quartz-7731"  # a prompt marker that must not reach the logs
 
 
@@ -92,12 +93,12 @@ def _send_secrets(url: str, marker: str) -> None:
                       timeout=60).status_code == 400
 
 
-def test_request_contents_are_logged_only_when_enabled(serve_instance):
+def test_request_contents_are_logged_only_when_enabled(serve_instance, shared_app):
     import time
 
     from ray import serve
 
-    quiet = _deploy(serve_instance, "quiet")
+    quiet = shared_app(SERVED_TINY_CPU, served_tiny_cpu()).proxy  # log_requests: the default
     _send_secrets(quiet, SECRET)
     loud = _deploy(serve_instance, "loud", log_requests=True)
     _send_secrets(loud, SECRET + "-loud")
@@ -106,16 +107,13 @@ def test_request_contents_are_logged_only_when_enabled(serve_instance):
             break
         time.sleep(0.1)
     assert _logged(SECRET + "-loud"), "log_requests: true logs nothing"
-    serve.delete("quiet")
     serve.delete("loud")
     # The quiet app's prompt, stop string and chat message are nowhere, though the loud one's are.
     assert not _logged(f"{SECRET} hello") and not _logged(f'"{SECRET}"')
 
 
-def test_the_api_key_guards_every_route_but_health(serve_instance):
-    from ray import serve
-
-    url = _deploy(serve_instance, "guarded")
+def test_the_api_key_guards_every_route_but_health(shared_app):
+    url = shared_app(SERVED_TINY_CPU, served_tiny_cpu()).proxy
     headers = {"Authorization": f"Bearer {API_KEY}"}
     schema = httpx.get(f"{url}/openapi.json", headers=headers, timeout=60)
     assert schema.status_code == 200, schema.text
@@ -131,4 +129,3 @@ def test_the_api_key_guards_every_route_but_health(serve_instance):
             else:
                 assert response.status_code == 401, (method, path, response.status_code)
                 assert response.json()["error"]["code"] == "invalid_api_key"
-    serve.delete("guarded")

@@ -137,7 +137,7 @@ def test_temperature_scales_the_distribution(temperature):
     expected = (expected / expected.sum()).tolist()
     tokens = _draw_many(probs.tolist(), SamplingParams(temperature=temperature), rows=20000, seed=7)
     freqs = _frequencies(tokens, 3)
-    for got, want in zip(freqs, expected):
+    for got, want in zip(freqs, expected, strict=True):
         assert got == pytest.approx(want, abs=0.02), (freqs, expected)
 
 
@@ -236,7 +236,7 @@ def test_seeded_sampling_follows_the_distribution():
     logits = torch.tensor(probs).log()[None, :]
     tokens = [sample(logits, [_seq(SamplingParams(seed=42), output_index=i)], _gen())[0].token_id
               for i in range(3000)]
-    for got, want in zip(_frequencies(tokens, 3), probs):
+    for got, want in zip(_frequencies(tokens, 3), probs, strict=True):
         assert got == pytest.approx(want, abs=0.035)
 
 

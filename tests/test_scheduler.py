@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from scheduler_harness import Harness, _ids, _seq
 
-from pagedserve.scheduler.block_manager import cdiv
+from pagedserve.math_utils import cdiv
 from pagedserve.scheduler.sequence import FinishReason, SequenceStatus
 
 # -- admission --------------------------------------------------------------------

@@ -7,7 +7,7 @@ import random
 import pytest
 from scheduler_harness import VOCAB, Harness, _ids
 
-from pagedserve.scheduler.block_manager import cdiv
+from pagedserve.math_utils import cdiv
 from pagedserve.scheduler.sequence import FinishReason, SequenceStatus
 from pagedserve.scheduler.step import StepInput
 

@@ -1,6 +1,6 @@
 """The OpenAI-compatible server on Ray Serve, through the official `openai` client.
 
-One Serve application for the module (tiny-cpu's model, an API key, a small
+The session's shared Serve application of tiny-cpu's model (an API key, a small
 body limit); the offline `LLM` over the same model is the reference.
 """
 
@@ -9,41 +9,27 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from conftest import direct_url
+from conftest import SERVED_API_KEY, SERVED_TINY_CPU, served_tiny_cpu
 
 from pagedserve import LLM, SamplingParams
-from pagedserve.config import load
 
-API_KEY = "test-key"
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
+API_KEY = SERVED_API_KEY
 PROMPT = "The quick brown fox"
 
 
 @pytest.fixture(scope="module")
 def config():
-    data = load(CONFIG).model_dump()
-    data["serving"].update(api_key=API_KEY, max_request_bytes=64 * 1024)
-    data["parallel"].update(worker_cpus=0.5)
-    from pagedserve.config import parse
-
-    return parse(data)
+    return served_tiny_cpu()
 
 
 @pytest.fixture(scope="module")
-def app_urls(serve_instance, config):
-    from ray import serve
-
-    from pagedserve.cluster.app import build
-
-    serve.run(build(config), name="pagedserve-test", route_prefix="/")
-    yield {"direct": direct_url("pagedserve-test"),
-           "proxy": f"http://127.0.0.1:{serve_instance.http}"}
-    serve.delete("pagedserve-test")
+def app_urls(shared_app, config):
+    app = shared_app(SERVED_TINY_CPU, config)
+    return {"direct": app.direct, "proxy": app.proxy}
 
 
 @pytest.fixture(scope="module", params=["direct", "proxy"])

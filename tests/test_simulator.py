@@ -146,7 +146,7 @@ def test_logprobs_samples_and_beams(llm):
                        use_tqdm=False)[0]
     assert len(out.outputs) == 2
     for choice in out.outputs:
-        for token, entry in zip(choice.token_ids, choice.logprobs):
+        for token, entry in zip(choice.token_ids, choice.logprobs, strict=True):
             values = list(entry.values())
             assert next(iter(entry)) == token and 2 <= len(entry) <= 3  # sampled, top-3
             assert all(v < 0 for v in values) and values[1:] == sorted(values[1:], reverse=True)

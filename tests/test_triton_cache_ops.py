@@ -64,7 +64,7 @@ def test_negative_slots_are_padding_rows_that_write_nothing():
     for write in (reference.write_kv_cache, cache_ops.write_kv_cache):
         caches = [torch.full((4, 8, 2, 64), float("nan"), device=DEVICE) for _ in range(2)]
         write(key, value, *caches, slots)
-        for cache, rows in zip(caches, (key, value)):
+        for cache, rows in zip(caches, (key, value), strict=True):
             flat = cache.view(-1, 2, 64)
             assert torch.equal(flat[[5, 17, 2]], rows[[0, 2, 5]])
             assert flat.isnan().all(dim=(1, 2)).sum() == 32 - 3

@@ -8,8 +8,8 @@ An LLMServer replica is the scheduler: it owns the block manager and streams
 outputs, while the model runs in worker actors, one per tensor-parallel rank
 (at tensor_parallel_size 1 too, unless the config asks for the in-process
 `local` executor). Keeping the forward pass out of the replica's process keeps
-it off the GIL that Serve's per-token streaming holds (BENCHMARKS.md, serving:
-0.79 -> 1.03 of offline throughput on equal compute). The replica is
+it off the GIL that Serve's per-token streaming holds (BENCHMARKS.md, "Serving
+through the OpenAI API vs offline generation", has the figures). The replica is
 gang-placed with its workers: its placement group holds the replica's own
 bundle first, then one bundle per rank (RayExecutor takes those), so a replica
 starts only where all of its GPUs fit.

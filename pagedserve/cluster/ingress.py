@@ -179,7 +179,7 @@ class OpenAIIngress(GenerationService):
         prompts = [self._prompt_ids(p, req) for p in req.prompts()]
         # The echoed prompt: the client's text, or its tokens decoded (only when echoed).
         texts = [p if isinstance(p, str) else self._tokenizer.decode(ids) if req.echo else ""
-                 for p, ids in zip(req.prompts(), prompts)]
+                 for p, ids in zip(req.prompts(), prompts, strict=True)]
         params = [req.sampling_params(self._room(ids, req)) for ids in prompts]
         request_id = f"cmpl-{req.request_id or uuid.uuid4().hex}"
         fmt = responses.CompletionFormat(
@@ -188,7 +188,7 @@ class OpenAIIngress(GenerationService):
             prompt_skip_special_tokens=isinstance(req.prompts()[0], str),
             tokens_as_ids=req.return_tokens_as_token_ids)
         streams = [await self._start(self._engine_id(request_id, i), ids, p, req)
-                   for i, (ids, p) in enumerate(zip(prompts, params))]
+                   for i, (ids, p) in enumerate(zip(prompts, params, strict=True))]
         if req.stream:
             return sse(self._stream_completion(request_id, req, streams, params[0].stop, texts,
                                                 fmt), self.config.serving.retry_after_s)

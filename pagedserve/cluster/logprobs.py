@@ -115,7 +115,7 @@ def sampled(entries: list[Entry]) -> list[tuple[int, Entry]]:
 
 
 def prompt(token_ids: list[int], entries: list[Entry | None]) -> list[tuple[int, Entry | None]]:
-    return list(zip(token_ids, entries))
+    return list(zip(token_ids, entries, strict=True))
 
 
 def chat_logprobs(entries: list[Entry], strings: TokenStrings, top_logprobs: int) -> dict:
@@ -143,7 +143,7 @@ def vllm_prompt_logprobs(token_ids: list[int], entries: list[Entry | None], num_
     within the top (1 = most likely); a prompt token outside it has rank null.
     """
     result: list[dict | None] = []
-    for token_id, entry in zip(token_ids, entries):
+    for token_id, entry in zip(token_ids, entries, strict=True):
         if entry is None:
             result.append(None)
             continue

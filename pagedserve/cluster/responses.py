@@ -132,7 +132,7 @@ def completion_response(request_id: str, model: str, created: int,
     """All prompts' finished outputs as one response; choice index = prompt * n + output."""
     strings = lp.TokenStrings(tokenizer, fmt.tokens_as_ids)
     choices = []
-    for prompt_index, (output, prompt_text) in enumerate(zip(outputs, prompt_texts)):
+    for prompt_index, (output, prompt_text) in enumerate(zip(outputs, prompt_texts, strict=True)):
         n = len(output.outputs)
         for choice in _sorted(output.outputs):
             choices.append(completion_choice(prompt_index * n + choice.index, output, choice,

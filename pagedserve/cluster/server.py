@@ -72,8 +72,9 @@ class LLMServer:
 
         They cross to the ingress as deltas (the new token ids, text and logprobs),
         at most one message per step, and only the first carries the prompt's ids
-        (`prompt_token_ids` is empty after it). Requests whose best_of exceeds n
-        re-rank their candidates every step and are sent cumulative. With an
+        (`prompt_token_ids` is None after it: the ingress has them). Requests
+        whose best_of exceeds n re-rank their candidates every step and are sent
+        cumulative; the ingress puts its prompt ids back in those. With an
         `inbox` (cluster/channel.py), only the first output is yielded; the rest
         go into the inbox with the other requests' outputs of the same step, and
         the call returns once the last one is there. `lora`: the adapter to run
@@ -104,11 +105,11 @@ class LLMServer:
                 self.metrics.record_request(output, len(prompt_token_ids), generated)
             if first or outbox is None:
                 if not first:
-                    output.prompt_token_ids = []  # the ingress has them
+                    output.prompt_token_ids = None  # the ingress has them
                 first = False
                 yield output
             else:
-                output.prompt_token_ids = []
+                output.prompt_token_ids = None
                 outbox.add(request_id, output)
                 if output.finished:
                     await outbox.delivered()

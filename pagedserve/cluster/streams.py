@@ -10,6 +10,7 @@ stream has started, a last `data: {"error": ...}` event.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Callable
 
@@ -45,6 +46,7 @@ class Stream:
                  close: Callable[[], None] | None = None) -> None:
         self.rest, self.deltas = rest, deltas
         self._queue, self._close = queue, close
+        self._prompt_token_ids = prompt_token_ids
         self._sum = Accumulator(prompt_token_ids) if deltas else None
         self.first = self._add(first)
 
@@ -53,7 +55,12 @@ class Stream:
         return self.deltas
 
     def _add(self, output: RequestOutput) -> RequestOutput:
-        return self._sum.add(output) if self._sum is not None else output
+        """The output with the request's prompt ids, which the replica sends only in its first."""
+        if self._sum is not None:
+            return self._sum.add(output)
+        if output.prompt_token_ids is None:
+            output = dataclasses.replace(output, prompt_token_ids=self._prompt_token_ids)
+        return output
 
     async def __aiter__(self):
         try:

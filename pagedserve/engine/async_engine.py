@@ -214,7 +214,7 @@ class AsyncLLMEngine:
                 self._deliver_all(outputs)
                 if self.on_step is not None:
                     self.on_step(self._stats)
-        except BaseException as error:  # noqa: BLE001 - every waiter must hear of it
+        except BaseException as error:  # every waiter must hear of it
             logger.exception("the step loop died")
             self._error = error
             for request_id in list(self._streams):

@@ -26,10 +26,11 @@ from pagedserve.engine.resolve import resolve
 from pagedserve.engine.stats import EngineStats
 from pagedserve.errors import RequestError
 from pagedserve.lora_request import LoRARequest
+from pagedserve.math_utils import cdiv
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 from pagedserve.scheduler.beam_search import BeamSearch
-from pagedserve.scheduler.block_manager import BlockManager, cdiv
+from pagedserve.scheduler.block_manager import BlockManager
 from pagedserve.scheduler.detokenizer import Detokenizer
 from pagedserve.scheduler.lora_slots import AdapterSlots
 from pagedserve.scheduler.scheduler import Scheduler, SchedulerConfig
@@ -221,9 +222,10 @@ class EngineCore:
         With async scheduling the device is kept one step ahead, as vLLM's
         async scheduler does: step N+1 is planned and sent while step N runs,
         then N's tokens are taken in. A decode in N+1 takes the token N samples
-        as its input on the worker (scheduler.PLACEHOLDER). A sequence that N
-        finishes (EOS, a stop string) has one more token computed in N+1,
-        which is dropped, and its blocks are freed when N's outcome arrives.
+        as its input on the worker (ScheduledSequence.last_token_in_flight). A
+        sequence that N finishes (EOS, a stop string) has one more token
+        computed in N+1, which is dropped, and its blocks are freed when N's
+        outcome arrives.
         """
         started = time.perf_counter()
         stats = self._step_stats

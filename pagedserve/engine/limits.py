@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pagedserve.config import EngineConfig
 from pagedserve.errors import RequestError
+from pagedserve.math_utils import cdiv
 from pagedserve.sampling_params import SamplingParams
-from pagedserve.scheduler.block_keys import cdiv
 
 DEFAULT_SWAP_BYTES = 4 * 2**30
 

@@ -5,7 +5,7 @@ adapter on top, indexed by its slot in the stacked, preallocated weights:
 
     a_stack: [num_slots, max_rank, in_features]    adapters of smaller rank are zero-padded
     b_stack: [num_slots, out_features, max_rank]
-    slots:   [num_tokens] int, the token's adapter slot, -1 for none (a base request)
+    slots:   [num_tokens] int, the token's adapter slot, NO_ADAPTER (-1) for none (a base request)
 
     h = lora_shrink(x, a_stack, slots, scaling)     [num_tokens, max_rank], float32
     lora_expand(y, h, b_stack, slots)               y[t] += h[t] B[slots[t]]^T, in place
@@ -34,6 +34,9 @@ from pagedserve.kernels.checks import check_launchable, check_tensor
 from pagedserve.kernels.common import dot, dot_in_f32
 
 LORA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The slot index of a token under no adapter (a base request): the kernels leave its row
+# alone. The kernels test `slot >= 0`, so it must stay negative.
+NO_ADAPTER = -1
 
 
 @triton.jit
@@ -44,7 +47,7 @@ def _shrink_kernel(x_ptr, a_ptr, slots_ptr, scaling_ptr, out_ptr,
     token = tl.program_id(0).to(tl.int64)
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     slot = tl.load(slots_ptr + token).to(tl.int64)
-    num_k = tl.where(slot >= 0, IN_FEATURES, 0)  # -1: a base request, whose h is zero
+    num_k = tl.where(slot >= 0, IN_FEATURES, 0)  # NO_ADAPTER: a base request, whose h is zero
     slot = tl.maximum(slot, 0)
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for k0 in range(0, IN_FEATURES, BLOCK_K):
@@ -67,7 +70,7 @@ def _expand_kernel(y_ptr, h_ptr, b_ptr, slots_ptr,
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, RANK_PAD)
     slot = tl.load(slots_ptr + token).to(tl.int64)
-    num_n = tl.where(slot >= 0, OUT_FEATURES, 0)  # -1: a base request's row is left alone
+    num_n = tl.where(slot >= 0, OUT_FEATURES, 0)  # NO_ADAPTER: a base request's row is left alone
     slot = tl.maximum(slot, 0)
     in_n = offs_n < num_n
     h = tl.load(h_ptr + token * stride_ht + offs_r, mask=offs_r < RANK, other=0.0)
@@ -85,10 +88,10 @@ def _check_slots(slots: torch.Tensor, num_tokens: int, num_slots: int,
     if slots.shape[0] != num_tokens:
         raise ValueError(f"slots has {slots.shape[0]} entries for {num_tokens} tokens")
     # On a GPU this check would wait for the device; there the caller's indices are trusted.
-    if device.type == "cpu" and num_tokens and not bool(((slots >= -1) & (slots < num_slots))
-                                                        .all()):
-        raise ValueError(f"slots must be -1 or below num_slots={num_slots}, got "
-                         f"{slots.min().item()}..{slots.max().item()}")
+    if device.type == "cpu" and num_tokens and not bool(((slots >= NO_ADAPTER)
+                                                         & (slots < num_slots)).all()):
+        raise ValueError(f"slots must be NO_ADAPTER ({NO_ADAPTER}) or below "
+                         f"num_slots={num_slots}, got {slots.min().item()}..{slots.max().item()}")
 
 
 def _check_shrink(x: torch.Tensor, a_stack: torch.Tensor,
@@ -120,7 +123,7 @@ def _check_expand(y: torch.Tensor, h: torch.Tensor,
 
 def lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, slots: torch.Tensor,
                 scaling: torch.Tensor) -> torch.Tensor:
-    """h[t] = scaling[s] * x[t] A[s]^T for s = slots[t], zero where s is -1.
+    """h[t] = scaling[s] * x[t] A[s]^T for s = slots[t], zero where s is NO_ADAPTER.
 
     x: [num_tokens, in_features]; a_stack: [num_slots, max_rank, in_features] of
     x's dtype; scaling: [num_slots] float32. Returns [num_tokens, max_rank] float32.
@@ -142,7 +145,8 @@ def lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, slots: torch.Tensor,
 
 def lora_expand(y: torch.Tensor, h: torch.Tensor, b_stack: torch.Tensor,
                 slots: torch.Tensor) -> None:
-    """y[t] += h[t] B[s]^T for s = slots[t], in place; rows whose slot is -1 are untouched.
+    """y[t] += h[t] B[s]^T for s = slots[t], in place; rows whose slot is NO_ADAPTER are
+    untouched.
 
     y: [num_tokens, out_features], rows may be strided (a column slice of a
     fused output); h: [num_tokens, max_rank] float32 (from lora_shrink);

@@ -22,6 +22,7 @@ decode token.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
@@ -135,7 +136,7 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     Returns [num_tokens, num_heads, head_dim] in the query's dtype.
     """
     starts = query_start_loc.tolist()
-    query_lens = [end - start for start, end in zip(starts, starts[1:])]
+    query_lens = [end - start for start, end in pairwise(starts)]
     plan = plan_attention(block_tables, seq_lens.tolist(), query_lens, key_cache.shape[1],
                           key_cache.shape[2])
     return run_attention_plan(query, key_cache, value_cache, plan, scale)
@@ -186,7 +187,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int,
     """q: [H, q_len, D]; k, v: [H_kv, prefix_len + q_len, D] -> [H, q_len, D].
 
     Plain matmul-softmax-matmul: on CPUs it beats SDPA's fused kernel for
-    these shapes (about 2x for a decode token). The query heads that share a
+    these shapes, a decode token most. The query heads that share a
     KV head are stacked into one matrix, so K/V are never repeated for GQA.
     """
     num_heads, q_len, head_dim = q.shape

@@ -126,7 +126,7 @@ class BeamSearch:
 
         # The k best continuations overall; sort() is stable, so ties keep beam order.
         candidates = [(_f32(beam.cumulative_logprob + logprob), parent, token)
-                      for parent, (beam, row) in enumerate(zip(beams, top_tokens))
+                      for parent, (beam, row) in enumerate(zip(beams, top_tokens, strict=True))
                       for token, logprob in row]
         candidates.sort(key=lambda c: -c[0])
         del candidates[k:]

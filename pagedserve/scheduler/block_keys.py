@@ -9,10 +9,6 @@ from collections.abc import Sequence
 BlockKey = bytes
 
 
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def block_key(parent: BlockKey | None, token_ids: Sequence[int], extra_key: str | None) -> BlockKey:
     """The prefix-cache key of a full block: SHA-256 over its parent's key, tokens, extra key."""
     digest = hashlib.sha256(parent or b"")

@@ -38,7 +38,8 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 
-from pagedserve.scheduler.block_keys import BlockKey, block_key, cdiv
+from pagedserve.math_utils import cdiv
+from pagedserve.scheduler.block_keys import BlockKey, block_key
 
 
 class BlockManager:
@@ -327,8 +328,8 @@ class BlockManager:
                 self._cpu_ref_counts[cpu_id] -= 1
                 if self._cpu_ref_counts[cpu_id] == 0:
                     self._cpu_free.append(cpu_id)
-            # Its full blocks are valid prefixes again.
-            for block_id, key in zip(self._tables[seq_id], self._seq_keys[seq_id]):
+            # Its full blocks are valid prefixes again: the keys cover only those.
+            for block_id, key in zip(self._tables[seq_id], self._seq_keys[seq_id], strict=False):
                 self._register(block_id, key)
         return list(mapping.items())
 

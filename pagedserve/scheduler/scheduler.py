@@ -36,13 +36,7 @@ from pagedserve.scheduler.limits import SchedulerConfig
 from pagedserve.scheduler.lora_slots import AdapterSlots
 from pagedserve.scheduler.progress import at_limit, plans_ahead, stop_reason
 from pagedserve.scheduler.sequence import FinishReason, Sequence, SequenceGroup, SequenceStatus
-from pagedserve.scheduler.step import (
-    PLACEHOLDER,
-    Sample,
-    ScheduledSequence,
-    StepInput,
-    StepOutput,
-)
+from pagedserve.scheduler.step import Sample, ScheduledSequence, StepInput, StepOutput
 
 __all__ = ["Scheduler", "SchedulerConfig"]  # SchedulerConfig lives in limits.py
 
@@ -206,7 +200,7 @@ class Scheduler:
                 continue
             # Parallel sampling: the prompt's row was sampled once per sample.
             children = [self._fork(group, seq) for _ in samples[1:]]
-            for target, sample in zip([seq, *children], samples):
+            for target, sample in zip([seq, *children], samples, strict=True):
                 target.append_token(sample.token_id, sample.logprob, sample.top_logprobs)
                 stop = stop_reason(target, group.sampling_params, self.config)
                 if stop is not None:
@@ -287,12 +281,10 @@ class Scheduler:
             if group.needs_prompt_logprobs:  # rows predicting prompt tokens are scored
                 last = min(end, seq.num_prompt_tokens - 1)
                 targets = seq.token_ids[start + 1:last + 1] if last > start else None
-            token_ids = seq.token_ids[start:end]
-            if end > seq.num_tokens:  # the token in flight: the worker has it
-                token_ids += [PLACEHOLDER] * (end - max(start, seq.num_tokens))
             step.seqs.append(ScheduledSequence(
                 seq_id=seq.seq_id,
-                token_ids=token_ids,
+                token_ids=seq.token_ids[start:end],
+                last_token_in_flight=end > seq.num_tokens,  # the worker has that token
                 start_pos=start,
                 block_table=list(manager.block_table(seq.seq_id)),  # a snapshot, not the live list
                 do_sample=do_sample,
@@ -302,10 +294,10 @@ class Scheduler:
                 output_token_ids=seq.output_token_ids if penalties else None,
                 num_samples=params.best_of if do_sample and group.forks_at_prompt_end else 1,
                 sample_index=seq.sample_index,
-                num_candidates=beam.candidates_per_beam if do_sample and beam else 0,
+                num_candidates=beam.candidates_per_beam if do_sample and beam else None,
                 prompt_targets=targets,
-                prompt_logprobs=params.prompt_logprobs or 0,
-                lora_slot=-1 if group.lora_slot is None else group.lora_slot,
+                prompt_logprobs=params.prompt_logprobs,
+                lora_slot=group.lora_slot,
             ))
             seq.num_computed_tokens = end  # the step will have computed them
             seq.num_pending += do_sample

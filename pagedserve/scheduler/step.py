@@ -13,27 +13,33 @@ from dataclasses import dataclass, field
 from pagedserve.lora_request import AdapterSpec
 from pagedserve.sampling_params import SamplingParams
 
-# A token id the host does not know yet: the one the step in flight samples for
-# this sequence. The worker puts that token in its place (worker.py).
-PLACEHOLDER = -1
-
 
 @dataclass(slots=True)
 class ScheduledSequence:
     """One sequence's share of a step.
 
-    The step computes `token_ids` at positions `start_pos ...
-    start_pos + len(token_ids) - 1` and writes their K/V into the slots of
+    The step computes `num_tokens` tokens at positions `start_pos ...
+    start_pos + num_tokens - 1` and writes their K/V into the slots of
     `block_table`. When `do_sample` is set the last of them is the sequence's
     newest token and the step samples the one after it.
+
+    With asynchronous scheduling a step is planned while the one before it
+    runs, so a sequence's newest token may not be known yet when its next step
+    is planned. Then `last_token_in_flight` is set: the step's input is
+    `token_ids` followed by one more token, the one the step in flight samples
+    for this sequence, which the worker appends before running the step
+    (worker.py). `token_ids` holds only known tokens.
     """
 
     seq_id: int
-    token_ids: list[int]
-    start_pos: int
-    block_table: list[int]
-    do_sample: bool
-    sampling_params: SamplingParams | None = None
+    token_ids: list[int]  # the known tokens this step computes, in position order
+    start_pos: int  # the position of the step's first token
+    block_table: list[int]  # the sequence's KV blocks, in position order
+    do_sample: bool  # the step's last token is the newest: sample the next one
+    # The step's last input token is the one the step in flight samples for this
+    # sequence: not in `token_ids`, and counted by `num_tokens`.
+    last_token_in_flight: bool = False
+    sampling_params: SamplingParams | None = None  # set when do_sample is
     # The index of the token to be sampled among the outputs; with a seed it
     # picks the random stream, so a seeded request samples the same token at the
     # same index whatever batch it runs in and however often it is preempted.
@@ -47,23 +53,27 @@ class ScheduledSequence:
     num_samples: int = 1
     sample_index: int = 0
     # Beam search: instead of sampling, return this many best next tokens.
-    num_candidates: int = 0
+    # None: not a beam, the sequence samples.
+    num_candidates: int | None = None
     # Prompt logprobs: the first len(prompt_targets) rows of this step are scored
     # against these prompt tokens (row at position p against the token at p + 1),
-    # each with its top `prompt_logprobs` alternatives.
+    # each with its top `prompt_logprobs` alternatives (0: the prompt token's own
+    # logprob only). None: the request asked for no prompt logprobs; it is set
+    # whenever `prompt_targets` is.
     prompt_targets: list[int] | None = None
-    prompt_logprobs: int = 0
-    # The device slot of the sequence's LoRA adapter; -1: the base model.
-    lora_slot: int = -1
+    prompt_logprobs: int | None = None
+    # The device slot of the sequence's LoRA adapter; None: the base model.
+    lora_slot: int | None = None
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Tokens this step computes: `token_ids`, and the one in flight if any."""
+        return len(self.token_ids) + self.last_token_in_flight
 
     @property
     def context_len(self) -> int:
         """Tokens in the cache once this step has written its own."""
-        return self.start_pos + len(self.token_ids)
+        return self.start_pos + self.num_tokens
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,11 @@
 
 torch's default is one per core of the machine, which oversubscribes it as
 soon as anything else runs: the engine's own loop, Serve's proxies, a second
-replica. On a 2-core machine with other load, 2 threads ran 7-11x slower than
-one. So the count comes from the CPUs this process may use (its affinity and
-its cgroup's quota), less one for the engine's loop, as vLLM's CPU backend
-keeps a core for its serving process; a worker actor takes the CPUs it
-reserves; `engine.cpu_threads` overrides both.
+replica. On a 2-core machine with other load, 2 threads ran several times
+slower than one. So the count comes from the CPUs this process may use (its
+affinity and its cgroup's quota), less one for the engine's loop, as vLLM's
+CPU backend keeps a core for its serving process; a worker actor takes the
+CPUs it reserves; `engine.cpu_threads` overrides both.
 """
 
 from __future__ import annotations

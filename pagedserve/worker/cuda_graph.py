@@ -35,14 +35,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from pagedserve.math_utils import cdiv
 from pagedserve.scheduler.step import ScheduledSequence
 from pagedserve.worker.inputs import flatten
-from pagedserve.worker.layers.attention import AttentionMetadata
+from pagedserve.worker.layers.attention import AttentionMetadata, KVCache
 from pagedserve.worker.transfer import to_device
 
 logger = logging.getLogger(__name__)
-
-KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -69,7 +68,7 @@ class DecodeGraphs:
         self.use_replay = replay
         self.sizes = capture_sizes(max_num_seqs)
         max_bs = self.sizes[-1]
-        self.max_blocks = -(-max_model_len // block_size)
+        self.max_blocks = cdiv(max_model_len, block_size)
         # Static inputs: rows input_ids, positions, slot_mapping.
         self._vectors = torch.zeros(3, max_bs, dtype=torch.int64, device=device)
         self._seq_lens = torch.ones(max_bs, dtype=torch.int32, device=device)

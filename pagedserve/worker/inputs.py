@@ -17,6 +17,7 @@ from itertools import chain
 
 import numpy as np
 
+from pagedserve.kernels.lora import NO_ADAPTER
 from pagedserve.scheduler.step import ScheduledSequence
 
 
@@ -30,7 +31,9 @@ class StepArrays:
     seq_lens: np.ndarray  # [B] int32, context length after this step
     block_tables: np.ndarray  # [B, max blocks] int32, padded with block 0
     logits_rows: np.ndarray  # [S] int64, the last row of each sequence that samples
-    lora_slots: np.ndarray | None = None  # [T] int32, each token's adapter slot; None: no adapter
+    # [T] int32, each token's adapter slot, NO_ADAPTER for a base token (the kernels'
+    # encoding); None: no token of the step has an adapter.
+    lora_slots: np.ndarray | None = None
 
 
 def flatten(seqs: list[ScheduledSequence], block_size: int) -> StepArrays:
@@ -51,10 +54,13 @@ def flatten(seqs: list[ScheduledSequence], block_size: int) -> StepArrays:
     slots = tables[owner, positions // block_size].astype(np.int64) * block_size \
         + positions % block_size
     do_sample = np.fromiter((seq.do_sample for seq in seqs), np.bool_, count)
-    lora = np.fromiter((seq.lora_slot for seq in seqs), np.int32, count)
+    # The one place a sequence's `lora_slot` None becomes the kernels' NO_ADAPTER index.
+    lora = np.fromiter((NO_ADAPTER if seq.lora_slot is None else seq.lora_slot for seq in seqs),
+                       np.int32, count)
     return StepArrays(
         token_ids=token_ids, positions=positions, slots=slots,
         query_start_loc=query_start_loc.astype(np.int32), query_lens=query_lens,
         seq_lens=(starts + query_lens).astype(np.int32), block_tables=tables,
         logits_rows=(query_start_loc[1:] - 1)[do_sample],
-        lora_slots=np.repeat(lora, query_lens) if (lora >= 0).any() else None)
+        lora_slots=(np.repeat(lora, query_lens)
+                    if any(seq.lora_slot is not None for seq in seqs) else None))

@@ -11,8 +11,8 @@ applied before the step runs:
                                        cache, or read from its files)
     step.lora_unloads = [lora_id]      the adapter is gone: drop it from the host cache
 
-A step's tokens then name their slots (-1: the base model), and each layer adds
-its adapters' deltas to the base projection in place.
+A step's tokens then name their slots (kernels/lora.NO_ADAPTER: the base model),
+and each layer adds its adapters' deltas to the base projection in place.
 """
 
 from __future__ import annotations

@@ -25,12 +25,10 @@ from pagedserve.scheduler.step import ScheduledSequence, StepInput, StepOutput
 from pagedserve.worker import prompt_logprobs, sampler
 from pagedserve.worker.cuda_graph import DecodeGraphs
 from pagedserve.worker.inputs import flatten
-from pagedserve.worker.layers.attention import AttentionBackend, AttentionMetadata
+from pagedserve.worker.layers.attention import AttentionBackend, AttentionMetadata, KVCache
 from pagedserve.worker.lora_manager import WorkerLoRA
 from pagedserve.worker.step_timer import StepTimer
 from pagedserve.worker.transfer import to_device
-
-KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 class ModelRunner:
@@ -133,5 +131,6 @@ def _decodes_first(seq: ScheduledSequence) -> bool:
     return seq.num_tokens > 1
 
 
-def _by_slot(seq: ScheduledSequence) -> tuple[bool, int]:
-    return seq.num_tokens > 1, seq.lora_slot
+def _by_slot(seq: ScheduledSequence) -> tuple[bool, bool, int]:
+    """Decodes first; within each, base-model sequences first, then by adapter slot."""
+    return seq.num_tokens > 1, seq.lora_slot is not None, seq.lora_slot or 0

@@ -29,7 +29,8 @@ def score(model: nn.Module, hidden: torch.Tensor, seqs: list[ScheduledSequence],
     Every tensor-parallel rank calls this (the LM head gathers over ranks); rank
     0 returns the scores, the others an empty list.
     """
-    owners = [(seq, start) for seq, start in zip(seqs, row_starts) if seq.prompt_targets]
+    owners = [(seq, start) for seq, start in zip(seqs, row_starts, strict=True)
+              if seq.prompt_targets]
     rows = [start + i for seq, start in owners for i in range(len(seq.prompt_targets))]
     targets = [t for seq, _ in owners for t in seq.prompt_targets]
     num_top = max(seq.prompt_logprobs for seq, _ in owners)
@@ -62,6 +63,6 @@ def _entry(target: int, row: list[float], num_top: int, k: int) -> dict[int, flo
     """{target: logprob, then the k most likely}; float64 holds every id exactly."""
     entry = {target: row[0]}
     top_ids, top_values = row[1:1 + num_top], row[1 + num_top:]
-    entry.update((int(tid), value) for tid, value in zip(top_ids[:k], top_values[:k])
+    entry.update((int(tid), value) for tid, value in zip(top_ids[:k], top_values[:k], strict=True)
                  if int(tid) not in entry)
     return entry

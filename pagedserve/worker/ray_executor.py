@@ -9,10 +9,12 @@ rendezvous address is rank 0's node; only rank 0 samples and returns the
 StepOutput. Each step is serialized once, one of two ways (`ray_compiled_graph`):
 
 - plain actor calls (the default on CPU): one `ray.put` whose ref every rank
-  reads (inline for a single rank), one call per rank; about 1 ms a step;
+  reads (inline for a single rank), one call per rank;
 - a Ray compiled graph (the default on GPUs): one write to a shared-memory
-  channel every rank reads; about 0.1 ms a step, but each rank's reader spins
+  channel every rank reads; cheaper per step, but each rank's reader spins
   a CPU core while it waits, idle or not.
+
+BENCHMARKS.md, "Ray dispatch overhead", has what each adds to a step.
 
 A rank that dies or raises fails the step with a `WorkerFailedError` naming
 it: a raising rank first breaks its process group so the others leave their
@@ -126,7 +128,7 @@ class RayWorker:
     def execute(self, step: StepInput) -> StepOutput | RankFailure | None:
         try:
             return self.worker.execute(step)
-        except Exception as error:  # noqa: BLE001 - reported to the driver, which stops all ranks
+        except Exception as error:  # reported to the driver, which stops all ranks
             failed_at = time.time()
             logger.exception("rank %d failed in execute", self.rank)
             if dist.is_initialized():
@@ -240,7 +242,7 @@ class RayExecutor:
         if self._graph is not None:
             try:
                 self._graph.teardown()
-            except Exception:  # noqa: BLE001 - a dead rank's graph may already be torn down
+            except Exception:  # a dead rank's graph may already be torn down
                 logger.debug("compiled graph teardown failed", exc_info=True)
             self._graph = None
         for worker in self.workers:
@@ -345,7 +347,7 @@ class RayExecutor:
         for ref in ready:
             try:
                 ray.get(ref)
-            except Exception as error:  # noqa: BLE001
+            except Exception as error:  # noqa: BLE001 - every failure counts; a dead actor first
                 failures[rank_of[ref]] = error
         dead = [rank for rank, error in failures.items() if isinstance(error, RayActorError)]
         rank = min(dead or failures)

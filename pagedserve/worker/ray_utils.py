@@ -85,7 +85,7 @@ def model_files_here(info: ModelInfo, rank: int) -> ModelInfo:
     if info.hub_id is not None:
         try:
             directory = hub_snapshot(info.hub_id)
-        except Exception as error:  # noqa: BLE001 - the hub's errors are many; all end here
+        except Exception as error:  # the hub's errors are many; all end here
             raise FileNotFoundError(
                 f"{where}, which could not resolve the hub id {info.hub_id!r} through its hub "
                 f"cache ({type(error).__name__}: {str(error).splitlines()[0]}): let that node "

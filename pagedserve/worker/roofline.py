@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pagedserve.math_utils import cdiv
 from pagedserve.model_shape import ModelShape, params_per_rank
 
 MIB = 2**20
@@ -85,7 +86,7 @@ class Roofline:
         self.dtype_bytes = dtype_bytes
         self.weight_bytes = params_per_rank(shape, tp) * dtype_bytes
         self.kv_bytes_per_token = shape.kv_bytes_per_token(tp, dtype_bytes)
-        vocab_rows = -(-shape.vocab_size // tp)
+        vocab_rows = cdiv(shape.vocab_size, tp)
         # Weights every token multiplies (the embedding is a lookup, the LM head
         # runs on sampled rows only).
         self.lm_head_params = vocab_rows * shape.hidden_size

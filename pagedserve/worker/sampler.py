@@ -58,8 +58,8 @@ class SamplingBatch:
         rows = [(1.0 if p.greedy else p.temperature, p.top_k or vocab_size, p.top_p, p.min_p)
                 for p in params]
         table = to_device(torch.tensor(rows, dtype=torch.float32), device)  # [S, 4]
-        random_rows = [i for i, (seq, p) in enumerate(zip(seqs, params))
-                       if not p.greedy and not seq.num_candidates]
+        random_rows = [i for i, (seq, p) in enumerate(zip(seqs, params, strict=True))
+                       if not p.greedy and seq.num_candidates is None]
         seeded_rows = [i for i in random_rows if params[i].seed is not None]
         streams = None
         if seeded_rows:
@@ -76,7 +76,7 @@ class SamplingBatch:
             use_min_p=any(p.min_p > 0.0 for p in sampled),
             penalties=_Penalties.build(seqs, vocab_size, device),
             num_top=max(max((p.logprobs or 0) for p in params),
-                        max(seq.num_candidates for seq in seqs)),
+                        max(seq.num_candidates or 0 for seq in seqs)),
             logprob_rows=None if len(logprob_rows) == len(seqs) else logprob_rows,
         )
 
@@ -85,7 +85,8 @@ def needs_logprobs(seq: ScheduledSequence) -> bool:
     """Whether a row's log-probabilities are used: asked for, beam candidates, or the
     ranking of best_of > n samples."""
     params = seq.sampling_params
-    return params.logprobs is not None or seq.num_candidates > 0 or params.best_of > params.n
+    return (params.logprobs is not None or seq.num_candidates is not None
+            or params.best_of > params.n)
 
 
 @dataclass
@@ -107,7 +108,7 @@ class _Penalties:
         values = to_device(values, device)
         outputs = [seq.output_token_ids or [] for seq in seqs]
         prompts = [(seq.prompt_token_ids or []) if p.repetition_penalty != 1.0 else []
-                   for seq, p in zip(seqs, params)]
+                   for seq, p in zip(seqs, params, strict=True)]
         return cls(values[:, 0:1], values[:, 1:2], values[:, 2:3],
                    _padded(outputs, vocab_size, device),
                    _padded(prompts, vocab_size, device) if any(prompts) else None)
@@ -130,7 +131,7 @@ def sample(logits: torch.Tensor, seqs: list[ScheduledSequence],
     batch = SamplingBatch.build(seqs, logits.shape[1], logits.device)
     tokens, token_logprobs, top_values, top_ids = sample_tensors(logits, batch, generator)
     rows = _to_host(tokens, token_logprobs, top_values, top_ids)
-    return [_make_sample(seq, row, batch.num_top) for seq, row in zip(seqs, rows)]
+    return [_make_sample(seq, row, batch.num_top) for seq, row in zip(seqs, rows, strict=True)]
 
 
 def sample_tensors(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generator):
@@ -300,14 +301,15 @@ def _to_host(tokens: torch.Tensor, logprobs: torch.Tensor, top_values: torch.Ten
 def _make_sample(seq: ScheduledSequence, row: list[float], num_top: int) -> Sample:
     top_ids = [int(t) for t in row[2:2 + num_top]]
     top_values = row[2 + num_top:]
-    if seq.num_candidates:
-        candidates = list(zip(top_ids[:seq.num_candidates], top_values[:seq.num_candidates]))
+    if seq.num_candidates is not None:
+        k = seq.num_candidates
+        candidates = list(zip(top_ids[:k], top_values[:k], strict=True))
         return Sample(seq.seq_id, candidates[0][0], candidates[0][1], None, candidates)
     token, logprob = int(row[0]), row[1]
     top = None
     k = seq.sampling_params.logprobs
     if k is not None:
         top = {token: logprob}  # the sampled token first, then the k most likely
-        top.update((tid, value) for tid, value in zip(top_ids[:k], top_values[:k])
+        top.update((tid, value) for tid, value in zip(top_ids[:k], top_values[:k], strict=True)
                    if tid not in top)
     return Sample(seq.seq_id, token, logprob, top)

@@ -139,7 +139,7 @@ class SimulatedWorker:
                 scored.append(self._prompt_logprobs(seq))
             if not seq.do_sample:
                 continue
-            if seq.num_candidates:
+            if seq.num_candidates is not None:
                 candidates = [(self._token(seq, seq.sample_index, rank), self._logprob(seq, rank))
                               for rank in range(seq.num_candidates)]
                 samples.append(Sample(seq.seq_id, *candidates[0], None, candidates))

@@ -50,7 +50,8 @@ class StepTimer:
             torch.cuda.synchronize()
             device = [start.elapsed_time(end) / 1e3 for start, end in self._events]
         else:
-            device = [total - prepare for total, prepare in zip(self._host, self._prepare)]
+            device = [total - prepare
+                      for total, prepare in zip(self._host, self._prepare, strict=True)]
         return {"prepare": list(self._prepare), "runner": list(self._host), "device": device}
 
     def reset(self) -> None:

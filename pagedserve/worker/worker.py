@@ -25,11 +25,12 @@ import torch
 
 from pagedserve.config import EngineConfig
 from pagedserve.kernels.swap import swap_blocks
+from pagedserve.math_utils import cdiv
 from pagedserve.sampling_params import SamplingParams
-from pagedserve.scheduler.step import PLACEHOLDER, ScheduledSequence, StepInput, StepOutput
+from pagedserve.scheduler.step import ScheduledSequence, StepInput, StepOutput
 from pagedserve.worker.cuda_graph import DecodeGraphs
 from pagedserve.worker.distributed import TPGroup
-from pagedserve.worker.layers.attention import select_attention_backend
+from pagedserve.worker.layers.attention import KVCache, select_attention_backend
 from pagedserve.worker.lora_manager import WorkerLoRA
 from pagedserve.worker.model_info import ModelInfo
 from pagedserve.worker.model_runner import ModelRunner
@@ -38,8 +39,6 @@ from pagedserve.worker.models.llama import head_dim
 from pagedserve.worker.simulated import SimulatedWorker
 
 logger = logging.getLogger(__name__)
-
-KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 def kv_block_shape(info: ModelInfo, block_size: int, tp_size: int) -> tuple[int, int, int]:
@@ -76,7 +75,7 @@ class Worker:
         self.cpu_pool: torch.Tensor | None = None
         self.kv_caches: list[KVCache] = []
         self.graph_memory_bytes = 0  # measured while profiling
-        # The tokens the last step sampled: the inputs of the next step's placeholders.
+        # The tokens the last step sampled: the next step's tokens in flight.
         self.async_scheduling = engine.uses_async_scheduling(info.device.type)
         self._last_tokens: dict[int, int] = {}
         # Decode graphs are captured without adapters: with LoRA every step runs eagerly.
@@ -105,7 +104,7 @@ class Worker:
         """Run the largest step once; what it peaks at is not available to the pool."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        num_blocks = -(-num_tokens // self.engine.block_size)
+        num_blocks = cdiv(num_tokens, self.engine.block_size)
         scratch = self._allocate(num_blocks)
         dummy = ScheduledSequence(seq_id=0, token_ids=[0] * num_tokens, start_pos=0,
                                   block_table=list(range(num_blocks)), do_sample=True,
@@ -157,11 +156,10 @@ class Worker:
     def execute(self, step: StepInput) -> StepOutput | None:
         """Run one step; rank 0 returns the sampled tokens, other ranks None.
 
-        A decode whose input is `PLACEHOLDER` (scheduled while the step before
-        ran) takes the token this worker sampled for it in that step.
+        A sequence whose `last_token_in_flight` is set (scheduled while the step
+        before ran) takes the token this worker sampled for it in that step.
         """
-        if self._last_tokens:
-            step = _fill_placeholders(step, self._last_tokens)
+        step = _with_tokens_in_flight(step, self._last_tokens)
         # Block moves come first: out before in (a swapped-in block may reuse a
         # swapped-out one), copies before anything writes into them.
         if step.blocks_to_swap_out:
@@ -188,16 +186,25 @@ class Worker:
             for sample in output.samples:
                 tokens.setdefault(sample.seq_id, sample.token_id)
         if self.tp.size > 1:
-            values = torch.tensor([tokens.get(seq_id, PLACEHOLDER) for seq_id in seq_ids],
-                                  dtype=torch.int64, device=self.info.device)
+            # Rank 0 sampled a token for every sampling sequence; the others receive them.
+            if output is not None:
+                values = torch.tensor([tokens[seq_id] for seq_id in seq_ids],
+                                      dtype=torch.int64, device=self.info.device)
+            else:
+                values = torch.empty(len(seq_ids), dtype=torch.int64, device=self.info.device)
             self.tp.broadcast(values)
-            tokens = dict(zip(seq_ids, values.tolist()))
+            tokens = dict(zip(seq_ids, values.tolist(), strict=True))
         return tokens
 
 
-def _fill_placeholders(step: StepInput, tokens: dict[int, int]) -> StepInput:
-    seqs = [dataclasses.replace(seq, token_ids=[tokens[seq.seq_id]])
-            if seq.token_ids[-1] == PLACEHOLDER else seq for seq in step.seqs]
+def _with_tokens_in_flight(step: StepInput, tokens: dict[int, int]) -> StepInput:
+    """The step with each token in flight appended to its sequence's `token_ids`:
+    `tokens` holds what the step before sampled, by sequence id."""
+    if not any(seq.last_token_in_flight for seq in step.seqs):
+        return step
+    seqs = [dataclasses.replace(seq, token_ids=[*seq.token_ids, tokens[seq.seq_id]],
+                                last_token_in_flight=False)
+            if seq.last_token_in_flight else seq for seq in step.seqs]
     return dataclasses.replace(step, seqs=seqs)
 
 

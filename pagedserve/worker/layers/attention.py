@@ -24,6 +24,7 @@ from torch import nn
 from pagedserve.kernels import cpu_kernels, reference
 from pagedserve.kernels.checks import interpreting
 
+# One layer's paged keys and values, each [num_blocks, block_size, kv heads of this rank, head_dim].
 KVCache = tuple[torch.Tensor, torch.Tensor]
 logger = logging.getLogger(__name__)
 

@@ -1,14 +1,15 @@
 """The LoRA adapters resident on the device for one parallel linear layer, by slot.
 
 A batch runs its base projection once; `LoRAStack.apply` then adds, for each
-token, the adapter of its slot (-1: none): one batched shrink for all the
-layer's parts (q, k, v side by side in A), and one batched expand per adapted
-part (kernels/lora.py). The model runner sorts a step's tokens by slot, so
-each adapter's tokens are a few contiguous runs (segments): on CPU each
-segment is one matmul on a slice of rows, with no gathering; on CUDA the
-segment kernels (SGMV) take steps with long runs (prefills), the per-token
-ones (BGMV) the rest. Under tensor parallelism each rank holds its own slice,
-as S-LoRA shards them, so no collective is added beyond the base layer's:
+token, the adapter of its slot (kernels/lora.NO_ADAPTER: none): one batched
+shrink for all the layer's parts (q, k, v side by side in A), and one batched
+expand per adapted part (kernels/lora.py). The model runner sorts a step's
+tokens by slot, so each adapter's tokens are a few contiguous runs (segments):
+on CPU each segment is one matmul on a slice of rows, with no gathering; on
+CUDA the segment kernels (SGMV) take steps with long runs (prefills), the
+per-token ones (BGMV) the rest. Under tensor parallelism each rank holds its
+own slice, as S-LoRA shards them, so no collective is added beyond the base
+layer's:
 
     column-parallel (qkv, gate_up): A whole, B split by output rows like W;
         h = x A^T on every rank, this rank's rows of h B^T
@@ -39,22 +40,24 @@ class LoRABatch:
     """The adapter slots of the step being run, shared by every stack of a model."""
 
     def __init__(self) -> None:
-        self.slots: torch.Tensor | None = None  # [T] int32, -1: the base model; None: no adapter
+        # [T] int32, NO_ADAPTER: the base model; None: no adapter in the step.
+        self.slots: torch.Tensor | None = None
         self.present: set[int] = set()  # the slots that occur
         self.segments: list[tuple[int, int, int]] = []  # (slot, first row, end row) runs
         self.segment_tensors: lora_kernels.Segments | None = None  # the same, on the device
         self.max_length = 0  # rows of the longest segment
 
     def set(self, token_slots: np.ndarray | None, device: torch.device) -> None:
-        if token_slots is None or not (token_slots >= 0).any():
+        if token_slots is None or not (token_slots != lora_kernels.NO_ADAPTER).any():
             self.slots, self.present, self.segments = None, set(), []
             return
-        starts = np.flatnonzero(np.diff(token_slots, prepend=-2))  # where a run begins
+        # Where a run begins: the first row, and every row whose slot differs from the last.
+        starts = np.flatnonzero(np.r_[True, token_slots[1:] != token_slots[:-1]])
         ends = np.append(starts[1:], len(token_slots))
         run_slots = token_slots[starts]
-        keep = run_slots >= 0
+        keep = run_slots != lora_kernels.NO_ADAPTER
         starts, ends, run_slots = starts[keep], ends[keep], run_slots[keep]
-        self.segments = list(zip(run_slots.tolist(), starts.tolist(), ends.tolist()))
+        self.segments = list(zip(run_slots.tolist(), starts.tolist(), ends.tolist(), strict=True))
         self.present = set(run_slots.tolist())
         self.max_length = int((ends - starts).max())
         self.slots = torch.from_numpy(token_slots.astype(np.int32)).to(device, non_blocking=True)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedserve.math_utils import cdiv
 from pagedserve.worker.distributed import TPGroup
 from pagedserve.worker.layers.linear import apply_linear, check_shape, checkpoint_shape
 
@@ -22,7 +23,7 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.tp = tp
         self.vocab_size = vocab_size
-        self.rows = -(-vocab_size // tp.size)
+        self.rows = cdiv(vocab_size, tp.size)
         self.start = tp.rank * self.rows
         self.end = min(self.start + self.rows, vocab_size)  # real rows end here
         self.weight = nn.Parameter(torch.empty(self.rows, hidden_size), requires_grad=False)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.worker.distributed import TPGroup
-from pagedserve.worker.layers.attention import Attention, AttentionMetadata
+from pagedserve.worker.layers.attention import Attention, AttentionMetadata, KVCache
 from pagedserve.worker.layers.linear import (
     ColumnParallelLinear,
     QKVParallelLinear,
@@ -27,8 +27,6 @@ from pagedserve.worker.layers.linear import (
 from pagedserve.worker.layers.norm import RMSNorm
 from pagedserve.worker.layers.rotary import Rope, RotaryEmbedding
 from pagedserve.worker.layers.vocab import ParallelLMHead, VocabParallelEmbedding
-
-KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 class LlamaAttention(nn.Module):
@@ -134,7 +132,7 @@ class LlamaForCausalLM(nn.Module):
         hidden = self.model.embed_tokens(input_ids)
         rope = self.model.rotary.lookup(positions)
         residual = None
-        for layer, kv_cache in zip(self.model.layers, kv_caches):
+        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
             hidden, residual = layer(rope, hidden, residual, kv_cache, metadata)
         return residual + hidden
 

@@ -31,9 +31,11 @@ serve: install
 demo: install
 	$(PY) -m pagedserve.demo $(CONFIG)
 
-# ruff (pyproject.toml's rules) first; the import-layer check runs in the suite (tests/test_layers.py).
+# ruff and mypy (pyproject.toml's rules) first; the import-layer check runs in the suite
+# (tests/test_layers.py).
 test: model
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy pagedserve/scheduler pagedserve/engine
 	$(PY) -m pytest -q
 
 bench: install

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from ray.serve.config import AutoscalingContext
 
@@ -13,6 +15,7 @@ from pagedserve.cluster.autoscaling import (
     KVCapacityPolicy,
     KVUtilizationPolicy,
 )
+from pagedserve.engine.stats import EngineStats
 
 
 def context(replicas: int, stats: list[dict[str, float]], *, now: float = 100.0,
@@ -117,3 +120,19 @@ def test_policy_state_keeps_other_keys():
     policy = KVUtilizationPolicy(**NO_DELAY)
     replicas, state = policy(context(1, [kv(0.99, 1)], state={"serve_internal": 7}))
     assert replicas == 2 and state["serve_internal"] == 7
+
+
+def queues(running: int, waiting: int, swapped: int) -> EngineStats:
+    fields = dict.fromkeys((f.name for f in dataclasses.fields(EngineStats)), 0)
+    return EngineStats(**{**fields, "num_running": running, "num_waiting": waiting,
+                          "num_swapped": swapped})
+
+
+def test_the_waiting_counts_differ_only_as_named():
+    """The gauge reads num_waiting; the autoscaler counts every request not running;
+    the replica's bound counts the not-yet-admitted ones the free slots cannot take."""
+    stats = queues(running=6, waiting=3, swapped=2)
+    assert stats.num_not_running(num_pending=1) == 3 + 2 + 1
+    assert stats.num_waiting_for_a_slot(num_pending=1, max_num_seqs=8) == 3 + 1 - 2
+    assert stats.num_waiting_for_a_slot(num_pending=0, max_num_seqs=10) == 0  # never negative
+    assert queues(running=9, waiting=1, swapped=0).num_waiting_for_a_slot(0, 8) == 1

@@ -132,8 +132,7 @@ def test_blocks_to_append_does_not_change_state():
     before = (list(bm._free), bm.block_table(0)[:], bm.num_slots(0))
     for n in range(0, 20):
         bm.blocks_to_append(0, n)
-        bm.can_append_slots(0, n)
-        bm.can_allocate(n)
+        bm.blocks_to_allocate(n)
     assert before == (list(bm._free), bm.block_table(0), bm.num_slots(0))
 
 
@@ -148,54 +147,57 @@ def test_two_sequences_get_disjoint_blocks():
     _check_consistent(bm)
 
 
-# -- can_allocate and the watermark ---------------------------------------------
+# -- blocks_to_allocate and the watermark ---------------------------------------
+# The scheduler admits a plan when its blocks plus a reserve (the watermark) are free.
 
-def test_can_allocate_without_watermark():
+def test_blocks_to_allocate_without_watermark():
     bm = BlockManager(4, 4)
-    assert bm.can_allocate(16)
-    assert not bm.can_allocate(17)
-    assert bm.can_allocate(8, num_seqs=2)
-    assert not bm.can_allocate(9, num_seqs=2)
+    assert bm.blocks_to_allocate(16) <= bm.num_free_blocks
+    assert bm.blocks_to_allocate(17) > bm.num_free_blocks
+    assert 2 * bm.blocks_to_allocate(8) <= bm.num_free_blocks
+    assert 2 * bm.blocks_to_allocate(9) > bm.num_free_blocks
     bm.allocate(0, 5)  # 2 blocks
-    assert bm.can_allocate(8) and not bm.can_allocate(9)
+    assert bm.blocks_to_allocate(8) <= bm.num_free_blocks < bm.blocks_to_allocate(9)
 
 
-def test_can_allocate_keeps_watermark_free():
+def test_blocks_to_allocate_keeps_watermark_free():
     bm = BlockManager(10, 4, watermark_blocks=2)
-    assert bm.can_allocate(32)  # 8 blocks, leaves exactly the 2 of the watermark
-    assert not bm.can_allocate(33)  # 9 blocks would dip into it
-    assert bm.can_allocate(16, num_seqs=2)
-    assert not bm.can_allocate(17, num_seqs=2)
+    reserve = bm.watermark_blocks
+    assert bm.blocks_to_allocate(32) + reserve <= bm.num_free_blocks  # leaves exactly the 2
+    assert bm.blocks_to_allocate(33) + reserve > bm.num_free_blocks  # would dip into them
+    assert 2 * bm.blocks_to_allocate(16) + reserve <= bm.num_free_blocks
+    assert 2 * bm.blocks_to_allocate(17) + reserve > bm.num_free_blocks
     bm.allocate(0, 28)  # 7 blocks, 3 free
-    assert bm.can_allocate(4)
-    assert not bm.can_allocate(5)
+    assert bm.blocks_to_allocate(4) + reserve <= bm.num_free_blocks
+    assert bm.blocks_to_allocate(5) + reserve > bm.num_free_blocks
 
 
-def test_can_allocate_true_means_allocate_succeeds():
+def test_fitting_above_the_watermark_means_allocate_succeeds():
     for watermark in range(3):
         bm = BlockManager(6, 2, watermark_blocks=watermark)
         bm.allocate(0, 3)  # 2 blocks taken, 4 free
         for n in range(0, 12):
             expected = 4 - cdiv(n, 2) >= watermark
-            assert bm.can_allocate(n) == expected, (watermark, n)
+            fits = bm.blocks_to_allocate(n) + bm.watermark_blocks <= bm.num_free_blocks
+            assert fits == expected, (watermark, n)
             if expected:
                 bm.allocate(1, n)
                 bm.free(1)
         assert bm.num_free_blocks == 4
 
 
-# -- can_append_slots / append_slots when the pool runs out ------------------------
+# -- blocks_to_append / append_slots when the pool runs out -----------------------
 
-def test_can_append_slots_and_exhaustion():
+def test_blocks_to_append_and_exhaustion():
     bm = BlockManager(3, 4)
     bm.allocate(0, 4)  # 1 block
     bm.allocate(1, 4)  # 1 block, 1 free left
-    assert bm.can_append_slots(0, 4)  # exactly one more block
-    assert not bm.can_append_slots(0, 5)  # two more blocks
+    assert bm.blocks_to_append(0, 4) <= bm.num_free_blocks  # exactly one more block
+    assert bm.blocks_to_append(0, 5) > bm.num_free_blocks  # two more blocks
     bm.append_slots(0, 4)
     assert bm.num_free_blocks == 0
     # Appends that fit in already-owned slots need no block.
-    assert not bm.can_append_slots(1, 1)
+    assert bm.blocks_to_append(1, 1) > bm.num_free_blocks
     snapshot = (list(bm._free), {s: t[:] for s, t in bm._tables.items()}, dict(bm._num_slots))
     with pytest.raises(RuntimeError):
         bm.append_slots(1, 1)
@@ -205,13 +207,13 @@ def test_can_append_slots_and_exhaustion():
     _check_consistent(bm)
 
 
-def test_can_append_slots_fills_partial_block_on_full_pool():
+def test_append_slots_fills_partial_block_on_full_pool():
     bm = BlockManager(1, 4)
     bm.allocate(0, 1)
     assert bm.num_free_blocks == 0
-    assert bm.can_append_slots(0, 3)
+    assert bm.blocks_to_append(0, 3) <= bm.num_free_blocks
     assert bm.append_slots(0, 3) == []
-    assert not bm.can_append_slots(0, 1)
+    assert bm.blocks_to_append(0, 1) > bm.num_free_blocks
     with pytest.raises(RuntimeError):
         bm.append_slots(0, 1)
     _check_consistent(bm)
@@ -272,9 +274,9 @@ def test_free_unknown_or_twice_is_noop():
 def test_freed_blocks_are_reused():
     bm = BlockManager(2, 4)
     first = list(bm.allocate(0, 8))
-    assert not bm.can_allocate(1)
+    assert bm.blocks_to_allocate(1) > bm.num_free_blocks
     bm.free(0)
-    assert bm.can_allocate(8)
+    assert bm.blocks_to_allocate(8) <= bm.num_free_blocks
     second = bm.allocate(1, 8)
     assert sorted(second) == sorted(first)
     assert all(bm.ref_count(b) == 1 for b in second)

@@ -45,7 +45,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.next_id += 1
         needed = self._model_blocks(num_tokens)
         free = self.bm.num_free_blocks
-        assert self.bm.can_allocate(num_tokens) == (free - needed >= self.bm.watermark_blocks)
+        assert self.bm.blocks_to_allocate(num_tokens) == needed
         if needed <= free:
             table = self.bm.allocate(seq_id, num_tokens)
             assert len(table) == needed
@@ -68,7 +68,6 @@ class BlockManagerMachine(RuleBasedStateMachine):
         needed = self._model_blocks(before + num_tokens) - self._model_blocks(before)
         assert self.bm.blocks_to_append(seq_id, num_tokens) == needed
         free = self.bm.num_free_blocks
-        assert self.bm.can_append_slots(seq_id, num_tokens) == (needed <= free)
         old_table = list(self.bm.block_table(seq_id))
         if needed <= free:
             new = self.bm.append_slots(seq_id, num_tokens)

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from pagedserve import LLM, SamplingParams
-from pagedserve.cluster.server import LLMServer, wire_deltas
+from pagedserve.cluster.channel import wire_deltas
+from pagedserve.cluster.server import LLMServer
 from pagedserve.config import load, parse
 from pagedserve.engine.output_kinds import Accumulator
 

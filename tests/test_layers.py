@@ -11,6 +11,8 @@ import still ties two modules together.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pagedserve"
@@ -133,6 +135,37 @@ def test_the_scheduler_imports_no_torch():
             names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
                      [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n.split(".")[0] == "torch" for n in names), path
+
+
+# What the API processes must not load: the engine, its replica and the model stack.
+ENGINE_SIDE = ("pagedserve.engine.core", "pagedserve.engine.async_engine",
+               "pagedserve.cluster.server", "pagedserve.worker")
+
+
+def loaded_after(statement: str) -> list[str]:
+    """The modules of ENGINE_SIDE, torch and transformers a fresh interpreter holds after
+    `statement` (torch only if it loaded: a hidden one sits in sys.modules as None)."""
+    probe = (f"import sys\n{statement}\n"
+             f"print(' '.join(m for m in {ENGINE_SIDE + ('torch', 'transformers')!r}"
+             " if sys.modules.get(m) is not None))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+def test_the_grpc_service_loads_no_engine_torch_or_transformers():
+    assert loaded_after("import pagedserve.cluster.grpc_service") == []
+
+
+def test_the_ingress_loads_no_engine_and_no_torch_of_its_own():
+    """The HTTP ingress tokenizes, so it loads transformers, and transformers loads
+    torch when it is installed (`from transformers import AutoTokenizer` reaches
+    transformers.modeling_rope_utils). With torch hidden, the ingress still imports:
+    nothing of ours on its path needs torch, and the engine stays out."""
+    assert loaded_after("import pagedserve.cluster.ingress") == ["torch", "transformers"]
+    assert loaded_after("sys.modules['torch'] = None  # import torch raises ImportError\n"
+                        "import pagedserve.cluster.ingress") == ["transformers"]
 
 
 def test_the_check_sees_an_upward_import_and_a_cycle():

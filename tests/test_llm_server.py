@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 
 from pagedserve import SamplingParams
-from pagedserve.cluster.server import EngineOverloadedError, LLMServer, wire_deltas
+from pagedserve.cluster.channel import wire_deltas
+from pagedserve.cluster.server import LLMServer
 from pagedserve.cluster.streams import Stream
 from pagedserve.config import load, parse
+from pagedserve.errors import EngineOverloadedError
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
 

@@ -127,7 +127,7 @@ def test_queries_do_not_evict_or_change_state():
     for n in range(10):
         bm.computed_blocks([1, 2, 3, 4, 5][:n])
         bm.blocks_to_allocate(n, [0])
-        bm.can_allocate(n)
+        bm.blocks_to_allocate(n)
     assert before == (free_ids(bm), [bm.cached_key(b) for b in range(4)])
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 # The stats each replica reports, by name (LLMServer.record_autoscaling_stats).
 KV_UTILIZATION = "kv_utilization"  # allocated blocks / all blocks, 0..1
-NUM_WAITING = "num_waiting"  # requests not yet admitted (swapped ones included)
+NUM_WAITING = "num_waiting"  # requests not running (EngineStats.num_not_running)
 NUM_RUNNING = "num_running"
 BLOCKS_DEMANDED = "blocks_demanded"  # allocated + what waiting prompts will take
 TOTAL_BLOCKS = "total_blocks"

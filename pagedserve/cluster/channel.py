@@ -30,11 +30,19 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from pagedserve.sampling_params import SamplingParams
+
 logger = logging.getLogger(__name__)
 
 
 class InboxLost(RuntimeError):
     """The ingress's inbox failed: the requests waiting on it cannot get their outputs."""
+
+
+def wire_deltas(params: SamplingParams) -> bool:
+    """Whether a request's outputs cross to the ingress as deltas (see LLMServer.generate);
+    else they are cumulative, and the ingress puts its prompt ids back in them."""
+    return params.best_of == params.n or params.use_beam_search
 
 
 def _background(coroutine) -> asyncio.Task:

@@ -93,8 +93,9 @@ def _choice(index: int, text: str, token_ids: list[int],
 
 
 def _usage(output: RequestOutput) -> pb.Usage:
-    return pb.Usage(prompt_tokens=len(output.prompt_token_ids),
-                    completion_tokens=sum(len(choice.token_ids) for choice in output.outputs))
+    counts = responses.usage_of([output])
+    return pb.Usage(prompt_tokens=counts["prompt_tokens"],
+                    completion_tokens=counts["completion_tokens"])
 
 
 class GenerationService:

@@ -33,7 +33,7 @@ from pagedserve.cluster.adapters import (
     LoadLoRAAdapterRequest,
     UnloadLoRAAdapterRequest,
 )
-from pagedserve.cluster.channel import Receiver
+from pagedserve.cluster.channel import Receiver, wire_deltas
 from pagedserve.cluster.errors import OpenAIError
 from pagedserve.cluster.grpc_service import GenerationService
 from pagedserve.cluster.logprobs import (
@@ -44,7 +44,6 @@ from pagedserve.cluster.logprobs import (
     sampled,
 )
 from pagedserve.cluster.parsing import Limits, parse_request
-from pagedserve.cluster.server import wire_deltas
 from pagedserve.cluster.streams import (
     Stream,
     client_error,
@@ -378,7 +377,5 @@ class OpenAIIngress(GenerationService):
                     index: int, counted: bool = True) -> dict:
         """vLLM's continuous_usage_stats: each chunk carries its choice's usage so far."""
         if options.continuous_usage_stats:
-            choice = next(c for c in output.outputs if c.index == index)
-            chunk["usage"] = responses.usage(len(output.prompt_token_ids),
-                                             len(choice.token_ids) if counted else 0)
+            chunk["usage"] = responses.usage_of([output], counted, index)
         return chunk

@@ -33,6 +33,18 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def usage_of(outputs: Sequence[RequestOutput], generated: bool = True,
+             index: int | None = None) -> dict:
+    """The usage of cumulative outputs (every response, stream and gRPC reply counts
+    here): their prompts' tokens, and the tokens of their choices, or only of the
+    choice `index`. `generated` False (echo with max_tokens 0): no completion tokens."""
+    prompt_tokens = sum(len(output.prompt_token_ids) for output in outputs)
+    choices = [choice for output in outputs for choice in output.outputs
+               if index is None or choice.index == index]
+    completion_tokens = sum(len(choice.token_ids) for choice in choices) if generated else 0
+    return usage(prompt_tokens, completion_tokens)
+
+
 def model_list(names: list[str], created: int, root: str | None = None,
                max_model_len: int | None = None,
                adapters: list[tuple[str, str]] = ()) -> dict:
@@ -121,11 +133,6 @@ def completion_choice(index: int, output: RequestOutput, choice: CompletionOutpu
     return entry
 
 
-def completion_tokens(output: RequestOutput, fmt: CompletionFormat) -> int:
-    """Generated tokens billed: none when only the prompt was echoed (max_tokens 0)."""
-    return sum(len(c.token_ids) for c in output.outputs) if fmt.generate else 0
-
-
 def completion_response(request_id: str, model: str, created: int,
                         outputs: list[RequestOutput], prompt_texts: list[str], tokenizer: Any,
                         fmt: CompletionFormat) -> dict:
@@ -137,10 +144,8 @@ def completion_response(request_id: str, model: str, created: int,
         for choice in _sorted(output.outputs):
             choices.append(completion_choice(prompt_index * n + choice.index, output, choice,
                                              prompt_text, fmt, strings))
-    prompt_tokens = sum(len(out.prompt_token_ids) for out in outputs)
-    generated = sum(completion_tokens(out, fmt) for out in outputs)
     return {"id": request_id, "object": "text_completion", "created": created, "model": model,
-            "choices": choices, "usage": usage(prompt_tokens, generated)}
+            "choices": choices, "usage": usage_of(outputs, fmt.generate)}
 
 
 def completion_chunk(request_id: str, model: str, created: int, index: int, text_delta: str,
@@ -168,9 +173,8 @@ def chat_response(request_id: str, model: str, created: int, output: RequestOutp
                      else lp.chat_logprobs(_entries(choice), strings, top_logprobs)),
         "finish_reason": finish_reason(choice.finish_reason),
     } for choice in _sorted(output.outputs)]
-    completion_tokens = sum(len(choice.token_ids) for choice in output.outputs)
     return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": choices, "usage": usage(len(output.prompt_token_ids), completion_tokens)}
+            "choices": choices, "usage": usage_of([output])}
 
 
 def chat_chunk(request_id: str, model: str, created: int, index: int, delta: dict,

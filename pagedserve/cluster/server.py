@@ -23,30 +23,20 @@ from typing import Any
 import ray
 
 from pagedserve.cluster import autoscaling, routing
-from pagedserve.cluster.channel import Outbox
+from pagedserve.cluster.channel import Outbox, wire_deltas
 from pagedserve.cluster.metrics import EngineMetrics
 from pagedserve.config import Config, served_model_name
-from pagedserve.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from pagedserve.engine.async_engine import AsyncLLMEngine
 from pagedserve.engine.stats import EngineStats
+from pagedserve.errors import EngineOverloadedError
 from pagedserve.lora_request import LoRARequest
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 from pagedserve.worker.ray_utils import normal_priority
 
-__all__ = ["EngineDeadError", "EngineOverloadedError", "LLMServer"]
+__all__ = ["LLMServer"]
 # The newest cached blocks a replica reports to the prefix-aware router.
 MAX_FINGERPRINTS = 65536
-
-
-class EngineOverloadedError(RuntimeError):
-    """The waiting queue is at its bound: the client should retry later."""
-
-    def __init__(self, waiting: int, limit: int) -> None:
-        super().__init__(waiting, limit)  # the args rebuild it when Ray pickles it
-        self.waiting, self.limit = waiting, limit
-
-    def __str__(self) -> str:
-        return f"{self.waiting} requests are waiting, the limit is {self.limit}"
 
 
 class LLMServer:
@@ -82,10 +72,8 @@ class LLMServer:
         """
         await self.engine.check_health()
         limit = self.config.serving.max_waiting_requests
-        stats = self.engine.stats()
-        # Requests not yet admitted, less the free running slots they will take.
-        free_slots = max(0, self.config.engine.max_num_seqs - stats.num_running)
-        waiting = max(0, stats.num_waiting + self.engine.num_pending - free_slots)
+        waiting = self.engine.stats().num_waiting_for_a_slot(self.engine.num_pending,
+                                                             self.config.engine.max_num_seqs)
         if waiting >= limit:
             raise EngineOverloadedError(waiting, limit)
         interval = self.config.serving.stream_interval_s
@@ -142,8 +130,7 @@ class LLMServer:
         stats: EngineStats = self.engine.stats()
         return {autoscaling.KV_UTILIZATION: stats.utilization,
                 autoscaling.NUM_RUNNING: stats.num_running,
-                autoscaling.NUM_WAITING: (stats.num_waiting + stats.num_swapped
-                                          + self.engine.num_pending),
+                autoscaling.NUM_WAITING: stats.num_not_running(self.engine.num_pending),
                 autoscaling.BLOCKS_DEMANDED: stats.blocks_demanded,
                 autoscaling.TOTAL_BLOCKS: stats.total_blocks}
 
@@ -159,11 +146,6 @@ class LLMServer:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
-
-
-def wire_deltas(params: SamplingParams) -> bool:
-    """Whether a request's outputs cross to the ingress as deltas (see LLMServer.generate)."""
-    return params.best_of == params.n or params.use_beam_search
 
 
 def _peak_rss_bytes() -> int:

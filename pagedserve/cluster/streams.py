@@ -21,10 +21,8 @@ from ray.serve.exceptions import BackPressureError
 from pagedserve.cluster import errors, responses
 from pagedserve.cluster.channel import InboxLost
 from pagedserve.cluster.errors import OpenAIError
-from pagedserve.cluster.server import EngineOverloadedError
-from pagedserve.engine.async_engine import EngineDeadError
 from pagedserve.engine.output_kinds import Accumulator
-from pagedserve.errors import RequestError
+from pagedserve.errors import EngineDeadError, EngineOverloadedError, RequestError
 from pagedserve.outputs import RequestOutput
 
 _WATCHING: set[asyncio.Future] = set()
@@ -150,11 +148,9 @@ async def merge(streams: list[Stream]) -> AsyncIterator[tuple[int, RequestOutput
 
 
 def stream_usage(outputs: list[RequestOutput | None], generated: bool = True) -> dict[str, int]:
-    """Usage of a stream's requests; `generated` False (echo only): no completion tokens."""
-    done = [f for f in outputs if f is not None]
-    prompt = sum(len(f.prompt_token_ids) for f in done)
-    completion = sum(len(c.token_ids) for f in done for c in f.outputs) if generated else 0
-    return responses.usage(prompt, completion)
+    """Usage of a stream's requests that have an output; `generated` False (echo only):
+    no completion tokens."""
+    return responses.usage_of([output for output in outputs if output is not None], generated)
 
 
 def sse(chunks: AsyncIterator[dict], retry_after_s: int) -> StreamingResponse:

@@ -35,15 +35,12 @@ from pagedserve.config import Config, config_from_fields
 from pagedserve.engine.core import EngineCore, PromptInput
 from pagedserve.engine.output_kinds import merge
 from pagedserve.engine.stats import EngineStats
+from pagedserve.errors import EngineDeadError
 from pagedserve.lora_request import LoRARequest
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
-
-
-class EngineDeadError(RuntimeError):
-    """The step loop stopped; this engine cannot serve."""
 
 
 class AsyncEngineArgs:

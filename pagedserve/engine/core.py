@@ -148,9 +148,10 @@ class EngineCore:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, lora_request: LoRARequest | None = None) -> None:
         self.validate(prompt_token_ids, params)
-        if params.max_tokens is None:  # up to the context limit: the scheduler needs a number
-            params = dataclasses.replace(params, max_tokens=max_new_tokens(
-                len(prompt_token_ids), params, self.info.max_model_len))
+        max_tokens = params.max_tokens
+        if max_tokens is None:  # up to the context limit: the scheduler needs a number
+            max_tokens = max_new_tokens(len(prompt_token_ids), params, self.info.max_model_len)
+            params = dataclasses.replace(params, max_tokens=max_tokens)
         adapter = self.adapters.resolve(lora_request)
         # One sequence computes the prompt; samples and beams fork from it.
         group = SequenceGroup(request_id, [self.scheduler.new_sequence(prompt_token_ids)], params,
@@ -158,10 +159,10 @@ class EngineCore:
         if params.use_beam_search:
             eos = set() if params.ignore_eos else set(self.info.eos_token_ids)
             group.beam_search = BeamSearch(
-                num_beams=params.best_of, num_return_sequences=params.n,
+                num_beams=group.best_of, num_return_sequences=params.n,
                 length_penalty=params.length_penalty, early_stopping=params.early_stopping,
                 eos_token_ids=frozenset(eos | set(params.stop_token_ids)),
-                max_new_tokens=max(1, min(params.max_tokens,
+                max_new_tokens=max(1, min(max_tokens,
                                            self.info.max_model_len - len(prompt_token_ids))))
         self.scheduler.add(group)
 
@@ -358,10 +359,12 @@ class EngineCore:
             raise RequestError("prompt_token_ids", f"prompt_token_ids: token id {bad} is outside "
                                                    f"the vocabulary [0, {info.vocab_size})")
         context_room(len(prompt_token_ids), info.max_model_len)
-        if params.best_of > engine_limits.max_num_seqs:
+        best_of = params.best_of
+        assert best_of is not None  # SamplingParams.__post_init__ defaults it to n
+        if best_of > engine_limits.max_num_seqs:
             raise RequestError("best_of", f"best_of={params.best_of} exceeds max_num_seqs="
                                           f"{engine_limits.max_num_seqs}")
-        if params.use_beam_search and params.best_of > engine_limits.max_num_batched_tokens:
+        if params.use_beam_search and best_of > engine_limits.max_num_batched_tokens:
             raise RequestError("best_of", f"best_of={params.best_of} beams exceed "
                                           f"max_num_batched_tokens="
                                           f"{engine_limits.max_num_batched_tokens}: every beam "

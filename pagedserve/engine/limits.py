@@ -54,6 +54,7 @@ def blocks_needed(prompt_len: int, params: SamplingParams, max_model_len: int,
     """
     longest = min(prompt_len + max_new_tokens(prompt_len, params, max_model_len), max_model_len)
     shared = prompt_len // block_size
+    assert params.best_of is not None  # SamplingParams.__post_init__ defaults it to n
     return shared + params.best_of * (cdiv(longest, block_size) - shared)
 
 

@@ -40,7 +40,7 @@ class DeltaTracker:
         self._prompt_logprobs_sent = False
 
     def news(self, index: int, text: str, tokens: Sequence[int], token_start: int,
-             logprobs: Sequence[dict[int, float]] | None, finish_reason: str | None,
+             logprobs: list[dict[int, float]] | None, finish_reason: str | None,
              stop_reason: int | str | None, cumulative_logprob: float | None
              ) -> CompletionOutput | None:
         """Choice `index`'s news; `tokens[token_start:]` are its token ids so far (a

@@ -8,6 +8,8 @@ each step a request advanced in, and once more when it is aborted.
 
 from __future__ import annotations
 
+from typing import cast
+
 from transformers import PreTrainedTokenizerBase
 
 from pagedserve.engine.output_kinds import DeltaTracker
@@ -41,11 +43,13 @@ class OutputBuilder:
 
     def _beam_output(self, group: SequenceGroup) -> RequestOutput:
         outputs = []
-        if group.hypotheses is not None:
+        if group.hypotheses is not None and group.beam_search is not None:
             eos = group.beam_search.eos_token_ids
             skip = group.sampling_params.skip_special_tokens
             for index, hyp in enumerate(group.hypotheses):
-                text = (self.tokenizer.decode(hyp.output_token_ids, skip_special_tokens=skip)
+                # One sequence's ids decode to a str (transformers' type also covers batches).
+                text = (cast(str, self.tokenizer.decode(hyp.output_token_ids,
+                                                        skip_special_tokens=skip))
                         if self.tokenizer else "")
                 ended = bool(hyp.output_token_ids) and hyp.output_token_ids[-1] in eos
                 outputs.append(CompletionOutput(
@@ -82,7 +86,7 @@ def _delta_output(group: SequenceGroup, tracker: DeltaTracker) -> RequestOutput:
 def _request_output(group: SequenceGroup) -> RequestOutput:
     params = group.sampling_params
     seqs = group.seqs
-    if params.best_of > params.n:
+    if group.best_of > params.n:
         seqs = sorted(seqs, key=lambda seq: seq.cumulative_logprob, reverse=True)[:params.n]
     outputs = [
         CompletionOutput(
@@ -104,5 +108,5 @@ def _cumulative(group: SequenceGroup, seq) -> float | None:
     """A sample's cumulative log-probability where its request uses log-probabilities (as
     vLLM: None otherwise, since the sampler computes them only for such rows)."""
     params = group.sampling_params
-    return seq.cumulative_logprob if params.logprobs is not None or params.best_of > params.n \
+    return seq.cumulative_logprob if params.logprobs is not None or group.best_of > params.n \
         else None

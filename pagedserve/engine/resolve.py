@@ -53,8 +53,9 @@ def resolve(model: ModelConfig, device: torch.device,
                              f"{next(iter(embedded.MODELS))!r})")
         directory = tokenizer_dir  # the model has no files of its own here
     check_tensor_parallel(hf_config, parallel.tensor_parallel_size)
-    # A tokenizer borrowed for a preset's shape brings its own end-of-text token.
-    eos_source = tokenizer_dir if preset is not None else directory
+    # A tokenizer borrowed for a preset's shape brings its own end-of-text token (with a
+    # preset, `directory` is that tokenizer's).
+    eos_source = directory
     return ModelInfo(
         model_dir=directory,
         hf_config=hf_config,
@@ -111,6 +112,7 @@ def locate(model: ModelConfig) -> tuple[Path, Path | None, str | None]:
     if model.embedded is not None:
         gguf = embedded.fetch(model.embedded, log=logger.warning)
         return gguf_file.metadata_dir(gguf, log=logger.warning), gguf, None
+    assert model.path is not None  # ModelConfig sets exactly one source
     path = Path(model.path).expanduser()
     if path.is_dir():
         return path, None, None
@@ -139,7 +141,8 @@ def _dtype(hf_config: PretrainedConfig, requested: str, device: torch.device) ->
     saved = getattr(hf_config, "dtype", None)  # transformers 5 reads torch_dtype into it
     if isinstance(saved, str):
         saved = _DTYPES.get(saved)
-    dtype = saved if saved in _DTYPES.values() else torch.float32
+    dtype = (saved if isinstance(saved, torch.dtype) and saved in _DTYPES.values()
+             else torch.float32)
     if dtype == torch.float16 and device.type == "cpu":
         return torch.bfloat16  # CPUs have no fast float16 matmul; bfloat16 keeps the range
     return dtype

@@ -32,7 +32,9 @@ class EngineStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     prefix_cache_hit_rate: float
-    # The queues.
+    # The queues. `num_waiting` is the scheduler's waiting queue (new requests and
+    # ones preempted to recompute), vLLM's num_requests_waiting; the two methods
+    # below are the other "waiting" counts a replica needs.
     num_running: int
     num_waiting: int
     num_swapped: int
@@ -45,3 +47,17 @@ class EngineStats:
     lora_waiting: dict[str, int] = field(default_factory=dict)
     lora_loads: int = 0
     lora_evictions: int = 0
+
+    # The engine holds requests sent but not yet in the scheduler, which this snapshot,
+    # taken at the last step, cannot see: `num_pending` (AsyncLLMEngine.num_pending).
+    def num_not_running(self, num_pending: int) -> int:
+        """Requests not running: waiting, swapped out, or not yet in the scheduler.
+        What the autoscaler reads as waiting (cluster/autoscaling.py's NUM_WAITING)."""
+        return self.num_waiting + self.num_swapped + num_pending
+
+    def num_waiting_for_a_slot(self, num_pending: int, max_num_seqs: int) -> int:
+        """Requests not yet admitted (waiting or not yet in the scheduler; swapped ones
+        are not counted) less the free running slots they will take: what the
+        replica's bound on waiting requests limits."""
+        free_slots = max(0, max_num_seqs - self.num_running)
+        return max(0, self.num_waiting + num_pending - free_slots)

@@ -4,7 +4,7 @@ residual add.
 
 Attention: the torch path (reference.py) copies each sequence's K/V out of the pool
 (`index_select`) in every layer, which is most of a decode token's attention
-time. csrc/cpu_kernels.cpp walks the block table instead: per
+time. csrc/cpu_attention.cpp walks the block table instead: per
 (sequence, KV head, tile of query rows) it reads each K and V row once, for
 all the query heads that share it, with float32 scores and accumulation.
 
@@ -12,13 +12,17 @@ all the query heads that share it, with float32 scores and accumulation.
 slower than a vectorized maximum such as `amax`. `rotary_` rotates q and k
 where the QKV projection wrote them, with no temporaries. `rms_norm` adds a
 sublayer's output into the residual stream and normalizes the sum in one
-pass, where torch takes five ops and as many temporaries.
+pass, where torch takes five ops and as many temporaries. These three are in
+csrc/cpu_ops.cpp; csrc/cpu_bindings.cpp registers all four as one module.
 
 The extension is compiled once per machine, with the machine's own vector
 instructions (`-march=native`), by `torch.utils.cpp_extension` into torch's
 extension cache (`$TORCH_EXTENSIONS_DIR`, else ~/.cache/torch_extensions),
-which rebuilds it when the source, the flags or torch change and locks the
-build so that processes starting together build it once.
+which rebuilds it when the flags or torch change and locks the build so that
+processes starting together build it once. The cache keeps one build per
+extension name, so the name carries a hash of the sources' paths and contents:
+an edited source, or another copy of pagedserve on the machine, gets a build
+of its own instead of replacing (or loading) one built from other sources.
 `python -m pagedserve.kernels.cpu_kernels` builds it; `make install` runs
 that.
 """
@@ -26,13 +30,16 @@ that.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import shutil
 from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = [_CSRC / "cpu_attention.cpp", _CSRC / "cpu_ops.cpp", _CSRC / "cpu_bindings.cpp"]
+_HEADERS = [_CSRC / "cpu_kernels.h"]
 # -fopenmp: at::parallel_for is inlined, and runs on torch's OpenMP threads only when built so.
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
 
@@ -52,13 +59,23 @@ def extension():
     from torch.utils import cpp_extension
 
     try:
-        return cpp_extension.load(name="pagedserve_cpu_kernels", sources=[str(_SOURCE)],
+        return cpp_extension.load(name=_build_name(), sources=[str(path) for path in _SOURCES],
                                   extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
                                   verbose=False)
     except (RuntimeError, OSError, ImportError) as error:
+        names = ", ".join(path.name for path in _SOURCES)
         raise CPUKernelsUnavailable(
-            f"building the CPU kernels ({_SOURCE.name}) failed: {error}; set "
+            f"building the CPU kernels ({names}) failed: {error}; set "
             "attention_backend='torch' to run without them") from error
+
+
+def _build_name() -> str:
+    """The extension's name in torch's cache: one build per set of sources (see above)."""
+    digest = hashlib.sha256()
+    for path in _SOURCES + _HEADERS:
+        digest.update(str(path.resolve()).encode())
+        digest.update(path.read_bytes())
+    return f"pagedserve_cpu_kernels_{digest.hexdigest()[:16]}"
 
 
 @functools.cache

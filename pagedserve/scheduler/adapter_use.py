@@ -41,6 +41,7 @@ class AdapterUse:
         """Give a group about to run its adapter's slot; False while every slot is busy."""
         if group.lora is None or group.lora_slot is not None:
             return True
+        assert self.slots is not None  # add() refuses a LoRA request without slots
         slot = self.slots.acquire(group.lora_id)
         if slot is None:
             return False
@@ -51,6 +52,7 @@ class AdapterUse:
     def release(self, group: SequenceGroup) -> None:
         """The group stops running (preempted, or done)."""
         if group.lora_slot is not None:
+            assert self.slots is not None  # a slot was held, so there are slots
             self.slots.release(group.lora_id)
             group.lora_slot = None
 

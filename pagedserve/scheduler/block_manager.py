@@ -169,12 +169,7 @@ class BlockManager:
         grow = max(0, cdiv(self.num_slots(seq_id) + num_new_tokens, self.block_size) - len(table))
         return grow + int(self.needs_copy_on_write(seq_id, num_new_tokens))
 
-    # -- question / action pairs ---------------------------------------------
-    def can_allocate(self, num_tokens: int, num_seqs: int = 1) -> bool:
-        """Could `num_seqs` new sequences get slots for `num_tokens` each, above the watermark?"""
-        needed = num_seqs * cdiv(num_tokens, self.block_size)
-        return len(self._free) - needed >= self.watermark_blocks
-
+    # -- actions (the queries above say how many free blocks each takes) -----
     def allocate(self, seq_id: int, num_tokens: int, token_ids: Sequence[int] | None = None,
                  computed: Sequence[int] = (), extra_key: str | None = None) -> list[int]:
         """A table for a new sequence: the `computed` blocks, then fresh ones up to `num_tokens`.
@@ -186,12 +181,12 @@ class BlockManager:
             raise KeyError(f"sequence {seq_id} already has a block table")
         if len(computed) * self.block_size > num_tokens:
             raise ValueError(f"{len(computed)} computed blocks exceed num_tokens={num_tokens}")
-        self._check_still_cached(computed, token_ids, extra_key)
+        computed_keys = self._check_still_cached(computed, token_ids, extra_key)
         self._check_free(seq_id, self.blocks_to_allocate(num_tokens, computed))
         for block_id in computed:
             self._hold(block_id)
         self._tables[seq_id] = list(computed)
-        self._seq_keys[seq_id] = [self._keys[block_id] for block_id in computed]
+        self._seq_keys[seq_id] = computed_keys
         self._extra_keys[seq_id] = extra_key
         filled = len(computed) * self.block_size
         self._num_slots[seq_id] = filled
@@ -200,9 +195,6 @@ class BlockManager:
             self.prefix_hit_tokens += filled
         self.append_slots(seq_id, num_tokens - filled, token_ids)
         return self._tables[seq_id]
-
-    def can_append_slots(self, seq_id: int, num_new_tokens: int) -> bool:
-        return self.blocks_to_append(seq_id, num_new_tokens) <= len(self._free)
 
     def append_slots(self, seq_id: int, num_new_tokens: int,
                      token_ids: Sequence[int] | None = None) -> list[int]:
@@ -335,8 +327,10 @@ class BlockManager:
 
     # -- internals -----------------------------------------------------------
     def _check_still_cached(self, computed: Sequence[int], token_ids: Sequence[int] | None,
-                            extra_key: str | None) -> None:
-        """A `computed` list goes stale once a fresh block evicts one of its blocks."""
+                            extra_key: str | None) -> list[BlockKey]:
+        """The keys of the `computed` blocks; a `computed` list goes stale once a fresh
+        block evicts one of its blocks."""
+        keys: list[BlockKey] = []
         parent = None
         bs = self.block_size
         for index, block_id in enumerate(computed):
@@ -346,6 +340,8 @@ class BlockManager:
             if key is None or (token_ids is not None and key != parent):
                 raise ValueError(f"computed block {block_id} (logical block {index}) was evicted "
                                  "since computed_blocks: ask computed_blocks again")
+            keys.append(key)
+        return keys
 
     def _cache_full_blocks(self, seq_id: int, token_ids: Sequence[int]) -> None:
         keys = self._seq_keys[seq_id]
@@ -395,7 +391,7 @@ class BlockManager:
     def _check_free(self, seq_id: int, needed: int) -> None:
         if needed > len(self._free):
             raise RuntimeError(f"sequence {seq_id} needs {needed} blocks, {len(self._free)} are "
-                               "free (ask can_allocate / can_append_slots first)")
+                               "free (ask blocks_to_allocate / blocks_to_append first)")
 
     @staticmethod
     def _distinct(tables: dict[int, list[int]], seq_ids: Iterable[int]) -> list[int]:

@@ -19,15 +19,21 @@ def stop_reason(seq: Sequence, params: SamplingParams, config: SchedulerConfig
         return FinishReason.STOP, None
     if token in params.stop_token_ids:
         return FinishReason.STOP, token
-    if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= config.max_model_len:
+    if seq.num_output_tokens >= _max_tokens(params) or seq.num_tokens >= config.max_model_len:
         return FinishReason.LENGTH, None
     return None
 
 
 def at_limit(seq: Sequence, params: SamplingParams, max_model_len: int) -> bool:
     """With the tokens in flight, the sequence reaches max_tokens or the context."""
-    return (seq.num_output_tokens + seq.num_pending >= params.max_tokens
+    return (seq.num_output_tokens + seq.num_pending >= _max_tokens(params)
             or seq.num_tokens + seq.num_pending >= max_model_len)
+
+
+def _max_tokens(params: SamplingParams) -> int:
+    """The engine gives the scheduler a number: None (up to the context) is resolved first."""
+    assert params.max_tokens is not None
+    return params.max_tokens
 
 
 def plans_ahead(group: SequenceGroup) -> bool:
@@ -39,7 +45,7 @@ def plans_ahead(group: SequenceGroup) -> bool:
     catching up after a preemption wait for the step's outcome.
     """
     params = group.sampling_params
-    if group.beam_search is not None or params.uses_penalties or params.best_of > 1:
+    if group.beam_search is not None or params.uses_penalties or group.best_of > 1:
         return False
     return all(seq.num_computed_tokens == seq.num_tokens
                for seq in group.unfinished_seqs if seq.num_pending)

@@ -205,8 +205,8 @@ class Scheduler:
                 stop = stop_reason(target, group.sampling_params, self.config)
                 if stop is not None:
                     self.finish_seq(target, *stop)
-        for request_id, samples in beam_steps.items():
-            self._advance_beams(self._groups[request_id], samples)
+        for request_id, beam_samples in beam_steps.items():
+            self._advance_beams(self._groups[request_id], beam_samples)
         return list(touched.values())
 
     def finish_seq(self, seq: Sequence, reason: FinishReason,
@@ -292,7 +292,7 @@ class Scheduler:
                 output_index=seq.num_output_tokens + seq.num_pending,
                 prompt_token_ids=seq.prompt_token_ids if penalties else None,
                 output_token_ids=seq.output_token_ids if penalties else None,
-                num_samples=params.best_of if do_sample and group.forks_at_prompt_end else 1,
+                num_samples=group.best_of if do_sample and group.forks_at_prompt_end else 1,
                 sample_index=seq.sample_index,
                 num_candidates=beam.candidates_per_beam if do_sample and beam else None,
                 prompt_targets=targets,
@@ -334,11 +334,17 @@ class Scheduler:
     def _advance_beams(self, group: SequenceGroup, samples: dict[int, Sample]) -> None:
         """Apply one beam-search step: fork the chosen parents, drop the rest."""
         search = group.beam_search
+        assert search is not None  # update() advances only beam-search groups here
         beams = group.unfinished_seqs
         if any(seq.seq_id not in samples for seq in beams):
             return  # cannot happen: a beam group is planned whole or not at all
+        top_tokens: list[list[tuple[int, float]]] = []
+        for seq in beams:
+            candidates = samples[seq.seq_id].candidates
+            assert candidates is not None  # a beam's sample carries its candidates
+            top_tokens.append(candidates)
         choices = search.step([Beam(seq.output_token_ids, seq.cumulative_logprob) for seq in beams],
-                              [samples[seq.seq_id].candidates for seq in beams])
+                              top_tokens)
         if search.done:  # the answer is in the finished hypotheses
             group.hypotheses = search.finalize()
             for seq in beams:

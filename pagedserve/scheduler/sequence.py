@@ -145,6 +145,8 @@ class SequenceGroup:
 
     def record_prompt_logprobs(self, first_position: int, entries: list[dict[int, float]]) -> None:
         """Scores of positions first_position...; those already held (a recompute) are kept."""
+        if self.prompt_logprobs is None:
+            raise ValueError(f"request {self.request_id!r} did not ask for prompt logprobs")
         held = len(self.prompt_logprobs)
         if first_position > held:
             raise ValueError(f"prompt logprobs from position {first_position} leave a gap after "
@@ -162,10 +164,16 @@ class SequenceGroup:
         return self.lora.name if self.lora is not None else None
 
     @property
+    def best_of(self) -> int:
+        """The request's number of candidate sequences (samples or beams)."""
+        best_of = self.sampling_params.best_of
+        assert best_of is not None  # SamplingParams.__post_init__ defaults it to n
+        return best_of
+
+    @property
     def forks_at_prompt_end(self) -> bool:
         """Parallel sampling that has not yet forked its samples off the prompt."""
-        params = self.sampling_params
-        return self.beam_search is None and params.best_of > len(self.seqs)
+        return self.beam_search is None and self.best_of > len(self.seqs)
 
     @property
     def prompt_token_ids(self) -> list[int]:

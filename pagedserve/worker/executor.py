@@ -26,8 +26,10 @@ class PendingStep(Protocol):
 
 
 class Executor(Protocol):
-    block_bytes: int
     worker_pids: list[int]  # the processes holding the model, rank 0 first
+
+    @property
+    def block_bytes(self) -> int: ...  # read-only: an attribute or a property satisfies it
 
     def num_available_blocks(self, max_num_batched_tokens: int) -> int: ...
 

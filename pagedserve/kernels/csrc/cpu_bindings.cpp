@@ -1,0 +1,17 @@
+// The Python module of the CPU kernels: every entry point of cpu_kernels.h, registered
+// in this one place.
+#include <torch/extension.h>
+
+#include "cpu_kernels.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_attention", &pagedserve::paged_attention,
+        "Paged attention over K/V read in place (CPU)");
+  m.def("argmax_rows", &pagedserve::argmax_rows,
+        "The first index of each row's maximum (float32)");
+  m.def("rotary_", &pagedserve::rotary_,
+        "Rotate-half rotary embedding of q and k in place (float32)");
+  m.def("rms_norm", &pagedserve::rms_norm,
+        "RMSNorm of float32 rows, after adding them into a residual",
+        py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("residual") = py::none());
+}

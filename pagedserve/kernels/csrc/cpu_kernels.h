@@ -1,0 +1,27 @@
+// The CPU kernels' entry points: paged attention (cpu_attention.cpp) and the small
+// ops (cpu_ops.cpp), registered as one Python module in cpu_bindings.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace pagedserve {
+
+// Attention of query [T, H, D] over the K/V blocks each sequence's table names;
+// writes `out` [T, H, D] (the rows of the listed `sequences`, all when empty).
+at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
+                           const at::Tensor& value_cache, const at::Tensor& block_tables,
+                           const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+                           const at::Tensor& sequences, double scale, at::Tensor out);
+
+// torch.argmax(logits, dim=-1) of contiguous float32 rows [S, V]: [S] int64.
+at::Tensor argmax_rows(const at::Tensor& logits);
+
+// Rotate-half rotary embedding of q [T, H, D] and k [T, H_kv, D] in place.
+void rotary_(at::Tensor q, at::Tensor k, const at::Tensor& cos, const at::Tensor& sin,
+             const at::Tensor& positions);
+
+// RMSNorm of float32 rows [T, H], after adding them into `residual` when it is given.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps,
+                    c10::optional<at::Tensor> residual);
+
+}  // namespace pagedserve

@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -23,7 +22,7 @@ from pagedserve.engine.executors import choose_device, make_executor
 from pagedserve.engine.limits import blocks_needed, context_room, max_new_tokens, swap_blocks
 from pagedserve.engine.request_outputs import OutputBuilder
 from pagedserve.engine.resolve import resolve
-from pagedserve.engine.stats import EngineStats
+from pagedserve.engine.stats import EngineStats, SlotUsage, StepStats
 from pagedserve.errors import RequestError
 from pagedserve.lora_request import LoRARequest
 from pagedserve.math_utils import cdiv
@@ -44,24 +43,6 @@ logger = logging.getLogger(__name__)
 PromptInput = str | dict[str, Any]
 
 
-@dataclass
-class StepStats:
-    """Where the engine's stepping time went (see EngineCore.get_step_stats)."""
-
-    steps: int = 0
-    device_s: float = 0.0
-    wall_s: float = 0.0
-
-
-@dataclass
-class _Usage:
-    """KV slot usage summed over steps, for the mean the benchmark reports."""
-
-    steps: int = 0
-    slot_utilization: float = 0.0
-    peak_allocated_blocks: int = 0
-
-
 class EngineCore:
     def __init__(self, info: ModelInfo, scheduler: Scheduler, executor: Executor,
                  tokenizer: PreTrainedTokenizerBase | None,
@@ -77,7 +58,7 @@ class EngineCore:
         self.async_scheduling = async_scheduling
         # Steps sent to the device, oldest first: at most two with async scheduling.
         self._in_flight: deque[tuple[StepInput, PendingStep]] = deque()
-        self._usage = _Usage()
+        self._usage = SlotUsage()
         self.outputs = OutputBuilder(tokenizer)
         self._step_stats = StepStats()
         self._busy_since: float | None = None  # start of the last step() call that left work
@@ -282,11 +263,11 @@ class EngineCore:
         for group in advanced:
             if group.finished:
                 self.outputs.forget(group.request_id)
-        self._record_usage()
+        self._usage.record(self.block_manager)
         return outputs
 
     def stats(self) -> EngineStats:
-        bm, scheduler = self.block_manager, self.scheduler
+        bm, scheduler, usage = self.block_manager, self.scheduler, self._usage
         allocated, stored = bm.num_allocated_blocks, bm.num_stored_tokens()
         # A waiting prompt takes its blocks (less any prefix-cache hits) once admitted.
         waiting_blocks = sum(cdiv(len(group.prompt_token_ids), bm.block_size)
@@ -299,9 +280,8 @@ class EngineCore:
             block_size=bm.block_size, utilization=allocated / bm.num_blocks,
             stored_tokens=stored,
             slot_utilization=stored / (allocated * bm.block_size) if allocated else 0.0,
-            mean_slot_utilization=(self._usage.slot_utilization / self._usage.steps
-                                   if self._usage.steps else 0.0),
-            peak_allocated_blocks=self._usage.peak_allocated_blocks,
+            mean_slot_utilization=usage.slot_utilization / usage.steps if usage.steps else 0.0,
+            peak_allocated_blocks=usage.peak_allocated_blocks,
             blocks_demanded=allocated + waiting_blocks + bm.num_swapped_blocks,
             prefix_cache_queries=bm.prefix_query_tokens, prefix_cache_hits=bm.prefix_hit_tokens,
             prefix_cache_hit_rate=(bm.prefix_hit_tokens / bm.prefix_query_tokens
@@ -391,11 +371,3 @@ class EngineCore:
             stop = self.detokenizer.update(seq, group.sampling_params)
             if stop is not None and not seq.finished:
                 self.scheduler.finish_seq(seq, FinishReason.STOP, stop)
-
-    def _record_usage(self) -> None:
-        allocated = self.block_manager.num_allocated_blocks
-        if allocated:
-            stored = self.block_manager.num_stored_tokens()
-            self._usage.steps += 1
-            self._usage.slot_utilization += stored / (allocated * self.block_manager.block_size)
-            self._usage.peak_allocated_blocks = max(self._usage.peak_allocated_blocks, allocated)

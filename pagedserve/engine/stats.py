@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pagedserve.scheduler.block_manager import BlockManager
+
 
 @dataclass(frozen=True)
 class EngineStats:
@@ -61,3 +63,30 @@ class EngineStats:
         replica's bound on waiting requests limits."""
         free_slots = max(0, max_num_seqs - self.num_running)
         return max(0, self.num_waiting + num_pending - free_slots)
+
+
+@dataclass
+class StepStats:
+    """Where the engine's stepping time went (see EngineCore.get_step_stats)."""
+
+    steps: int = 0
+    device_s: float = 0.0
+    wall_s: float = 0.0
+
+
+@dataclass
+class SlotUsage:
+    """KV slot usage summed over steps, for the mean the benchmark reports."""
+
+    steps: int = 0
+    slot_utilization: float = 0.0
+    peak_allocated_blocks: int = 0
+
+    def record(self, bm: BlockManager) -> None:
+        """Count one step's pool, if anything holds blocks."""
+        allocated = bm.num_allocated_blocks
+        if allocated:
+            self.steps += 1
+            self.slot_utilization += bm.num_stored_tokens() / (allocated * bm.block_size)
+            self.peak_allocated_blocks = max(self.peak_allocated_blocks, allocated)
+

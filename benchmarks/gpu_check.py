@@ -56,7 +56,11 @@ class Step:
 
 def steps(results: Path) -> list[Step]:
     python = sys.executable
-    pytest = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *KERNEL_TESTS]
+    # -rfE: each failure's test and error in the summary, which a timeout's SIGINT prints too.
+    pytest = [python, "-m", "pytest", "-q", "-rfE", "--tb=short", "-p", "no:cacheprovider",
+              *KERNEL_TESTS]
+    # On the GPU machine (pytest-xdist in its image), the kernels compile in 8 processes.
+    parallel = ["-n", "8"]
     greedy = [python, str(Path(__file__).resolve()), "--greedy"]
     e2e = [python, "benchmarks/gpu_e2e.py", "--out", str(results / "gpu_e2e.json")]
     attention = [python, "benchmarks/attention_kernels.py",
@@ -64,11 +68,13 @@ def steps(results: Path) -> list[Step]:
     lora = [python, "benchmarks/lora_kernels.py", "--out", str(results / "lora_kernels.json")]
     compiled, interpreted = {"TRITON_INTERPRET": "0"}, {"TRITON_INTERPRET": "1"}
     return [
-        Step("kernel-tests", pytest, [*pytest, "--collect-only"], 170, compiled, interpreted),
+        Step("kernel-tests", [*pytest, *parallel], [*pytest, "--collect-only"], 170,
+             compiled, interpreted),
         Step("greedy", [*greedy, "cuda"], [*greedy, "cpu"], 40, compiled, interpreted),
         # The scenarios at a tenth of their requests, fewer pair requests, shorter decode runs.
+        # HF's generate_batch is left out: the slowest peer, and static generate stands in.
         Step("gpu-e2e", [*e2e, "--requests-scale", "0.1", "--pair-requests", "16",
-                         "--decode-steps", "12"],
+                         "--decode-steps", "12", "--skip-hf-batch"],
              [*e2e, "--tiny", "--device", "cpu"], 150,
              compiled, interpreted),
         Step("attention-kernels", [*attention, "--iters", "20"], [*attention, "--smoke"], 70,
@@ -101,8 +107,13 @@ def run_step(step: Step, dry_run: bool, timeout_s: float, log: Path) -> str:
         try:
             code = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            # SIGINT first: pytest then prints the failures it has seen so far.
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
             out.write(f"\n## {step.name}: stopped at its limit of {timeout_s:.0f} s\n")
             return "timeout"
     return "passed" if code == 0 else "failed"

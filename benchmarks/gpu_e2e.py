@@ -6,7 +6,10 @@ HF's LlamaForCausalLM of the same config gets a copy of them (q/k/v and
 gate/up split back apart), so both run the same network and their greedy
 tokens can be compared request by request.
 
-Parts, all in one run by default (`--parts` picks):
+Parts, all in one run by default (`--parts` picks), decode and graphs first
+(seconds, pagedserve alone), then throughput (minutes, against HF); the report
+is rewritten after each measurement, so a run stopped at a limit keeps what it
+finished:
 
 * throughput: output tokens/s for the four scenarios of benchmarks/throughput.py
   (prompt lengths / --scale, request counts x --requests-scale) and for fixed
@@ -109,6 +112,22 @@ def random_requests(rng: random.Random, vocab: int, count: int, prompt: int, out
     return [([rng.randrange(10, vocab) for _ in range(prompt)], output) for _ in range(count)]
 
 
+def agreed_prefixes(ours, theirs, requests) -> list[int]:
+    """How many leading output tokens each request's two runs share: where greedy
+    decoding parts (in bf16 with random weights, at a near-tie of the logits)."""
+    agreed = []
+    for a, b, (_, limit) in zip(ours, theirs, requests, strict=True):
+        a, b = list(a[:limit]), list(b[:limit])
+        pairs = enumerate(zip(a, b, strict=False))  # an early EOS ends one run sooner
+        agreed.append(next((i for i, (x, y) in pairs if x != y), min(len(a), len(b))))
+    return agreed
+
+
+def median(values: list) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else float("nan")
+
+
 def compare(name, requests, llm, hf, args, max_len, rows):
     """One workload on the three systems; appends its row and prints it."""
     useful = sum(o for _, o in requests)
@@ -128,11 +147,12 @@ def compare(name, requests, llm, hf, args, max_len, rows):
         seconds, theirs = throughput.run_hf_static(hf, requests, batch_size, args.pad_id)
         row.update(static_s=seconds, static_tok_s=useful / seconds,
                    vs_static=row["paged_tok_s"] * seconds / useful,
-                   match_static=throughput.matches(ours, theirs, requests))
+                   match_static=throughput.matches(ours, theirs, requests),
+                   agreed_static=agreed_prefixes(ours, theirs, requests))
         print(f"  HF generate     {seconds:8.2f} s {useful / seconds:9.1f} tok/s  "
               f"batch {batch_size}"
-              f"  {row['vs_static']:.1f}x  greedy equal {row['match_static']}/{len(requests)}",
-              flush=True)
+              f"  {row['vs_static']:.1f}x  greedy equal {row['match_static']}/{len(requests)}"
+              f"  (leading tokens equal: median {median(row['agreed_static'])})", flush=True)
     if not args.skip_hf and not args.skip_hf_batch:
         seconds, theirs, _ = throughput.run_hf_batch(hf, requests, args.kv_tokens, args.pad_id,
                                                       max_batch_tokens=args.max_batched_tokens)
@@ -200,8 +220,8 @@ def decode_steps(llm: LLM, batch: int, context: int, steps: int, rng: random.Ran
         for request_id in ids:
             engine.abort_request(request_id)
     skip = min(2, steps - 1)  # the first steps after the prefill settle the allocator
-    median = lambda values: sorted(values[skip:])[len(values[skip:]) // 2]  # noqa: E731
-    step_s, device_s, prepare_s = median(wall), median(times["device"]), median(times["prepare"])
+    step_s, device_s, prepare_s = (median(values[skip:])
+                                   for values in (wall, times["device"], times["prepare"]))
     return dict(batch=batch, context=context, graphs=graphs and saved_graphs is not None,
                 step_ms=step_s * 1e3, device_ms=device_s * 1e3, prepare_ms=prepare_s * 1e3,
                 host_fraction=(step_s - device_s) / device_s)
@@ -290,18 +310,14 @@ def main() -> None:
         if not args.skip_hf_batch:
             throughput.run_hf_batch(hf, warm, 1024, args.pad_id)
 
-    vocab = llm.engine.info.vocab_size
-    if "throughput" in args.parts:
-        rows = report["throughput"] = []
-        for name in args.scenarios:
-            requests = [([t % vocab for t in p], o) for p, o in throughput.workload(name, args)]
-            compare(name, requests, llm, hf, args, max_len, rows)
-        for prompt, output in args.pairs:
-            requests = random_requests(rng, vocab, args.pair_requests, prompt, output)
-            compare(f"{prompt}/{output}", requests, llm, hf, args, max_len, rows)
-        del hf
-        torch.cuda.empty_cache() if device.type == "cuda" else None
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
 
+    def save() -> None:
+        """The report so far: a run stopped at a time limit keeps the parts it finished."""
+        out.write_text(json.dumps(report, indent=2, default=str))
+
+    # The step timings first (pagedserve alone, seconds), then the comparison (minutes).
     if "decode" in args.parts:
         bandwidth = copy_bandwidth(device)
         weights = weight_bytes(llm)
@@ -320,6 +336,7 @@ def main() -> None:
             print(f"  batch {batch:3d}: step {row['step_ms']:.2f} ms (device {row['device_ms']:.2f}"
                   f" ms, floor {row['floor_ms']:.2f} ms = {row['vs_floor']:.2f}x; host "
                   f"{row['host_fraction']:.0%} of device time)", flush=True)
+            save()
 
     if "graphs" in args.parts:
         rows = report["graphs"] = []
@@ -337,12 +354,25 @@ def main() -> None:
             print(f"  batch {batch:3d}: graphs {on['step_ms']:.2f} ms, "
                   f"eager {off['step_ms']:.2f} ms"
                   f" = {off['step_ms'] / on['step_ms']:.2f}x", flush=True)
+        save()
+
+    vocab = llm.engine.info.vocab_size
+    if "throughput" in args.parts:
+        rows = report["throughput"] = []
+        for name in args.scenarios:
+            requests = [([t % vocab for t in p], o) for p, o in throughput.workload(name, args)]
+            compare(name, requests, llm, hf, args, max_len, rows)
+            save()
+        for prompt, output in args.pairs:
+            requests = random_requests(rng, vocab, args.pair_requests, prompt, output)
+            compare(f"{prompt}/{output}", requests, llm, hf, args, max_len, rows)
+            save()
+        del hf
+        torch.cuda.empty_cache() if device.type == "cuda" else None
 
     stats = llm.get_memory_stats()
     report["blocks_in_use_at_end"] = stats["total_blocks"] - stats["free_blocks"]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str))
+    save()
     print(f"\nblocks in use at the end: {report['blocks_in_use_at_end']}\nwrote {out}")
 
 

@@ -18,6 +18,8 @@ from pagedserve.kernels.checks import interpreting
 from pagedserve.worker.cuda_graph import DecodeGraphs, capture_sizes
 from pagedserve.worker.layers.attention import CPUAttentionBackend, TorchAttentionBackend
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and not interpreting() else "cpu")
+
 
 @pytest.mark.parametrize("max_num_seqs,expected", [
     (1, [1]),
@@ -64,14 +66,16 @@ def _generate(llm):
 
 
 def test_padded_static_decode_equals_eager(model_dirs):
-    llm = LLM(str(model_dirs("llama-gqa")), attention_backend="triton", device="cpu",
+    # Eager first (no captured graphs on a GPU either), then the same steps padded.
+    llm = LLM(str(model_dirs("llama-gqa")), attention_backend="triton", device=DEVICE.type,
               dtype="float32", block_size=8, max_model_len=64, num_gpu_blocks=48, max_num_seqs=6,
-              enable_prefix_caching=False)  # both runs take the same blocks, block 0 first
+              enable_prefix_caching=False,  # both runs take the same blocks, block 0 first
+              enforce_eager=True)
     worker = llm.engine.executor.worker
     eager = _generate(llm)
 
     graphs = DecodeGraphs(worker.model, worker.attention, worker.kv_caches, block_size=8,
-                          max_model_len=64, max_num_seqs=6, device=torch.device("cpu"),
+                          max_model_len=64, max_num_seqs=6, device=DEVICE,
                           replay=False)
     assert graphs.sizes == [1, 2, 4, 6]
     loaded = []  # (decode sequences, padded size) of each step run through the graphs

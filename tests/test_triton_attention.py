@@ -82,8 +82,8 @@ def test_decode(block_size, head_dim, num_heads, num_kv_heads, num_splits, dtype
 
 def test_decode_splits_longer_than_some_contexts():
     """With many splits, short sequences leave whole splits empty; they must weigh nothing."""
-    batch = make_paged_batch([(3, 1), (250, 1)], block_size=16, num_heads=8, num_kv_heads=2,
-                             head_dim=64, poison_unused=True)
+    batch = to_device(make_paged_batch([(3, 1), (250, 1)], block_size=16, num_heads=8,
+                                       num_kv_heads=2, head_dim=64, poison_unused=True))
     out = paged_decode_attention(batch.query, batch.key_cache, batch.value_cache,
                                  batch.block_tables, batch.seq_lens, batch.scale,
                                  max_seq_len=250, num_splits=8, block_n=16)
@@ -110,8 +110,8 @@ def test_prefill(block_size, head_dim, num_heads, num_kv_heads, dtype):
 
 @pytest.mark.parametrize("block_q,block_n", [(16, 16), (32, 64)])
 def test_prefill_tiles_smaller_and_larger_than_blocks(block_q, block_n):
-    batch = make_paged_batch(PREFILL_SEQS, block_size=32, num_heads=4, num_kv_heads=4,
-                             head_dim=64, poison_unused=True, seed=block_q)
+    batch = to_device(make_paged_batch(PREFILL_SEQS, block_size=32, num_heads=4, num_kv_heads=4,
+                                       head_dim=64, poison_unused=True, seed=block_q))
     out = paged_prefill_attention(batch.query, batch.key_cache, batch.value_cache,
                                   batch.block_tables, batch.seq_lens, batch.query_start_loc,
                                   batch.scale, max_query_len=70, block_q=block_q, block_n=block_n)
@@ -153,9 +153,10 @@ def test_backends_agree_on_engine_metadata():
     seqs = [(n, 1) for n in DECODE_LENS] + PREFILL_SEQS
     outs, caches = [], []
     for backend in (TorchAttentionBackend(2), TritonAttentionBackend(2)):
-        batch = make_paged_batch(seqs, block_size=8, num_heads=8, num_kv_heads=2, head_dim=64)
+        batch = to_device(make_paged_batch(seqs, block_size=8, num_heads=8, num_kv_heads=2,
+                                           head_dim=64))
         gen = torch.Generator().manual_seed(1)
-        k_new, v_new = torch.randn(2, batch.query.shape[0], 2, 64, generator=gen)
+        k_new, v_new = torch.randn(2, batch.query.shape[0], 2, 64, generator=gen).to(DEVICE)
         seq_lens, query_lens = [s for s, _ in seqs], [q for _, q in seqs]
         metadata = AttentionMetadata(
             slot_mapping=batch.slot_mapping, query_start_loc=batch.query_start_loc,
@@ -194,6 +195,7 @@ def test_llama3_8b_shapes_bf16(num_splits):
     (1, 8, 2048, 132, 8),      # capped at 256 tokens per split
     (16, 8, 512, 132, 2),      # 128 programs: two splits make two waves
     (1, 8, 100, 132, 1),       # too short to be worth splitting
+    (0, 8, 1, 132, 1),         # a step with no decodes
     (4, 2, 4096, 108, 16),     # A100-sized: ceil(216 / 8) = 27, 16 splits of 256
 ])
 def test_choose_num_splits(num_seqs, num_kv_heads, max_seq_len, num_sms, expected):
@@ -205,14 +207,18 @@ def test_no_split_off_cuda():
     assert default_num_splits(torch.device("cpu"), 1, 1, 100_000) == 1
 
 
+@pytest.mark.skipif(DEVICE.type == "cuda",
+                    reason="on a GPU, benchmarks/gpu_check.py runs the sweep itself "
+                           "(attention-kernels)")
 def test_kernel_benchmark_smoke(tmp_path):
     """benchmarks/attention_kernels.py runs end to end (tiny shapes, interpreted) and checks
     its kernels."""
     out = tmp_path / "attention_kernels.json"
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "attention_kernels.py"
     env = dict(os.environ, TRITON_INTERPRET="1")
-    subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], check=True,
-                   env=env, capture_output=True, timeout=300)
+    run = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
     result = json.loads(out.read_text())
     assert len(result["decode"]) == 4 and result["smoke"]
     assert all(row["bytes"] > 0 and row["paged_ms"] > 0 for row in result["decode"])

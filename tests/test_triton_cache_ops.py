@@ -46,9 +46,9 @@ def test_write_kv_cache(block_size, num_kv_heads, head_dim, dtype):
 
 def test_write_kv_cache_matches_reference():
     gen = torch.Generator().manual_seed(0)
-    key, value = torch.randn(2, 9, 2, 64, generator=gen)
-    slots = torch.tensor([5, 0, 17, 63, 8, 9, 40, 33, 2])
-    caches = [torch.zeros(2, 4, 16, 2, 64) for _ in range(2)]
+    key, value = torch.randn(2, 9, 2, 64, generator=gen).to(DEVICE)
+    slots = torch.tensor([5, 0, 17, 63, 8, 9, 40, 33, 2], device=DEVICE)
+    caches = [torch.zeros(2, 4, 16, 2, 64, device=DEVICE) for _ in range(2)]
     reference.write_kv_cache(key, value, *caches[0], slots)
     cache_ops.write_kv_cache(key, value, *caches[1], slots)
     assert torch.equal(caches[0], caches[1])
@@ -122,9 +122,11 @@ def test_empty_calls_are_no_ops():
 
 # -- launcher checks: a wrong argument is named, not silently misread --------------------
 
-def _decode_args(**changes):
+def _decode_args(device=DEVICE, **changes):
     batch = make_paged_batch([(9, 1), (20, 1)], block_size=8, num_heads=4, num_kv_heads=2,
                              head_dim=64)
+    for name in ("query", "key_cache", "value_cache", "block_tables", "seq_lens"):
+        setattr(batch, name, getattr(batch, name).to(device))
     args = dict(query=batch.query, key_cache=batch.key_cache, value_cache=batch.value_cache,
                 block_tables=batch.block_tables, seq_lens=batch.seq_lens, scale=batch.scale,
                 max_seq_len=20)
@@ -146,7 +148,7 @@ def _decode_args(**changes):
      "key_cache (10, 6, 2, 64) and value_cache (10, 8, 2, 64) differ in shape"),
     (dict(max_seq_len=100), "fewer than max_seq_len=100"),
     (dict(num_splits=0), "num_splits=0 must be between 1 and 32"),
-    (dict(out=torch.empty(2, 4, 32)), "out has shape (2, 4, 32)"),
+    (dict(out=torch.empty(2, 4, 32, device=DEVICE)), "out has shape (2, 4, 32)"),
 ])
 def test_decode_launcher_rejects(changes, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -156,6 +158,9 @@ def test_decode_launcher_rejects(changes, message):
 def test_prefill_launcher_rejects_mismatched_cu_seqlens():
     batch = make_paged_batch([(9, 4), (20, 5)], block_size=8, num_heads=4, num_kv_heads=2,
                              head_dim=64)
+    for name in ("query", "key_cache", "value_cache", "block_tables", "seq_lens",
+                 "query_start_loc"):
+        setattr(batch, name, getattr(batch, name).to(DEVICE))
     with pytest.raises(ValueError, match="cu_seqlens_q has 2 entries"):
         paged_prefill_attention(batch.query, batch.key_cache, batch.value_cache,
                                 batch.block_tables, batch.seq_lens, batch.query_start_loc[:2],
@@ -187,4 +192,4 @@ def test_cache_op_launchers_reject():
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="Triton kernels need a CUDA device.*TRITON_INTERPRET=1"):
-        paged_decode_attention(**_decode_args())
+        paged_decode_attention(**_decode_args(device=torch.device("cpu")))

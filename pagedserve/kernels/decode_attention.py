@@ -131,7 +131,7 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
     the reduce stays cheap next to the reading.
     """
     programs = num_seqs * num_kv_heads
-    if programs >= num_sms:
+    if programs == 0 or programs >= num_sms:  # no decodes in the step, or enough programs
         return 1
     wanted = math.ceil(2 * num_sms / programs)
     worthwhile = math.ceil(max_seq_len / MIN_TOKENS_PER_SPLIT)

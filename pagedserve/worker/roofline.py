@@ -4,7 +4,7 @@ A step reads every weight of its rank once and the KV of every scheduled
 context, and does 2 FLOPs per weight per token plus attention. It takes
 whichever is longer:
 
-    memory  = (weights + KV read + KV written) / copy bandwidth
+    memory  = (weights + KV read + KV written) / (copy bandwidth x memory efficiency)
     compute = FLOPs / (dense bf16 peak x tensor efficiency)
     step    = max(memory, compute) + all-reduces (tensor parallel only)
 
@@ -14,7 +14,9 @@ its attention and MLP outputs over the link: a ring moves 2 (tp - 1) / tp of
 the bytes, plus a fixed latency per all-reduce.
 
 Llama-3-8B in bf16 at batch 256, 1,024-token contexts, on an H200:
-16.06 GB of weights + 256 x 1,024 x 128 KiB of KV = 50.4 GB, / 4.3 TB/s = 11.7 ms.
+16.06 GB of weights + 256 x 1,024 x 128 KiB of KV = 50.4 GB, / 4.18 TB/s = 12.1 ms
+at the copy's rate; pagedserve's decode steps sustained 0.57 of that rate on an
+H200 (BENCHMARKS.md, "GPU check"), so 21 ms.
 
 Pure arithmetic, no torch: the planner and the simulated accelerator
 (simulated.py) both use it.
@@ -37,6 +39,7 @@ class GPU:
     copy_bandwidth: float  # bytes/s, a measured device-to-device copy, read + write
     dense_bf16_flops: float  # data-sheet peak, dense (no sparsity)
     tensor_efficiency: float  # the share of that peak large GEMMs sustain
+    memory_efficiency: float  # the share of copy_bandwidth a memory-bound decode step sustains
     link_bandwidth: float  # bytes/s of all-reduce bus bandwidth per GPU (NVLink, NCCL)
     allreduce_latency_s: float  # per all-reduce, however small
     sources: str
@@ -45,26 +48,35 @@ class GPU:
     def sustained_flops(self) -> float:
         return self.dense_bf16_flops * self.tensor_efficiency
 
+    @property
+    def sustained_bandwidth(self) -> float:
+        return self.copy_bandwidth * self.memory_efficiency
+
 
 GPUS = {gpu.name: gpu for gpu in (
     GPU("h100-sxm", memory_bytes=81559 * MIB, copy_bandwidth=3.0e12, dense_bf16_flops=989e12,
-        tensor_efficiency=0.75, link_bandwidth=360e9, allreduce_latency_s=10e-6,
+        tensor_efficiency=0.75, memory_efficiency=0.57, link_bandwidth=360e9,
+        allreduce_latency_s=10e-6,
         sources="NVIDIA H100 data sheet (80 GB HBM3, 3.35 TB/s, 989 TFLOPS dense bf16, "
                 "NVLink 900 GB/s); copy bandwidth about 3.0 TB/s measured; NCCL all-reduce "
                 "bus bandwidth about 360 GB/s on 4-8 GPUs (nccl-tests); 81559 MiB as "
-                "nvidia-smi reports; efficiency and latency assumed"),
-    GPU("h200", memory_bytes=143771 * MIB, copy_bandwidth=4.3e12, dense_bf16_flops=989e12,
-        tensor_efficiency=0.78, link_bandwidth=360e9, allreduce_latency_s=10e-6,
+                "nvidia-smi reports; efficiencies as the H200's, latency assumed"),
+    GPU("h200", memory_bytes=143771 * MIB, copy_bandwidth=4.18e12, dense_bf16_flops=989e12,
+        tensor_efficiency=0.78, memory_efficiency=0.57, link_bandwidth=360e9,
+        allreduce_latency_s=10e-6,
         sources="NVIDIA H200 data sheet (141 GB HBM3e, 4.8 TB/s, 989 TFLOPS dense bf16, "
-                "NVLink 900 GB/s); measured on an H200 here: copy 4.3 TB/s, 8192^3 bf16 "
-                "matmul 769-798 TFLOP/s (0.78 of peak), 143771 MiB in nvidia-smi; link as "
-                "the H100's; latency assumed"),
+                "NVLink 900 GB/s); measured on an H200 here: copy 4.13-4.23 TB/s (median "
+                "4.18 of five runs, 2026-12-04), 8192^3 bf16 matmul 769-798 TFLOP/s (0.78 of "
+                "peak), 143771 MiB in nvidia-smi; Llama-3-8B bf16 decode steps took 1.67-1.93x "
+                "(median 1.77x) the copy-rate floor at batch 1, 64 and 256 (gpu_e2e.py), so "
+                "0.57 of it; link as the H100's; latency assumed"),
     GPU("a100-80gb", memory_bytes=81920 * MIB, copy_bandwidth=1.7e12, dense_bf16_flops=312e12,
-        tensor_efficiency=0.75, link_bandwidth=230e9, allreduce_latency_s=12e-6,
+        tensor_efficiency=0.75, memory_efficiency=0.57, link_bandwidth=230e9,
+        allreduce_latency_s=12e-6,
         sources="NVIDIA A100 data sheet (80 GB HBM2e, 2.04 TB/s, 312 TFLOPS dense bf16, "
                 "NVLink 600 GB/s); copy bandwidth about 1.7 TB/s measured (about 85% of "
-                "peak, as on Hopper); NCCL bus bandwidth about 230 GB/s; efficiency and "
-                "latency assumed"),
+                "peak, as on Hopper); NCCL bus bandwidth about 230 GB/s; memory "
+                "efficiency as the H200's; tensor efficiency and latency assumed"),
 )}
 
 
@@ -103,7 +115,7 @@ class Roofline:
         sampled = sum(seq.samples for seq in seqs)
         kv_read = sum(seq.context_len for seq in seqs) * self.kv_bytes_per_token
         kv_written = tokens * self.kv_bytes_per_token
-        memory = (self.weight_bytes + kv_read + kv_written) / self.gpu.copy_bandwidth
+        memory = (self.weight_bytes + kv_read + kv_written) / self.gpu.sustained_bandwidth
         # Each new token attends to the context before it: q x (c - q) + q (q + 1) / 2 pairs.
         pairs = sum(seq.num_tokens * (seq.context_len - seq.num_tokens)
                     + seq.num_tokens * (seq.num_tokens + 1) // 2 for seq in seqs)

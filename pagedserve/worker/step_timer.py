@@ -25,22 +25,30 @@ class StepTimer:
         self._prepare: list[float] = []
         self._t0 = 0.0
         self._e0 = None
+        self._prepared: float | None = None  # the open step's host time before its launch
 
     def start(self) -> None:
         self._t0 = time.perf_counter()
+        self._prepared, self._e0 = None, None
 
     def launch(self) -> None:
-        self._prepare.append(time.perf_counter() - self._t0)
+        self._prepared = time.perf_counter() - self._t0
         if self.cuda:
             self._e0 = torch.cuda.Event(enable_timing=True)
             self._e0.record()
 
     def stop(self) -> None:
+        """Close the step. A step this timer did not see launched (one already in flight
+        when the timer was attached, under async scheduling) is left out."""
+        if self._prepared is None:
+            return
         self._host.append(time.perf_counter() - self._t0)
+        self._prepare.append(self._prepared)
         if self.cuda:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
             self._events.append((self._e0, end))
+        self._prepared = None
 
     def summary(self) -> dict[str, list[float]]:
         """Seconds per step: `prepare` (host, before the first launch), `runner` (the

@@ -1,7 +1,7 @@
 """The GPU check: what a short loan of a CUDA GPU is spent on, most valuable first.
 
 1. kernel-tests: the compiled Triton kernels, CUDA graphs and LoRA kernels against
-   their references (`TRITON_INTERPRET=0 pytest tests/test_triton_*.py ...`);
+   their references (`TRITON_INTERPRET=0 pytest tests/kernels/test_triton_*.py ...`);
 2. greedy: the offline LLM on the GPU (compiled kernels, CUDA graphs, on-GPU
    sampling) gives HF transformers' greedy tokens on a tiny random-weight model;
 3. gpu-e2e: the end-to-end figures (benchmarks/gpu_e2e.py, shortened);
@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNEL_TESTS = ["tests/test_triton_attention.py", "tests/test_triton_cache_ops.py",
-                "tests/test_cuda_graph.py", "tests/test_triton_lora.py"]
+KERNEL_TESTS = ["tests/kernels/test_triton_attention.py", "tests/kernels/test_triton_cache_ops.py",
+                "tests/worker/test_cuda_graph.py", "tests/kernels/test_triton_lora.py"]
 # The greedy check's prompts (lengths) and its tokens per prompt.
 GREEDY_PROMPT_LENS = [1, 5, 17, 33, 64]
 GREEDY_MAX_TOKENS = 16

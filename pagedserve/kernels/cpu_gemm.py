@@ -11,7 +11,7 @@ The ops are private to torch (`torch.ops.mkldnn._reorder_linear_weight`,
 linears, and its float16 check `_is_mkldnn_fp16_supported`). This module is
 their only user, so a torch upgrade that renames or removes them breaks one
 place: `available()` turns False, the layers keep `F.linear`, and
-tests/test_cpu_gemm.py fails loudly.
+tests/kernels/test_cpu_gemm.py fails loudly.
 """
 
 from __future__ import annotations

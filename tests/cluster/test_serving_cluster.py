@@ -1,0 +1,117 @@
+"""Serving beyond one plain replica: the waiting-queue bound (503 + Retry-After) and a
+tensor-parallel replica gang-placed with its workers through Serve's placement group.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+from support import REPO
+
+from pagedserve import LLM, SamplingParams
+from pagedserve.config import load, parse
+
+CONFIGS = REPO / "configs"
+
+
+def _app(serve_instance, name: str, config_file: str, **sections):
+    from ray import serve
+
+    from pagedserve.cluster.app import build
+
+    data = load(CONFIGS / config_file).model_dump()
+    for section, values in sections.items():
+        data[section].update(values)
+    config = parse(data)
+    serve.run(build(config), name=name, route_prefix=f"/{name}")
+    return f"http://127.0.0.1:{serve_instance.http}/{name}", config
+
+
+def test_full_waiting_queue_answers_503_with_retry_after(serve_instance):
+    from ray import serve
+
+    # One running sequence and one waiting request at most.
+    url, _ = _app(serve_instance, "limits", "tiny-cpu.yaml",
+                  engine={"max_num_seqs": 1}, serving={"max_waiting_requests": 1},
+                  parallel={"worker_cpus": 0.25})
+    body = {"model": "tiny-llama", "prompt": "Hello", "max_tokens": 1500, "ignore_eos": True,
+            "stream": True}
+    release = threading.Event()
+
+    def hold() -> None:
+        """Stream until released (the waiting one streams only once the first is gone)."""
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: ") and release.wait(timeout=120):
+                    return
+
+    holders = [threading.Thread(target=hold, daemon=True) for _ in range(2)]
+    try:
+        for thread in holders:
+            thread.start()
+        for _ in range(1200):  # until one runs and one waits
+            stats = httpx.get(f"{url}/stats").json()
+            if stats["num_running"] == 1 and stats["num_waiting"] == 1:
+                break
+            time.sleep(0.05)
+        assert stats["num_running"] == 1 and stats["num_waiting"] == 1, stats
+        refused = httpx.post(f"{url}/v1/completions", json={**body, "stream": False}, timeout=60)
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["retry-after"] == "1"
+        assert "1 requests are waiting (limit 1)" in refused.json()["error"]["message"]
+    finally:
+        release.set()
+        for thread in holders:
+            thread.join(timeout=60)
+    # Both held requests were aborted when their clients left: nothing is held.
+    for _ in range(200):
+        stats = httpx.get(f"{url}/stats").json()
+        if stats["num_running"] == stats["num_waiting"] == 0:
+            break
+        time.sleep(0.05)
+    assert stats["free_blocks"] == stats["total_blocks"], stats
+    serve.delete("limits")
+
+
+def test_tensor_parallel_replica_is_gang_placed_and_matches_tp1(serve_instance):
+    from ray import serve
+    from ray.util import placement_group_table
+
+    url, config = _app(serve_instance, "tp2", "tiny-cpu-tp2.yaml",
+                       parallel={"worker_cpus": 0.25})
+    try:
+        prompt = "The quick brown fox"
+        result = httpx.post(f"{url}/v1/completions", timeout=120, json={
+            "model": "tiny-llama", "prompt": prompt, "max_tokens": 10, "temperature": 0}).json()
+        # The replica's own placement group: its bundle, then one per rank.
+        groups = [g for g in placement_group_table().values()
+                  if g["state"] == "CREATED" and len(g["bundles"]) == 3]
+        assert any(g["bundles"][1] == g["bundles"][2] == {"CPU": 0.25} for g in groups), groups
+    finally:
+        serve.delete("tp2")
+    offline = LLM(config=load(CONFIGS / "tiny-cpu.yaml"))
+    expected = offline.generate(prompt, SamplingParams(temperature=0, max_tokens=10),
+                                use_tqdm=False)[0].outputs[0].text
+    assert result["choices"][0]["text"] == expected
+
+
+
+def test_served_model_runs_in_worker_actors_unless_local_is_asked_for():
+    from pagedserve.cluster.app import served, server_options
+
+    data = load(CONFIGS / "tiny-cpu.yaml").model_dump()
+    data["parallel"]["worker_cpus"] = 0.5
+    auto = served(parse(data))
+    assert auto.parallel.executor_backend == "ray"
+    options = server_options(auto)
+    assert options["placement_group_bundles"] == [{"CPU": 0.01}, {"CPU": 0.5}]
+    assert options["ray_actor_options"] == {"num_cpus": 0.01}
+
+    data["parallel"]["distributed_executor_backend"] = "local"
+    local = served(parse(data))
+    assert local.parallel.executor_backend == "local"
+    options = server_options(local)
+    assert "placement_group_bundles" not in options
+    assert options["ray_actor_options"] == {"num_cpus": 0.5}

@@ -1,0 +1,232 @@
+"""The simulated accelerator: step times against hand-computed figures, a KV pool
+sized as the planner sizes a GPU's, tokens that exercise detokenizing and stop
+strings, and step statistics that add up.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from support import REPO
+
+from pagedserve import LLM, SamplingParams
+from pagedserve.config import load
+from pagedserve.model_shape import ModelShape, load_presets
+from pagedserve.planner import plan
+from pagedserve.worker.roofline import GPUS, Roofline, StepShape
+
+CONFIGS = REPO / "configs"
+SIM_8B = CONFIGS / "llama-3-8b-h200-sim.yaml"
+SIM_70B = CONFIGS / "llama-3-70b-tp4-h100-sim.yaml"
+# Llama-3-8B in bf16 (BENCHMARKS.md, "Published figures we compare against"):
+# 8,030,261,248 parameters, 128 KiB of KV a token.
+WEIGHTS_8B = 8_030_261_248 * 2
+KV_8B = 2 * 32 * 8 * 128 * 2
+
+
+def shape(name: str) -> ModelShape:
+    return ModelShape.from_hf_config(load_presets()[name], name)
+
+
+def test_decode_step_is_weights_and_kv_over_bandwidth():
+    """256 decodes of 1,024-token contexts on an H200: 50.4 GB read at 0.57 x 4.18 TB/s,
+    the share of the copy's rate pagedserve's decode steps sustained there."""
+    roofline = Roofline(GPUS["h200"], shape("llama-3-8b"), tp=1, dtype_bytes=2)
+    assert roofline.weight_bytes == WEIGHTS_8B
+    assert roofline.kv_bytes_per_token == KV_8B == 131072
+    step = [StepShape(num_tokens=1, context_len=1024, samples=True)] * 256
+    rate = 0.57 * 4.18e12
+    by_hand = (WEIGHTS_8B + 256 * 1024 * KV_8B + 256 * KV_8B) / rate
+    assert roofline.step_time(step) == pytest.approx(by_hand, rel=1e-9)
+    assert by_hand == pytest.approx(21.17e-3, rel=1e-3)
+    # Twice the contexts: the KV term doubles, the weights stay.
+    longer = [StepShape(1, 2048, True)] * 256
+    assert roofline.step_time(longer) - roofline.step_time(step) == pytest.approx(
+        256 * 1024 * KV_8B / rate, rel=1e-9)
+
+
+def test_prefill_step_is_flops_over_sustained_throughput():
+    """One 8,192-token prompt: 2 FLOPs per weight per token plus causal attention."""
+    model = shape("llama-3-8b")
+    gpu = GPUS["h200"]
+    roofline = Roofline(gpu, model, tp=1, dtype_bytes=2)
+    tokens = 8192
+    embedding = model.vocab_size * model.hidden_size  # and as many in the LM head
+    body = WEIGHTS_8B // 2 - 2 * embedding
+    attention = 4 * 32 * 4096 * (tokens * (tokens + 1) // 2)
+    flops = 2 * body * tokens + 2 * embedding + attention
+    by_hand = flops / (989e12 * gpu.tensor_efficiency)
+    assert roofline.step_time([StepShape(tokens, tokens, True)]) == pytest.approx(by_hand,
+                                                                                  rel=1e-9)
+    assert 0.15 < by_hand < 0.2  # ~130 TFLOP at ~770 TFLOP/s
+
+
+def test_tensor_parallel_adds_two_all_reduces_per_layer():
+    model = shape("llama-3-70b")
+    gpu = GPUS["h100-sxm"]
+    tp4 = Roofline(gpu, model, tp=4, dtype_bytes=2)
+    tokens = 256
+    ring = 2 * 3 / 4 * tokens * 8192 * 2 / gpu.link_bandwidth
+    assert tp4.allreduce_time(tokens) == pytest.approx(2 * 80 * (ring + gpu.allreduce_latency_s))
+    step = [StepShape(1, 1024, True)] * tokens
+    memory = (tp4.weight_bytes + tokens * 1025 * tp4.kv_bytes_per_token) / (
+        gpu.copy_bandwidth * gpu.memory_efficiency)
+    assert tp4.step_time(step) == pytest.approx(memory + tp4.allreduce_time(tokens))
+    assert Roofline(gpu, model, tp=1, dtype_bytes=2).allreduce_time(tokens) == 0.0
+
+
+def test_every_gpu_cites_its_sources():
+    for gpu in GPUS.values():
+        assert "data sheet" in gpu.sources
+        assert gpu.copy_bandwidth < gpu.memory_bytes * 1e3  # bytes/s, not a typo of GB/s
+        assert 0 < gpu.tensor_efficiency < 1 and 0 < gpu.memory_efficiency < 1
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(embedded_gguf):
+    """The embedded model's tokenizer, standing in for Llama-3's."""
+    from pagedserve.worker.gguf_file import metadata_dir
+
+    return str(metadata_dir(embedded_gguf))
+
+
+def sim_config(path: Path, tokenizer_dir: str, **engine):
+    data = load(path).model_dump()
+    data["model"]["tokenizer"] = tokenizer_dir
+    data["engine"].update(engine)
+    from pagedserve.config import parse
+
+    return parse(data)
+
+
+@pytest.fixture(scope="module")
+def llm(tokenizer_dir):
+    llm = LLM(config=sim_config(SIM_8B, tokenizer_dir))
+    yield llm
+    llm.shutdown()
+
+
+def test_the_pool_is_sized_as_the_planner_sizes_an_h200(llm, tokenizer_dir):
+    config = sim_config(SIM_8B, tokenizer_dir)
+    planned = plan(config, gpu_memory_gb=GPUS["h200"].memory_bytes / 2**30)
+    assert llm.get_memory_stats()["total_blocks"] == planned.num_blocks
+    assert planned.num_blocks * 16 > 800_000  # tokens of KV beside 16 GB of weights
+
+
+def test_simulated_tokens_are_real_text_and_stop_strings_work(llm):
+    prompt = {"prompt_token_ids": list(range(1000, 1100))}
+    out, again = (llm.generate(prompt, SamplingParams(max_tokens=40, ignore_eos=True),
+                               use_tqdm=False)[0].outputs[0] for _ in range(2))
+    assert len(out.token_ids) == 40 and out.finish_reason == "length"
+    assert sum(ch.isalpha() for ch in out.text) > 40  # words, from the bundled text
+    assert len(again.text) > 0 and again.token_ids != out.token_ids  # each request its own place
+    word = out.text.split()[3]
+    stopped = llm.generate(prompt, SamplingParams(max_tokens=40, stop=[word]),
+                           use_tqdm=False)[0].outputs[0]
+    assert stopped.finish_reason == "stop" and stopped.stop_reason == word
+    assert word not in stopped.text
+    assert llm.get_memory_stats()["free_blocks"] == llm.get_memory_stats()["total_blocks"]
+
+
+def test_eos_only_when_asked(llm, tokenizer_dir):
+    params = SamplingParams(max_tokens=30)
+    out = llm.generate("Hello", params, use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 30
+    ending = LLM(config=sim_config(SIM_8B, tokenizer_dir, simulator={"gpu": "h200",
+                                                                      "eos_after": 7}))
+    try:
+        out = ending.generate("Hello", params, use_tqdm=False)[0].outputs[0]
+        assert out.finish_reason == "stop" and len(out.token_ids) == 7
+        assert out.token_ids[-1] in ending.engine.info.eos_token_ids
+        stats = ending.get_memory_stats()
+        assert stats["free_blocks"] == stats["total_blocks"]
+    finally:
+        ending.shutdown()
+
+
+def test_logprobs_samples_and_beams(llm):
+    out = llm.generate("Hello", SamplingParams(max_tokens=5, logprobs=3, n=2, seed=1),
+                       use_tqdm=False)[0]
+    assert len(out.outputs) == 2
+    for choice in out.outputs:
+        for token, entry in zip(choice.token_ids, choice.logprobs, strict=True):
+            values = list(entry.values())
+            assert next(iter(entry)) == token and 2 <= len(entry) <= 3  # sampled, top-3
+            assert all(v < 0 for v in values) and values[1:] == sorted(values[1:], reverse=True)
+    beams = llm.generate("Hello", SamplingParams(max_tokens=4, n=2, best_of=3,
+                                                 use_beam_search=True, temperature=0.0),
+                         use_tqdm=False)[0]
+    assert len(beams.outputs) == 2 and all(len(o.token_ids) == 4 for o in beams.outputs)
+
+
+def test_step_stats_add_up_to_the_roofline(llm):
+    engine = llm.engine
+    roofline = engine.executor.worker.roofline
+    expected = []
+    submit = engine.executor.submit
+
+    def recording(step):
+        expected.append(roofline.step_time(
+            [StepShape(s.num_tokens, s.context_len, s.do_sample) for s in step.seqs]))
+        return submit(step)
+
+    engine.executor.submit = recording
+    engine.reset_step_stats()
+    try:
+        prompts = [{"prompt_token_ids": [500 + i] * (64 + i)} for i in range(16)]
+        llm.generate(prompts, SamplingParams(max_tokens=20, ignore_eos=True), use_tqdm=False)
+    finally:
+        engine.executor.submit = submit
+    stats = llm.get_step_stats()
+    assert set(stats) == {"steps", "device_s", "wall_s", "host_s"}
+    assert stats["steps"] == len(expected) == 20
+    assert stats["device_s"] == pytest.approx(sum(expected))
+    # The engine waits for the device: its stepping takes at least the device's time.
+    assert stats["wall_s"] >= stats["device_s"] * 0.99
+    assert stats["host_s"] == pytest.approx(max(0.0, stats["wall_s"] - stats["device_s"]))
+
+
+def test_four_simulated_ranks_under_ray(ray_cluster, tokenizer_dir):
+    tp4 = LLM(config=sim_config(SIM_70B, tokenizer_dir))
+    try:
+        assert len(set(tp4.engine.worker_pids)) == 4
+        prompts = [{"prompt_token_ids": list(range(300, 300 + 50 + i))} for i in range(4)]
+        params = SamplingParams(max_tokens=12, ignore_eos=True)
+        outs = tp4.generate(prompts, params, use_tqdm=False)
+        assert all(len(o.outputs[0].token_ids) == 12 for o in outs)
+        stats = tp4.get_step_stats()
+        assert stats["steps"] == 12 and stats["device_s"] > 0
+        assert all(sum(ch.isalpha() for ch in o.outputs[0].text) > 5 for o in outs)
+        memory = tp4.get_memory_stats()
+        assert memory["free_blocks"] == memory["total_blocks"]
+    finally:
+        tp4.shutdown()
+
+
+def test_the_simulated_config_serves_through_the_openai_api(serve_instance, tokenizer_dir):
+    """What `pagedserve serve configs/llama-3-8b-h200-sim.yaml` runs, on Serve."""
+    import openai
+    from ray import serve
+
+    from pagedserve.cluster.app import build
+
+    config = sim_config(SIM_8B, tokenizer_dir)
+    serve.run(build(config), name="pagedserve-sim", route_prefix="/sim")
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{serve_instance.http}/sim/v1",
+                               api_key="none", max_retries=0)
+        model = client.models.list().data[0].id
+        assert model == "meta-llama/Meta-Llama-3-8B-Instruct"
+        stream = client.completions.create(model=model, prompt="Once upon a time",
+                                           max_tokens=24, stream=True,
+                                           stream_options={"include_usage": True})
+        chunks = list(stream)
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        assert chunks[-1].usage.completion_tokens == 24 and len(text) > 24
+        # Another request reads another place of the text; any text has a space.
+        whole = client.completions.create(model=model, prompt="Once upon a time", max_tokens=24,
+                                          stop=[" "])
+        assert whole.choices[0].finish_reason == "stop" and " " not in whole.choices[0].text
+    finally:
+        serve.delete("pagedserve-sim")

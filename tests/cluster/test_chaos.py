@@ -131,7 +131,12 @@ def test_chaos_leaks_nothing_and_finished_requests_match_running_alone(seed, lor
         assert stats["num_running"] == stats["num_waiting"] == stats["num_swapped"] == 0
         assert stats["free_blocks"] == stats["total_blocks"], stats
         assert bm.num_allocated_blocks == 0 and bm.num_swapped_blocks == 0
-        assert stats["num_preemptions"] > 0 and stats["num_swap_preemptions"] > 0, stats
+        assert stats["num_preemptions"] > 0, stats
+        # Whether a swap happens depends on which groups run together, which the clients'
+        # timing decides; with two adapter slots gating admission the LoRA run may not
+        # swap on a loaded machine. tests/engine/test_lora_engine.py swaps under LoRA
+        # deterministically.
+        assert lora or stats["num_swap_preemptions"] > 0, stats
         slots = engine.scheduler.adapters.slots
         if lora:  # every slot idle again, and the adapters did take turns in them
             assert all(slots.users(lora_id) == 0 for lora_id in slots.resident())

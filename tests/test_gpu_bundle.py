@@ -121,7 +121,8 @@ def test_offline_engine_runs_on_cpu_with_the_image_and_bundle(gpu_site, tmp_path
 
 def test_gpu_check_dry_run_passes_every_step(gpu_site, tmp_path):
     """Every step's script imports and runs its cheapest form: the tests are collected,
-    the greedy check and the benchmarks' smoke modes run on the CPU."""
+    the greedy check and the benchmarks' smoke modes run on the CPU (the kernels'
+    interpreted), and their figures are checked here."""
     done = _restricted(gpu_site, "benchmarks/gpu_check.py", "--dry-run", "--results",
                        str(tmp_path), timeout=300)
     log = (tmp_path / "gpu-check.log").read_text()
@@ -131,6 +132,18 @@ def test_gpu_check_dry_run_passes_every_step(gpu_site, tmp_path):
         ("kernel-tests", "passed"), ("greedy", "passed"), ("gpu-e2e", "passed"),
         ("attention-kernels", "passed"), ("lora-kernels", "passed")]
     assert "5 of 5 prompts give HF's tokens" in log
+    # The smoke runs' figures: every kernel checked and timed, every request equal to HF's,
+    # no KV block held at the end.
+    attention = json.loads((tmp_path / "attention_kernels.json").read_text())
+    assert len(attention["decode"]) == 4 and attention["smoke"]
+    assert all(row["bytes"] > 0 and row["paged_ms"] > 0 for row in attention["decode"])
+    assert attention["prefill"]["paged_tflops"] > 0
+    lora = json.loads((tmp_path / "lora_kernels.json").read_text())["rows"]
+    assert [row["kernel"] for row in lora] == ["bgmv", "sgmv"]
+    assert all(row["lora_ms"] > 0 and row["segments"] >= 1 for row in lora)
+    e2e = json.loads((tmp_path / "gpu_e2e.json").read_text())
+    assert e2e["blocks_in_use_at_end"] == 0
+    assert all(row["match_static"] == row["requests"] for row in e2e["throughput"])
     # What comes back from the GPU machine: at most 8 files.
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "attention_kernels.json", "gpu-check.log", "gpu_e2e.json", "lora_kernels.json",

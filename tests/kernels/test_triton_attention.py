@@ -11,14 +11,8 @@ a slot it reads that it should not, fails the comparison.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-from support import REPO
 from support.paged_batch import make_paged_batch
 
 from pagedserve.kernels.checks import interpreting
@@ -205,21 +199,3 @@ def test_choose_num_splits(num_seqs, num_kv_heads, max_seq_len, num_sms, expecte
 
 def test_no_split_off_cuda():
     assert default_num_splits(torch.device("cpu"), 1, 1, 100_000) == 1
-
-
-@pytest.mark.skipif(DEVICE.type == "cuda",
-                    reason="on a GPU, benchmarks/gpu_check.py runs the sweep itself "
-                           "(attention-kernels)")
-def test_kernel_benchmark_smoke(tmp_path):
-    """benchmarks/attention_kernels.py runs end to end (tiny shapes, interpreted) and checks
-    its kernels."""
-    out = tmp_path / "attention_kernels.json"
-    script = REPO / "benchmarks" / "attention_kernels.py"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    run = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-4000:]
-    result = json.loads(out.read_text())
-    assert len(result["decode"]) == 4 and result["smoke"]
-    assert all(row["bytes"] > 0 and row["paged_ms"] > 0 for row in result["decode"])
-    assert result["prefill"]["paged_tflops"] > 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import REPO
 
 from pagedserve.kernels import lora, reference
 from pagedserve.kernels.checks import interpreting
@@ -165,24 +164,3 @@ def test_segment_launchers_name_what_they_refuse():
     with pytest.raises(ValueError, match=r"h must be \[6, 8\]"):
         lora.sgmv_expand(torch.zeros(6, 16, device=DEVICE), torch.zeros(6, 4, device=DEVICE),
                          torch.zeros(2, 16, 8, device=DEVICE), segments, 4)
-
-
-@pytest.mark.skipif(DEVICE.type == "cuda",
-                    reason="on a GPU, benchmarks/gpu_check.py runs the sweep itself (lora-kernels)")
-def test_kernel_benchmark_smoke(tmp_path):
-    """benchmarks/lora_kernels.py runs end to end (tiny shapes, interpreted), checking
-    its kernels against the reference before timing them."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    out = tmp_path / "lora_kernels.json"
-    script = REPO / "benchmarks" / "lora_kernels.py"
-    run = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)],
-                         env=dict(os.environ, TRITON_INTERPRET="1"),
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-4000:]
-    rows = json.loads(out.read_text())["rows"]
-    assert [row["kernel"] for row in rows] == ["bgmv", "sgmv"]
-    assert all(row["lora_ms"] > 0 and row["segments"] >= 1 for row in rows)

@@ -51,6 +51,22 @@ class _Work:
     blocks: int  # free blocks these tokens take (a copy on write included)
 
 
+@dataclass(slots=True)
+class _Budget:
+    """What a step has left to give: tokens under `max_num_batched_tokens`, and
+    sequences under `max_num_seqs`."""
+
+    tokens: int
+    seqs: int
+
+
+def _prompt_targets(seq: Sequence, start: int, end: int) -> list[int] | None:
+    """The prompt tokens that rows `start ... end - 1` predict, to be scored; None
+    when those rows predict no prompt token."""
+    last = min(end, seq.num_prompt_tokens - 1)
+    return seq.token_ids[start + 1:last + 1] if last > start else None
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
                  lora_slots: AdapterSlots | None = None) -> None:
@@ -110,66 +126,91 @@ class Scheduler:
         return step
 
     def _schedule(self) -> StepInput:
-        budget = self.config.max_num_batched_tokens
         step = StepInput(seqs=[])
-        preempted = False
+        budget = _Budget(tokens=self.config.max_num_batched_tokens,
+                         seqs=self.config.max_num_seqs - self.num_running_seqs)
+        if self._schedule_running(step, budget):
+            return step  # a step that had to preempt admits no one
+        self._schedule_swapped(step, budget)
+        if not self.swapped:  # the swapped come back before anyone new starts
+            self._schedule_waiting(step, budget)
+        return step
 
+    def _schedule_running(self, step: StepInput, budget: _Budget) -> bool:
+        """Give each running request its tokens, oldest first; returns whether
+        any request had to be preempted to make room."""
+        preemptions = self.num_preemptions
         index = 0
-        while index < len(self.running) and budget > 0:
+        while index < len(self.running) and budget.tokens > 0:
             group = self.running[index]
-            plan = self._plan(group, budget)
-            while not self._fits(plan):
-                victim = self.running.pop()
-                self._preempt(victim, step)
-                preempted = True
-                if victim is group:
-                    break
-                plan = self._plan(group, budget)  # the victim's blocks may have been shared
-            else:
-                budget -= self._commit(group, plan, step)
-                index += 1
-        if preempted:
-            return step
+            plan = self._make_room(group, budget, step)
+            if plan is None:
+                break  # it was preempted itself, as the newest: no one runs after it
+            budget.tokens -= self._commit(group, plan, step)
+            index += 1
+        return self.num_preemptions > preemptions
 
-        num_seqs = self.num_running_seqs
-        reserve = self.block_manager.watermark_blocks if self.running else 0
-        while self.swapped and budget > 0:
+    def _make_room(self, group: SequenceGroup, budget: _Budget,
+                   step: StepInput) -> list[_Work] | None:
+        """The running group's plan, once the pool has its blocks: the newest
+        running requests are preempted until it fits. None: the group itself
+        was the newest left, and is preempted."""
+        plan = self._plan(group, budget.tokens)
+        while not self._fits(plan):
+            victim = self.running.pop()
+            self._preempt(victim, step)
+            if victim is group:
+                return None
+            plan = self._plan(group, budget.tokens)  # the victim's blocks may have been shared
+        return plan
+
+    def _schedule_swapped(self, step: StepInput, budget: _Budget) -> None:
+        """Bring swapped requests back, oldest first, while sequences and blocks allow."""
+        while self.swapped and budget.tokens > 0:
             group = self.swapped[0]
             seq_ids = [seq.seq_id for seq in group.unfinished_seqs]
-            needed = self.block_manager.blocks_to_swap_in(seq_ids)
-            if (num_seqs + len(seq_ids) > self.config.max_num_seqs
-                    or needed + len(seq_ids) + reserve > self.block_manager.num_free_blocks
-                    or not self.adapters.hold(group)):
+            if not self._can_swap_in(seq_ids, budget) or not self.adapters.hold(group):
                 break
             self.swapped.popleft()
             step.blocks_to_swap_in.extend(self.block_manager.swap_in(seq_ids))
-            self._set_status(group, SequenceStatus.RUNNING)
-            self.running.append(group)
-            num_seqs += len(seq_ids)
-            plan = self._plan(group, budget)
+            self._start_running(group, budget)
+            plan = self._plan(group, budget.tokens)
             if self._fits(plan):  # otherwise it runs from the next step on
-                budget -= self._commit(group, plan, step)
-            reserve = self.block_manager.watermark_blocks
+                budget.tokens -= self._commit(group, plan, step)
 
-        while self.waiting and not self.swapped and budget > 0:
+    def _can_swap_in(self, seq_ids: list[int], budget: _Budget) -> bool:
+        # Its blocks come back, with a block to spare for each sequence's next tokens.
+        needed = self.block_manager.blocks_to_swap_in(seq_ids) + len(seq_ids)
+        return (len(seq_ids) <= budget.seqs
+                and needed + self._watermark_reserve() <= self.block_manager.num_free_blocks)
+
+    def _schedule_waiting(self, step: StepInput, budget: _Budget) -> None:
+        """Admit waiting requests, first come first served, while the token budget,
+        `max_num_seqs`, the pool and the adapter slots allow."""
+        while self.waiting and budget.tokens > 0:
             group = self.waiting[0]
-            seqs = group.unfinished_seqs
-            if num_seqs + len(seqs) > self.config.max_num_seqs:
+            if len(group.unfinished_seqs) > budget.seqs:
                 break
-            plan = self._plan(group, budget)
-            # The watermark keeps room for running sequences to grow; with none
-            # running it would only stop a request that fills the pool alone.
-            reserve = self.block_manager.watermark_blocks if self.running else 0
-            if not plan or not self._fits(plan, reserve) or not self.adapters.hold(group):
+            plan = self._plan(group, budget.tokens)
+            if (not plan or not self._fits(plan, self._watermark_reserve())
+                    or not self.adapters.hold(group)):
                 break
             self.waiting.popleft()
-            self._set_status(group, SequenceStatus.RUNNING)
             if group.metrics.first_scheduled_time is None:
                 group.metrics.first_scheduled_time = time.monotonic()
-            self.running.append(group)
-            num_seqs += len(seqs)
-            budget -= self._commit(group, plan, step)
-        return step
+            self._start_running(group, budget)
+            budget.tokens -= self._commit(group, plan, step)
+
+    def _start_running(self, group: SequenceGroup, budget: _Budget) -> None:
+        self._set_status(group, SequenceStatus.RUNNING)
+        self.running.append(group)
+        budget.seqs -= len(group.unfinished_seqs)
+
+    def _watermark_reserve(self) -> int:
+        """Free blocks an admission or a swap-in must leave. The watermark keeps
+        room for running sequences to grow; with none running it would only stop
+        a request that fills the pool alone."""
+        return self.block_manager.watermark_blocks if self.running else 0
 
     def update(self, step_input: StepInput, step_output: StepOutput) -> list[SequenceGroup]:
         """Record a step's sampled tokens; returns the requests that advanced.
@@ -258,50 +299,63 @@ class Scheduler:
         return sum(work.blocks for work in plan) + reserve <= self.block_manager.num_free_blocks
 
     def _commit(self, group: SequenceGroup, plan: list[_Work], step: StepInput) -> int:
+        """Give the plan its blocks and put its sequences in the step; returns its tokens."""
         manager = self.block_manager
-        params = group.sampling_params
-        # Every new sequence first holds its prefix-cache hits, so no sequence's fresh
-        # block can evict a hit another sequence of this plan is counting on.
-        for work in plan:
-            if not manager.has(work.seq.seq_id):
-                work.seq.num_computed_tokens = len(work.computed_blocks) * manager.block_size
-                manager.allocate(work.seq.seq_id, work.seq.num_computed_tokens,
-                                 work.seq.token_ids, work.computed_blocks, group.cache_key)
+        self._allocate_new(group, plan)
         for work in plan:
             seq, num_tokens = work.seq, work.num_tokens
             if manager.needs_copy_on_write(seq.seq_id, num_tokens):
                 step.blocks_to_copy.append(manager.copy_on_write(seq.seq_id))
             manager.append_slots(seq.seq_id, num_tokens, seq.token_ids)
-            start = seq.num_computed_tokens
-            end = start + num_tokens
-            do_sample = end == seq.num_tokens + seq.num_pending
-            penalties = do_sample and params.uses_penalties
-            beam = group.beam_search
-            targets = None
-            if group.needs_prompt_logprobs:  # rows predicting prompt tokens are scored
-                last = min(end, seq.num_prompt_tokens - 1)
-                targets = seq.token_ids[start + 1:last + 1] if last > start else None
-            step.seqs.append(ScheduledSequence(
-                seq_id=seq.seq_id,
-                token_ids=seq.token_ids[start:end],
-                last_token_in_flight=end > seq.num_tokens,  # the worker has that token
-                start_pos=start,
-                block_table=list(manager.block_table(seq.seq_id)),  # a snapshot, not the live list
-                do_sample=do_sample,
-                sampling_params=params if do_sample else None,
-                output_index=seq.num_output_tokens + seq.num_pending,
-                prompt_token_ids=seq.prompt_token_ids if penalties else None,
-                output_token_ids=seq.output_token_ids if penalties else None,
-                num_samples=group.best_of if do_sample and group.forks_at_prompt_end else 1,
-                sample_index=seq.sample_index,
-                num_candidates=beam.candidates_per_beam if do_sample and beam else None,
-                prompt_targets=targets,
-                prompt_logprobs=params.prompt_logprobs,
-                lora_slot=group.lora_slot,
-            ))
-            seq.num_computed_tokens = end  # the step will have computed them
-            seq.num_pending += do_sample
+            scheduled = self._scheduled_sequence(group, seq, num_tokens)
+            step.seqs.append(scheduled)
+            seq.num_computed_tokens += num_tokens  # the step will have computed them
+            seq.num_pending += scheduled.do_sample
         return sum(work.num_tokens for work in plan)
+
+    def _allocate_new(self, group: SequenceGroup, plan: list[_Work]) -> None:
+        """Give each sequence without a block table one, holding its prefix-cache hits.
+
+        All of them first, so no sequence's fresh block can evict a hit another
+        sequence of this plan is counting on.
+        """
+        manager = self.block_manager
+        for work in plan:
+            seq = work.seq
+            if not manager.has(seq.seq_id):
+                seq.num_computed_tokens = len(work.computed_blocks) * manager.block_size
+                manager.allocate(seq.seq_id, seq.num_computed_tokens, seq.token_ids,
+                                 work.computed_blocks, group.cache_key)
+
+    def _scheduled_sequence(self, group: SequenceGroup, seq: Sequence,
+                            num_tokens: int) -> ScheduledSequence:
+        """The sequence's share of the step: its next `num_tokens` tokens, whose
+        slots it holds already."""
+        params, beam = group.sampling_params, group.beam_search
+        start = seq.num_computed_tokens
+        end = start + num_tokens
+        do_sample = end == seq.num_tokens + seq.num_pending
+        penalties = do_sample and params.uses_penalties
+        block_table = list(self.block_manager.block_table(seq.seq_id))  # not the live list
+        return ScheduledSequence(
+            seq_id=seq.seq_id,
+            token_ids=seq.token_ids[start:end],
+            last_token_in_flight=end > seq.num_tokens,  # the worker has that token
+            start_pos=start,
+            block_table=block_table,
+            do_sample=do_sample,
+            sampling_params=params if do_sample else None,
+            output_index=seq.num_output_tokens + seq.num_pending,
+            prompt_token_ids=seq.prompt_token_ids if penalties else None,
+            output_token_ids=seq.output_token_ids if penalties else None,
+            num_samples=group.best_of if do_sample and group.forks_at_prompt_end else 1,
+            sample_index=seq.sample_index,
+            num_candidates=beam.candidates_per_beam if do_sample and beam else None,
+            prompt_targets=_prompt_targets(seq, start, end) if group.needs_prompt_logprobs
+            else None,
+            prompt_logprobs=params.prompt_logprobs,
+            lora_slot=group.lora_slot,
+        )
 
     def _preempt(self, group: SequenceGroup, step: StepInput) -> None:
         self.adapters.release(group)

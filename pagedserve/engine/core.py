@@ -12,23 +12,21 @@ import dataclasses
 import logging
 import time
 from collections import deque
-from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pagedserve.config import Config, EngineConfig
 from pagedserve.engine.adapters import AdapterRegistry
 from pagedserve.engine.executors import choose_device, make_executor
-from pagedserve.engine.limits import blocks_needed, context_room, max_new_tokens, swap_blocks
+from pagedserve.engine.limits import swap_blocks
+from pagedserve.engine.request_inputs import InputProcessor, PromptInput
 from pagedserve.engine.request_outputs import OutputBuilder
 from pagedserve.engine.resolve import resolve
 from pagedserve.engine.stats import EngineStats, SlotUsage, StepStats
-from pagedserve.errors import RequestError
 from pagedserve.lora_request import LoRARequest
 from pagedserve.math_utils import cdiv
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
-from pagedserve.scheduler.beam_search import BeamSearch
 from pagedserve.scheduler.block_manager import BlockManager
 from pagedserve.scheduler.detokenizer import Detokenizer
 from pagedserve.scheduler.lora_slots import AdapterSlots
@@ -39,8 +37,6 @@ from pagedserve.worker.executor import Executor, PendingStep
 from pagedserve.worker.model_info import ModelInfo
 
 logger = logging.getLogger(__name__)
-# A prompt: text, or {"prompt_token_ids": [...]}.
-PromptInput = str | dict[str, Any]
 
 
 class EngineCore:
@@ -54,6 +50,9 @@ class EngineCore:
         self.block_manager = scheduler.block_manager
         self.executor = executor
         self.tokenizer = tokenizer
+        self.inputs = InputProcessor(info, scheduler.config, tokenizer=tokenizer,
+                                     block_size=self.block_manager.block_size,
+                                     num_blocks=self.block_manager.num_blocks)
         self.detokenizer = Detokenizer(tokenizer.backend_tokenizer) if tokenizer else None
         self.async_scheduling = async_scheduling
         # Steps sent to the device, oldest first: at most two with async scheduling.
@@ -129,38 +128,21 @@ class EngineCore:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, lora_request: LoRARequest | None = None) -> None:
         self.validate(prompt_token_ids, params)
-        max_tokens = params.max_tokens
-        if max_tokens is None:  # up to the context limit: the scheduler needs a number
-            max_tokens = max_new_tokens(len(prompt_token_ids), params, self.info.max_model_len)
-            params = dataclasses.replace(params, max_tokens=max_tokens)
+        params = self.inputs.with_max_tokens(len(prompt_token_ids), params)
         adapter = self.adapters.resolve(lora_request)
         # One sequence computes the prompt; samples and beams fork from it.
         group = SequenceGroup(request_id, [self.scheduler.new_sequence(prompt_token_ids)], params,
                               prompt, lora=adapter)
-        if params.use_beam_search:
-            eos = set() if params.ignore_eos else set(self.info.eos_token_ids)
-            group.beam_search = BeamSearch(
-                num_beams=group.best_of, num_return_sequences=params.n,
-                length_penalty=params.length_penalty, early_stopping=params.early_stopping,
-                eos_token_ids=frozenset(eos | set(params.stop_token_ids)),
-                max_new_tokens=max(1, min(max_tokens,
-                                           self.info.max_model_len - len(prompt_token_ids))))
+        group.beam_search = self.inputs.beam_search(len(prompt_token_ids), params)
         self.scheduler.add(group)
 
     def prompt_token_ids(self, prompt: PromptInput) -> list[int]:
         """A prompt's token ids: given, or from the tokenizer."""
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" not in prompt:
-                raise RequestError("prompt", "a dict prompt needs the key 'prompt_token_ids'")
-            return list(prompt["prompt_token_ids"])
-        if not isinstance(prompt, str):
-            raise RequestError("prompt", f"prompt must be a str or a dict with "
-                                         f"'prompt_token_ids', got {type(prompt).__name__}")
-        if self.tokenizer is None:
-            raise RequestError("prompt", "string prompts need a tokenizer; this engine was "
-                                         "built with skip_tokenizer_init=True (pass "
-                                         "{'prompt_token_ids': [...]})")
-        return self.tokenizer(prompt).input_ids
+        return self.inputs.prompt_token_ids(prompt)
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Refuse a request this engine could never serve (RequestError naming the limit)."""
+        self.inputs.validate(prompt_token_ids, params)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now; every block it holds is freed at once. Returns its last
@@ -328,40 +310,6 @@ class EngineCore:
         return list(self.executor.worker_pids)
 
     # -- helpers -------------------------------------------------------------
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Refuse a request this engine could never serve (RequestError naming the limit)."""
-        info, engine_limits = self.info, self.scheduler.config
-        if not prompt_token_ids:
-            raise RequestError("prompt_token_ids", "prompt_token_ids: the prompt must have at "
-                                                   "least one token")
-        bad = next((t for t in prompt_token_ids if not 0 <= t < info.vocab_size), None)
-        if bad is not None:
-            raise RequestError("prompt_token_ids", f"prompt_token_ids: token id {bad} is outside "
-                                                   f"the vocabulary [0, {info.vocab_size})")
-        context_room(len(prompt_token_ids), info.max_model_len)
-        best_of = params.best_of
-        assert best_of is not None  # SamplingParams.__post_init__ defaults it to n
-        if best_of > engine_limits.max_num_seqs:
-            raise RequestError("best_of", f"best_of={params.best_of} exceeds max_num_seqs="
-                                          f"{engine_limits.max_num_seqs}")
-        if params.use_beam_search and best_of > engine_limits.max_num_batched_tokens:
-            raise RequestError("best_of", f"best_of={params.best_of} beams exceed "
-                                          f"max_num_batched_tokens="
-                                          f"{engine_limits.max_num_batched_tokens}: every beam "
-                                          "takes a token each step")
-        if params.stop and self.detokenizer is None:
-            raise RequestError("stop", "stop strings need a tokenizer; this engine was built "
-                                       "with skip_tokenizer_init=True (use stop_token_ids instead)")
-        needed = blocks_needed(len(prompt_token_ids), params, info.max_model_len,
-                               self.block_manager.block_size)
-        new_tokens = max_new_tokens(len(prompt_token_ids), params, info.max_model_len)
-        if needed > self.block_manager.num_blocks:
-            raise RequestError("max_tokens", f"request needs up to {needed} KV blocks (a "
-                                             f"{len(prompt_token_ids)}-token prompt, "
-                                             f"{params.best_of} sequences of up to "
-                                             f"{new_tokens} new tokens), more than the "
-                                             f"pool's {self.block_manager.num_blocks}")
-
     def _detokenize(self, group: SequenceGroup) -> None:
         if self.detokenizer is None or group.beam_search is not None:
             return  # beams fork and drop: their text is decoded once, at the end

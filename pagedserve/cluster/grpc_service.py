@@ -32,7 +32,6 @@ from pagedserve.cluster.errors import OpenAIError
 from pagedserve.cluster.parsing import validate_request
 from pagedserve.cluster.proto import pagedserve_pb2 as pb
 from pagedserve.cluster.streams import Stream, client_error, last
-from pagedserve.outputs import RequestOutput
 
 # The HTTP statuses of protocol's errors, as gRPC codes.
 _CODES = {
@@ -92,10 +91,10 @@ def _choice(index: int, text: str, token_ids: list[int],
                      finish_reason=responses.finish_reason(finish_reason) or "")
 
 
-def _usage(output: RequestOutput) -> pb.Usage:
-    counts = responses.usage_of([output])
-    return pb.Usage(prompt_tokens=counts["prompt_tokens"],
-                    completion_tokens=counts["completion_tokens"])
+def _usage(counts: responses.TokenCounts) -> pb.Usage:
+    usage = responses.usage_of([counts])
+    return pb.Usage(prompt_tokens=usage["prompt_tokens"],
+                    completion_tokens=usage["completion_tokens"])
 
 
 class GenerationService:
@@ -115,25 +114,22 @@ class GenerationService:
             return pb.GenerateReply()  # not sent: the status ends the call
         choices = [_choice(c.index, c.text, c.token_ids, c.logprobs, c.finish_reason)
                    for c in sorted(final.outputs, key=lambda c: c.index)]
-        return pb.GenerateReply(id=request_id, choices=choices, usage=_usage(final))
+        return pb.GenerateReply(id=request_id, choices=choices,
+                                usage=_usage(responses.TokenCounts.of(final)))
 
     async def GenerateStream(self, request: pb.GenerateRequest,
                              grpc_context: RayServegRPCContext) -> AsyncIterator[pb.GenerateReply]:
         """One message per engine step with news: new text and tokens; usage in the last."""
         try:
             request_id, stop, stream = await self._submit(request, grpc_context, stream=True)
-            # Text that may still become a stop string is held back until it cannot.
-            state = responses.StreamState(() if stream.stop_safe else stop)
-            tokens_sent: dict[int, int] = {}
+            news = responses.StreamNews(stream.first, stream.deltas, stop)
             async for output in stream:
-                by_index = {choice.index: choice for choice in output.outputs}
                 reply = pb.GenerateReply(id=request_id)
-                for index, text, logprobs, finish in state.deltas(output):
-                    token_ids = by_index[index].token_ids[tokens_sent.get(index, 0):]
-                    tokens_sent[index] = len(by_index[index].token_ids)
-                    reply.choices.append(_choice(index, text, token_ids, logprobs, finish))
+                for choice in news.update(output):
+                    reply.choices.append(_choice(choice.index, choice.text, choice.token_ids,
+                                                 choice.logprobs, choice.finish_reason))
                 if output.finished:
-                    reply.usage.CopyFrom(_usage(output))
+                    reply.usage.CopyFrom(_usage(news.counts))
                 if reply.choices or output.finished:
                     yield reply
         except Exception as error:  # noqa: BLE001 - every failure becomes a gRPC status

@@ -5,8 +5,8 @@
 
 The ingress owns everything about the wire: the API key, body limits, request
 parsing (cluster/parsing.py into cluster/protocol.py's models), tokenization
-and chat templates, and turning the engine's cumulative outputs into OpenAI
-responses or SSE chunks (cluster/responses.py, cluster/streams.py). Client
+and chat templates, and turning the engine's outputs into OpenAI responses
+or SSE chunks (cluster/responses.py, cluster/streams.py). Client
 mistakes become OpenAI-shaped errors with a 4xx status; a 500 means a bug.
 """
 
@@ -56,7 +56,6 @@ from pagedserve.cluster.streams import (
 from pagedserve.config import Config, served_model_name
 from pagedserve.engine.limits import context_room
 from pagedserve.errors import RequestError
-from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
 # Serve's own logger: records land in the replica's log files and the Ray dashboard.
@@ -316,23 +315,29 @@ class OpenAIIngress(GenerationService):
         created, n = int(time.time()), len(streams[0].first.outputs)
         options = req.stream_options or protocol.StreamOptions()
         strings = TokenStrings(self._tokenizer, fmt.tokens_as_ids)
-        # Text that may still become a stop string is held back until it cannot.
-        states = [responses.StreamState(() if s.stop_safe else stop) for s in streams]
+        # Each request's news, update by update; None until its first update.
+        news: list[responses.StreamNews | None] = [None] * len(streams)
         offsets: dict[tuple[int, int], TextOffsets] = {}
-        latest: list[RequestOutput | None] = [None] * len(streams)
         async for prompt_index, output in merge(streams):
-            if latest[prompt_index] is None and fmt.echo:  # the prompt first, once per choice
-                for index in range(n):
-                    text, logprobs, offset = responses.echo_text(
-                        output, texts[prompt_index], fmt, strings)
-                    offsets[prompt_index, index] = offset
-                    yield self._with_usage(responses.completion_chunk(
-                        request_id, req.model, created, prompt_index * n + index, text, None,
-                        logprobs), options, output, index)
-            latest[prompt_index] = output
-            for index, text, logprobs, finish in states[prompt_index].deltas(output):
+            request = news[prompt_index]
+            if request is None:
+                stream = streams[prompt_index]
+                request = news[prompt_index] = responses.StreamNews(output, stream.deltas, stop)
+                sent = request.update(output)
+                if fmt.echo:  # the prompt first, once per choice
+                    for index in range(n):
+                        text, logprobs, offset = responses.echo_text(
+                            output, texts[prompt_index], fmt, strings)
+                        offsets[prompt_index, index] = offset
+                        yield self._with_usage(responses.completion_chunk(
+                            request_id, req.model, created, prompt_index * n + index, text, None,
+                            logprobs), options, request.counts, index)
+            else:
+                sent = request.update(output)
+            for choice in sent:
+                text, logprobs, index = choice.text, choice.logprobs, choice.index
                 if not fmt.generate:  # echo only: the generated token is not reported
-                    if finish is None:
+                    if choice.finish_reason is None:
                         continue
                     text, logprobs = "", None
                 chunk_logprobs = None
@@ -342,40 +347,41 @@ class OpenAIIngress(GenerationService):
                     offsets[prompt_index, index] = offset
                     chunk_logprobs = completion_logprobs(sampled(logprobs), strings, offset)
                 yield self._with_usage(responses.completion_chunk(
-                    request_id, req.model, created, prompt_index * n + index, text, finish,
-                    chunk_logprobs), options, output, index, fmt.generate)
+                    request_id, req.model, created, prompt_index * n + index, text,
+                    choice.finish_reason, chunk_logprobs), options, request.counts, index,
+                    fmt.generate)
         if options.include_usage:
             yield responses.usage_chunk(request_id, req.model, created, "text_completion",
-                                        stream_usage(latest, fmt.generate))
+                                        stream_usage(news, fmt.generate))
 
     async def _stream_chat(self, request_id: str, req, stream: Stream,
                            stop: tuple[str, ...]) -> AsyncIterator[dict]:
         created = int(time.time())
         options = req.stream_options or protocol.StreamOptions()
         strings = TokenStrings(self._tokenizer, req.return_tokens_as_token_ids)
+        news = responses.StreamNews(stream.first, stream.deltas, stop)
         for index in range(len(stream.first.outputs)):
             yield self._with_usage(responses.chat_chunk(
                 request_id, req.model, created, index, {"role": "assistant", "content": ""},
-                None), options, stream.first, index, counted=False)
-        state, final = responses.StreamState(() if stream.stop_safe else stop), None
+                None), options, news.counts, index, counted=False)
         top = req.num_top_logprobs
         async for _, output in merge([stream]):
-            final = output
-            for index, text, logprobs, finish in state.deltas(output):
-                chunk_logprobs = (chat_logprobs(logprobs, strings, top)
-                                  if top is not None and logprobs else None)
-                if text or finish or chunk_logprobs:
+            for choice in news.update(output):
+                chunk_logprobs = (chat_logprobs(choice.logprobs, strings, top)
+                                  if top is not None and choice.logprobs else None)
+                if choice.text or choice.finish_reason or chunk_logprobs:
                     yield self._with_usage(responses.chat_chunk(
-                        request_id, req.model, created, index, {"content": text} if text else {},
-                        finish, chunk_logprobs), options, output, index)
+                        request_id, req.model, created, choice.index,
+                        {"content": choice.text} if choice.text else {},
+                        choice.finish_reason, chunk_logprobs), options, news.counts, choice.index)
         if options.include_usage:
             yield responses.usage_chunk(request_id, req.model, created, "chat.completion.chunk",
-                                        stream_usage([final]))
+                                        stream_usage([news]))
 
     @staticmethod
-    def _with_usage(chunk: dict, options: protocol.StreamOptions, output: RequestOutput,
-                    index: int, counted: bool = True) -> dict:
+    def _with_usage(chunk: dict, options: protocol.StreamOptions,
+                    counts: responses.TokenCounts, index: int, counted: bool = True) -> dict:
         """vLLM's continuous_usage_stats: each chunk carries its choice's usage so far."""
         if options.continuous_usage_stats:
-            chunk["usage"] = responses.usage_of([output], counted, index)
+            chunk["usage"] = responses.usage_of([counts], counted, index)
         return chunk

@@ -130,7 +130,7 @@ class GenerationService:
         """One message per engine step with news: new text and tokens; usage in the last."""
         try:
             request_id, stop, stream = await self._submit(request, grpc_context, stream=True)
-            news = responses.StreamNews(stream.first, stream.deltas, stop)
+            news = responses.StreamNews(stream.first, stream.as_deltas, stop)
             async for output in stream:
                 reply = pb.GenerateReply(id=request_id)
                 for choice in news.update(output):
@@ -154,7 +154,7 @@ class GenerationService:
         intake.check_api_key(_metadata(grpc_context, "authorization"))
         fields = request_fields(request) | ({"stream": True} if stream else {})
         req = await intake.accept(validate_request(protocol.CompletionRequest, fields,
-                                                   intake.limits))
+                                                   intake.bounds))
         ids = intake.prompt_ids(req.prompts()[0], req)  # the oneof holds one prompt
         params = req.sampling_params(intake.room(ids, req))
         request_id = f"gen-{uuid.uuid4().hex}"

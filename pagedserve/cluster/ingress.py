@@ -161,7 +161,7 @@ class OpenAIIngress:
     @app.post("/v1/completions")
     async def completions(self, request: Request):
         req = await self.intake.accept(parse_request(
-            protocol.CompletionRequest, await self._read(request), self.intake.limits))
+            protocol.CompletionRequest, await self._read(request), self.intake.bounds))
         prompts = [self.intake.prompt_ids(p, req) for p in req.prompts()]
         # The echoed prompt: the client's text, or its tokens decoded (only when echoed).
         texts = [p if isinstance(p, str) else self.intake.tokenizer.decode(ids) if req.echo else ""
@@ -185,7 +185,7 @@ class OpenAIIngress:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         req = await self.intake.accept(parse_request(
-            protocol.ChatCompletionRequest, await self._read(request), self.intake.limits))
+            protocol.ChatCompletionRequest, await self._read(request), self.intake.bounds))
         ids = chat_prompt_ids(self.intake.tokenizer, req, self.config.model.chat_template)
         if req.add_special_tokens:
             ids = self.intake.tokenizer.build_inputs_with_special_tokens(ids)
@@ -239,7 +239,7 @@ class OpenAIIngress:
             request = news[prompt_index]
             if request is None:
                 stream = streams[prompt_index]
-                request = news[prompt_index] = responses.StreamNews(output, stream.deltas, stop)
+                request = news[prompt_index] = responses.StreamNews(output, stream.as_deltas, stop)
                 sent = request.update(output)
                 if fmt.echo:  # the prompt first, once per choice
                     for index in range(n):
@@ -276,7 +276,7 @@ class OpenAIIngress:
         created = int(time.time())
         options = req.stream_options or protocol.StreamOptions()
         strings = TokenStrings(self.intake.tokenizer, req.return_tokens_as_token_ids)
-        news = responses.StreamNews(stream.first, stream.deltas, stop)
+        news = responses.StreamNews(stream.first, stream.as_deltas, stop)
         for index in range(len(stream.first.outputs)):
             yield self._with_usage(responses.chat_chunk(
                 request_id, req.model, created, index, {"role": "assistant", "content": ""},

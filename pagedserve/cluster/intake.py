@@ -25,12 +25,12 @@ from transformers import AutoTokenizer
 
 from pagedserve.cluster import errors
 from pagedserve.cluster.adapters import AdapterTable
-from pagedserve.cluster.channel import Receiver, wire_deltas
+from pagedserve.cluster.channel import Receiver, crosses_as_deltas
 from pagedserve.cluster.errors import OpenAIError
-from pagedserve.cluster.parsing import Limits
+from pagedserve.cluster.parsing import RequestBounds
 from pagedserve.cluster.streams import Stream, client_error
 from pagedserve.config import Config, served_model_name
-from pagedserve.engine.limits import context_room
+from pagedserve.engine.capacity import context_room
 from pagedserve.errors import RequestError
 from pagedserve.sampling_params import SamplingParams
 
@@ -46,7 +46,7 @@ class RequestIntake:
         self.config = config
         self.model_name = served_model_name(config)
         self.adapters = AdapterTable(config.lora, self.model_name)
-        self.limits = Limits(max_stop_sequences=config.serving.max_stop_sequences)
+        self.bounds = RequestBounds(max_stop_sequences=config.serving.max_stop_sequences)
         self.tokenizer: Any = None  # set by load()
         self.max_model_len = 0
         self.model_dir: str | None = None
@@ -130,5 +130,5 @@ class RequestIntake:
             if not isinstance(error, Exception):
                 raise
             raise self.error(error, req.param_names()) from None
-        return Stream(first, generator, ids, wire_deltas(params), queue,
+        return Stream(first, generator, ids, crosses_as_deltas(params), queue,
                       lambda: receiver.close(request_id))

@@ -241,7 +241,7 @@ class StreamNews:
 
     A choice is sent when it has new text, logprobs or an end; its token ids
     wait for that. Most requests cross from the replica as news already
-    (cluster/channel.py's wire_deltas), with text that may still become a stop
+    (cluster/channel.py's crosses_as_deltas), with text that may still become a stop
     string held back by the engine, and pass through here as they are. A
     request with best_of > n crosses cumulative: the replica re-ranks its
     candidates every step, so the n it shows can change. Only those are cut

@@ -32,7 +32,7 @@ class Stream:
     """A started request: its outputs from the replica, as they crossed.
 
     The replica sends deltas, each choice's news only (LLMServer.generate), or,
-    when `deltas` is False (best_of > n), cumulative outputs; either way only
+    when `as_deltas` is False (best_of > n), cumulative outputs; either way only
     the first carries the prompt's ids, and this puts them back in the rest.
     Stream writers send the news as it comes (responses.StreamNews); only a
     whole response adds it up (`last`). With `queue`, the outputs after the
@@ -42,9 +42,9 @@ class Stream:
     """
 
     def __init__(self, first: RequestOutput, rest, prompt_token_ids: list[int],
-                 deltas: bool, queue: asyncio.Queue | None = None,
+                 as_deltas: bool, queue: asyncio.Queue | None = None,
                  close: Callable[[], None] | None = None) -> None:
-        self.rest, self.deltas = rest, deltas
+        self.rest, self.as_deltas = rest, as_deltas
         self._queue, self._close = queue, close
         self.prompt_token_ids = prompt_token_ids
         self.first = self._add(first)
@@ -95,7 +95,7 @@ class Stream:
 async def last(stream: Stream) -> RequestOutput:
     """The stream's whole output once it ended: its deltas added up, or its last
     cumulative output."""
-    total = Accumulator(stream.prompt_token_ids) if stream.deltas else None
+    total = Accumulator(stream.prompt_token_ids) if stream.as_deltas else None
     final = None
     async for output in stream:
         final = total.add(output) if total is not None else output

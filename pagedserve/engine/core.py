@@ -18,8 +18,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pagedserve.config import Config, EngineConfig
 from pagedserve.engine.adapters import AdapterRegistry
+from pagedserve.engine.capacity import blocks_needed, context_room, max_new_tokens, swap_blocks
 from pagedserve.engine.executors import choose_device, make_executor
-from pagedserve.engine.limits import blocks_needed, context_room, max_new_tokens, swap_blocks
 from pagedserve.engine.request_outputs import OutputBuilder
 from pagedserve.engine.resolve import resolve
 from pagedserve.engine.stats import EngineStats, SlotUsage, StepStats
@@ -28,10 +28,10 @@ from pagedserve.lora_request import LoRARequest
 from pagedserve.math_utils import cdiv
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
+from pagedserve.scheduler.adapter_slots import AdapterSlots
 from pagedserve.scheduler.beam_search import BeamSearch
 from pagedserve.scheduler.block_manager import BlockManager
 from pagedserve.scheduler.detokenizer import Detokenizer
-from pagedserve.scheduler.lora_slots import AdapterSlots
 from pagedserve.scheduler.scheduler import Scheduler, SchedulerConfig
 from pagedserve.scheduler.sequence import FinishReason, SequenceGroup
 from pagedserve.scheduler.step import StepInput, StepOutput
@@ -330,7 +330,7 @@ class EngineCore:
     # -- helpers -------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Refuse a request this engine could never serve (RequestError naming the limit)."""
-        info, engine_limits = self.info, self.scheduler.config
+        info, scheduling = self.info, self.scheduler.config
         if not prompt_token_ids:
             raise RequestError("prompt_token_ids", "prompt_token_ids: the prompt must have at "
                                                    "least one token")
@@ -341,13 +341,13 @@ class EngineCore:
         context_room(len(prompt_token_ids), info.max_model_len)
         best_of = params.best_of
         assert best_of is not None  # SamplingParams.__post_init__ defaults it to n
-        if best_of > engine_limits.max_num_seqs:
+        if best_of > scheduling.max_num_seqs:
             raise RequestError("best_of", f"best_of={params.best_of} exceeds max_num_seqs="
-                                          f"{engine_limits.max_num_seqs}")
-        if params.use_beam_search and best_of > engine_limits.max_num_batched_tokens:
+                                          f"{scheduling.max_num_seqs}")
+        if params.use_beam_search and best_of > scheduling.max_num_batched_tokens:
             raise RequestError("best_of", f"best_of={params.best_of} beams exceed "
                                           f"max_num_batched_tokens="
-                                          f"{engine_limits.max_num_batched_tokens}: every beam "
+                                          f"{scheduling.max_num_batched_tokens}: every beam "
                                           "takes a token each step")
         if params.stop and self.detokenizer is None:
             raise RequestError("stop", "stop strings need a tokenizer; this engine was built "

@@ -110,7 +110,7 @@ def params_per_rank(shape: ModelShape, tp: int) -> int:
 
 def lora_slot_bytes(shape: ModelShape, tp: int, dtype_bytes: int, max_loras: int,
                     max_rank: int) -> int:
-    """The LoRA slots of one rank (worker/lora_manager.py): per layer and slot, an A of
+    """The LoRA slots of one rank (worker/worker_lora.py): per layer and slot, an A of
     [rank, in] and a B of [out, rank] for each of q, k, v, o, gate, up, down, sharded
     as their layers are (column-parallel B by rows, row-parallel A by columns)."""
     hidden, inter = shape.hidden_size, shape.intermediate_size // tp

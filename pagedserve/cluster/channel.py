@@ -39,7 +39,7 @@ class InboxLost(RuntimeError):
     """The ingress's inbox failed: the requests waiting on it cannot get their outputs."""
 
 
-def wire_deltas(params: SamplingParams) -> bool:
+def crosses_as_deltas(params: SamplingParams) -> bool:
     """Whether a request's outputs cross to the ingress as deltas (see LLMServer.generate);
     else they are cumulative, and the ingress puts its prompt ids back in them."""
     return params.best_of == params.n or params.use_beam_search

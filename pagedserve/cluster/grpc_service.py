@@ -1,14 +1,16 @@
-"""The gRPC API (proto/pagedserve.proto) as methods of the ingress deployment.
+"""The gRPC API (proto/pagedserve.proto), served by the ingress deployment.
 
     client ──gRPC──> Serve's gRPC proxy ──"Generate" / "GenerateStream"──> OpenAIIngress
-                     (the app named in the `application` metadata)
+                     (the app named in the `application` metadata)   ──> GenerationService
 
 Serve's gRPC proxy calls the ingress deployment's methods named like the RPCs,
 with the request message and, as they take a `grpc_context` argument, a
-RayServegRPCContext: the call's metadata, and the status to answer with. A
-request goes through the steps of POST /v1/completions (the same field rules in
-protocol.CompletionRequest, model check, tokenizer, context limit, engine
-submission), so the two APIs accept and refuse alike.
+RayServegRPCContext: the call's metadata, and the status to answer with. The
+ingress hands each call to a GenerationService, which takes the request in
+through the ingress's RequestIntake (cluster/intake.py) with the steps of POST
+/v1/completions (the same field rules in protocol.CompletionRequest, model
+check, tokenizer, context limit, engine submission), so the two APIs accept
+and refuse alike.
 
 A refusal sets its code and details on `grpc_context`. `Generate` then returns
 an empty reply: Serve sends the context back with it, and the proxy answers
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from ray.serve.grpc_util import RayServegRPCContext
@@ -31,8 +33,10 @@ from pagedserve.cluster import protocol, responses
 from pagedserve.cluster.errors import OpenAIError
 from pagedserve.cluster.parsing import validate_request
 from pagedserve.cluster.proto import pagedserve_pb2 as pb
-from pagedserve.cluster.streams import Stream, client_error, last
-from pagedserve.outputs import RequestOutput
+from pagedserve.cluster.streams import Stream, last
+
+if TYPE_CHECKING:  # the intake loads transformers; this module is read without it
+    from pagedserve.cluster.intake import RequestIntake
 
 # The HTTP statuses of protocol's errors, as gRPC codes.
 _CODES = {
@@ -92,52 +96,52 @@ def _choice(index: int, text: str, token_ids: list[int],
                      finish_reason=responses.finish_reason(finish_reason) or "")
 
 
-def _usage(output: RequestOutput) -> pb.Usage:
-    counts = responses.usage_of([output])
-    return pb.Usage(prompt_tokens=counts["prompt_tokens"],
-                    completion_tokens=counts["completion_tokens"])
+def _usage(counts: responses.TokenCounts) -> pb.Usage:
+    usage = responses.usage_of([counts])
+    return pb.Usage(prompt_tokens=usage["prompt_tokens"],
+                    completion_tokens=usage["completion_tokens"])
 
 
 class GenerationService:
-    """The `Generation` service's methods, mixed into OpenAIIngress.
+    """The `Generation` service's calls, taken in through the ingress's RequestIntake.
 
-    They use the ingress's helpers: `config`, `_limits`, `_check_api_key`, `_accept`,
-    `_load`, `_prompt_ids`, `_room` and `_start`.
+    OpenAIIngress has the methods Serve's gRPC proxy calls (`Generate`,
+    `GenerateStream`); they hand each call to `generate` or `generate_stream`.
     """
 
-    async def Generate(self, request: pb.GenerateRequest,
+    def __init__(self, intake: RequestIntake) -> None:
+        self.intake = intake
+
+    async def generate(self, request: pb.GenerateRequest,
                        grpc_context: RayServegRPCContext) -> pb.GenerateReply:
         try:
             request_id, _, stream = await self._submit(request, grpc_context, stream=False)
             final = await last(stream)
         except Exception as error:  # noqa: BLE001 - every failure becomes a gRPC status
-            _set_status(grpc_context, client_error(error, self.config.serving.retry_after_s))
+            _set_status(grpc_context, self.intake.error(error))
             return pb.GenerateReply()  # not sent: the status ends the call
         choices = [_choice(c.index, c.text, c.token_ids, c.logprobs, c.finish_reason)
                    for c in sorted(final.outputs, key=lambda c: c.index)]
-        return pb.GenerateReply(id=request_id, choices=choices, usage=_usage(final))
+        return pb.GenerateReply(id=request_id, choices=choices,
+                                usage=_usage(responses.TokenCounts.of(final)))
 
-    async def GenerateStream(self, request: pb.GenerateRequest,
-                             grpc_context: RayServegRPCContext) -> AsyncIterator[pb.GenerateReply]:
+    async def generate_stream(self, request: pb.GenerateRequest,
+                              grpc_context: RayServegRPCContext) -> AsyncIterator[pb.GenerateReply]:
         """One message per engine step with news: new text and tokens; usage in the last."""
         try:
             request_id, stop, stream = await self._submit(request, grpc_context, stream=True)
-            # Text that may still become a stop string is held back until it cannot.
-            state = responses.StreamState(() if stream.stop_safe else stop)
-            tokens_sent: dict[int, int] = {}
+            news = responses.StreamNews(stream.first, stream.as_deltas, stop)
             async for output in stream:
-                by_index = {choice.index: choice for choice in output.outputs}
                 reply = pb.GenerateReply(id=request_id)
-                for index, text, logprobs, finish in state.deltas(output):
-                    token_ids = by_index[index].token_ids[tokens_sent.get(index, 0):]
-                    tokens_sent[index] = len(by_index[index].token_ids)
-                    reply.choices.append(_choice(index, text, token_ids, logprobs, finish))
+                for choice in news.update(output):
+                    reply.choices.append(_choice(choice.index, choice.text, choice.token_ids,
+                                                 choice.logprobs, choice.finish_reason))
                 if output.finished:
-                    reply.usage.CopyFrom(_usage(output))
+                    reply.usage.CopyFrom(_usage(news.counts))
                 if reply.choices or output.finished:
                     yield reply
         except Exception as error:  # noqa: BLE001 - every failure becomes a gRPC status
-            _set_status(grpc_context, client_error(error, self.config.serving.retry_after_s))
+            _set_status(grpc_context, self.intake.error(error))
             raise RequestRefused(grpc_context.details()) from None
 
     async def _submit(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext,
@@ -146,11 +150,12 @@ class GenerationService:
 
         Returns the request id, the stop strings and the started stream.
         """
-        self._check_api_key(_metadata(grpc_context, "authorization"))
+        intake = self.intake
+        intake.check_api_key(_metadata(grpc_context, "authorization"))
         fields = request_fields(request) | ({"stream": True} if stream else {})
-        req = await self._accept(validate_request(protocol.CompletionRequest, fields,
-                                                           self._limits))
-        ids = self._prompt_ids(req.prompts()[0], req)  # the oneof holds one prompt
-        params = req.sampling_params(self._room(ids, req))
+        req = await intake.accept(validate_request(protocol.CompletionRequest, fields,
+                                                   intake.bounds))
+        ids = intake.prompt_ids(req.prompts()[0], req)  # the oneof holds one prompt
+        params = req.sampling_params(intake.room(ids, req))
         request_id = f"gen-{uuid.uuid4().hex}"
-        return request_id, params.stop, await self._start(request_id, ids, params, req)
+        return request_id, params.stop, await intake.start(request_id, ids, params, req)

@@ -3,7 +3,7 @@
 Validation is strict, as OpenAI's is: no "5" for an integer, no unknown
 fields, no lone surrogates in text, and every error (cluster/errors.py) is a
 400 that names the field (as `param`), the value and the limit. Server-side
-bounds (`Limits`) reach the models' validators as pydantic's context.
+bounds (`RequestBounds`) reach the models' validators as pydantic's context.
 """
 
 from __future__ import annotations
@@ -30,13 +30,14 @@ class FieldError(ValueError):
 
 
 @dataclass(frozen=True)
-class Limits:
+class RequestBounds:
     """Server-side bounds a request is checked against (from the serving config)."""
 
     max_stop_sequences: int = DEFAULT_MAX_STOP_SEQUENCES
 
 
-def parse_request(model_cls: type[BaseModel], body: bytes, limits: Limits = Limits()) -> BaseModel:
+def parse_request(model_cls: type[BaseModel], body: bytes,
+                  bounds: RequestBounds = RequestBounds()) -> BaseModel:
     """Validate a raw body into `model_cls`; any problem becomes a 400 naming the field."""
     try:
         data = json.loads(body)
@@ -45,7 +46,7 @@ def parse_request(model_cls: type[BaseModel], body: bytes, limits: Limits = Limi
     if not isinstance(data, dict):
         raise bad_request(f"request body must be a JSON object, not {_json_type(data)}")
     _check_unicode(data, ())
-    return validate_request(model_cls, data, limits)
+    return validate_request(model_cls, data, bounds)
 
 
 def _check_unicode(value: Any, loc: tuple[str | int, ...]) -> None:
@@ -67,10 +68,10 @@ def _check_unicode(value: Any, loc: tuple[str | int, ...]) -> None:
 
 
 def validate_request(model_cls: type[BaseModel], data: dict[str, Any],
-                     limits: Limits = Limits()) -> BaseModel:
+                     bounds: RequestBounds = RequestBounds()) -> BaseModel:
     """Validate decoded fields (JSON, or a gRPC message's) into `model_cls`; errors are 400s."""
     try:
-        return model_cls.model_validate(data, context=limits)
+        return model_cls.model_validate(data, context=bounds)
     except ValidationError as exc:
         raise _validation_error(exc) from None
 

@@ -142,7 +142,7 @@ class _SamplingRequest(_Strict):
 
     def sampling_params(self, room: int) -> SamplingParams:
         """SamplingParams for one prompt; `room` is what its context leaves (checked by
-        engine.limits.context_room: the one home of that rule).
+        engine.capacity.context_room: the one home of that rule).
 
         An unset max_tokens means "up to the limit" (vLLM). An unset temperature
         reaches SamplingParams unset (1, or nothing with beam search), and so does

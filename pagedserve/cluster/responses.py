@@ -1,6 +1,7 @@
 """The OpenAI-compatible wire format, outbound: responses, stream chunks and usage.
 
-Builds OpenAI's JSON from the engine's cumulative `RequestOutput`s; logprobs
+Builds OpenAI's JSON from the engine's `RequestOutput`s: whole responses from
+cumulative ones, stream chunks from each update's news (StreamNews); logprobs
 are written by cluster/logprobs.py. Where OpenAI is silent we follow vLLM's
 OpenAI server ("abort" finish reason, `root` and `max_model_len` in model
 cards, `prompt_logprobs`, usage in every chunk with `continuous_usage_stats`).
@@ -8,7 +9,7 @@ cards, `prompt_logprobs`, usage in every chunk with `continuous_usage_stats`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,15 +34,29 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def usage_of(outputs: Sequence[RequestOutput], generated: bool = True,
+@dataclass(frozen=True)
+class TokenCounts:
+    """A request's tokens so far: its prompt's, and each choice's generated ones."""
+
+    prompt: int
+    generated: Mapping[int, int]  # by choice index
+
+    @classmethod
+    def of(cls, output: RequestOutput) -> TokenCounts:
+        """The counts of a cumulative output."""
+        return cls(len(output.prompt_token_ids),
+                   {choice.index: len(choice.token_ids) for choice in output.outputs})
+
+
+def usage_of(counts: Sequence[TokenCounts], generated: bool = True,
              index: int | None = None) -> dict:
-    """The usage of cumulative outputs (every response, stream and gRPC reply counts
-    here): their prompts' tokens, and the tokens of their choices, or only of the
-    choice `index`. `generated` False (echo with max_tokens 0): no completion tokens."""
-    prompt_tokens = sum(len(output.prompt_token_ids) for output in outputs)
-    choices = [choice for output in outputs for choice in output.outputs
-               if index is None or choice.index == index]
-    completion_tokens = sum(len(choice.token_ids) for choice in choices) if generated else 0
+    """The usage of requests (every response, stream and gRPC reply counts here):
+    their prompts' tokens, and the tokens of their choices, or only of the choice
+    `index`. `generated` False (echo with max_tokens 0): no completion tokens."""
+    prompt_tokens = sum(count.prompt for count in counts)
+    completion_tokens = sum(tokens for count in counts for choice, tokens in
+                            count.generated.items()
+                            if index is None or choice == index) if generated else 0
     return usage(prompt_tokens, completion_tokens)
 
 
@@ -145,7 +160,8 @@ def completion_response(request_id: str, model: str, created: int,
             choices.append(completion_choice(prompt_index * n + choice.index, output, choice,
                                              prompt_text, fmt, strings))
     return {"id": request_id, "object": "text_completion", "created": created, "model": model,
-            "choices": choices, "usage": usage_of(outputs, fmt.generate)}
+            "choices": choices,
+            "usage": usage_of([TokenCounts.of(output) for output in outputs], fmt.generate)}
 
 
 def completion_chunk(request_id: str, model: str, created: int, index: int, text_delta: str,
@@ -174,7 +190,7 @@ def chat_response(request_id: str, model: str, created: int, output: RequestOutp
         "finish_reason": finish_reason(choice.finish_reason),
     } for choice in _sorted(output.outputs)]
     return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": choices, "usage": usage_of([output])}
+            "choices": choices, "usage": usage_of([TokenCounts.of(output)])}
 
 
 def chat_chunk(request_id: str, model: str, created: int, index: int, delta: dict,
@@ -191,7 +207,7 @@ Delta = tuple[int, str, list[dict[int, float]] | None, str | None]
 
 
 class StreamState:
-    """What one request has already streamed, per choice, so each update sends only news.
+    """What one request has already streamed, per choice, cut from cumulative outputs.
 
     The engine's delta tracking (engine/output_kinds.py) does the work, holding
     back text that may still become a stop string; this gives its news as
@@ -207,3 +223,71 @@ class StreamState:
         return [(news.index, news.text, news.logprobs, finish_reason(news.finish_reason))
                 for news in self._tracker.delta(output).outputs
                 if news.text or news.logprobs or news.finished]
+
+
+@dataclass(frozen=True)
+class ChoiceNews:
+    """What a stream writer sends of one choice in one update."""
+
+    index: int
+    text: str
+    token_ids: list[int]  # every token since the choice was last sent
+    logprobs: list[dict[int, float]] | None
+    finish_reason: str | None  # OpenAI's, once: in the update where the choice ended
+
+
+class StreamNews:
+    """One streamed request's news, update by update, as its writers send it.
+
+    A choice is sent when it has new text, logprobs or an end; its token ids
+    wait for that. Most requests cross from the replica as news already
+    (cluster/channel.py's crosses_as_deltas), with text that may still become a stop
+    string held back by the engine, and pass through here as they are. A
+    request with best_of > n crosses cumulative: the replica re-ranks its
+    candidates every step, so the n it shows can change. Only those are cut
+    here, from the output so far, holding back for `stop` (StreamState).
+    """
+
+    def __init__(self, first: RequestOutput, news: bool, stop: Sequence[str]) -> None:
+        self._state = None if news else StreamState(stop)
+        self._prompt_tokens = len(first.prompt_token_ids)
+        self._generated: dict[int, int] = {}  # tokens so far, by choice index
+        self._unsent: dict[int, list[int]] = {}  # news: token ids not sent yet, by choice
+        self._finished: set[int] = set()  # news: choices whose end was sent
+        self._tokens_sent: dict[int, int] = {}  # cumulative: token ids sent, by choice
+
+    @property
+    def counts(self) -> TokenCounts:
+        """The request's tokens as of the last update."""
+        return TokenCounts(self._prompt_tokens, self._generated)
+
+    def update(self, output: RequestOutput) -> list[ChoiceNews]:
+        """The choices `output` has news of, in index order."""
+        if self._state is not None:
+            return self._cut(output)
+        sent = []
+        for choice in sorted(output.outputs, key=lambda c: c.index):
+            index = choice.index
+            self._generated[index] = self._generated.get(index, 0) + len(choice.token_ids)
+            if index in self._finished:
+                continue
+            unsent = self._unsent.setdefault(index, [])
+            unsent.extend(choice.token_ids)
+            if not (choice.text or choice.logprobs or choice.finished):
+                continue
+            if choice.finished:
+                self._finished.add(index)
+            sent.append(ChoiceNews(index, choice.text, self._unsent.pop(index),
+                                   choice.logprobs, finish_reason(choice.finish_reason)))
+        return sent
+
+    def _cut(self, output: RequestOutput) -> list[ChoiceNews]:
+        by_index = {choice.index: choice for choice in output.outputs}
+        self._generated = {index: len(choice.token_ids) for index, choice in by_index.items()}
+        sent = []
+        for index, text, logprobs, finish in self._state.deltas(output):
+            token_ids = by_index[index].token_ids
+            sent.append(ChoiceNews(index, text, token_ids[self._tokens_sent.get(index, 0):],
+                                   logprobs, finish))
+            self._tokens_sent[index] = len(token_ids)
+        return sent

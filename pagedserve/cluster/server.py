@@ -23,7 +23,7 @@ from typing import Any
 import ray
 
 from pagedserve.cluster import autoscaling, routing
-from pagedserve.cluster.channel import Outbox, wire_deltas
+from pagedserve.cluster.channel import Outbox, crosses_as_deltas
 from pagedserve.cluster.metrics import EngineMetrics
 from pagedserve.config import Config, served_model_name
 from pagedserve.engine.async_engine import AsyncLLMEngine
@@ -77,8 +77,8 @@ class LLMServer:
         if waiting >= limit:
             raise EngineOverloadedError(waiting, limit)
         interval = self.config.serving.stream_interval_s
-        deltas = wire_deltas(params)
-        if deltas:
+        as_deltas = crosses_as_deltas(params)
+        if as_deltas:
             params = dataclasses.replace(params, output_kind=RequestOutputKind.DELTA)
         outbox = self._outbox(inbox) if inbox is not None else None
         generated: dict[int, int] = {}  # tokens so far, per choice index
@@ -87,7 +87,7 @@ class LLMServer:
                                                  request_id, lora_request=lora):
             for choice in output.outputs:
                 count = len(choice.token_ids)
-                generated[choice.index] = generated.get(choice.index, 0) + count if deltas \
+                generated[choice.index] = generated.get(choice.index, 0) + count if as_deltas \
                     else count
             if output.finished:
                 self.metrics.record_request(output, len(prompt_token_ids), generated)

@@ -29,35 +29,30 @@ _WATCHING: set[asyncio.Future] = set()
 
 
 class Stream:
-    """A started request: its outputs from the replica, made cumulative again.
+    """A started request: its outputs from the replica, as they crossed.
 
-    The replica sends deltas (LLMServer.generate); they are added up here by
-    extending lists, so each message costs what it carries. `stop_safe`: the
-    text was held back for stop strings by the engine already. With `queue`,
-    the outputs after the first come through the ingress's inbox
-    (cluster/channel.py) while `rest`, the Serve call, only reports how it
-    ended: a failure there fails the stream, and leaving early cancels it.
+    The replica sends deltas, each choice's news only (LLMServer.generate), or,
+    when `as_deltas` is False (best_of > n), cumulative outputs; either way only
+    the first carries the prompt's ids, and this puts them back in the rest.
+    Stream writers send the news as it comes (responses.StreamNews); only a
+    whole response adds it up (`last`). With `queue`, the outputs after the
+    first come through the ingress's inbox (cluster/channel.py) while `rest`,
+    the Serve call, only reports how it ended: a failure there fails the
+    stream, and leaving early cancels it.
     """
 
     def __init__(self, first: RequestOutput, rest, prompt_token_ids: list[int],
-                 deltas: bool, queue: asyncio.Queue | None = None,
+                 as_deltas: bool, queue: asyncio.Queue | None = None,
                  close: Callable[[], None] | None = None) -> None:
-        self.rest, self.deltas = rest, deltas
+        self.rest, self.as_deltas = rest, as_deltas
         self._queue, self._close = queue, close
-        self._prompt_token_ids = prompt_token_ids
-        self._sum = Accumulator(prompt_token_ids) if deltas else None
+        self.prompt_token_ids = prompt_token_ids
         self.first = self._add(first)
-
-    @property
-    def stop_safe(self) -> bool:
-        return self.deltas
 
     def _add(self, output: RequestOutput) -> RequestOutput:
         """The output with the request's prompt ids, which the replica sends only in its first."""
-        if self._sum is not None:
-            return self._sum.add(output)
         if output.prompt_token_ids is None:
-            output = dataclasses.replace(output, prompt_token_ids=self._prompt_token_ids)
+            output = dataclasses.replace(output, prompt_token_ids=self.prompt_token_ids)
         return output
 
     async def __aiter__(self):
@@ -98,9 +93,12 @@ class Stream:
 
 
 async def last(stream: Stream) -> RequestOutput:
+    """The stream's whole output once it ended: its deltas added up, or its last
+    cumulative output."""
+    total = Accumulator(stream.prompt_token_ids) if stream.as_deltas else None
     final = None
     async for output in stream:
-        final = output
+        final = total.add(output) if total is not None else output
     return final
 
 
@@ -147,10 +145,11 @@ async def merge(streams: list[Stream]) -> AsyncIterator[tuple[int, RequestOutput
             task.cancel()  # the client left: cancelling aborts the requests upstream
 
 
-def stream_usage(outputs: list[RequestOutput | None], generated: bool = True) -> dict[str, int]:
-    """Usage of a stream's requests that have an output; `generated` False (echo only):
-    no completion tokens."""
-    return responses.usage_of([output for output in outputs if output is not None], generated)
+def stream_usage(news: list[responses.StreamNews | None],
+                 generated: bool = True) -> dict[str, int]:
+    """Usage of a stream's requests that have had an update; `generated` False (echo
+    only): no completion tokens."""
+    return responses.usage_of([each.counts for each in news if each is not None], generated)
 
 
 def sse(chunks: AsyncIterator[dict], retry_after_s: int) -> StreamingResponse:

@@ -4,12 +4,12 @@
     async for output in engine.generate(prompt, SamplingParams(...), request_id="1"):
         ...
 
-One step thread drives the engine; everything else talks to it through an
-inbox, applied between steps:
+One step thread drives the engine; everything else talks to it through a
+queue of commands, applied between steps:
 
-    generate() ──("add", id, tokens, params)──> inbox ──> step thread: core.step()
-       ^                                                       │
-       └──────── asyncio queue per request <── RequestOutput ──┘
+    generate() ──("add", id, tokens, params)──> commands ──> step thread: core.step()
+       ^                                                          │
+       └──────── asyncio queue per request <──── RequestOutput ───┘
 
 Requests from any number of `generate` calls are batched together. The
 thread sleeps while nothing is pending. A consumer that stops iterating (it
@@ -55,7 +55,7 @@ class AsyncEngineArgs:
 class AsyncLLMEngine:
     def __init__(self, core: EngineCore) -> None:
         self.core = core
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._adding: set[str] = set()  # sent, not yet in the scheduler: they wait too
@@ -188,7 +188,7 @@ class AsyncLLMEngine:
 
     # -- the step thread --------------------------------------------------------------
     def _send(self, *message: Any) -> None:
-        self._inbox.put(message)
+        self._commands.put(message)
         self._wakeup.set()
 
     async def _ask(self, read: Callable[[], Any]) -> Any:
@@ -200,7 +200,7 @@ class AsyncLLMEngine:
 
     def _run(self) -> None:
         try:
-            while self._apply_inbox():
+            while self._apply_commands():
                 if not self.core.has_unfinished_requests():
                     self._stats = self.core.stats()  # aborts may have freed blocks
                     self._wakeup.wait()
@@ -217,11 +217,11 @@ class AsyncLLMEngine:
             for request_id in list(self._streams):
                 self._deliver(request_id, EngineDeadError(f"the engine stopped: {error!r}"))
 
-    def _apply_inbox(self) -> bool:
+    def _apply_commands(self) -> bool:
         """Apply what arrived since the last step; False once asked to stop."""
         while True:
             try:
-                kind, *args = self._inbox.get_nowait()
+                kind, *args = self._commands.get_nowait()
             except queue.Empty:
                 return True
             if kind == "add":

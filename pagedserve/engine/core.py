@@ -17,8 +17,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pagedserve.config import Config, EngineConfig
 from pagedserve.engine.adapters import AdapterRegistry
+from pagedserve.engine.capacity import swap_blocks
 from pagedserve.engine.executors import choose_device, make_executor
-from pagedserve.engine.limits import swap_blocks
 from pagedserve.engine.request_inputs import InputProcessor, PromptInput
 from pagedserve.engine.request_outputs import OutputBuilder
 from pagedserve.engine.resolve import resolve
@@ -27,9 +27,9 @@ from pagedserve.lora_request import LoRARequest
 from pagedserve.math_utils import cdiv
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
+from pagedserve.scheduler.adapter_slots import AdapterSlots
 from pagedserve.scheduler.block_manager import BlockManager
 from pagedserve.scheduler.detokenizer import Detokenizer
-from pagedserve.scheduler.lora_slots import AdapterSlots
 from pagedserve.scheduler.scheduler import Scheduler, SchedulerConfig
 from pagedserve.scheduler.sequence import FinishReason, SequenceGroup
 from pagedserve.scheduler.step import StepInput, StepOutput

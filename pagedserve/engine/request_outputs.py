@@ -21,14 +21,14 @@ from pagedserve.scheduler.sequence import SequenceGroup
 class OutputBuilder:
     def __init__(self, tokenizer: PreTrainedTokenizerBase | None) -> None:
         self.tokenizer = tokenizer
-        self._deltas: dict[str, DeltaTracker] = {}  # what each DELTA request has had
+        self._trackers: dict[str, DeltaTracker] = {}  # what each DELTA request has had
 
     def build(self, group: SequenceGroup) -> RequestOutput:
         """The group's output now, as its request's output_kind asks."""
         if group.sampling_params.output_kind is RequestOutputKind.DELTA:
-            tracker = self._deltas.get(group.request_id)
+            tracker = self._trackers.get(group.request_id)
             if tracker is None:
-                tracker = self._deltas[group.request_id] = DeltaTracker(
+                tracker = self._trackers[group.request_id] = DeltaTracker(
                     group.sampling_params.stop)
             if group.beam_search is None:
                 return _delta_output(group, tracker)
@@ -39,7 +39,7 @@ class OutputBuilder:
 
     def forget(self, request_id: str) -> None:
         """The request ended: nothing more is sent of it."""
-        self._deltas.pop(request_id, None)
+        self._trackers.pop(request_id, None)
 
     def _beam_output(self, group: SequenceGroup) -> RequestOutput:
         outputs = []

@@ -1,6 +1,6 @@
 """The scheduler's LoRA bookkeeping: which requests use which adapter, and its slot.
 
-A request under an adapter holds the adapter's device slot (lora_slots.py)
+A request under an adapter holds the adapter's device slot (adapter_slots.py)
 from the step it starts running until it stops: finished, aborted or
 preempted. Each step carries the slot loads decided while planning it, and
 the adapters unloaded since the step before.
@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from pagedserve.lora_request import AdapterSpec
-from pagedserve.scheduler.lora_slots import AdapterSlots
+from pagedserve.scheduler.adapter_slots import AdapterSlots
 from pagedserve.scheduler.sequence import SequenceGroup
 from pagedserve.scheduler.step import StepInput
 

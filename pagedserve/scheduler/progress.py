@@ -7,7 +7,7 @@ one in flight returns (async scheduling).
 from __future__ import annotations
 
 from pagedserve.sampling_params import SamplingParams
-from pagedserve.scheduler.limits import SchedulerConfig
+from pagedserve.scheduler.config import SchedulerConfig
 from pagedserve.scheduler.sequence import FinishReason, Sequence, SequenceGroup
 
 

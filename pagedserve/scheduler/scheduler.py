@@ -14,7 +14,7 @@ Every step, in this order:
 
 Steps 2 and 3 are skipped in a step that had to preempt, and 3 while any
 request is still swapped out. A request under a LoRA adapter holds one of the
-device's `max_loras` adapter slots while it runs (lora_slots.py); one whose
+device's `max_loras` adapter slots while it runs (adapter_slots.py); one whose
 adapter cannot get a slot waits at the head of its queue until one is free.
 
 A request's sequences share blocks: parallel samples fork off the prompt at
@@ -29,16 +29,16 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from pagedserve.scheduler.adapter_slots import AdapterSlots
 from pagedserve.scheduler.adapter_use import AdapterUse
 from pagedserve.scheduler.beam_search import Beam
 from pagedserve.scheduler.block_manager import BlockManager
-from pagedserve.scheduler.limits import SchedulerConfig
-from pagedserve.scheduler.lora_slots import AdapterSlots
+from pagedserve.scheduler.config import SchedulerConfig
 from pagedserve.scheduler.progress import at_limit, plans_ahead, stop_reason
 from pagedserve.scheduler.sequence import FinishReason, Sequence, SequenceGroup, SequenceStatus
 from pagedserve.scheduler.step import Sample, ScheduledSequence, StepInput, StepOutput
 
-__all__ = ["Scheduler", "SchedulerConfig"]  # SchedulerConfig lives in limits.py
+__all__ = ["Scheduler", "SchedulerConfig"]  # SchedulerConfig lives in config.py
 
 
 @dataclass(slots=True)

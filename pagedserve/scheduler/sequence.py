@@ -129,7 +129,7 @@ class SequenceGroup:
     # the prompt's token and the top-k; None for the first token, which nothing predicts.
     prompt_logprobs: list[dict[int, float] | None] | None = None
     # The LoRA adapter the request runs under (None: the base model), and the
-    # device slot it holds while running (scheduler/lora_slots.py).
+    # device slot it holds while running (scheduler/adapter_slots.py).
     lora: AdapterSpec | None = None
     lora_slot: int | None = None
 

@@ -84,7 +84,7 @@ class StepInput:
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
     # Adapters to put in device slots before the step runs, and adapters unloaded
-    # since the last step (scheduler/lora_slots.py, worker/lora_manager.py).
+    # since the last step (scheduler/adapter_slots.py, worker/worker_lora.py).
     lora_loads: list[tuple[int, AdapterSpec]] = field(default_factory=list)
     lora_unloads: list[int] = field(default_factory=list)
 

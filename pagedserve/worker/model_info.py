@@ -26,7 +26,7 @@ class ModelInfo:
     vocab_size: int
     gguf_file: Path | None = None  # the weights, when they come from a GGUF file
     tokenizer_dir: Path | None = None  # model.tokenizer's directory; None: model_dir
-    # The adapter slots the model is built with (worker/lora_manager.py); None: no LoRA.
+    # The adapter slots the model is built with (worker/worker_lora.py); None: no LoRA.
     lora: LoRAConfig | None = None
     # model.path when it is a hub id: a worker on another node resolves it through that
     # node's own hub cache, since model_dir is a path on the engine's node.

@@ -26,9 +26,9 @@ from pagedserve.worker import prompt_logprobs, sampler
 from pagedserve.worker.cuda_graph import DecodeGraphs
 from pagedserve.worker.inputs import flatten
 from pagedserve.worker.layers.attention import AttentionBackend, AttentionMetadata, KVCache
-from pagedserve.worker.lora_manager import WorkerLoRA
 from pagedserve.worker.step_timer import StepTimer
 from pagedserve.worker.transfer import to_device
+from pagedserve.worker.worker_lora import WorkerLoRA
 
 
 class ModelRunner:

@@ -31,12 +31,12 @@ from pagedserve.scheduler.step import ScheduledSequence, StepInput, StepOutput
 from pagedserve.worker.cuda_graph import DecodeGraphs
 from pagedserve.worker.distributed import TPGroup
 from pagedserve.worker.layers.attention import KVCache, select_attention_backend
-from pagedserve.worker.lora_manager import WorkerLoRA
 from pagedserve.worker.model_info import ModelInfo
 from pagedserve.worker.model_runner import ModelRunner
 from pagedserve.worker.models import build_model
 from pagedserve.worker.models.llama import head_dim
 from pagedserve.worker.simulated import SimulatedWorker
+from pagedserve.worker.worker_lora import WorkerLoRA
 
 logger = logging.getLogger(__name__)
 

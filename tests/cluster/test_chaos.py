@@ -14,7 +14,7 @@ import pytest
 from support import REPO
 
 from pagedserve import LLM, SamplingParams
-from pagedserve.cluster.channel import wire_deltas
+from pagedserve.cluster.channel import crosses_as_deltas
 from pagedserve.cluster.server import LLMServer
 from pagedserve.config import load, parse
 from pagedserve.engine.output_kinds import Accumulator
@@ -65,7 +65,7 @@ async def _client(server: LLMServer, request: dict):
     stream = server.generate(request["id"], request["prompt"], request["params"],
                              lora=request["lora"])
     # The replica sends deltas (cumulative when best_of > n); added up as the ingress does.
-    total = Accumulator(request["prompt"]) if wire_deltas(request["params"]) else None
+    total = Accumulator(request["prompt"]) if crosses_as_deltas(request["params"]) else None
     seen, final = 0, None
     try:
         async for output in stream:

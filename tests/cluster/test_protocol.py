@@ -165,8 +165,8 @@ def test_top_k_disabled_values_become_zero(top_k, expected):
 
 
 def test_max_tokens_against_the_context_limit():
-    """The rule lives in engine.limits.context_room; the request names its own fields."""
-    from pagedserve.engine.limits import context_room
+    """The rule lives in engine.capacity.context_room; the request names its own fields."""
+    from pagedserve.engine.capacity import context_room
     from pagedserve.errors import RequestError
 
     assert completion(max_tokens=None).sampling_params(room=40).max_tokens == 40

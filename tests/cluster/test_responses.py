@@ -249,3 +249,42 @@ def test_stream_texts_add_up_to_the_final_text():
                                           "length" if done else None)])
         sent += "".join(text for _, text, _, _ in state.deltas(out))
     assert sent == final
+
+
+def test_stream_news_of_deltas_matches_the_news_of_their_sum():
+    """Deltas pass through StreamNews as they are: what it sends (text, token ids,
+    logprobs, finish reasons, usage) is what cutting their running sum sends."""
+    import random
+
+    from pagedserve.cluster.responses import StreamNews, TokenCounts
+    from pagedserve.engine.output_kinds import Accumulator, DeltaTracker
+
+    rng = random.Random(0)
+    for _ in range(50):
+        tracker, total = DeltaTracker(["xy"]), Accumulator([1, 2])
+        steps, texts, tokens, logprobs = rng.randint(1, 8), ["", ""], [[], []], [[], []]
+        deltas = []
+        for step in range(steps):
+            choices = []
+            for index in range(2):
+                if rng.random() < 0.7 or step == steps - 1:
+                    tokens[index].append(rng.randint(3, 9))
+                    logprobs[index].append({tokens[index][-1]: -0.5})
+                    texts[index] += rng.choice(["", "a", "x", "yz"])
+                choices.append(choice(index, list(tokens[index]), texts[index],
+                                      "length" if step == steps - 1 else None,
+                                      list(logprobs[index]) if index == 0 else None))
+            deltas.append(tracker.delta(request_output([1, 2], choices)))
+        news, cut = StreamNews(deltas[0], True, ()), StreamState()
+        token_sent: dict[int, int] = {}
+        for delta in deltas:
+            summed = total.add(delta)
+            expected = []
+            for index, text, entries, finish in cut.deltas(summed):
+                ids = {c.index: c for c in summed.outputs}[index].token_ids
+                expected.append((index, text, ids[token_sent.get(index, 0):], bool(entries),
+                                 entries or None, finish))
+                token_sent[index] = len(ids)
+            assert [(c.index, c.text, c.token_ids, bool(c.logprobs), c.logprobs or None,
+                     c.finish_reason) for c in news.update(delta)] == expected
+            assert news.counts == TokenCounts.of(summed)

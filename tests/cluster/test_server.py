@@ -8,7 +8,7 @@ import pytest
 from support import REPO
 
 from pagedserve import SamplingParams
-from pagedserve.cluster.channel import wire_deltas
+from pagedserve.cluster.channel import crosses_as_deltas
 from pagedserve.cluster.server import LLMServer
 from pagedserve.cluster.streams import Stream
 from pagedserve.config import load, parse
@@ -74,7 +74,7 @@ def test_cumulative_outputs_get_the_prompt_back_at_the_ingress():
                 sent.append(output)
                 yield output
 
-        outputs = [o async for o in Stream(first, rest(), [5, 6, 7], wire_deltas(params))]
+        outputs = [o async for o in Stream(first, rest(), [5, 6, 7], crosses_as_deltas(params))]
         return sent, outputs
 
     try:

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pagedserve import LLM, SamplingParams
-from pagedserve.engine.limits import blocks_needed
+from pagedserve.engine.capacity import blocks_needed
 
 PROMPTS = [list(range(10, 50)), [7, 8, 9], [300, 200, 100, 50, 25, 12, 6, 3, 2, 1] * 3, [42, 43]]
 ENGINE = dict(device="cpu", dtype="float32", block_size=8, max_model_len=128)

@@ -1,4 +1,4 @@
-"""AdapterSlots (scheduler/lora_slots.py): random acquire / release / forget against a model."""
+"""AdapterSlots (scheduler/adapter_slots.py): random acquire / release / forget against a model."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from pagedserve.scheduler.lora_slots import AdapterSlots
+from pagedserve.scheduler.adapter_slots import AdapterSlots
 
 IDS = st.integers(1, 7)
 

@@ -4,7 +4,7 @@ Every adaptable projection (qkv, o, gate_up, down) of every decoder layer gets
 a LoRAStack (layers/lora.py) of `max_loras` slots, preallocated at the
 engine's `max_lora_rank`, before the KV pool is sized, so the pool is what is
 left after them. The scheduler decides which adapter holds which slot
-(scheduler/lora_slots.py); a step carries the loads it decided on, and they are
+(scheduler/adapter_slots.py); a step carries the loads it decided on, and they are
 applied before the step runs:
 
     step.lora_loads = [(slot, spec)]   slot <- the adapter's weights (from the host

@@ -112,7 +112,7 @@ def test_n_seed_stop_and_logprobs(stub):
     assert streamed == unary.text
 
 
-GOOD = dict(model="tiny-llama", prompt="Hello", max_tokens=4)
+GOOD = dict(model="tiny-llama", prompt="Hello", max_tokens=4, ignore_eos=True)  # 4 tokens, always
 # (request fields, metadata, status code, words the details must hold)
 BAD_REQUESTS = [
     ({**GOOD, "model": "gpt-9"}, METADATA, grpc.StatusCode.NOT_FOUND, "gpt-9"),

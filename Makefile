@@ -35,7 +35,7 @@ demo: install
 # (tests/test_layers.py).
 test: model
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy pagedserve/scheduler pagedserve/engine
+	$(VENV)/bin/mypy pagedserve/scheduler pagedserve/engine pagedserve/model
 	$(PY) -m pytest -q
 
 bench: install

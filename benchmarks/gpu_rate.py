@@ -191,7 +191,7 @@ def served(config: Config, streams: list[int], output_len: int, seed: int,
     from ray import serve
 
     from pagedserve.cluster.app import build, http_options, serve_environment
-    from pagedserve.config import served_model_name
+    from pagedserve.model.embedded import served_model_name
 
     port, proxy_port = free_port(), free_port()
     serving = config.serving.model_copy(update={"port": port, "proxy_port": proxy_port,

@@ -43,7 +43,8 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
-from pagedserve import LLM, LoRARequest, SamplingParams, embedded
+from pagedserve import LLM, LoRARequest, SamplingParams
+from pagedserve.model import embedded
 from pagedserve.testing.lora import write_random_adapter
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

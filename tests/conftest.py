@@ -51,8 +51,8 @@ def user_cache():
 @pytest.fixture(scope="session")
 def embedded_gguf():
     """The embedded default's GGUF file (fetched if `make test` did not) and its metadata."""
-    from pagedserve import embedded
-    from pagedserve.worker.gguf_file import metadata_dir
+    from pagedserve.model import embedded
+    from pagedserve.model.gguf_file import metadata_dir
 
     with user_cache():
         path = embedded.fetch(embedded.DEFAULT)

@@ -24,9 +24,10 @@ import pytest
 import yaml
 from conftest import free_port
 
-from pagedserve import cli, embedded
+from pagedserve import cli
 from pagedserve import config as config_module
 from pagedserve.cluster import app
+from pagedserve.model import embedded
 
 REPO = Path(__file__).resolve().parents[1]
 

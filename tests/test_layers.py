@@ -1,8 +1,12 @@
 """The import graph keeps its layers: no upward import, no cycle.
 
     entry points (llm, cli, demo, planner, testing)
-      -> cluster -> engine -> worker -> scheduler -> base (config, sampling_params, ...)
+      -> cluster -> engine -> worker -> model -> scheduler -> base (config, sampling_params, ...)
     kernels: imports nothing of pagedserve's; worker uses it
+
+`model` (where a model comes from, its shape, and the memory rules) sits
+below the worker, so the engine, the workers, the simulated GPU and the
+planner all read one copy of each rule.
 
 Every `import` in the package counts, those inside functions too: a lazy
 import still ties two modules together.
@@ -17,10 +21,11 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pagedserve"
 # Higher imports lower; a module may import its own layer and any below it.
-RANKS = {"entry": 6, "cluster": 5, "engine": 4, "worker": 3, "scheduler": 2, "base": 1}
+RANKS = {"entry": 7, "cluster": 6, "engine": 5, "worker": 4, "model": 3, "scheduler": 2,
+         "base": 1}
 ENTRY = {"pagedserve", "pagedserve.__main__", "pagedserve.cli", "pagedserve.demo",
          "pagedserve.llm", "pagedserve.planner"}
-SUBPACKAGES = ("cluster", "engine", "worker", "scheduler", "kernels", "testing")
+SUBPACKAGES = ("cluster", "engine", "worker", "model", "scheduler", "kernels", "testing")
 GENERATED = ("pagedserve.cluster.proto",)
 
 

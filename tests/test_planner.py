@@ -12,9 +12,9 @@ from safetensors import safe_open
 
 from pagedserve import config as config_module
 from pagedserve.cli import main
+from pagedserve.model.checkpoint_files import weight_files
 from pagedserve.planner import format_plan, load_presets, plan
 from pagedserve.testing import build_random_model, cached_random_model
-from pagedserve.worker.checkpoint_files import weight_files
 
 CONFIG_DIR = Path(__file__).parent.parent / "configs"
 GIB = 2**30

@@ -10,7 +10,7 @@ import torch
 
 from pagedserve import LLM, AsyncEngineArgs, AsyncLLMEngine, SamplingParams
 from pagedserve.config import config_from_fields
-from pagedserve.engine import resolve
+from pagedserve.engine.executors import choose_dtype
 from pagedserve.errors import RequestError
 from pagedserve.kernels import cpu_gemm
 
@@ -98,14 +98,14 @@ def test_dtype_spellings(alias, dtype):
 def test_float16_on_cpu_follows_the_cpu(monkeypatch, caplog, native):
     monkeypatch.setattr(cpu_gemm, "float16_supported", lambda: native)
     with caplog.at_level(logging.WARNING, logger="pagedserve"):
-        got = resolve._dtype(None, "float16", torch.device("cpu"))
+        got = choose_dtype(torch.float16, torch.device("cpu"))
     assert got == (torch.float16 if native else torch.bfloat16)
     assert any("bfloat16" in r.getMessage() for r in caplog.records) == (not native)
     weight = torch.zeros(4, 4, dtype=torch.float16)
     assert cpu_gemm.can_pack(weight) == (native and cpu_gemm.available())
     # Other dtypes and devices are as asked.
-    assert resolve._dtype(None, "float16", torch.device("cuda")) == torch.float16
-    assert resolve._dtype(None, "float32", torch.device("cpu")) == torch.float32
+    assert choose_dtype(torch.float16, torch.device("cuda")) == torch.float16
+    assert choose_dtype(torch.float32, torch.device("cpu")) == torch.float32
 
 
 @pytest.mark.parametrize("cpu", ["this", "without-native-float16"])

@@ -29,9 +29,10 @@ from pagedserve.cluster.channel import Receiver, crosses_as_deltas
 from pagedserve.cluster.errors import OpenAIError
 from pagedserve.cluster.parsing import RequestBounds
 from pagedserve.cluster.streams import Stream, client_error
-from pagedserve.config import Config, served_model_name
+from pagedserve.config import Config
 from pagedserve.engine.capacity import context_room
 from pagedserve.errors import RequestError
+from pagedserve.model.embedded import served_model_name
 from pagedserve.sampling_params import SamplingParams
 
 # Serve's own logger: records land in the replica's log files and the Ray dashboard.

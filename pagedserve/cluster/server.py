@@ -25,11 +25,12 @@ import ray
 from pagedserve.cluster import autoscaling, routing
 from pagedserve.cluster.channel import Outbox, crosses_as_deltas
 from pagedserve.cluster.metrics import EngineMetrics
-from pagedserve.config import Config, served_model_name
+from pagedserve.config import Config
 from pagedserve.engine.async_engine import AsyncLLMEngine
 from pagedserve.engine.stats import EngineStats
 from pagedserve.errors import EngineOverloadedError
 from pagedserve.lora_request import LoRARequest
+from pagedserve.model.embedded import served_model_name
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 from pagedserve.worker.ray_utils import normal_priority

@@ -1,2 +1,2 @@
-"""The engine layer: the step loop (EngineCore), the async API over it
-(AsyncLLMEngine), and the model resolution both need."""
+"""The engine layer: the step loop (EngineCore) and the async API over it
+(AsyncLLMEngine); the model it runs is resolved in pagedserve/model."""

@@ -18,13 +18,15 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from pagedserve.config import Config, EngineConfig
 from pagedserve.engine.adapters import AdapterRegistry
 from pagedserve.engine.capacity import swap_blocks
-from pagedserve.engine.executors import choose_device, make_executor
+from pagedserve.engine.executors import choose_device, choose_dtype, make_executor
 from pagedserve.engine.request_inputs import InputProcessor, PromptInput
 from pagedserve.engine.request_outputs import OutputBuilder
-from pagedserve.engine.resolve import resolve
 from pagedserve.engine.stats import EngineStats, SlotUsage, StepStats
 from pagedserve.lora_request import LoRARequest
 from pagedserve.math_utils import cdiv
+from pagedserve.model.info import ModelInfo
+from pagedserve.model.resolve import resolve
+from pagedserve.model.rules import check_pool_holds_a_sequence
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 from pagedserve.scheduler.adapter_slots import AdapterSlots
@@ -34,7 +36,6 @@ from pagedserve.scheduler.scheduler import Scheduler, SchedulerConfig
 from pagedserve.scheduler.sequence import FinishReason, SequenceGroup
 from pagedserve.scheduler.step import StepInput, StepOutput
 from pagedserve.worker.executor import Executor, PendingStep
-from pagedserve.worker.model_info import ModelInfo
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class EngineCore:
         model, engine, parallel = config.model, config.engine, config.parallel
         simulated = engine.simulator is not None
         info = resolve(model, choose_device(engine, parallel), parallel, simulated=simulated)
+        info = dataclasses.replace(info, dtype=choose_dtype(info.dtype, info.device))
         if config.lora.enable_lora:
             info = dataclasses.replace(info, lora=config.lora)
         tokenizer = None if model.skip_tokenizer_init else AutoTokenizer.from_pretrained(
@@ -99,16 +101,9 @@ class EngineCore:
                        max_batched: int) -> BlockManager:
         """Size the KV pool (every rank holds the same block ids) and its block manager."""
         num_blocks = engine.num_gpu_blocks or executor.num_available_blocks(max_batched)
-        blocks_per_seq = cdiv(info.max_model_len, engine.block_size)
-        if num_blocks < blocks_per_seq:
-            source = ("num_gpu_blocks" if engine.num_gpu_blocks else
-                      "gpu_memory_utilization" if info.device.type == "cuda" or engine.simulator
-                      else "kv_cache_memory_gb")
-            raise ValueError(
-                f"the KV pool has {num_blocks} blocks of {engine.block_size} tokens, fewer than "
-                f"the {blocks_per_seq} one sequence of max_model_len={info.max_model_len} needs: "
-                f"raise {source} (one block takes {executor.block_bytes} bytes) or lower "
-                "max_model_len")
+        on_gpu = info.device.type == "cuda" or engine.simulator is not None
+        check_pool_holds_a_sequence(num_blocks, engine, info.max_model_len, on_gpu,
+                                    executor.block_bytes)
         num_cpu_blocks = swap_blocks(engine, num_blocks, executor.block_bytes)
         executor.init_kv_cache(num_blocks, num_cpu_blocks)
         logger.info("KV pool: %d blocks x %d tokens (%.1f MiB per rank), CPU swap pool %d blocks",

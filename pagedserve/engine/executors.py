@@ -1,4 +1,4 @@
-"""Which executor runs the workers, and on which device.
+"""Which executor runs the workers, on which device, in which dtype.
 
 In-process (`LocalExecutor`, no Ray) or one Ray actor per rank
 (`RayExecutor`). Ray is imported, and joined, only when the config asks for
@@ -8,11 +8,16 @@ sit on other nodes.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from pagedserve.config import EngineConfig, ParallelConfig
+from pagedserve.model.info import ModelInfo
 from pagedserve.worker.executor import Executor, LocalExecutor
-from pagedserve.worker.model_info import ModelInfo
+from pagedserve.worker.layers.linear import cpu_float16_supported
+
+logger = logging.getLogger(__name__)
 
 
 def choose_device(engine: EngineConfig, parallel: ParallelConfig) -> torch.device:
@@ -27,6 +32,16 @@ def choose_device(engine: EngineConfig, parallel: ParallelConfig) -> torch.devic
     if engine.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("engine.device='cuda' but torch sees no CUDA device")
     return torch.device(engine.device)
+
+
+def choose_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """An asked-for float16 on a CPU without native float16 matmuls (avx512_fp16 or
+    avx_ne_convert) runs in bfloat16, which has float16's size and more range."""
+    if dtype != torch.float16 or device.type != "cpu" or cpu_float16_supported():
+        return dtype
+    logger.warning("dtype float16: this CPU has no native float16 matmul (avx512_fp16 or "
+                   "avx_ne_convert); serving in bfloat16 instead")
+    return torch.bfloat16
 
 
 def make_executor(info: ModelInfo, engine: EngineConfig, parallel: ParallelConfig,

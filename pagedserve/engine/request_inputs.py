@@ -15,10 +15,10 @@ from transformers import PreTrainedTokenizerBase
 
 from pagedserve.engine.capacity import blocks_needed, context_room, max_new_tokens
 from pagedserve.errors import RequestError
+from pagedserve.model.info import ModelInfo
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.scheduler.beam_search import BeamSearch
 from pagedserve.scheduler.config import SchedulerConfig
-from pagedserve.worker.model_info import ModelInfo
 
 # A prompt: text, or {"prompt_token_ids": [...]}.
 PromptInput = str | dict[str, Any]

@@ -2,6 +2,6 @@
 and load generators. The random-model builder itself lives in the engine
 (`model.random_init` uses it); it is re-exported here for tests and benchmarks."""
 
-from pagedserve.engine.random_model import build_random_model, cached_random_model
+from pagedserve.model.random_model import build_random_model, cached_random_model
 
 __all__ = ["build_random_model", "cached_random_model"]

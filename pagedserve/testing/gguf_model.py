@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from pagedserve.worker.checkpoint_files import read_checkpoint
+from pagedserve.model.checkpoint_files import read_checkpoint
+from pagedserve.model.shape import head_dim
 
 
 def write_gguf(model_dir: Path, path: Path, tensor_type: str = "F32") -> Path:
@@ -34,11 +35,11 @@ def write_gguf(model_dir: Path, path: Path, tensor_type: str = "F32") -> Path:
     state = read_checkpoint(Path(model_dir))
     name_map = gguf.get_tensor_name_map(
         {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch], config.num_hidden_layers)
-    head_dim = config.hidden_size // config.num_attention_heads
+    dim = head_dim(config)
     for hf_name, tensor in state.items():
         values = tensor.float().numpy()
         if arch == "llama" and (".q_proj." in hf_name or ".k_proj." in hf_name):
-            heads = values.shape[0] // head_dim
+            heads = values.shape[0] // dim
             values = permute(values, heads)
         gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if values.ndim == 1:
@@ -69,7 +70,7 @@ def _write_config(writer, config) -> None:
     rope = getattr(config, "rope_parameters", None) or {}
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 1e4))))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_rope_dimension_count(head_dim(config))
     writer.add_vocab_size(config.vocab_size)
 
 

@@ -14,9 +14,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 from pagedserve.config import EngineConfig
+from pagedserve.model.info import ModelInfo
 from pagedserve.scheduler.step import StepInput, StepOutput
 from pagedserve.worker import cpu_threads
-from pagedserve.worker.model_info import ModelInfo
 from pagedserve.worker.simulated import SimulatedWorker
 from pagedserve.worker.worker import make_worker
 

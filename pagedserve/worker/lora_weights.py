@@ -20,7 +20,7 @@ import torch
 
 from pagedserve.errors import RequestError
 from pagedserve.lora_request import WEIGHTS_FILE, AdapterSpec
-from pagedserve.worker.models.llama import head_dim
+from pagedserve.model.shape import head_dim
 
 _KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)"
                   r"\.lora_([AB])\.weight")

@@ -47,11 +47,11 @@ from ray.util.placement_group import (
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pagedserve.config import TP_ACROSS_NODES, EngineConfig, ParallelConfig
+from pagedserve.model.info import ModelInfo
 from pagedserve.scheduler.step import StepInput, StepOutput
 from pagedserve.worker import cpu_threads
 from pagedserve.worker.distributed import TPGroup, init_tp_group
 from pagedserve.worker.errors import WorkerFailedError
-from pagedserve.worker.model_info import ModelInfo
 from pagedserve.worker.ray_utils import (
     check_cluster_fits,
     checkpoint_for_store,

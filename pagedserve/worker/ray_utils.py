@@ -16,8 +16,8 @@ import numpy as np
 import ray
 import torch
 
-from pagedserve.worker.checkpoint_files import hub_snapshot, read_checkpoint
-from pagedserve.worker.model_info import ModelInfo
+from pagedserve.model.checkpoint_files import hub_snapshot, read_checkpoint
+from pagedserve.model.info import ModelInfo
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def model_files_here(info: ModelInfo, rank: int) -> ModelInfo:
 
 
 def checkpoint_for_store(info: ModelInfo) -> dict[str, tuple[np.ndarray, str, tuple[int, ...]]]:
-    """The model's checkpoint (its safetensors or .bin files, checkpoint_files.py), read
+    """The model's checkpoint (its safetensors or .bin files, model/checkpoint_files.py), read
     once here, as raw bytes for Ray's object store.
 
     Numpy arrays are read from the store without a copy, by every rank of a node

@@ -3,10 +3,10 @@
 It holds no weights and does no arithmetic. What the engine sees is what a
 GPU worker gives it:
 
-- **Memory:** the KV pool is sized as the GPU's would be, from the planner's
-  figures (model_shape.py): `gpu_memory_utilization` of the GPU's memory, less
-  the rank's weights and the activation headroom of the largest step.
-- **Time:** a step takes the time the roofline model gives (roofline.py),
+- **Memory:** the KV pool is sized as the GPU's would be, by the planner's
+  rule (model/rules.py, gpu_kv_budget): `gpu_memory_utilization` of the GPU's
+  memory, less the rank's weights and the activation headroom of the largest step.
+- **Time:** a step takes the time the roofline model gives (model/roofline.py),
   spent asleep, so the host's CPU is free as it would be beside a real GPU.
   The engine's host work is then measured against real device time.
 - **Tokens:** deterministic tokens read from a text through the real
@@ -28,7 +28,10 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from pagedserve.config import EngineConfig
-from pagedserve.model_shape import ModelShape, headroom_bytes
+from pagedserve.model.info import ModelInfo
+from pagedserve.model.roofline import GPUS, Roofline, StepShape
+from pagedserve.model.rules import gpu_kv_budget
+from pagedserve.model.shape import headroom_bytes
 from pagedserve.scheduler.step import (
     PromptLogprobs,
     Sample,
@@ -36,8 +39,6 @@ from pagedserve.scheduler.step import (
     StepInput,
     StepOutput,
 )
-from pagedserve.worker.model_info import ModelInfo
-from pagedserve.worker.roofline import GPUS, Roofline, StepShape
 
 # How many alternatives a token has in the simulated distribution.
 _ALTERNATIVES = 20
@@ -83,7 +84,7 @@ class SimulatedWorker:
         self.info, self.engine, self.rank = info, engine, rank
         self.sim = engine.simulator
         self.gpu = GPUS[self.sim.gpu]
-        self.shape = ModelShape.from_hf_config(info.hf_config.to_dict(), str(info.model_dir))
+        self.shape = info.shape
         self.dtype_bytes = info.dtype.itemsize
         self.roofline = Roofline(self.gpu, self.shape, tp_size, self.dtype_bytes)
         self.tp_size = tp_size
@@ -99,15 +100,9 @@ class SimulatedWorker:
         """Blocks of the KV budget the GPU would leave, as the planner computes it."""
         headroom = headroom_bytes(self.shape, self.tp_size, self.dtype_bytes,
                                   max_num_batched_tokens, self.engine.max_num_seqs)
-        usable = int(self.gpu.memory_bytes * self.engine.gpu_memory_utilization)
-        budget = usable - self.roofline.weight_bytes - headroom
-        if budget <= 0:
-            raise ValueError(
-                f"the model does not fit one simulated {self.gpu.name}: weights "
-                f"{self.roofline.weight_bytes / 2**30:.2f} GiB + headroom "
-                f"{headroom / 2**30:.2f} GiB exceed gpu_memory_utilization="
-                f"{self.engine.gpu_memory_utilization} x {self.gpu.memory_bytes / 2**30:.1f} GiB:"
-                " raise parallel.tensor_parallel_size")
+        budget = gpu_kv_budget(self.gpu.memory_bytes, self.engine.gpu_memory_utilization,
+                               self.roofline.weight_bytes, headroom, self.tp_size,
+                               gpu=f"simulated {self.gpu.name}")
         return budget // self.block_bytes
 
     def init_kv_cache(self, num_blocks: int, num_cpu_blocks: int = 0) -> None:

@@ -26,15 +26,14 @@ import torch
 from pagedserve.config import EngineConfig
 from pagedserve.kernels.swap import swap_blocks
 from pagedserve.math_utils import cdiv
+from pagedserve.model.info import ModelInfo
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.scheduler.step import ScheduledSequence, StepInput, StepOutput
 from pagedserve.worker.cuda_graph import DecodeGraphs
 from pagedserve.worker.distributed import TPGroup
 from pagedserve.worker.layers.attention import KVCache, select_attention_backend
-from pagedserve.worker.model_info import ModelInfo
 from pagedserve.worker.model_runner import ModelRunner
 from pagedserve.worker.models import build_model
-from pagedserve.worker.models.llama import head_dim
 from pagedserve.worker.simulated import SimulatedWorker
 from pagedserve.worker.worker_lora import WorkerLoRA
 
@@ -43,14 +42,12 @@ logger = logging.getLogger(__name__)
 
 def kv_block_shape(info: ModelInfo, block_size: int, tp_size: int) -> tuple[int, int, int]:
     """[block_size, kv heads of one rank, head_dim] of one block of one layer's keys."""
-    return block_size, info.hf_config.num_key_value_heads // tp_size, head_dim(info.hf_config)
+    return block_size, info.shape.num_kv_heads // tp_size, info.shape.head_dim
 
 
 def kv_block_bytes(info: ModelInfo, block_size: int, tp_size: int) -> int:
     """Bytes of one block on one rank, across all layers, keys and values."""
-    block_size, heads, dim = kv_block_shape(info, block_size, tp_size)
-    element = torch.tensor([], dtype=info.dtype).element_size()
-    return 2 * info.hf_config.num_hidden_layers * block_size * heads * dim * element
+    return block_size * info.shape.kv_bytes_per_token(tp_size, info.dtype.itemsize)
 
 
 class Worker:
@@ -151,7 +148,7 @@ class Worker:
 
     def _pool_shape(self, num_blocks: int) -> tuple[int, ...]:
         """[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]"""
-        return (self.info.hf_config.num_hidden_layers, 2, num_blocks, *self.kv_block_shape)
+        return (self.info.shape.num_layers, 2, num_blocks, *self.kv_block_shape)
 
     def execute(self, step: StepInput) -> StepOutput | None:
         """Run one step; rank 0 returns the sampled tokens, other ranks None.

@@ -14,7 +14,7 @@ from support import REPO
 
 from pagedserve import LLM
 from pagedserve.config import load, parse
-from pagedserve.engine.resolve import load_hf_config
+from pagedserve.model.resolve import load_hf_config
 from pagedserve.testing import build_random_model
 
 CONFIGS = REPO / "configs"

@@ -25,13 +25,13 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from pagedserve import LLM, SamplingParams
-from pagedserve.testing import build_random_model
-from pagedserve.worker.checkpoint_files import (
+from pagedserve.model.checkpoint_files import (
     checkpoint_bytes,
     hub_snapshot,
     read_checkpoint,
     weight_files,
 )
+from pagedserve.testing import build_random_model
 from pagedserve.worker.distributed import TPGroup
 from pagedserve.worker.models import build_model
 from pagedserve.worker.ray_utils import checkpoint_for_store, stored_checkpoint

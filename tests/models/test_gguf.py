@@ -15,10 +15,10 @@ from transformers import AutoModelForCausalLM
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.config import parse
+from pagedserve.model.gguf_file import metadata_dir
 from pagedserve.testing import build_random_model
 from pagedserve.testing.gguf_model import write_gguf
 from pagedserve.worker.distributed import TPGroup
-from pagedserve.worker.gguf_file import metadata_dir
 from pagedserve.worker.layers.linear import dense_parameters
 from pagedserve.worker.models import build_model
 

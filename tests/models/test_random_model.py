@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-import pagedserve.engine.random_model as rm
+import pagedserve.model.random_model as rm
 from pagedserve.testing import build_random_model, cached_random_model
 
 ARCH_CASES = {

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pagedserve.lora_request import read_adapter_config
+from pagedserve.model.shape import head_dim
 from pagedserve.worker.distributed import TPGroup
 from pagedserve.worker.layers.linear import (
     ColumnParallelLinear,
@@ -16,7 +17,6 @@ from pagedserve.worker.layers.linear import (
 )
 from pagedserve.worker.layers.lora import PARTS, LoRABatch, LoRAStack
 from pagedserve.worker.lora_weights import load_lora_weights
-from pagedserve.worker.models.llama import head_dim
 
 peft = pytest.importorskip("peft")
 ADAPTERS = [  # (rank, targets): different ranks, some parts of a fused layer only

@@ -25,9 +25,9 @@ from transformers import AutoModelForCausalLM
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.config import EngineConfig, ModelConfig, ParallelConfig
+from pagedserve.model.checkpoint_files import read_checkpoint
 from pagedserve.testing import build_random_model
 from pagedserve.testing.nodes import hold_cpus
-from pagedserve.worker.checkpoint_files import read_checkpoint
 from pagedserve.worker.errors import WorkerFailedError
 
 HUB_ID = "pagedserve-tests/tiny-llama"
@@ -99,7 +99,7 @@ def _executor(info, **parallel):
 
 
 def _resolved(tiny: Path):
-    from pagedserve.engine.resolve import resolve
+    from pagedserve.model.resolve import resolve
 
     return resolve(ModelConfig(path=str(tiny), dtype="float32", max_model_len=128),
                    torch.device("cpu"))

@@ -12,9 +12,9 @@ from support import REPO
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.config import load
-from pagedserve.model_shape import ModelShape, load_presets
+from pagedserve.model.roofline import GPUS, Roofline, StepShape
+from pagedserve.model.shape import ModelShape, load_presets
 from pagedserve.planner import plan
-from pagedserve.worker.roofline import GPUS, Roofline, StepShape
 
 CONFIGS = REPO / "configs"
 SIM_8B = CONFIGS / "llama-3-8b-h200-sim.yaml"
@@ -86,7 +86,7 @@ def test_every_gpu_cites_its_sources():
 @pytest.fixture(scope="module")
 def tokenizer_dir(embedded_gguf):
     """The embedded model's tokenizer, standing in for Llama-3's."""
-    from pagedserve.worker.gguf_file import metadata_dir
+    from pagedserve.model.gguf_file import metadata_dir
 
     return str(metadata_dir(embedded_gguf))
 

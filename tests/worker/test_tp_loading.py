@@ -12,11 +12,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from pagedserve.model import checkpoint_files
+from pagedserve.model.shape import head_dim
 from pagedserve.testing import build_random_model
-from pagedserve.worker import checkpoint_files
 from pagedserve.worker.distributed import TPGroup
 from pagedserve.worker.models import build_model
-from pagedserve.worker.models.llama import head_dim
 
 # 16 query heads, 8 KV heads; a vocabulary 4 does not divide; biases everywhere:
 # column-parallel ones are split with their rows, row-parallel ones kept whole.

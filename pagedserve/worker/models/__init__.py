@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pagedserve.worker.checkpoint_files import checkpoint_tensors
+from pagedserve.model.checkpoint_files import checkpoint_tensors
+from pagedserve.model.gguf_file import tensors as gguf_tensors
 from pagedserve.worker.distributed import TPGroup
-from pagedserve.worker.gguf_file import tensors as gguf_tensors
 from pagedserve.worker.layers import default_dtype
 from pagedserve.worker.layers.linear import default_weight_loader, pack_linear_weights
 from pagedserve.worker.models.llama import LlamaForCausalLM
@@ -38,7 +38,7 @@ def build_model(hf_config, model_dir: Path, *, max_position: int, dtype: torch.d
 
     Weights come from `checkpoint` when given (whole tensors by checkpoint name:
     the object store's copy), else from the checkpoint files of `model_dir`
-    (safetensors or .bin, checkpoint_files.py), or from `gguf_file` when set.
+    (safetensors or .bin, model/checkpoint_files.py), or from `gguf_file` when set.
     Parameters are created on `device` in `dtype` and left uninitialised until
     they are loaded or drawn; buffers built in float32 (the rotary table) are
     cast after. On the CPU, linear weights are then packed for oneDNN's GEMM

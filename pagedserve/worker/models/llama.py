@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedserve.model.shape import ModelShape, head_dim
 from pagedserve.worker.distributed import TPGroup
 from pagedserve.worker.layers.attention import Attention, AttentionMetadata, KVCache
 from pagedserve.worker.layers.linear import (
@@ -32,18 +33,16 @@ from pagedserve.worker.layers.vocab import ParallelLMHead, VocabParallelEmbeddin
 class LlamaAttention(nn.Module):
     def __init__(self, config, tp: TPGroup) -> None:
         super().__init__()
-        self.head_dim = head_dim(config)
-        # Qwen2 always has q/k/v bias; Llama has both or neither via attention_bias.
-        attention_bias = getattr(config, "attention_bias", False)
-        qkv_bias = attention_bias or config.model_type == "qwen2"
+        shape = ModelShape.from_config(config)
+        self.head_dim = shape.head_dim
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim,
-                                          config.num_attention_heads, config.num_key_value_heads,
-                                          qkv_bias, tp)
+                                          shape.num_heads, shape.num_kv_heads,
+                                          shape.qkv_bias, tp)
         # Heads and sizes of this rank.
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim,
-                                        config.hidden_size, attention_bias, tp)
+                                        config.hidden_size, shape.o_proj_bias, tp)
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
 
     def forward(self, rope: Rope, hidden: torch.Tensor, kv_cache: KVCache,
@@ -61,7 +60,7 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, config, tp: TPGroup) -> None:
         super().__init__()
-        bias = getattr(config, "mlp_bias", False)
+        bias = ModelShape.from_config(config).mlp_bias
         size = config.intermediate_size
         self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [size, size], bias, tp,
                                                  "intermediate_size")
@@ -143,7 +142,3 @@ class LlamaForCausalLM(nn.Module):
         """
         logits = self.lm_head.compute_logits(self.model.norm(hidden))
         return None if logits is None else logits.float()
-
-
-def head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

@@ -1,10 +1,13 @@
 """Model shapes and the memory they take: what planning and simulation need.
 
 The numbers of an HF config.json that memory and step time depend on
-(`ModelShape`), the bundled presets of well-known models, and per-rank
-parameter and activation figures. Pure arithmetic: no torch, no weights.
-The planner (planner.py) reports them; the simulated accelerator
-(worker/simulated.py) sizes its KV pool and times its steps with them.
+(`ModelShape`), read once here for every layer: the engine and its workers
+read a loaded config through `ModelShape.from_config`, the planner and the
+simulated GPU a config.json's dict. Also the bundled presets of well-known
+models, and per-rank parameter and activation figures. Pure arithmetic: no
+torch, no weights. The planner (planner.py) reports them; the simulated
+accelerator (worker/simulated.py) sizes its KV pool and times its steps with
+them; the rules they feed are in rules.py.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, Protocol
 
 from pagedserve.math_utils import cdiv
 
@@ -22,6 +25,12 @@ RUNTIME_OVERHEAD_BYTES = GIB
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # The key a preset adds to the HF config.json it copies: the hub ids it stands for.
 PRESET_HUB_IDS_KEY = "pagedserve_hub_ids"
+
+
+class HFConfig(Protocol):
+    """A loaded HF config (transformers' PretrainedConfig), as far as a shape reads it."""
+
+    def to_dict(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,11 @@ class ModelShape:
     saved_dtype: str | None
 
     @classmethod
+    def from_config(cls, config: HFConfig, source: str = "the model") -> ModelShape:
+        """The shape of a loaded config, read as its config.json would be."""
+        return cls.from_hf_config(config.to_dict(), source)
+
+    @classmethod
     def from_hf_config(cls, hf: dict[str, Any], source: str) -> ModelShape:
         missing = [key for key in ("vocab_size", "hidden_size", "intermediate_size",
                                    "num_hidden_layers", "num_attention_heads",
@@ -53,7 +67,9 @@ class ModelShape:
             raise ValueError(f"{source}: the model config has no {', '.join(missing)}")
         heads = hf["num_attention_heads"]
         limit = hf["max_position_embeddings"]
-        window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+        window = hf.get("sliding_window")
+        if hf.get("use_sliding_window") is False:
+            window = None
         attention_bias = bool(hf.get("attention_bias", False))
         return cls(
             source=source,
@@ -65,8 +81,9 @@ class ModelShape:
             num_heads=heads,
             num_kv_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            # The engine attends over the whole context, so a sliding window caps it.
-            context_limit=min(limit, window) if window else limit,
+            # Attention here is over the whole context, which equals sliding-window
+            # attention only while the context fits in the window: a window caps it.
+            context_limit=min(limit, window) if window is not None else limit,
             # Llama, Mistral and Qwen2 configs default to untied embeddings.
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             # As the model builds them: Qwen2 always has q/k/v biases.
@@ -79,6 +96,11 @@ class ModelShape:
     def kv_bytes_per_token(self, tp: int, dtype_bytes: int) -> int:
         """KV bytes of one token on one rank: its share of the KV heads, every layer."""
         return 2 * self.num_layers * (self.num_kv_heads // tp) * self.head_dim * dtype_bytes
+
+
+def head_dim(config: HFConfig) -> int:
+    """The width of one attention head of a loaded config (ModelShape's rule)."""
+    return ModelShape.from_config(config).head_dim
 
 
 def load_presets() -> dict[str, dict[str, Any]]:

@@ -1,6 +1,6 @@
 """Resolve a ModelConfig against the model and the machine, once, at engine build.
 
-The result (`ModelInfo`, worker/model_info.py) is frozen: the directory holding
+The result (`ModelInfo`, model/info.py) is frozen: the directory holding
 the HF config and tokenizer, the GGUF file when the weights come from one,
 the real max_model_len, dtype and device, and the token ids that end a
 sequence. Nothing here starts Ray: the device of Ray workers is chosen where
@@ -15,14 +15,13 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 
-from pagedserve import embedded
 from pagedserve.config import ModelConfig, ParallelConfig
-from pagedserve.engine.random_model import cached_random_model
-from pagedserve.model_shape import PRESET_HUB_IDS_KEY, preset_for
-from pagedserve.worker import gguf_file
-from pagedserve.worker.checkpoint_files import hub_snapshot
-from pagedserve.worker.layers.linear import cpu_float16_supported
-from pagedserve.worker.model_info import ModelInfo
+from pagedserve.model import embedded, gguf_file
+from pagedserve.model.checkpoint_files import hub_snapshot
+from pagedserve.model.info import ModelInfo
+from pagedserve.model.random_model import cached_random_model
+from pagedserve.model.rules import check_tensor_parallel, max_model_len, served_dtype
+from pagedserve.model.shape import PRESET_HUB_IDS_KEY, ModelShape, preset_for
 
 logger = logging.getLogger(__name__)
 
@@ -52,15 +51,17 @@ def resolve(model: ModelConfig, device: torch.device,
                              "directory, or an embedded model's name such as "
                              f"{next(iter(embedded.MODELS))!r})")
         directory = tokenizer_dir  # the model has no files of its own here
-    check_tensor_parallel(hf_config, parallel.tensor_parallel_size)
+    shape = ModelShape.from_config(hf_config, model.path or str(directory))
+    check_tensor_parallel(shape, parallel.tensor_parallel_size)
     # A tokenizer borrowed for a preset's shape brings its own end-of-text token (with a
     # preset, `directory` is that tokenizer's).
     eos_source = directory
     return ModelInfo(
         model_dir=directory,
         hf_config=hf_config,
-        max_model_len=_max_model_len(hf_config, model.max_model_len),
-        dtype=_dtype(hf_config, model.dtype, device),
+        shape=shape,
+        max_model_len=_max_model_len(shape, hf_config, model.max_model_len),
+        dtype=_DTYPES[served_dtype(model.dtype, shape.saved_dtype, device.type)],
         device=device,
         eos_token_ids=_eos_token_ids(eos_source, hf_config if preset is None else None),
         vocab_size=hf_config.vocab_size,
@@ -126,54 +127,11 @@ def locate(model: ModelConfig) -> tuple[Path, Path | None, str | None]:
     return hub_snapshot(model.path), None, model.path
 
 
-def check_tensor_parallel(hf_config: PretrainedConfig, tp_size: int) -> None:
-    """Heads and MLP features are split evenly over ranks, or the model cannot be sharded."""
-    for field in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
-        heads = getattr(hf_config, field)
-        if heads % tp_size:
-            raise ValueError(f"parallel.tensor_parallel_size={tp_size} does not divide the "
-                             f"model's {field}={heads}: choose a tensor_parallel_size that does")
-
-
-def _dtype(hf_config: PretrainedConfig, requested: str, device: torch.device) -> torch.dtype:
-    if requested != "auto":
-        return _cpu_float16(_DTYPES[requested], device)
-    saved = getattr(hf_config, "dtype", None)  # transformers 5 reads torch_dtype into it
-    if isinstance(saved, str):
-        saved = _DTYPES.get(saved)
-    dtype = (saved if isinstance(saved, torch.dtype) and saved in _DTYPES.values()
-             else torch.float32)
-    if dtype == torch.float16 and device.type == "cpu":
-        return torch.bfloat16  # CPUs have no fast float16 matmul; bfloat16 keeps the range
-    return dtype
-
-
-def _cpu_float16(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """An asked-for float16 on a CPU without native float16 matmuls (avx512_fp16 or
-    avx_ne_convert) runs in bfloat16, which has float16's size and more range."""
-    if dtype != torch.float16 or device.type != "cpu" or cpu_float16_supported():
-        return dtype
-    logger.warning("dtype float16: this CPU has no native float16 matmul (avx512_fp16 or "
-                   "avx_ne_convert); serving in bfloat16 instead")
-    return torch.bfloat16
-
-
-def _max_model_len(hf_config: PretrainedConfig, requested: int | None) -> int:
-    limit = hf_config.max_position_embeddings
-    window = getattr(hf_config, "sliding_window", None)
-    if getattr(hf_config, "use_sliding_window", True) is False:
-        window = None
-    if window is not None and window < limit:
-        # Attention here is over the whole context, which equals sliding-window
-        # attention only while the context fits in the window.
-        logger.warning("model has sliding_window=%d: max_model_len is capped to it", window)
-        limit = window
-    if requested is None:
-        return limit
-    if requested > limit:
-        raise ValueError(f"max_model_len={requested} exceeds the model's limit of {limit} tokens "
-                         "(max_position_embeddings or sliding_window)")
-    return requested
+def _max_model_len(shape: ModelShape, hf_config: PretrainedConfig, requested: int | None) -> int:
+    if shape.context_limit < hf_config.max_position_embeddings:
+        logger.warning("model has sliding_window=%d: max_model_len is capped to it",
+                       shape.context_limit)
+    return max_model_len(requested, shape)
 
 
 def _eos_token_ids(model_dir: Path, hf_config: PretrainedConfig | None) -> frozenset[int]:

@@ -1,6 +1,6 @@
 """What the engine resolved about its model, for every worker: a frozen record.
 
-engine/resolve.py makes it once, at engine build; workers (in this process or
+model/resolve.py makes it once, at engine build; workers (in this process or
 in Ray actors) receive it pickled and build the model from it.
 """
 
@@ -13,12 +13,14 @@ import torch
 from transformers import PretrainedConfig
 
 from pagedserve.config import LoRAConfig
+from pagedserve.model.shape import ModelShape
 
 
 @dataclass(frozen=True)
 class ModelInfo:
     model_dir: Path  # config and tokenizer files (and the checkpoint files, if no gguf_file)
     hf_config: PretrainedConfig
+    shape: ModelShape  # hf_config's numbers, as the planner and the simulated GPU read them
     max_model_len: int
     dtype: torch.dtype
     device: torch.device

@@ -23,6 +23,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from pagedserve.cache import cache_dir
+from pagedserve.config import Config
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,18 @@ MODELS = {model.name: model for model in [
         license="Apache-2.0"),
 ]}
 DEFAULT = "smollm2-135m-instruct"
+
+
+def served_model_name(config: Config) -> str:
+    """The name clients pass as `model`: serving.served_model_name, else the model's own."""
+    if config.serving.served_model_name:
+        return config.serving.served_model_name
+    if config.model.embedded is not None:
+        return MODELS[config.model.embedded].served_name
+    if config.model.path is not None:
+        return config.model.path
+    assert config.model.random_init is not None  # ModelConfig sets exactly one source
+    return config.model.random_init.name
 
 
 class FetchError(OSError):

@@ -160,7 +160,8 @@ class _TensorSlice:
             values = values.reshape(stop - start, *shape[1:])
         if self.permuted_heads:
             values = _unpermute(values, start, shape[0] // self.permuted_heads)
-        values = np.ascontiguousarray(values[(slice(None), *rest)])
+        index = (slice(None), *rest)
+        values = np.ascontiguousarray(values[index])
         if not values.flags.writeable:  # a view of the read-only memory map
             values = values.copy()
         return torch.from_numpy(values)

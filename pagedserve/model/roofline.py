@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pagedserve.math_utils import cdiv
-from pagedserve.model_shape import ModelShape, params_per_rank
+from pagedserve.model.shape import ModelShape, params_per_rank
 
 MIB = 2**20
 

@@ -76,6 +76,7 @@ from transformers.utils import logging as hf_logging
 from vllm_peer import VLLMPeer
 
 from pagedserve import LLM, SamplingParams
+from pagedserve.model.shape import ModelShape
 from pagedserve.testing import cached_random_model
 
 # (count, min prompt, max prompt) per part, before scaling.
@@ -253,8 +254,8 @@ def main() -> None:
                                                     attn_implementation="sdpa").eval()
     pad_id = hf_model.config.pad_token_id
     n_params = sum(p.numel() for p in hf_model.parameters())
-    kv_bytes_per_token = (2 * MODEL["num_hidden_layers"] * MODEL["num_key_value_heads"]
-                          * MODEL["hidden_size"] // MODEL["num_attention_heads"] * 4)
+    kv_bytes_per_token = ModelShape.from_config(hf_model.config).kv_bytes_per_token(
+        tp=1, dtype_bytes=4)  # float32
     scenarios = {name: workload(name, args) for name in args.scenarios}
     longest = max(len(p) + o for requests in scenarios.values() for p, o in requests)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ from pagedserve.model import rules
 from pagedserve.model.rules import (
     check_pool_holds_a_sequence,
     check_tensor_parallel,
+    cpu_kv_budget,
     format_bytes,
     gpu_kv_budget,
     served_dtype,
@@ -124,7 +125,7 @@ def plan(config: Config, gpu_memory_gb: float | None = None,
             raise ValueError(f"gpu_memory_gb={gpu_memory_gb} applies to GPU configs; engine.device "
                              "is 'cpu', whose KV budget is engine.kv_cache_memory_gb")
         gpu_memory, utilization, headroom = None, None, None
-        budget = int(engine.kv_cache_memory_gb * GIB)
+        budget = cpu_kv_budget(engine)
     else:
         gpu_memory_gb = DEFAULT_GPU_MEMORY_GB if gpu_memory_gb is None else gpu_memory_gb
         if gpu_memory_gb <= 0:

@@ -3,10 +3,11 @@
 The engine (resolving a model, sizing its KV pool), the simulated GPU and
 the planner all ask the same questions of a model's shape: can it be
 sharded over this many ranks, how long a context may it serve, in which
-dtype does it run, what KV budget does a GPU leave, and does that pool hold
-one whole sequence. Each answer, and the error that refuses a config, is
-written here; the shape's own figures (head_dim, biases, KV bytes per
-token) are ModelShape's (shape.py). Pure arithmetic: no torch.
+dtype does it run, what KV budget does a GPU leave (and a CPU take), and
+does that pool hold one whole sequence. Each answer, and the error that
+refuses a config, is written here; the shape's own figures (head_dim,
+biases, KV bytes per token) are ModelShape's (shape.py). Pure arithmetic:
+no torch.
 """
 
 from __future__ import annotations
@@ -71,6 +72,12 @@ def gpu_kv_budget(gpu_memory: int, utilization: float, weight_bytes: int, headro
             f"parallel.tensor_parallel_size={tp} or the GPU memory, or lower "
             "engine.max_num_batched_tokens")
     return budget
+
+
+def cpu_kv_budget(engine: EngineConfig) -> int:
+    """The bytes of a CPU's KV pool: engine.kv_cache_memory_gb, as asked (a CPU's memory
+    is not profiled; adapter slots come on top)."""
+    return int(engine.kv_cache_memory_gb * GIB)
 
 
 def check_pool_holds_a_sequence(num_blocks: int, engine: EngineConfig, max_model_len: int,

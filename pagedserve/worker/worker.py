@@ -27,6 +27,7 @@ from pagedserve.config import EngineConfig
 from pagedserve.kernels.swap import swap_blocks
 from pagedserve.math_utils import cdiv
 from pagedserve.model.info import ModelInfo
+from pagedserve.model.rules import cpu_kv_budget
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.scheduler.step import ScheduledSequence, StepInput, StepOutput
 from pagedserve.worker.cuda_graph import DecodeGraphs
@@ -94,7 +95,7 @@ class Worker:
     def num_available_blocks(self, max_num_batched_tokens: int) -> int:
         """How many KV blocks fit the memory budget of this device."""
         if self.info.device.type != "cuda":
-            return int(self.engine.kv_cache_memory_gb * 2**30) // self.block_bytes
+            return cpu_kv_budget(self.engine) // self.block_bytes
         return self._profile_cuda(max_num_batched_tokens)
 
     def _profile_cuda(self, num_tokens: int) -> int:

@@ -4,6 +4,9 @@
       -> cluster -> engine -> worker -> model -> scheduler -> base (config, sampling_params, ...)
     kernels: imports nothing of pagedserve's; worker uses it
 
+README.md ("How it works") draws the same layers, in the same order; a test
+here holds the drawing to RANKS.
+
 `model` (where a model comes from, its shape, and the memory rules) sits
 below the worker, so the engine, the workers, the simulated GPU and the
 planner all read one copy of each rule.
@@ -180,3 +183,32 @@ def test_the_check_sees_an_upward_import_and_a_cycle():
     assert upward_imports(edges) == ["pagedserve.scheduler.scheduler (scheduler) -> "
                                      "pagedserve.engine.core (engine): an upward import"]
     assert ["pagedserve.engine.core", "pagedserve.scheduler.scheduler"] in cycles(edges)
+
+
+def readme_layers() -> list[str]:
+    """The layers README.md's drawing names, top to bottom (its fenced block after
+    "The tree has")."""
+    text = (PACKAGE.parent / "README.md").read_text()
+    block = text[text.index("The tree has"):]
+    block = block[block.index("```\n") + 4:]
+    block = block[:block.index("```")]
+    names = []
+    for line in block.splitlines():
+        first = line.split()[0].rstrip(",")
+        if first.endswith("/"):
+            name = first.rstrip("/")
+        elif first.removesuffix(".py") in {m.rpartition(".")[2] for m in ENTRY}:
+            name = "entry"
+        else:
+            name = "base"
+        if not names or names[-1] != name:
+            names.append(name)
+    return names
+
+
+def test_readme_draws_these_layers():
+    drawn = readme_layers()
+    assert [name for name in drawn if name != "kernels"] == sorted(RANKS, key=RANKS.get,
+                                                                   reverse=True), drawn
+    assert "kernels" in drawn
+

@@ -246,13 +246,23 @@ class BlockManager:
         return src, dst
 
     def fork(self, parent_id: int, child_id: int) -> None:
-        """The child holds every block of the parent's table (ref counts + 1)."""
-        if child_id in self._tables:
+        """The child holds every block of the parent's table (ref counts + 1).
+
+        A parent swapped out while the step that samples its fork was in flight
+        shares its CPU blocks: the child is swapped in with it.
+        """
+        if child_id in self._tables or child_id in self._cpu_tables:
             raise KeyError(f"sequence {child_id} already has a block table")
-        table = self._tables[parent_id]
-        for block_id in table:
-            self._ref_counts[block_id] += 1
-        self._tables[child_id] = list(table)
+        if parent_id in self._cpu_tables:
+            cpu_table = self._cpu_tables[parent_id]
+            for block_id in cpu_table:
+                self._cpu_ref_counts[block_id] += 1
+            self._cpu_tables[child_id] = list(cpu_table)
+        else:
+            table = self._tables[parent_id]
+            for block_id in table:
+                self._ref_counts[block_id] += 1
+            self._tables[child_id] = list(table)
         self._num_slots[child_id] = self._num_slots[parent_id]
         self._seq_keys[child_id] = list(self._seq_keys[parent_id])
         self._extra_keys[child_id] = self._extra_keys[parent_id]

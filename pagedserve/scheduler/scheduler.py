@@ -240,6 +240,11 @@ class Scheduler:
                 beam_steps.setdefault(group.request_id, {})[seq_id] = samples[0]
                 continue
             # Parallel sampling: the prompt's row was sampled once per sample.
+            if len(samples) > 1 and not self._holds_blocks(seq):
+                # Preempted by recompute while the step ran: its samples are
+                # dropped and drawn again after the prompt, so the samples still
+                # fork from one computed prompt instead of each recomputing it.
+                continue
             children = [self._fork(group, seq) for _ in samples[1:]]
             for target, sample in zip([seq, *children], samples, strict=True):
                 target.append_token(sample.token_id, sample.logprob, sample.top_logprobs)
@@ -378,9 +383,16 @@ class Scheduler:
         self.num_preemptions += 1
 
     # -- sequences -------------------------------------------------------------
+    def _holds_blocks(self, seq: Sequence) -> bool:
+        """Whether it has a block table, on the GPU or swapped out to the CPU."""
+        return self.block_manager.has(seq.seq_id) or self.block_manager.is_swapped(seq.seq_id)
+
     def _fork(self, group: SequenceGroup, parent: Sequence) -> Sequence:
         child = parent.fork(next(self._seq_ids), sample_index=len(group.seqs))
-        self.block_manager.fork(parent.seq_id, child.seq_id)
+        # A parent preempted by recompute while its step was in flight has no
+        # blocks: the child, a copy, is recomputed with it.
+        if self._holds_blocks(parent):
+            self.block_manager.fork(parent.seq_id, child.seq_id)
         group.seqs.append(child)
         self._track(child, group)
         return child

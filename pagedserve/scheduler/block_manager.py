@@ -36,7 +36,7 @@ back; shared blocks move once.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 from pagedserve.math_utils import cdiv
 from pagedserve.scheduler.block_keys import BlockKey, block_key
@@ -158,9 +158,16 @@ class BlockManager:
             blocks.append(block_id)
         return blocks
 
-    def blocks_to_allocate(self, num_tokens: int, computed: Sequence[int] = ()) -> int:
-        """Free-queue blocks a new sequence takes for `num_tokens` slots reusing `computed`."""
-        reused_free = sum(1 for block_id in computed if self._ref_counts[block_id] == 0)
+    def blocks_to_allocate(self, num_tokens: int, computed: Sequence[int] = (),
+                           claimed: Collection[int] = ()) -> int:
+        """Free-queue blocks a new sequence takes for `num_tokens` slots reusing `computed`.
+
+        `claimed`: cached blocks that sequences allocated with it (one request's
+        samples, recomputed together) already take from the free queue; a block two
+        of them reuse leaves the queue once.
+        """
+        reused_free = sum(1 for block_id in computed
+                          if self._ref_counts[block_id] == 0 and block_id not in claimed)
         return reused_free + max(0, cdiv(num_tokens, self.block_size) - len(computed))
 
     def blocks_to_append(self, seq_id: int, num_new_tokens: int) -> int:

@@ -277,6 +277,7 @@ class Scheduler:
         hold_last = group.beam_search is not None and any(
             seq.num_uncomputed_tokens > 1 for seq in seqs)
         plan = []
+        claimed: set[int] = set()  # cached blocks this plan's new tables already reuse
         for seq in seqs:
             if budget <= 0:
                 break
@@ -293,7 +294,8 @@ class Scheduler:
                              - int(hold_last), budget)
             if num_tokens > 0:
                 blocks = (manager.blocks_to_append(seq_id, num_tokens) if has_table else
-                          manager.blocks_to_allocate(start + num_tokens, computed))
+                          manager.blocks_to_allocate(start + num_tokens, computed, claimed))
+                claimed.update(computed)
                 plan.append(_Work(seq, num_tokens, computed, blocks))
                 budget -= num_tokens
         if group.beam_search is not None and not hold_last and len(plan) < len(seqs):

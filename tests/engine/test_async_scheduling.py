@@ -133,3 +133,41 @@ def test_an_abort_with_steps_in_flight_frees_every_block(engines):
         assert core.step() == []  # the steps in flight return nothing for aborted requests
     stats = core.get_memory_stats()
     assert stats["free_blocks"] == stats["total_blocks"] and stats["num_running"] == 0
+
+
+def _run_steps(llm: LLM, prompts, params, max_steps: int = 2000) -> list:
+    """The requests stepped to the end, or an assertion (not a hang) if they never finish."""
+    engine = llm.engine
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    finals = {}
+    for _ in range(max_steps):
+        finals.update((o.request_id, o) for o in engine.step() if o.finished)
+        if not engine.has_unfinished_requests():
+            break
+    assert not engine.has_unfinished_requests(), (
+        f"unfinished after {max_steps} steps: {[g.request_id for g in engine.scheduler.waiting]} "
+        f"waiting, {engine.block_manager.num_free_blocks} blocks free")
+    return [[c.token_ids for c in finals[str(i)].outputs] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("preemption_mode", ["recompute", "swap"])
+def test_parallel_samples_preempted_under_a_tight_pool(model_dir, preemption_mode):
+    """n=2 requests in a pool that holds few at once: a request is preempted while its
+    prompt step is in flight (its samples are dropped and drawn again, or forked on the
+    CPU pool), and one recomputed with its samples apart reuses their cached prompt once,
+    so it fits again. The same tokens with and without async scheduling; every block free."""
+    params = SamplingParams(temperature=1.0, seed=5, n=2, max_tokens=20, ignore_eos=True)
+    results = {}
+    for mode in (False, True):
+        llm = engine(model_dir, mode, max_model_len=64, num_gpu_blocks=20, max_num_seqs=8,
+                     preemption_mode=preemption_mode)
+        try:
+            results[mode] = _run_steps(llm, PROMPTS[:8], params)
+            stats = llm.get_memory_stats()
+            assert stats["num_preemptions"] > 0
+            assert stats["free_blocks"] == stats["total_blocks"], stats
+        finally:
+            llm.shutdown()
+    assert results[True] == results[False]
+    assert all(len(tokens) == 20 for samples in results[True] for tokens in samples)

@@ -119,6 +119,24 @@ def test_blocks_stay_cached_after_free_and_a_hit_takes_them_back():
     assert bm.ref_count(0) == bm.ref_count(1) == 1
 
 
+def test_a_hit_two_new_tables_share_leaves_the_free_queue_once():
+    """Two samples of one request, recomputed together, reuse their cached prompt: the
+    second counts only what the first has not claimed, as allocating both then takes."""
+    bm = cached()
+    prompt = list(range(8))  # two full blocks
+    bm.allocate(0, 9, prompt + [100])
+    bm.free(0)
+    first, second = prompt + [100, 101, 102], prompt + [200, 201, 202]
+    hits = bm.computed_blocks(first)
+    assert hits == bm.computed_blocks(second) == [0, 1]
+    assert bm.blocks_to_allocate(11, hits) == 3  # two from the free queue + one fresh
+    assert bm.blocks_to_allocate(11, hits, claimed=set(hits)) == 1  # the fresh one alone
+    before = bm.num_free_blocks
+    bm.allocate(1, 11, first, hits)
+    bm.allocate(2, 11, second, hits)
+    assert before - bm.num_free_blocks == 3 + 1
+
+
 def test_queries_do_not_evict_or_change_state():
     bm = cached(num_blocks=4, block_size=2)
     bm.allocate(0, 4, [1, 2, 3, 4])

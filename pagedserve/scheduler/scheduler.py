@@ -67,6 +67,11 @@ def _prompt_targets(seq: Sequence, start: int, end: int) -> list[int] | None:
     return seq.token_ids[start + 1:last + 1] if last > start else None
 
 
+def _left(seq: Sequence, start: int) -> int:
+    """Tokens `seq` has to compute from position `start` (a token in flight included)."""
+    return seq.num_uncomputed_tokens - (start - seq.num_computed_tokens)
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
                  lora_slots: AdapterSlots | None = None) -> None:
@@ -272,28 +277,31 @@ class Scheduler:
         seqs = group.unfinished_seqs
         if any(seq.num_pending for seq in seqs) and not plans_ahead(group):
             return []  # it waits for the step in flight to say what it sampled
+        # Where each sequence's computing starts: after its prefix-cache hits, for one
+        # without a table (cached blocks have no logits: a prompt still to be scored
+        # is computed whole).
+        starts = []
+        for seq in seqs:
+            computed = []
+            if not manager.has(seq.seq_id) and not group.needs_prompt_logprobs:
+                computed = manager.computed_blocks(seq.token_ids, group.cache_key)
+            starts.append((seq, computed,
+                           max(seq.num_computed_tokens, len(computed) * manager.block_size)))
         # Beams choose their next tokens together, so while any beam is still
         # catching up (a recompute), the others hold back their last token.
         hold_last = group.beam_search is not None and any(
-            seq.num_uncomputed_tokens > 1 for seq in seqs)
+            _left(seq, start) > 1 for seq, _, start in starts)
         plan = []
         claimed: set[int] = set()  # cached blocks this plan's new tables already reuse
-        for seq in seqs:
+        for seq, computed, start in starts:
             if budget <= 0:
                 break
             if seq.num_pending and at_limit(seq, group.sampling_params, self.config.max_model_len):
                 continue  # the token in flight is its last
-            seq_id = seq.seq_id
-            computed = []
-            has_table = manager.has(seq_id)
-            # Cached blocks have no logits: a prompt still to be scored is computed whole.
-            if not has_table and not group.needs_prompt_logprobs:
-                computed = manager.computed_blocks(seq.token_ids, group.cache_key)
-            start = max(seq.num_computed_tokens, len(computed) * manager.block_size)
-            num_tokens = min(seq.num_uncomputed_tokens - (start - seq.num_computed_tokens)
-                             - int(hold_last), budget)
+            num_tokens = min(_left(seq, start) - int(hold_last), budget)
             if num_tokens > 0:
-                blocks = (manager.blocks_to_append(seq_id, num_tokens) if has_table else
+                blocks = (manager.blocks_to_append(seq.seq_id, num_tokens)
+                          if manager.has(seq.seq_id) else
                           manager.blocks_to_allocate(start + num_tokens, computed, claimed))
                 claimed.update(computed)
                 plan.append(_Work(seq, num_tokens, computed, blocks))

@@ -152,16 +152,23 @@ def _run_steps(llm: LLM, prompts, params, max_steps: int = 2000) -> list:
 
 
 @pytest.mark.parametrize("preemption_mode", ["recompute", "swap"])
-def test_parallel_samples_preempted_under_a_tight_pool(model_dir, preemption_mode):
-    """n=2 requests in a pool that holds few at once: a request is preempted while its
-    prompt step is in flight (its samples are dropped and drawn again, or forked on the
-    CPU pool), and one recomputed with its samples apart reuses their cached prompt once,
-    so it fits again. The same tokens with and without async scheduling; every block free."""
-    params = SamplingParams(temperature=1.0, seed=5, n=2, max_tokens=20, ignore_eos=True)
+@pytest.mark.parametrize("params, num_blocks", [
+    (SamplingParams(temperature=1.0, seed=5, n=2, max_tokens=20, ignore_eos=True), 20),
+    (SamplingParams(temperature=0.0, use_beam_search=True, n=2, best_of=3, max_tokens=20,
+                    ignore_eos=True), 24),
+], ids=["n2", "beams"])
+def test_several_sequences_preempted_under_a_tight_pool(model_dir, preemption_mode, params,
+                                                        num_blocks):
+    """Requests of several sequences in a pool that holds few at once. A request is
+    preempted while its prompt step is in flight (its samples are dropped and drawn
+    again, or forked on the CPU pool). One recomputed with its sequences apart reuses
+    their cached prompt once, so it fits again, and recomputed beams whose only token
+    left is their last compute it together. The same tokens with and without async
+    scheduling, and every block free."""
     results = {}
     for mode in (False, True):
-        llm = engine(model_dir, mode, max_model_len=64, num_gpu_blocks=20, max_num_seqs=8,
-                     preemption_mode=preemption_mode)
+        llm = engine(model_dir, mode, max_model_len=64, num_gpu_blocks=num_blocks,
+                     max_num_seqs=8, preemption_mode=preemption_mode)
         try:
             results[mode] = _run_steps(llm, PROMPTS[:8], params)
             stats = llm.get_memory_stats()
@@ -170,4 +177,4 @@ def test_parallel_samples_preempted_under_a_tight_pool(model_dir, preemption_mod
         finally:
             llm.shutdown()
     assert results[True] == results[False]
-    assert all(len(tokens) == 20 for samples in results[True] for tokens in samples)
+    assert all(len(tokens) == 20 for outputs in results[True] for tokens in outputs)

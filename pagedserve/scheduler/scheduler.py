@@ -34,21 +34,12 @@ from pagedserve.scheduler.adapter_use import AdapterUse
 from pagedserve.scheduler.beam_search import Beam
 from pagedserve.scheduler.block_manager import BlockManager
 from pagedserve.scheduler.config import SchedulerConfig
-from pagedserve.scheduler.progress import at_limit, plans_ahead, stop_reason
+from pagedserve.scheduler.plan import Work, plan_group, scheduled_sequence
+from pagedserve.scheduler.progress import stop_reason
 from pagedserve.scheduler.sequence import FinishReason, Sequence, SequenceGroup, SequenceStatus
-from pagedserve.scheduler.step import Sample, ScheduledSequence, StepInput, StepOutput
+from pagedserve.scheduler.step import Sample, StepInput, StepOutput
 
 __all__ = ["Scheduler", "SchedulerConfig"]  # SchedulerConfig lives in config.py
-
-
-@dataclass(slots=True)
-class _Work:
-    """One sequence's tokens in a step's plan."""
-
-    seq: Sequence
-    num_tokens: int
-    computed_blocks: list[int]  # prefix-cache hits, for a sequence without a table yet
-    blocks: int  # free blocks these tokens take (a copy on write included)
 
 
 @dataclass(slots=True)
@@ -58,18 +49,6 @@ class _Budget:
 
     tokens: int
     seqs: int
-
-
-def _prompt_targets(seq: Sequence, start: int, end: int) -> list[int] | None:
-    """The prompt tokens that rows `start ... end - 1` predict, to be scored; None
-    when those rows predict no prompt token."""
-    last = min(end, seq.num_prompt_tokens - 1)
-    return seq.token_ids[start + 1:last + 1] if last > start else None
-
-
-def _left(seq: Sequence, start: int) -> int:
-    """Tokens `seq` has to compute from position `start` (a token in flight included)."""
-    return seq.num_uncomputed_tokens - (start - seq.num_computed_tokens)
 
 
 class Scheduler:
@@ -156,7 +135,7 @@ class Scheduler:
         return self.num_preemptions > preemptions
 
     def _make_room(self, group: SequenceGroup, budget: _Budget,
-                   step: StepInput) -> list[_Work] | None:
+                   step: StepInput) -> list[Work] | None:
         """The running group's plan, once the pool has its blocks: the newest
         running requests are preempted until it fits. None: the group itself
         was the newest left, and is preempted."""
@@ -272,48 +251,13 @@ class Scheduler:
                 self._retire(group)
 
     # -- planning --------------------------------------------------------------
-    def _plan(self, group: SequenceGroup, budget: int) -> list[_Work]:
-        manager = self.block_manager
-        seqs = group.unfinished_seqs
-        if any(seq.num_pending for seq in seqs) and not plans_ahead(group):
-            return []  # it waits for the step in flight to say what it sampled
-        # Where each sequence's computing starts: after its prefix-cache hits, for one
-        # without a table (cached blocks have no logits: a prompt still to be scored
-        # is computed whole).
-        starts = []
-        for seq in seqs:
-            computed = []
-            if not manager.has(seq.seq_id) and not group.needs_prompt_logprobs:
-                computed = manager.computed_blocks(seq.token_ids, group.cache_key)
-            starts.append((seq, computed,
-                           max(seq.num_computed_tokens, len(computed) * manager.block_size)))
-        # Beams choose their next tokens together, so while any beam is still
-        # catching up (a recompute), the others hold back their last token.
-        hold_last = group.beam_search is not None and any(
-            _left(seq, start) > 1 for seq, _, start in starts)
-        plan = []
-        claimed: set[int] = set()  # cached blocks this plan's new tables already reuse
-        for seq, computed, start in starts:
-            if budget <= 0:
-                break
-            if seq.num_pending and at_limit(seq, group.sampling_params, self.config.max_model_len):
-                continue  # the token in flight is its last
-            num_tokens = min(_left(seq, start) - int(hold_last), budget)
-            if num_tokens > 0:
-                blocks = (manager.blocks_to_append(seq.seq_id, num_tokens)
-                          if manager.has(seq.seq_id) else
-                          manager.blocks_to_allocate(start + num_tokens, computed, claimed))
-                claimed.update(computed)
-                plan.append(_Work(seq, num_tokens, computed, blocks))
-                budget -= num_tokens
-        if group.beam_search is not None and not hold_last and len(plan) < len(seqs):
-            return []  # not every beam fits the budget: they wait a step together
-        return plan
+    def _plan(self, group: SequenceGroup, budget: int) -> list[Work]:
+        return plan_group(group, budget, self.block_manager, self.config.max_model_len)
 
-    def _fits(self, plan: list[_Work], reserve: int = 0) -> bool:
+    def _fits(self, plan: list[Work], reserve: int = 0) -> bool:
         return sum(work.blocks for work in plan) + reserve <= self.block_manager.num_free_blocks
 
-    def _commit(self, group: SequenceGroup, plan: list[_Work], step: StepInput) -> int:
+    def _commit(self, group: SequenceGroup, plan: list[Work], step: StepInput) -> int:
         """Give the plan its blocks and put its sequences in the step; returns its tokens."""
         manager = self.block_manager
         self._allocate_new(group, plan)
@@ -322,13 +266,14 @@ class Scheduler:
             if manager.needs_copy_on_write(seq.seq_id, num_tokens):
                 step.blocks_to_copy.append(manager.copy_on_write(seq.seq_id))
             manager.append_slots(seq.seq_id, num_tokens, seq.token_ids)
-            scheduled = self._scheduled_sequence(group, seq, num_tokens)
+            scheduled = scheduled_sequence(group, seq, num_tokens,
+                                           self.block_manager.block_table(seq.seq_id))
             step.seqs.append(scheduled)
             seq.num_computed_tokens += num_tokens  # the step will have computed them
             seq.num_pending += scheduled.do_sample
         return sum(work.num_tokens for work in plan)
 
-    def _allocate_new(self, group: SequenceGroup, plan: list[_Work]) -> None:
+    def _allocate_new(self, group: SequenceGroup, plan: list[Work]) -> None:
         """Give each sequence without a block table one, holding its prefix-cache hits.
 
         All of them first, so no sequence's fresh block can evict a hit another
@@ -341,36 +286,6 @@ class Scheduler:
                 seq.num_computed_tokens = len(work.computed_blocks) * manager.block_size
                 manager.allocate(seq.seq_id, seq.num_computed_tokens, seq.token_ids,
                                  work.computed_blocks, group.cache_key)
-
-    def _scheduled_sequence(self, group: SequenceGroup, seq: Sequence,
-                            num_tokens: int) -> ScheduledSequence:
-        """The sequence's share of the step: its next `num_tokens` tokens, whose
-        slots it holds already."""
-        params, beam = group.sampling_params, group.beam_search
-        start = seq.num_computed_tokens
-        end = start + num_tokens
-        do_sample = end == seq.num_tokens + seq.num_pending
-        penalties = do_sample and params.uses_penalties
-        block_table = list(self.block_manager.block_table(seq.seq_id))  # not the live list
-        return ScheduledSequence(
-            seq_id=seq.seq_id,
-            token_ids=seq.token_ids[start:end],
-            last_token_in_flight=end > seq.num_tokens,  # the worker has that token
-            start_pos=start,
-            block_table=block_table,
-            do_sample=do_sample,
-            sampling_params=params if do_sample else None,
-            output_index=seq.num_output_tokens + seq.num_pending,
-            prompt_token_ids=seq.prompt_token_ids if penalties else None,
-            output_token_ids=seq.output_token_ids if penalties else None,
-            num_samples=group.best_of if do_sample and group.forks_at_prompt_end else 1,
-            sample_index=seq.sample_index,
-            num_candidates=beam.candidates_per_beam if do_sample and beam else None,
-            prompt_targets=_prompt_targets(seq, start, end) if group.needs_prompt_logprobs
-            else None,
-            prompt_logprobs=params.prompt_logprobs,
-            lora_slot=group.lora_slot,
-        )
 
     def _preempt(self, group: SequenceGroup, step: StepInput) -> None:
         self.adapters.release(group)

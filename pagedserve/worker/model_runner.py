@@ -55,10 +55,11 @@ class ModelRunner:
         seqs = sorted(step.seqs, key=_by_slot if self.lora is not None else _decodes_first)
         sampling = [seq for seq in seqs if seq.do_sample]
         scoring = any(seq.prompt_targets for seq in seqs)
-        if self.graphs is not None and not scoring and self.graphs.fits(seqs):
-            size, logits_rows = self.graphs.load(seqs)
+        graphs = self.graphs  # read once: a caller may swap it while this step runs (async)
+        if graphs is not None and not scoring and graphs.fits(seqs):
+            size, logits_rows = graphs.load(seqs)
             self._launching()
-            hidden = self.graphs.replay(size, len(seqs))  # [num_seqs, hidden], a row per sequence
+            hidden = graphs.replay(size, len(seqs))  # [num_seqs, hidden], a row per sequence
         else:
             input_ids, positions, metadata, logits_rows = self.prepare(seqs)
             self._launching()

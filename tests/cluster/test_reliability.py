@@ -44,6 +44,10 @@ def _app(serve_instance, name: str, path: str = "direct", **sections):
     for section, values in sections.items():
         data[section].update(values)
     serve.run(build(parse(data)), name=name, route_prefix=f"/{name}")
+    return _address(serve_instance, name, path)
+
+
+def _address(serve_instance, name: str, path: str) -> str:
     base = direct_url(name) if path == "direct" else f"http://127.0.0.1:{serve_instance.http}"
     return f"{base}/{name}"
 
@@ -187,12 +191,21 @@ def test_a_killed_inbox_fails_in_flight_requests_and_the_next_ones_are_served(fa
     assert '"error"' not in response.text
 
 
-@pytest.mark.parametrize("path", ["direct", "proxy"])
-def test_flood_is_refused_beyond_the_bounded_queues_and_memory_stays_flat(serve_instance, path):
+@pytest.fixture(scope="module")
+def flood_app(serve_instance):
+    """One app for both ingress paths' floods."""
     from ray import serve
 
-    url = _app(serve_instance, "flood", path, engine={"max_num_seqs": 4},
-               serving={"max_waiting_requests": 8, "max_queued_requests": 8})
+    _app(serve_instance, "flood", engine={"max_num_seqs": 4},
+         serving={"max_waiting_requests": 8, "max_queued_requests": 8})
+    yield
+    serve.delete("flood")
+
+
+@pytest.mark.parametrize("path", ["direct", "proxy"])
+def test_flood_is_refused_beyond_the_bounded_queues_and_memory_stays_flat(serve_instance,
+                                                                           flood_app, path):
+    url = _address(serve_instance, "flood", path)
     prompt = "flood " * 450  # 1,800 tokens: a queue that grew would show in memory
     first = asyncio.run(flood(url, "tiny-llama", 100, prompt=prompt))
     after_first = _stats(url)["peak_rss_bytes"]
@@ -213,4 +226,3 @@ def test_flood_is_refused_beyond_the_bounded_queues_and_memory_stays_flat(serve_
     stats = _stats(url)
     assert stats["num_running"] == stats["num_waiting"] == 0
     assert stats["free_blocks"] == stats["total_blocks"]
-    serve.delete("flood")

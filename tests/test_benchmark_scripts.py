@@ -4,8 +4,10 @@
 folder there named like an installed top-level module hides that module from
 everything the script imports (benchmarks/kernels.py once hid the `kernels`
 package that transformers imports, and every script importing transformers
-failed). The names are checked against the environment, then each script is
-started in a process of its own, as a user would start it.
+failed). The names are checked against the environment, then every script's
+`--help` runs as `python benchmarks/X.py --help` runs it (benchmarks/ first on
+sys.path, the script as `__main__`, from the repository root), one after another
+in one fresh process, so that torch and transformers are imported once.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from importlib.machinery import PathFinder
 from pathlib import Path
 
@@ -70,12 +71,46 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
                           timeout=180)
 
 
+# Each script as `python benchmarks/NAME --help` starts it: its folder first on sys.path,
+# run as __main__; its exit code and output are written to argv[1], a JSON line a script.
+HELP_RUNNER = r"""
+import contextlib, io, json, runpy, sys, traceback
+results, folder, names = open(sys.argv[1], "w"), sys.argv[2], sys.argv[3:]
+for name in names:
+    sys.path[0], sys.argv = folder, [f"benchmarks/{name}", "--help"]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            runpy.run_path(f"{folder}/{name}", run_name="__main__")
+            code = 0
+        except SystemExit as done:  # as Python ends: None is 0, a message is printed and 1
+            code = 0 if done.code is None else done.code
+            if not isinstance(code, int):
+                print(code, file=sys.stderr)
+                code = 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    results.write(json.dumps([name, code, stdout.getvalue(), stderr.getvalue()]) + "\n")
+    results.flush()
+"""
+
+
 @pytest.fixture(scope="module")
-def help_runs() -> dict[str, subprocess.CompletedProcess]:
-    """`python benchmarks/X.py --help` for every script, two at a time (two cores)."""
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        runs = pool.map(lambda name: _run([f"benchmarks/{name}", "--help"]), SCRIPTS)
-        return dict(zip(SCRIPTS, runs, strict=True))
+def help_runs(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    """`--help` of every script, in one process: a script that ends it early fails with the
+    rest, the process's error as theirs."""
+    lines = tmp_path_factory.mktemp("help") / "runs.jsonl"
+    runner = _run(["-c", HELP_RUNNER, str(lines), str(BENCHMARKS), *SCRIPTS])
+    runs = {}
+    for line in lines.read_text().splitlines() if lines.exists() else []:
+        name, code, stdout, stderr = json.loads(line)
+        runs[name] = subprocess.CompletedProcess([f"benchmarks/{name}", "--help"], code,
+                                                 stdout, stderr)
+    stopped_in = next((name for name in SCRIPTS if name not in runs), None)
+    lost = subprocess.CompletedProcess(runner.args, runner.returncode or 1, runner.stdout,
+                                       f"the process stopped in {stopped_in}:\n{runner.stderr}")
+    return {name: runs.get(name, lost) for name in SCRIPTS}
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

@@ -19,6 +19,7 @@ interleaved for its rotary kernel (convert_hf_to_gguf.py, `LlamaModel.permute`);
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -49,9 +50,28 @@ def is_gguf(path: Path) -> bool:
 
 
 def _reader(path: Path):
+    return _reader_class()(path)
+
+
+@functools.cache
+def _reader_class():
+    """The gguf package's GGUFReader, its header read through a plain array: each read of
+    a field slices the file, a slice of an np.memmap costs several microseconds more than
+    one of an ndarray, and a tokenizer's vocabulary and merges are ~250k reads."""
     from gguf import GGUFReader  # imported when a GGUF file is used
 
-    return GGUFReader(path)
+    class Reader(GGUFReader):
+        def _get(self, offset, dtype, count=1, override_order=None):
+            data = self.__dict__.get("_array")
+            if data is None:  # a view of the same read-only map
+                data = self._array = self.data.view(np.ndarray)
+            count = int(count)
+            end = offset + np.dtype(dtype).itemsize * count
+            array = data[offset:end].view(dtype=dtype)[:count]
+            order = self.byte_order if override_order is None else override_order
+            return array.view(array.dtype.newbyteorder(order))
+
+    return Reader
 
 
 def _architecture(reader, path: Path) -> str:

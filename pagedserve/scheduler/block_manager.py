@@ -29,17 +29,18 @@ reusable at the front, cached blocks behind them in least-recently-freed
 order. A fresh block is taken from the front, so a cached block is evicted
 (its key forgotten) only when no plain free block is left.
 
-Swapping moves a group's blocks to a CPU pool with the same ids scheme and
-back; shared blocks move once.
+Swapping moves a group's blocks to a CPU pool (cpu_pool.py) with the same ids
+scheme and back; shared blocks move once.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Collection, Iterable, Sequence
 
 from pagedserve.math_utils import cdiv
 from pagedserve.scheduler.block_keys import BlockKey, block_key
+from pagedserve.scheduler.cpu_pool import CpuPool
 
 
 class BlockManager:
@@ -67,10 +68,7 @@ class BlockManager:
         self._stored = 0
         # The CPU pool: tables of swapped-out sequences, and its own ref counts.
         self.num_cpu_blocks = num_cpu_blocks
-        self._cpu_free: deque[int] = deque(range(num_cpu_blocks))
-        self._cpu_ref_counts = [0] * num_cpu_blocks
-        self._cpu_tables: dict[int, list[int]] = {}
-        self._cpu_fill = [0] * num_cpu_blocks
+        self._cpu = CpuPool(num_cpu_blocks)
         # Prefix cache accounting, in tokens.
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
@@ -111,7 +109,7 @@ class BlockManager:
 
     @property
     def num_swapped_blocks(self) -> int:
-        return self.num_cpu_blocks - len(self._cpu_free)
+        return self._cpu.num_used
 
     def block_table(self, seq_id: int) -> list[int]:
         return self._tables[seq_id]
@@ -120,7 +118,7 @@ class BlockManager:
         return seq_id in self._tables
 
     def is_swapped(self, seq_id: int) -> bool:
-        return seq_id in self._cpu_tables
+        return seq_id in self._cpu.tables
 
     def num_slots(self, seq_id: int) -> int:
         return self._num_slots.get(seq_id, 0)
@@ -258,13 +256,10 @@ class BlockManager:
         A parent swapped out while the step that samples its fork was in flight
         shares its CPU blocks: the child is swapped in with it.
         """
-        if child_id in self._tables or child_id in self._cpu_tables:
+        if child_id in self._tables or child_id in self._cpu.tables:
             raise KeyError(f"sequence {child_id} already has a block table")
-        if parent_id in self._cpu_tables:
-            cpu_table = self._cpu_tables[parent_id]
-            for block_id in cpu_table:
-                self._cpu_ref_counts[block_id] += 1
-            self._cpu_tables[child_id] = list(cpu_table)
+        if parent_id in self._cpu.tables:
+            self._cpu.hold(child_id, list(self._cpu.tables[parent_id]))
         else:
             table = self._tables[parent_id]
             for block_id in table:
@@ -278,13 +273,8 @@ class BlockManager:
         """Release a sequence's blocks (GPU or swapped); shared ones stay with others."""
         self._seq_keys.pop(seq_id, None)
         self._extra_keys.pop(seq_id, None)
-        cpu_table = self._cpu_tables.pop(seq_id, None)
-        if cpu_table is not None:
+        if self._cpu.release(seq_id) is not None:
             self._num_slots.pop(seq_id)
-            for block_id in cpu_table:
-                self._cpu_ref_counts[block_id] -= 1
-                if self._cpu_ref_counts[block_id] == 0:
-                    self._cpu_free.append(block_id)
             return
         table = self._tables.pop(seq_id, None)
         if table is None:
@@ -295,48 +285,43 @@ class BlockManager:
 
     # -- swapping --------------------------------------------------------------
     def can_swap_out(self, seq_ids: Iterable[int]) -> bool:
-        return len(self._distinct(self._tables, seq_ids)) <= len(self._cpu_free)
+        return len(self._distinct(seq_ids)) <= len(self._cpu.free)
 
     def swap_out(self, seq_ids: Iterable[int]) -> list[tuple[int, int]]:
         """Move these sequences' blocks to the CPU pool; returns (gpu block, cpu block) pairs."""
         seq_ids = list(seq_ids)
         if not self.can_swap_out(seq_ids):
             raise RuntimeError(f"sequences {seq_ids} need more CPU blocks than the "
-                               f"{len(self._cpu_free)} free (ask can_swap_out first)")
-        mapping = {block_id: self._cpu_free.popleft()
-                   for block_id in self._distinct(self._tables, seq_ids)}
+                               f"{len(self._cpu.free)} free (ask can_swap_out first)")
+        mapping = {block_id: self._cpu.free.popleft() for block_id in self._distinct(seq_ids)}
         for block_id, cpu_id in mapping.items():
-            self._cpu_fill[cpu_id] = self._fill[block_id]
+            self._cpu.fill[cpu_id] = self._fill[block_id]
         for seq_id in seq_ids:
             table = self._tables.pop(seq_id)
-            self._cpu_tables[seq_id] = [mapping[block_id] for block_id in table]
-            for block_id in table:
-                self._cpu_ref_counts[mapping[block_id]] += 1
+            self._cpu.hold(seq_id, [mapping[block_id] for block_id in table])
             for block_id in reversed(table):
                 self._release(block_id)
         return list(mapping.items())
 
     def blocks_to_swap_in(self, seq_ids: Iterable[int]) -> int:
-        return len(self._distinct(self._cpu_tables, seq_ids))
+        return len(self._cpu.distinct(seq_ids))
 
     def swap_in(self, seq_ids: Iterable[int]) -> list[tuple[int, int]]:
         """Bring swapped sequences back; returns (cpu block, gpu block) pairs."""
         seq_ids = list(seq_ids)
-        cpu_blocks = self._distinct(self._cpu_tables, seq_ids)
+        cpu_blocks = self._cpu.distinct(seq_ids)
         self._check_free(seq_ids[0], len(cpu_blocks))
         mapping = {cpu_id: self._take() for cpu_id in cpu_blocks}
         for cpu_id, block_id in mapping.items():
             self._ref_counts[block_id] = 0
-            self._fill[block_id] = self._cpu_fill[cpu_id]
-            self._stored += self._cpu_fill[cpu_id]
+            self._fill[block_id] = self._cpu.fill[cpu_id]
+            self._stored += self._cpu.fill[cpu_id]
         for seq_id in seq_ids:
-            cpu_table = self._cpu_tables.pop(seq_id)
+            cpu_table = self._cpu.release(seq_id)
+            assert cpu_table is not None
             self._tables[seq_id] = [mapping[cpu_id] for cpu_id in cpu_table]
             for cpu_id in cpu_table:
                 self._ref_counts[mapping[cpu_id]] += 1
-                self._cpu_ref_counts[cpu_id] -= 1
-                if self._cpu_ref_counts[cpu_id] == 0:
-                    self._cpu_free.append(cpu_id)
             # Its full blocks are valid prefixes again: the keys cover only those.
             for block_id, key in zip(self._tables[seq_id], self._seq_keys[seq_id], strict=False):
                 self._register(block_id, key)
@@ -410,6 +395,6 @@ class BlockManager:
             raise RuntimeError(f"sequence {seq_id} needs {needed} blocks, {len(self._free)} are "
                                "free (ask blocks_to_allocate / blocks_to_append first)")
 
-    @staticmethod
-    def _distinct(tables: dict[int, list[int]], seq_ids: Iterable[int]) -> list[int]:
-        return list(dict.fromkeys(block_id for seq_id in seq_ids for block_id in tables[seq_id]))
+    def _distinct(self, seq_ids: Iterable[int]) -> list[int]:
+        return list(dict.fromkeys(block_id for seq_id in seq_ids
+                                  for block_id in self._tables[seq_id]))

@@ -80,7 +80,7 @@ class SharingMachine(RuleBasedStateMachine):
         return sorted(s for s in self.tokens if self.group_of[s] not in self.swapped)
 
     def _cpu_tables(self) -> dict[int, list[int]]:
-        return self.bm._cpu_tables
+        return self.bm._cpu.tables
 
     def _assert_keys_cached(self, seq_id: int, start: int = 0) -> None:
         """Full blocks just written (or swapped in) can be found: their keys are cached."""
@@ -202,7 +202,7 @@ class SharingMachine(RuleBasedStateMachine):
         free, cpu_free = bm.num_free_blocks, bm.num_cpu_blocks - bm.num_swapped_blocks
         if bm.is_swapped(seq_id):
             table = self._cpu_tables()[seq_id]
-            released = sum(1 for c in set(table) if bm._cpu_ref_counts[c] == 1)
+            released = sum(1 for c in set(table) if bm._cpu.ref_counts[c] == 1)
             bm.free(seq_id)
             assert bm.num_cpu_blocks - bm.num_swapped_blocks == cpu_free + released
             assert bm.num_free_blocks == free
@@ -341,8 +341,8 @@ class SharingMachine(RuleBasedStateMachine):
                 cpu_entries[cpu_id] += 1
                 view = self._view(seq_id, index)
                 assert cpu_views.setdefault(cpu_id, view) == view
-        assert bm._cpu_ref_counts == cpu_entries
-        cpu_free = list(bm._cpu_free)
+        assert bm._cpu.ref_counts == cpu_entries
+        cpu_free = list(bm._cpu.free)
         assert len(set(cpu_free)) == len(cpu_free)
         assert set(cpu_free) == {c for c in range(bm.num_cpu_blocks) if cpu_entries[c] == 0}
         assert bm.num_swapped_blocks == len(cpu_views)
@@ -363,8 +363,8 @@ class SharingMachine(RuleBasedStateMachine):
         assert bm.num_cached_blocks == sum(bm.cached_key(b) is not None
                                            for b in range(bm.num_blocks))
         assert bm.num_logical_blocks == 0 and bm.num_stored_tokens() == 0
-        assert bm.num_swapped_blocks == 0 and sorted(bm._cpu_free) == list(range(bm.num_cpu_blocks))
-        assert not any(bm._cpu_ref_counts)
+        assert bm.num_swapped_blocks == 0 and sorted(bm._cpu.free) == list(range(bm.num_cpu_blocks))
+        assert not any(bm._cpu.ref_counts)
 
 
 SharingMachine.TestCase.settings = settings(

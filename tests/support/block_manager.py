@@ -21,11 +21,11 @@ def free_ids(bm: BlockManager) -> list[int]:
 
 # The CPU pool has no public per-block view: these read it directly.
 def cpu_table(bm: BlockManager, seq_id: int) -> list[int]:
-    return bm._cpu_tables[seq_id]
+    return bm._cpu.tables[seq_id]
 
 
 def cpu_ref(bm: BlockManager, cpu_id: int) -> int:
-    return bm._cpu_ref_counts[cpu_id]
+    return bm._cpu.ref_counts[cpu_id]
 
 
 def num_free_cpu(bm: BlockManager) -> int:

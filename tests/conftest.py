@@ -188,11 +188,15 @@ def serve_instance(ray_cluster):
     starts here, once; each test module runs its app on it under its own name, or
     uses an app it shares with others (`shared_app`).
     """
+    import ray.serve._private.client as serve_client
     from ray import serve
     from ray.serve.config import gRPCOptions
 
     from pagedserve.cluster.app import GRPC_SERVICER_FUNCTIONS
 
+    # serve.run and serve.delete look at the app's status once a second; the tests
+    # start and stop some twenty apps, so they look ten times a second.
+    serve_client.CLIENT_POLLING_INTERVAL_S = 0.1
     ports = ServePorts(http=free_port(), grpc=free_port())
     # One proxy, on the head: the multi-node tests' nodes share this machine's ports,
     # where a proxy on each would take the same one.

@@ -176,6 +176,13 @@ def test_the_ingress_loads_no_engine_and_no_torch_of_its_own():
                         "import pagedserve.cluster.ingress") == ["transformers"]
 
 
+def test_a_replica_starts_its_ranks_before_it_loads_torch():
+    """The LLMServer replica's module, and the module its ranks' actor class comes from,
+    load no torch: a replica's ranks start importing it at the same time as it does."""
+    loaded = loaded_after("import pagedserve.cluster.server, pagedserve.worker.ray_worker")
+    assert not {"torch", "transformers", "pagedserve.engine.core"} & set(loaded), loaded
+
+
 def test_the_check_sees_an_upward_import_and_a_cycle():
     edges = graph()
     edges["pagedserve.scheduler.scheduler"] = edges["pagedserve.scheduler.scheduler"] | {

@@ -18,7 +18,7 @@ import dataclasses
 import os
 import resource
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
@@ -26,7 +26,6 @@ from pagedserve.cluster import autoscaling, routing
 from pagedserve.cluster.channel import Outbox, crosses_as_deltas
 from pagedserve.cluster.metrics import EngineMetrics
 from pagedserve.config import Config
-from pagedserve.engine.async_engine import AsyncLLMEngine
 from pagedserve.engine.stats import EngineStats
 from pagedserve.errors import EngineOverloadedError
 from pagedserve.lora_request import LoRARequest
@@ -34,6 +33,10 @@ from pagedserve.model.embedded import served_model_name
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 from pagedserve.worker.ray_utils import normal_priority
+from pagedserve.worker.ray_worker import ranks_on_gpu, spawn_ranks
+
+if TYPE_CHECKING:
+    from pagedserve.engine.async_engine import AsyncLLMEngine
 
 __all__ = ["LLMServer"]
 # The newest cached blocks a replica reports to the prefix-aware router.
@@ -45,7 +48,18 @@ class LLMServer:
         normal_priority("the LLMServer replica")
         self.config = config
         self.metrics = EngineMetrics(served_model_name(config), _replica_name(), _node_id())
-        self.engine = AsyncLLMEngine.from_config(config)
+        # The ranks first, from a module that imports no torch (nor does this one): their
+        # processes import the model stack while this one imports the engine.
+        ranks = (spawn_ranks(config.parallel, ranks_on_gpu(config.engine))
+                 if config.parallel.executor_backend == "ray" else None)
+        from pagedserve.engine.async_engine import AsyncLLMEngine
+
+        try:
+            self.engine: AsyncLLMEngine = AsyncLLMEngine.from_config(config, ranks)
+        except BaseException:
+            if ranks is not None:
+                ranks.shutdown()  # started for an engine that could not be built
+            raise
         self.engine.on_step = self.metrics.record_step
         self._outboxes: dict[Any, Outbox] = {}  # by the ingress replica's Inbox actor
 

@@ -28,7 +28,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pagedserve import config as config_module
 from pagedserve.config import Config, config_from_fields
@@ -39,6 +39,9 @@ from pagedserve.errors import EngineDeadError
 from pagedserve.lora_request import LoRARequest
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
+
+if TYPE_CHECKING:
+    from pagedserve.worker.ray_worker import Ranks
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +74,12 @@ class AsyncLLMEngine:
         return cls.from_config(args.config)
 
     @classmethod
-    def from_config(cls, config: Config | str) -> AsyncLLMEngine:
-        """From a Config, or the path of a YAML config file (see configs/)."""
+    def from_config(cls, config: Config | str, ranks: Ranks | None = None) -> AsyncLLMEngine:
+        """From a Config, or the path of a YAML config file (see configs/). `ranks`: Ray
+        rank actors already started for it (worker/ray_worker.py)."""
         if not isinstance(config, Config):
             config = config_module.load(config)
-        return cls(EngineCore.from_config(config))
+        return cls(EngineCore.from_config(config, ranks))
 
     # -- requests -----------------------------------------------------------------------
     async def generate(self, prompt: PromptInput, sampling_params: SamplingParams,

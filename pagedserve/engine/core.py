@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -36,6 +37,9 @@ from pagedserve.scheduler.scheduler import Scheduler, SchedulerConfig
 from pagedserve.scheduler.sequence import FinishReason, SequenceGroup
 from pagedserve.scheduler.step import StepInput, StepOutput
 from pagedserve.worker.executor import Executor, PendingStep
+
+if TYPE_CHECKING:
+    from pagedserve.worker.ray_worker import Ranks
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +68,8 @@ class EngineCore:
         self._busy_since: float | None = None  # start of the last step() call that left work
 
     @classmethod
-    def from_config(cls, config: Config) -> EngineCore:
+    def from_config(cls, config: Config, ranks: Ranks | None = None) -> EngineCore:
+        """`ranks`: Ray rank actors already started for this engine (spawn_ranks)."""
         model, engine, parallel = config.model, config.engine, config.parallel
         simulated = engine.simulator is not None
         info = resolve(model, choose_device(engine, parallel), parallel, simulated=simulated)
@@ -78,7 +83,7 @@ class EngineCore:
                                              eos_token_ids=info.eos_token_ids,
                                              device_type=device_type)
         load_format = "dummy" if model.load_format == "dummy" else "safetensors"
-        executor = make_executor(info, engine, parallel, load_format)
+        executor = make_executor(info, engine, parallel, load_format, ranks)
         try:
             block_manager = cls._init_kv_cache(info, engine, executor,
                                                limits.max_num_batched_tokens)

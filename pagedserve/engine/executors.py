@@ -9,6 +9,7 @@ sit on other nodes.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,6 +18,9 @@ from pagedserve.model.info import ModelInfo
 from pagedserve.worker.executor import Executor, LocalExecutor
 from pagedserve.worker.layers.linear import cpu_float16_supported
 
+if TYPE_CHECKING:
+    from pagedserve.worker.ray_worker import Ranks
+
 logger = logging.getLogger(__name__)
 
 
@@ -24,9 +28,9 @@ def choose_device(engine: EngineConfig, parallel: ParallelConfig) -> torch.devic
     if engine.simulator is not None:
         return torch.device("cpu")  # the simulated GPU's workers hold host objects only
     if parallel.executor_backend == "ray":
-        from pagedserve.worker.ray_utils import cluster_device  # Ray only when asked for
+        from pagedserve.worker.ray_utils import cluster_device_type  # Ray only when asked for
 
-        return cluster_device(engine.device)
+        return torch.device(cluster_device_type(engine.device))
     if engine.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if engine.device == "cuda" and not torch.cuda.is_available():
@@ -45,9 +49,13 @@ def choose_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 
 def make_executor(info: ModelInfo, engine: EngineConfig, parallel: ParallelConfig,
-                  load_format: str) -> Executor:
+                  load_format: str, ranks: Ranks | None = None) -> Executor:
+    """`ranks`: Ray rank actors already started for this engine (worker/ray_worker.py)."""
     if parallel.executor_backend == "local":
+        if ranks is not None:
+            raise ValueError("ranks were started, but parallel.distributed_executor_backend "
+                             "is 'local': the model runs in this process")
         return LocalExecutor(info, engine, load_format)
     from pagedserve.worker.ray_executor import RayExecutor  # Ray only when asked for
 
-    return RayExecutor(info, engine, parallel, load_format)
+    return RayExecutor(info, engine, parallel, load_format, ranks)

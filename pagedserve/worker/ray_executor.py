@@ -28,40 +28,21 @@ only when the config asks for Ray, so the in-process engine runs without it.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import ray
-import torch
-import torch.distributed as dist
 from ray.dag import InputNode, MultiOutputNode
 from ray.exceptions import RayActorError
-from ray.util.placement_group import (
-    get_current_placement_group,
-    placement_group,
-    remove_placement_group,
-)
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pagedserve.config import TP_ACROSS_NODES, EngineConfig, ParallelConfig
 from pagedserve.model.info import ModelInfo
 from pagedserve.scheduler.step import StepInput, StepOutput
-from pagedserve.worker import cpu_threads
-from pagedserve.worker.distributed import TPGroup, init_tp_group
 from pagedserve.worker.errors import WorkerFailedError
-from pagedserve.worker.ray_utils import (
-    check_cluster_fits,
-    checkpoint_for_store,
-    init_ray,
-    model_files_here,
-    node_here,
-    normal_priority,
-    stored_checkpoint,
-)
-from pagedserve.worker.worker import Worker, kv_block_bytes, make_worker
+from pagedserve.worker.rank_weights import checkpoint_for_store
+from pagedserve.worker.ray_utils import init_ray
+from pagedserve.worker.ray_worker import RankFailure, Ranks, spawn_ranks
+from pagedserve.worker.worker import kv_block_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -69,76 +50,11 @@ POLL_S = 1.0  # how often a waiting step looks for failed ranks
 FAILURE_GRACE_S = 2.0  # after one rank fails, how long the others get to report why
 
 
-@dataclass(frozen=True)
-class RankFailure:
-    """What a rank returns instead of raising, so the driver sees every rank's story."""
-
-    rank: int
-    error: str
-    at: float  # time.time() when it failed: the earliest failure is the cause
-
-
-class RayWorker:
-    """One tensor-parallel rank: a Worker inside its own actor process."""
-
-    def __init__(self, rank: int) -> None:
-        self.rank = rank
-        self.worker: Worker | None = None
-        normal_priority(f"tensor-parallel rank {rank}")
-
-    def rendezvous_address(self) -> str:
-        """A free TCP port on this node, for the process group's store (rank 0 only)."""
-        with socket.socket() as sock:
-            sock.bind(("", 0))
-            port = sock.getsockname()[1]
-        return f"tcp://{ray.util.get_node_ip_address()}:{port}"
-
-    def node(self) -> tuple[str, str]:
-        """(node id, node address) of the node this rank runs on."""
-        return node_here()
-
-    def init_worker(self, info: ModelInfo, engine: EngineConfig, load_format: str, size: int,
-                    init_method: str, timeout_s: float, reserved_cpus: float,
-                    stored: list | None = None) -> None:
-        """`stored`: [the object-store ref of the checkpoint] (weights_transfer
-        object_store), else None: the rank reads the files on its node."""
-        checkpoint = stored_checkpoint(ray.get(stored[0])) if stored else None
-        if load_format != "dummy" and checkpoint is None:
-            info = model_files_here(info, self.rank)
-        if engine.simulator is not None:  # no collectives: every rank sleeps the same step
-            self.worker = make_worker(info, engine, load_format, TPGroup(self.rank, size))
-            return
-        backend = "nccl" if info.device.type == "cuda" else "gloo"
-        if info.device.type == "cuda":
-            torch.cuda.set_device(0)  # Ray exposes exactly this actor's GPU
-        else:
-            cpu_threads.apply(engine.cpu_threads, reserved_cpus)
-        tp = init_tp_group(self.rank, size, init_method, backend, timeout_s)
-        self.worker = make_worker(info, engine, load_format, tp, checkpoint)
-
-    def num_available_blocks(self, max_num_batched_tokens: int) -> int:
-        return self.worker.num_available_blocks(max_num_batched_tokens)
-
-    def init_kv_cache(self, num_blocks: int, num_cpu_blocks: int) -> None:
-        self.worker.init_kv_cache(num_blocks, num_cpu_blocks)
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def execute(self, step: StepInput) -> StepOutput | RankFailure | None:
-        try:
-            return self.worker.execute(step)
-        except Exception as error:  # reported to the driver, which stops all ranks
-            failed_at = time.time()
-            logger.exception("rank %d failed in execute", self.rank)
-            if dist.is_initialized():
-                dist.destroy_process_group()  # peers waiting in a collective fail now
-            return RankFailure(self.rank, f"{type(error).__name__}: {error}", failed_at)
-
-
 class RayExecutor:
     def __init__(self, info: ModelInfo, engine: EngineConfig, parallel: ParallelConfig,
-                 load_format: str) -> None:
+                 load_format: str, ranks: Ranks | None = None) -> None:
+        """`ranks`: rank actors already started for this engine (spawn_ranks), else
+        they are started here."""
         init_ray()
         self.size = parallel.tensor_parallel_size
         self.timeout_s = parallel.step_timeout_s
@@ -147,25 +63,15 @@ class RayExecutor:
         self.block_bytes = kv_block_bytes(info, engine.block_size, self.size)
         self._error: WorkerFailedError | None = None
         on_gpu = info.device.type == "cuda"
-        bundle = {"GPU": 1} if on_gpu else {"CPU": parallel.worker_cpus}
-        # Inside a Serve replica gang-placed with its ranks (cluster/app.py), the
-        # replica holds bundle 0 of its placement group and the ranks take the
-        # rest; otherwise this executor places its own group.
-        current = get_current_placement_group()
-        if current is not None and len(current.bundle_specs) == self.size + 1:
-            self.placement_group, first_bundle, self._owns_group = current, 1, False
-        else:
-            self.placement_group = self._place(bundle, parallel)
-            first_bundle, self._owns_group = 0, True
-        actor_class = ray.remote(RayWorker)
-        self.workers = [
-            actor_class.options(
-                num_cpus=0 if on_gpu else parallel.worker_cpus, num_gpus=1 if on_gpu else 0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self.placement_group, placement_group_bundle_index=first_bundle + rank),
-            ).remote(rank)
-            for rank in range(self.size)
-        ]
+        if ranks is None:
+            ranks = spawn_ranks(parallel, on_gpu)
+        elif (ranks.on_gpu, len(ranks.workers)) != (on_gpu, self.size):
+            ranks.shutdown()
+            raise ValueError(f"{len(ranks.workers)} ranks started for "
+                             f"{'GPUs' if ranks.on_gpu else 'CPUs'}; the engine needs "
+                             f"{self.size} on {info.device.type}")
+        self.ranks = ranks
+        self.workers = ranks.workers
         self.rank_nodes = self._call(self.workers, "node")  # (node id, address) per rank
         self._log_placement(parallel)
         init_method = self._call([self.workers[0]], "rendezvous_address")[0]
@@ -189,17 +95,6 @@ class RayExecutor:
         logger.warning("the %d tensor-parallel ranks are spread over %d nodes (%s, %s): %s",
                        self.size, len(nodes), parallel.placement_strategy, ranks,
                        TP_ACROSS_NODES)
-
-    def _place(self, bundle: dict[str, float], parallel: ParallelConfig):
-        check_cluster_fits(bundle, self.size)
-        group = placement_group([bundle] * self.size, strategy=parallel.placement_strategy)
-        if not group.wait(timeout_seconds=parallel.placement_timeout_s):
-            remove_placement_group(group)
-            raise RuntimeError(
-                f"could not place {self.size} tensor-parallel workers with {bundle} each "
-                f"({parallel.placement_strategy}) within {parallel.placement_timeout_s:.0f} s; "
-                f"the cluster has {ray.available_resources()} available")
-        return group
 
     def num_available_blocks(self, max_num_batched_tokens: int) -> int:
         return min(self.call_all("num_available_blocks", max_num_batched_tokens))
@@ -245,12 +140,8 @@ class RayExecutor:
             except Exception:  # a dead rank's graph may already be torn down
                 logger.debug("compiled graph teardown failed", exc_info=True)
             self._graph = None
-        for worker in self.workers:
-            ray.kill(worker, no_restart=True)
+        self.ranks.shutdown()
         self.workers = []
-        if self.placement_group is not None and self._owns_group:
-            remove_placement_group(self.placement_group)
-        self.placement_group = None
 
     # -- internals -----------------------------------------------------------
     def _submit_compiled(self, step: StepInput):

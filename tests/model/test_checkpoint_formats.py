@@ -34,7 +34,7 @@ from pagedserve.model.checkpoint_files import (
 from pagedserve.testing import build_random_model
 from pagedserve.worker.distributed import TPGroup
 from pagedserve.worker.models import build_model
-from pagedserve.worker.ray_utils import checkpoint_for_store, stored_checkpoint
+from pagedserve.worker.rank_weights import checkpoint_for_store, stored_checkpoint
 
 SHARD_SIZE = "150KB"  # the tiny model is ~600 KB: several shards
 MAX_TOKENS = 12

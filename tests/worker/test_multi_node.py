@@ -158,8 +158,8 @@ def test_object_store_weights_give_hfs_tokens_across_nodes(nodes, tiny, hf_greed
 def test_a_rank_given_the_stored_checkpoint_reads_no_files(ray_cluster, tiny):
     """The rank's side of weights_transfer='object_store', in this process: its model
     directory does not exist, and it loads the weights from the store's copy."""
-    from pagedserve.worker.ray_executor import RayWorker
-    from pagedserve.worker.ray_utils import checkpoint_for_store
+    from pagedserve.worker.rank_weights import checkpoint_for_store
+    from pagedserve.worker.ray_worker import RayWorker
 
     info = _resolved(tiny)
     stored = [ray_cluster.put(checkpoint_for_store(info))]

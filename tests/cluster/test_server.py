@@ -146,3 +146,20 @@ def test_bad_request_and_full_queue_are_refused():
         asyncio.run(run())
     finally:
         server.shutdown()
+
+
+def test_ranks_started_for_a_model_that_fails_to_load_are_stopped(ray_cluster):
+    """The replica starts its ranks before it resolves the model; when that fails, they
+    go, and so do their CPUs."""
+    import time
+
+    data = load(CONFIG).model_dump()
+    data["model"].update(random_init=None, path="/nonexistent/model")
+    data["parallel"].update(distributed_executor_backend="ray", worker_cpus=0.5)
+    free = ray_cluster.available_resources().get("CPU", 0)
+    with pytest.raises(Exception, match="/nonexistent/model"):
+        LLMServer(parse(data))
+    deadline = time.monotonic() + 60
+    while ray_cluster.available_resources().get("CPU", 0) < free and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray_cluster.available_resources().get("CPU", 0) == free

@@ -32,8 +32,8 @@ from pagedserve.lora_request import LoRARequest
 from pagedserve.model.embedded import served_model_name
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
-from pagedserve.worker.ray_utils import normal_priority
-from pagedserve.worker.ray_worker import ranks_on_gpu, spawn_ranks
+from pagedserve.worker.ray_utils import normal_priority, ranks_device_type
+from pagedserve.worker.ray_worker import spawn_ranks
 
 if TYPE_CHECKING:
     from pagedserve.engine.async_engine import AsyncLLMEngine
@@ -50,7 +50,7 @@ class LLMServer:
         self.metrics = EngineMetrics(served_model_name(config), _replica_name(), _node_id())
         # The ranks first, from a module that imports no torch (nor does this one): their
         # processes import the model stack while this one imports the engine.
-        ranks = (spawn_ranks(config.parallel, ranks_on_gpu(config.engine))
+        ranks = (spawn_ranks(config.parallel, ranks_device_type(config.engine) == "cuda")
                  if config.parallel.executor_backend == "ray" else None)
         from pagedserve.engine.async_engine import AsyncLLMEngine
 

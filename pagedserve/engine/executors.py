@@ -25,12 +25,12 @@ logger = logging.getLogger(__name__)
 
 
 def choose_device(engine: EngineConfig, parallel: ParallelConfig) -> torch.device:
+    if parallel.executor_backend == "ray":
+        from pagedserve.worker.ray_utils import ranks_device_type  # Ray only when asked for
+
+        return torch.device(ranks_device_type(engine))
     if engine.simulator is not None:
         return torch.device("cpu")  # the simulated GPU's workers hold host objects only
-    if parallel.executor_backend == "ray":
-        from pagedserve.worker.ray_utils import cluster_device_type  # Ray only when asked for
-
-        return torch.device(cluster_device_type(engine.device))
     if engine.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if engine.device == "cuda" and not torch.cuda.is_available():

@@ -71,7 +71,6 @@ class RayExecutor:
                              f"{'GPUs' if ranks.on_gpu else 'CPUs'}; the engine needs "
                              f"{self.size} on {info.device.type}")
         self.ranks = ranks
-        self.workers = ranks.workers
         self.rank_nodes = self._call(self.workers, "node")  # (node id, address) per rank
         self._log_placement(parallel)
         init_method = self._call([self.workers[0]], "rendezvous_address")[0]
@@ -95,6 +94,11 @@ class RayExecutor:
         logger.warning("the %d tensor-parallel ranks are spread over %d nodes (%s, %s): %s",
                        self.size, len(nodes), parallel.placement_strategy, ranks,
                        TP_ACROSS_NODES)
+
+    @property
+    def workers(self) -> list[Any]:
+        """The ranks' actors, in rank order (none once shut down)."""
+        return self.ranks.workers
 
     def num_available_blocks(self, max_num_batched_tokens: int) -> int:
         return min(self.call_all("num_available_blocks", max_num_batched_tokens))
@@ -141,7 +145,6 @@ class RayExecutor:
                 logger.debug("compiled graph teardown failed", exc_info=True)
             self._graph = None
         self.ranks.shutdown()
-        self.workers = []
 
     # -- internals -----------------------------------------------------------
     def _submit_compiled(self, step: StepInput):

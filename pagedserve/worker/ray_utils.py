@@ -13,6 +13,8 @@ import os
 
 import ray
 
+from pagedserve.config import EngineConfig
+
 logger = logging.getLogger(__name__)
 
 
@@ -49,11 +51,14 @@ def check_cluster_fits(bundle: dict[str, float], size: int) -> None:
                 f"lower parallel.{setting} or add nodes")
 
 
-def cluster_device_type(name: str) -> str:
+def ranks_device_type(engine: EngineConfig) -> str:
     """The device type of Ray workers, which may sit on other nodes: the cluster's
-    resources decide for "auto", not this process's view. Joins the cluster."""
-    if name != "auto":
-        return name
+    resources decide for "auto", not this process's view (joining the cluster). A
+    simulated GPU's workers only sleep, on CPUs."""
+    if engine.simulator is not None:
+        return "cpu"
+    if engine.device != "auto":
+        return engine.device
     init_ray()
     return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
 

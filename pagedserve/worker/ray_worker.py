@@ -32,13 +32,7 @@ from ray.util.placement_group import (
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pagedserve.config import EngineConfig, ParallelConfig
-from pagedserve.worker.ray_utils import (
-    check_cluster_fits,
-    cluster_device_type,
-    init_ray,
-    node_here,
-    normal_priority,
-)
+from pagedserve.worker.ray_utils import check_cluster_fits, init_ray, node_here, normal_priority
 
 if TYPE_CHECKING:
     from pagedserve.model.info import ModelInfo
@@ -146,12 +140,6 @@ class Ranks:
         if self.placement_group is not None and self.owns_group:
             remove_placement_group(self.placement_group)
         self.placement_group = None
-
-
-def ranks_on_gpu(engine: EngineConfig) -> bool:
-    """Whether Ray ranks take a GPU each: as engine/executors.py's choose_device decides
-    for them (a simulated GPU's ranks only sleep, on CPUs)."""
-    return engine.simulator is None and cluster_device_type(engine.device) == "cuda"
 
 
 def spawn_ranks(parallel: ParallelConfig, on_gpu: bool) -> Ranks:

@@ -40,7 +40,7 @@ class RandomModelSpec(_Strict):
     """A random-weight model built on first use into the local cache."""
 
     name: str = "tiny-llama"
-    arch: Literal["llama", "mistral", "qwen2"] = "llama"
+    arch: Literal["llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe"] = "llama"
     seed: int = 0
     config_overrides: dict[str, Any] = Field(default_factory=dict)
 
@@ -190,6 +190,9 @@ class ParallelConfig(_Strict):
     """How the model is split over workers and where those workers run."""
 
     tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+    # A mixture-of-experts model's experts placed whole on the ranks (1/tp of them on
+    # each), instead of 1/tp of every expert's features on every rank.
+    enable_expert_parallel: bool = False
     # auto: Ray worker actors when served (the LLMServer replica only schedules)
     # or when tensor_parallel_size > 1; in-process for an offline LLM at size 1.
     distributed_executor_backend: Literal["auto", "local", "ray"] = "auto"

@@ -89,6 +89,10 @@ def read_adapter_config(path: str | Path, max_lora_rank: int) -> AdapterSpec:
                      "only LoRA weights are applied")
     if config.get("bias", "none") != "none":
         raise refuse(f"bias={config['bias']!r} is not supported, only 'none'")
+    if config.get("target_parameters"):
+        raise refuse(f"target_parameters {config['target_parameters']!r} (adapters of parameters, "
+                     "such as a mixture of experts' stacked expert weights) are not supported: "
+                     "adapters may adapt the projections of target_modules")
     if config.get("fan_in_fan_out"):
         raise refuse("fan_in_fan_out (Conv1D-style weights) is not supported")
     if config.get("rank_pattern") or config.get("alpha_pattern"):

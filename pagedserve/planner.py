@@ -35,6 +35,7 @@ from pagedserve.model.shape import (
     GIB,
     PRESET_HUB_IDS_KEY,
     ModelShape,
+    active_params,
     headroom_bytes,
     load_presets,
     lora_slot_bytes,
@@ -58,6 +59,8 @@ class Plan:
     max_num_seqs: int
     max_num_batched_tokens: int
     model_params: int  # the unsharded model
+    active_params: int  # those one token runs: of a MoE model, only its top-k experts
+    expert_parallel: bool  # a MoE model's experts placed whole on the ranks
     params_per_rank: int
     weight_bytes_per_rank: int
     total_weight_bytes: int  # over all ranks: replicated norms and vocab padding included
@@ -101,7 +104,8 @@ def plan(config: Config, gpu_memory_gb: float | None = None,
     """
     engine, tp = config.engine, config.parallel.tensor_parallel_size
     shape = load_model_shape(config.model)
-    check_tensor_parallel(shape, tp)
+    expert_parallel = config.parallel.enable_expert_parallel
+    check_tensor_parallel(shape, tp, expert_parallel)
     device = "cpu" if engine.device == "cpu" else "cuda"
     dtype = served_dtype(config.model.dtype, shape.saved_dtype, device)
     dtype_bytes = DTYPE_BYTES[dtype]
@@ -140,7 +144,8 @@ def plan(config: Config, gpu_memory_gb: float | None = None,
         placement_strategy=config.parallel.placement_strategy,
         block_size=engine.block_size, max_model_len=max_model_len,
         max_num_seqs=engine.max_num_seqs, max_num_batched_tokens=step_tokens,
-        model_params=params_per_rank(shape, 1), params_per_rank=params,
+        model_params=params_per_rank(shape, 1), active_params=active_params(shape),
+        expert_parallel=expert_parallel, params_per_rank=params,
         weight_bytes_per_rank=weight_bytes, total_weight_bytes=weight_bytes * tp,
         kv_bytes_per_token=kv_bytes_per_token, gpu_memory_bytes=gpu_memory,
         gpu_memory_utilization=utilization,
@@ -242,6 +247,23 @@ def _placement(plan: Plan) -> str:
     return f"{where}; across nodes, {TP_ACROSS_NODES}"
 
 
+def _experts(plan: Plan) -> str:
+    """A MoE model's experts, its active parameters, and how the ranks hold the experts."""
+    m, tp = plan.model, plan.tensor_parallel_size
+    text = (f"{m.num_experts} per MoE layer ({len(m.sparse_layers)} of {m.num_layers}), top "
+            f"{m.experts_per_token} per token: {_count(plan.active_params)} of "
+            f"{_count(plan.model_params)} parameters active")
+    if tp == 1:
+        return text
+    if plan.expert_parallel:
+        return (f"{text}; expert parallel: {m.num_experts // tp} whole experts per rank (with "
+                "tensor parallelism, 1/tp of each: the same bytes)")
+    other = (f"with enable_expert_parallel, {m.num_experts // tp} whole experts: the same bytes"
+             if m.num_experts % tp == 0 else
+             f"enable_expert_parallel would need num_experts divisible by {tp}")
+    return f"{text}; tensor parallel: 1/{tp} of every expert's features per rank ({other})"
+
+
 def format_plan(plan: Plan) -> str:
     """A human-readable report of `plan`, per GPU first, then per replica."""
     m, tp = plan.model, plan.tensor_parallel_size
@@ -253,6 +275,7 @@ def format_plan(plan: Plan) -> str:
              f"{m.num_layers} layers, hidden "
              f"{m.hidden_size}, {m.num_heads} heads / {m.num_kv_heads} KV heads x {m.head_dim}, "
              f"vocab {m.vocab_size}, {plan.dtype}"),
+        *([("experts", _experts(plan))] if m.is_moe else []),
         ("replica", f"{ranks} (tensor_parallel_size={tp}), max_model_len {plan.max_model_len}, "
                     f"block_size {plan.block_size}"),
         *([("placement", _placement(plan))] if tp > 1 else []),

@@ -29,6 +29,11 @@ MODEL_VARIANTS = {
     "llama3-rope": dict(arch="llama", num_key_value_heads=2, rope_parameters={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64, "rope_theta": 500000.0}),
+    "qwen3": dict(arch="qwen3"),
+    "mixtral": dict(arch="mixtral"),  # 4 experts, top 2, every layer sparse
+    # 8 experts, top 2 without renormalizing; layer 1 of 3 dense (mlp_only_layers).
+    "qwen3-moe": dict(arch="qwen3_moe", num_hidden_layers=3, mlp_only_layers=[1],
+                      norm_topk_prob=False),
 }
 
 

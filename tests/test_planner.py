@@ -13,6 +13,7 @@ from safetensors import safe_open
 from pagedserve import config as config_module
 from pagedserve.cli import main
 from pagedserve.model.checkpoint_files import weight_files
+from pagedserve.model.shape import ModelShape, active_params, params_per_rank
 from pagedserve.planner import format_plan, load_presets, plan
 from pagedserve.testing import build_random_model, cached_random_model
 
@@ -188,8 +189,24 @@ def test_presets_are_distinct_configs_of_supported_architectures():
             "qwen2-1.5b"} <= set(presets)
     hub_ids = [hub_id for hf in presets.values() for hub_id in hf["pagedserve_hub_ids"]]
     assert len(hub_ids) == len(set(hub_ids))
-    architectures = {"llama": ["LlamaForCausalLM"], "qwen2": ["Qwen2ForCausalLM"]}
+    architectures = {"llama": ["LlamaForCausalLM"], "qwen2": ["Qwen2ForCausalLM"],
+                     "qwen3": ["Qwen3ForCausalLM"], "mixtral": ["MixtralForCausalLM"],
+                     "qwen3_moe": ["Qwen3MoeForCausalLM"]}
     assert all(hf["architectures"] == architectures[hf["model_type"]] for hf in presets.values())
+
+
+# Published sizes, in billions, total and active per token: Mistral's Mixtral-8x7B
+# announcement (46.7 and 12.9) and Qwen3's model cards (8.2; 30.5 and 3.3).
+PUBLISHED = [("mixtral-8x7b", 46.7, 12.9), ("qwen3-8b", 8.2, 8.2),
+             ("qwen3-30b-a3b", 30.5, 3.3)]
+
+
+@pytest.mark.parametrize("name, total, active", PUBLISHED, ids=[row[0] for row in PUBLISHED])
+def test_moe_and_qwen3_presets_match_their_published_sizes(name, total, active):
+    shape = ModelShape.from_hf_config(load_presets()[name], name)
+    # Within rounding: Qwen3-30B-A3B's card says 3.3 where the count is 3.35.
+    assert params_per_rank(shape, 1) / 1e9 == pytest.approx(total, abs=0.06)
+    assert active_params(shape) / 1e9 == pytest.approx(active, abs=0.06)
 
 
 # Llama 2 (meta-llama/Llama-2-*-hf config.json): vocab 32000, untied LM head, float16,

@@ -252,3 +252,26 @@ def sgmv_expand(y: torch.Tensor, h: torch.Tensor, b_stack: torch.Tensor,
             rows.addmm_(h[start:end], b_stack[slot].t())
         else:
             rows.copy_(rows.float().addmm_(h[start:end], b_stack[slot].float().t()))
+
+
+def moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor, first_expert: int = 0) -> torch.Tensor:
+    """Mixture-of-experts MLP, one token and expert at a time: the oracle of
+    kernels/fused_moe.py and of the CPU path (worker/layers/moe.py).
+
+    hidden [T, H]; w13 [E, 2I, H] (gate rows, then up rows); w2 [E, H, I]; topk_weights,
+    topk_ids [T, k]. Experts outside first_expert .. first_expert + E (held by other
+    ranks) add nothing.
+    """
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    inter = w2.shape[2]
+    for t in range(hidden.shape[0]):
+        x = hidden[t].float()
+        for weight, expert in zip(topk_weights[t].tolist(), topk_ids[t].tolist(), strict=True):
+            local = expert - first_expert
+            if not 0 <= local < w13.shape[0]:
+                continue
+            gate_up = w13[local].float() @ x
+            act = torch.nn.functional.silu(gate_up[:inter]) * gate_up[inter:]
+            out[t] += weight * (w2[local].float() @ act)
+    return out.to(hidden.dtype)

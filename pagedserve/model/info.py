@@ -34,6 +34,7 @@ class ModelInfo:
     # node's own hub cache, since model_dir is a path on the engine's node.
     hub_id: str | None = None
     weights_transfer: str = "files"  # model.weights_transfer
+    expert_parallel: bool = False  # parallel.enable_expert_parallel, for a MoE model
 
     @property
     def tokenizer_path(self) -> Path:

@@ -34,9 +34,12 @@ from transformers import (
     GenerationConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     PretrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
+    Qwen3MoeConfig,
 )
 from transformers.models.qwen2.tokenization_qwen2 import (
     PRETOKENIZE_REGEX as QWEN2_PRETOKENIZE_REGEX,
@@ -51,7 +54,21 @@ FORMAT_VERSION = 3
 ARCHS: dict[str, type[PretrainedConfig]] = {
     "llama": LlamaConfig,
     "mistral": MistralConfig,
+    "mixtral": MixtralConfig,
     "qwen2": Qwen2Config,
+    "qwen3": Qwen3Config,
+    "qwen3_moe": Qwen3MoeConfig,
+}
+# The Qwen families: AutoTokenizer loads them with Qwen2Tokenizer (see train_tokenizer).
+QWEN_ARCHS = ("qwen2", "qwen3", "qwen3_moe")
+# What a tiny model of an architecture needs beside DEFAULT_CONFIG: full attention, a
+# head width of its own (Qwen3's is not hidden_size / heads), and small experts.
+ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mistral": {"sliding_window": None},
+    "mixtral": {"sliding_window": None, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen3": {"head_dim": 32},
+    "qwen3_moe": {"head_dim": 32, "num_experts": 8, "num_experts_per_tok": 2,
+                  "moe_intermediate_size": 64},
 }
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
@@ -107,7 +124,7 @@ def train_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE, arch: str = "llama") -
     byte alphabet plus the fixed corpus.
     """
     tok = Tokenizer(models.BPE())
-    if arch == "qwen2":
+    if arch in QWEN_ARCHS:
         # AutoTokenizer always loads qwen2 checkpoints with Qwen2Tokenizer,
         # which keeps our vocab/merges but rebuilds normalizer and
         # pre-tokenizer as below.  Train with the same ones, as real Qwen2
@@ -143,8 +160,7 @@ def train_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE, arch: str = "llama") -
 def config_kwargs(arch: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """The config arguments of a random model of `arch`, before its vocabulary is known."""
     kwargs: dict[str, Any] = dict(DEFAULT_CONFIG)
-    if arch == "mistral":
-        kwargs["sliding_window"] = None  # full attention unless asked otherwise
+    kwargs.update(ARCH_DEFAULTS.get(arch, {}))
     kwargs.update(overrides)
     return kwargs
 

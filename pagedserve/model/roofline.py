@@ -18,6 +18,14 @@ Llama-3-8B in bf16 at batch 256, 1,024-token contexts, on an H200:
 at the copy's rate; pagedserve's decode steps sustained 0.57 of that rate on an
 H200 (BENCHMARKS.md, "GPU check"), so 21 ms.
 
+A mixture-of-experts layer's step reads only the experts its tokens are routed
+to: with each token choosing k of E experts, a batch of T tokens touches the
+union of their choices, E (1 - (1 - k/E)^T) experts when routing spreads evenly,
+so one decode token reads k experts and a large batch all of them. Its FLOPs
+are those of the k experts each token runs. Under tensor or expert parallelism
+a rank holds 1/tp of the expert weights either way, and reads that share of
+the touched experts.
+
 Pure arithmetic, no torch: the planner and the simulated accelerator
 (simulated.py) both use it.
 """
@@ -106,6 +114,18 @@ class Roofline:
         self.body_params = params_per_rank(shape, tp) - embedding - (
             0 if shape.tie_word_embeddings else self.lm_head_params)
         self.attention_width = shape.num_heads // tp * shape.head_dim
+        # This rank's expert weights (every MoE layer's), and those one token runs.
+        per_expert = 3 * shape.hidden_size * shape.expert_intermediate_size / tp
+        sparse = len(shape.sparse_layers)
+        self.expert_params = sparse * shape.num_experts * per_expert
+        self.active_expert_params = sparse * shape.experts_per_token * per_expert
+
+    def touched_experts(self, tokens: int) -> float:
+        """The share of a MoE layer's experts a step of `tokens` tokens reads: the union of
+        their top-k choices, routing spread evenly (1 for a dense model)."""
+        if not self.shape.is_moe:
+            return 1.0
+        return 1.0 - (1.0 - self.shape.experts_per_token / self.shape.num_experts) ** tokens
 
     def step_time(self, seqs: list[StepShape]) -> float:
         """Seconds one step takes on the GPU (every rank alike)."""
@@ -115,11 +135,14 @@ class Roofline:
         sampled = sum(seq.samples for seq in seqs)
         kv_read = sum(seq.context_len for seq in seqs) * self.kv_bytes_per_token
         kv_written = tokens * self.kv_bytes_per_token
-        memory = (self.weight_bytes + kv_read + kv_written) / self.gpu.sustained_bandwidth
+        untouched = self.expert_params * (1.0 - self.touched_experts(tokens)) * self.dtype_bytes
+        weights = self.weight_bytes - untouched
+        memory = (weights + kv_read + kv_written) / self.gpu.sustained_bandwidth
         # Each new token attends to the context before it: q x (c - q) + q (q + 1) / 2 pairs.
         pairs = sum(seq.num_tokens * (seq.context_len - seq.num_tokens)
                     + seq.num_tokens * (seq.num_tokens + 1) // 2 for seq in seqs)
-        flops = (2 * self.body_params * tokens + 2 * self.lm_head_params * sampled
+        token_params = self.body_params - self.expert_params + self.active_expert_params
+        flops = (2 * token_params * tokens + 2 * self.lm_head_params * sampled
                  + 4 * self.shape.num_layers * self.attention_width * pairs)
         compute = flops / self.gpu.sustained_flops
         return max(memory, compute) + self.allreduce_time(tokens)

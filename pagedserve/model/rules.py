@@ -17,11 +17,20 @@ from pagedserve.math_utils import cdiv
 from pagedserve.model.shape import DTYPE_BYTES, GIB, ModelShape
 
 
-def check_tensor_parallel(shape: ModelShape, tp: int) -> None:
-    """Heads and MLP features are split evenly over ranks, or the model cannot be sharded."""
-    for field, value in (("num_attention_heads", shape.num_heads),
-                         ("num_key_value_heads", shape.num_kv_heads),
-                         ("intermediate_size", shape.intermediate_size)):
+def check_tensor_parallel(shape: ModelShape, tp: int, expert_parallel: bool = False) -> None:
+    """Heads, MLP features and experts are split evenly over ranks, or the model cannot be
+    sharded: a MoE layer's experts by their features, or under expert parallelism whole."""
+    if expert_parallel and not shape.is_moe:
+        raise ValueError(f"parallel.enable_expert_parallel is for a mixture-of-experts model; "
+                         f"{shape.source} ({shape.model_type}) has no experts")
+    splits = [("num_attention_heads", shape.num_heads),
+              ("num_key_value_heads", shape.num_kv_heads)]
+    if len(shape.sparse_layers) < shape.num_layers:  # dense MLP layers
+        splits.append(("intermediate_size", shape.intermediate_size))
+    if shape.is_moe:
+        splits.append(("num_experts", shape.num_experts) if expert_parallel else
+                      ("experts' intermediate_size", shape.expert_intermediate_size))
+    for field, value in splits:
         if value % tp:
             raise ValueError(f"parallel.tensor_parallel_size={tp} does not divide the model's "
                              f"{field}={value} ({shape.source}): choose a tensor_parallel_size "

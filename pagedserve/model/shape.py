@@ -52,6 +52,13 @@ class ModelShape:
     o_proj_bias: bool
     mlp_bias: bool
     saved_dtype: str | None
+    qk_norm: bool = False  # an RMSNorm over each q and k head (Qwen3)
+    # Mixture of experts: 0 experts for a dense model.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate_size: int = 0
+    renormalize_topk: bool = True  # the top-k weights scaled to sum to one
+    sparse_layers: tuple[int, ...] = ()  # the layers whose MLP is a mixture of experts
 
     @classmethod
     def from_config(cls, config: HFConfig, source: str = "the model") -> ModelShape:
@@ -71,9 +78,10 @@ class ModelShape:
         if hf.get("use_sliding_window") is False:
             window = None
         attention_bias = bool(hf.get("attention_bias", False))
+        model_type = hf.get("model_type", "llama")
         return cls(
             source=source,
-            model_type=hf.get("model_type", "llama"),
+            model_type=model_type,
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
             intermediate_size=hf["intermediate_size"],
@@ -91,11 +99,39 @@ class ModelShape:
             o_proj_bias=attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
             saved_dtype=hf.get("dtype") or hf.get("torch_dtype"),
+            qk_norm=model_type in QK_NORM_MODEL_TYPES,
+            **_experts(hf),
         )
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     def kv_bytes_per_token(self, tp: int, dtype_bytes: int) -> int:
         """KV bytes of one token on one rank: its share of the KV heads, every layer."""
         return 2 * self.num_layers * (self.num_kv_heads // tp) * self.head_dim * dtype_bytes
+
+
+QK_NORM_MODEL_TYPES = frozenset({"qwen3", "qwen3_moe"})
+
+
+def _experts(hf: dict[str, Any]) -> dict[str, Any]:
+    """The MoE fields of a config.json: Mixtral's (`num_local_experts`, every layer
+    sparse) or Qwen3-MoE's (`num_experts`, `moe_intermediate_size`, and the dense
+    layers that `decoder_sparse_step` and `mlp_only_layers` leave)."""
+    experts = hf.get("num_local_experts") or hf.get("num_experts") or 0
+    if not experts:
+        return {}
+    layers = hf["num_hidden_layers"]
+    step = hf.get("decoder_sparse_step") or 1
+    dense = set(hf.get("mlp_only_layers") or ())
+    return {"num_experts": experts, "experts_per_token": hf.get("num_experts_per_tok") or 2,
+            "expert_intermediate_size": hf.get("moe_intermediate_size")
+            or hf["intermediate_size"],
+            # Mixtral has no such key and renormalizes; Qwen3-MoE's config says.
+            "renormalize_topk": bool(hf.get("norm_topk_prob", True)),
+            "sparse_layers": tuple(i for i in range(layers)
+                                   if i not in dense and (i + 1) % step == 0)}
 
 
 def head_dim(config: HFConfig) -> int:
@@ -118,35 +154,60 @@ def preset_for(hub_id: str) -> dict[str, Any] | None:
 
 
 def params_per_rank(shape: ModelShape, tp: int) -> int:
+    """The parameters one rank holds: 1/tp of the heads, the MLPs and the vocabulary;
+    of each MoE layer, the whole router and 1/tp of the experts' weights (1/tp of every
+    expert's features, or under expert parallelism 1/tp of the experts whole: the same
+    count)."""
     hidden, inter = shape.hidden_size, shape.intermediate_size // tp
     q = shape.num_heads // tp * shape.head_dim
     kv = shape.num_kv_heads // tp * shape.head_dim
     attention = hidden * (q + 2 * kv) + q * hidden
     attention += (q + 2 * kv) * shape.qkv_bias + hidden * shape.o_proj_bias
+    attention += 2 * shape.head_dim * shape.qk_norm
     mlp = 3 * hidden * inter + (2 * inter + hidden) * shape.mlp_bias
-    layer = attention + mlp + 2 * hidden  # + input and post-attention RMSNorm
+    layer = attention + 2 * hidden  # + input and post-attention RMSNorm
+    sparse = len(shape.sparse_layers)
+    experts = shape.num_experts * 3 * hidden * shape.expert_intermediate_size // tp
+    moe = shape.num_experts * hidden + experts  # the router, and this rank's experts
     embedding = cdiv(shape.vocab_size, tp) * hidden
     lm_head = 0 if shape.tie_word_embeddings else embedding
-    return shape.num_layers * layer + embedding + lm_head + hidden  # + final norm
+    return (shape.num_layers * layer + (shape.num_layers - sparse) * mlp + sparse * moe
+            + embedding + lm_head + hidden)  # + final norm
+
+
+def active_params(shape: ModelShape) -> int:
+    """The parameters one token's forward pass reads: all of a dense model's, and of each
+    MoE layer the router and only the top-k experts the token is routed to."""
+    unused = shape.num_experts - shape.experts_per_token
+    per_expert = 3 * shape.hidden_size * shape.expert_intermediate_size
+    return params_per_rank(shape, 1) - len(shape.sparse_layers) * unused * per_expert
 
 
 def lora_slot_bytes(shape: ModelShape, tp: int, dtype_bytes: int, max_loras: int,
                     max_rank: int) -> int:
     """The LoRA slots of one rank (worker/worker_lora.py): per layer and slot, an A of
-    [rank, in] and a B of [out, rank] for each of q, k, v, o, gate, up, down, sharded
-    as their layers are (column-parallel B by rows, row-parallel A by columns)."""
+    [rank, in] and a B of [out, rank] for each of q, k, v, o, and gate, up, down where
+    the MLP is dense (experts take no adapter), sharded as their layers are
+    (column-parallel B by rows, row-parallel A by columns)."""
     hidden, inter = shape.hidden_size, shape.intermediate_size // tp
     q = shape.num_heads // tp * shape.head_dim
     kv = shape.num_kv_heads // tp * shape.head_dim
-    a = 3 * hidden + q + 2 * hidden + inter  # qkv, o, gate_up, down: the inputs
-    b = (q + 2 * kv) + hidden + 2 * inter + hidden  # and the outputs
-    return shape.num_layers * max_loras * max_rank * (a + b) * dtype_bytes
+    attention = 3 * hidden + q + (q + 2 * kv) + hidden  # qkv and o: inputs and outputs
+    mlp = 2 * hidden + inter + 2 * inter + hidden  # gate_up and down, of a dense MLP only
+    dense = shape.num_layers - len(shape.sparse_layers)
+    return ((shape.num_layers * attention + dense * mlp) * max_loras * max_rank
+            * dtype_bytes)
 
 
 def headroom_bytes(shape: ModelShape, tp: int, dtype_bytes: int, step_tokens: int,
                     max_num_seqs: int) -> int:
     """See planner.plan: runtime overhead, one step's peak activations, rank 0's logits."""
     qkv = (shape.num_heads + 2 * shape.num_kv_heads) * shape.head_dim // tp
-    per_token = 4 * shape.hidden_size + qkv + 3 * shape.intermediate_size // tp
+    mlp = 3 * shape.intermediate_size // tp
+    if shape.is_moe:  # each of a token's k experts: gate, up and its output (layers/moe.py),
+        # at an expert's whole width, as expert parallelism computes it
+        mlp = max(mlp, shape.experts_per_token
+                  * (3 * shape.expert_intermediate_size + shape.hidden_size))
+    per_token = 4 * shape.hidden_size + qkv + mlp
     logits = max_num_seqs * shape.vocab_size * 4 * 2
     return RUNTIME_OVERHEAD_BYTES + step_tokens * per_token * dtype_bytes + logits

@@ -20,7 +20,7 @@ import torch
 
 from pagedserve.errors import RequestError
 from pagedserve.lora_request import WEIGHTS_FILE, AdapterSpec
-from pagedserve.model.shape import head_dim
+from pagedserve.model.shape import ModelShape, head_dim
 
 _KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)"
                   r"\.lora_([AB])\.weight")
@@ -32,6 +32,9 @@ class LoRAWeights:
 
     spec: AdapterSpec
     pairs: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def projection_shapes(config) -> dict[str, tuple[int, int]]:
@@ -59,14 +62,26 @@ def load_lora_weights(spec: AdapterSpec, config, dtype: torch.dtype = torch.floa
     except Exception as error:  # noqa: BLE001 - safetensors raises its own kinds
         raise refuse(f"{WEIGHTS_FILE} is not a readable safetensors file ({error})") from None
     shapes = projection_shapes(config)
+    sparse = set(ModelShape.from_config(config).sparse_layers)
     found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = _KEY.fullmatch(key)
         if match is None:
             raise refuse(f"tensor {key!r} is not a LoRA weight of a decoder projection")
         layer, module, which = int(match[1]), match[2], match[3]
+        if module == "experts":  # peft's adapter of a MoE layer's stacked expert weights
+            raise refuse(f"tensor {key!r} adapts the experts of layer {layer}: adapters of a "
+                         "mixture-of-experts model may adapt its attention "
+                         f"({', '.join(ATTENTION_PROJECTIONS)}) and its dense layers' MLPs")
         if module not in spec.target_modules:
             raise refuse(f"tensor {key!r} adapts {module}, which target_modules does not name")
+        if module not in shapes:
+            raise refuse(f"tensor {key!r} adapts {module}; adapters may adapt "
+                         f"{', '.join(shapes)}")
+        if layer in sparse and module not in ATTENTION_PROJECTIONS:
+            raise refuse(f"tensor {key!r} adapts the MLP of layer {layer}, which is a mixture "
+                         "of experts: adapters of this model may adapt its attention "
+                         f"({', '.join(ATTENTION_PROJECTIONS)}) and its dense layers' MLPs")
         if layer >= config.num_hidden_layers or (spec.layers is not None
                                                  and layer not in spec.layers):
             raise refuse(f"tensor {key!r} is for layer {layer}; the base model has "

@@ -60,7 +60,8 @@ class Worker:
         self.tp = tp
         self.model = build_model(info.hf_config, info.model_dir, max_position=info.max_model_len,
                                  dtype=info.dtype, device=info.device, load_format=load_format,
-                                 tp=tp, gguf_file=info.gguf_file, checkpoint=checkpoint)
+                                 tp=tp, gguf_file=info.gguf_file, checkpoint=checkpoint,
+                                 expert_parallel=info.expert_parallel)
         self.attention = select_attention_backend(engine.attention_backend, info.device,
                                                   self.kv_block_shape[1])
         self.runner = ModelRunner(self.model, engine.block_size, self.attention, info.device,

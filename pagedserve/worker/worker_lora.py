@@ -1,7 +1,7 @@
 """A worker's LoRA adapters: `max_loras` device slots and a host cache of `max_cpu_loras`.
 
-Every adaptable projection (qkv, o, gate_up, down) of every decoder layer gets
-a LoRAStack (layers/lora.py) of `max_loras` slots, preallocated at the
+Every adaptable projection (qkv, o, and of a dense MLP gate_up, down) of every decoder
+layer gets a LoRAStack (layers/lora.py) of `max_loras` slots, preallocated at the
 engine's `max_lora_rank`, before the KV pool is sized, so the pool is what is
 left after them. The scheduler decides which adapter holds which slot
 (scheduler/adapter_slots.py); a step carries the loads it decided on, and they are
@@ -38,10 +38,12 @@ class WorkerLoRA:
         # (layer index, fused layer name) -> its stack
         self.stacks: dict[tuple[int, str], LoRAStack] = {}
         for index, layer in enumerate(model.model.layers):
-            for name, module in (("qkv_proj", layer.self_attn.qkv_proj),
-                                 ("o_proj", layer.self_attn.o_proj),
-                                 ("gate_up_proj", layer.mlp.gate_up_proj),
-                                 ("down_proj", layer.mlp.down_proj)):
+            modules = [("qkv_proj", layer.self_attn.qkv_proj),
+                       ("o_proj", layer.self_attn.o_proj)]
+            if hasattr(layer.mlp, "gate_up_proj"):  # a dense MLP; experts take no adapter
+                modules += [("gate_up_proj", layer.mlp.gate_up_proj),
+                            ("down_proj", layer.mlp.down_proj)]
+            for name, module in modules:
                 stack = LoRAStack(module, config.max_loras, config.max_lora_rank, self.batch)
                 module.lora = stack
                 self.stacks[index, name] = stack

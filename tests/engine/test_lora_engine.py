@@ -273,3 +273,37 @@ def test_chat_takes_a_lora_request(base, adapters):
     chat = llm.chat(messages, GREEDY, use_tqdm=False, lora_request=adapters[0])
     assert chat[0].outputs[0].token_ids == peft_greedy(base, adapters[0].lora_path, [list(ids)],
                                                        MAX_TOKENS)[0]
+
+
+def test_a_moe_model_takes_adapters_on_its_attention_only(tmp_path):
+    """Qwen3-MoE (layer 1 of 3 dense): an adapter of q and v equals peft. peft's adapter
+    of down_proj adapts the experts' stacked weights (its target_parameters), and one
+    with a dense down_proj's tensors at a sparse layer: both are refused, saying why, and
+    nothing is held."""
+    from safetensors.torch import load_file, save_file
+
+    base = build_random_model(tmp_path / "moe", arch="qwen3_moe", vocab_size=510,
+                              num_hidden_layers=3, mlp_only_layers=[1])
+    path = build_lora_adapter(base, tmp_path / "a", 4, ["q_proj", "v_proj"])
+    llm = LLM(str(base), **ENGINE)
+    prompts = [[7, 8, 9, 10], [11] * 20]
+    lora = LoRARequest("moe", 1, str(path))
+    assert [out[0] for out in _generate(llm, prompts, [lora, lora])] == peft_greedy(
+        base, path, prompts, MAX_TOKENS)
+    experts = build_lora_adapter(base, tmp_path / "e", 4, ["down_proj"])
+    with pytest.raises(RequestError, match=r"target_parameters \['down_proj'\] \(adapters of "
+                                           "parameters, such as a mixture of experts'"):
+        _generate(llm, prompts[:1], LoRARequest("experts", 2, str(experts)))
+    tensors = load_file(path / "adapter_model.safetensors")
+    q = "base_model.model.model.layers.2.self_attn.q_proj.lora_{}.weight"
+    for which in "AB":  # q's tensors (of a fitting shape for q; not for down) at sparse layer 2
+        tensors[q.format(which).replace("self_attn.q_proj", "mlp.down_proj")] = tensors[
+            q.format(which)].clone()
+    config = json.loads((path / "adapter_config.json").read_text())
+    config["target_modules"] = ["q_proj", "v_proj", "down_proj"]
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    save_file(tensors, path / "adapter_model.safetensors")
+    with pytest.raises(RequestError, match="adapts the MLP of layer 2, which is a mixture of "
+                                           "experts"):
+        _generate(llm, prompts[:1], LoRARequest("sparse", 3, str(path)))
+    _assert_nothing_held(llm)

@@ -20,6 +20,8 @@ PROMPT_LENS = [1, 2, 3, 5, 8, 13, 16, 17, 31, 32, 33, 64, 100, 127, 200, 300]
 MAX_TOKENS = 24
 MAX_MODEL_LEN = 336  # the longest prompt plus its outputs, rounded up to a block
 MODELS = ["llama", "llama-gqa", "mistral", "qwen2", "llama3-rope"]
+# Later architectures, at one block size: the paging is the same as above.
+ARCHITECTURES = ["qwen3", "mixtral", "qwen3-moe"]
 SETTINGS = {
     "plain": dict(max_num_batched_tokens=2048, num_gpu_blocks=512),
     "chunked-prefill": dict(max_num_batched_tokens=48, num_gpu_blocks=512),
@@ -58,9 +60,10 @@ def hf_reference(model_dirs):
     return get
 
 
-@pytest.mark.parametrize("block_size", [8, 16])
 @pytest.mark.parametrize("setting", list(SETTINGS))
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize(("name", "block_size"), [(name, block_size) for name in MODELS
+                                                  for block_size in (8, 16)]
+                         + [(name, 16) for name in ARCHITECTURES])
 def test_greedy_matches_hf(model_dirs, hf_reference, name, setting, block_size):
     options = dict(SETTINGS[setting])
     if options["num_gpu_blocks"] is None:

@@ -62,6 +62,37 @@ def test_prefill_step_is_flops_over_sustained_throughput():
     assert 0.15 < by_hand < 0.2  # ~130 TFLOP at ~770 TFLOP/s
 
 
+def test_a_moe_step_reads_the_experts_its_tokens_touch():
+    """Qwen3-30B-A3B on an H100 (128 experts, top 8): one decode token reads its 8 experts
+    of each layer, 256 tokens nearly all 128 (the union of their choices); the FLOPs per
+    token are those of the 3.35B active parameters."""
+    model = shape("qwen3-30b-a3b")
+    gpu = GPUS["h100-sxm"]
+    roofline = Roofline(gpu, model, tp=1, dtype_bytes=2)
+    per_expert = 3 * 2048 * 768
+    experts = 48 * 128 * per_expert
+    assert roofline.expert_params == experts
+    assert roofline.touched_experts(1) == pytest.approx(8 / 128)
+    assert roofline.touched_experts(256) == pytest.approx(1 - (120 / 128) ** 256)
+    rate = gpu.copy_bandwidth * gpu.memory_efficiency
+    one = [StepShape(1, 100, True)]
+    read = roofline.weight_bytes - 2 * experts * (1 - 8 / 128)
+    by_hand = (read + 101 * roofline.kv_bytes_per_token) / rate
+    assert roofline.step_time(one) == pytest.approx(by_hand, rel=1e-9)
+    # About a tenth of the 61 GB of weights: the dense layers, the vocabulary and 8 experts.
+    assert 5e9 < read < 8e9
+    # Under expert parallelism over two GPUs, each rank holds and reads half of that.
+    ep2 = Roofline(gpu, model, tp=2, dtype_bytes=2)
+    assert ep2.expert_params == experts / 2
+    # A long prompt is compute-bound: 2 FLOPs per active parameter per token.
+    prompt = 4096
+    body = roofline.body_params - experts + 48 * 8 * per_expert
+    attention = 4 * 48 * 32 * 128 * (prompt * (prompt + 1) // 2)
+    flops = 2 * body * prompt + 2 * roofline.lm_head_params + attention
+    assert roofline.step_time([StepShape(prompt, prompt, True)]) == pytest.approx(
+        flops / gpu.sustained_flops, rel=1e-9)
+
+
 def test_tensor_parallel_adds_two_all_reduces_per_layer():
     model = shape("llama-3-70b")
     gpu = GPUS["h100-sxm"]

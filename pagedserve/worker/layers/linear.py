@@ -75,6 +75,9 @@ def pack_linear_weights(model: nn.Module) -> int:
                 owners[id(param)] = owners.get(id(param), 0) + 1
     packed = 0
     for module in model.modules():
+        if hasattr(module, "pack_for_cpu"):  # a MoE layer's experts (layers/moe.py)
+            packed += module.pack_for_cpu()
+            continue
         if not hasattr(module, "packed_weight") or not cpu_gemm.can_pack(module.weight):
             continue
         module.packed_weight = cpu_gemm.pack(module.weight)
@@ -96,11 +99,27 @@ def dense_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, module in model.named_modules():
         if getattr(module, "packed_weight", None) is not None:
             params[f"{name}.weight"] = module.packed_weight.to_dense()
+        if hasattr(module, "dense_weights"):
+            params.update({f"{name}.{key}": value
+                           for key, value in module.dense_weights().items()})
     return params
 
 
 def _new_parameter(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+class ReplicatedLinear(nn.Module):
+    """The whole weight on every rank (a MoE router's): no split, no communication."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = _new_parameter(output_size, input_size)
+        self.bias = _new_parameter(output_size) if bias else None
+        self.packed_weight = None  # set by pack_linear_weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return apply_linear(self, x, self.bias)
 
 
 class ColumnParallelLinear(nn.Module):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -13,13 +14,19 @@ from pagedserve.model.gguf_file import tensors as gguf_tensors
 from pagedserve.worker.distributed import TPGroup
 from pagedserve.worker.layers import default_dtype
 from pagedserve.worker.layers.linear import default_weight_loader, pack_linear_weights
+from pagedserve.worker.layers.moe import EXPERT_PARTS
 from pagedserve.worker.models.llama import LlamaForCausalLM
 
 _ARCHITECTURES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
+    "MixtralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": LlamaForCausalLM,
+    "Qwen3MoeForCausalLM": LlamaForCausalLM,
 }
+# One expert's tensor: `...experts.{e}.{part}.weight` (layers/moe.py's EXPERT_PARTS).
+_EXPERT = re.compile(r"^(?P<experts>.*\.experts)\.(?P<expert>\d+)\.(?P<part>\w+)\.weight$")
 
 
 def model_class(hf_config) -> type[nn.Module]:
@@ -33,7 +40,8 @@ def model_class(hf_config) -> type[nn.Module]:
 def build_model(hf_config, model_dir: Path, *, max_position: int, dtype: torch.dtype,
                 device: torch.device, load_format: str, tp: TPGroup = TPGroup(),
                 gguf_file: Path | None = None, pack_cpu_weights: bool = True,
-                checkpoint: dict[str, torch.Tensor] | None = None) -> nn.Module:
+                checkpoint: dict[str, torch.Tensor] | None = None,
+                expert_parallel: bool = False) -> nn.Module:
     """This rank's shard of the model, with its weights (or random ones for "dummy").
 
     Weights come from `checkpoint` when given (whole tensors by checkpoint name:
@@ -45,7 +53,8 @@ def build_model(hf_config, model_dir: Path, *, max_position: int, dtype: torch.d
     (layers/linear.py), unless `pack_cpu_weights` is False.
     """
     with torch.device(device), default_dtype(dtype):
-        model = model_class(hf_config)(hf_config, max_position, tp)
+        model = model_class(hf_config)(hf_config, max_position, tp,
+                                       expert_parallel=expert_parallel)
     model.to(dtype=dtype)
     if load_format == "dummy":
         _init_dummy(model)
@@ -63,9 +72,17 @@ def build_model(hf_config, model_dir: Path, *, max_position: int, dtype: torch.d
 
 
 def checkpoint_names(model: nn.Module) -> list[str]:
-    """The HF checkpoint names the model takes: fused parameters by their parts."""
+    """The HF checkpoint names the model takes: fused parameters by their parts, a MoE
+    layer's experts one by one (Qwen3-MoE's names; Mixtral's `w1`, `w3`, `w2` are
+    accepted too)."""
     names = ["lm_head.weight"]  # also when tied to the embedding (then loaded through it)
-    for name, _ in model.named_parameters():
+    for name, param in model.named_parameters():
+        experts, _, which = name.rpartition(".")
+        if experts.endswith(".experts") and which in ("w13", "w2"):
+            parts = ["gate_proj", "up_proj"] if which == "w13" else ["down_proj"]
+            names.extend(f"{experts}.{e}.{part}.weight"
+                         for e in range(param.num_parts // len(parts)) for part in parts)
+            continue
         parts = [name.replace(f".{fused}.", f".{part}.")
                  for fused, part, _ in model.stacked_params if f".{fused}." in name]
         names.extend(parts or [name])
@@ -89,9 +106,8 @@ def load_weights(model: nn.Module, checkpoint: Iterable[tuple[str, object]], sou
                 continue
             raise ValueError(f"checkpoint tensor {ckpt_name!r} has no place in the model")
         param = params[name]
-        loader = getattr(param, "weight_loader", default_weight_loader)
         try:
-            loader(param, tensor, shard_id)
+            getattr(param, "weight_loader", default_weight_loader)(param, tensor, shard_id)
         except ValueError as error:
             raise ValueError(f"checkpoint tensor {ckpt_name!r} {error}") from None
         loaded.add(name if shard_id is None else f"{name}#{shard_id}")
@@ -102,6 +118,14 @@ def load_weights(model: nn.Module, checkpoint: Iterable[tuple[str, object]], sou
 
 
 def _target(model: nn.Module, ckpt_name: str) -> tuple[str, int | None]:
+    """The parameter a checkpoint tensor fills, and which part of it (None: the whole)."""
+    for theirs, ours in getattr(model, "checkpoint_renames", ()):
+        ckpt_name = ckpt_name.replace(theirs, ours)
+    expert = _EXPERT.match(ckpt_name)
+    if expert and expert["part"] in EXPERT_PARTS:
+        which, part = EXPERT_PARTS[expert["part"]]
+        index = int(expert["expert"])
+        return f"{expert['experts']}.{which}", 2 * index + part if which == "w13" else index
     for fused, part, shard_id in model.stacked_params:
         if f".{part}." in ckpt_name:
             return ckpt_name.replace(f".{part}.", f".{fused}."), shard_id

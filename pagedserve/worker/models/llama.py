@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2) over the paged KV pool.
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3; with experts, Mixtral and
+Qwen3-MoE) over the paged KV pool.
 
 Tokens of every scheduled sequence are flattened into one batch of shape
 [num_tokens]; attention finds each sequence's context through the block table,
@@ -9,6 +10,14 @@ With a tensor-parallel group of size tp, each rank holds 1/tp of the heads and
 of the MLP's intermediate features (see layers/linear.py), its own KV heads'
 pool, and 1/tp of the vocabulary rows; o_proj, down_proj and the embedding each
 end in one all-reduce.
+
+The family's variations, read from the config's shape (model/shape.py):
+Qwen3 normalizes each q and k head before the rotary embedding, and a
+mixture-of-experts layer (layers/moe.py) takes the place of the MLP in the
+layers `ModelShape.sparse_layers` names (every layer of Mixtral; Qwen3-MoE's
+`decoder_sparse_step` and `mlp_only_layers` leave some dense). Mixtral's
+checkpoint calls that block `block_sparse_moe`, Qwen3-MoE's `mlp`; here it is
+`mlp` in both (`checkpoint_renames`).
 """
 
 from __future__ import annotations
@@ -23,8 +32,10 @@ from pagedserve.worker.layers.attention import Attention, AttentionMetadata, KVC
 from pagedserve.worker.layers.linear import (
     ColumnParallelLinear,
     QKVParallelLinear,
+    ReplicatedLinear,
     RowParallelLinear,
 )
+from pagedserve.worker.layers.moe import FusedMoE
 from pagedserve.worker.layers.norm import RMSNorm
 from pagedserve.worker.layers.rotary import Rope, RotaryEmbedding
 from pagedserve.worker.layers.vocab import ParallelLMHead, VocabParallelEmbedding
@@ -44,6 +55,10 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim,
                                         config.hidden_size, shape.o_proj_bias, tp)
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
+        if shape.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qk_norm = shape.qk_norm
 
     def forward(self, rope: Rope, hidden: torch.Tensor, kv_cache: KVCache,
                 metadata: AttentionMetadata) -> torch.Tensor:
@@ -52,6 +67,8 @@ class LlamaAttention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = RotaryEmbedding.apply(rope, q, k)
         out = self.attn(q, k, v, kv_cache, metadata)  # [T, H, D]
         return self.o_proj(out.reshape(num_tokens, self.q_size))
@@ -72,11 +89,28 @@ class LlamaMLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+class SparseMoE(nn.Module):
+    """The router (replicated on every rank) and the layer's experts."""
+
+    def __init__(self, config, tp: TPGroup, expert_parallel: bool) -> None:
+        super().__init__()
+        shape = ModelShape.from_config(config)
+        self.gate = ReplicatedLinear(config.hidden_size, shape.num_experts, bias=False)
+        self.experts = FusedMoE(shape.num_experts, shape.experts_per_token, config.hidden_size,
+                                shape.expert_intermediate_size, shape.renormalize_topk, tp,
+                                expert_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.experts(x, self.gate(x))
+
+
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, tp: TPGroup) -> None:
+    def __init__(self, config, tp: TPGroup, index: int = 0, expert_parallel: bool = False
+                 ) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, tp)
-        self.mlp = LlamaMLP(config, tp)
+        sparse = index in ModelShape.from_config(config).sparse_layers
+        self.mlp = SparseMoE(config, tp, expert_parallel) if sparse else LlamaMLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -96,13 +130,13 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, max_position: int, tp: TPGroup) -> None:
+    def __init__(self, config, max_position: int, tp: TPGroup, expert_parallel: bool) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         # One table for every layer, looked up once per step: a buffer, not a parameter.
         self.rotary = RotaryEmbedding(config, head_dim(config), max_position)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, tp)
-                                    for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, tp, index, expert_parallel)
+                                    for index in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
@@ -116,11 +150,14 @@ class LlamaForCausalLM(nn.Module):
         ("gate_up_proj", "gate_proj", 0),
         ("gate_up_proj", "up_proj", 1),
     ]
+    # Checkpoint name parts that are named otherwise here: (checkpoint's, ours).
+    checkpoint_renames = [(".block_sparse_moe.", ".mlp.")]
 
-    def __init__(self, config, max_position: int, tp: TPGroup = TPGroup()) -> None:
+    def __init__(self, config, max_position: int, tp: TPGroup = TPGroup(),
+                 expert_parallel: bool = False) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, max_position, tp)
+        self.model = LlamaModel(config, max_position, tp, expert_parallel)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -1,0 +1,138 @@
+"""The mixture-of-experts paths against the one-token-at-a-time reference
+(kernels/reference.py's `moe`): the Triton grouped GEMMs (kernels/fused_moe.py), and
+the CPU path of layers/moe.py, packed and not, over expert counts, top-k and token
+mixes, with experts that get no token and with experts held by other ranks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagedserve.kernels import reference
+from pagedserve.kernels.checks import interpreting
+from pagedserve.kernels.fused_moe import align_tokens, fused_moe
+from pagedserve.worker.distributed import TPGroup
+from pagedserve.worker.layers.linear import pack_linear_weights
+from pagedserve.worker.layers.moe import FusedMoE, route
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and not interpreting() else "cpu")
+HIDDEN, INTER = 48, 40  # neither a power of two: the kernels' masks are used
+
+
+def _case(num_experts: int, num_tokens: int, top_k: int, used: int, seed: int,
+          dtype: torch.dtype = torch.float32):
+    """Weights of num_experts experts; each token routed to top_k of the first `used`."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(num_tokens, HIDDEN, generator=gen)
+    w13 = torch.randn(num_experts, 2 * INTER, HIDDEN, generator=gen) / HIDDEN ** 0.5
+    w2 = torch.randn(num_experts, HIDDEN, INTER, generator=gen) / INTER ** 0.5
+    logits = torch.randn(num_tokens, num_experts, generator=gen)
+    logits[:, used:] = -1e4  # the experts past `used` get no token
+    weights, ids = route(logits, top_k, renormalize=True)
+    return [t.to(DEVICE) for t in (hidden.to(dtype), w13.to(dtype), w2.to(dtype))] + [
+        weights.to(DEVICE), ids.to(DEVICE)]
+
+
+CASES = [  # experts, tokens, top_k, experts used
+    (1, 5, 1, 1),
+    (4, 1, 2, 4),  # one decode token
+    (4, 33, 2, 2),  # two experts get every token, two get none
+    (8, 70, 2, 8),  # more pairs than one block per expert
+    (8, 17, 3, 5),
+    (16, 9, 4, 16),  # more experts than pairs: most runs empty
+]
+
+
+@pytest.mark.parametrize("num_experts, num_tokens, top_k, used", CASES)
+def test_fused_moe_equals_the_reference(num_experts, num_tokens, top_k, used):
+    hidden, w13, w2, weights, ids = _case(num_experts, num_tokens, top_k, used, seed=num_tokens)
+    expected = reference.moe(hidden, w13, w2, weights, ids)
+    got = fused_moe(hidden, w13, w2, weights, ids)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_moe_in_bfloat16_is_close_to_float32():
+    hidden, w13, w2, weights, ids = _case(8, 40, 2, 8, seed=3, dtype=torch.bfloat16)
+    expected = reference.moe(hidden.float(), w13.float(), w2.float(), weights, ids)
+    got = fused_moe(hidden, w13, w2, weights, ids)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("rank", [0, 1, 2, 3])
+def test_a_rank_of_expert_parallelism_computes_its_experts_share(rank):
+    """Rank r of 4 holds experts [2r, 2r + 2) of 8: its output is those experts'
+    contributions, and the four ranks' outputs sum to the whole layer's."""
+    hidden, w13, w2, weights, ids = _case(8, 23, 2, 8, seed=11)
+    local = slice(2 * rank, 2 * rank + 2)
+    expected = reference.moe(hidden, w13[local], w2[local], weights, ids, first_expert=2 * rank)
+    got = fused_moe(hidden, w13[local].contiguous(), w2[local].contiguous(), weights, ids,
+                    first_expert=2 * rank)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    total = sum(fused_moe(hidden, w13[2 * r:2 * r + 2].contiguous(),
+                          w2[2 * r:2 * r + 2].contiguous(), weights, ids, first_expert=2 * r)
+                for r in range(4))
+    torch.testing.assert_close(total, reference.moe(hidden, w13, w2, weights, ids),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_aligned_blocks_hold_one_expert_each_and_every_pair_once():
+    ids = torch.tensor([[3, 0], [3, 1], [0, 3], [5, 3]])  # experts 2 and 4 get nothing
+    sorted_pairs, block_experts = align_tokens(ids, num_experts=4, block_m=4, first_expert=0)
+    num_pairs = ids.numel()
+    pairs = sorted_pairs.view(-1, 4)
+    flat = ids.flatten()
+    seen = []
+    for block, expert in zip(pairs.tolist(), block_experts.tolist(), strict=True):
+        real = [p for p in block if p < num_pairs]
+        if expert < 0:
+            assert not real
+            continue
+        assert real and all(flat[p] == expert for p in real)
+        seen += real
+    # Expert 5 is another rank's: its pair (6) is in no block.
+    assert sorted(seen) == [p for p in range(num_pairs) if flat[p] < 4]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("tp_size, expert_parallel", [(1, False), (2, False), (2, True)])
+def test_the_cpu_path_equals_the_reference_on_every_shard(packed, tp_size, expert_parallel):
+    """Each rank's FusedMoE, loaded from whole per-expert tensors, computes its share;
+    the shares sum to the reference (what the layer's all-reduce does)."""
+    hidden, w13, w2, weights, ids = (t.cpu() for t in _case(4, 21, 2, 3, seed=5))
+    total = torch.zeros_like(hidden)
+    for rank in range(tp_size):
+        layer = FusedMoE(4, 2, HIDDEN, INTER, renormalize=True, tp=TPGroup(rank, tp_size),
+                         expert_parallel=expert_parallel)
+        for expert in range(4):
+            layer.load_expert(layer.w13, w13[expert, :INTER], 2 * expert)
+            layer.load_expert(layer.w13, w13[expert, INTER:], 2 * expert + 1)
+            layer.load_expert(layer.w2, w2[expert], expert)
+        if packed:
+            assert pack_linear_weights(layer) == 1 and layer.packed is not None
+        part = layer._grouped(hidden, weights, ids)
+        first = layer.first_expert
+        local = slice(first, first + layer.num_local)
+        if expert_parallel:
+            expected = reference.moe(hidden, w13[local], w2[local], weights, ids, first)
+            torch.testing.assert_close(part, expected, atol=1e-4, rtol=1e-4)
+        total += part
+    torch.testing.assert_close(total, reference.moe(hidden, w13, w2, weights, ids),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_routing_renormalizes_only_when_asked():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    weights, ids = route(logits, 2, renormalize=True)
+    assert ids.tolist() == [[0, 1]]
+    torch.testing.assert_close(weights, torch.softmax(logits[:, :2], -1))
+    weights, _ = route(logits, 2, renormalize=False)
+    torch.testing.assert_close(weights, torch.softmax(logits, -1)[:, :2])
+
+
+def test_bad_shapes_are_refused_naming_them():
+    hidden, w13, w2, weights, ids = _case(4, 3, 2, 4, seed=1)
+    with pytest.raises(ValueError, match="shapes do not agree"):
+        fused_moe(hidden, w13, w2[:, :, :-1].contiguous(), weights, ids)
+    with pytest.raises(ValueError, match="w13 has dtype"):
+        fused_moe(hidden, w13.double(), w2, weights, ids)

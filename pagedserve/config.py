@@ -40,7 +40,7 @@ class RandomModelSpec(_Strict):
     """A random-weight model built on first use into the local cache."""
 
     name: str = "tiny-llama"
-    arch: Literal["llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe"] = "llama"
+    arch: Literal["gemma3", "llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe"] = "llama"
     seed: int = 0
     config_overrides: dict[str, Any] = Field(default_factory=dict)
 

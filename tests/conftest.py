@@ -29,7 +29,16 @@ MODEL_VARIANTS = {
     "llama3-rope": dict(arch="llama", num_key_value_heads=2, rope_parameters={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64, "rope_theta": 500000.0}),
+    # A window of 24 on every layer, and on layer 1 of 2 only (layer_types).
+    "mistral-window": dict(arch="mistral", sliding_window=24),
+    "qwen2-window": dict(arch="qwen2", use_sliding_window=True, sliding_window=24,
+                         max_window_layers=1),
     "qwen3": dict(arch="qwen3"),
+    # Interleaved local (window 24) and global layers, the global rotary scaled as
+    # Gemma 3's 4B and larger models scale it.
+    "gemma3": dict(arch="gemma3", rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
     "mixtral": dict(arch="mixtral"),  # 4 experts, top 2, every layer sparse
     # 8 experts, top 2 without renormalizing; layer 1 of 3 dense (mlp_only_layers).
     "qwen3-moe": dict(arch="qwen3_moe", num_hidden_layers=3, mlp_only_layers=[1],

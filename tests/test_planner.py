@@ -191,7 +191,7 @@ def test_presets_are_distinct_configs_of_supported_architectures():
     assert len(hub_ids) == len(set(hub_ids))
     architectures = {"llama": ["LlamaForCausalLM"], "qwen2": ["Qwen2ForCausalLM"],
                      "qwen3": ["Qwen3ForCausalLM"], "mixtral": ["MixtralForCausalLM"],
-                     "qwen3_moe": ["Qwen3MoeForCausalLM"]}
+                     "qwen3_moe": ["Qwen3MoeForCausalLM"], "gemma3_text": ["Gemma3ForCausalLM"]}
     assert all(hf["architectures"] == architectures[hf["model_type"]] for hf in presets.values())
 
 
@@ -199,6 +199,16 @@ def test_presets_are_distinct_configs_of_supported_architectures():
 # announcement (46.7 and 12.9) and Qwen3's model cards (8.2; 30.5 and 3.3).
 PUBLISHED = [("mixtral-8x7b", 46.7, 12.9), ("qwen3-8b", 8.2, 8.2),
              ("qwen3-30b-a3b", 30.5, 3.3)]
+
+
+def test_gemma_3_preset_interleaves_five_local_layers_with_one_global():
+    """Gemma-3-12B's text model: 48 layers, every sixth global, the rest over 1,024
+    positions; 11.77B parameters (Google's 12B counts the vision encoder too)."""
+    shape = ModelShape.from_hf_config(load_presets()["gemma-3-12b"], "gemma-3-12b")
+    assert [i for i, window in enumerate(shape.layer_windows) if window is None] == list(
+        range(5, 48, 6))
+    assert set(shape.layer_windows) == {None, 1024} and shape.context_limit == 131072
+    assert params_per_rank(shape, 1) / 1e9 == pytest.approx(11.77, abs=0.01)
 
 
 @pytest.mark.parametrize("name, total, active", PUBLISHED, ids=[row[0] for row in PUBLISHED])

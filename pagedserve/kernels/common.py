@@ -34,13 +34,15 @@ def attend_paged_context(
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale_log2,
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    DOT_F32: tl.constexpr, WINDOW: tl.constexpr = 0,
 ):
     """Online softmax of q [BLOCK_M, HEAD_DIM_PAD] over context positions start .. end - 1.
 
     K/V of position n live at key_cache[table[n // BLOCK_SIZE], n % BLOCK_SIZE,
-    kv_head]. With CAUSAL, row r sees only positions <= positions[r]; every row
-    must see a position in the first tile, which keeps the running max finite.
+    kv_head]. With CAUSAL, row r sees only positions <= positions[r], and with a
+    sliding WINDOW (> 0) only those > positions[r] - WINDOW. Without a window every
+    row must see a position in the first tile, which keeps the running max finite;
+    with one, a row may see none in a tile, and the update keeps it finite.
     Returns (acc, m, l) in the exp2 domain: the output is acc / l[:, None],
     the log-sum-exp m + log2(l).
     """
@@ -60,10 +62,14 @@ def attend_paged_context(
         scores = dot(q, tl.trans(k), DOT_F32) * scale_log2  # [BLOCK_M, BLOCK_N]
         if CAUSAL:
             visible = (offs_n[None, :] <= positions[:, None]) & n_mask[None, :]
+            if WINDOW > 0:
+                visible &= offs_n[None, :] > positions[:, None] - WINDOW
         else:
             visible = n_mask[None, :]
         scores = tl.where(visible, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
+        if WINDOW > 0:  # a row that has seen nothing yet: subtract 0, not -inf
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)

@@ -57,15 +57,19 @@ def _paged_decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_F32: tl.constexpr, WINDOW: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    # Each sequence splits its own context into whole tiles; splits past its end are empty.
-    tokens_per_split = tl.cdiv(tl.cdiv(seq_len, tl.num_programs(2)), BLOCK_N) * BLOCK_N
-    start = split * tokens_per_split
+    # With a sliding window the token sees its last WINDOW positions only.
+    first = 0
+    if WINDOW > 0:
+        first = tl.maximum(seq_len - WINDOW, 0)
+    # Each sequence splits what it sees into whole tiles; splits past its end are empty.
+    tokens_per_split = tl.cdiv(tl.cdiv(seq_len - first, tl.num_programs(2)), BLOCK_N) * BLOCK_N
+    start = first + split * tokens_per_split
     end = tl.minimum(seq_len, start + tokens_per_split)
 
     offs_g = tl.arange(0, GROUP_PAD)
@@ -150,9 +154,10 @@ def default_num_splits(device: torch.device, num_seqs: int, num_kv_heads: int,
 def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, *,
                            max_seq_len: int, num_splits: int | None = None,
-                           out: torch.Tensor | None = None, block_n: int | None = None
-                           ) -> torch.Tensor:
-    """Attention of one query token per sequence over its whole paged context.
+                           out: torch.Tensor | None = None, block_n: int | None = None,
+                           window: int | None = None) -> torch.Tensor:
+    """Attention of one query token per sequence over its whole paged context (with a
+    sliding `window`, its last `window` positions).
 
     query: [num_seqs, num_heads, head_dim]; key_cache, value_cache:
     [num_blocks, block_size, num_kv_heads, head_dim]; block_tables:
@@ -205,7 +210,7 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
         *p_strides,
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, SPLIT=split,
-        DOT_F32=dot_in_f32(query.dtype),
+        DOT_F32=dot_in_f32(query.dtype), WINDOW=window or 0,
         num_warps=4, num_stages=2,
     )
     if split:

@@ -45,7 +45,7 @@ def _paged_prefill_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    DOT_F32: tl.constexpr, WINDOW: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     seq = tl.program_id(1)
@@ -72,10 +72,13 @@ def _paged_prefill_kernel(
 
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     kv_end = tl.minimum(seq_len, prefix + (q_block + 1) * BLOCK_Q)  # causal: nothing past the block
+    kv_start = 0
+    if WINDOW > 0:  # nothing before the first row's window
+        kv_start = tl.maximum(prefix + q_block * BLOCK_Q + 1 - WINDOW, 0)
     acc, m_i, l_i = attend_paged_context(
-        q, positions, 0, kv_end, table, key_cache_ptr, value_cache_ptr, kv_head,
+        q, positions, kv_start, kv_end, table, key_cache_ptr, value_cache_ptr, kv_head,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale_log2,
-        BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, True, DOT_F32)
+        BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, True, DOT_F32, WINDOW)
 
     out = acc / l_i[:, None]
     tl.store(out_ptr + rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
@@ -86,9 +89,10 @@ def paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
                             value_cache: torch.Tensor, block_tables: torch.Tensor,
                             seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, scale: float, *,
                             max_query_len: int, out: torch.Tensor | None = None,
-                            block_q: int | None = None, block_n: int | None = None
-                            ) -> torch.Tensor:
-    """Causal attention of each sequence's query chunk over its paged context.
+                            block_q: int | None = None, block_n: int | None = None,
+                            window: int | None = None) -> torch.Tensor:
+    """Causal attention of each sequence's query chunk over its paged context (with a
+    sliding `window`, the last `window` positions each query sees).
 
     query: [num_tokens, num_heads, head_dim]; cu_seqlens_q: [num_seqs + 1]
     int32, starting at 0 and ending at num_tokens; seq_lens: [num_seqs] int32,
@@ -130,7 +134,7 @@ def paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
         out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_N=block_n,
-        DOT_F32=dot_in_f32(query.dtype),
+        DOT_F32=dot_in_f32(query.dtype), WINDOW=window or 0,
         num_warps=4, num_stages=2,
     )
     return out

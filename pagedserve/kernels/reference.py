@@ -16,7 +16,9 @@ A batch is a flat list of query tokens, sequence by sequence:
 The queries of sequence i are its last `q_len` context positions, and attend
 causally: query j sees context positions 0 .. seq_len - q_len + j. That one
 rule covers a whole prompt, a prompt chunk over its cached prefix, and a
-decode token.
+decode token. A layer with a sliding `window` W sees only the last W of
+those: the query at position p sees positions p - W + 1 .. p (transformers'
+rule, `kv_idx > q_idx - sliding_window`).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class DecodeBucket:
     # head_dim], so one gather yields K already in [n, H_kv, max_len, D] order.
     head_rows: torch.Tensor
     padding: torch.Tensor | None  # [n, max_len] bool, True past a sequence's length
+    lens: torch.Tensor  # [n] int64, their context lengths
 
 
 @dataclass
@@ -116,7 +119,7 @@ def plan_attention(block_tables: torch.Tensor, seq_lens: list[int], query_lens: 
         padding = torch.arange(max_len, device=device)[None, :] >= lens[:, None]
         decode.append(DecodeBucket(rows=torch.tensor([starts[i] for i in members], device=device),
                                    head_rows=slots[:, None, :] * num_kv_heads + heads,
-                                   padding=padding if padding.any() else None))
+                                   padding=padding if padding.any() else None, lens=lens))
     return AttentionPlan(decode, prefill)
 
 
@@ -130,8 +133,10 @@ def context_slots(block_table: torch.Tensor, seq_len: int, block_size: int) -> t
 
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                    query_start_loc: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention of each sequence's queries over its paged context.
+                    query_start_loc: torch.Tensor, scale: float,
+                    window: int | None = None) -> torch.Tensor:
+    """Causal attention of each sequence's queries over its paged context (the last
+    `window` positions of it, with a window).
 
     Returns [num_tokens, num_heads, head_dim] in the query's dtype.
     """
@@ -139,13 +144,14 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     query_lens = [end - start for start, end in pairwise(starts)]
     plan = plan_attention(block_tables, seq_lens.tolist(), query_lens, key_cache.shape[1],
                           key_cache.shape[2])
-    return run_attention_plan(query, key_cache, value_cache, plan, scale)
+    return run_attention_plan(query, key_cache, value_cache, plan, scale, window=window)
 
 
 def run_attention_plan(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                       plan: AttentionPlan, scale: float,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
-    """The plan's rows of the output (`out`'s other rows are left as they are)."""
+                       plan: AttentionPlan, scale: float, out: torch.Tensor | None = None,
+                       window: int | None = None) -> torch.Tensor:
+    """The plan's rows of the output (`out`'s other rows are left as they are). The plan
+    holds every context position; a `window` masks those it does not reach."""
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]
     if num_heads % num_kv_heads:
@@ -155,18 +161,22 @@ def run_attention_plan(query: torch.Tensor, key_cache: torch.Tensor, value_cache
     if out is None:
         out = torch.empty_like(query)
     for bucket in plan.decode:
-        out.index_copy_(0, bucket.rows, _attend_decode(query, flat_k, flat_v, bucket, scale))
+        out.index_copy_(0, bucket.rows,
+                        _attend_decode(query, flat_k, flat_v, bucket, scale, window))
     for seq in plan.prefill:
         q = query[seq.q_start:seq.q_end].transpose(0, 1)  # [H, q_len, D]
-        k = flat_k.index_select(0, seq.slots).transpose(0, 1)  # [H_kv, seq_len, D]
-        v = flat_v.index_select(0, seq.slots).transpose(0, 1)
-        prefix_len = seq.slots.shape[0] - (seq.q_end - seq.q_start)
-        out[seq.q_start:seq.q_end] = _attend(q, k, v, prefix_len, scale).transpose(0, 1)
+        slots, prefix_len = seq.slots, seq.slots.shape[0] - (seq.q_end - seq.q_start)
+        if window is not None and prefix_len + 1 > window:  # positions no query reaches
+            slots = slots[prefix_len + 1 - window:]
+            prefix_len = window - 1
+        k = flat_k.index_select(0, slots).transpose(0, 1)  # [H_kv, seq_len, D]
+        v = flat_v.index_select(0, slots).transpose(0, 1)
+        out[seq.q_start:seq.q_end] = _attend(q, k, v, prefix_len, scale, window).transpose(0, 1)
     return out
 
 
 def _attend_decode(query: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tensor,
-                   bucket: DecodeBucket, scale: float) -> torch.Tensor:
+                   bucket: DecodeBucket, scale: float, window: int | None) -> torch.Tensor:
     """One query token per sequence over its padded context -> [n, H, D]."""
     n, num_kv_heads, max_len = bucket.head_rows.shape
     _, num_heads, head_dim = query.shape
@@ -176,15 +186,21 @@ def _attend_decode(query: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tens
     v = flat_v.view(-1, head_dim).index_select(0, rows).view(n, num_kv_heads, max_len, head_dim)
     q = query.index_select(0, bucket.rows).view(n, num_kv_heads, group, head_dim)
     scores = torch.matmul(q, k.transpose(2, 3)).float() * scale  # [n, H_kv, group, max_len]
-    if bucket.padding is not None:
-        scores = scores.masked_fill(bucket.padding[:, None, None, :], float("-inf"))
+    masked = bucket.padding
+    if window is not None and max_len > window:  # positions before the last `window`
+        early = (torch.arange(max_len, device=query.device)[None, :]
+                 < (bucket.lens - window)[:, None])
+        masked = early if masked is None else masked | early
+    if masked is not None:
+        scores = scores.masked_fill(masked[:, None, None, :], float("-inf"))
     probs = scores.softmax(dim=-1).to(v.dtype)
     return torch.matmul(probs, v).view(n, num_heads, head_dim)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int,
-            scale: float) -> torch.Tensor:
-    """q: [H, q_len, D]; k, v: [H_kv, prefix_len + q_len, D] -> [H, q_len, D].
+            scale: float, window: int | None = None) -> torch.Tensor:
+    """q: [H, q_len, D]; k, v: [H_kv, prefix_len + q_len, D] -> [H, q_len, D]; query row i
+    sees positions up to prefix_len + i, and with a window the last `window` of them.
 
     Plain matmul-softmax-matmul: on CPUs it beats SDPA's fused kernel for
     these shapes, a decode token most. The query heads that share a
@@ -193,7 +209,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int,
     num_heads, q_len, head_dim = q.shape
     num_kv_heads, seq_len = k.shape[0], k.shape[1]
     group = num_heads // num_kv_heads
-    if q_len == 1:  # a decode token sees its whole context: no mask, no chunks
+    if q_len == 1 and (window is None or seq_len <= window):  # all of it: no mask
         scores = torch.matmul(q.view(num_kv_heads, group, head_dim), k.transpose(1, 2))
         probs = (scores.float() * scale).softmax(dim=-1).to(v.dtype)  # [H_kv, group, S]
         return torch.matmul(probs, v).view(num_heads, 1, head_dim)
@@ -204,9 +220,13 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int,
         end = min(q_len, start + rows_per_chunk)
         q_chunk = q[:, start:end].reshape(num_kv_heads, group * (end - start), head_dim)
         scores = torch.matmul(q_chunk, k.transpose(1, 2)).float() * scale  # [H_kv, group*rows, S]
-        if end - start > 1 or prefix_len + start + 1 < seq_len:
+        banded = window is not None and prefix_len + end > window
+        if end - start > 1 or prefix_len + start + 1 < seq_len or banded:
             rows = torch.arange(start, end, device=q.device)[:, None] + prefix_len
-            allowed = torch.arange(seq_len, device=q.device)[None, :] <= rows  # [rows, S]
+            positions = torch.arange(seq_len, device=q.device)[None, :]
+            allowed = positions <= rows  # [rows, S]
+            if banded:
+                allowed &= positions > rows - window
             scores = scores.view(num_kv_heads, group, end - start, seq_len)
             scores = scores.masked_fill(~allowed, float("-inf")).view(num_kv_heads, -1, seq_len)
         probs = scores.softmax(dim=-1).to(v.dtype)

@@ -14,7 +14,9 @@ only the rows a tensor-parallel rank asks for are dequantized.
 
 llama.cpp stores Llama's q and k projections with the rows of each head
 interleaved for its rotary kernel (convert_hf_to_gguf.py, `LlamaModel.permute`);
-`_unpermute` puts them back in HF's order.
+`_unpermute` puts them back in HF's order. A MoE layer's experts are one 3-D
+tensor per part (`blk.N.ffn_gate_exps`, [experts, rows, cols]); each expert is
+read as the HF checkpoint's own tensor of that expert.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import functools
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -33,16 +36,19 @@ from pagedserve.cache import build_dir_once, cache_dir
 
 logger = logging.getLogger(__name__)
 # general.architecture -> the architectures our model classes implement.
-ARCHITECTURES = ("llama", "qwen2")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe")
 # HF model_type (as transformers reads the file) -> the HF class name.
 _HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-               "qwen2": "Qwen2ForCausalLM"}
+               "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+               "qwen3_moe": "Qwen3MoeForCausalLM"}
 # Architectures whose q/k rows llama.cpp permutes.
 _PERMUTED = ("llama",)
 # Tensor types the gguf package dequantizes; others are refused.
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 _MARKER = "gguf_source.json"
+# An HF name of one expert's tensor, whose GGUF tensor holds all the layer's experts.
+_EXPERT = re.compile(r"(?P<experts>.*\.experts)\.(?P<expert>\d+)\.(?P<part>\w+)\.weight")
 
 
 def is_gguf(path: Path) -> bool:
@@ -117,6 +123,15 @@ def metadata_dir(path: Path, log: Callable[[str], None] = logger.info) -> Path:
             "metadata (once)")
         config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         config.architectures = [_HF_CLASSES[config.model_type]]
+        # Keys transformers' reader skips: Qwen3's head width (not hidden / heads) and a
+        # Qwen3-MoE expert's intermediate size.
+        reader = _reader(path)
+        arch = _architecture(reader, path)
+        for key, attribute in (("attention.key_length", "head_dim"),
+                               ("expert_feed_forward_length", "moe_intermediate_size")):
+            field = reader.fields.get(f"{arch}.{key}")
+            if field is not None:
+                setattr(config, attribute, int(field.contents()))
         config.save_pretrained(tmp)
         GenerationConfig.from_model_config(config).save_pretrained(tmp)
         AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
@@ -138,11 +153,15 @@ def tensors(path: Path, hf_config, hf_names: list[str]) -> Iterator[tuple[str, _
     arch = _architecture(reader, path)
     arch_id = {name: key for key, name in gguf.MODEL_ARCH_NAMES.items()}[arch]
     name_map = gguf.get_tensor_name_map(arch_id, hf_config.num_hidden_layers)
-    to_hf = {}
+    # GGUF name -> (HF name, expert): one GGUF tensor holds every expert of a layer's part.
+    to_hf: dict[str, list[tuple[str, int | None]]] = {}
     for hf_name in hf_names:
-        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        expert = _EXPERT.fullmatch(hf_name)
+        merged = f"{expert['experts']}.{expert['part']}.weight" if expert else hf_name
+        gguf_name = name_map.get_name(merged, try_suffixes=(".weight", ".bias"))
         if gguf_name is not None:
-            to_hf[gguf_name] = hf_name
+            to_hf.setdefault(gguf_name, []).append(
+                (hf_name, int(expert["expert"]) if expert else None))
     heads = {"attn_q": hf_config.num_attention_heads, "attn_k": hf_config.num_key_value_heads}
     for tensor in reader.tensors:
         if tensor.name == "rope_freqs.weight":  # rotary factors: the config carries them
@@ -150,33 +169,38 @@ def tensors(path: Path, hf_config, hf_names: list[str]) -> Iterator[tuple[str, _
         if tensor.name not in to_hf:
             raise ValueError(f"GGUF tensor {tensor.name!r} in {path} has no place in the model")
         kind = tensor.name.split(".")[-2]
-        yield to_hf[tensor.name], _TensorSlice(
-            tensor, heads.get(kind) if arch in _PERMUTED else None)
+        for hf_name, expert in to_hf[tensor.name]:
+            yield hf_name, _TensorSlice(tensor, heads.get(kind) if arch in _PERMUTED else None,
+                                        expert)
 
 
 class _TensorSlice:
-    """One tensor in HF's layout [rows, cols], dequantized only where it is indexed."""
+    """One tensor in HF's layout [rows, cols] (one expert's, of a stacked experts tensor),
+    dequantized only where it is indexed."""
 
-    def __init__(self, tensor, permuted_heads: int | None) -> None:
+    def __init__(self, tensor, permuted_heads: int | None, expert: int | None = None) -> None:
         self.tensor = tensor
         self.permuted_heads = permuted_heads  # llama.cpp interleaved the rows of these heads
+        self.expert = expert
 
     def get_shape(self) -> tuple[int, ...]:
-        return tuple(int(n) for n in reversed(self.tensor.shape))  # GGUF lists the row length first
+        shape = tuple(int(n) for n in reversed(self.tensor.shape))  # GGUF lists a row first
+        return shape if self.expert is None else shape[1:]
 
     def __getitem__(self, key) -> torch.Tensor:
         from gguf import dequantize
 
         shape = self.get_shape()
+        data = self.tensor.data if self.expert is None else self.tensor.data[self.expert]
         rows, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
         start, stop, step = rows.indices(shape[0])
         if step != 1:
             raise ValueError(f"GGUF tensor {self.tensor.name!r}: only contiguous rows are read")
         if len(shape) == 1:  # norms and biases: small, read whole
-            values = dequantize(self.tensor.data, self.tensor.tensor_type).reshape(shape)
+            values = dequantize(data, self.tensor.tensor_type).reshape(shape)
             values = values[start:stop]
         else:
-            values = dequantize(self.tensor.data[start:stop], self.tensor.tensor_type)
+            values = dequantize(data[start:stop], self.tensor.tensor_type)
             values = values.reshape(stop - start, *shape[1:])
         if self.permuted_heads:
             values = _unpermute(values, start, shape[0] // self.permuted_heads)

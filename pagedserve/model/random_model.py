@@ -31,6 +31,7 @@ from tokenizers import (
 )
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3TextConfig,
     GenerationConfig,
     LlamaConfig,
     MistralConfig,
@@ -52,6 +53,7 @@ from pagedserve.cache import cache_dir as default_cache_dir
 FORMAT_VERSION = 3
 
 ARCHS: dict[str, type[PretrainedConfig]] = {
+    "gemma3": Gemma3TextConfig,
     "llama": LlamaConfig,
     "mistral": MistralConfig,
     "mixtral": MixtralConfig,
@@ -64,6 +66,11 @@ QWEN_ARCHS = ("qwen2", "qwen3", "qwen3_moe")
 # What a tiny model of an architecture needs beside DEFAULT_CONFIG: full attention, a
 # head width of its own (Qwen3's is not hidden_size / heads), and small experts.
 ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    # Layers 0 and 2 over a window of 24, layer 1 full; each kind its own rotary base.
+    "gemma3": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 24,
+               "num_hidden_layers": 3, "num_key_value_heads": 2,
+               "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+               "tie_word_embeddings": True},
     "mistral": {"sliding_window": None},
     "mixtral": {"sliding_window": None, "num_local_experts": 4, "num_experts_per_tok": 2},
     "qwen3": {"head_dim": 32},

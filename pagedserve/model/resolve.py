@@ -60,7 +60,7 @@ def resolve(model: ModelConfig, device: torch.device,
         model_dir=directory,
         hf_config=hf_config,
         shape=shape,
-        max_model_len=_max_model_len(shape, hf_config, model.max_model_len),
+        max_model_len=max_model_len(model.max_model_len, shape),
         dtype=_DTYPES[served_dtype(model.dtype, shape.saved_dtype, device.type)],
         device=device,
         eos_token_ids=_eos_token_ids(eos_source, hf_config if preset is None else None),
@@ -128,11 +128,6 @@ def locate(model: ModelConfig) -> tuple[Path, Path | None, str | None]:
     return hub_snapshot(model.path), None, model.path
 
 
-def _max_model_len(shape: ModelShape, hf_config: PretrainedConfig, requested: int | None) -> int:
-    if shape.context_limit < hf_config.max_position_embeddings:
-        logger.warning("model has sliding_window=%d: max_model_len is capped to it",
-                       shape.context_limit)
-    return max_model_len(requested, shape)
 
 
 def _eos_token_ids(model_dir: Path, hf_config: PretrainedConfig | None) -> frozenset[int]:

@@ -18,6 +18,10 @@ Llama-3-8B in bf16 at batch 256, 1,024-token contexts, on an H200:
 at the copy's rate; pagedserve's decode steps sustained 0.57 of that rate on an
 H200 (BENCHMARKS.md, "GPU check"), so 21 ms.
 
+A layer with a sliding window W reads, and attends to, at most the last W
+positions of each context: its KV read and attention FLOPs are those of
+min(context, W) positions.
+
 A mixture-of-experts layer's step reads only the experts its tokens are routed
 to: with each token choosing k of E experts, a batch of T tokens touches the
 union of their choices, E (1 - (1 - k/E)^T) experts when routing spreads evenly,
@@ -119,6 +123,14 @@ class Roofline:
         sparse = len(shape.sparse_layers)
         self.expert_params = sparse * shape.num_experts * per_expert
         self.active_expert_params = sparse * shape.experts_per_token * per_expert
+        # Layers of full attention, and the windows of the others.
+        windows = shape.layer_windows or (None,) * shape.num_layers
+        self.full_layers = sum(window is None for window in windows)
+        self.windows = [window for window in windows if window is not None]
+
+    def _context_layers(self, context: int) -> int:
+        """Positions of one context that a step reads, summed over the layers."""
+        return self.full_layers * context + sum(min(context, w) for w in self.windows)
 
     def touched_experts(self, tokens: int) -> float:
         """The share of a MoE layer's experts a step of `tokens` tokens reads: the union of
@@ -133,17 +145,20 @@ class Roofline:
             return 0.0
         tokens = sum(seq.num_tokens for seq in seqs)
         sampled = sum(seq.samples for seq in seqs)
-        kv_read = sum(seq.context_len for seq in seqs) * self.kv_bytes_per_token
+        per_layer = self.kv_bytes_per_token / self.shape.num_layers
+        kv_read = sum(self._context_layers(seq.context_len) for seq in seqs) * per_layer
         kv_written = tokens * self.kv_bytes_per_token
         untouched = self.expert_params * (1.0 - self.touched_experts(tokens)) * self.dtype_bytes
         weights = self.weight_bytes - untouched
         memory = (weights + kv_read + kv_written) / self.gpu.sustained_bandwidth
-        # Each new token attends to the context before it: q x (c - q) + q (q + 1) / 2 pairs.
-        pairs = sum(seq.num_tokens * (seq.context_len - seq.num_tokens)
-                    + seq.num_tokens * (seq.num_tokens + 1) // 2 for seq in seqs)
+        # Each new token attends to the context before it: q x (c - q) + q (q + 1) / 2 pairs,
+        # in a layer of full attention; within its window in the others.
+        layer_pairs = sum(self.full_layers * _pairs(seq.num_tokens, seq.context_len)
+                          + sum(_pairs(seq.num_tokens, seq.context_len, w) for w in self.windows)
+                          for seq in seqs)
         token_params = self.body_params - self.expert_params + self.active_expert_params
         flops = (2 * token_params * tokens + 2 * self.lm_head_params * sampled
-                 + 4 * self.shape.num_layers * self.attention_width * pairs)
+                 + 4 * self.attention_width * layer_pairs)
         compute = flops / self.gpu.sustained_flops
         return max(memory, compute) + self.allreduce_time(tokens)
 
@@ -154,3 +169,16 @@ class Roofline:
         size = tokens * self.shape.hidden_size * self.dtype_bytes
         ring = 2 * (self.tp - 1) / self.tp * size / self.gpu.link_bandwidth
         return 2 * self.shape.num_layers * (ring + self.gpu.allreduce_latency_s)
+
+
+def _pairs(num_tokens: int, context: int, window: int | None = None) -> int:
+    """(query, key) pairs of `num_tokens` new tokens at the end of `context` positions,
+    each seeing the positions before it (its last `window` of them)."""
+    if window is None or window >= context:
+        return num_tokens * (context - num_tokens) + num_tokens * (num_tokens + 1) // 2
+    first = context - num_tokens  # position of the first new token
+    # Token at position p sees min(p + 1, window) positions.
+    full_from = max(first, window - 1)  # from here on, every token sees `window`
+    low, high = first + 1, min(full_from, context)  # the ramp: positions + 1 in low..high
+    ramp = (low + high) * (high - low + 1) // 2 if high >= low else 0
+    return ramp + (context - max(full_from, first)) * window

@@ -43,8 +43,7 @@ def max_model_len(requested: int | None, shape: ModelShape) -> int:
         return shape.context_limit
     if requested > shape.context_limit:
         raise ValueError(f"model.max_model_len={requested} exceeds the model's limit of "
-                         f"{shape.context_limit} tokens (max_position_embeddings or "
-                         "sliding_window)")
+                         f"{shape.context_limit} tokens (max_position_embeddings)")
     return requested
 
 

@@ -46,7 +46,7 @@ class ModelShape:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    context_limit: int  # max_position_embeddings, or a smaller sliding window
+    context_limit: int  # max_position_embeddings
     tie_word_embeddings: bool
     qkv_bias: bool
     o_proj_bias: bool
@@ -59,6 +59,9 @@ class ModelShape:
     expert_intermediate_size: int = 0
     renormalize_topk: bool = True  # the top-k weights scaled to sum to one
     sparse_layers: tuple[int, ...] = ()  # the layers whose MLP is a mixture of experts
+    # Each layer's sliding window (a query sees its last `window` positions), None for a
+    # layer of full attention: Mistral's every layer, Qwen2's past max_window_layers.
+    layer_windows: tuple[int | None, ...] = ()
 
     @classmethod
     def from_config(cls, config: HFConfig, source: str = "the model") -> ModelShape:
@@ -73,10 +76,6 @@ class ModelShape:
         if missing:
             raise ValueError(f"{source}: the model config has no {', '.join(missing)}")
         heads = hf["num_attention_heads"]
-        limit = hf["max_position_embeddings"]
-        window = hf.get("sliding_window")
-        if hf.get("use_sliding_window") is False:
-            window = None
         attention_bias = bool(hf.get("attention_bias", False))
         model_type = hf.get("model_type", "llama")
         return cls(
@@ -89,9 +88,7 @@ class ModelShape:
             num_heads=heads,
             num_kv_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            # Attention here is over the whole context, which equals sliding-window
-            # attention only while the context fits in the window: a window caps it.
-            context_limit=min(limit, window) if window is not None else limit,
+            context_limit=hf["max_position_embeddings"],
             # Llama, Mistral and Qwen2 configs default to untied embeddings.
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             # As the model builds them: Qwen2 always has q/k/v biases.
@@ -100,8 +97,14 @@ class ModelShape:
             mlp_bias=bool(hf.get("mlp_bias", False)),
             saved_dtype=hf.get("dtype") or hf.get("torch_dtype"),
             qk_norm=model_type in QK_NORM_MODEL_TYPES,
+            layer_windows=_layer_windows(hf),
             **_experts(hf),
         )
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The window of the model's sliding layers, None if it has none."""
+        return next((window for window in self.layer_windows if window is not None), None)
 
     @property
     def is_moe(self) -> bool:
@@ -112,7 +115,28 @@ class ModelShape:
         return 2 * self.num_layers * (self.num_kv_heads // tp) * self.head_dim * dtype_bytes
 
 
-QK_NORM_MODEL_TYPES = frozenset({"qwen3", "qwen3_moe"})
+QK_NORM_MODEL_TYPES = frozenset({"qwen3", "qwen3_moe", "gemma3_text"})
+# Models with a norm before and after the MLP too (four per layer, not two).
+SANDWICH_NORM_MODEL_TYPES = frozenset({"gemma3_text"})
+
+
+def _layer_windows(hf: dict[str, Any]) -> tuple[int | None, ...]:
+    """Each layer's sliding window: config.json's `layer_types` where it has them (Qwen2
+    and Qwen3 write them, from use_sliding_window and max_window_layers; Gemma 3 from
+    sliding_window_pattern, every sixth layer global), else `sliding_window` on every
+    layer (Mistral, Mixtral)."""
+    layers = hf["num_hidden_layers"]
+    window = hf.get("sliding_window")
+    if window is None or hf.get("use_sliding_window") is False:
+        return (None,) * layers
+    types = hf.get("layer_types")
+    if types is None and hf.get("model_type") == "gemma3_text":  # as Gemma3TextConfig fills it
+        pattern = hf.get("sliding_window_pattern", 6)
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                 for i in range(layers)]
+    if types is None:
+        return (window,) * layers
+    return tuple(window if kind == "sliding_attention" else None for kind in types)
 
 
 def _experts(hf: dict[str, Any]) -> dict[str, Any]:
@@ -165,7 +189,8 @@ def params_per_rank(shape: ModelShape, tp: int) -> int:
     attention += (q + 2 * kv) * shape.qkv_bias + hidden * shape.o_proj_bias
     attention += 2 * shape.head_dim * shape.qk_norm
     mlp = 3 * hidden * inter + (2 * inter + hidden) * shape.mlp_bias
-    layer = attention + 2 * hidden  # + input and post-attention RMSNorm
+    norms = 4 if shape.model_type in SANDWICH_NORM_MODEL_TYPES else 2
+    layer = attention + norms * hidden  # + input and post-attention RMSNorm (Gemma: four)
     sparse = len(shape.sparse_layers)
     experts = shape.num_experts * 3 * hidden * shape.expert_intermediate_size // tp
     moe = shape.num_experts * hidden + experts  # the router, and this rank's experts

@@ -22,12 +22,15 @@ from pagedserve.model.shape import head_dim
 
 
 def write_gguf(model_dir: Path, path: Path, tensor_type: str = "F32") -> Path:
-    """`model_dir` (a llama or qwen2 HF directory) as the GGUF file `path`, its
-    matrices stored as `tensor_type` (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1)."""
+    """`model_dir` (a llama, qwen2, qwen3 or qwen3_moe HF directory) as the GGUF file
+    `path`, its matrices stored as `tensor_type` (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0,
+    Q5_1). A MoE layer's experts are stacked into one tensor per part, as llama.cpp's
+    converter stacks them."""
     import gguf
 
     config = AutoConfig.from_pretrained(model_dir)
-    arch = {"llama": "llama", "qwen2": "qwen2"}[config.model_type]
+    arch = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+            "qwen3_moe": "qwen3moe"}[config.model_type]
     qtype = gguf.GGMLQuantizationType[tensor_type]
     writer = gguf.GGUFWriter(path, arch=arch)
     _write_config(writer, config)
@@ -36,6 +39,7 @@ def write_gguf(model_dir: Path, path: Path, tensor_type: str = "F32") -> Path:
     name_map = gguf.get_tensor_name_map(
         {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch], config.num_hidden_layers)
     dim = head_dim(config)
+    state = _stack_experts(state)
     for hf_name, tensor in state.items():
         values = tensor.float().numpy()
         if arch == "llama" and (".q_proj." in hf_name or ".k_proj." in hf_name):
@@ -51,6 +55,25 @@ def write_gguf(model_dir: Path, path: Path, tensor_type: str = "F32") -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _stack_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`...experts.{e}.{part}.weight` of every expert as one `...experts.{part}.weight`
+    [experts, rows, cols] (the merged name the gguf package maps to `ffn_*_exps`)."""
+    import re
+
+    pattern = re.compile(r"(.*\.experts)\.(\d+)\.(\w+)\.weight")
+    stacked: dict[str, dict[int, torch.Tensor]] = {}
+    out = {}
+    for name, tensor in state.items():
+        match = pattern.fullmatch(name)
+        if match is None:
+            out[name] = tensor
+        else:
+            stacked.setdefault(f"{match[1]}.{match[3]}.weight", {})[int(match[2])] = tensor
+    for name, experts in stacked.items():
+        out[name] = torch.stack([experts[e] for e in range(len(experts))])
+    return out
 
 
 def permute(rows: np.ndarray, heads: int) -> np.ndarray:
@@ -71,7 +94,13 @@ def _write_config(writer, config) -> None:
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 1e4))))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_dimension_count(head_dim(config))
+    writer.add_key_length(head_dim(config))
+    writer.add_value_length(head_dim(config))
     writer.add_vocab_size(config.vocab_size)
+    if getattr(config, "num_experts", None):
+        writer.add_expert_count(config.num_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
 
 
 def _write_tokenizer(writer, model_dir: Path) -> None:

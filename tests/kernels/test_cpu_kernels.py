@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.paged_batch import make_paged_batch
+from support.paged_batch import make_paged_batch, poison_before_windows
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.kernels import cpu_kernels
@@ -52,6 +52,19 @@ def test_decodes_and_prefills_in_one_batch(block_size, head_dim, num_heads, num_
                              num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype,
                              poison_unused=True, seed=block_size + head_dim + num_kv_heads)
     check(run(batch), batch, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [1, 5, 16, 33, 64])
+def test_a_sliding_window_reads_the_last_positions_only(window, dtype):
+    """Every position before a tile's first window is NaN-poisoned too: the kernel must
+    not read it (nor the blocks before it)."""
+    batch = make_paged_batch(DECODES + PREFILLS, block_size=8, num_heads=8, num_kv_heads=2,
+                             head_dim=64, dtype=dtype, poison_unused=True, seed=window)
+    poison_before_windows(batch, DECODES + PREFILLS, window)
+    out = run(batch, window=window)
+    assert not out.isnan().any(), "an output element was not written, or NaN was read"
+    torch.testing.assert_close(out.double(), batch.expected(window), **TOLERANCE[dtype])
 
 
 def test_equals_the_torch_reference_closely():

@@ -24,3 +24,12 @@ def test_matches_dense_attention(block_size, num_heads, num_kv_heads):
                           batch.seq_lens, batch.query_start_loc, batch.scale)
 
     torch.testing.assert_close(out, batch.expected().float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [1, 4, 16, 50])
+def test_a_sliding_window_sees_the_last_positions_only(window):
+    batch = make_paged_batch(SEQS, block_size=8, num_heads=8, num_kv_heads=2, head_dim=16,
+                             seed=window)
+    out = paged_attention(batch.query, batch.key_cache, batch.value_cache, batch.block_tables,
+                          batch.seq_lens, batch.query_start_loc, batch.scale, window=window)
+    torch.testing.assert_close(out, batch.expected(window).float(), atol=1e-5, rtol=1e-5)

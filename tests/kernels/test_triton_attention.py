@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.paged_batch import make_paged_batch
+from support.paged_batch import make_paged_batch, poison_before_windows
 
 from pagedserve.kernels.checks import interpreting
 from pagedserve.kernels.decode_attention import (
@@ -100,6 +100,40 @@ def test_prefill(block_size, head_dim, num_heads, num_kv_heads, dtype):
                             max_query_len=max(q for _, q in PREFILL_SEQS), out=out)
 
     check(out, batch, dtype)
+
+
+@pytest.mark.parametrize("window", [1, 7, 40])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_with_a_sliding_window(window, num_splits):
+    seqs = [(n, 1) for n in DECODE_LENS]
+    batch = make_paged_batch(seqs, block_size=16, num_heads=8, num_kv_heads=2, head_dim=64,
+                             poison_unused=True, seed=window)
+    poison_before_windows(batch, seqs, window)
+    batch = to_device(batch)
+    out = paged_decode_attention(batch.query, batch.key_cache, batch.value_cache,
+                                 batch.block_tables, batch.seq_lens, batch.scale,
+                                 max_seq_len=max(DECODE_LENS), num_splits=num_splits,
+                                 window=window)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.cpu().double(), batch.expected(window), **TOLERANCE[
+        torch.float32])
+
+
+@pytest.mark.parametrize("window", [1, 7, 40])
+@pytest.mark.parametrize("block_q,block_n", [(16, 16), (64, 16)])
+def test_prefill_with_a_sliding_window(window, block_q, block_n):
+    """Tiles of 64 query rows over 16 positions: a row may see nothing in a tile."""
+    batch = make_paged_batch(PREFILL_SEQS, block_size=16, num_heads=4, num_kv_heads=4,
+                             head_dim=64, poison_unused=True, seed=window)
+    poison_before_windows(batch, PREFILL_SEQS, window)
+    batch = to_device(batch)
+    out = paged_prefill_attention(batch.query, batch.key_cache, batch.value_cache,
+                                  batch.block_tables, batch.seq_lens, batch.query_start_loc,
+                                  batch.scale, max_query_len=70, block_q=block_q,
+                                  block_n=block_n, window=window)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.cpu().double(), batch.expected(window), **TOLERANCE[
+        torch.float32])
 
 
 @pytest.mark.parametrize("block_q,block_n", [(16, 16), (32, 64)])

@@ -128,6 +128,38 @@ def test_qwen2_file_is_read_without_the_llama_permutation(tmp_path, gguf_files):
     assert _greedy(LLM(str(path), **ENGINE)) == _hf_greedy(hf)
 
 
+@pytest.mark.parametrize("arch, options", [
+    ("qwen3", dict(num_key_value_heads=2)),  # q/k norms; head_dim 32, not hidden / heads
+    # 8 experts of 64 features, stacked per part; top-k renormalized, as llama.cpp's
+    # qwen3moe always does (and transformers reads such a file).
+    ("qwen3_moe", dict(num_key_value_heads=2, norm_topk_prob=True)),
+])
+def test_qwen3_files_equal_their_source_model(tmp_path, gguf_files, arch, options):
+    """transformers' GGUF reader skips the head width and the experts' width these files
+    carry, so its model is not the oracle here: the HF model the file was written from
+    is, with F32 tensors (exact) and Q8_0 ones (the file's own dequantized weights)."""
+    source = build_random_model(tmp_path / arch, arch=arch, **options)
+    hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    llm = LLM(str(gguf_files("F32", source, name=arch)), **ENGINE)
+    # The source's generation config ends at two tokens, the file's metadata at one.
+    params = SamplingParams(temperature=0.0, max_tokens=8,
+                            stop_token_ids=list(hf.generation_config.eos_token_id))
+    ours = [o.outputs[0].token_ids for o in llm.generate(
+        [{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)]
+    assert ours == _hf_greedy(hf)
+    model = llm.engine.executor.worker.model
+    config = model.config
+    assert (config.head_dim, getattr(config, "moe_intermediate_size", 64)) == (32, 64)
+    quantized = LLM(str(gguf_files("Q8_0", source, name=arch)), **ENGINE)
+    assert len(_greedy(quantized)[0]) == 8  # serves; its weights are checked elementwise below
+    if arch == "qwen3_moe":
+        from pagedserve.testing.gguf_model import dequantized
+
+        experts = quantized.engine.executor.worker.model.model.layers[0].mlp.experts
+        gate = dequantized(gguf_files("Q8_0", source, name=arch), "blk.0.ffn_gate_exps.weight")
+        torch.testing.assert_close(experts.dense_weights()["w13"][:, :64], gate, rtol=0, atol=0)
+
+
 def test_config_tokenizer_and_template_come_from_the_metadata(gguf_files, llama_dir):
     from transformers import AutoTokenizer
 
@@ -219,7 +251,7 @@ def _rewrite(path, out, arch: str | None = None, retype: str | None = None):
 def test_unsupported_architecture_is_refused_by_name(tmp_path, gguf_files):
     path = _rewrite(gguf_files("F32"), tmp_path / "phi.gguf", arch="phi2")
     with pytest.raises(ValueError, match=r"GGUF architecture 'phi2' is not supported "
-                                         r"\(supported: llama, qwen2\)"):
+                                         r"\(supported: llama, qwen2, qwen3, qwen3moe\)"):
         LLM(str(path), **ENGINE)
 
 

@@ -21,7 +21,7 @@ MAX_TOKENS = 24
 MAX_MODEL_LEN = 336  # the longest prompt plus its outputs, rounded up to a block
 MODELS = ["llama", "llama-gqa", "mistral", "qwen2", "llama3-rope"]
 # Later architectures, at one block size: the paging is the same as above.
-ARCHITECTURES = ["qwen3", "mixtral", "qwen3-moe"]
+ARCHITECTURES = ["mistral-window", "qwen2-window", "qwen3", "gemma3", "mixtral", "qwen3-moe"]
 SETTINGS = {
     "plain": dict(max_num_batched_tokens=2048, num_gpu_blocks=512),
     "chunked-prefill": dict(max_num_batched_tokens=48, num_gpu_blocks=512),

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import torch
 
 
-def dense_attention(q, k, v, scale):
-    """q: [q_len, H, D]; k, v: [S, H_kv, D]; the queries are the last q_len positions.
+def dense_attention(q, k, v, scale, window=None):
+    """q: [q_len, H, D]; k, v: [S, H_kv, D]; the queries are the last q_len positions, and
+    with a sliding window each sees its last `window` positions (transformers' rule).
 
     Computed in float64 from whatever dtype the inputs are stored in.
     """
@@ -20,7 +21,10 @@ def dense_attention(q, k, v, scale):
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,shd->hqs", q.double(), k.double()) * scale
-    allowed = torch.arange(seq_len)[None, :] <= torch.arange(q_len)[:, None] + seq_len - q_len
+    rows = torch.arange(q_len)[:, None] + seq_len - q_len
+    allowed = torch.arange(seq_len)[None, :] <= rows
+    if window is not None:
+        allowed &= torch.arange(seq_len)[None, :] > rows - window
     scores = scores.masked_fill(~allowed, float("-inf"))
     return torch.einsum("hqs,shd->qhd", scores.softmax(-1), v.double())
 
@@ -46,9 +50,9 @@ class PagedBatch:
     queries: list[torch.Tensor]
     scale: float
 
-    def expected(self) -> torch.Tensor:
+    def expected(self, window: int | None = None) -> torch.Tensor:
         """[num_tokens, H, D] float64."""
-        return torch.cat([dense_attention(q, k, v, self.scale)
+        return torch.cat([dense_attention(q, k, v, self.scale, window)
                           for q, (k, v) in zip(self.queries, self.contexts, strict=True)])
 
 
@@ -98,3 +102,14 @@ def make_paged_batch(seqs: list[tuple[int, int]], *, block_size: int, num_heads:
         queries=queries,
         scale=head_dim ** -0.5,
     )
+
+
+def poison_before_windows(batch: PagedBatch, seqs: list[tuple[int, int]], window: int) -> None:
+    """NaN in K and V at every position no query of its sequence sees under `window`: a
+    kernel that reads one (or a block holding only such positions) produces NaN."""
+    block_size = batch.key_cache.shape[1]
+    for (seq_len, q_len), table in zip(seqs, batch.block_tables.tolist(), strict=True):
+        for position in range(max(0, seq_len - q_len + 1 - window)):
+            block, offset = table[position // block_size], position % block_size
+            batch.key_cache[block, offset] = float("nan")
+            batch.value_cache[block, offset] = float("nan")

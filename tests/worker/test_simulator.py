@@ -93,6 +93,21 @@ def test_a_moe_step_reads_the_experts_its_tokens_touch():
         flops / gpu.sustained_flops, rel=1e-9)
 
 
+def test_sliding_layers_read_only_their_window():
+    """Gemma-3-12B (48 layers, 8 global, 40 over 1,024 positions): a decode token at
+    8,192 positions reads 8 x 8,192 + 40 x 1,024 positions' KV, not 48 x 8,192."""
+    model = shape("gemma-3-12b")
+    gpu = GPUS["h100-sxm"]
+    roofline = Roofline(gpu, model, tp=1, dtype_bytes=2)
+    per_layer = 2 * 8 * 256 * 2  # K and V of 8 KV heads x 256, bf16
+    assert roofline.kv_bytes_per_token == 48 * per_layer
+    read = roofline.weight_bytes + (8 * 8192 + 40 * 1024) * per_layer
+    written = roofline.kv_bytes_per_token
+    step = [StepShape(1, 8192, True)]
+    assert roofline.step_time(step) == pytest.approx(
+        (read + written) / (gpu.copy_bandwidth * gpu.memory_efficiency), rel=1e-9)
+
+
 def test_tensor_parallel_adds_two_all_reduces_per_layer():
     model = shape("llama-3-70b")
     gpu = GPUS["h100-sxm"]

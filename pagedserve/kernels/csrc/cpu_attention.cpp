@@ -7,7 +7,10 @@
 //   seq_lens       [num_seqs] int32, context length after this step
 //   query_start_loc[num_seqs + 1] int32
 // Query row j of a sequence with q_len queries sees context positions
-// 0 .. seq_len - q_len + j (causal over a paged prefix; a decode token sees all).
+// 0 .. seq_len - q_len + j (causal over a paged prefix; a decode token sees all);
+// with a sliding `window` W > 0, only the last W of them (p - W + 1 .. p for the
+// query at position p), and the blocks before a tile's first such position are
+// not read.
 //
 // One work item is (sequence, KV head, a tile of up to kQueryTile query rows):
 // the query heads that share the KV head and the tile's rows are processed
@@ -94,7 +97,7 @@ template <typename scalar_t>
 void attend(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
             const at::Tensor& block_tables, const at::Tensor& seq_lens,
             const at::Tensor& query_start_loc, const at::Tensor& sequences, double scale,
-            at::Tensor& out) {
+            int64_t window, at::Tensor& out) {
   const int64_t num_heads = query.size(1), head_dim = query.size(2);
   const int64_t block_size = key_cache.size(1), num_kv_heads = key_cache.size(2);
   const int64_t group = num_heads / num_kv_heads, max_blocks = block_tables.size(1);
@@ -137,6 +140,10 @@ void attend(const at::Tensor& query, const at::Tensor& key_cache, const at::Tens
       const int64_t seq_len = lens[item.seq], prefix = seq_len - q_len;
       const int64_t rows = item.row_end - item.row_begin, m_count = rows * group;
       const int64_t context = prefix + item.row_end;  // what the tile's last row sees
+      // The first position the tile's first row sees: with a window, the positions
+      // before it are never read, and scores are kept from it on.
+      const int64_t low = window > 0 ? std::max<int64_t>(0, prefix + item.row_begin + 1 - window)
+                                     : 0;
       const int32_t* table = tables + item.seq * max_blocks;
       TORCH_CHECK((context + block_size - 1) / block_size <= max_blocks,
                   "seq_lens[", item.seq, "]=", seq_len, " needs more blocks than block_tables has (",
@@ -148,7 +155,7 @@ void attend(const at::Tensor& query, const at::Tensor& key_cache, const at::Tens
       // that a K row updates all their scores with vector FMAs and no horizontal sums.
       const bool transposed = m_count >= kTransposeFrom;
       q_buf.resize(m_count * head_dim);
-      scores.resize(context * m_count);
+      scores.resize((context - low) * m_count);
       acc.assign(m_count * head_dim, 0.f);
       limits_buf.resize(m_count);
       for (int64_t m = 0; m < m_count; ++m) {
@@ -165,26 +172,31 @@ void attend(const at::Tensor& query, const at::Tensor& key_cache, const at::Tens
       // more than the position's arithmetic).
       const int64_t num_blocks = (context + block_size - 1) / block_size;
       // Pass 1: scores of every vector against every context position it may see. Rows
-      // are causal: the vectors from `first` on see position t.
-      for (int64_t b = 0; b < num_blocks; ++b) {
+      // are causal: the vectors from `first` on see position t; with a window, those
+      // before `last`.
+      for (int64_t b = low / block_size; b < num_blocks; ++b) {
         const int64_t block_start = b * block_size;
         const int64_t end = std::min(context, block_start + block_size);
-        const scalar_t* k_row = k_data + table[b] * block_stride + item.kv_head * head_dim;
-        for (int64_t t = block_start; t < end; ++t, k_row += token_stride) {
+        const int64_t t_begin = std::max(block_start, low);
+        const scalar_t* k_row = k_data + table[b] * block_stride + item.kv_head * head_dim +
+                                (t_begin - block_start) * token_stride;
+        for (int64_t t = t_begin; t < end; ++t, k_row += token_stride) {
           prefetch_row(k_row + kPrefetch * token_stride, head_dim);
           const float* k = as_float(k_row, row.data(), head_dim);
           const int64_t first = std::max<int64_t>(0, t - prefix - item.row_begin) * group;
-          float* score = &scores[t * m_count];
+          const int64_t last = window > 0 ? std::min<int64_t>(
+              m_count, (t + window - prefix - item.row_begin) * group) : m_count;
+          float* score = &scores[(t - low) * m_count];
           if (transposed) {
-            std::fill(score + first, score + m_count, 0.f);
+            std::fill(score + first, score + last, 0.f);
             for (int64_t d = 0; d < head_dim; ++d) {
               const float kd = k[d];
               const float* qd = &q_buf[d * m_count];
 #pragma omp simd
-              for (int64_t m = first; m < m_count; ++m) score[m] += qd[m] * kd;
+              for (int64_t m = first; m < last; ++m) score[m] += qd[m] * kd;
             }
           } else {
-            for (int64_t m = first; m < m_count; ++m)
+            for (int64_t m = first; m < last; ++m)
               score[m] = dot(&q_buf[m * head_dim], k, head_dim);
           }
         }
@@ -192,25 +204,30 @@ void attend(const at::Tensor& query, const at::Tensor& key_cache, const at::Tens
       // Softmax of each vector over the positions it sees; the others weigh 0.
       for (int64_t m = 0; m < m_count; ++m) {
         const int64_t seen = limits_buf[m];
+        // Positions from - low .. seen - low of the kept scores, which start at `low`.
+        const int64_t from = (window > 0 ? std::max<int64_t>(low, seen - window) : 0) - low;
+        const int64_t to = seen - low;
+        float* score = &scores[m];
         float max_score = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < seen; ++t) max_score = std::max(max_score, scores[t * m_count + m]);
+        for (int64_t t = from; t < to; ++t) max_score = std::max(max_score, score[t * m_count]);
         float sum = 0.f;
-        for (int64_t t = 0; t < seen; ++t) {
-          const float p = std::exp(scores[t * m_count + m] - max_score);
-          scores[t * m_count + m] = p;
+        for (int64_t t = from; t < to; ++t) {
+          const float p = std::exp(score[t * m_count] - max_score);
+          score[t * m_count] = p;
           sum += p;
         }
         const float inverse = 1.f / sum;
-        for (int64_t t = 0; t < seen; ++t) scores[t * m_count + m] *= inverse;
-        for (int64_t t = seen; t < context; ++t) scores[t * m_count + m] = 0.f;
+        for (int64_t t = from; t < to; ++t) score[t * m_count] *= inverse;
+        for (int64_t t = 0; t < from; ++t) score[t * m_count] = 0.f;
+        for (int64_t t = to; t < context - low; ++t) score[t * m_count] = 0.f;
       }
       // Pass 2: the probabilities times V, kVRows positions of a block at a time, so that
       // each vector's accumulator is loaded and stored once per kVRows rows of V.
-      for (int64_t b = 0; b < num_blocks; ++b) {
+      for (int64_t b = low / block_size; b < num_blocks; ++b) {
         const int64_t block_start = b * block_size;
         const int64_t end = std::min(context, block_start + block_size);
         const scalar_t* v_block = v_data + table[b] * block_stride + item.kv_head * head_dim;
-        for (int64_t t0 = block_start; t0 < end; t0 += kVRows) {
+        for (int64_t t0 = std::max(block_start, low); t0 < end; t0 += kVRows) {
           const int64_t count = std::min<int64_t>(kVRows, end - t0);
           for (int64_t j = 0; j < kVRows; ++j)
             prefetch_row(v_block + (t0 - block_start + kPrefetch + j) * token_stride, head_dim);
@@ -224,7 +241,7 @@ void attend(const at::Tensor& query, const at::Tensor& key_cache, const at::Tens
           for (int64_t m = first; m < m_count; ++m) {
             float p[kVRows];
             for (int64_t j = 0; j < kVRows; ++j)
-              p[j] = j < count ? scores[(t0 + j) * m_count + m] : 0.f;
+              p[j] = j < count ? scores[(t0 + j - low) * m_count + m] : 0.f;
             float* a = &acc[m * head_dim];
 #pragma omp simd
             for (int64_t d = 0; d < head_dim; ++d)
@@ -249,7 +266,8 @@ namespace pagedserve {
 at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
                            const at::Tensor& value_cache, const at::Tensor& block_tables,
                            const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
-                           const at::Tensor& sequences, double scale, at::Tensor out) {
+                           const at::Tensor& sequences, double scale, int64_t window,
+                           at::Tensor out) {
   TORCH_CHECK(query.dim() == 3 && key_cache.dim() == 4, "query must be [T, H, D] and key_cache "
               "[blocks, block_size, H_kv, D]");
   TORCH_CHECK(query.is_contiguous() && key_cache.is_contiguous() && value_cache.is_contiguous() &&
@@ -274,7 +292,7 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "paged_attention",
                                   [&] {
     attend<scalar_t>(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
-                     sequences, scale, out);
+                     sequences, scale, window, out);
   });
   return out;
 }

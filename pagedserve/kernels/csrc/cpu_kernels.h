@@ -6,12 +6,14 @@
 
 namespace pagedserve {
 
-// Attention of query [T, H, D] over the K/V blocks each sequence's table names;
-// writes `out` [T, H, D] (the rows of the listed `sequences`, all when empty).
+// Attention of query [T, H, D] over the K/V blocks each sequence's table names (the
+// last `window` positions a query sees, when window > 0); writes `out` [T, H, D] (the
+// rows of the listed `sequences`, all when empty).
 at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
                            const at::Tensor& value_cache, const at::Tensor& block_tables,
                            const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
-                           const at::Tensor& sequences, double scale, at::Tensor out);
+                           const at::Tensor& sequences, double scale, int64_t window,
+                           at::Tensor out);
 
 // torch.argmax(logits, dim=-1) of contiguous float32 rows [S, V]: [S] int64.
 at::Tensor argmax_rows(const at::Tensor& logits);

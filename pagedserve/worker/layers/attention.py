@@ -59,7 +59,11 @@ class AttentionBackend(Protocol):
              num_decodes: int, block_size: int) -> object: ...
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
-                metadata: AttentionMetadata, scale: float) -> torch.Tensor: ...
+                metadata: AttentionMetadata, scale: float, window: int | None = None
+                ) -> torch.Tensor:
+        """window: the layer's sliding window (a query sees its last `window` positions),
+        None for full attention."""
+        ...
 
     def copy_blocks(self, kv_pool: torch.Tensor, block_mapping: torch.Tensor) -> None: ...
 
@@ -75,10 +79,11 @@ class TorchAttentionBackend:
         return reference.plan_attention(block_tables, seq_lens, query_lens, block_size,
                                         self.num_kv_heads)
 
-    def forward(self, q, k, v, kv_cache, metadata, scale):
+    def forward(self, q, k, v, kv_cache, metadata, scale, window=None):
         key_cache, value_cache = kv_cache
         reference.write_kv_cache(k, v, key_cache, value_cache, metadata.slot_mapping)
-        return reference.run_attention_plan(q, key_cache, value_cache, metadata.plan, scale)
+        return reference.run_attention_plan(q, key_cache, value_cache, metadata.plan, scale,
+                                            window=window)
 
     def copy_blocks(self, kv_pool, block_mapping):
         reference.copy_blocks(kv_pool, block_mapping)
@@ -117,7 +122,7 @@ class CPUAttentionBackend:
         kernel_seqs = torch.tensor(short, dtype=torch.int32) if short else None
         return _CPUPlan(kernel_seqs, reference.AttentionPlan([], prefill))
 
-    def forward(self, q, k, v, kv_cache, metadata, scale):
+    def forward(self, q, k, v, kv_cache, metadata, scale, window=None):
         key_cache, value_cache = kv_cache
         reference.write_kv_cache(k, v, key_cache, value_cache, metadata.slot_mapping)
         plan: _CPUPlan = metadata.plan
@@ -125,9 +130,10 @@ class CPUAttentionBackend:
         if plan.matmul is None or plan.kernel_seqs is not None:
             cpu_kernels.paged_attention(q, key_cache, value_cache, metadata.block_tables,
                                         metadata.seq_lens, metadata.query_start_loc, scale,
-                                        out=out, sequences=plan.kernel_seqs)
+                                        out=out, sequences=plan.kernel_seqs, window=window)
         if plan.matmul is not None:
-            reference.run_attention_plan(q, key_cache, value_cache, plan.matmul, scale, out=out)
+            reference.run_attention_plan(q, key_cache, value_cache, plan.matmul, scale, out=out,
+                                         window=window)
         return out
 
     def copy_blocks(self, kv_pool, block_mapping):
@@ -173,7 +179,7 @@ class TritonAttentionBackend:
                                                       max_seq_len)
         return _TritonPlan(max_seq_len, num_splits, None)
 
-    def forward(self, q, k, v, kv_cache, metadata, scale):
+    def forward(self, q, k, v, kv_cache, metadata, scale, window=None):
         key_cache, value_cache = kv_cache
         self._cache_ops.write_kv_cache(k, v, key_cache, value_cache, metadata.slot_mapping)
         plan: _TritonPlan = metadata.plan
@@ -182,11 +188,13 @@ class TritonAttentionBackend:
         if n:
             self._decode.paged_decode_attention(
                 q[:n], key_cache, value_cache, metadata.block_tables[:n], metadata.seq_lens[:n],
-                scale, max_seq_len=plan.decode_max_seq_len, num_splits=plan.num_splits, out=out[:n])
+                scale, max_seq_len=plan.decode_max_seq_len, num_splits=plan.num_splits, out=out[:n],
+                window=window)
         if plan.prefill_cu_seqlens is not None:
             self._prefill.paged_prefill_attention(
                 q[n:], key_cache, value_cache, metadata.block_tables[n:], metadata.seq_lens[n:],
-                plan.prefill_cu_seqlens, scale, max_query_len=metadata.max_query_len, out=out[n:])
+                plan.prefill_cu_seqlens, scale, max_query_len=metadata.max_query_len, out=out[n:],
+                window=window)
         return out
 
     def copy_blocks(self, kv_pool, block_mapping):
@@ -227,14 +235,20 @@ def select_attention_backend(name: str, device: torch.device,
 
 
 class Attention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    """One layer's attention: full, or over a sliding `window` (a query at position p sees
+    positions p - window + 1 .. p); softmax(q k^T * scale), scale head_dim^-0.5 unless
+    the model says otherwise."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
+                 window: int | None = None, scale: float | None = None) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.scale = head_dim ** -0.5
+        self.window = window
+        self.scale = head_dim ** -0.5 if scale is None else scale
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
                 metadata: AttentionMetadata) -> torch.Tensor:
         """q: [T, H, D]; k, v: [T, H_kv, D] -> [T, H, D]."""
-        return metadata.backend.forward(q, k, v, kv_cache, metadata, self.scale)
+        return metadata.backend.forward(q, k, v, kv_cache, metadata, self.scale, self.window)

@@ -21,22 +21,26 @@ from pagedserve.worker.layers import default_dtype
 _LENGTH_DEPENDENT = {"dynamic", "longrope"}
 
 
-def rope_parameters(hf_config) -> dict:
-    """The model's RoPE settings, in transformers 5 form (rope_type + rope_theta inside)."""
+def rope_parameters(hf_config, layer_type: str | None = None) -> dict:
+    """The model's RoPE settings, in transformers 5 form (rope_type + rope_theta inside);
+    of one kind of layer, where they differ by layer type (Gemma 3's)."""
     params = getattr(hf_config, "rope_parameters", None)
     if params is None:  # configs saved by older transformers
         params = dict(getattr(hf_config, "rope_scaling", None) or {})
         params.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    if layer_type is not None:
+        params = params[layer_type]
     params = dict(params)
     params.setdefault("rope_type", params.get("type", "default"))
     return params
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, hf_config, head_dim: int, max_position: int) -> None:
+    def __init__(self, hf_config, head_dim: int, max_position: int,
+                 layer_type: str | None = None) -> None:
         super().__init__()
         with default_dtype(torch.float32):  # the table is built in float32, then cast
-            cos, sin = _table(hf_config, head_dim, max_position)
+            cos, sin = _table(hf_config, head_dim, max_position, layer_type)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
@@ -78,15 +82,17 @@ class Rope:
     table: RotaryEmbedding | None = None
 
 
-def _table(hf_config, head_dim: int, max_position: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _table(hf_config, head_dim: int, max_position: int,
+           layer_type: str | None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin, [max_position, head_dim], float32."""
-    params = rope_parameters(hf_config)
+    params = rope_parameters(hf_config, layer_type)
     rope_type = params["rope_type"]
     if rope_type == "default":
         exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
         inv_freq, scaling = 1.0 / (params["rope_theta"] ** exponents), 1.0
     elif rope_type in ROPE_INIT_FUNCTIONS and rope_type not in _LENGTH_DEPENDENT:
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
+        kwargs = {} if layer_type is None else {"layer_type": layer_type}
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu", **kwargs)
     else:
         raise ValueError(f"rope_type={rope_type!r} is not supported "
                          "(supported: default, "

@@ -15,11 +15,13 @@ from pagedserve.worker.distributed import TPGroup
 from pagedserve.worker.layers import default_dtype
 from pagedserve.worker.layers.linear import default_weight_loader, pack_linear_weights
 from pagedserve.worker.layers.moe import EXPERT_PARTS
+from pagedserve.worker.models.gemma3 import Gemma3ForCausalLM
 from pagedserve.worker.models.llama import LlamaForCausalLM
 
 _ARCHITECTURES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "MixtralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,

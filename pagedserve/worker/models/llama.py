@@ -11,8 +11,10 @@ of the MLP's intermediate features (see layers/linear.py), its own KV heads'
 pool, and 1/tp of the vocabulary rows; o_proj, down_proj and the embedding each
 end in one all-reduce.
 
-The family's variations, read from the config's shape (model/shape.py):
-Qwen3 normalizes each q and k head before the rotary embedding, and a
+The family's variations, read from the config's shape (model/shape.py): a
+layer may attend over a sliding window (Mistral's every layer, Qwen2's past
+max_window_layers), Qwen3 normalizes each q and k head before the rotary
+embedding, and a
 mixture-of-experts layer (layers/moe.py) takes the place of the MLP in the
 layers `ModelShape.sparse_layers` names (every layer of Mixtral; Qwen3-MoE's
 `decoder_sparse_step` and `mlp_only_layers` leave some dense). Mixtral's
@@ -21,6 +23,8 @@ checkpoint calls that block `block_sparse_moe`, Qwen3-MoE's `mlp`; here it is
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +46,7 @@ from pagedserve.worker.layers.vocab import ParallelLMHead, VocabParallelEmbeddin
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, tp: TPGroup) -> None:
+    def __init__(self, config, tp: TPGroup, index: int = 0) -> None:
         super().__init__()
         shape = ModelShape.from_config(config)
         self.head_dim = shape.head_dim
@@ -54,7 +58,9 @@ class LlamaAttention(nn.Module):
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim,
                                         config.hidden_size, shape.o_proj_bias, tp)
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
+        # Mistral's sliding window, or Qwen2's on the layers past max_window_layers.
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim,
+                              window=shape.layer_windows[index])
         if shape.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -74,6 +80,10 @@ class LlamaAttention(nn.Module):
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
+# The gate's activation, by the config's hidden_act (Gemma's hidden_activation).
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
+
+
 class LlamaMLP(nn.Module):
     def __init__(self, config, tp: TPGroup) -> None:
         super().__init__()
@@ -83,10 +93,15 @@ class LlamaMLP(nn.Module):
                                                  "intermediate_size")
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias, tp, "intermediate_size")
         self.intermediate_size = self.gate_up_proj.part_sizes[0]  # this rank's
+        name = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
+        if name not in ACTIVATIONS:
+            raise ValueError(f"hidden_act={name!r} is not supported (supported: "
+                             f"{', '.join(ACTIVATIONS)})")
+        self.act = ACTIVATIONS[name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(gate) * up)
 
 
 class SparseMoE(nn.Module):
@@ -108,7 +123,7 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(self, config, tp: TPGroup, index: int = 0, expert_parallel: bool = False
                  ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, tp)
+        self.self_attn = LlamaAttention(config, tp, index)
         sparse = index in ModelShape.from_config(config).sparse_layers
         self.mlp = SparseMoE(config, tp, expert_parallel) if sparse else LlamaMLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)

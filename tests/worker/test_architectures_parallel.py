@@ -1,6 +1,6 @@
-"""The later architectures over two Ray ranks (gloo on CPU): Qwen3 under tensor
-parallelism, and the mixture-of-experts models (Mixtral, Qwen3-MoE) under tensor and
-expert parallelism, give HF's greedy tokens and the single rank's sampled ones,
+"""The later architectures over two Ray ranks (gloo on CPU): Qwen3 and Gemma 3 under
+tensor parallelism, and the mixture-of-experts models (Mixtral, Qwen3-MoE) under tensor
+and expert parallelism, give HF's greedy tokens and the single rank's sampled ones,
 through chunked prefill, prefix caching and preemption; and the splits that cannot
 be made are refused before a rank starts."""
 
@@ -22,6 +22,7 @@ MAX_TOKENS = 10
 VOCAB = 300
 MODELS = {
     "qwen3": dict(arch="qwen3", num_key_value_heads=2),
+    "gemma3": dict(arch="gemma3"),  # sliding layers (window 24) and a global one
     # 4 experts of 96 features, top 2: each rank holds 48 features of each, or 2 whole.
     "mixtral": dict(arch="mixtral", num_key_value_heads=2, intermediate_size=96),
     # 8 experts, top 2 unnormalized; layer 1 of 3 dense.
@@ -80,11 +81,12 @@ def _hf_greedy(model_dir) -> list[list[int]]:
     return results
 
 
-@pytest.mark.parametrize("name, expert_parallel", [("qwen3", False), ("mixtral", False),
-                                                   ("mixtral", True), ("qwen3-moe", False),
-                                                   ("qwen3-moe", True)],
-                         ids=["qwen3-tp2", "mixtral-tp2", "mixtral-ep2", "qwen3-moe-tp2",
-                              "qwen3-moe-ep2"])
+CASES = {"qwen3-tp2": ("qwen3", False), "gemma3-tp2": ("gemma3", False),
+         "mixtral-tp2": ("mixtral", False), "mixtral-ep2": ("mixtral", True),
+         "qwen3-moe-tp2": ("qwen3-moe", False), "qwen3-moe-ep2": ("qwen3-moe", True)}
+
+
+@pytest.mark.parametrize("name, expert_parallel", list(CASES.values()), ids=list(CASES))
 def test_two_ranks_equal_one_and_hf(ray_cluster, models, name, expert_parallel):
     model_dir = models(name)
     one, one_stats = _run(LLM(str(model_dir), **ENGINE))

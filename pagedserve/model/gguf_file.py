@@ -156,12 +156,12 @@ def tensors(path: Path, hf_config, hf_names: list[str]) -> Iterator[tuple[str, _
     # GGUF name -> (HF name, expert): one GGUF tensor holds every expert of a layer's part.
     to_hf: dict[str, list[tuple[str, int | None]]] = {}
     for hf_name in hf_names:
-        expert = _EXPERT.fullmatch(hf_name)
-        merged = f"{expert['experts']}.{expert['part']}.weight" if expert else hf_name
+        match = _EXPERT.fullmatch(hf_name)
+        merged = f"{match['experts']}.{match['part']}.weight" if match else hf_name
         gguf_name = name_map.get_name(merged, try_suffixes=(".weight", ".bias"))
         if gguf_name is not None:
             to_hf.setdefault(gguf_name, []).append(
-                (hf_name, int(expert["expert"]) if expert else None))
+                (hf_name, int(match["expert"]) if match else None))
     heads = {"attn_q": hf_config.num_attention_heads, "attn_k": hf_config.num_key_value_heads}
     for tensor in reader.tensors:
         if tensor.name == "rope_freqs.weight":  # rotary factors: the config carries them

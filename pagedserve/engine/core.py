@@ -117,7 +117,8 @@ class EngineCore:
         return BlockManager(num_blocks, engine.block_size,
                             watermark_blocks=max(1, num_blocks // 100),
                             num_cpu_blocks=num_cpu_blocks,
-                            enable_prefix_caching=engine.enable_prefix_caching)
+                            enable_prefix_caching=engine.enable_prefix_caching,
+                            sliding_window=info.shape.window_of_every_layer)
 
     def shutdown(self) -> None:
         """Stop the workers (Ray actors and their placement group, if any)."""

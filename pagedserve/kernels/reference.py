@@ -191,6 +191,9 @@ def _attend_decode(query: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tens
         early = (torch.arange(max_len, device=query.device)[None, :]
                  < (bucket.lens - window)[:, None])
         masked = early if masked is None else masked | early
+        # Their blocks may have been released (table holes): whatever V they read
+        # now must weigh nothing, NaN included.
+        v = v.masked_fill(early[:, None, :, None], 0.0)
     if masked is not None:
         scores = scores.masked_fill(masked[:, None, None, :], float("-inf"))
     probs = scores.softmax(dim=-1).to(v.dtype)

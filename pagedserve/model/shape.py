@@ -102,6 +102,14 @@ class ModelShape:
         )
 
     @property
+    def window_of_every_layer(self) -> int | None:
+        """The window when every layer has one (the largest of them), else None: the blocks
+        before it are read by no layer and can be freed (scheduler/block_manager.py)."""
+        if not self.layer_windows or None in self.layer_windows:
+            return None
+        return max(w for w in self.layer_windows if w is not None)
+
+    @property
     def sliding_window(self) -> int | None:
         """The window of the model's sliding layers, None if it has none."""
         return next((window for window in self.layer_windows if window is not None), None)

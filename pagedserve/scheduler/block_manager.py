@@ -31,6 +31,15 @@ order. A fresh block is taken from the front, so a cached block is evicted
 
 Swapping moves a group's blocks to a CPU pool (cpu_pool.py) with the same ids
 scheme and back; shared blocks move once.
+
+Sliding windows. When every layer of the model attends over a window of W
+positions (`sliding_window`), a token at position p reads nothing before
+p - W + 1, so the blocks wholly before the next token's window are released
+(`release_before_window`): the table keeps their places as holes (block id
+`HOLE`, which no kernel reads, since each starts at the window), and a
+sequence holds about W / block_size + 1 blocks however long it grows. A
+released full block keeps its prefix-cache key, so other requests may still
+hit it.
 """
 
 from __future__ import annotations
@@ -42,10 +51,15 @@ from pagedserve.math_utils import cdiv
 from pagedserve.scheduler.block_keys import BlockKey, block_key
 from pagedserve.scheduler.cpu_pool import CpuPool
 
+# The table entry of a block released out of every layer's window: a valid id for the
+# kernels' tables, never read (they start at the window).
+HOLE = 0
+
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, watermark_blocks: int = 0, *,
-                 num_cpu_blocks: int = 0, enable_prefix_caching: bool = False) -> None:
+                 num_cpu_blocks: int = 0, enable_prefix_caching: bool = False,
+                 sliding_window: int | None = None) -> None:
         if num_blocks <= 0:
             raise ValueError(f"num_blocks={num_blocks}: the KV pool needs at least one block")
         self.num_blocks = num_blocks
@@ -54,6 +68,10 @@ class BlockManager:
         # little before someone has to be preempted.
         self.watermark_blocks = watermark_blocks
         self.enable_prefix_caching = enable_prefix_caching
+        self.sliding_window = sliding_window
+        # Leading table entries released out of the window, per sequence (kept while
+        # it is swapped out).
+        self._holes: dict[int, int] = {}
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._ref_counts = [0] * num_blocks
         self._keys: list[BlockKey | None] = [None] * num_blocks  # key of a cached block
@@ -104,8 +122,13 @@ class BlockManager:
 
     @property
     def num_logical_blocks(self) -> int:
-        """Table entries over all sequences; above num_allocated_blocks when blocks are shared."""
-        return sum(len(table) for table in self._tables.values())
+        """Blocks held, over all tables; above num_allocated_blocks when blocks are shared."""
+        return sum(len(table) - self._holes.get(seq_id, 0)
+                   for seq_id, table in self._tables.items())
+
+    def num_holes(self, seq_id: int) -> int:
+        """Leading table entries released out of the window."""
+        return self._holes.get(seq_id, 0)
 
     @property
     def num_swapped_blocks(self) -> int:
@@ -230,6 +253,23 @@ class BlockManager:
             self._cache_full_blocks(seq_id, token_ids)
         return new_blocks
 
+    def release_before_window(self, seq_id: int, first_position: int) -> int:
+        """Release the blocks wholly before the window of a query at `first_position`
+        (positions < first_position - sliding_window + 1); returns how many. The last
+        block always stays."""
+        if self.sliding_window is None:
+            return 0
+        table = self._tables[seq_id]
+        holes = self._holes.get(seq_id, 0)
+        until = min((first_position - self.sliding_window + 1) // self.block_size,
+                    len(table) - 1)
+        for index in range(holes, until):
+            self._release(table[index])
+            table[index] = HOLE
+        if until > holes:
+            self._holes[seq_id] = until
+        return max(0, until - holes)
+
     def needs_copy_on_write(self, seq_id: int, num_new_tokens: int) -> bool:
         """Would these tokens land in a partly filled last block that others hold too?"""
         table = self._tables.get(seq_id)
@@ -258,13 +298,16 @@ class BlockManager:
         """
         if child_id in self._tables or child_id in self._cpu.tables:
             raise KeyError(f"sequence {child_id} already has a block table")
+        holes = self._holes.get(parent_id, 0)
         if parent_id in self._cpu.tables:
             self._cpu.hold(child_id, list(self._cpu.tables[parent_id]))
         else:
             table = self._tables[parent_id]
-            for block_id in table:
+            for block_id in table[holes:]:
                 self._ref_counts[block_id] += 1
             self._tables[child_id] = list(table)
+        if holes:
+            self._holes[child_id] = holes
         self._num_slots[child_id] = self._num_slots[parent_id]
         self._seq_keys[child_id] = list(self._seq_keys[parent_id])
         self._extra_keys[child_id] = self._extra_keys[parent_id]
@@ -273,6 +316,7 @@ class BlockManager:
         """Release a sequence's blocks (GPU or swapped); shared ones stay with others."""
         self._seq_keys.pop(seq_id, None)
         self._extra_keys.pop(seq_id, None)
+        holes = self._holes.pop(seq_id, 0)
         if self._cpu.release(seq_id) is not None:
             self._num_slots.pop(seq_id)
             return
@@ -280,7 +324,7 @@ class BlockManager:
         if table is None:
             return
         self._num_slots.pop(seq_id)
-        for block_id in reversed(table):  # tail first: evicted before the shared head
+        for block_id in reversed(table[holes:]):  # tail first: evicted before the shared head
             self._release(block_id)
 
     # -- swapping --------------------------------------------------------------
@@ -297,7 +341,7 @@ class BlockManager:
         for block_id, cpu_id in mapping.items():
             self._cpu.fill[cpu_id] = self._fill[block_id]
         for seq_id in seq_ids:
-            table = self._tables.pop(seq_id)
+            table = self._tables.pop(seq_id)[self._holes.get(seq_id, 0):]
             self._cpu.hold(seq_id, [mapping[block_id] for block_id in table])
             for block_id in reversed(table):
                 self._release(block_id)
@@ -319,11 +363,13 @@ class BlockManager:
         for seq_id in seq_ids:
             cpu_table = self._cpu.release(seq_id)
             assert cpu_table is not None
-            self._tables[seq_id] = [mapping[cpu_id] for cpu_id in cpu_table]
+            holes = self._holes.get(seq_id, 0)
+            self._tables[seq_id] = [HOLE] * holes + [mapping[cpu_id] for cpu_id in cpu_table]
             for cpu_id in cpu_table:
                 self._ref_counts[mapping[cpu_id]] += 1
             # Its full blocks are valid prefixes again: the keys cover only those.
-            for block_id, key in zip(self._tables[seq_id], self._seq_keys[seq_id], strict=False):
+            keys = self._seq_keys[seq_id][holes:]
+            for block_id, key in zip(self._tables[seq_id][holes:], keys, strict=False):
                 self._register(block_id, key)
         return list(mapping.items())
 
@@ -351,11 +397,13 @@ class BlockManager:
         bs = self.block_size
         full = min(self._num_slots[seq_id], len(token_ids)) // bs
         extra_key = self._extra_keys[seq_id]
+        holes = self._holes.get(seq_id, 0)
         for index in range(len(keys), full):
             key = block_key(keys[-1] if keys else None, token_ids[index * bs:(index + 1) * bs],
                             extra_key)
             keys.append(key)
-            self._register(table[index], key)
+            if index >= holes:  # a hole's block was released: nothing left to cache
+                self._register(table[index], key)
 
     def _register(self, block_id: int, key: BlockKey) -> None:
         if self.enable_prefix_caching and key not in self._cached and self._keys[block_id] is None:
@@ -397,4 +445,4 @@ class BlockManager:
 
     def _distinct(self, seq_ids: Iterable[int]) -> list[int]:
         return list(dict.fromkeys(block_id for seq_id in seq_ids
-                                  for block_id in self._tables[seq_id]))
+                                  for block_id in self._tables[seq_id][self.num_holes(seq_id):]))

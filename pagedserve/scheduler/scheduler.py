@@ -263,6 +263,8 @@ class Scheduler:
         self._allocate_new(group, plan)
         for work in plan:
             seq, num_tokens = work.seq, work.num_tokens
+            if manager.sliding_window is not None:  # blocks before this step's window
+                manager.release_before_window(seq.seq_id, seq.num_computed_tokens)
             if manager.needs_copy_on_write(seq.seq_id, num_tokens):
                 step.blocks_to_copy.append(manager.copy_on_write(seq.seq_id))
             manager.append_slots(seq.seq_id, num_tokens, seq.token_ids)

@@ -1,4 +1,5 @@
-"""The later architectures over two Ray ranks (gloo on CPU): Qwen3 and Gemma 3 under
+"""The later architectures over two Ray ranks (gloo on CPU): Qwen3, Gemma 3 and a
+Mistral with a window on every layer (its blocks before the window freed) under
 tensor parallelism, and the mixture-of-experts models (Mixtral, Qwen3-MoE) under tensor
 and expert parallelism, give HF's greedy tokens and the single rank's sampled ones,
 through chunked prefill, prefix caching and preemption; and the splits that cannot
@@ -23,6 +24,8 @@ VOCAB = 300
 MODELS = {
     "qwen3": dict(arch="qwen3", num_key_value_heads=2),
     "gemma3": dict(arch="gemma3"),  # sliding layers (window 24) and a global one
+    # Every layer over 24 positions: the blocks before the window are freed.
+    "mistral-window": dict(arch="mistral", num_key_value_heads=2, sliding_window=24),
     # 4 experts of 96 features, top 2: each rank holds 48 features of each, or 2 whole.
     "mixtral": dict(arch="mixtral", num_key_value_heads=2, intermediate_size=96),
     # 8 experts, top 2 unnormalized; layer 1 of 3 dense.
@@ -82,6 +85,7 @@ def _hf_greedy(model_dir) -> list[list[int]]:
 
 
 CASES = {"qwen3-tp2": ("qwen3", False), "gemma3-tp2": ("gemma3", False),
+         "mistral-window-tp2": ("mistral-window", False),
          "mixtral-tp2": ("mixtral", False), "mixtral-ep2": ("mixtral", True),
          "qwen3-moe-tp2": ("qwen3-moe", False), "qwen3-moe-ep2": ("qwen3-moe", True)}
 

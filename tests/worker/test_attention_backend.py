@@ -54,9 +54,9 @@ def test_greedy_outputs_identical_between_backends(model_dirs, variant, engine, 
     steps = []  # (decode sequences, all sequences) of each step the Triton backend ran
     forward = TritonAttentionBackend.forward
 
-    def spy(self, q, k, v, kv_cache, metadata, scale):
+    def spy(self, q, k, v, kv_cache, metadata, scale, window=None):
         steps.append((metadata.num_decodes, metadata.seq_lens.shape[0]))
-        return forward(self, q, k, v, kv_cache, metadata, scale)
+        return forward(self, q, k, v, kv_cache, metadata, scale, window)
 
     monkeypatch.setattr(TritonAttentionBackend, "forward", spy)
     triton_llm, got = _run(model_dir, "triton", **engine)

@@ -24,7 +24,7 @@ from pagedserve.worker.layers.attention import Attention, AttentionMetadata, KVC
 from pagedserve.worker.layers.linear import QKVParallelLinear, RowParallelLinear
 from pagedserve.worker.layers.rotary import Rope, RotaryEmbedding
 from pagedserve.worker.layers.vocab import ParallelLMHead, VocabParallelEmbedding
-from pagedserve.worker.models.llama import LlamaMLP
+from pagedserve.worker.models.llama import LlamaForCausalLM, LlamaMLP
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -106,13 +106,7 @@ class Gemma3Model(nn.Module):
 
 
 class Gemma3ForCausalLM(nn.Module):
-    stacked_params = [
-        ("qkv_proj", "q_proj", 0),
-        ("qkv_proj", "k_proj", 1),
-        ("qkv_proj", "v_proj", 2),
-        ("gate_up_proj", "gate_proj", 0),
-        ("gate_up_proj", "up_proj", 1),
-    ]
+    stacked_params = LlamaForCausalLM.stacked_params  # the same fused q/k/v and gate/up
 
     def __init__(self, config, max_position: int, tp: TPGroup = TPGroup(),
                  expert_parallel: bool = False) -> None:

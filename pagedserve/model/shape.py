@@ -110,11 +110,6 @@ class ModelShape:
         return max(w for w in self.layer_windows if w is not None)
 
     @property
-    def sliding_window(self) -> int | None:
-        """The window of the model's sliding layers, None if it has none."""
-        return next((window for window in self.layer_windows if window is not None), None)
-
-    @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
 

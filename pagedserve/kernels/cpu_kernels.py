@@ -1,6 +1,6 @@
 """CPU kernels in a C++ extension: paged attention that reads K/V from the blocks in
-place, the greedy argmax, rotary embeddings in place, and RMSNorm fused with the
-residual add.
+place, a MoE layer's experts, the greedy argmax, rotary embeddings in place, and
+RMSNorm fused with the residual add.
 
 Attention: the torch path (reference.py) copies each sequence's K/V out of the pool
 (`index_select`) in every layer, which is most of a decode token's attention
@@ -13,7 +13,13 @@ slower than a vectorized maximum such as `amax`. `rotary_` rotates q and k
 where the QKV projection wrote them, with no temporaries. `rms_norm` adds a
 sublayer's output into the residual stream and normalizes the sum in one
 pass, where torch takes five ops and as many temporaries. These three are in
-csrc/cpu_ops.cpp; csrc/cpu_bindings.cpp registers all four as one module.
+csrc/cpu_ops.cpp.
+
+`fused_moe` (csrc/cpu_moe.cpp) runs a float32 MoE layer's experts on weights
+that `pack_moe` lays out once at load: the pairs sorted by expert, SiLU(gate) *
+up formed in registers, each expert's weights read once per tile of rows. At
+decode sizes it takes about half the time of one oneDNN GEMM pair per expert
+(see its header). csrc/cpu_bindings.cpp registers all five as one module.
 
 The extension is compiled once per machine, with the machine's own vector
 instructions (`-march=native`), by `torch.utils.cpp_extension` into torch's
@@ -38,7 +44,8 @@ from pathlib import Path
 import torch
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = [_CSRC / "cpu_attention.cpp", _CSRC / "cpu_ops.cpp", _CSRC / "cpu_bindings.cpp"]
+_SOURCES = [_CSRC / "cpu_attention.cpp", _CSRC / "cpu_moe.cpp", _CSRC / "cpu_ops.cpp",
+            _CSRC / "cpu_bindings.cpp"]
 _HEADERS = [_CSRC / "cpu_kernels.h"]
 # -fopenmp: at::parallel_for is inlined, and runs on torch's OpenMP threads only when built so.
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -110,6 +117,45 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
 
 
 _ALL = torch.empty(0, dtype=torch.int32)
+
+
+def pack_moe(w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A MoE layer's float32 experts in csrc/cpu_moe.cpp's layout: w13 [E, 2 I, H] (gate
+    rows, then up rows) -> [E, I_pad / 16, H, 32], each block 16 gate features then the
+    same 16 up features for every input index; w2 [E, H, I] -> [E, H_pad / 32, I_pad, 32].
+    I is padded to a multiple of 16 and H to one of 32 with zeros, which add nothing."""
+    experts, hidden, inter = w2.shape
+    i_pad, h_pad = -(-inter // 16) * 16, -(-hidden // 32) * 32
+    gate_up = torch.zeros(experts, 2, i_pad, hidden, dtype=w13.dtype)
+    gate_up[:, :, :inter] = w13.view(experts, 2, inter, hidden)
+    w13_packed = (gate_up.view(experts, 2, i_pad // 16, 16, hidden)
+                  .permute(0, 2, 4, 1, 3).reshape(experts, i_pad // 16, hidden, 32))
+    down = torch.zeros(experts, h_pad, i_pad, dtype=w2.dtype)
+    down[:, :hidden, :inter] = w2
+    w2_packed = down.view(experts, h_pad // 32, 32, i_pad).transpose(2, 3)
+    return w13_packed.contiguous(), w2_packed.contiguous()
+
+
+def unpack_moe(w13_packed: torch.Tensor, w2_packed: torch.Tensor, hidden: int, inter: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """pack_moe's inverse: (w13 [E, 2 I, H], w2 [E, H, I])."""
+    experts, blocks, _, _ = w13_packed.shape
+    gate_up = (w13_packed.view(experts, blocks, hidden, 2, 16).permute(0, 3, 1, 4, 2)
+               .reshape(experts, 2, blocks * 16, hidden)[:, :, :inter])
+    down = w2_packed.transpose(2, 3).reshape(experts, -1, w2_packed.shape[2])
+    return (gate_up.reshape(experts, 2 * inter, hidden).contiguous(),
+            down[:, :hidden, :inter].contiguous())
+
+
+def fused_moe(hidden: torch.Tensor, w13_packed: torch.Tensor, w2_packed: torch.Tensor,
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor, first_expert: int = 0
+              ) -> torch.Tensor:
+    """reference.moe on float32 experts packed by `pack_moe`: hidden [T, H], each token's
+    top-k router weights (float32) and global expert ids -> [T, H]. Ids outside
+    [first_expert, first_expert + E) are other ranks' experts and add nothing."""
+    return extension().fused_moe(hidden.contiguous(), w13_packed, w2_packed,
+                                 topk_weights.float().contiguous(),
+                                 topk_ids.long().contiguous(), first_expert)
 
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,8 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &pagedserve::paged_attention,
         "Paged attention over K/V read in place (CPU)");
+  m.def("fused_moe", &pagedserve::fused_moe,
+        "A MoE layer's float32 experts over each token's top-k, on packed weights");
   m.def("argmax_rows", &pagedserve::argmax_rows,
         "The first index of each row's maximum (float32)");
   m.def("rotary_", &pagedserve::rotary_,

@@ -1,5 +1,6 @@
-// The CPU kernels' entry points: paged attention (cpu_attention.cpp) and the small
-// ops (cpu_ops.cpp), registered as one Python module in cpu_bindings.cpp.
+// The CPU kernels' entry points: paged attention (cpu_attention.cpp), the experts of a
+// mixture-of-experts layer (cpu_moe.cpp) and the small ops (cpu_ops.cpp), registered
+// as one Python module in cpu_bindings.cpp.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,6 +15,12 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
                            const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
                            const at::Tensor& sequences, double scale, int64_t window,
                            at::Tensor out);
+
+// The float32 experts of a MoE layer over hidden [T, H], on weights packed by
+// cpu_kernels.pack_moe, for each token's top-k (weights, global ids): out [T, H].
+at::Tensor fused_moe(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
+                     const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                     int64_t first_expert);
 
 // torch.argmax(logits, dim=-1) of contiguous float32 rows [S, V]: [S] int64.
 at::Tensor argmax_rows(const at::Tensor& logits);

@@ -19,11 +19,13 @@ token, and the layer's one all-reduce sums the shares: under expert
 parallelism that sum is the combine that brings each token's outputs back
 from the ranks of its experts.
 
-The experts run, by device:
-    cuda  kernels/fused_moe.py: two grouped GEMMs over tokens sorted by expert
-    cpu   tokens grouped by expert, one oneDNN GEMM per expert a token chose, on
-          each expert's weights packed once at load (kernels/cpu_gemm.py)
-and kernels/reference.py's `moe` is the oracle of both.
+The experts run, by device and dtype:
+    cuda          kernels/fused_moe.py: two grouped GEMMs over tokens sorted by expert
+    cpu, float32  kernels/cpu_kernels.py's `fused_moe` (C++), on weights packed once
+                  at load into its blocked layout
+    cpu, other    tokens grouped by expert, one oneDNN GEMM per expert a token chose,
+                  on each expert's weights packed once at load (kernels/cpu_gemm.py)
+and kernels/reference.py's `moe` is the oracle of all three.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedserve.kernels import cpu_gemm
+from pagedserve.kernels import cpu_gemm, cpu_kernels
 from pagedserve.worker.distributed import TPGroup
 from pagedserve.worker.layers.linear import check_shape, checkpoint_shape
 
@@ -74,6 +76,8 @@ class FusedMoE(nn.Module):
         # Shard ids: w13 has a gate and an up part per expert, w2 one part per expert.
         self.w13.weight_loader, self.w13.num_parts = self.load_expert, 2 * num_experts
         self.w2.weight_loader, self.w2.num_parts = self.load_expert, num_experts
+        # Set by pack_for_cpu: the C++ kernel's blocked (w13, w2), or oneDNN's per expert.
+        self.blocked: tuple[torch.Tensor, torch.Tensor] | None = None
         self.packed: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     def local_index(self, expert: int) -> int | None:
@@ -100,12 +104,18 @@ class FusedMoE(nn.Module):
             param.data[local].copy_(loaded[:, start:start + self.inter])
 
     def pack_for_cpu(self) -> bool:
-        """Each expert's two weights packed for oneDNN (pack_linear_weights calls this); the
-        stacked parameters become meta tensors, as a packed linear's weight does."""
-        if not all(cpu_gemm.can_pack(w[0]) for w in (self.w13, self.w2)):
+        """The experts packed once (pack_linear_weights calls this): float32 for the C++
+        kernel, other dtypes for oneDNN, expert by expert. The stacked parameters become
+        meta tensors, as a packed linear's weight does."""
+        if self.w13.device.type != "cpu":
             return False
-        self.packed = ([cpu_gemm.pack(w) for w in self.w13.data],
-                       [cpu_gemm.pack(w) for w in self.w2.data])
+        if self.w13.dtype == torch.float32 and cpu_kernels.usable():
+            self.blocked = cpu_kernels.pack_moe(self.w13.data, self.w2.data)
+        elif all(cpu_gemm.can_pack(w[0]) for w in (self.w13, self.w2)):
+            self.packed = ([cpu_gemm.pack(w) for w in self.w13.data],
+                           [cpu_gemm.pack(w) for w in self.w2.data])
+        else:
+            return False
         for name in ("w13", "w2"):
             old = getattr(self, name)
             new = nn.Parameter(old.to("meta"), requires_grad=False)
@@ -115,6 +125,9 @@ class FusedMoE(nn.Module):
 
     def dense_weights(self) -> dict[str, torch.Tensor]:
         """w13 and w2 as plain tensors, packed or not."""
+        if self.blocked is not None:
+            w13, w2 = cpu_kernels.unpack_moe(*self.blocked, self.w2.shape[1], self.inter)
+            return {"w13": w13, "w2": w2}
         if self.packed is None:
             return {"w13": self.w13.data, "w2": self.w2.data}
         return {name: torch.stack([w.to_dense() for w in packed])
@@ -124,13 +137,18 @@ class FusedMoE(nn.Module):
         """hidden [T, H], router_logits [T, E] -> this rank's share of the layer's output,
         summed over the ranks."""
         weights, ids = route(router_logits, self.top_k, self.renormalize)
+        return self.tp.all_reduce(self.experts(hidden, weights, ids))
+
+    def experts(self, hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+                ) -> torch.Tensor:
+        """This rank's experts over each token's top-k (weights, global ids): [T, H]."""
         if hidden.device.type == "cuda":
             from pagedserve.kernels.fused_moe import fused_moe  # Triton: CUDA only
 
-            out = fused_moe(hidden, self.w13, self.w2, weights, ids, self.first_expert)
-        else:
-            out = self._grouped(hidden, weights, ids)
-        return self.tp.all_reduce(out)
+            return fused_moe(hidden, self.w13, self.w2, weights, ids, self.first_expert)
+        if self.blocked is not None:
+            return cpu_kernels.fused_moe(hidden, *self.blocked, weights, ids, self.first_expert)
+        return self._grouped(hidden, weights, ids)
 
     def _grouped(self, hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
                  ) -> torch.Tensor:

@@ -1,14 +1,15 @@
 """The mixture-of-experts paths against the one-token-at-a-time reference
-(kernels/reference.py's `moe`): the Triton grouped GEMMs (kernels/fused_moe.py), and
-the CPU path of layers/moe.py, packed and not, over expert counts, top-k and token
-mixes, with experts that get no token and with experts held by other ranks."""
+(kernels/reference.py's `moe`): the Triton grouped GEMMs (kernels/fused_moe.py), the
+C++ kernel (kernels/cpu_kernels.py's `fused_moe`), and each CPU path of
+layers/moe.py, over expert counts, top-k and token mixes, with experts that get no
+token and with experts held by other ranks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pagedserve.kernels import reference
+from pagedserve.kernels import cpu_kernels, reference
 from pagedserve.kernels.checks import interpreting
 from pagedserve.kernels.fused_moe import align_tokens, fused_moe
 from pagedserve.worker.distributed import TPGroup
@@ -16,7 +17,9 @@ from pagedserve.worker.layers.linear import pack_linear_weights
 from pagedserve.worker.layers.moe import FusedMoE, route
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not interpreting() else "cpu")
-HIDDEN, INTER = 48, 40  # neither a power of two: the kernels' masks are used
+# Neither a power of two: the Triton kernels' masks are used, and the C++ kernel's
+# layout pads both (H to a multiple of 32, I to one of 16).
+HIDDEN, INTER = 48, 40
 
 
 def _case(num_experts: int, num_tokens: int, top_k: int, used: int, seed: int,
@@ -94,11 +97,74 @@ def test_aligned_blocks_hold_one_expert_each_and_every_pair_once():
     assert sorted(seen) == [p for p in range(num_pairs) if flat[p] < 4]
 
 
-@pytest.mark.parametrize("packed", [False, True])
+needs_cpu_kernels = pytest.mark.skipif(not cpu_kernels.usable(),
+                                       reason="the CPU kernels need a C++ compiler")
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("num_experts, num_tokens, top_k, used", CASES + [(8, 0, 2, 8)])
+def test_the_cpu_kernel_equals_the_reference(num_experts, num_tokens, top_k, used):
+    hidden, w13, w2, weights, ids = (t.cpu() for t in _case(num_experts, num_tokens, top_k,
+                                                            used, seed=num_tokens))
+    got = cpu_kernels.fused_moe(hidden, *cpu_kernels.pack_moe(w13, w2), weights, ids)
+    torch.testing.assert_close(got, reference.moe(hidden, w13, w2, weights, ids),
+                               atol=1e-5, rtol=1e-5)
+
+
+@needs_cpu_kernels
+def test_the_cpu_kernel_on_a_rank_adds_only_its_experts_and_any_thread_count_agrees():
+    hidden, w13, w2, weights, ids = (t.cpu() for t in _case(8, 70, 2, 8, seed=2))
+    local = slice(4, 8)
+    packed = cpu_kernels.pack_moe(w13[local].contiguous(), w2[local].contiguous())
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_kernels.fused_moe(hidden, *packed, weights, ids, first_expert=4)
+        torch.set_num_threads(2)
+        two = cpu_kernels.fused_moe(hidden, *packed, weights, ids, first_expert=4)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)  # each pair's sum has one order, whatever the split
+    torch.testing.assert_close(one, reference.moe(hidden, w13[local], w2[local], weights, ids,
+                                                  first_expert=4), atol=1e-5, rtol=1e-5)
+
+
+def test_the_cpu_layout_pads_and_unpacks_to_the_same_weights():
+    _, w13, w2, _, _ = (t.cpu() for t in _case(3, 1, 1, 3, seed=4))
+    w13_packed, w2_packed = cpu_kernels.pack_moe(w13, w2)
+    assert w13_packed.shape == (3, 48 // 16, HIDDEN, 32)  # I 40 -> 48
+    assert w2_packed.shape == (3, 64 // 32, 48, 32)  # H 48 -> 64
+    # Block 0, input 5: gate features 0..15 of expert 1, then its up features 0..15.
+    torch.testing.assert_close(w13_packed[1, 0, 5], torch.cat([w13[1, :16, 5],
+                                                               w13[1, INTER:INTER + 16, 5]]))
+    assert not w13_packed[:, -1, :, 8:16].any()  # gate features 40..47: padding
+    unpacked = cpu_kernels.unpack_moe(w13_packed, w2_packed, HIDDEN, INTER)
+    assert torch.equal(unpacked[0], w13) and torch.equal(unpacked[1], w2)
+
+
+@needs_cpu_kernels
+def test_the_cpu_kernel_refuses_bad_inputs_naming_them():
+    hidden, w13, w2, weights, ids = (t.cpu() for t in _case(4, 3, 2, 4, seed=1))
+    packed = cpu_kernels.pack_moe(w13, w2)
+    with pytest.raises(RuntimeError, match="hidden must be a contiguous"):
+        cpu_kernels.extension().fused_moe(hidden.double(), *packed, weights, ids, 0)
+    with pytest.raises(RuntimeError, match="w13 must be packed"):
+        cpu_kernels.fused_moe(hidden, w13, w2, weights, ids)
+    with pytest.raises(RuntimeError, match="topk_ids"):
+        cpu_kernels.fused_moe(hidden, *packed, weights[:2], ids[:2])
+
+
+@pytest.mark.parametrize("path", ["plain", "onednn", "kernel"])
 @pytest.mark.parametrize("tp_size, expert_parallel", [(1, False), (2, False), (2, True)])
-def test_the_cpu_path_equals_the_reference_on_every_shard(packed, tp_size, expert_parallel):
-    """Each rank's FusedMoE, loaded from whole per-expert tensors, computes its share;
-    the shares sum to the reference (what the layer's all-reduce does)."""
+def test_the_cpu_path_equals_the_reference_on_every_shard(path, tp_size, expert_parallel,
+                                                           monkeypatch):
+    """Each rank's FusedMoE, loaded from whole per-expert tensors and then packed (or
+    not) by `pack_linear_weights`, computes its share; the shares sum to the reference
+    (what the layer's all-reduce does)."""
+    if path == "kernel" and not cpu_kernels.usable():
+        pytest.skip("the CPU kernels need a C++ compiler")
+    if path == "onednn":  # what a bfloat16 model, or a machine without a compiler, takes
+        monkeypatch.setattr(cpu_kernels, "usable", lambda: False)
     hidden, w13, w2, weights, ids = (t.cpu() for t in _case(4, 21, 2, 3, seed=5))
     total = torch.zeros_like(hidden)
     for rank in range(tp_size):
@@ -108,9 +174,14 @@ def test_the_cpu_path_equals_the_reference_on_every_shard(packed, tp_size, exper
             layer.load_expert(layer.w13, w13[expert, :INTER], 2 * expert)
             layer.load_expert(layer.w13, w13[expert, INTER:], 2 * expert + 1)
             layer.load_expert(layer.w2, w2[expert], expert)
-        if packed:
-            assert pack_linear_weights(layer) == 1 and layer.packed is not None
-        part = layer._grouped(hidden, weights, ids)
+        dense = layer.dense_weights()
+        if path != "plain":
+            assert pack_linear_weights(layer) == 1
+            assert (layer.blocked if path == "kernel" else layer.packed) is not None
+            assert layer.w13.is_meta
+            for name, tensor in layer.dense_weights().items():
+                assert torch.equal(tensor, dense[name])
+        part = layer.experts(hidden, weights, ids)
         first = layer.first_expert
         local = slice(first, first + layer.num_local)
         if expert_parallel:

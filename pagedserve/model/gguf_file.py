@@ -17,6 +17,18 @@ interleaved for its rotary kernel (convert_hf_to_gguf.py, `LlamaModel.permute`);
 `_unpermute` puts them back in HF's order. A MoE layer's experts are one 3-D
 tensor per part (`blk.N.ffn_gate_exps`, [experts, rows, cols]); each expert is
 read as the HF checkpoint's own tensor of that expert.
+
+Gemma 3 files differ from their HF checkpoint in three ways that llama.cpp
+settles in code rather than in the file, and this loader settles as it does
+(llama.cpp's convert_hf_to_gguf.py and src/llama-model.cpp):
+- each norm weight is stored plus one (llama.cpp's RMSNorm scales by the weight,
+  Gemma's by 1 + weight), so one is subtracted at load;
+- the softmax scale is head_dim^-0.5, hidden / heads for the 62-layer 27B
+  (`query_pre_attn_scalar`, which the file does not carry);
+- the global layers' rotary base and linear scaling are the file's `rope.*`
+  keys; the local layers' base is 10,000.
+transformers' GGUF reader takes neither the scale nor the scaling; `metadata_dir`
+writes both into the config.
 """
 
 from __future__ import annotations
@@ -36,11 +48,11 @@ from pagedserve.cache import build_dir_once, cache_dir
 
 logger = logging.getLogger(__name__)
 # general.architecture -> the architectures our model classes implement.
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3")
 # HF model_type (as transformers reads the file) -> the HF class name.
 _HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-               "qwen3_moe": "Qwen3MoeForCausalLM"}
+               "qwen3_moe": "Qwen3MoeForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 # Architectures whose q/k rows llama.cpp permutes.
 _PERMUTED = ("llama",)
 # Tensor types the gguf package dequantizes; others are refused.
@@ -132,12 +144,25 @@ def metadata_dir(path: Path, log: Callable[[str], None] = logger.info) -> Path:
             field = reader.fields.get(f"{arch}.{key}")
             if field is not None:
                 setattr(config, attribute, int(field.contents()))
+        if arch == "gemma3":
+            _gemma3_config(config, reader)
         config.save_pretrained(tmp)
         GenerationConfig.from_model_config(config).save_pretrained(tmp)
         AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
         (tmp / _MARKER).write_text(json.dumps({"gguf_file": str(path)}))
 
     return build_dir_once(cache_dir() / "gguf" / f"{path.stem}-{key}", build, _MARKER)
+
+
+def _gemma3_config(config, reader) -> None:
+    """The softmax scale and the global layers' rotary scaling, as llama.cpp sets them."""
+    config.query_pre_attn_scalar = (config.hidden_size // config.num_attention_heads
+                                    if config.num_hidden_layers == 62 else config.head_dim)
+    kind = reader.fields.get("gemma3.rope.scaling.type")
+    factor = reader.fields.get("gemma3.rope.scaling.factor")
+    if kind is not None and kind.contents() == "linear" and factor is not None:
+        config.rope_parameters["full_attention"].update(rope_type="linear",
+                                                        factor=float(factor.contents()))
 
 
 def tensors(path: Path, hf_config, hf_names: list[str]) -> Iterator[tuple[str, _TensorSlice]]:
@@ -169,19 +194,22 @@ def tensors(path: Path, hf_config, hf_names: list[str]) -> Iterator[tuple[str, _
         if tensor.name not in to_hf:
             raise ValueError(f"GGUF tensor {tensor.name!r} in {path} has no place in the model")
         kind = tensor.name.split(".")[-2]
+        shift = 1.0 if arch == "gemma3" and kind.endswith("norm") else 0.0
         for hf_name, expert in to_hf[tensor.name]:
             yield hf_name, _TensorSlice(tensor, heads.get(kind) if arch in _PERMUTED else None,
-                                        expert)
+                                        expert, shift)
 
 
 class _TensorSlice:
     """One tensor in HF's layout [rows, cols] (one expert's, of a stacked experts tensor),
-    dequantized only where it is indexed."""
+    dequantized only where it is indexed, less `shift` (what the converter added)."""
 
-    def __init__(self, tensor, permuted_heads: int | None, expert: int | None = None) -> None:
+    def __init__(self, tensor, permuted_heads: int | None, expert: int | None = None,
+                 shift: float = 0.0) -> None:
         self.tensor = tensor
         self.permuted_heads = permuted_heads  # llama.cpp interleaved the rows of these heads
         self.expert = expert
+        self.shift = shift
 
     def get_shape(self) -> tuple[int, ...]:
         shape = tuple(int(n) for n in reversed(self.tensor.shape))  # GGUF lists a row first
@@ -204,6 +232,8 @@ class _TensorSlice:
             values = values.reshape(stop - start, *shape[1:])
         if self.permuted_heads:
             values = _unpermute(values, start, shape[0] // self.permuted_heads)
+        if self.shift:
+            values = values - np.float32(self.shift)
         index = (slice(None), *rest)
         values = np.ascontiguousarray(values[index])
         if not values.flags.writeable:  # a view of the read-only memory map

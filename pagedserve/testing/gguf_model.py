@@ -5,7 +5,8 @@ weights they also hold in HF form. This writes one with the `gguf` package's
 writer and quantizers: metadata under the architecture's keys, the
 tokenizer's vocabulary and merges, the chat template, and tensors under
 llama.cpp's names, with Llama's q/k rows permuted as convert_hf_to_gguf.py
-permutes them. Norms and biases stay F32, as there.
+permutes them, and Gemma 3's norm weights stored plus one (its RMSNorm scales
+by 1 + weight; llama.cpp's by the weight). Norms and biases stay F32, as there.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pagedserve.model.shape import head_dim
 
 
 def write_gguf(model_dir: Path, path: Path, tensor_type: str = "F32") -> Path:
-    """`model_dir` (a llama, qwen2, qwen3 or qwen3_moe HF directory) as the GGUF file
+    """`model_dir` (a llama, qwen2, qwen3, qwen3_moe or gemma3_text HF directory) as the GGUF file
     `path`, its matrices stored as `tensor_type` (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0,
     Q5_1). A MoE layer's experts are stacked into one tensor per part, as llama.cpp's
     converter stacks them."""
@@ -30,7 +31,7 @@ def write_gguf(model_dir: Path, path: Path, tensor_type: str = "F32") -> Path:
 
     config = AutoConfig.from_pretrained(model_dir)
     arch = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-            "qwen3_moe": "qwen3moe"}[config.model_type]
+            "qwen3_moe": "qwen3moe", "gemma3_text": "gemma3"}[config.model_type]
     qtype = gguf.GGMLQuantizationType[tensor_type]
     writer = gguf.GGUFWriter(path, arch=arch)
     _write_config(writer, config)
@@ -45,6 +46,8 @@ def write_gguf(model_dir: Path, path: Path, tensor_type: str = "F32") -> Path:
         if arch == "llama" and (".q_proj." in hf_name or ".k_proj." in hf_name):
             heads = values.shape[0] // dim
             values = permute(values, heads)
+        if arch == "gemma3" and hf_name.endswith("norm.weight"):
+            values = values + 1
         gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if values.ndim == 1:
             writer.add_tensor(gguf_name, values.astype(np.float32))
@@ -83,6 +86,8 @@ def permute(rows: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _write_config(writer, config) -> None:
+    import gguf
+
     writer.add_name(f"pagedserve-test-{config.model_type}")
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -91,7 +96,13 @@ def _write_config(writer, config) -> None:
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     rope = getattr(config, "rope_parameters", None) or {}
+    rope = rope.get("full_attention", rope)  # Gemma 3: one per layer kind; the file has the global
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 1e4))))
+    if rope.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    if getattr(config, "sliding_window", None):
+        writer.add_sliding_window(config.sliding_window)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_dimension_count(head_dim(config))
     writer.add_key_length(head_dim(config))

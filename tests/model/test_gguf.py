@@ -160,6 +160,31 @@ def test_qwen3_files_equal_their_source_model(tmp_path, gguf_files, arch, option
         torch.testing.assert_close(experts.dense_weights()["w13"][:, :64], gate, rtol=0, atol=0)
 
 
+def test_a_gemma3_file_equals_its_source_model(tmp_path, gguf_files):
+    """A Gemma 3 file as llama.cpp writes one: norms stored plus one, the 5:1 local:global
+    pattern, the global layers' linear rotary scaling under `rope.scaling.*`, no softmax
+    scale. Its weights, config and greedy tokens equal the HF model it was written from
+    (transformers' GGUF reader drops the scale and the scaling, so it is no oracle here)."""
+    source = build_random_model(
+        tmp_path / "gemma3", arch="gemma3", num_hidden_layers=6, layer_types=None,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0,
+                                            "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+    hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    llm = LLM(str(gguf_files("F32", source, name="gemma3")), **ENGINE)
+    model = llm.engine.executor.worker.model
+    config = model.config
+    assert config.layer_types == hf.config.layer_types  # five local, then one global
+    assert config.query_pre_attn_scalar == hf.config.query_pre_attn_scalar == 16
+    assert config.rope_parameters == hf.config.rope_parameters
+    ours = dense_parameters(model)
+    for name, param in hf.named_parameters():
+        if name.endswith("norm.weight"):  # stored as 1 + weight
+            torch.testing.assert_close(ours[name], param, rtol=0, atol=1e-6)
+    # The 40-token prompt runs past the window of 24.
+    assert _greedy(llm) == _hf_greedy(hf)
+
+
 def test_config_tokenizer_and_template_come_from_the_metadata(gguf_files, llama_dir):
     from transformers import AutoTokenizer
 
@@ -251,7 +276,7 @@ def _rewrite(path, out, arch: str | None = None, retype: str | None = None):
 def test_unsupported_architecture_is_refused_by_name(tmp_path, gguf_files):
     path = _rewrite(gguf_files("F32"), tmp_path / "phi.gguf", arch="phi2")
     with pytest.raises(ValueError, match=r"GGUF architecture 'phi2' is not supported "
-                                         r"\(supported: llama, qwen2, qwen3, qwen3moe\)"):
+                                         r"\(supported: llama, qwen2, qwen3, qwen3moe, gemma3\)"):
         LLM(str(path), **ENGINE)
 
 

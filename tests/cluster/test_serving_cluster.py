@@ -1,5 +1,6 @@
-"""Serving beyond one plain replica: the waiting-queue bound (503 + Retry-After) and a
-tensor-parallel replica gang-placed with its workers through Serve's placement group.
+"""Serving beyond one plain replica: the waiting-queue bound (503 + Retry-After), a
+tensor-parallel replica gang-placed with its workers through Serve's placement group,
+and the architectures beyond Llama's (experts, sliding windows) served at TP=2.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import threading
 import time
 
 import httpx
+import pytest
 from support import REPO
 
 from pagedserve import LLM, SamplingParams
@@ -96,6 +98,38 @@ def test_tensor_parallel_replica_is_gang_placed_and_matches_tp1(serve_instance):
                                 use_tqdm=False)[0].outputs[0].text
     assert result["choices"][0]["text"] == expected
 
+
+@pytest.mark.parametrize("arch, options, parallel", [
+    # Experts placed whole on the two ranks; tokens reach them through the all-reduce.
+    ("qwen3_moe", dict(num_key_value_heads=2), dict(enable_expert_parallel=True)),
+    # Local (sliding) and global layers; a prompt past the window of 24.
+    ("gemma3", {}, {}),
+])
+def test_moe_and_gemma3_replicas_at_tp2_serve_the_offline_greedy_text(serve_instance, arch,
+                                                                        options, parallel):
+    from ray import serve
+
+    model = {"random_init": {"name": f"serve-{arch}", "arch": arch, "seed": 0,
+                             "config_overrides": options}, "dtype": "float32",
+             "max_model_len": 256}
+    name = f"tp2-{arch.replace('_', '-')}"
+    url, config = _app(serve_instance, name, "tiny-cpu-tp2.yaml", model=model,
+                       parallel={"worker_cpus": 0.25, **parallel})
+    prompt = "The quick brown fox jumps over the lazy dog, and the dog sleeps on in the sun"
+    try:
+        result = httpx.post(f"{url}/v1/completions", timeout=120, json={
+            "model": f"serve-{arch}", "prompt": prompt, "max_tokens": 10,
+            "temperature": 0}).json()
+    finally:
+        serve.delete(name)
+    data = config.model_dump()
+    data["parallel"].update(tensor_parallel_size=1, distributed_executor_backend="local",
+                            enable_expert_parallel=False)
+    offline = LLM(config=parse(data))
+    expected = offline.generate(prompt, SamplingParams(temperature=0, max_tokens=10),
+                                use_tqdm=False)[0]
+    assert len(expected.prompt_token_ids) > 24
+    assert result["choices"][0]["text"] == expected.outputs[0].text
 
 
 def test_served_model_runs_in_worker_actors_unless_local_is_asked_for():

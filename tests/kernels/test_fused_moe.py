@@ -156,15 +156,13 @@ def test_the_cpu_kernel_refuses_bad_inputs_naming_them():
 
 @pytest.mark.parametrize("path", ["plain", "onednn", "kernel"])
 @pytest.mark.parametrize("tp_size, expert_parallel", [(1, False), (2, False), (2, True)])
-def test_the_cpu_path_equals_the_reference_on_every_shard(path, tp_size, expert_parallel,
-                                                           monkeypatch):
-    """Each rank's FusedMoE, loaded from whole per-expert tensors and then packed (or
-    not) by `pack_linear_weights`, computes its share; the shares sum to the reference
-    (what the layer's all-reduce does)."""
+def test_the_cpu_path_equals_the_reference_on_every_shard(path, tp_size, expert_parallel):
+    """Each rank's FusedMoE, loaded from whole per-expert tensors and then packed for the
+    C++ kernel (as `pack_linear_weights` packs a float32 model), for oneDNN, or not at
+    all, computes its share; the shares sum to the reference (what the layer's
+    all-reduce does)."""
     if path == "kernel" and not cpu_kernels.usable():
         pytest.skip("the CPU kernels need a C++ compiler")
-    if path == "onednn":  # what a bfloat16 model, or a machine without a compiler, takes
-        monkeypatch.setattr(cpu_kernels, "usable", lambda: False)
     hidden, w13, w2, weights, ids = (t.cpu() for t in _case(4, 21, 2, 3, seed=5))
     total = torch.zeros_like(hidden)
     for rank in range(tp_size):
@@ -175,8 +173,11 @@ def test_the_cpu_path_equals_the_reference_on_every_shard(path, tp_size, expert_
             layer.load_expert(layer.w13, w13[expert, INTER:], 2 * expert + 1)
             layer.load_expert(layer.w2, w2[expert], expert)
         dense = layer.dense_weights()
-        if path != "plain":
+        if path == "kernel":
             assert pack_linear_weights(layer) == 1
+        elif path == "onednn":  # what a bfloat16 model, or a machine without a compiler, takes
+            assert layer.pack_for_cpu(kernel=False)
+        if path != "plain":
             assert (layer.blocked if path == "kernel" else layer.packed) is not None
             assert layer.w13.is_meta
             for name, tensor in layer.dense_weights().items():

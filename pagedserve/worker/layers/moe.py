@@ -103,13 +103,14 @@ class FusedMoE(nn.Module):
         else:
             param.data[local].copy_(loaded[:, start:start + self.inter])
 
-    def pack_for_cpu(self) -> bool:
+    def pack_for_cpu(self, kernel: bool = True) -> bool:
         """The experts packed once (pack_linear_weights calls this): float32 for the C++
-        kernel, other dtypes for oneDNN, expert by expert. The stacked parameters become
-        meta tensors, as a packed linear's weight does."""
+        kernel, other dtypes (and float32 with `kernel=False`) for oneDNN, expert by
+        expert. The stacked parameters become meta tensors, as a packed linear's weight
+        does."""
         if self.w13.device.type != "cpu":
             return False
-        if self.w13.dtype == torch.float32 and cpu_kernels.usable():
+        if kernel and self.w13.dtype == torch.float32 and cpu_kernels.usable():
             self.blocked = cpu_kernels.pack_moe(self.w13.data, self.w2.data)
         elif all(cpu_gemm.can_pack(w[0]) for w in (self.w13, self.w2)):
             self.packed = ([cpu_gemm.pack(w) for w in self.w13.data],

@@ -19,15 +19,13 @@ Sharing. A block's reference count is the number of tables holding it:
 * `fork` gives a child sequence its parent's table (parallel samples, beams);
   before a sequence writes into a shared, partly filled last block it takes a
   private copy (`copy_on_write`), and the worker copies the block's K/V.
-* Prefix caching: a full block is keyed by a SHA-256 of (its parent block's
-  key, its token ids, an extra key such as an adapter name), so equal keys
-  mean equal prefixes. A new sequence starts from the longest chain of cached
-  blocks matching its tokens (`computed_blocks`).
+* Prefix caching: a full block is keyed by its prefix (block_keys.py), and a
+  new sequence starts from the longest chain of cached blocks matching its
+  tokens (`computed_blocks`).
 
-The free queue holds every block with no holder: blocks holding nothing
-reusable at the front, cached blocks behind them in least-recently-freed
-order. A fresh block is taken from the front, so a cached block is evicted
-(its key forgotten) only when no plain free block is left.
+The blocks themselves (reference counts, filled slots, the free queue with its
+cached blocks evicted last, the prefix-cache index) are the pool's
+(block_pool.py); this manager keeps each sequence's table.
 
 Swapping moves a group's blocks to a CPU pool (cpu_pool.py) with the same ids
 scheme and back; shared blocks move once.
@@ -44,11 +42,11 @@ hit it.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Collection, Iterable, Sequence
 
 from pagedserve.math_utils import cdiv
 from pagedserve.scheduler.block_keys import BlockKey, block_key
+from pagedserve.scheduler.block_pool import BlockPool
 from pagedserve.scheduler.cpu_pool import CpuPool
 
 # The table entry of a block released out of every layer's window: a valid id for the
@@ -72,18 +70,11 @@ class BlockManager:
         # Leading table entries released out of the window, per sequence (kept while
         # it is swapped out).
         self._holes: dict[int, int] = {}
-        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self._ref_counts = [0] * num_blocks
-        self._keys: list[BlockKey | None] = [None] * num_blocks  # key of a cached block
-        self._free_cached = 0  # free blocks that have a key
-        self._cached: dict[BlockKey, int] = {}
+        self.pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
         self._tables: dict[int, list[int]] = {}
         self._num_slots: dict[int, int] = {}  # tokens each sequence has slots for
         self._seq_keys: dict[int, list[BlockKey]] = {}  # keys of each sequence's full blocks
         self._extra_keys: dict[int, str | None] = {}
-        # Filled slots of each block, and their sum over allocated ones (shared: once).
-        self._fill = [0] * num_blocks
-        self._stored = 0
         # The CPU pool: tables of swapped-out sequences, and its own ref counts.
         self.num_cpu_blocks = num_cpu_blocks
         self._cpu = CpuPool(num_cpu_blocks)
@@ -104,21 +95,21 @@ class BlockManager:
         nobody holds is reclaimable (evicted, LRU, when a fresh block is needed).
         This is get_memory_stats()'s `free_blocks`; `num_cached_blocks` says how
         many of them still hold a cached prefix."""
-        return len(self._free)
+        return len(self.pool.free)
 
     @property
     def num_allocated_blocks(self) -> int:
         """Blocks some sequence holds (a shared block counts once)."""
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - len(self.pool.free)
 
     @property
     def num_cached_blocks(self) -> int:
         """Free blocks that still hold a cached prefix."""
-        return self._free_cached
+        return self.pool.num_free_cached
 
     def cached_block_keys(self) -> list[BlockKey]:
         """The prefix-cache keys of every cached block, in use or free, oldest first."""
-        return list(self._cached)
+        return list(self.pool.cached)
 
     @property
     def num_logical_blocks(self) -> int:
@@ -147,10 +138,10 @@ class BlockManager:
         return self._num_slots.get(seq_id, 0)
 
     def ref_count(self, block_id: int) -> int:
-        return self._ref_counts[block_id]
+        return self.pool.ref_counts[block_id]
 
     def cached_key(self, block_id: int) -> BlockKey | None:
-        return self._keys[block_id]
+        return self.pool.keys[block_id]
 
     def num_stored_tokens(self) -> int:
         """Filled slots of the allocated GPU blocks (computed, or being computed this step).
@@ -159,25 +150,14 @@ class BlockManager:
         and swapped-out sequences hold none, so this never exceeds the
         allocated blocks' slots.
         """
-        return self._stored
+        return self.pool.stored
 
     def computed_blocks(self, token_ids: Sequence[int], extra_key: str | None = None) -> list[int]:
         """The longest chain of cached blocks holding a prefix of `token_ids`.
 
         The last token is always left to compute, since its logits are needed.
         """
-        if not self.enable_prefix_caching:
-            return []
-        blocks: list[int] = []
-        parent = None
-        bs = self.block_size
-        for start in range(0, len(token_ids) - 1 - bs + 1, bs):
-            parent = block_key(parent, token_ids[start:start + bs], extra_key)
-            block_id = self._cached.get(parent)
-            if block_id is None:
-                break
-            blocks.append(block_id)
-        return blocks
+        return self.pool.longest_prefix(token_ids[:-1], extra_key)
 
     def blocks_to_allocate(self, num_tokens: int, computed: Sequence[int] = (),
                            claimed: Collection[int] = ()) -> int:
@@ -188,7 +168,7 @@ class BlockManager:
         of them reuse leaves the queue once.
         """
         reused_free = sum(1 for block_id in computed
-                          if self._ref_counts[block_id] == 0 and block_id not in claimed)
+                          if self.pool.ref_counts[block_id] == 0 and block_id not in claimed)
         return reused_free + max(0, cdiv(num_tokens, self.block_size) - len(computed))
 
     def blocks_to_append(self, seq_id: int, num_new_tokens: int) -> int:
@@ -209,10 +189,10 @@ class BlockManager:
             raise KeyError(f"sequence {seq_id} already has a block table")
         if len(computed) * self.block_size > num_tokens:
             raise ValueError(f"{len(computed)} computed blocks exceed num_tokens={num_tokens}")
-        computed_keys = self._check_still_cached(computed, token_ids, extra_key)
+        computed_keys = self.pool.keys_of(computed, token_ids, extra_key)
         self._check_free(seq_id, self.blocks_to_allocate(num_tokens, computed))
         for block_id in computed:
-            self._hold(block_id)
+            self.pool.hold(block_id)
         self._tables[seq_id] = list(computed)
         self._seq_keys[seq_id] = computed_keys
         self._extra_keys[seq_id] = extra_key
@@ -243,12 +223,12 @@ class BlockManager:
         new_blocks = []
         if needed:
             self._check_free(seq_id, needed)
-            new_blocks = [self._take() for _ in range(needed)]
+            new_blocks = [self.pool.take() for _ in range(needed)]
             table.extend(new_blocks)
         for index in range(start // bs, cdiv(end, bs)):
-            self._fill[table[index]] += min(end, (index + 1) * bs) - max(start, index * bs)
+            self.pool.fill[table[index]] += min(end, (index + 1) * bs) - max(start, index * bs)
         self._num_slots[seq_id] = end
-        self._stored += num_new_tokens
+        self.pool.stored += num_new_tokens
         if token_ids is not None and self.enable_prefix_caching:
             self._cache_full_blocks(seq_id, token_ids)
         return new_blocks
@@ -264,7 +244,7 @@ class BlockManager:
         until = min((first_position - self.sliding_window + 1) // self.block_size,
                     len(table) - 1)
         for index in range(holes, until):
-            self._release(table[index])
+            self.pool.release(table[index])
             table[index] = HOLE
         if until > holes:
             self._holes[seq_id] = until
@@ -273,7 +253,7 @@ class BlockManager:
     def needs_copy_on_write(self, seq_id: int, num_new_tokens: int) -> bool:
         """Would these tokens land in a partly filled last block that others hold too?"""
         table = self._tables.get(seq_id)
-        if not table or num_new_tokens <= 0 or self._ref_counts[table[-1]] == 1:
+        if not table or num_new_tokens <= 0 or self.pool.ref_counts[table[-1]] == 1:
             return False  # the common case, decided first: a private last block
         return self._num_slots[seq_id] % self.block_size > 0
 
@@ -284,10 +264,10 @@ class BlockManager:
         self._check_free(seq_id, 1)
         table = self._tables[seq_id]
         src = table[-1]
-        self._ref_counts[src] -= 1  # others still hold it: never reaches 0 here
-        table[-1] = dst = self._take()
-        self._fill[dst] = self._fill[src]
-        self._stored += self._fill[src]
+        self.pool.ref_counts[src] -= 1  # others still hold it: never reaches 0 here
+        table[-1] = dst = self.pool.take()
+        self.pool.fill[dst] = self.pool.fill[src]
+        self.pool.stored += self.pool.fill[src]
         return src, dst
 
     def fork(self, parent_id: int, child_id: int) -> None:
@@ -304,7 +284,7 @@ class BlockManager:
         else:
             table = self._tables[parent_id]
             for block_id in table[holes:]:
-                self._ref_counts[block_id] += 1
+                self.pool.ref_counts[block_id] += 1
             self._tables[child_id] = list(table)
         if holes:
             self._holes[child_id] = holes
@@ -325,7 +305,7 @@ class BlockManager:
             return
         self._num_slots.pop(seq_id)
         for block_id in reversed(table[holes:]):  # tail first: evicted before the shared head
-            self._release(block_id)
+            self.pool.release(block_id)
 
     # -- swapping --------------------------------------------------------------
     def can_swap_out(self, seq_ids: Iterable[int]) -> bool:
@@ -339,12 +319,12 @@ class BlockManager:
                                f"{len(self._cpu.free)} free (ask can_swap_out first)")
         mapping = {block_id: self._cpu.free.popleft() for block_id in self._distinct(seq_ids)}
         for block_id, cpu_id in mapping.items():
-            self._cpu.fill[cpu_id] = self._fill[block_id]
+            self._cpu.fill[cpu_id] = self.pool.fill[block_id]
         for seq_id in seq_ids:
             table = self._tables.pop(seq_id)[self._holes.get(seq_id, 0):]
             self._cpu.hold(seq_id, [mapping[block_id] for block_id in table])
             for block_id in reversed(table):
-                self._release(block_id)
+                self.pool.release(block_id)
         return list(mapping.items())
 
     def blocks_to_swap_in(self, seq_ids: Iterable[int]) -> int:
@@ -355,42 +335,25 @@ class BlockManager:
         seq_ids = list(seq_ids)
         cpu_blocks = self._cpu.distinct(seq_ids)
         self._check_free(seq_ids[0], len(cpu_blocks))
-        mapping = {cpu_id: self._take() for cpu_id in cpu_blocks}
+        mapping = {cpu_id: self.pool.take() for cpu_id in cpu_blocks}
         for cpu_id, block_id in mapping.items():
-            self._ref_counts[block_id] = 0
-            self._fill[block_id] = self._cpu.fill[cpu_id]
-            self._stored += self._cpu.fill[cpu_id]
+            self.pool.ref_counts[block_id] = 0
+            self.pool.fill[block_id] = self._cpu.fill[cpu_id]
+            self.pool.stored += self._cpu.fill[cpu_id]
         for seq_id in seq_ids:
             cpu_table = self._cpu.release(seq_id)
             assert cpu_table is not None
             holes = self._holes.get(seq_id, 0)
             self._tables[seq_id] = [HOLE] * holes + [mapping[cpu_id] for cpu_id in cpu_table]
             for cpu_id in cpu_table:
-                self._ref_counts[mapping[cpu_id]] += 1
+                self.pool.ref_counts[mapping[cpu_id]] += 1
             # Its full blocks are valid prefixes again: the keys cover only those.
             keys = self._seq_keys[seq_id][holes:]
             for block_id, key in zip(self._tables[seq_id][holes:], keys, strict=False):
-                self._register(block_id, key)
+                self.pool.register(block_id, key)
         return list(mapping.items())
 
     # -- internals -----------------------------------------------------------
-    def _check_still_cached(self, computed: Sequence[int], token_ids: Sequence[int] | None,
-                            extra_key: str | None) -> list[BlockKey]:
-        """The keys of the `computed` blocks; a `computed` list goes stale once a fresh
-        block evicts one of its blocks."""
-        keys: list[BlockKey] = []
-        parent = None
-        bs = self.block_size
-        for index, block_id in enumerate(computed):
-            key = self._keys[block_id]
-            if token_ids is not None:
-                parent = block_key(parent, token_ids[index * bs:(index + 1) * bs], extra_key)
-            if key is None or (token_ids is not None and key != parent):
-                raise ValueError(f"computed block {block_id} (logical block {index}) was evicted "
-                                 "since computed_blocks: ask computed_blocks again")
-            keys.append(key)
-        return keys
-
     def _cache_full_blocks(self, seq_id: int, token_ids: Sequence[int]) -> None:
         keys = self._seq_keys[seq_id]
         table = self._tables[seq_id]
@@ -403,45 +366,13 @@ class BlockManager:
                             extra_key)
             keys.append(key)
             if index >= holes:  # a hole's block was released: nothing left to cache
-                self._register(table[index], key)
-
-    def _register(self, block_id: int, key: BlockKey) -> None:
-        if self.enable_prefix_caching and key not in self._cached and self._keys[block_id] is None:
-            self._cached[key] = block_id
-            self._keys[block_id] = key
-
-    def _hold(self, block_id: int) -> None:
-        if self._ref_counts[block_id] == 0:
-            del self._free[block_id]  # a cache hit on a free block: no longer evictable
-            self._free_cached -= self._keys[block_id] is not None
-            self._stored += self._fill[block_id]
-        self._ref_counts[block_id] += 1
-
-    def _release(self, block_id: int) -> None:
-        self._ref_counts[block_id] -= 1
-        if self._ref_counts[block_id] == 0:
-            self._stored -= self._fill[block_id]  # a cached block keeps its fill for a hit
-            self._free[block_id] = None  # at the back: evicted last
-            if self._keys[block_id] is None:
-                self._free.move_to_end(block_id, last=False)  # nothing to keep: reuse first
-            else:
-                self._free_cached += 1
-
-    def _take(self) -> int:
-        block_id, _ = self._free.popitem(last=False)
-        key = self._keys[block_id]
-        if key is not None:  # evict
-            self._free_cached -= 1
-            del self._cached[key]
-            self._keys[block_id] = None
-        self._ref_counts[block_id] = 1
-        self._fill[block_id] = 0
-        return block_id
+                self.pool.register(table[index], key)
 
     def _check_free(self, seq_id: int, needed: int) -> None:
-        if needed > len(self._free):
-            raise RuntimeError(f"sequence {seq_id} needs {needed} blocks, {len(self._free)} are "
-                               "free (ask blocks_to_allocate / blocks_to_append first)")
+        free = len(self.pool.free)
+        if needed > free:
+            raise RuntimeError(f"sequence {seq_id} needs {needed} blocks, {free} are free "
+                               "(ask blocks_to_allocate / blocks_to_append first)")
 
     def _distinct(self, seq_ids: Iterable[int]) -> list[int]:
         return list(dict.fromkeys(block_id for seq_id in seq_ids

@@ -10,7 +10,7 @@ from pagedserve.scheduler.block_manager import BlockManager
 
 def _check_consistent(bm: BlockManager) -> None:
     """Every structural invariant of a pool where nothing is shared on purpose."""
-    free = list(bm._free)
+    free = list(bm.pool.free)
     assert len(free) == len(set(free)), "a block is in the free list twice"
     assert bm.num_free_blocks + bm.num_allocated_blocks == bm.num_blocks
     owners: dict[int, int] = {}
@@ -129,11 +129,11 @@ def test_blocks_to_append_unknown_sequence_counts_from_zero():
 def test_blocks_to_append_does_not_change_state():
     bm = BlockManager(8, 4)
     bm.allocate(0, 5)
-    before = (list(bm._free), bm.block_table(0)[:], bm.num_slots(0))
+    before = (list(bm.pool.free), bm.block_table(0)[:], bm.num_slots(0))
     for n in range(0, 20):
         bm.blocks_to_append(0, n)
         bm.blocks_to_allocate(n)
-    assert before == (list(bm._free), bm.block_table(0), bm.num_slots(0))
+    assert before == (list(bm.pool.free), bm.block_table(0), bm.num_slots(0))
 
 
 def test_two_sequences_get_disjoint_blocks():
@@ -198,11 +198,11 @@ def test_blocks_to_append_and_exhaustion():
     assert bm.num_free_blocks == 0
     # Appends that fit in already-owned slots need no block.
     assert bm.blocks_to_append(1, 1) > bm.num_free_blocks
-    snapshot = (list(bm._free), {s: t[:] for s, t in bm._tables.items()}, dict(bm._num_slots))
+    snapshot = (list(bm.pool.free), {s: t[:] for s, t in bm._tables.items()}, dict(bm._num_slots))
     with pytest.raises(RuntimeError):
         bm.append_slots(1, 1)
     # A refused append changes nothing.
-    assert snapshot == (list(bm._free), bm._tables, bm._num_slots)
+    assert snapshot == (list(bm.pool.free), bm._tables, bm._num_slots)
     assert bm.num_slots(1) == 4 and bm.num_stored_tokens() == 12
     _check_consistent(bm)
 
@@ -250,7 +250,7 @@ def test_free_returns_every_block():
     assert not bm.has(0) and bm.num_slots(0) == 0
     assert bm.num_free_blocks == 7 and bm.num_stored_tokens() == 3
     assert all(bm.ref_count(b) == 0 for b in table)
-    assert set(table) <= set(bm._free)
+    assert set(table) <= set(bm.pool.free)
     with pytest.raises(KeyError):
         bm.block_table(0)
     _check_consistent(bm)
@@ -267,7 +267,7 @@ def test_free_unknown_or_twice_is_noop():
     bm.free(0)
     bm.free(0)
     assert bm.num_free_blocks == 4 and bm.num_stored_tokens() == 0
-    assert sorted(bm._free) == [0, 1, 2, 3]
+    assert sorted(bm.pool.free) == [0, 1, 2, 3]
     _check_consistent(bm)
 
 
@@ -301,10 +301,10 @@ def test_shared_block_returns_with_last_user():
     bm.fork(0, 1)
     assert bm.ref_count(shared) == 2 and bm.num_free_blocks == 3
     bm.free(0)
-    assert bm.ref_count(shared) == 1 and shared not in bm._free
+    assert bm.ref_count(shared) == 1 and shared not in bm.pool.free
     assert bm.num_free_blocks == 3
     bm.free(1)
-    assert bm.ref_count(shared) == 0 and list(bm._free).count(shared) == 1
+    assert bm.ref_count(shared) == 0 and list(bm.pool.free).count(shared) == 1
     assert bm.num_free_blocks == 4 and bm.num_stored_tokens() == 0
 
 

@@ -122,7 +122,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
             self.bm.free(seq_id)
         assert self.bm.num_free_blocks == self.bm.num_blocks
         assert self.bm.num_stored_tokens() == 0
-        assert sorted(self.bm._free) == list(range(self.bm.num_blocks))
+        assert sorted(self.bm.pool.free) == list(range(self.bm.num_blocks))
 
 
 BlockManagerMachine.TestCase.settings = settings(

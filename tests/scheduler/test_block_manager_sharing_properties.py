@@ -299,7 +299,7 @@ class SharingMachine(RuleBasedStateMachine):
                 # Every holder agrees on what the block holds (same position, same prefix).
                 assert views.setdefault(block, view) == view, f"block {block}: two contents"
         assert [bm.ref_count(b) for b in range(bm.num_blocks)] == entries
-        free = list(bm._free)
+        free = list(bm.pool.free)
         assert len(set(free)) == len(free) == bm.num_free_blocks
         assert set(free) == {b for b in range(bm.num_blocks) if entries[b] == 0}
         assert bm.num_free_blocks + bm.num_allocated_blocks == bm.num_blocks
@@ -359,7 +359,7 @@ class SharingMachine(RuleBasedStateMachine):
             bm.free(seq_id)
         assert bm.num_free_blocks == bm.num_blocks and bm.num_allocated_blocks == 0
         assert all(bm.ref_count(b) == 0 for b in range(bm.num_blocks))
-        assert sorted(bm._free) == list(range(bm.num_blocks))
+        assert sorted(bm.pool.free) == list(range(bm.num_blocks))
         assert bm.num_cached_blocks == sum(bm.cached_key(b) is not None
                                            for b in range(bm.num_blocks))
         assert bm.num_logical_blocks == 0 and bm.num_stored_tokens() == 0

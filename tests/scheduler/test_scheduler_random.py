@@ -37,7 +37,7 @@ def _check_step(h: Harness, step_input: StepInput, budget: int, max_num_seqs: in
     owned = [b for t in bm._tables.values() for b in t]
     assert len(owned) == len(set(owned))
     assert len(owned) + bm.num_free_blocks == bm.num_blocks
-    assert not set(owned) & set(bm._free)
+    assert not set(owned) & set(bm.pool.free)
     # Waiting requests hold no blocks and have nothing computed.
     for group in sched.waiting:
         for seq in group.seqs:

@@ -16,7 +16,7 @@ def chain_keys(token_ids, block_size, extra_key=None):
 
 def free_ids(bm: BlockManager) -> list[int]:
     """The free queue, front (taken next) first."""
-    return list(bm._free)
+    return list(bm.pool.free)
 
 
 # The CPU pool has no public per-block view: these read it directly.

@@ -33,21 +33,17 @@ import time
 from pathlib import Path
 
 import torch
+from workloads import FIRST_TOKEN, MODEL, random_tokens
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.config import load, parse
 from pagedserve.testing import cached_random_model
 
-MODEL = dict(vocab_size=32000, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
-             num_key_value_heads=4, intermediate_size=1408, max_position_embeddings=8704)
-FIRST_TOKEN = 6  # ids 0..5 are special tokens
-
 
 def requests(args) -> list[list[int]]:
     rng = random.Random(args.seed)
-    system = [rng.randrange(FIRST_TOKEN, MODEL["vocab_size"]) for _ in range(args.system_tokens)]
-    return [system + [rng.randrange(FIRST_TOKEN, MODEL["vocab_size"])
-                      for _ in range(rng.randint(args.suffix_min, args.suffix_max))]
+    system = random_tokens(rng, args.system_tokens)
+    return [system + random_tokens(rng, rng.randint(args.suffix_min, args.suffix_max))
             for _ in range(args.requests)]
 
 

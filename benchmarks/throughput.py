@@ -74,41 +74,15 @@ import torch
 from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
 from transformers.utils import logging as hf_logging
 from vllm_peer import VLLMPeer
+from workloads import ARCHS, FIRST_TOKEN, MODEL, SCENARIOS, workload
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.model.shape import ModelShape
 from pagedserve.testing import cached_random_model
 
-# (count, min prompt, max prompt) per part, before scaling.
-SCENARIOS = {
-    "short-chat": [(200, 20, 500)],
-    "medium": [(200, 50, 2000)],
-    "long-document": [(100, 200, 8000)],
-    "mixed": [(30, 10, 200), (30, 200, 2000), (20, 1000, 6000)],
-}
-MODEL = dict(vocab_size=32000, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
-             num_key_value_heads=4, intermediate_size=1408, max_position_embeddings=8704)
-# The same body with Mixtral's MLP: 8 experts of Llama's MLP each, 2 per token (`--arch
-# mixtral`): a step reads up to 8x the MLP weights and computes 2x the MLP FLOPs.
-ARCHS = {"llama": ("bench-llama-50m", MODEL),
-         "mixtral": ("bench-mixtral-8x", dict(MODEL, num_local_experts=8, num_experts_per_tok=2,
-                                              sliding_window=None))}
-FIRST_TOKEN = 6  # ids 0..5 are the tokenizer's special tokens (BOS, EOS, PAD, ...)
 BLOCK = 16
 MAX_BATCHED_TOKENS = 2048
 RESULTS = Path("benchmarks/results")
-
-
-def workload(name: str, args) -> list[tuple[list[int], int]]:
-    """(prompt token ids, output length) per request, in arrival order; seeded."""
-    rng = random.Random(f"{name}-{args.seed}")
-    lengths = [(rng.randint(max(1, round(lo / args.scale)), max(1, round(hi / args.scale))),
-                rng.randint(args.output_min, args.output_max))
-               for count, lo, hi in SCENARIOS[name]
-               for _ in range(max(1, round(count * args.requests_scale)))]
-    rng.shuffle(lengths)  # mixed: the three kinds arrive interleaved
-    return [([rng.randrange(FIRST_TOKEN, MODEL["vocab_size"]) for _ in range(p)], o)
-            for p, o in lengths]
 
 
 def run_pagedserve(model_dir, requests, kv_tokens, max_len, block=BLOCK, threads=None):

@@ -27,7 +27,7 @@ from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
 from ray.util.placement_group import remove_placement_group
-from throughput import MODEL
+from workloads import MODEL
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.model.checkpoint_files import checkpoint_bytes

@@ -271,7 +271,8 @@ class EngineCore:
                                    if bm.prefix_query_tokens else 0.0),
             num_running=len(scheduler.running), num_waiting=scheduler.waiting_queue_size,
             num_swapped=len(scheduler.swapped), num_preemptions=scheduler.num_preemptions,
-            num_swap_preemptions=scheduler.num_swaps, **self._lora_stats())
+            num_swap_preemptions=scheduler.num_swaps, weight_bytes=self.executor.weight_bytes,
+            **self._lora_stats())
 
     def _lora_stats(self) -> dict:
         scheduler = self.scheduler

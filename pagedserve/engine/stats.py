@@ -42,6 +42,9 @@ class EngineStats:
     num_swapped: int
     num_preemptions: int
     num_swap_preemptions: int
+    # The model weights one worker holds (rank 0's share under tensor parallelism):
+    # quantized weights at their stored size.
+    weight_bytes: int = 0
     # LoRA: requests per adapter name (running; waiting or swapped), and the device
     # slots' loads and evictions so far (0 and empty without enable_lora).
     max_loras: int = 0

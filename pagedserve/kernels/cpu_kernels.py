@@ -44,8 +44,8 @@ from pathlib import Path
 import torch
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = [_CSRC / "cpu_attention.cpp", _CSRC / "cpu_moe.cpp", _CSRC / "cpu_ops.cpp",
-            _CSRC / "cpu_bindings.cpp"]
+_SOURCES = [_CSRC / "cpu_attention.cpp", _CSRC / "cpu_moe.cpp", _CSRC / "cpu_quant_gemm.cpp",
+            _CSRC / "cpu_ops.cpp", _CSRC / "cpu_bindings.cpp"]
 _HEADERS = [_CSRC / "cpu_kernels.h"]
 # -fopenmp: at::parallel_for is inlined, and runs on torch's OpenMP threads only when built so.
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -156,6 +156,61 @@ def fused_moe(hidden: torch.Tensor, w13_packed: torch.Tensor, w2_packed: torch.T
     return extension().fused_moe(hidden.contiguous(), w13_packed, w2_packed,
                                  topk_weights.float().contiguous(),
                                  topk_ids.long().contiguous(), first_expert)
+
+
+def pack_quantized(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+                   bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A weight W[n, k] = q[n, k] * scales[n, k // G] + offsets[n, k // G] in
+    csrc/cpu_quant_gemm.cpp's layout: (qweight, scales, offsets) by blocks of 32 output
+    features. q: [N, K] integers (0..15 for 4 bits, -128..127 for 8); scales and
+    offsets: [N, K / G] float32. N is padded to a multiple of 32 with zero rows."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits={bits}: the CPU kernel takes 4 or 8")
+    n, k = q.shape
+    n_pad = -(-n // 32) * 32
+    if n_pad != n:
+        q = torch.cat([q, q.new_zeros(n_pad - n, k)])
+    blocks = q.view(n_pad // 32, 32, k).transpose(1, 2)  # [N / 32, K, 32]
+    if bits == 4:
+        if q.min() < 0 or q.max() > 15:
+            raise ValueError("4-bit values must lie in 0..15")
+        nibbles = blocks.to(torch.uint8)
+        qweight = nibbles[..., :16] | (nibbles[..., 16:] << 4)
+    else:
+        qweight = blocks.to(torch.int8)
+
+    def by_block(values: torch.Tensor | None) -> torch.Tensor | None:
+        if values is None:
+            return None
+        values = values.float()
+        if n_pad != n:
+            values = torch.cat([values, values.new_zeros(n_pad - n, values.shape[1])])
+        return values.view(n_pad // 32, 32, -1).transpose(1, 2).contiguous()
+
+    return qweight.contiguous(), by_block(scales), by_block(offsets)
+
+
+def unpack_quantized(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+                     bits: int, out_features: int) -> torch.Tensor:
+    """The float32 weight [N, K] that pack_quantized's output stands for."""
+    blocks, k, _ = qweight.shape
+    if bits == 4:
+        q = torch.cat([qweight & 0xF, qweight >> 4], dim=-1).float()  # [N / 32, K, 32]
+    else:
+        q = qweight.float()
+    group = k // scales.shape[1]
+    weight = q * scales.repeat_interleave(group, dim=1)
+    if offsets is not None:
+        weight = weight + offsets.repeat_interleave(group, dim=1)
+    return weight.transpose(1, 2).reshape(blocks * 32, k)[:out_features].contiguous()
+
+
+def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                 offsets: torch.Tensor | None, bits: int, out_features: int) -> torch.Tensor:
+    """x [..., K] float32 @ W^T for W packed by `pack_quantized`: [..., out_features]."""
+    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    out = extension().quant_linear(flat, qweight, scales, offsets, bits, out_features)
+    return out.view(*x.shape[:-1], out_features)
 
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ class ModelInfo:
     hub_id: str | None = None
     weights_transfer: str = "files"  # model.weights_transfer
     expert_parallel: bool = False  # parallel.enable_expert_parallel, for a MoE model
+    quantization: str = "auto"  # model.quantization
 
     @property
     def tokenizer_path(self) -> Path:

@@ -70,6 +70,7 @@ def resolve(model: ModelConfig, device: torch.device,
         hub_id=hub_id,
         weights_transfer=model.weights_transfer,
         expert_parallel=parallel.enable_expert_parallel,
+        quantization=model.quantization,
     )
 
 

@@ -31,6 +31,9 @@ class Executor(Protocol):
     @property
     def block_bytes(self) -> int: ...  # read-only: an attribute or a property satisfies it
 
+    @property
+    def weight_bytes(self) -> int: ...  # the model weights one worker (rank 0) holds
+
     def num_available_blocks(self, max_num_batched_tokens: int) -> int: ...
 
     def init_kv_cache(self, num_blocks: int, num_cpu_blocks: int) -> None: ...
@@ -59,6 +62,10 @@ class LocalExecutor:
     @property
     def block_bytes(self) -> int:
         return self.worker.block_bytes
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.worker.weight_bytes
 
     def num_available_blocks(self, max_num_batched_tokens: int) -> int:
         return self.worker.num_available_blocks(max_num_batched_tokens)

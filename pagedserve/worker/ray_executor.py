@@ -82,6 +82,7 @@ class RayExecutor:
                       self.timeout_s, parallel.worker_cpus, stored)
         del stored  # the store drops its copy once no rank holds the ref
         self.worker_pids = self.call_all("pid")
+        self.weight_bytes = self._call([self.workers[0]], "weight_bytes")[0]
         logger.info("%d tensor-parallel workers ready (%s, rendezvous %s)", self.size,
                     info.device.type, init_method)
 

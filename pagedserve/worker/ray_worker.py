@@ -111,6 +111,9 @@ class RayWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    def weight_bytes(self) -> int:
+        return self.worker.weight_bytes
+
     def execute(self, step: StepInput) -> StepOutput | RankFailure | None:
         try:
             return self.worker.execute(step)

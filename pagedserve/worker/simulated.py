@@ -89,6 +89,7 @@ class SimulatedWorker:
         self.roofline = Roofline(self.gpu, self.shape, tp_size, self.dtype_bytes)
         self.tp_size = tp_size
         self.block_bytes = engine.block_size * self.roofline.kv_bytes_per_token
+        self.weight_bytes = self.roofline.weight_bytes  # what the simulated GPU would hold
         self.text = text_tokens(info.model_dir, info.vocab_size)
         eos = sorted(info.eos_token_ids)
         self.eos_token_id = eos[0] if eos else None

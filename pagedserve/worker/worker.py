@@ -33,6 +33,7 @@ from pagedserve.scheduler.step import ScheduledSequence, StepInput, StepOutput
 from pagedserve.worker.cuda_graph import DecodeGraphs
 from pagedserve.worker.distributed import TPGroup
 from pagedserve.worker.layers.attention import KVCache, select_attention_backend
+from pagedserve.worker.layers.linear import weight_bytes
 from pagedserve.worker.model_runner import ModelRunner
 from pagedserve.worker.models import build_model
 from pagedserve.worker.simulated import SimulatedWorker
@@ -58,10 +59,17 @@ class Worker:
         self.info = info
         self.engine = engine
         self.tp = tp
+        if (info.lora is not None and info.gguf_file is not None and info.quantization == "auto"
+                and info.device.type == "cpu"):
+            raise ValueError("LoRA adapters (enable_lora) on GGUF weights kept quantized are not "
+                             "supported yet: set model.quantization='dequantize' to serve the "
+                             "float model with adapters")
         self.model = build_model(info.hf_config, info.model_dir, max_position=info.max_model_len,
                                  dtype=info.dtype, device=info.device, load_format=load_format,
                                  tp=tp, gguf_file=info.gguf_file, checkpoint=checkpoint,
-                                 expert_parallel=info.expert_parallel)
+                                 expert_parallel=info.expert_parallel,
+                                 keep_quantized=info.quantization == "auto")
+        self.weight_bytes = weight_bytes(self.model)
         self.attention = select_attention_backend(engine.attention_backend, info.device,
                                                   self.kv_block_shape[1])
         self.runner = ModelRunner(self.model, engine.block_size, self.attention, info.device,

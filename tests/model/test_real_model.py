@@ -87,6 +87,32 @@ def test_prompt_logprobs_equal_transformers(llm, hf, prompts):
             reference[i - 1, prompt[i]].item(), abs=2e-4)
 
 
+def test_the_file_is_served_quantized_within_the_accuracy_bounds(llm, hf, prompts):
+    """Its Q4_1 linear weights and Q8_0 embedding (tied to the LM head) stay quantized;
+    over every position of the ten prompts, prompt logprobs are within 0.02 (mean
+    absolute) of transformers' on the dequantized file, and the top token agrees at
+    >= 97% of them (float32 sums in another order are all that differ)."""
+    from pagedserve.worker.layers.quantized import quantized_of
+
+    model = llm.engine.executor.worker.model
+    assert sum(quantized_of(p) is not None for p in model.parameters()) == 30 * 4 + 1
+    float_bytes = sum(p.numel() * 4 for p in hf.parameters())
+    assert llm.get_memory_stats()["weight_bytes"] < float_bytes / 4
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                           SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1),
+                           use_tqdm=False)
+    differences, agree = [], []
+    for prompt, output in zip(prompts, outputs, strict=True):
+        with torch.inference_mode():
+            reference = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), -1)
+        for i in range(1, len(prompt)):
+            scored = output.prompt_logprobs[i]
+            differences.append(abs(scored[prompt[i]] - reference[i - 1, prompt[i]].item()))
+            agree.append(max(scored, key=scored.get) == reference[i - 1].argmax().item())
+    assert sum(differences) / len(differences) <= 0.02
+    assert sum(agree) / len(agree) >= 0.97
+
+
 def test_chat_applies_the_models_template_and_answers(llm, hf_tokenizer):
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     (output,) = llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=24), use_tqdm=False)

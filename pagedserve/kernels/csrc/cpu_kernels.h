@@ -1,6 +1,7 @@
 // The CPU kernels' entry points: paged attention (cpu_attention.cpp), the experts of a
-// mixture-of-experts layer (cpu_moe.cpp) and the small ops (cpu_ops.cpp), registered
-// as one Python module in cpu_bindings.cpp.
+// mixture-of-experts layer (cpu_moe.cpp), weight-only quantized linear layers
+// (cpu_quant_gemm.cpp) and the small ops (cpu_ops.cpp), registered as one Python
+// module in cpu_bindings.cpp.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -21,6 +22,12 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
 at::Tensor fused_moe(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
                      const at::Tensor& topk_weights, const at::Tensor& topk_ids,
                      int64_t first_expert);
+
+// x [M, K] float32 times a 4-bit or 8-bit weight packed by cpu_kernels.pack_quantized
+// (q * scale + offset per group of inputs), transposed: [M, out_features].
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                        const c10::optional<at::Tensor>& offsets, int64_t bits,
+                        int64_t out_features);
 
 // torch.argmax(logits, dim=-1) of contiguous float32 rows [S, V]: [S] int64.
 at::Tensor argmax_rows(const at::Tensor& logits);

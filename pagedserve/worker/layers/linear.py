@@ -25,6 +25,7 @@ from torch import nn
 
 from pagedserve.kernels import cpu_gemm
 from pagedserve.worker.distributed import TPGroup
+from pagedserve.worker.layers.quantized import collect, new_weight, quantized_of
 
 
 def checkpoint_shape(loaded) -> tuple[int, ...]:
@@ -35,7 +36,10 @@ def checkpoint_shape(loaded) -> tuple[int, ...]:
 def default_weight_loader(param: torch.Tensor, loaded, shard_id: int | None = None) -> None:
     """A replicated parameter: every rank copies the whole tensor."""
     check_shape(checkpoint_shape(loaded), tuple(param.shape))
-    param.data.copy_(loaded[:])
+    if hasattr(param, "quant_parts"):
+        collect(param, 0, loaded, slice(None), slice(None))
+    else:
+        param.data.copy_(loaded[:])
 
 
 def check_shape(got: tuple[int, ...], expected: tuple[int, ...]) -> None:
@@ -44,7 +48,10 @@ def check_shape(got: tuple[int, ...], expected: tuple[int, ...]) -> None:
 
 
 def apply_linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ layer.weight^T + bias, on the packed weight when the layer has one."""
+    """x @ layer.weight^T + bias, on the quantized or packed weight when the layer has one."""
+    quantized = quantized_of(layer.weight)
+    if quantized is not None:
+        return quantized.linear(x, bias)
     if layer.packed_weight is None:
         return F.linear(x, layer.weight, bias)
     return cpu_gemm.linear(x, layer.packed_weight, bias)
@@ -87,6 +94,38 @@ def pack_linear_weights(model: nn.Module) -> int:
     return packed
 
 
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes the model's weights hold in memory: parameters, weights packed for oneDNN
+    or the MoE kernel (in place of their meta parameters), quantized weights. A weight
+    two modules share counts once."""
+    total, seen = 0, set()
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is None or id(param) in seen:
+                continue
+            seen.add(id(param))
+            quantized = quantized_of(param)
+            if quantized is not None:
+                total += quantized.nbytes
+            elif not param.is_meta:
+                total += param.numel() * param.element_size()
+        packed = getattr(module, "packed_weight", None)
+        if packed is not None:  # same shape and dtype as the plain weight it replaces
+            total += packed.numel() * packed.element_size()
+        for tensors in (getattr(module, "blocked", None), getattr(module, "packed", None)):
+            for tensor in _flat(tensors):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _flat(tensors) -> list[torch.Tensor]:
+    if tensors is None:
+        return []
+    if isinstance(tensors, torch.Tensor):
+        return [tensors]
+    return [t for item in tensors for t in _flat(item)]
+
+
 def base_weight(layer: nn.Module) -> torch.Tensor:
     """The tensor that holds a layer's weight: packed or plain, with its shape, dtype and
     device."""
@@ -96,6 +135,10 @@ def base_weight(layer: nn.Module) -> torch.Tensor:
 def dense_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """`named_parameters`, with packed weights read back as plain tensors."""
     params = dict(model.named_parameters())
+    for name, param in params.items():
+        quantized = quantized_of(param)
+        if quantized is not None:
+            params[name] = quantized.dense()
     for name, module in model.named_modules():
         if getattr(module, "packed_weight", None) is not None:
             params[f"{name}.weight"] = module.packed_weight.to_dense()
@@ -114,7 +157,7 @@ class ReplicatedLinear(nn.Module):
 
     def __init__(self, input_size: int, output_size: int, bias: bool) -> None:
         super().__init__()
-        self.weight = _new_parameter(output_size, input_size)
+        self.weight = new_weight(output_size, input_size)
         self.bias = _new_parameter(output_size) if bias else None
         self.packed_weight = None  # set by pack_linear_weights
 
@@ -136,7 +179,7 @@ class ColumnParallelLinear(nn.Module):
         self.tp = tp
         self.full_sizes = list(output_sizes)
         self.part_sizes = [tp.split(size, what) for size in output_sizes]
-        self.weight = _new_parameter(sum(self.part_sizes), input_size)
+        self.weight = new_weight(sum(self.part_sizes), input_size)
         self.bias = _new_parameter(sum(self.part_sizes)) if bias else None
         for param in (self.weight, self.bias):
             if param is not None:
@@ -150,6 +193,9 @@ class ColumnParallelLinear(nn.Module):
         full, part = self.full_sizes[index], self.part_sizes[index]
         check_shape(checkpoint_shape(loaded), (full, *param.shape[1:]))
         start = self.tp.rank * part
+        if hasattr(param, "quant_parts"):
+            collect(param, index, loaded, slice(start, start + part), slice(None))
+            return
         param.data.narrow(0, sum(self.part_sizes[:index]), part).copy_(loaded[start:start + part])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,7 +229,7 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.tp = tp
         self.part_size = tp.split(input_size, what)
-        self.weight = _new_parameter(output_size, self.part_size)
+        self.weight = new_weight(output_size, self.part_size)
         self.weight.weight_loader = self.load_weight
         self.bias = _new_parameter(output_size) if bias else None
         self.lora = None  # a LoRAStack (layers/lora.py) when the engine serves adapters
@@ -192,6 +238,14 @@ class RowParallelLinear(nn.Module):
     def load_weight(self, param: torch.Tensor, loaded, shard_id: int | None) -> None:
         check_shape(checkpoint_shape(loaded), (param.shape[0], self.part_size * self.tp.size))
         start = self.tp.rank * self.part_size
+        if hasattr(param, "quant_parts"):
+            try:
+                collect(param, 0, loaded, slice(None), slice(start, start + self.part_size))
+            except ValueError as error:  # a split inside a quantization block
+                raise ValueError(f"is split over tensor_parallel_size={self.tp.size} into "
+                                 f"{self.part_size} input features a rank, which {error}: use a "
+                                 "tensor_parallel_size that splits on its blocks") from None
+            return
         param.data.copy_(loaded[:, start:start + self.part_size])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from torch import nn
 from pagedserve.math_utils import cdiv
 from pagedserve.worker.distributed import TPGroup
 from pagedserve.worker.layers.linear import apply_linear, check_shape, checkpoint_shape
+from pagedserve.worker.layers.quantized import collect, new_weight, quantized_of
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -26,22 +27,32 @@ class VocabParallelEmbedding(nn.Module):
         self.rows = cdiv(vocab_size, tp.size)
         self.start = tp.rank * self.rows
         self.end = min(self.start + self.rows, vocab_size)  # real rows end here
-        self.weight = nn.Parameter(torch.empty(self.rows, hidden_size), requires_grad=False)
+        self.weight = new_weight(self.rows, hidden_size)
         self.weight.weight_loader = self.load_weight
 
     def load_weight(self, param: torch.Tensor, loaded, shard_id: int | None) -> None:
         check_shape(checkpoint_shape(loaded), (self.vocab_size, param.shape[1]))
         real = max(0, self.end - self.start)
+        if hasattr(param, "quant_parts"):  # padding rows are added when it is made whole
+            collect(param, 0, loaded, slice(self.start, self.start + real), slice(None))
+            return
         param.data[:real].copy_(loaded[self.start:self.start + real])
         param.data[real:].zero_()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return F.embedding(input_ids, self.weight)
+            return self._lookup(input_ids)
         local = input_ids - self.start
         outside = (local < 0) | (local >= self.rows)
-        hidden = F.embedding(local.masked_fill(outside, 0), self.weight)
+        hidden = self._lookup(local.masked_fill(outside, 0))
         return self.tp.all_reduce(hidden.masked_fill_(outside.unsqueeze(-1), 0.0))
+
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        quantized = quantized_of(self.weight)
+        if quantized is None:
+            return F.embedding(ids, self.weight)
+        return quantized.rows(ids.flatten()).to(self.weight.dtype).view(*ids.shape, -1)
 
 
 class ParallelLMHead(VocabParallelEmbedding):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -15,8 +17,12 @@ from pagedserve.worker.distributed import TPGroup
 from pagedserve.worker.layers import default_dtype
 from pagedserve.worker.layers.linear import default_weight_loader, pack_linear_weights
 from pagedserve.worker.layers.moe import EXPERT_PARTS
+from pagedserve.worker.layers.quantized import finalize as finalize_quantized
+from pagedserve.worker.layers.quantized import quantized_loading
 from pagedserve.worker.models.gemma3 import Gemma3ForCausalLM
 from pagedserve.worker.models.llama import LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
 
 _ARCHITECTURES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -43,7 +49,7 @@ def build_model(hf_config, model_dir: Path, *, max_position: int, dtype: torch.d
                 device: torch.device, load_format: str, tp: TPGroup = TPGroup(),
                 gguf_file: Path | None = None, pack_cpu_weights: bool = True,
                 checkpoint: dict[str, torch.Tensor] | None = None,
-                expert_parallel: bool = False) -> nn.Module:
+                expert_parallel: bool = False, keep_quantized: bool = False) -> nn.Module:
     """This rank's shard of the model, with its weights (or random ones for "dummy").
 
     Weights come from `checkpoint` when given (whole tensors by checkpoint name:
@@ -53,8 +59,18 @@ def build_model(hf_config, model_dir: Path, *, max_position: int, dtype: torch.d
     they are loaded or drawn; buffers built in float32 (the rotary table) are
     cast after. On the CPU, linear weights are then packed for oneDNN's GEMM
     (layers/linear.py), unless `pack_cpu_weights` is False.
+
+    With `keep_quantized`, the GGUF file's weights of the types the CPU kernels run
+    stay quantized in memory (layers/quantized.py); elsewhere than on the CPU they
+    are dequantized, and a log line says so.
     """
-    with torch.device(device), default_dtype(dtype):
+    quantize = keep_quantized and gguf_file is not None and checkpoint is None
+    if quantize and device.type != "cpu":
+        logger.warning("%s: quantized weights run on the CPU only so far; on %s they are "
+                       "dequantized into %s", gguf_file.name, device.type, dtype)
+        quantize = False
+    loading = quantized_loading() if quantize else contextlib.nullcontext()
+    with torch.device(device), default_dtype(dtype), loading:
         model = model_class(hf_config)(hf_config, max_position, tp,
                                        expert_parallel=expert_parallel)
     model.to(dtype=dtype)
@@ -65,6 +81,9 @@ def build_model(hf_config, model_dir: Path, *, max_position: int, dtype: torch.d
     elif gguf_file is not None:
         load_weights(model, gguf_tensors(gguf_file, hf_config, checkpoint_names(model)),
                      str(gguf_file))
+        if quantize:
+            kept = finalize_quantized(model, dtype, device)
+            logger.info("%s: %d weights kept quantized", gguf_file.name, kept)
     else:
         load_weights(model, checkpoint_tensors(model_dir), str(model_dir))
     model.eval().requires_grad_(False)

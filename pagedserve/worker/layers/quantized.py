@@ -1,0 +1,144 @@
+"""Weights kept quantized in memory: a linear layer's (or the embedding's) weight as
+4-bit or 8-bit integers with a scale and an offset per group, computed on by
+kernels/cpu_kernels.py's `quant_linear`, never copied out as floats.
+
+Loading. A model built under `quantized_loading()` creates its linear and
+embedding weights on the meta device: no memory. Each weight loader then hands
+its rank's rows and columns of a checkpoint tensor to `collect`, which keeps them
+as they are stored (model/quantized_rows.py) where the checkpoint slice can give
+them so (a GGUF tensor of a kept type), else as floats. After the last tensor,
+`finalize` turns every collected weight into a `QuantizedWeight` attached to the
+parameter (`param.quantized`), or, where any part of a fused weight came as
+floats, into an ordinary float parameter (a log line says which). Tied weights
+share one parameter, so the LM head gets the embedding's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from contextvars import ContextVar
+
+import torch
+from torch import nn
+
+from pagedserve.kernels import cpu_kernels
+from pagedserve.model.quantized_rows import QuantizedRows
+
+logger = logging.getLogger(__name__)
+
+_LOADING = ContextVar("quantized_loading", default=False)
+
+
+@contextlib.contextmanager
+def quantized_loading() -> Iterator[None]:
+    """Models built inside create their weights for quantized loading (see above)."""
+    token = _LOADING.set(True)
+    try:
+        yield
+    finally:
+        _LOADING.reset(token)
+
+
+def new_weight(rows: int, cols: int) -> nn.Parameter:
+    """A layer's weight: on the meta device, collecting its parts, when loading quantized."""
+    if not _LOADING.get():
+        return nn.Parameter(torch.empty(rows, cols), requires_grad=False)
+    param = nn.Parameter(torch.empty(rows, cols, device="meta"), requires_grad=False)
+    param.quant_parts = {}
+    return param
+
+
+class QuantizedWeight:
+    """A [out_features, in_features] weight packed for the CPU kernel."""
+
+    def __init__(self, rows: QuantizedRows) -> None:
+        self.out_features, self.in_features = rows.shape
+        self.bits, self.group = rows.bits, rows.group
+        self.qweight, self.scales, self.offsets = cpu_kernels.pack_quantized(
+            rows.q, rows.scales, rows.offsets, rows.bits)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size()
+                   for t in (self.qweight, self.scales, self.offsets) if t is not None)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = cpu_kernels.quant_linear(x.float(), self.qweight, self.scales, self.offsets,
+                                       self.bits, self.out_features).to(x.dtype)
+        return out if bias is None else out + bias
+
+    def dense(self) -> torch.Tensor:
+        """The float32 weight it stands for."""
+        return cpu_kernels.unpack_quantized(self.qweight, self.scales, self.offsets, self.bits,
+                                            self.out_features)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the weight as float32 (an embedding lookup): [len(ids), K]."""
+        block, lane = ids // 32, ids % 32
+        if self.bits == 4:
+            packed = self.qweight[block, :, lane % 16]  # [n, K] bytes
+            q = torch.where((lane < 16).unsqueeze(1), packed & 0xF, packed >> 4).float()
+        else:
+            q = self.qweight[block, :, lane].float()
+        values = q * self.scales[block, :, lane].repeat_interleave(self.group, dim=1)
+        if self.offsets is not None:
+            values += self.offsets[block, :, lane].repeat_interleave(self.group, dim=1)
+        return values
+
+
+def collect(param: torch.Tensor, index: int, loaded, rows: slice, cols: slice) -> None:
+    """Part `index` of a meta weight: the checkpoint's `rows` and `cols`, quantized if
+    the checkpoint slice keeps them so."""
+    if getattr(loaded, "kept_quantized", False):
+        param.quant_parts[index] = loaded.quantized(rows, cols)
+    else:
+        param.quant_parts[index] = loaded[rows, cols]
+
+
+def finalize(model: nn.Module, dtype: torch.dtype, device: torch.device) -> int:
+    """Every collected weight made whole (see the module docstring); returns how many
+    stayed quantized."""
+    kept = 0
+    replaced: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None or not hasattr(param, "quant_parts"):
+                continue
+            if id(param) not in replaced:
+                replaced[id(param)], stayed = _made_whole(param, dtype, device)
+                kept += stayed
+            setattr(module, name, replaced[id(param)])
+    return kept
+
+
+def _made_whole(param: nn.Parameter, dtype: torch.dtype, device: torch.device
+                ) -> tuple[nn.Parameter, bool]:
+    parts = [param.quant_parts[index] for index in sorted(param.quant_parts)]
+    missing = param.shape[0] - sum(part.shape[0] for part in parts)
+    if missing:  # a vocabulary padded for tensor parallelism: zero rows, never looked up
+        parts.append(_zero_rows(parts[-1], missing, param.shape[1]))
+    if all(isinstance(part, QuantizedRows) for part in parts):
+        param.quantized = QuantizedWeight(QuantizedRows.cat(parts))
+        del param.quant_parts
+        return param, True
+    if any(isinstance(part, QuantizedRows) for part in parts):
+        logger.info("a weight of shape %s mixes kept-quantized and other tensor types: "
+                    "dequantized into %s", tuple(param.shape), dtype)
+    weight = torch.cat([part.dequantize() if isinstance(part, QuantizedRows) else part.float()
+                        for part in parts])
+    return nn.Parameter(weight.to(device=device, dtype=dtype), requires_grad=False), False
+
+
+def _zero_rows(like, count: int, cols: int):
+    if not isinstance(like, QuantizedRows):
+        return torch.zeros(count, cols)
+    groups = cols // like.group
+    return QuantizedRows(torch.zeros(count, cols, dtype=like.q.dtype), torch.zeros(count, groups),
+                         None if like.offsets is None else torch.zeros(count, groups),
+                         like.bits, like.group)
+
+
+def quantized_of(param: torch.Tensor) -> QuantizedWeight | None:
+    return getattr(param, "quantized", None)

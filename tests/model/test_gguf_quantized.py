@@ -1,0 +1,156 @@
+"""GGUF weights kept quantized in memory (worker/layers/quantized.py): Q4_0, Q4_1 and
+Q8_0 linear and embedding weights stay as the file stores them, run through the
+CPU kernel, and score prompts as transformers does with the same file dequantized.
+
+The accuracy bounds are the ones a weight-only format must meet: prompt logprobs
+within 0.02 (mean absolute) of transformers, the top-1 token equal at >= 97% of
+positions. The weights themselves are exact (the file's integers, scales and
+offsets), so the only differences left are float32 sums taken in another order.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pagedserve import LLM, SamplingParams
+from pagedserve.testing import build_random_model
+from pagedserve.testing.gguf_model import write_gguf
+from pagedserve.worker.distributed import TPGroup
+from pagedserve.worker.layers.quantized import quantized_of
+from pagedserve.worker.models import build_model
+
+ENGINE = dict(device="cpu", dtype="float32", num_gpu_blocks=64, max_model_len=128)
+PROMPTS = [[7, 8, 9, 10, 11], [100, 200, 300, 40, 50, 60, 70], list(range(20, 60))]
+LINEARS_PER_LAYER = 4  # qkv, o, gate_up, down
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return build_random_model(tmp_path_factory.mktemp("quantized") / "llama", arch="llama",
+                              num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, source):
+    root = tmp_path_factory.mktemp("quantized-files")
+    return {kind: write_gguf(source, root / f"llama-{kind}.gguf", kind)
+            for kind in ("Q4_0", "Q4_1", "Q8_0", "F32")}
+
+
+def _quantized_weights(llm: LLM) -> int:
+    model = llm.engine.executor.worker.model
+    return sum(quantized_of(param) is not None for param in model.parameters())
+
+
+def _prompt_scores(llm: LLM, hf) -> tuple[float, float]:
+    """(mean |logprob difference|, top-1 agreement) over every scored prompt position."""
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    differences, agree, positions = [], 0, 0
+    for prompt, output in zip(PROMPTS, outputs, strict=True):
+        with torch.inference_mode():
+            reference = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), -1)
+        for i in range(1, len(prompt)):
+            scored = output.prompt_logprobs[i]
+            differences.append(abs(scored[prompt[i]] - reference[i - 1, prompt[i]].item()))
+            ours_top = max(scored, key=scored.get)  # the prompt token and the top one
+            agree += ours_top == reference[i - 1].argmax().item()
+            positions += 1
+    return sum(differences) / len(differences), agree / positions
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+def test_kept_types_stay_quantized_within_the_accuracy_bounds(files, kind):
+    path = files[kind]
+    llm = LLM(str(path), **ENGINE)
+    config = llm.engine.info.hf_config
+    vocab_weights = 1 if config.tie_word_embeddings else 2  # the embedding, the LM head
+    assert _quantized_weights(llm) == config.num_hidden_layers * LINEARS_PER_LAYER + vocab_weights
+    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                              dtype=torch.float32).eval()
+    float_bytes = sum(p.numel() * 4 for p in hf.parameters())
+    bits = 8 if kind == "Q8_0" else 4
+    # `bits` per weight and a float32 scale and offset per 32 (2 bits a weight), and the
+    # float32 norms: under (bits + 3) / 32 of the float model.
+    assert llm.get_memory_stats()["weight_bytes"] < float_bytes * (bits + 3) / 32
+    mean_difference, top1 = _prompt_scores(llm, hf)
+    assert mean_difference <= 0.02 and top1 >= 0.97, (mean_difference, top1)
+    with torch.inference_mode():
+        expected = [hf.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False)
+                    [0, len(p):].tolist() for p in PROMPTS]
+    greedy = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
+                          SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in greedy] == expected
+
+
+def test_dequantize_keeps_the_float_model(files):
+    llm = LLM(str(files["Q4_1"]), quantization="dequantize", **ENGINE)
+    assert _quantized_weights(llm) == 0
+    quantized = LLM(str(files["Q4_1"]), **ENGINE)
+    assert (quantized.get_memory_stats()["weight_bytes"] * 4
+            < llm.get_memory_stats()["weight_bytes"])
+
+
+def test_types_without_a_kernel_are_dequantized(files):
+    assert _quantized_weights(LLM(str(files["F32"]), **ENGINE)) == 0
+
+
+def test_a_fused_weight_with_a_part_of_another_type_is_dequantized(files, tmp_path):
+    """Layer 0's k projection rewritten as F32: that layer's fused q/k/v weight is made
+    whole in floats; every other weight stays quantized."""
+    source = gguf.GGUFReader(files["Q4_1"])
+    out = tmp_path / "mixed.gguf"
+    writer = gguf.GGUFWriter(out, arch="llama")
+    for key, field in source.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        is_array = field.types[0] == gguf.GGUFValueType.ARRAY
+        writer.add_key_value(key, field.contents(), field.types[0],
+                             field.types[-1] if is_array else None)
+    for tensor in source.tensors:
+        if tensor.name == "blk.0.attn_k.weight":
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            writer.add_tensor(tensor.name, values.astype(np.float32))
+        else:
+            writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    llm = LLM(str(out), **ENGINE)
+    model = llm.engine.executor.worker.model
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    assert quantized_of(qkv.weight) is None and qkv.packed_weight is not None  # float, packed
+    layers = llm.engine.info.hf_config.num_hidden_layers
+    assert _quantized_weights(llm) == layers * LINEARS_PER_LAYER + 1  # all but that one
+    reference = LLM(str(files["Q4_1"]), quantization="dequantize", **ENGINE)
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    assert ([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+            == [o.outputs[0].token_ids for o in reference.generate(prompts, params,
+                                                                  use_tqdm=False)])
+
+
+def test_lora_on_quantized_weights_is_refused_naming_the_way_out(files):
+    with pytest.raises(ValueError, match=r"LoRA adapters .* kept quantized are not supported "
+                                         r"yet: set model.quantization='dequantize'"):
+        LLM(str(files["Q4_1"]), enable_lora=True, **ENGINE)
+
+
+def test_a_tensor_parallel_split_inside_a_block_is_refused(tmp_path):
+    """Six heads of 16 over two ranks: each rank's o projection takes 48 input features,
+    which cuts a block of 32."""
+    source = build_random_model(tmp_path / "narrow", arch="llama", hidden_size=96,
+                                num_attention_heads=6, num_key_value_heads=6,
+                                intermediate_size=128)
+    path = write_gguf(source, tmp_path / "narrow.gguf", "Q8_0")
+    config = LLM(str(path), **ENGINE).engine.info.hf_config
+    with pytest.raises(ValueError, match=r"o_proj.*tensor_parallel_size=2 into 48 input "
+                                         r"features a rank.*cut a Q8_0 block of 32"):
+        build_model(config, None, max_position=128, dtype=torch.float32,
+                    device=torch.device("cpu"), load_format="gguf", tp=TPGroup(0, 2),
+                    gguf_file=path, keep_quantized=True)

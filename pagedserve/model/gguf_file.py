@@ -10,9 +10,10 @@ Metadata is converted once, by transformers' GGUF support, into an HF model
 directory in the cache (`metadata_dir`), so the tokenizer loads as fast as any
 other. A tensor is indexed like a safetensors slice (`tensors`): indexed, it is
 dequantized by the `gguf` package, and only the rows a tensor-parallel rank asks
-for. A tensor of a type the CPU kernels run (`KEPT_TYPES`) can instead be read
-as it is stored (`quantized`): its integers, and a scale and an offset per block
-of 32 (model/quantized_rows.py), for weights kept quantized in memory.
+for. A tensor of a type the CPU kernels run (gguf_blocks.py's `TYPES`: Q4_0,
+Q4_1, Q8_0, Q4_K, Q5_K, Q6_K) can instead be read as it is stored
+(`quantized`): its integers, and a scale and an offset per group
+(model/quantized_rows.py), for weights kept quantized in memory.
 
 llama.cpp stores Llama's q and k projections with the rows of each head
 interleaved for its rotary kernel (convert_hf_to_gguf.py, `LlamaModel.permute`);
@@ -47,6 +48,7 @@ import numpy as np
 import torch
 
 from pagedserve.cache import build_dir_once, cache_dir
+from pagedserve.model import gguf_blocks
 from pagedserve.model.quantized_rows import QuantizedRows
 
 logger = logging.getLogger(__name__)
@@ -61,13 +63,7 @@ _PERMUTED = ("llama",)
 # Tensor types the gguf package dequantizes; others are refused.
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-# Types read as they are stored: (bits, bytes per block of 32). The blocks (ggml-common.h):
-#   Q4_0: f16 d, 16 bytes of nibbles       w = d (q - 8)
-#   Q4_1: f16 d, f16 m, 16 bytes of nibbles w = d q + m
-#   Q8_0: f16 d, 32 int8                    w = d q
-# Byte j of the nibbles holds element j (low) and element j + 16 (high).
-KEPT_TYPES = {"Q4_0": (4, 18), "Q4_1": (4, 20), "Q8_0": (8, 34)}
-BLOCK = 32
+FLOAT_TYPES = ("F32", "F16", "BF16")
 _MARKER = "gguf_source.json"
 # An HF name of one expert's tensor, whose GGUF tensor holds all the layer's experts.
 _EXPERT = re.compile(r"(?P<experts>.*\.experts)\.(?P<expert>\d+)\.(?P<part>\w+)\.weight")
@@ -175,6 +171,17 @@ def _gemma3_config(config, reader) -> None:
                                                         factor=float(factor.contents()))
 
 
+def unkept_types(path: Path) -> dict[str, int]:
+    """Quantized matrix types of the file that no kernel runs as stored (they are
+    dequantized at load), with how many tensors each."""
+    counts: dict[str, int] = {}
+    for tensor in _reader(path).tensors:
+        kind = tensor.tensor_type.name
+        if len(tensor.shape) == 2 and kind not in gguf_blocks.TYPES and kind not in FLOAT_TYPES:
+            counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
 def tensors(path: Path, hf_config, hf_names: list[str]) -> Iterator[tuple[str, _TensorSlice]]:
     """(HF checkpoint name, slice) for every tensor of the file.
 
@@ -224,38 +231,28 @@ class _TensorSlice:
     @property
     def kept_quantized(self) -> bool:
         """Whether `quantized` reads this tensor (a kept type, and a matrix)."""
-        return self.tensor.tensor_type.name in KEPT_TYPES and len(self.get_shape()) == 2
+        return self.tensor.tensor_type.name in gguf_blocks.TYPES and len(self.get_shape()) == 2
 
     def quantized(self, rows: slice, cols: slice) -> QuantizedRows:
-        """Rows and columns of the tensor as stored: integers with a scale and an offset
-        per block of 32. Columns must start and end on a block."""
+        """Rows and columns of the tensor as stored (model/gguf_blocks.py): integers with
+        a scale and an offset per group. Columns must start and end on a block."""
         shape = self.get_shape()
         kind = self.tensor.tensor_type.name
-        bits, nbytes = KEPT_TYPES[kind]
+        bits, size, nbytes = gguf_blocks.TYPES[kind]
         start, stop, _ = rows.indices(shape[0])
         first, last, _ = cols.indices(shape[1])
-        if first % BLOCK or (last % BLOCK and last != shape[1]):
-            raise ValueError(f"columns {first}..{last} cut a {kind} block of {BLOCK}")
+        if first % size or (last % size and last != shape[1]):
+            raise ValueError(f"columns {first}..{last} cut a {kind} block of {size}")
         data = self.tensor.data if self.expert is None else self.tensor.data[self.expert]
         blocks = np.asarray(data[start:stop]).reshape(stop - start, -1, nbytes)
-        blocks = blocks[:, first // BLOCK:-(-last // BLOCK)]
-        scales = _halves(blocks[..., 0:2])
-        if kind == "Q8_0":
-            q = np.ascontiguousarray(blocks[..., 2:]).view(np.int8)
-            offsets = None
-        else:
-            nibbles = blocks[..., 4:] if kind == "Q4_1" else blocks[..., 2:]
-            q = np.concatenate([nibbles & 0xF, nibbles >> 4], axis=-1)
-            offsets = _halves(blocks[..., 2:4]) if kind == "Q4_1" else -8 * scales
-        q = q.reshape(stop - start, -1)
+        q, scales, offsets, group = gguf_blocks.decode(
+            kind, blocks[:, first // size:-(-last // size)])
         if self.permuted_heads:
             head_dim = shape[0] // self.permuted_heads
             q, scales = _unpermute(q, start, head_dim), _unpermute(scales, start, head_dim)
             offsets = None if offsets is None else _unpermute(offsets, start, head_dim)
-        return QuantizedRows(torch.from_numpy(np.ascontiguousarray(q)),
-                             torch.from_numpy(np.ascontiguousarray(scales)),
-                             None if offsets is None
-                             else torch.from_numpy(np.ascontiguousarray(offsets)), bits, BLOCK)
+        return QuantizedRows(*(None if t is None else torch.from_numpy(np.ascontiguousarray(t))
+                               for t in (q, scales, offsets)), bits, group)
 
     def get_shape(self) -> tuple[int, ...]:
         shape = tuple(int(n) for n in reversed(self.tensor.shape))  # GGUF lists a row first
@@ -285,11 +282,6 @@ class _TensorSlice:
         if not values.flags.writeable:  # a view of the read-only memory map
             values = values.copy()
         return torch.from_numpy(values)
-
-
-def _halves(pairs: np.ndarray) -> np.ndarray:
-    """[..., 2] bytes holding float16 values -> those values as float32 [...]."""
-    return np.ascontiguousarray(pairs).view(np.float16)[..., 0].astype(np.float32)
 
 
 def _unpermute(rows: np.ndarray, start: int, head_dim: int) -> np.ndarray:

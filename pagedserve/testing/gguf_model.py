@@ -147,3 +147,51 @@ def dequantized(path: Path, name: str) -> torch.Tensor:
     tensor = next(t for t in reader.tensors if t.name == name)
     shape = tuple(int(n) for n in reversed(tensor.shape))
     return torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape))
+
+
+# Where a block keeps its float16 fields: (first byte, how many): d, or d and a min.
+_FLOAT16_FIELDS = {"Q4_0": (0, 1), "Q8_0": (0, 1), "Q4_1": (0, 2), "Q4_K": (0, 2),
+                   "Q5_K": (0, 2), "Q6_K": (208, 1)}
+
+
+def with_random_blocks(path: Path, out: Path, types: dict[str, str], seed: int = 0) -> Path:
+    """A copy of the GGUF file `path` whose matrices named in `types` (by their kind,
+    such as "attn_v" or "token_embd") hold random blocks of the given type instead.
+
+    The `gguf` package can read K-quant blocks (Q4_K, Q5_K, Q6_K) but not make them, so
+    tests of those types use random ones, their scales kept small; transformers'
+    loader, which dequantizes the same file, is then the oracle.
+    """
+    import gguf
+
+    from pagedserve.model.gguf_blocks import TYPES
+
+    rng = np.random.default_rng(seed)
+    reader = gguf.GGUFReader(path)
+    writer = gguf.GGUFWriter(out, arch=reader.fields["general.architecture"].contents())
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        is_array = field.types[0] == gguf.GGUFValueType.ARRAY
+        writer.add_key_value(key, field.contents(), field.types[0],
+                             field.types[-1] if is_array else None)
+    for tensor in reader.tensors:
+        parts = tensor.name.split(".")
+        kind = types.get(parts[-2] if len(parts) > 2 else parts[0])
+        if kind is None or len(tensor.shape) != 2:
+            writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
+            continue
+        cols, rows = (int(n) for n in tensor.shape)
+        _, size, nbytes = TYPES[kind]
+        blocks = rng.integers(0, 256, (rows, cols // size, nbytes), dtype=np.uint8)
+        # Small float16 scales (and mins): weights of about 0.01 to 0.1.
+        first, count = _FLOAT16_FIELDS[kind]
+        halves = rng.uniform(1e-4, 5e-4, (rows, cols // size, count)).astype(np.float16)
+        blocks[..., first:first + 2 * count] = halves.view(np.uint8)
+        writer.add_tensor(tensor.name, blocks.reshape(rows, -1),
+                          raw_dtype=gguf.GGMLQuantizationType[kind])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out

@@ -102,10 +102,13 @@ def test_tensor_parallel_replica_is_gang_placed_and_matches_tp1(serve_instance):
 @pytest.mark.parametrize("arch, options, parallel", [
     # Experts placed whole on the two ranks; tokens reach them through the all-reduce.
     ("qwen3_moe", dict(num_key_value_heads=2), dict(enable_expert_parallel=True)),
+    # Each expert's features split over the two ranks.
+    ("mixtral", dict(num_key_value_heads=2), {}),
+    ("qwen3", dict(num_key_value_heads=2), {}),  # per-head q/k norms
     # Local (sliding) and global layers; a prompt past the window of 24.
     ("gemma3", {}, {}),
 ])
-def test_moe_and_gemma3_replicas_at_tp2_serve_the_offline_greedy_text(serve_instance, arch,
+def test_new_architectures_at_tp2_serve_the_offline_greedy_text(serve_instance, arch,
                                                                         options, parallel):
     from ray import serve
 

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.testing import build_random_model
-from pagedserve.testing.gguf_model import write_gguf
+from pagedserve.testing.gguf_model import with_random_blocks, write_gguf
 from pagedserve.worker.distributed import TPGroup
 from pagedserve.worker.layers.quantized import quantized_of
 from pagedserve.worker.models import build_model
@@ -87,6 +87,32 @@ def test_kept_types_stay_quantized_within_the_accuracy_bounds(files, kind):
     assert [o.outputs[0].token_ids for o in greedy] == expected
 
 
+# A Q4_K_M-like mix: 4-bit K blocks for most matrices, 6-bit for v, down and the vocab.
+K_TYPES = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q4_K",
+           "ffn_gate": "Q5_K", "ffn_up": "Q4_K", "ffn_down": "Q6_K", "token_embd": "Q6_K",
+           "output": "Q6_K"}
+
+
+def test_k_quant_blocks_stay_quantized_within_the_accuracy_bounds(tmp_path):
+    """Rows of 256 (K blocks), random blocks (the gguf package cannot make K blocks from
+    floats): q/k in Q4_K beside v in Q6_K make a fused weight of 8-bit values in groups
+    of 16; transformers reading the same file is the oracle."""
+    source = build_random_model(tmp_path / "wide", arch="llama", hidden_size=256,
+                                num_attention_heads=4, num_key_value_heads=2,
+                                intermediate_size=512)
+    path = with_random_blocks(write_gguf(source, tmp_path / "wide-f32.gguf", "F32"),
+                              tmp_path / "wide-k.gguf", K_TYPES)
+    llm = LLM(str(path), **ENGINE)
+    model = llm.engine.executor.worker.model
+    assert _quantized_weights(llm) == llm.engine.info.hf_config.num_hidden_layers * 4 + 2
+    qkv = quantized_of(model.model.layers[0].self_attn.qkv_proj.weight)
+    assert (qkv.bits, qkv.group) == (8, 16)
+    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                              dtype=torch.float32).eval()
+    mean_difference, top1 = _prompt_scores(llm, hf)
+    assert mean_difference <= 0.02 and top1 >= 0.97, (mean_difference, top1)
+
+
 def test_dequantize_keeps_the_float_model(files):
     llm = LLM(str(files["Q4_1"]), quantization="dequantize", **ENGINE)
     assert _quantized_weights(llm) == 0
@@ -95,8 +121,13 @@ def test_dequantize_keeps_the_float_model(files):
             < llm.get_memory_stats()["weight_bytes"])
 
 
-def test_types_without_a_kernel_are_dequantized(files):
+def test_types_without_a_kernel_are_dequantized_saying_so(source, files, tmp_path, caplog):
     assert _quantized_weights(LLM(str(files["F32"]), **ENGINE)) == 0
+    path = write_gguf(source, tmp_path / "llama-Q5_0.gguf", "Q5_0")
+    with caplog.at_level("WARNING", logger="pagedserve.worker.models"):
+        llm = LLM(str(path), **ENGINE)
+    assert _quantized_weights(llm) == 0
+    assert "Q5_0 (" in caplog.text and "dequantized into torch.float32" in caplog.text
 
 
 def test_a_fused_weight_with_a_part_of_another_type_is_dequantized(files, tmp_path):

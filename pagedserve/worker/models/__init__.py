@@ -13,6 +13,7 @@ from torch import nn
 
 from pagedserve.model.checkpoint_files import checkpoint_tensors
 from pagedserve.model.gguf_file import tensors as gguf_tensors
+from pagedserve.model.gguf_file import unkept_types
 from pagedserve.worker.distributed import TPGroup
 from pagedserve.worker.layers import default_dtype
 from pagedserve.worker.layers.linear import default_weight_loader, pack_linear_weights
@@ -60,7 +61,7 @@ def build_model(hf_config, model_dir: Path, *, max_position: int, dtype: torch.d
     cast after. On the CPU, linear weights are then packed for oneDNN's GEMM
     (layers/linear.py), unless `pack_cpu_weights` is False.
 
-    With `keep_quantized`, the GGUF file's weights of the types the CPU kernels run
+    With `keep_quantized`, the GGUF file's weights of the types the CPU kernel runs
     stay quantized in memory (layers/quantized.py); elsewhere than on the CPU they
     are dequantized, and a log line says so.
     """
@@ -84,6 +85,12 @@ def build_model(hf_config, model_dir: Path, *, max_position: int, dtype: torch.d
         if quantize:
             kept = finalize_quantized(model, dtype, device)
             logger.info("%s: %d weights kept quantized", gguf_file.name, kept)
+            unkept = unkept_types(gguf_file)
+            if unkept:
+                logger.warning("%s: %s dequantized into %s: no kernel runs these types as "
+                               "stored yet", gguf_file.name, ", ".join(
+                                   f"{kind} ({count} tensors)" for kind, count in unkept.items()),
+                               dtype)
     else:
         load_weights(model, checkpoint_tensors(model_dir), str(model_dir))
     model.eval().requires_grad_(False)

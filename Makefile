@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 # A config for `make serve` / `make demo`; empty: the embedded default (SmolLM2-135M-Instruct).
 CONFIG ?=
 
-.PHONY: install model serve demo test bench peer-vllm gpu-bundle gpu-site gpu-check clean
+.PHONY: install model serve demo test bench peer-vllm peer-llamacpp gpu-bundle gpu-site gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,21 @@ $(PEER_VLLM)/.installed:
 	touch $@
 
 peer-vllm: $(PEER_VLLM)/.installed
+
+# llama.cpp through PyPI's llama-cpp-python, the peer of `benchmarks/quantized.py --peer
+# llamacpp` on the same GGUF file: built from source for this CPU (about 15 minutes on
+# 2 cores), in a venv of its own.
+PEER_LLAMACPP := benchmarks/.venvs/llamacpp
+LLAMA_CPP_PYTHON_VERSION ?= 0.3.36
+
+$(PEER_LLAMACPP)/.installed:
+	$(PYTHON) -m venv $(PEER_LLAMACPP)
+	$(PEER_LLAMACPP)/bin/python -m pip install --quiet --upgrade pip
+	$(PEER_LLAMACPP)/bin/python -m pip install --quiet llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION)
+	$(PEER_LLAMACPP)/bin/python -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__)"
+	touch $@
+
+peer-llamacpp: $(PEER_LLAMACPP)/.installed
 
 # The GPU machine: its image has torch, Triton and transformers (benchmarks/gpu-image.txt)
 # but reaches no package index. `make gpu-bundle`, here, downloads the wheels it lacks

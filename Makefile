@@ -63,15 +63,19 @@ $(PEER_VLLM)/.installed:
 peer-vllm: $(PEER_VLLM)/.installed
 
 # llama.cpp through PyPI's llama-cpp-python, the peer of `benchmarks/quantized.py --peer
-# llamacpp` on the same GGUF file: built from source for this CPU (about 15 minutes on
-# 2 cores), in a venv of its own.
+# llamacpp` on the same GGUF file: built from source (about 7 minutes on 2 cores), in a
+# venv of its own, with AVX-512 and without AMX: its native build's AMX matmul crashed
+# in the first llama_decode on this machine's CPU.
 PEER_LLAMACPP := benchmarks/.venvs/llamacpp
 LLAMA_CPP_PYTHON_VERSION ?= 0.3.36
+LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+	-DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AMX_INT8=OFF
 
 $(PEER_LLAMACPP)/.installed:
 	$(PYTHON) -m venv $(PEER_LLAMACPP)
 	$(PEER_LLAMACPP)/bin/python -m pip install --quiet --upgrade pip
-	$(PEER_LLAMACPP)/bin/python -m pip install --quiet llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION)
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PEER_LLAMACPP)/bin/python -m pip install --quiet \
+		--no-cache-dir llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION)
 	$(PEER_LLAMACPP)/bin/python -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__)"
 	touch $@
 

@@ -251,8 +251,8 @@ class _TensorSlice:
             head_dim = shape[0] // self.permuted_heads
             q, scales = _unpermute(q, start, head_dim), _unpermute(scales, start, head_dim)
             offsets = None if offsets is None else _unpermute(offsets, start, head_dim)
-        return QuantizedRows(*(None if t is None else torch.from_numpy(np.ascontiguousarray(t))
-                               for t in (q, scales, offsets)), bits, group)
+        return QuantizedRows(_tensor(q), _tensor(scales),
+                             None if offsets is None else _tensor(offsets), bits, group)
 
     def get_shape(self) -> tuple[int, ...]:
         shape = tuple(int(n) for n in reversed(self.tensor.shape))  # GGUF lists a row first
@@ -282,6 +282,10 @@ class _TensorSlice:
         if not values.flags.writeable:  # a view of the read-only memory map
             values = values.copy()
         return torch.from_numpy(values)
+
+
+def _tensor(values: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(values))
 
 
 def _unpermute(rows: np.ndarray, start: int, head_dim: int) -> np.ndarray:

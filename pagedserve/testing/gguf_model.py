@@ -154,6 +154,37 @@ _FLOAT16_FIELDS = {"Q4_0": (0, 1), "Q8_0": (0, 1), "Q4_1": (0, 2), "Q4_K": (0, 2
                    "Q5_K": (0, 2), "Q6_K": (208, 1)}
 
 
+def rewrite_gguf(path: Path, out: Path, replace=lambda tensor: None,
+                 arch: str | None = None) -> Path:
+    """A copy of the GGUF file `path`: under the architecture name `arch` when given
+    (its metadata keys renamed with it), and with each tensor for which `replace(tensor)`
+    returns (values, raw type) holding those instead (raw type None: float values)."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    source_arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(out, arch=arch or source_arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        name = key.replace(f"{source_arch}.", f"{arch}.", 1) if arch else key
+        is_array = field.types[0] == gguf.GGUFValueType.ARRAY
+        writer.add_key_value(name, field.contents(), field.types[0],
+                             field.types[-1] if is_array else None)
+    for tensor in reader.tensors:
+        replaced = replace(tensor)
+        if replaced is None:
+            writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
+        else:
+            values, raw_type = replaced
+            writer.add_tensor(tensor.name, values, raw_dtype=raw_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
 def with_random_blocks(path: Path, out: Path, types: dict[str, str], seed: int = 0) -> Path:
     """A copy of the GGUF file `path` whose matrices named in `types` (by their kind,
     such as "attn_v" or "token_embd") hold random blocks of the given type instead.
@@ -167,20 +198,12 @@ def with_random_blocks(path: Path, out: Path, types: dict[str, str], seed: int =
     from pagedserve.model.gguf_blocks import TYPES
 
     rng = np.random.default_rng(seed)
-    reader = gguf.GGUFReader(path)
-    writer = gguf.GGUFWriter(out, arch=reader.fields["general.architecture"].contents())
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        is_array = field.types[0] == gguf.GGUFValueType.ARRAY
-        writer.add_key_value(key, field.contents(), field.types[0],
-                             field.types[-1] if is_array else None)
-    for tensor in reader.tensors:
+
+    def random_blocks(tensor):
         parts = tensor.name.split(".")
         kind = types.get(parts[-2] if len(parts) > 2 else parts[0])
         if kind is None or len(tensor.shape) != 2:
-            writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
-            continue
+            return None
         cols, rows = (int(n) for n in tensor.shape)
         _, size, nbytes = TYPES[kind]
         blocks = rng.integers(0, 256, (rows, cols // size, nbytes), dtype=np.uint8)
@@ -188,10 +211,6 @@ def with_random_blocks(path: Path, out: Path, types: dict[str, str], seed: int =
         first, count = _FLOAT16_FIELDS[kind]
         halves = rng.uniform(1e-4, 5e-4, (rows, cols // size, count)).astype(np.float16)
         blocks[..., first:first + 2 * count] = halves.view(np.uint8)
-        writer.add_tensor(tensor.name, blocks.reshape(rows, -1),
-                          raw_dtype=gguf.GGMLQuantizationType[kind])
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return out
+        return blocks.reshape(rows, -1), gguf.GGMLQuantizationType[kind]
+
+    return rewrite_gguf(path, out, random_blocks)

@@ -17,7 +17,7 @@ from pagedserve import LLM, SamplingParams
 from pagedserve.config import parse
 from pagedserve.model.gguf_file import metadata_dir
 from pagedserve.testing import build_random_model
-from pagedserve.testing.gguf_model import write_gguf
+from pagedserve.testing.gguf_model import rewrite_gguf, write_gguf
 from pagedserve.worker.distributed import TPGroup
 from pagedserve.worker.layers.linear import dense_parameters
 from pagedserve.worker.models import build_model
@@ -247,30 +247,18 @@ def test_tensor_parallel_ranks_load_from_the_file(ray_cluster, gguf_files):
 
 
 def _rewrite(path, out, arch: str | None = None, retype: str | None = None):
-    """A copy of a GGUF file under another architecture name, or with one tensor's type changed."""
+    """A copy of a GGUF file under another architecture name, or with its second tensor
+    stored as `retype` (F64)."""
     import gguf
 
-    reader = gguf.GGUFReader(path)
-    source_arch = reader.fields["general.architecture"].contents()
-    writer = gguf.GGUFWriter(out, arch=arch or source_arch)
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        name = key.replace(f"{source_arch}.", f"{arch}.", 1) if arch else key
-        is_array = field.types[0] == gguf.GGUFValueType.ARRAY
-        writer.add_key_value(name, field.contents(), field.types[0],
-                             field.types[-1] if is_array else None)
-    for index, tensor in enumerate(reader.tensors):
-        if retype and index == 1:
-            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float64)
-            writer.add_tensor(tensor.name, values)
-        else:
-            writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return out
+    reader_tensors = [t.name for t in gguf.GGUFReader(path).tensors]
+
+    def retyped(tensor):
+        if retype is None or tensor.name != reader_tensors[1]:
+            return None
+        return gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float64), None
+
+    return rewrite_gguf(path, out, retyped, arch=arch)
 
 
 def test_unsupported_architecture_is_refused_by_name(tmp_path, gguf_files):

@@ -14,11 +14,12 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from support.accuracy import prompt_scores
 from transformers import AutoModelForCausalLM
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.testing import build_random_model
-from pagedserve.testing.gguf_model import with_random_blocks, write_gguf
+from pagedserve.testing.gguf_model import rewrite_gguf, with_random_blocks, write_gguf
 from pagedserve.worker.distributed import TPGroup
 from pagedserve.worker.layers.quantized import quantized_of
 from pagedserve.worker.models import build_model
@@ -46,23 +47,6 @@ def _quantized_weights(llm: LLM) -> int:
     return sum(quantized_of(param) is not None for param in model.parameters())
 
 
-def _prompt_scores(llm: LLM, hf) -> tuple[float, float]:
-    """(mean |logprob difference|, top-1 agreement) over every scored prompt position."""
-    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
-    differences, agree, positions = [], 0, 0
-    for prompt, output in zip(PROMPTS, outputs, strict=True):
-        with torch.inference_mode():
-            reference = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), -1)
-        for i in range(1, len(prompt)):
-            scored = output.prompt_logprobs[i]
-            differences.append(abs(scored[prompt[i]] - reference[i - 1, prompt[i]].item()))
-            ours_top = max(scored, key=scored.get)  # the prompt token and the top one
-            agree += ours_top == reference[i - 1].argmax().item()
-            positions += 1
-    return sum(differences) / len(differences), agree / positions
-
-
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
 def test_kept_types_stay_quantized_within_the_accuracy_bounds(files, kind):
     path = files[kind]
@@ -77,7 +61,7 @@ def test_kept_types_stay_quantized_within_the_accuracy_bounds(files, kind):
     # `bits` per weight and a float32 scale and offset per 32 (2 bits a weight), and the
     # float32 norms: under (bits + 3) / 32 of the float model.
     assert llm.get_memory_stats()["weight_bytes"] < float_bytes * (bits + 3) / 32
-    mean_difference, top1 = _prompt_scores(llm, hf)
+    mean_difference, top1 = prompt_scores(llm, hf, PROMPTS)
     assert mean_difference <= 0.02 and top1 >= 0.97, (mean_difference, top1)
     with torch.inference_mode():
         expected = [hf.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False)
@@ -109,7 +93,7 @@ def test_k_quant_blocks_stay_quantized_within_the_accuracy_bounds(tmp_path):
     assert (qkv.bits, qkv.group) == (8, 16)
     hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                               dtype=torch.float32).eval()
-    mean_difference, top1 = _prompt_scores(llm, hf)
+    mean_difference, top1 = prompt_scores(llm, hf, PROMPTS)
     assert mean_difference <= 0.02 and top1 >= 0.97, (mean_difference, top1)
 
 
@@ -133,25 +117,12 @@ def test_types_without_a_kernel_are_dequantized_saying_so(source, files, tmp_pat
 def test_a_fused_weight_with_a_part_of_another_type_is_dequantized(files, tmp_path):
     """Layer 0's k projection rewritten as F32: that layer's fused q/k/v weight is made
     whole in floats; every other weight stays quantized."""
-    source = gguf.GGUFReader(files["Q4_1"])
-    out = tmp_path / "mixed.gguf"
-    writer = gguf.GGUFWriter(out, arch="llama")
-    for key, field in source.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        is_array = field.types[0] == gguf.GGUFValueType.ARRAY
-        writer.add_key_value(key, field.contents(), field.types[0],
-                             field.types[-1] if is_array else None)
-    for tensor in source.tensors:
-        if tensor.name == "blk.0.attn_k.weight":
-            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-            writer.add_tensor(tensor.name, values.astype(np.float32))
-        else:
-            writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    def as_float32(tensor):
+        if tensor.name != "blk.0.attn_k.weight":
+            return None
+        return gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32), None
+
+    out = rewrite_gguf(files["Q4_1"], tmp_path / "mixed.gguf", as_float32)
     llm = LLM(str(out), **ENGINE)
     model = llm.engine.executor.worker.model
     qkv = model.model.layers[0].self_attn.qkv_proj

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import user_cache
+from support.accuracy import prompt_scores
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pagedserve import LLM, SamplingParams
@@ -98,19 +99,8 @@ def test_the_file_is_served_quantized_within_the_accuracy_bounds(llm, hf, prompt
     assert sum(quantized_of(p) is not None for p in model.parameters()) == 30 * 4 + 1
     float_bytes = sum(p.numel() * 4 for p in hf.parameters())
     assert llm.get_memory_stats()["weight_bytes"] < float_bytes / 4
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                           SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1),
-                           use_tqdm=False)
-    differences, agree = [], []
-    for prompt, output in zip(prompts, outputs, strict=True):
-        with torch.inference_mode():
-            reference = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), -1)
-        for i in range(1, len(prompt)):
-            scored = output.prompt_logprobs[i]
-            differences.append(abs(scored[prompt[i]] - reference[i - 1, prompt[i]].item()))
-            agree.append(max(scored, key=scored.get) == reference[i - 1].argmax().item())
-    assert sum(differences) / len(differences) <= 0.02
-    assert sum(agree) / len(agree) >= 0.97
+    mean_difference, top1 = prompt_scores(llm, hf, prompts)
+    assert mean_difference <= 0.02 and top1 >= 0.97, (mean_difference, top1)
 
 
 def test_chat_applies_the_models_template_and_answers(llm, hf_tokenizer):

@@ -52,7 +52,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from matplotlib.figure import Figure
+from memory_figures import plot_sharing, plot_utilization
 
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.scheduler.beam_search import BeamSearch
@@ -286,48 +286,7 @@ def windows(args: argparse.Namespace) -> dict:
             "freed": windowed(requests, window, args), "kept": windowed(requests, None, args)}
 
 
-# -- 4. output -------------------------------------------------------------------
-def plot_utilization(memory: dict, path: Path) -> None:
-    names = list(memory)
-    fig = Figure(figsize=(8, 4.5))  # no pyplot: rendered by Agg, no GUI backend or global state
-    ax = fig.subplots()
-    for offset, system, color in ((-0.2, "paged", "tab:blue"), (0.2, "preallocation", "tab:gray")):
-        xs = [i + offset for i in range(len(names))]
-        used = [100 * memory[n][system]["utilization"] for n in names]
-        ax.bar(xs, used, 0.38, color=color, label=f"{system}: used")
-        ax.bar(xs, [100 - u for u in used], 0.38, bottom=used, color=color, alpha=0.25,
-               hatch="//", label=f"{system}: wasted")
-        for x, u in zip(xs, used, strict=True):
-            ax.text(x, u - 6, f"{u:.1f}%", ha="center", color="white", fontsize=8)
-    ax.axhline(100 * (1 - WASTE_TARGET), color="black", ls="--", lw=1, label="target: waste <= 4%")
-    ax.set_xticks(range(len(names)), names)
-    ax.set_ylabel("% of allocated KV slots (mean over steps)")
-    ax.set_ylim(0, 105)
-    ax.set_title("KV slot utilization: paged vs pre-allocation to max length")
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-def plot_sharing(shared: dict, path: Path) -> None:
-    fig = Figure(figsize=(6.5, 4.5))
-    ax = fig.subplots()
-    for method, color, label in (("parallel", "tab:green", "parallel sampling (n)"),
-                                 ("beam", "tab:purple", "beam search (width)")):
-        lo, hi = PAPER_SAVED[method]
-        ax.axhspan(100 * lo, 100 * hi, color=color, alpha=0.12, label=f"paper: {label}")
-        ax.plot(WIDTHS, [100 * shared[method][str(w)]["saved"] for w in WIDTHS], "o-",
-                color=color, label=f"pagedserve: {label}")
-    ax.set_xticks(WIDTHS)
-    ax.set_xlabel("n / beam width")
-    ax.set_ylabel("KV memory saved vs separate copies (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title("Block sharing (ShareGPT-like lengths, prefix caching off)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
+# -- 4. output (the figures: memory_figures.py) ------------------------------------
 def print_window_table(window: dict) -> None:
     low, high = window["prompts"]
     print(f"\n{window['requests']} requests of {low}-{high} prompt tokens, every layer's "
@@ -384,8 +343,8 @@ def main() -> None:
     print_tables(memory, shared)
     print_window_table(window)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    plot_utilization(memory, args.out_dir / "memory_utilization.png")
-    plot_sharing(shared, args.out_dir / "memory_sharing.png")
+    plot_utilization(memory, args.out_dir / "memory_utilization.png", WASTE_TARGET)
+    plot_sharing(shared, args.out_dir / "memory_sharing.png", PAPER_SAVED)
     wall = time.perf_counter() - start
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     report = {"date": str(datetime.date.today()), "platform": platform.platform(), "config": config,

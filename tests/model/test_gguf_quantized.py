@@ -137,6 +137,34 @@ def test_a_fused_weight_with_a_part_of_another_type_is_dequantized(files, tmp_pa
                                                                   use_tqdm=False)])
 
 
+@pytest.mark.parametrize("setting", [
+    dict(async_scheduling=True),
+    # A pool of 6 blocks of 16 (max_model_len 96) for 6 requests growing by 32 tokens:
+    # preemption.
+    dict(num_gpu_blocks=6, block_size=16, max_model_len=96, preemption_mode="recompute"),
+    dict(num_gpu_blocks=6, block_size=16, max_model_len=96, preemption_mode="swap",
+         swap_space=0.01),
+    dict(enable_prefix_caching=False),
+])
+def test_quantized_weights_serve_alike_under_the_engines_features(files, setting):
+    """The kernel's rows do not depend on the batch they share, so greedy tokens under
+    async scheduling, preemption (recompute, swap) and without the prefix cache equal
+    the plain engine's; each prompt runs twice, the second a prefix-cache hit."""
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS * 2]
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    plain = LLM(str(files["Q4_1"]), **ENGINE)
+    expected = [o.outputs[0].token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
+    llm = LLM(str(files["Q4_1"]), **{**ENGINE, **setting})
+    assert _quantized_weights(llm) > 0
+    got = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == expected
+    stats = llm.get_memory_stats()
+    if "preemption_mode" in setting:
+        assert stats["num_preemptions"] > 0
+    if setting.get("preemption_mode") == "swap":
+        assert stats["num_swap_preemptions"] > 0
+
+
 def test_lora_on_quantized_weights_is_refused_naming_the_way_out(files):
     with pytest.raises(ValueError, match=r"LoRA adapters .* kept quantized are not supported "
                                          r"yet: set model.quantization='dequantize'"):

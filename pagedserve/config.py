@@ -59,10 +59,12 @@ class ModelConfig(_Strict):
     embedded: Literal["smollm2-135m-instruct"] | None = None
     dtype: DType = "auto"
     # How a quantized checkpoint's weights are held. auto: as the checkpoint stores
-    # them where a kernel runs them (GGUF Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and Q6_K on the
-    # CPU), dequantized into `dtype` elsewhere, with a log line; dequantize: always as
-    # `dtype` (the exact float model of the file).
-    quantization: Literal["auto", "dequantize"] = "auto"
+    # them where a kernel runs them (GGUF Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and Q6_K;
+    # compressed-tensors, AWQ, GPTQ and fp8 checkpoints: model/quant_scheme.py),
+    # dequantized into `dtype` elsewhere, with a log line; dequantize: always as
+    # `dtype` (the exact float model of the file); fp8: a float checkpoint's linear
+    # layers quantized to float8_e4m3 at load, one scale per output channel.
+    quantization: Literal["auto", "dequantize", "fp8"] = "auto"
     max_model_len: int | None = Field(default=None, gt=0)
     skip_tokenizer_init: bool = False
     load_format: Literal["auto", "safetensors", "dummy"] = "auto"
@@ -121,6 +123,9 @@ class EngineConfig(_Strict):
     # most 4 GiB (vLLM's default). Swapping out more than the pool holds is never needed.
     swap_space: float | None = Field(default=None, ge=0.0)
     enable_prefix_caching: bool = True
+    # The KV cache's dtype. auto: the model's; fp8 (= fp8_e4m3) or fp8_e5m2: one byte
+    # a value, with a per-tensor scale from the checkpoint where it has one, else 1.0.
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = "auto"
     # Under memory pressure: auto recomputes single-sequence requests and swaps
     # those with several sequences (samples, beams) to the CPU pool of swap_space GiB.
     preemption_mode: Literal["auto", "swap", "recompute"] = "auto"

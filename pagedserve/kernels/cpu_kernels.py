@@ -158,26 +158,32 @@ def fused_moe(hidden: torch.Tensor, w13_packed: torch.Tensor, w2_packed: torch.T
                                  topk_ids.long().contiguous(), first_expert)
 
 
+FORMATS = ("int4", "int8", "fp8_e4m3")
+
+
 def pack_quantized(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
-                   bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                   fmt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """A weight W[n, k] = q[n, k] * scales[n, k // G] + offsets[n, k // G] in
     csrc/cpu_quant_gemm.cpp's layout: (qweight, scales, offsets) by blocks of 32 output
-    features. q: [N, K] integers (0..15 for 4 bits, -128..127 for 8); scales and
-    offsets: [N, K / G] float32. N is padded to a multiple of 32 with zero rows."""
-    if bits not in (4, 8):
-        raise ValueError(f"bits={bits}: the CPU kernel takes 4 or 8")
+    features. q: [N, K] integers (int4: 0..15, int8: -128..127) or float8_e4m3fn
+    values (fp8_e4m3); scales and offsets: [N, K / G] float32. N is padded to a
+    multiple of 32 with zero rows."""
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt={fmt!r}: the CPU kernel takes {', '.join(FORMATS)}")
+    if fmt == "fp8_e4m3":
+        q = q.view(torch.uint8)
     n, k = q.shape
     n_pad = -(-n // 32) * 32
     if n_pad != n:
         q = torch.cat([q, q.new_zeros(n_pad - n, k)])
     blocks = q.view(n_pad // 32, 32, k).transpose(1, 2)  # [N / 32, K, 32]
-    if bits == 4:
+    if fmt == "int4":
         if q.min() < 0 or q.max() > 15:
             raise ValueError("4-bit values must lie in 0..15")
         nibbles = blocks.to(torch.uint8)
         qweight = nibbles[..., :16] | (nibbles[..., 16:] << 4)
     else:
-        qweight = blocks.to(torch.int8)
+        qweight = blocks.to(torch.int8) if fmt == "int8" else blocks
 
     def by_block(values: torch.Tensor | None) -> torch.Tensor | None:
         if values is None:
@@ -191,11 +197,13 @@ def pack_quantized(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor 
 
 
 def unpack_quantized(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
-                     bits: int, out_features: int) -> torch.Tensor:
+                     fmt: str, out_features: int) -> torch.Tensor:
     """The float32 weight [N, K] that pack_quantized's output stands for."""
     blocks, k, _ = qweight.shape
-    if bits == 4:
+    if fmt == "int4":
         q = torch.cat([qweight & 0xF, qweight >> 4], dim=-1).float()  # [N / 32, K, 32]
+    elif fmt == "fp8_e4m3":
+        q = qweight.view(torch.float8_e4m3fn).float()
     else:
         q = qweight.float()
     group = k // scales.shape[1]
@@ -206,10 +214,10 @@ def unpack_quantized(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch
 
 
 def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                 offsets: torch.Tensor | None, bits: int, out_features: int) -> torch.Tensor:
+                 offsets: torch.Tensor | None, fmt: str, out_features: int) -> torch.Tensor:
     """x [..., K] float32 @ W^T for W packed by `pack_quantized`: [..., out_features]."""
     flat = x.reshape(-1, x.shape[-1]).contiguous()
-    out = extension().quant_linear(flat, qweight, scales, offsets, bits, out_features)
+    out = extension().quant_linear(flat, qweight, scales, offsets, fmt, out_features)
     return out.view(*x.shape[:-1], out_features)
 
 

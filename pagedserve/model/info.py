@@ -13,6 +13,7 @@ import torch
 from transformers import PretrainedConfig
 
 from pagedserve.config import LoRAConfig
+from pagedserve.model.quant_scheme import WeightScheme
 from pagedserve.model.shape import ModelShape
 
 
@@ -36,6 +37,8 @@ class ModelInfo:
     weights_transfer: str = "files"  # model.weights_transfer
     expert_parallel: bool = False  # parallel.enable_expert_parallel, for a MoE model
     quantization: str = "auto"  # model.quantization
+    # How the checkpoint's linear weights are quantized (or are to be, for "fp8").
+    weight_scheme: WeightScheme | None = None
 
     @property
     def tokenizer_path(self) -> Path:

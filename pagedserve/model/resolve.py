@@ -19,6 +19,7 @@ from pagedserve.config import ModelConfig, ParallelConfig
 from pagedserve.model import embedded, gguf_file
 from pagedserve.model.checkpoint_files import hub_snapshot
 from pagedserve.model.info import ModelInfo
+from pagedserve.model.quant_scheme import WeightScheme, scheme_of
 from pagedserve.model.random_model import cached_random_model
 from pagedserve.model.rules import check_tensor_parallel, max_model_len, served_dtype
 from pagedserve.model.shape import PRESET_HUB_IDS_KEY, ModelShape, preset_for
@@ -71,7 +72,21 @@ def resolve(model: ModelConfig, device: torch.device,
         weights_transfer=model.weights_transfer,
         expert_parallel=parallel.enable_expert_parallel,
         quantization=model.quantization,
+        weight_scheme=_weight_scheme(model, hf_config, gguf),
     )
+
+
+def _weight_scheme(model: ModelConfig, hf_config: PretrainedConfig, gguf: Path | None
+                   ) -> WeightScheme | None:
+    """The checkpoint's quantization (model/quant_scheme.py): refused here, at start, where
+    no kernel of ours runs it."""
+    if gguf is not None:
+        if model.quantization == "fp8":
+            raise ValueError("model.quantization='fp8' quantizes an HF checkpoint's float "
+                             f"weights at load; {gguf.name} is a GGUF file, whose own types "
+                             "are served (set model.quantization to 'auto' or 'dequantize')")
+        return None
+    return scheme_of(hf_config.to_dict(), model.quantization, model.path or "the model")
 
 
 def locate_tokenizer(name: str) -> Path:

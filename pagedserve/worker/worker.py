@@ -59,16 +59,18 @@ class Worker:
         self.info = info
         self.engine = engine
         self.tp = tp
-        if (info.lora is not None and info.gguf_file is not None and info.quantization == "auto"
-                and info.device.type == "cpu"):
-            raise ValueError("LoRA adapters (enable_lora) on GGUF weights kept quantized are not "
+        keep_quantized = info.quantization in ("auto", "fp8")
+        if (info.lora is not None and keep_quantized and info.device.type == "cpu"
+                and (info.gguf_file is not None or info.weight_scheme is not None)):
+            raise ValueError("LoRA adapters (enable_lora) on weights kept quantized are not "
                              "supported yet: set model.quantization='dequantize' to serve the "
                              "float model with adapters")
         self.model = build_model(info.hf_config, info.model_dir, max_position=info.max_model_len,
                                  dtype=info.dtype, device=info.device, load_format=load_format,
                                  tp=tp, gguf_file=info.gguf_file, checkpoint=checkpoint,
                                  expert_parallel=info.expert_parallel,
-                                 keep_quantized=info.quantization == "auto")
+                                 keep_quantized=keep_quantized,
+                                 weight_scheme=info.weight_scheme)
         self.weight_bytes = weight_bytes(self.model)
         self.attention = select_attention_backend(engine.attention_backend, info.device,
                                                   self.kv_block_shape[1])

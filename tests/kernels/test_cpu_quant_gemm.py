@@ -1,7 +1,7 @@
 """The CPU weight-only quantized GEMM (kernels/csrc/cpu_quant_gemm.cpp) against the float
-weight it stands for: W = q * scale + offset per group, over 4 and 8 bits, group
-sizes, offsets or none, output sizes that are not a multiple of the 32-feature
-blocks, and row counts around the kernel's tile of rows."""
+weight it stands for: W = q * scale + offset per group, over 4- and 8-bit integers
+and float8_e4m3 values, group sizes, offsets or none, output sizes that are not a
+multiple of the 32-feature blocks, and row counts around the kernel's tile of rows."""
 
 from __future__ import annotations
 
@@ -20,6 +20,13 @@ def _rows(n: int, k: int, group: int, bits: int, offsets: bool, seed: int = 0) -
     gen = torch.Generator().manual_seed(seed)
     if bits == 4:
         q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    elif bits == "fp8":  # every finite e4m3 value, subnormals and both zeros among them
+        q = torch.randint(0, 256, (n, k), generator=gen, dtype=torch.uint8)
+        q[(q & 0x7F) == 0x7F] = 0x80  # NaN: never stored
+        return QuantizedRows(q.view(torch.float8_e4m3fn),
+                             torch.rand(n, k // group, generator=gen) * 0.02,
+                             torch.randn(n, k // group, generator=gen) * 0.05 if offsets else None,
+                             8, group)
     else:
         q = torch.randint(-128, 128, (n, k), generator=gen).to(torch.int8)
     scales = torch.rand(n, k // group, generator=gen) * 0.02
@@ -33,6 +40,8 @@ CASES = [  # out features, in features, group, bits, offsets
     (96, 256, 128, 4, False),
     (33, 64, 32, 8, False),  # GGUF Q8_0
     (128, 512, 16, 8, True),
+    (40, 128, 128, "fp8", False),  # FP8 per channel: one group of K
+    (64, 256, 128, "fp8", True),
 ]
 
 
@@ -58,7 +67,7 @@ def test_packing_round_trips_and_rows_are_looked_up(n, k, group, bits, offsets):
     assert torch.equal(packed.rows(ids), weight.dequantize()[ids])
     # Bits per weight as stored: 4 or 8, plus the float32 scales (and offsets) per group.
     per_group = 4 * (2 if offsets else 1)
-    assert packed.nbytes == -(-n // 32) * 32 * (k * bits // 8 + k // group * per_group)
+    assert packed.nbytes == -(-n // 32) * 32 * (k * weight.bits // 8 + k // group * per_group)
 
 
 def test_a_bias_is_added_and_bfloat16_activations_come_back_as_bfloat16():
@@ -84,12 +93,28 @@ def test_bad_inputs_are_refused_naming_them():
     kernel = cpu_kernels.extension().quant_linear
     x = torch.randn(2, 64)
     with pytest.raises(RuntimeError, match="x must be a contiguous"):
-        kernel(x.double(), weight.qweight, weight.scales, weight.offsets, 4, 32)
+        kernel(x.double(), weight.qweight, weight.scales, weight.offsets, "int4", 32)
     with pytest.raises(RuntimeError, match="qweight must be packed"):
-        kernel(torch.randn(2, 32), weight.qweight, weight.scales, weight.offsets, 4, 32)
-    with pytest.raises(RuntimeError, match="bits must be 4 or 8"):
-        kernel(x, weight.qweight, weight.scales, weight.offsets, 3, 32)
+        kernel(torch.randn(2, 32), weight.qweight, weight.scales, weight.offsets, "int4", 32)
+    with pytest.raises(RuntimeError, match="format must be int4, int8 or fp8_e4m3"):
+        kernel(x, weight.qweight, weight.scales, weight.offsets, "int3", 32)
     with pytest.raises(RuntimeError, match="out_features=40"):
-        kernel(x, weight.qweight, weight.scales, weight.offsets, 4, 40)
+        kernel(x, weight.qweight, weight.scales, weight.offsets, "int4", 40)
     with pytest.raises(ValueError, match="4-bit values must lie in 0..15"):
-        cpu_kernels.pack_quantized(torch.full((32, 32), 16), torch.ones(32, 1), None, 4)
+        cpu_kernels.pack_quantized(torch.full((32, 32), 16), torch.ones(32, 1), None, "int4")
+
+
+def test_columns_are_selected_on_groups_or_inside_one():
+    weight = _rows(32, 256, 64, 4, True, seed=4)
+    dense = weight.dequantize()
+    part = weight.select(slice(8, 24), slice(64, 192))
+    assert part.group == 64 and torch.equal(part.dequantize(), dense[8:24, 64:192])
+    inside = weight.select(slice(None), slice(16, 48))  # a per-channel scale split by TP
+    assert inside.group == 32 and torch.equal(inside.dequantize(), dense[:, 16:48])
+    with pytest.raises(ValueError, match="columns 32..160 cut a group of 64"):
+        weight.select(slice(None), slice(32, 160))
+
+
+def test_float8_and_integer_parts_are_not_joined():
+    with pytest.raises(ValueError, match="float8 and integer parts"):
+        QuantizedRows.cat([_rows(32, 64, 32, 4, True), _rows(32, 64, 64, "fp8", False)])

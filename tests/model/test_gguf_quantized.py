@@ -90,7 +90,7 @@ def test_k_quant_blocks_stay_quantized_within_the_accuracy_bounds(tmp_path):
     model = llm.engine.executor.worker.model
     assert _quantized_weights(llm) == llm.engine.info.hf_config.num_hidden_layers * 4 + 2
     qkv = quantized_of(model.model.layers[0].self_attn.qkv_proj.weight)
-    assert (qkv.bits, qkv.group) == (8, 16)
+    assert (qkv.fmt, qkv.group) == ("int8", 16)
     hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                               dtype=torch.float32).eval()
     mean_difference, top1 = prompt_scores(llm, hf, PROMPTS)

@@ -10,7 +10,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_moe", &pagedserve::fused_moe,
         "A MoE layer's float32 experts over each token's top-k, on packed weights");
   m.def("quant_linear", &pagedserve::quant_linear,
-        "x @ W^T for a 4-bit or 8-bit W with a scale and offset per group, packed");
+        "x @ W^T for an int4, int8 or fp8 W with a scale and offset per group, packed");
   m.def("argmax_rows", &pagedserve::argmax_rows,
         "The first index of each row's maximum (float32)");
   m.def("rotary_", &pagedserve::rotary_,

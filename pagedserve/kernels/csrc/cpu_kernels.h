@@ -4,6 +4,8 @@
 // module in cpu_bindings.cpp.
 #pragma once
 
+#include <string>
+
 #include <ATen/ATen.h>
 
 namespace pagedserve {
@@ -23,10 +25,11 @@ at::Tensor fused_moe(const at::Tensor& hidden, const at::Tensor& w13, const at::
                      const at::Tensor& topk_weights, const at::Tensor& topk_ids,
                      int64_t first_expert);
 
-// x [M, K] float32 times a 4-bit or 8-bit weight packed by cpu_kernels.pack_quantized
-// (q * scale + offset per group of inputs), transposed: [M, out_features].
+// x [M, K] float32 times a weight of `format` (int4, int8 or fp8_e4m3) packed by
+// cpu_kernels.pack_quantized (q * scale + offset per group of inputs), transposed:
+// [M, out_features].
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                        const c10::optional<at::Tensor>& offsets, int64_t bits,
+                        const c10::optional<at::Tensor>& offsets, const std::string& format,
                         int64_t out_features);
 
 // torch.argmax(logits, dim=-1) of contiguous float32 rows [S, V]: [S] int64.

@@ -1,10 +1,12 @@
 // Weight-only quantized linear layers on the CPU: y = x W^T with W held as 4-bit or
-// 8-bit integers and a scale and an offset per group of input features,
+// 8-bit integers, or float8_e4m3 values, and a scale and an offset per group of
+// input features,
 //
 //   W[n, k] = q[n, k] * scale[n, k / G] + offset[n, k / G]
 //
 // which is every weight-only format we load: GGUF's Q4_0 (offset -8 d), Q4_1
-// (offset m), Q8_0 (no offset), and zero-point formats (offset -z s).
+// (offset m), Q8_0 (no offset), zero-point formats (offset -z s: AWQ, GPTQ,
+// compressed-tensors) and FP8 (per channel: one group of K; or blocks).
 // kernels/cpu_kernels.py's `pack_quantized` lays the weights out; reference.py's
 // `quant_linear` is the oracle.
 //
@@ -12,17 +14,26 @@
 //   qweight  4-bit: uint8 [N / 32, K, 16]  byte j of row k: feature j (low nibble),
 //                                           feature j + 16 (high nibble)
 //            8-bit: int8  [N / 32, K, 32]
+//            fp8:   float8_e4m3fn bytes [N / 32, K, 32]
 //   scales, offsets: float32 [N / 32, K / G, 32]
 // A block's weights are read once per tile of up to kMaxRows rows of x and turned
 // into floats in registers; no float copy of a layer is ever made. Within a group
 // the products of the integers are summed, then scaled: acc += scale * sum_k x q,
 // and the offsets add offset * sum_k x, each row's sums over a group taken once.
+//
+// An e4m3 byte becomes a float32 exactly in three integer ops and a multiply:
+// (byte & 0x7F) << 20 is its exponent and mantissa at float32's places, read
+// with float32's bias of 127 instead of e4m3's 7, so the value is off by 2^-120
+// (subnormals too: they land on float32 subnormals with the same mantissa), and
+// the sign bit moves from bit 7 to 31. The 2^120 is multiplied back in registers
+// before the products, so no subnormal float32 enters an accumulation.
 #include "cpu_kernels.h"
 
 #include <ATen/Parallel.h>
 
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -36,16 +47,31 @@ constexpr int64_t kBlock = 2 * kLanes;
 // Bytes of weights asked for ahead of the products, as in cpu_moe.cpp.
 constexpr int64_t kPrefetchBytes = 4096;
 
+enum class Format { kInt4, kInt8, kFloat8 };
+constexpr int64_t row_bytes_of(Format format) { return format == Format::kInt4 ? kLanes : kBlock; }
+constexpr float kE4m3Unbias = 1.329227995784916e36f;  // 2^120
+
 #if defined(__AVX512F__)
 constexpr int kMaxRows = 6;  // 4 accumulators a row: 24 of the 32 registers
 
-// The 32 weights of one input index, as integers turned into floats.
-template <int kBits>
+inline __m512 e4m3_to_float(const uint8_t* q) {
+  const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+  const __m512i magnitude = _mm512_slli_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(0x7F)), 20);
+  const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(0x80)), 24);
+  return _mm512_mul_ps(_mm512_castsi512_ps(_mm512_or_si512(magnitude, sign)),
+                       _mm512_set1_ps(kE4m3Unbias));
+}
+
+// The 32 weights of one input index, turned into floats.
+template <Format kFormat>
 inline void weights_at(const uint8_t* q, __m512& w0, __m512& w1) {
-  if constexpr (kBits == 4) {
+  if constexpr (kFormat == Format::kInt4) {
     const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
     w0 = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(0xF)));
     w1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
+  } else if constexpr (kFormat == Format::kFloat8) {
+    w0 = e4m3_to_float(q);
+    w1 = e4m3_to_float(q + kLanes);
   } else {
     w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
     w1 = _mm512_cvtepi32_ps(
@@ -54,10 +80,10 @@ inline void weights_at(const uint8_t* q, __m512& w0, __m512& w1) {
 }
 
 // Rows [0, R) of one block of 32 features: y[r][0:32] over all K, groups of G.
-template <int kBits, int R>
+template <Format kFormat, int R>
 void block_rows(const float* const* x, const float* xsum, int64_t groups, const uint8_t* q,
                 const float* scale, const float* offset, int64_t K, int64_t G, float* const* y) {
-  constexpr int64_t kRowBytes = kBits == 4 ? kLanes : kBlock;
+  constexpr int64_t kRowBytes = row_bytes_of(kFormat);
   __m512 total[R][2];
   for (int r = 0; r < R; ++r) total[r][0] = total[r][1] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
@@ -67,7 +93,7 @@ void block_rows(const float* const* x, const float* xsum, int64_t groups, const 
       const uint8_t* row = q + k * kRowBytes;
       _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchBytes), _MM_HINT_T0);
       __m512 w0, w1;
-      weights_at<kBits>(row, w0, w1);
+      weights_at<kFormat>(row, w0, w1);
 #pragma GCC unroll 6
       for (int r = 0; r < R; ++r) {
         const __m512 v = _mm512_set1_ps(x[r][k]);
@@ -102,10 +128,10 @@ void block_rows(const float* const* x, const float* xsum, int64_t groups, const 
 constexpr int kMaxRows = 1;
 
 // The portable path: the same sums, one row at a time, left to the compiler.
-template <int kBits, int R>
+template <Format kFormat, int R>
 void block_rows(const float* const* x, const float* xsum, int64_t groups, const uint8_t* q,
                 const float* scale, const float* offset, int64_t K, int64_t G, float* const* y) {
-  constexpr int64_t kRowBytes = kBits == 4 ? kLanes : kBlock;
+  constexpr int64_t kRowBytes = row_bytes_of(kFormat);
   for (int r = 0; r < R; ++r) {
     float total[kBlock] = {};
     for (int64_t g = 0; g < groups; ++g) {
@@ -114,12 +140,18 @@ void block_rows(const float* const* x, const float* xsum, int64_t groups, const 
         const uint8_t* row = q + k * kRowBytes;
         const float v = x[r][k];
         for (int64_t j = 0; j < kBlock; ++j) {
-          int value;
-          if constexpr (kBits == 4)
-            value = j < kLanes ? (row[j] & 0xF) : (row[j - kLanes] >> 4);
-          else
-            value = static_cast<int8_t>(row[j]);
-          part[j] += static_cast<float>(value) * v;
+          float value;
+          if constexpr (kFormat == Format::kInt4) {
+            value = static_cast<float>(j < kLanes ? (row[j] & 0xF) : (row[j - kLanes] >> 4));
+          } else if constexpr (kFormat == Format::kFloat8) {
+            const uint32_t bits = (static_cast<uint32_t>(row[j] & 0x7F) << 20) |
+                                  (static_cast<uint32_t>(row[j] & 0x80) << 24);
+            std::memcpy(&value, &bits, sizeof value);
+            value *= kE4m3Unbias;
+          } else {
+            value = static_cast<float>(static_cast<int8_t>(row[j]));
+          }
+          part[j] += value * v;
         }
       }
       for (int64_t j = 0; j < kBlock; ++j) {
@@ -132,22 +164,22 @@ void block_rows(const float* const* x, const float* xsum, int64_t groups, const 
 }
 #endif
 
-template <int kBits, int R = kMaxRows>
+template <Format kFormat, int R = kMaxRows>
 void rows_of_block(int rows, const float* const* x, const float* xsum, int64_t groups,
                    const uint8_t* q, const float* scale, const float* offset, int64_t K,
                    int64_t G, float* const* y) {
   if constexpr (R > 0) {
-    if (rows == R) return block_rows<kBits, R>(x, xsum, groups, q, scale, offset, K, G, y);
-    rows_of_block<kBits, R - 1>(rows, x, xsum, groups, q, scale, offset, K, G, y);
+    if (rows == R) return block_rows<kFormat, R>(x, xsum, groups, q, scale, offset, K, G, y);
+    rows_of_block<kFormat, R - 1>(rows, x, xsum, groups, q, scale, offset, K, G, y);
   }
 }
 
-template <int kBits>
+template <Format kFormat>
 void quant_linear_impl(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                        const at::Tensor& offsets, at::Tensor& padded_out) {
   const int64_t M = x.size(0), K = x.size(1), blocks = qweight.size(0);
   const int64_t groups = scales.size(1), G = K / groups;
-  const int64_t row_bytes = kBits == 4 ? kLanes : kBlock, n_pad = blocks * kBlock;
+  const int64_t row_bytes = row_bytes_of(kFormat), n_pad = blocks * kBlock;
   const float* xd = x.data_ptr<float>();
   // Each row's sum over each group, for the offsets.
   std::vector<float> xsum(M * groups, 0.f);
@@ -176,7 +208,7 @@ void quant_linear_impl(const at::Tensor& x, const at::Tensor& qweight, const at:
           rows[r] = xd + (m + r) * K;
           outs[r] = yd + (m + r) * n_pad + b * kBlock;
         }
-        rows_of_block<kBits>(count, rows.data(), xsum.data() + m * groups, groups, q, scale,
+        rows_of_block<kFormat>(count, rows.data(), xsum.data() + m * groups, groups, q, scale,
                              offset, K, G, outs.data());
       }
     }
@@ -188,12 +220,15 @@ void quant_linear_impl(const at::Tensor& x, const at::Tensor& qweight, const at:
 namespace pagedserve {
 
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                        const c10::optional<at::Tensor>& offsets, int64_t bits,
+                        const c10::optional<at::Tensor>& offsets, const std::string& format,
                         int64_t out_features) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "x must be a contiguous [M, K] float32 tensor");
-  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8, got ", bits);
-  const int64_t K = x.size(1), row_bytes = bits == 4 ? kLanes : kBlock;
+  TORCH_CHECK(format == "int4" || format == "int8" || format == "fp8_e4m3",
+              "format must be int4, int8 or fp8_e4m3, got ", format);
+  const Format kind = format == "int4" ? Format::kInt4
+                      : format == "int8" ? Format::kInt8 : Format::kFloat8;
+  const int64_t K = x.size(1), row_bytes = row_bytes_of(kind);
   TORCH_CHECK(qweight.dim() == 3 && qweight.is_contiguous() && qweight.size(1) == K &&
                   qweight.size(2) == row_bytes && qweight.element_size() == 1,
               "qweight must be packed [N_pad / 32, K, ", row_bytes,
@@ -213,10 +248,12 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   TORCH_CHECK(out_features > 0 && out_features <= blocks * kBlock,
               "out_features=", out_features, " does not fit ", blocks, " blocks of 32");
   at::Tensor padded = at::empty({x.size(0), blocks * kBlock}, x.options());
-  if (bits == 4)
-    quant_linear_impl<4>(x, qweight, scales, offset_tensor, padded);
+  if (kind == Format::kInt4)
+    quant_linear_impl<Format::kInt4>(x, qweight, scales, offset_tensor, padded);
+  else if (kind == Format::kInt8)
+    quant_linear_impl<Format::kInt8>(x, qweight, scales, offset_tensor, padded);
   else
-    quant_linear_impl<8>(x, qweight, scales, offset_tensor, padded);
+    quant_linear_impl<Format::kFloat8>(x, qweight, scales, offset_tensor, padded);
   return out_features == blocks * kBlock ? padded : padded.narrow(1, 0, out_features).contiguous();
 }
 

@@ -55,9 +55,9 @@ class QuantizedWeight:
 
     def __init__(self, rows: QuantizedRows) -> None:
         self.out_features, self.in_features = rows.shape
-        self.bits, self.group = rows.bits, rows.group
+        self.fmt, self.group = rows.fmt, rows.group
         self.qweight, self.scales, self.offsets = cpu_kernels.pack_quantized(
-            rows.q, rows.scales, rows.offsets, rows.bits)
+            rows.q, rows.scales, rows.offsets, rows.fmt)
 
     @property
     def nbytes(self) -> int:
@@ -66,20 +66,22 @@ class QuantizedWeight:
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         out = cpu_kernels.quant_linear(x.float(), self.qweight, self.scales, self.offsets,
-                                       self.bits, self.out_features).to(x.dtype)
+                                       self.fmt, self.out_features).to(x.dtype)
         return out if bias is None else out + bias
 
     def dense(self) -> torch.Tensor:
         """The float32 weight it stands for."""
-        return cpu_kernels.unpack_quantized(self.qweight, self.scales, self.offsets, self.bits,
+        return cpu_kernels.unpack_quantized(self.qweight, self.scales, self.offsets, self.fmt,
                                             self.out_features)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of the weight as float32 (an embedding lookup): [len(ids), K]."""
         block, lane = ids // 32, ids % 32
-        if self.bits == 4:
+        if self.fmt == "int4":
             packed = self.qweight[block, :, lane % 16]  # [n, K] bytes
             q = torch.where((lane < 16).unsqueeze(1), packed & 0xF, packed >> 4).float()
+        elif self.fmt == "fp8_e4m3":
+            q = self.qweight[block, :, lane].view(torch.float8_e4m3fn).float()
         else:
             q = self.qweight[block, :, lane].float()
         values = q * self.scales[block, :, lane].repeat_interleave(self.group, dim=1)

@@ -14,6 +14,8 @@ from torch import nn
 from pagedserve.model.checkpoint_files import checkpoint_tensors
 from pagedserve.model.gguf_file import tensors as gguf_tensors
 from pagedserve.model.gguf_file import unkept_types
+from pagedserve.model.quant_scheme import WeightScheme
+from pagedserve.model.quantized_checkpoint import joined as joined_quantized
 from pagedserve.worker.distributed import TPGroup
 from pagedserve.worker.layers import default_dtype
 from pagedserve.worker.layers.linear import default_weight_loader, pack_linear_weights
@@ -50,7 +52,8 @@ def build_model(hf_config, model_dir: Path, *, max_position: int, dtype: torch.d
                 device: torch.device, load_format: str, tp: TPGroup = TPGroup(),
                 gguf_file: Path | None = None, pack_cpu_weights: bool = True,
                 checkpoint: dict[str, torch.Tensor] | None = None,
-                expert_parallel: bool = False, keep_quantized: bool = False) -> nn.Module:
+                expert_parallel: bool = False, keep_quantized: bool = False,
+                weight_scheme: WeightScheme | None = None) -> nn.Module:
     """This rank's shard of the model, with its weights (or random ones for "dummy").
 
     Weights come from `checkpoint` when given (whole tensors by checkpoint name:
@@ -61,14 +64,19 @@ def build_model(hf_config, model_dir: Path, *, max_position: int, dtype: torch.d
     cast after. On the CPU, linear weights are then packed for oneDNN's GEMM
     (layers/linear.py), unless `pack_cpu_weights` is False.
 
-    With `keep_quantized`, the GGUF file's weights of the types the CPU kernel runs
-    stay quantized in memory (layers/quantized.py); elsewhere than on the CPU they
-    are dequantized, and a log line says so.
+    A quantized HF checkpoint (`weight_scheme`: model/quant_scheme.py) has each
+    layer's parts joined into one weight (model/quantized_checkpoint.py); the
+    online FP8 scheme quantizes a float checkpoint's linear weights as they load.
+    With `keep_quantized`, those weights, and the GGUF file's of the types the CPU
+    kernel runs, stay quantized in memory (layers/quantized.py); elsewhere than on
+    the CPU they are dequantized, and a log line says so.
     """
-    quantize = keep_quantized and gguf_file is not None and checkpoint is None
+    source = gguf_file.name if gguf_file is not None else str(model_dir)
+    quantize = keep_quantized and (weight_scheme is not None
+                                   or (gguf_file is not None and checkpoint is None))
     if quantize and device.type != "cpu":
         logger.warning("%s: quantized weights run on the CPU only so far; on %s they are "
-                       "dequantized into %s", gguf_file.name, device.type, dtype)
+                       "dequantized into %s", source, device.type, dtype)
         quantize = False
     loading = quantized_loading() if quantize else contextlib.nullcontext()
     with torch.device(device), default_dtype(dtype), loading:
@@ -78,7 +86,8 @@ def build_model(hf_config, model_dir: Path, *, max_position: int, dtype: torch.d
     if load_format == "dummy":
         _init_dummy(model)
     elif checkpoint is not None:
-        load_weights(model, checkpoint.items(), "the object store's checkpoint")
+        load_weights(model, _joined(checkpoint.items(), weight_scheme),
+                     "the object store's checkpoint")
     elif gguf_file is not None:
         load_weights(model, gguf_tensors(gguf_file, hf_config, checkpoint_names(model)),
                      str(gguf_file))
@@ -92,11 +101,20 @@ def build_model(hf_config, model_dir: Path, *, max_position: int, dtype: torch.d
                                    f"{kind} ({count} tensors)" for kind, count in unkept.items()),
                                dtype)
     else:
-        load_weights(model, checkpoint_tensors(model_dir), str(model_dir))
+        load_weights(model, _joined(checkpoint_tensors(model_dir), weight_scheme), str(model_dir))
+    if quantize and gguf_file is None:
+        kept = finalize_quantized(model, dtype, device)
+        logger.info("%s: %d weights kept quantized (%s %s)", source, kept, weight_scheme.method,
+                    weight_scheme.name)
     model.eval().requires_grad_(False)
     if device.type == "cpu" and pack_cpu_weights:
         pack_linear_weights(model)
     return model
+
+
+def _joined(tensors: Iterable[tuple[str, object]], scheme: WeightScheme | None
+            ) -> Iterable[tuple[str, object]]:
+    return tensors if scheme is None else joined_quantized(tensors, scheme)
 
 
 def checkpoint_names(model: nn.Module) -> list[str]:

@@ -46,7 +46,8 @@ _SCALE_PARTS = {"compressed-tensors": ("weight_scale", "weight_zero_point", "inp
                                        "weight_g_idx", "weight_packed", "weight_shape"),
                 "fp8": ("weight_scale_inv", "input_scale")}
 _QUANTIZED_DTYPES = {"I8", "F8_E4M3", torch.int8, torch.float8_e4m3fn}
-_NOT_ONLINE = ("embed_tokens", "lm_head")  # kept in the model dtype, as vLLM does
+# Kept in the model dtype, as vLLM does: the vocabulary and a MoE layer's router.
+_NOT_ONLINE = ("embed_tokens", "lm_head", "mlp.gate.")
 
 
 def joined(tensors: Iterable[tuple[str, object]], scheme: WeightScheme

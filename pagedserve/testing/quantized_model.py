@@ -45,6 +45,18 @@ def write_quantized(source: Path, out: Path, fmt: str, group: int = 128
     return out, oracle
 
 
+def write_oracle(source: Path, weights: dict[str, torch.Tensor], out: Path) -> Path:
+    """The float checkpoint at `source` with `weights` (write_quantized's oracle) in place
+    of its own, for transformers to load as it loads any checkpoint (it fuses a MoE
+    layer's per-expert tensors on the way in)."""
+    shutil.copytree(source, out, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    state = {name: tensor for file in sorted(source.glob("*.safetensors"))
+             for name, tensor in load_file(file).items()}
+    save_file(state | {name: weight.to(state[name].dtype) for name, weight in weights.items()},
+              out / "model.safetensors")
+    return out
+
+
 def _compressed_tensors(weight: torch.Tensor, fmt: str, group: int):
     from compressed_tensors.compressors.base import BaseCompressor
     from compressed_tensors.quantization import (

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from pagedserve import LLM, SamplingParams
 from pagedserve.config import parse
 from pagedserve.testing import build_random_model
-from pagedserve.testing.quantized_model import FORMATS, write_quantized
+from pagedserve.testing.quantized_model import FORMATS, write_oracle, write_quantized
 from pagedserve.worker.layers.quantized import quantized_of
 
 ENGINE = dict(device="cpu", dtype="float32", num_gpu_blocks=64, max_model_len=128)
@@ -42,12 +42,10 @@ def checkpoints(tmp_path_factory, source):
     return {fmt: write_quantized(source, root / fmt, fmt) for fmt in FORMATS}
 
 
-def _oracle(source, weights: dict[str, torch.Tensor]):
-    hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-    missing = set(weights) - set(dict(hf.named_parameters()))
-    assert not missing, missing
-    hf.load_state_dict(weights, strict=False)
-    return hf
+def _oracle(source, weights: dict[str, torch.Tensor], tmp_path):
+    """transformers on the weights the quantized checkpoint stands for."""
+    oracle = write_oracle(source, weights, tmp_path / "oracle")
+    return AutoModelForCausalLM.from_pretrained(oracle, dtype=torch.float32).eval()
 
 
 def _kept(llm: LLM) -> int:
@@ -56,12 +54,13 @@ def _kept(llm: LLM) -> int:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_each_format_stays_quantized_within_the_accuracy_bounds(source, checkpoints, fmt):
+def test_each_format_stays_quantized_within_the_accuracy_bounds(source, checkpoints, fmt,
+                                                                 tmp_path):
     path, weights = checkpoints[fmt]
     llm = LLM(str(path), **ENGINE)
     layers = llm.engine.info.hf_config.num_hidden_layers
     assert _kept(llm) == layers * LINEARS_PER_LAYER
-    hf = _oracle(source, weights)
+    hf = _oracle(source, weights, tmp_path)
     linear_bytes = sum(w.numel() for w in weights.values()) * 4
     float_bytes = sum(p.numel() * 4 for p in hf.parameters())
     bits = 4 if fmt in ("w4a16", "w4a16-asym", "awq", "gptq") else 8
@@ -86,14 +85,28 @@ def test_online_fp8_quantizes_each_output_channel_at_load(source):
     assert mean_difference <= 0.02 and top1 >= 0.97, (mean_difference, top1)
 
 
-def test_dequantize_serves_the_float_model_of_the_checkpoint(source, checkpoints):
+def test_dequantize_serves_the_float_model_of_the_checkpoint(source, checkpoints, tmp_path):
     path, weights = checkpoints["awq"]
     llm = LLM(str(path), quantization="dequantize", **ENGINE)
     assert _kept(llm) == 0
-    hf = _oracle(source, weights)
+    hf = _oracle(source, weights, tmp_path)
     assert llm.get_memory_stats()["weight_bytes"] == sum(p.numel() * 4 for p in hf.parameters())
     mean_difference, top1 = prompt_scores(llm, hf, PROMPTS)
     assert mean_difference <= 1e-4 and top1 == 1.0
+
+
+@pytest.mark.parametrize("fmt", ["w4a16", "fp8-dynamic"])
+def test_moe_experts_stay_quantized_within_the_accuracy_bounds(tmp_path, fmt):
+    """Qwen3-MoE, as Qwen3-30B-A3B's W4A16 and FP8 checkpoints hold it: every expert's
+    gate, up and down projections quantized, the router in float."""
+    source = build_random_model(tmp_path / "moe", arch="qwen3_moe", moe_intermediate_size=128,
+                                **SHAPE)
+    path, weights = write_quantized(source, tmp_path / fmt, fmt)
+    llm = LLM(str(path), **ENGINE)
+    layer = llm.engine.executor.worker.model.model.layers[0].mlp.experts
+    assert len(quantized_of(layer.w13)) == len(quantized_of(layer.w2)) == layer.num_experts
+    mean_difference, top1 = prompt_scores(llm, _oracle(source, weights, tmp_path), PROMPTS)
+    assert mean_difference <= 0.02 and top1 >= 0.97, (mean_difference, top1)
 
 
 def test_w4a16_at_tp2_equals_tp1(ray_cluster, checkpoints):

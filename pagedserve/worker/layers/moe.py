@@ -25,7 +25,9 @@ The experts run, by device and dtype:
                   at load into its blocked layout
     cpu, other    tokens grouped by expert, one oneDNN GEMM per expert a token chose,
                   on each expert's weights packed once at load (kernels/cpu_gemm.py)
-and kernels/reference.py's `moe` is the oracle of all three.
+    cpu, kept     tokens grouped by expert, the quantized GEMM of each expert chosen
+    quantized     (layers/quantized.py: each expert's gate/up and down weights)
+and kernels/reference.py's `moe` is the oracle of them all.
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ from torch import nn
 from pagedserve.kernels import cpu_gemm, cpu_kernels
 from pagedserve.worker.distributed import TPGroup
 from pagedserve.worker.layers.linear import check_shape, checkpoint_shape
+from pagedserve.worker.layers.quantized import (
+    collect,
+    experts_made_whole,
+    new_weight,
+    quantized_of,
+)
 
 # The parts of an expert's MLP, by the checkpoint names of each layout.
 EXPERT_PARTS = {"w1": ("w13", 0), "w3": ("w13", 1), "w2": ("w2", 0),
@@ -69,10 +77,8 @@ class FusedMoE(nn.Module):
             self.inter = tp.split(intermediate_size, "experts' intermediate_size")
         self.first_expert = tp.rank * self.num_local if expert_parallel else 0
         self.expert_parallel = expert_parallel
-        self.w13 = nn.Parameter(torch.empty(self.num_local, 2 * self.inter, hidden_size),
-                                requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(self.num_local, hidden_size, self.inter),
-                               requires_grad=False)
+        self.w13 = new_weight(self.num_local, 2 * self.inter, hidden_size)
+        self.w2 = new_weight(self.num_local, hidden_size, self.inter)
         # Shard ids: w13 has a gate and an up part per expert, w2 one part per expert.
         self.w13.weight_loader, self.w13.num_parts = self.load_expert, 2 * num_experts
         self.w2.weight_loader, self.w2.num_parts = self.load_expert, num_experts
@@ -97,18 +103,41 @@ class FusedMoE(nn.Module):
         if local is None:
             return
         start = 0 if self.expert_parallel else self.tp.rank * self.inter
+        if hasattr(param, "quant_parts"):
+            inter = slice(start, start + self.inter)
+            collect(param, (local, part), loaded, *((inter, slice(None)) if is_w13
+                                                    else (slice(None), inter)))
+            return
         if is_w13:
             param.data[local].narrow(0, part * self.inter, self.inter).copy_(
                 loaded[start:start + self.inter])
         else:
             param.data[local].copy_(loaded[:, start:start + self.inter])
 
+    def finalize_quantized(self, dtype: torch.dtype, device: torch.device) -> int:
+        """After quantized loading: each expert's weights kept quantized where every part
+        came so (layers/quantized.py), else the float stacks. Returns how many stayed."""
+        kept = 0
+        for name, parts_of in (("w13", lambda e: [(e, 0), (e, 1)]), ("w2", lambda e: [(e, 0)])):
+            param = getattr(self, name)
+            joined = experts_made_whole([[param.quant_parts[key] for key in parts_of(expert)]
+                                         for expert in range(self.num_local)], dtype, device)
+            if isinstance(joined, torch.Tensor):
+                new = nn.Parameter(joined, requires_grad=False)
+            else:
+                new = nn.Parameter(torch.empty(param.shape, device="meta"), requires_grad=False)
+                new.quantized = joined
+                kept += 1
+            new.weight_loader, new.num_parts = self.load_expert, param.num_parts
+            setattr(self, name, new)
+        return kept
+
     def pack_for_cpu(self, kernel: bool = True) -> bool:
         """The experts packed once (pack_linear_weights calls this): float32 for the C++
         kernel, other dtypes (and float32 with `kernel=False`) for oneDNN, expert by
         expert. The stacked parameters become meta tensors, as a packed linear's weight
         does."""
-        if self.w13.device.type != "cpu":
+        if self.w13.device.type != "cpu" or quantized_of(self.w13) is not None:
             return False
         if kernel and self.w13.dtype == torch.float32 and cpu_kernels.usable():
             self.blocked = cpu_kernels.pack_moe(self.w13.data, self.w2.data)
@@ -125,7 +154,10 @@ class FusedMoE(nn.Module):
         return True
 
     def dense_weights(self) -> dict[str, torch.Tensor]:
-        """w13 and w2 as plain tensors, packed or not."""
+        """w13 and w2 as plain tensors, packed, quantized or not."""
+        if quantized_of(self.w13) is not None:
+            return {name: torch.stack([w.dense() for w in quantized_of(getattr(self, name))])
+                    for name in ("w13", "w2")}
         if self.blocked is not None:
             w13, w2 = cpu_kernels.unpack_moe(*self.blocked, self.w2.shape[1], self.inter)
             return {"w13": w13, "w2": w2}
@@ -175,6 +207,9 @@ class FusedMoE(nn.Module):
         return torch.zeros_like(hidden).index_add_(0, rows, out)
 
     def _linear(self, x: torch.Tensor, expert: int, which: int) -> torch.Tensor:
+        quantized = quantized_of((self.w13, self.w2)[which])
+        if quantized is not None:
+            return quantized[expert].linear(x, None)
         if self.packed is not None:
             return cpu_gemm.linear(x, self.packed[which][expert], None)
         return F.linear(x, (self.w13, self.w2)[which][expert])

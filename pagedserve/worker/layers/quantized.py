@@ -41,11 +41,12 @@ def quantized_loading() -> Iterator[None]:
         _LOADING.reset(token)
 
 
-def new_weight(rows: int, cols: int) -> nn.Parameter:
-    """A layer's weight: on the meta device, collecting its parts, when loading quantized."""
+def new_weight(*shape: int) -> nn.Parameter:
+    """A layer's weight (or a MoE layer's stacked experts): on the meta device, collecting
+    its parts, when loading quantized."""
     if not _LOADING.get():
-        return nn.Parameter(torch.empty(rows, cols), requires_grad=False)
-    param = nn.Parameter(torch.empty(rows, cols, device="meta"), requires_grad=False)
+        return nn.Parameter(torch.empty(*shape), requires_grad=False)
+    param = nn.Parameter(torch.empty(*shape, device="meta"), requires_grad=False)
     param.quant_parts = {}
     return param
 
@@ -90,7 +91,15 @@ class QuantizedWeight:
         return values
 
 
-def collect(param: torch.Tensor, index: int, loaded, rows: slice, cols: slice) -> None:
+class QuantizedExperts(list):
+    """A MoE layer's experts (w13 or w2), one QuantizedWeight each."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(weight.nbytes for weight in self)
+
+
+def collect(param: torch.Tensor, index, loaded, rows: slice, cols: slice) -> None:
     """Part `index` of a meta weight: the checkpoint's `rows` and `cols`, quantized if
     the checkpoint slice keeps them so."""
     if getattr(loaded, "kept_quantized", False):
@@ -105,6 +114,9 @@ def finalize(model: nn.Module, dtype: torch.dtype, device: torch.device) -> int:
     kept = 0
     replaced: dict[int, nn.Parameter] = {}
     for module in model.modules():
+        if hasattr(module, "finalize_quantized"):  # a MoE layer: experts made whole each
+            kept += module.finalize_quantized(dtype, device)
+            continue
         for name, param in list(module._parameters.items()):
             if param is None or not hasattr(param, "quant_parts"):
                 continue
@@ -131,6 +143,21 @@ def _made_whole(param: nn.Parameter, dtype: torch.dtype, device: torch.device
     weight = torch.cat([part.dequantize() if isinstance(part, QuantizedRows) else part.float()
                         for part in parts])
     return nn.Parameter(weight.to(device=device, dtype=dtype), requires_grad=False), False
+
+
+def experts_made_whole(parts: list[list], dtype: torch.dtype, device: torch.device
+                       ) -> QuantizedExperts | torch.Tensor:
+    """Each expert's collected parts (gate and up, or down) joined: QuantizedExperts where
+    every part of every expert came quantized and joins, else the stacked float weights."""
+    try:
+        if all(isinstance(part, QuantizedRows) for expert in parts for part in expert):
+            return QuantizedExperts(QuantizedWeight(QuantizedRows.cat(expert))
+                                    for expert in parts)
+    except ValueError as error:  # float8 and integer parts in one expert
+        logger.info("experts of mixed kinds (%s): dequantized into %s", error, dtype)
+    return torch.stack([torch.cat([part.dequantize() if isinstance(part, QuantizedRows)
+                                   else part.float() for part in expert]) for expert in parts]
+                       ).to(device=device, dtype=dtype)
 
 
 def _zero_rows(like, count: int, cols: int):

@@ -166,8 +166,9 @@ def pack_quantized(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor 
     """A weight W[n, k] = q[n, k] * scales[n, k // G] + offsets[n, k // G] in
     csrc/cpu_quant_gemm.cpp's layout: (qweight, scales, offsets) by blocks of 32 output
     features. q: [N, K] integers (int4: 0..15, int8: -128..127) or float8_e4m3fn
-    values (fp8_e4m3); scales and offsets: [N, K / G] float32. N is padded to a
-    multiple of 32 with zero rows."""
+    values (fp8_e4m3); scales and offsets: [N, K / G]. They are held as float16
+    where that holds every one exactly (GGUF's float16 scales: fewer bytes to
+    stream), else as float32. N is padded to a multiple of 32 with zero rows."""
     if fmt not in FORMATS:
         raise ValueError(f"fmt={fmt!r}: the CPU kernel takes {', '.join(FORMATS)}")
     if fmt == "fp8_e4m3":
@@ -185,15 +186,22 @@ def pack_quantized(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor 
     else:
         qweight = blocks.to(torch.int8) if fmt == "int8" else blocks
 
+    held = torch.float16 if all(values is None or _exact_in_half(values)
+                                for values in (scales, offsets)) else torch.float32
+
     def by_block(values: torch.Tensor | None) -> torch.Tensor | None:
         if values is None:
             return None
-        values = values.float()
+        values = values.to(held)
         if n_pad != n:
             values = torch.cat([values, values.new_zeros(n_pad - n, values.shape[1])])
         return values.view(n_pad // 32, 32, -1).transpose(1, 2).contiguous()
 
     return qweight.contiguous(), by_block(scales), by_block(offsets)
+
+
+def _exact_in_half(values: torch.Tensor) -> bool:
+    return bool(torch.equal(values.half().float(), values.float()))
 
 
 def unpack_quantized(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
@@ -207,9 +215,9 @@ def unpack_quantized(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch
     else:
         q = qweight.float()
     group = k // scales.shape[1]
-    weight = q * scales.repeat_interleave(group, dim=1)
+    weight = q * scales.float().repeat_interleave(group, dim=1)
     if offsets is not None:
-        weight = weight + offsets.repeat_interleave(group, dim=1)
+        weight = weight + offsets.float().repeat_interleave(group, dim=1)
     return weight.transpose(1, 2).reshape(blocks * 32, k)[:out_features].contiguous()
 
 

@@ -16,39 +16,41 @@ pytestmark = pytest.mark.skipif(not cpu_kernels.usable(),
                                 reason="the CPU kernels need a C++ compiler")
 
 
-def _rows(n: int, k: int, group: int, bits: int, offsets: bool, seed: int = 0) -> QuantizedRows:
+def _rows(n: int, k: int, group: int, bits, offsets: bool, half: bool = False, seed: int = 0
+          ) -> QuantizedRows:
+    """Random weights; `half`: scales and offsets that float16 holds exactly (GGUF's)."""
     gen = torch.Generator().manual_seed(seed)
     if bits == 4:
         q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
     elif bits == "fp8":  # every finite e4m3 value, subnormals and both zeros among them
         q = torch.randint(0, 256, (n, k), generator=gen, dtype=torch.uint8)
         q[(q & 0x7F) == 0x7F] = 0x80  # NaN: never stored
-        return QuantizedRows(q.view(torch.float8_e4m3fn),
-                             torch.rand(n, k // group, generator=gen) * 0.02,
-                             torch.randn(n, k // group, generator=gen) * 0.05 if offsets else None,
-                             8, group)
+        q, bits = q.view(torch.float8_e4m3fn), 8
     else:
         q = torch.randint(-128, 128, (n, k), generator=gen).to(torch.int8)
     scales = torch.rand(n, k // group, generator=gen) * 0.02
     offset = torch.randn(n, k // group, generator=gen) * 0.05 if offsets else None
+    if half:
+        scales = scales.half().float()
+        offset = None if offset is None else offset.half().float()
     return QuantizedRows(q, scales, offset, bits, group)
 
 
-CASES = [  # out features, in features, group, bits, offsets
-    (64, 128, 32, 4, True),  # GGUF Q4_1
-    (50, 96, 32, 4, True),  # out features padded to 64
-    (96, 256, 128, 4, False),
-    (33, 64, 32, 8, False),  # GGUF Q8_0
-    (128, 512, 16, 8, True),
-    (40, 128, 128, "fp8", False),  # FP8 per channel: one group of K
-    (64, 256, 128, "fp8", True),
+CASES = [  # out features, in features, group, bits, offsets, float16 scales
+    (64, 128, 32, 4, True, True),  # GGUF Q4_1
+    (50, 96, 32, 4, True, False),  # out features padded to 64
+    (96, 256, 128, 4, False, False),
+    (33, 64, 32, 8, False, True),  # GGUF Q8_0
+    (128, 512, 16, 8, True, False),
+    (40, 128, 128, "fp8", False, False),  # FP8 per channel: one group of K
+    (64, 256, 128, "fp8", True, True),
 ]
 
 
 @pytest.mark.parametrize("rows", [1, 5, 6, 7, 13])
-@pytest.mark.parametrize("n, k, group, bits, offsets", CASES)
-def test_equals_the_float_weight(n, k, group, bits, offsets, rows):
-    weight = _rows(n, k, group, bits, offsets)
+@pytest.mark.parametrize("n, k, group, bits, offsets, half", CASES)
+def test_equals_the_float_weight(n, k, group, bits, offsets, half, rows):
+    weight = _rows(n, k, group, bits, offsets, half)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
     packed = QuantizedWeight(weight)
     expected = x.double() @ weight.dequantize().double().T
@@ -58,15 +60,17 @@ def test_equals_the_float_weight(n, k, group, bits, offsets, rows):
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5 * expected.abs().max())
 
 
-@pytest.mark.parametrize("n, k, group, bits, offsets", CASES)
-def test_packing_round_trips_and_rows_are_looked_up(n, k, group, bits, offsets):
-    weight = _rows(n, k, group, bits, offsets, seed=1)
+@pytest.mark.parametrize("n, k, group, bits, offsets, half", CASES)
+def test_packing_round_trips_and_rows_are_looked_up(n, k, group, bits, offsets, half):
+    weight = _rows(n, k, group, bits, offsets, half, seed=1)
     packed = QuantizedWeight(weight)
     assert torch.equal(packed.dense(), weight.dequantize())
     ids = torch.tensor([0, n - 1, n // 2, 17 % n])
     assert torch.equal(packed.rows(ids), weight.dequantize()[ids])
-    # Bits per weight as stored: 4 or 8, plus the float32 scales (and offsets) per group.
-    per_group = 4 * (2 if offsets else 1)
+    # Bits per weight as stored: 4 or 8, plus the scales (and offsets) per group, in
+    # float16 where it holds them exactly, else float32.
+    assert packed.scales.dtype == (torch.float16 if half else torch.float32)
+    per_group = (2 if half else 4) * (2 if offsets else 1)
     assert packed.nbytes == -(-n // 32) * 32 * (k * weight.bits // 8 + k // group * per_group)
 
 
@@ -98,6 +102,8 @@ def test_bad_inputs_are_refused_naming_them():
         kernel(torch.randn(2, 32), weight.qweight, weight.scales, weight.offsets, "int4", 32)
     with pytest.raises(RuntimeError, match="format must be int4, int8 or fp8_e4m3"):
         kernel(x, weight.qweight, weight.scales, weight.offsets, "int3", 32)
+    with pytest.raises(RuntimeError, match="offsets must be shaped like scales, in their dtype"):
+        kernel(x, weight.qweight, weight.scales, weight.offsets.half(), "int4", 32)
     with pytest.raises(RuntimeError, match="out_features=40"):
         kernel(x, weight.qweight, weight.scales, weight.offsets, "int4", 40)
     with pytest.raises(ValueError, match="4-bit values must lie in 0..15"):

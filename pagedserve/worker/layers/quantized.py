@@ -85,9 +85,9 @@ class QuantizedWeight:
             q = self.qweight[block, :, lane].view(torch.float8_e4m3fn).float()
         else:
             q = self.qweight[block, :, lane].float()
-        values = q * self.scales[block, :, lane].repeat_interleave(self.group, dim=1)
+        values = q * self.scales[block, :, lane].float().repeat_interleave(self.group, dim=1)
         if self.offsets is not None:
-            values += self.offsets[block, :, lane].repeat_interleave(self.group, dim=1)
+            values += self.offsets[block, :, lane].float().repeat_interleave(self.group, dim=1)
         return values
 
 

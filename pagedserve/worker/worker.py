@@ -60,11 +60,6 @@ class Worker:
         self.engine = engine
         self.tp = tp
         keep_quantized = info.quantization in ("auto", "fp8")
-        if (info.lora is not None and keep_quantized and info.device.type == "cpu"
-                and (info.gguf_file is not None or info.weight_scheme is not None)):
-            raise ValueError("LoRA adapters (enable_lora) on weights kept quantized are not "
-                             "supported yet: set model.quantization='dequantize' to serve the "
-                             "float model with adapters")
         self.model = build_model(info.hf_config, info.model_dir, max_position=info.max_model_len,
                                  dtype=info.dtype, device=info.device, load_format=load_format,
                                  tp=tp, gguf_file=info.gguf_file, checkpoint=checkpoint,

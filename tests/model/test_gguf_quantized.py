@@ -165,10 +165,23 @@ def test_quantized_weights_serve_alike_under_the_engines_features(files, setting
         assert stats["num_swap_preemptions"] > 0
 
 
-def test_lora_on_quantized_weights_is_refused_naming_the_way_out(files):
-    with pytest.raises(ValueError, match=r"LoRA adapters .* kept quantized are not supported "
-                                         r"yet: set model.quantization='dequantize'"):
-        LLM(str(files["Q4_1"]), enable_lora=True, **ENGINE)
+def test_lora_on_quantized_weights_equals_lora_on_the_dequantized_file(source, files,
+                                                                      tmp_path):
+    from pagedserve import LoRARequest
+    from pagedserve.testing.lora import build_lora_adapter
+
+    adapter = LoRARequest("a", 1, str(build_lora_adapter(
+        source, tmp_path / "adapter", 8, ["q_proj", "k_proj", "gate_proj", "down_proj"])))
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    runs = {}
+    for quantization in ("auto", "dequantize"):
+        llm = LLM(str(files["Q4_1"]), enable_lora=True, max_lora_rank=8,
+                  quantization=quantization, **ENGINE)
+        assert (_quantized_weights(llm) > 0) == (quantization == "auto")
+        runs[quantization] = [o.outputs[0].token_ids for o in llm.generate(
+            prompts, params, use_tqdm=False, lora_request=adapter)]
+    assert runs["auto"] == runs["dequantize"]
 
 
 def test_a_tensor_parallel_split_inside_a_block_is_refused(tmp_path):

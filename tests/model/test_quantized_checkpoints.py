@@ -174,7 +174,24 @@ def test_act_order_gptq_and_fp8_over_a_quantized_checkpoint_are_refused(checkpoi
         LLM(str(checkpoints["awq"][0]), quantization="fp8", **ENGINE)
 
 
-def test_lora_on_a_quantized_checkpoint_is_refused(checkpoints):
-    with pytest.raises(ValueError, match=r"LoRA adapters \(enable_lora\) on weights kept "
-                                         r"quantized are not supported yet"):
-        LLM(str(checkpoints["w4a16"][0]), enable_lora=True, **ENGINE)
+def test_lora_adapters_apply_over_quantized_weights_as_peft_over_the_float_ones(
+        source, checkpoints, tmp_path):
+    """The adapter's delta, in float, adds to the quantized layer's output: greedy tokens
+    equal peft's over transformers running the dequantized weights."""
+    from pagedserve import LoRARequest
+    from pagedserve.testing.lora import build_lora_adapter, peft_greedy
+
+    path, weights = checkpoints["w4a16-asym"]
+    adapter = build_lora_adapter(source, tmp_path / "adapter", 8,
+                                 ["q_proj", "v_proj", "o_proj", "down_proj"])
+    expected = peft_greedy(write_oracle(source, weights, tmp_path / "oracle"), adapter,
+                           PROMPTS, max_new_tokens=8)
+    llm = LLM(str(path), enable_lora=True, max_lora_rank=8, **ENGINE)
+    assert _kept(llm) == SHAPE["num_hidden_layers"] * LINEARS_PER_LAYER
+    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
+                           SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False,
+                           lora_request=LoRARequest("a", 1, str(adapter)))
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    base = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
+                        SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in base] != expected  # the adapter changes the text

@@ -127,8 +127,13 @@ def _flat(tensors) -> list[torch.Tensor]:
 
 
 def base_weight(layer: nn.Module) -> torch.Tensor:
-    """The tensor that holds a layer's weight: packed or plain, with its shape, dtype and
-    device."""
+    """A tensor with the shape, dtype and device of a layer's weight: packed, plain, or
+    (for a weight kept quantized, whose parameter is a meta tensor) a stand-in that
+    holds no memory."""
+    quantized = quantized_of(layer.weight)
+    if quantized is not None:
+        return torch.empty((), dtype=layer.weight.dtype,
+                           device=quantized.qweight.device).expand(layer.weight.shape)
     return layer.weight if layer.packed_weight is None else layer.packed_weight
 
 

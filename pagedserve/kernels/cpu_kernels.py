@@ -12,7 +12,8 @@ all the query heads that share it, with float32 scores and accumulation.
 slower than a vectorized maximum such as `amax`. `rotary_` rotates q and k
 where the QKV projection wrote them, with no temporaries. `rms_norm` adds a
 sublayer's output into the residual stream and normalizes the sum in one
-pass, where torch takes five ops and as many temporaries. These three are in
+pass, where torch takes five ops and as many temporaries. `silu_and_mul` is
+the MLP's SiLU(gate) * up in one call instead of three. These four are in
 csrc/cpu_ops.cpp.
 
 `fused_moe` (csrc/cpu_moe.cpp) runs a float32 MoE layer's experts on weights
@@ -224,6 +225,8 @@ def unpack_quantized(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch
 def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                  offsets: torch.Tensor | None, fmt: str, out_features: int) -> torch.Tensor:
     """x [..., K] float32 @ W^T for W packed by `pack_quantized`: [..., out_features]."""
+    if x.dim() == 2 and x.is_contiguous():  # the forward's own shape: no reshapes
+        return extension().quant_linear(x, qweight, scales, offsets, fmt, out_features)
     flat = x.reshape(-1, x.shape[-1]).contiguous()
     out = extension().quant_linear(flat, qweight, scales, offsets, fmt, out_features)
     return out.view(*x.shape[:-1], out_features)
@@ -239,6 +242,11 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     """Rotate q [T, H, D] and k [T, H_kv, D] (float32, contiguous head_dim) in place by the
     rows `positions` of the cos and sin tables [max_position, D]."""
     extension().rotary_(q, k, cos, sin, positions)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up of contiguous float32 rows [T, 2 I] holding gate, then up: [T, I]."""
+    return extension().silu_and_mul(x)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,

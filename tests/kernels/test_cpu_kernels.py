@@ -239,3 +239,14 @@ def test_rms_norm_with_and_without_the_residual_add():
     assert torch.equal(in_place, total)  # the residual stream is updated where it lies
     with pytest.raises(RuntimeError, match="residual must be a contiguous float32 like x"):
         cpu_kernels.rms_norm(x, norm.weight, 1e-6, residual[:3])
+
+
+def test_silu_and_mul_is_silu_of_the_gate_times_up():
+    gen = torch.Generator().manual_seed(2)
+    gate_up = torch.randn(9, 2 * 3000, generator=gen) * 4  # rows span the threads' chunks
+    gate, up = gate_up.split(3000, dim=-1)
+    torch.testing.assert_close(cpu_kernels.silu_and_mul(gate_up),
+                               torch.nn.functional.silu(gate) * up, atol=1e-6, rtol=1e-5)
+    assert cpu_kernels.silu_and_mul(torch.empty(0, 8)).shape == (0, 4)
+    with pytest.raises(RuntimeError, match=r"x must be a contiguous \[T, 2 I\] float32"):
+        cpu_kernels.silu_and_mul(gate_up.double())

@@ -13,6 +13,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "x @ W^T for an int4, int8 or fp8 W with a scale and offset per group, packed");
   m.def("argmax_rows", &pagedserve::argmax_rows,
         "The first index of each row's maximum (float32)");
+  m.def("silu_and_mul", &pagedserve::silu_and_mul,
+        "SiLU(gate) * up of float32 rows holding gate then up");
   m.def("rotary_", &pagedserve::rotary_,
         "Rotate-half rotary embedding of q and k in place (float32)");
   m.def("rms_norm", &pagedserve::rms_norm,

@@ -40,6 +40,9 @@ void rotary_(at::Tensor q, at::Tensor k, const at::Tensor& cos, const at::Tensor
              const at::Tensor& positions);
 
 // RMSNorm of float32 rows [T, H], after adding them into `residual` when it is given.
+// SiLU(gate) * up of float32 rows [T, 2 I] (gate, then up): [T, I].
+at::Tensor silu_and_mul(const at::Tensor& x);
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps,
                     c10::optional<at::Tensor> residual);
 

@@ -1,5 +1,6 @@
 // The small CPU ops of a forward pass and of greedy sampling: the argmax of logits
-// rows, rotary embeddings applied in place, and RMSNorm fused with the residual add.
+// rows, rotary embeddings applied in place, RMSNorm fused with the residual add, and
+// the MLP's SiLU(gate) * up in one pass.
 #include "cpu_kernels.h"
 
 #include <ATen/Parallel.h>
@@ -146,6 +147,26 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps,
       float* o = dst + r * hidden;
 #pragma omp simd
       for (int64_t i = 0; i < hidden; ++i) o[i] = w[i] * (row[i] * inverse);
+    }
+  });
+  return out;
+}
+
+// SiLU(gate) * up of rows [T, 2 I] holding gate then up: [T, I]. One pass, where torch
+// takes a split, the SiLU and the product, each a dispatched op with its own output.
+at::Tensor silu_and_mul(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() &&
+                  x.size(1) % 2 == 0,
+              "x must be a contiguous [T, 2 I] float32 tensor");
+  const int64_t rows = x.size(0), inter = x.size(1) / 2;
+  at::Tensor out = at::empty({rows, inter}, x.options());
+  const float* in = x.data_ptr<float>();
+  float* y = out.data_ptr<float>();
+  at::parallel_for(0, rows * inter, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = i / inter, j = i % inter;
+      const float gate = in[r * 2 * inter + j], up = in[r * 2 * inter + inter + j];
+      y[i] = gate / (1.f + std::exp(-gate)) * up;
     }
   });
   return out;

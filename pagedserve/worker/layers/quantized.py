@@ -66,8 +66,12 @@ class QuantizedWeight:
                    for t in (self.qweight, self.scales, self.offsets) if t is not None)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        out = cpu_kernels.quant_linear(x.float(), self.qweight, self.scales, self.offsets,
-                                       self.fmt, self.out_features).to(x.dtype)
+        if x.dtype == torch.float32:  # decode runs an op per layer: no no-op casts
+            out = cpu_kernels.quant_linear(x, self.qweight, self.scales, self.offsets, self.fmt,
+                                           self.out_features)
+        else:
+            out = cpu_kernels.quant_linear(x.float(), self.qweight, self.scales, self.offsets,
+                                           self.fmt, self.out_features).to(x.dtype)
         return out if bias is None else out + bias
 
     def dense(self) -> torch.Tensor:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedserve.kernels import cpu_kernels
 from pagedserve.model.shape import ModelShape, head_dim
 from pagedserve.worker.distributed import TPGroup
 from pagedserve.worker.layers.attention import Attention, AttentionMetadata, KVCache
@@ -69,7 +70,8 @@ class LlamaAttention(nn.Module):
     def forward(self, rope: Rope, hidden: torch.Tensor, kv_cache: KVCache,
                 metadata: AttentionMetadata) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = self.qkv_proj(hidden).split_with_sizes(
+            [self.q_size, self.kv_size, self.kv_size], dim=-1)  # not Tensor.split's Python
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -100,7 +102,11 @@ class LlamaMLP(nn.Module):
         self.act = ACTIVATIONS[name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if (self.act is F.silu and gate_up.device.type == "cpu"
+                and gate_up.dtype == torch.float32 and cpu_kernels.usable()):
+            return self.down_proj(cpu_kernels.silu_and_mul(gate_up))  # one op, not three
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
 

@@ -20,6 +20,13 @@ off and on, alternating over `--rounds`:
 Targets: >= 0.95 of the bound at batch 256 with async scheduling, and
 <= 3 ms of host time per step there.
 
+With --fp8, the same again with FP8 weights (model.quantization fp8: the
+linear layers at one byte a weight, computed at the GPU's FP8 rate where it
+has one) and an FP8 KV cache (engine.kv_cache_dtype fp8: one byte a value,
+twice the blocks), and the device-bound tokens/s of the two side by side: how
+much faster the simulated GPU's steps are, and whether the host keeps up
+with the shorter steps.
+
 With --served, the same engine behind `pagedserve serve`'s Ray Serve app on
 this machine, against the offline engine on the same requests (prompts of
 256-768 tokens, `--served-output-len` new tokens), at each of `--streams`
@@ -36,7 +43,7 @@ The client runs in its own process: raw aiohttp streams, each SSE line
 counted, JSON parsed only for the final usage chunk.
 
     python benchmarks/gpu_rate.py [--config configs/llama-3-8b-h200-sim.yaml]
-                                  [--batches 64 256 512] [--rounds 3]
+                                  [--batches 64 256 512] [--rounds 3] [--fp8]
                                   [--served] [--streams 64 256 1024]
                                   [--served-rounds 3]
 """
@@ -82,6 +89,12 @@ def requests(batch: int, seed: int, vocab: int) -> list[list[int]]:
 
 def with_engine(config: Config, **fields) -> Config:
     return config.model_copy(update={"engine": config.engine.model_copy(update=fields)})
+
+
+def fp8_variant(config: Config) -> Config:
+    """The config with its float weights quantized to FP8 at load and an FP8 KV cache."""
+    model = config.model.model_copy(update={"quantization": "fp8"})
+    return with_engine(config.model_copy(update={"model": model}), kv_cache_dtype="fp8")
 
 
 def offline_run(llm: LLM, prompts: list[list[int]], output_len: int) -> dict:
@@ -130,6 +143,18 @@ def offline(config: Config, batches: list[int], rounds: int, output_len: int,
         for llm in engines.values():
             llm.shutdown()
     return results
+
+
+def fp8_report(base: dict, fp8: dict, dtype: str) -> str:
+    """Device-bound and measured tokens/s, async medians: the config's against FP8's."""
+    lines = [f"| batch | {dtype} bound tok/s | FP8 bound tok/s | FP8 / {dtype} | "
+             f"{dtype} of bound | FP8 of bound |", "|---:|---:|---:|---:|---:|---:|"]
+    for batch in base:
+        b, f = base[batch]["async"]["median"], fp8[batch]["async"]["median"]
+        lines.append(f"| {batch} | {b['bound_tokens_per_s']:.0f} | {f['bound_tokens_per_s']:.0f} "
+                     f"| {f['bound_tokens_per_s'] / b['bound_tokens_per_s']:.2f}x | "
+                     f"{b['of_bound']:.3f} | {f['of_bound']:.3f} |")
+    return "\n".join(lines)
 
 
 def report(results: dict, gpu: str) -> str:
@@ -278,6 +303,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--output-len", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fp8", action="store_true",
+                        help="also run the config with FP8 weights (model.quantization fp8) "
+                             "and an FP8 KV cache (engine.kv_cache_dtype fp8), and compare "
+                             "device-bound tokens/s")
     parser.add_argument("--served", action="store_true",
                         help="also measure the serving path (Ray Serve) against offline")
     parser.add_argument("--served-only", action="store_true")
@@ -293,11 +322,20 @@ def main() -> None:
     gpu = config.engine.simulator.gpu
     print(f"{args.config}: {config.model.path} on simulated {gpu} x "
           f"{config.parallel.tensor_parallel_size}; host CPU {cpu_model()}", flush=True)
-    results, serving = {}, {}
+    results, fp8, serving = {}, {}, {}
     if not args.served_only:
         results = offline(config, args.batches, args.rounds, args.output_len, args.seed)
         print()
         print(report(results, gpu))
+        if args.fp8:
+            print("\nFP8 weights and FP8 KV cache (model.quantization fp8, "
+                  "engine.kv_cache_dtype fp8):", flush=True)
+            fp8 = offline(fp8_variant(config), args.batches, args.rounds, args.output_len,
+                          args.seed)
+            print()
+            print(report(fp8, f"{gpu}, FP8"))
+            print()
+            print(fp8_report(results, fp8, config.model.dtype))
     if args.served or args.served_only:
         serving = served(config, args.streams, args.served_output_len, args.seed,
                          args.served_rounds)
@@ -308,6 +346,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(), "cpu": cpu_model(), "config": args.config,
         "args": {k: str(v) for k, v in vars(args).items()},
         "offline": {str(batch): modes for batch, modes in results.items()},
+        "offline_fp8": {str(batch): modes for batch, modes in fp8.items()},
         "served": {str(n): row for n, row in serving.items()}}, indent=2))
 
 

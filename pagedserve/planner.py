@@ -10,6 +10,13 @@ test model is built with.
 Every figure is per tensor-parallel rank (one GPU) unless named otherwise.
 Block ids are global, so every rank holds the same number of blocks; rank 0,
 which also holds the full logits, is the one planned for.
+
+A quantized checkpoint's linear layers are planned at the bytes its scheme
+holds them in (model/shape.py, weight_bytes_per_rank), and the KV cache at
+engine.kv_cache_dtype's bytes (model/rules.py, kv_dtype_bytes), as the
+simulated GPU holds them. The plan is of a GPU that runs the scheme as stored,
+as vLLM's kernels do: pagedserve's own GPU worker still dequantizes such
+weights into the model dtype (only its CPU kernels run them quantized).
 """
 
 from __future__ import annotations
@@ -22,12 +29,14 @@ from typing import Any
 from pagedserve.config import TP_ACROSS_NODES, Config, ModelConfig, RandomModelSpec
 from pagedserve.math_utils import cdiv
 from pagedserve.model import rules
+from pagedserve.model.quant_scheme import WeightScheme
 from pagedserve.model.rules import (
     check_pool_holds_a_sequence,
     check_tensor_parallel,
     cpu_kv_budget,
     format_bytes,
     gpu_kv_budget,
+    kv_dtype_bytes,
     served_dtype,
 )
 from pagedserve.model.shape import (
@@ -37,9 +46,11 @@ from pagedserve.model.shape import (
     ModelShape,
     active_params,
     headroom_bytes,
+    linear_params_per_rank,
     load_presets,
     lora_slot_bytes,
     params_per_rank,
+    weight_bytes_per_rank,
 )
 
 __all__ = ["DEFAULT_GPU_MEMORY_GB", "Plan", "format_plan", "load_model_shape", "load_presets",
@@ -58,10 +69,12 @@ class Plan:
     max_model_len: int
     max_num_seqs: int
     max_num_batched_tokens: int
+    kv_cache_dtype: str  # the model dtype's name, or engine.kv_cache_dtype's fp8 variant
     model_params: int  # the unsharded model
     active_params: int  # those one token runs: of a MoE model, only its top-k experts
     expert_parallel: bool  # a MoE model's experts placed whole on the ranks
     params_per_rank: int
+    linear_params_per_rank: int  # those a quantized checkpoint quantizes (model.weight_scheme)
     weight_bytes_per_rank: int
     total_weight_bytes: int  # over all ranks: replicated norms and vocab padding included
     kv_bytes_per_token: int  # per rank: its share of the KV heads
@@ -85,7 +98,9 @@ def plan(config: Config, gpu_memory_gb: float | None = None,
     Weights per rank follow the model's sharding: q/k/v by heads, o_proj and
     down_proj by their input, gate/up by their output, embedding and LM head
     by vocab rows padded to a multiple of tp (shared when tied); norms and
-    row-parallel biases are whole on every rank.
+    row-parallel biases are whole on every rank. A quantized checkpoint's linear
+    layers take its scheme's bytes a weight (W4A16 in groups of 128: 0.52), the
+    rest the model dtype's; KV values take 1 byte under an fp8 kv_cache_dtype.
 
     Activation headroom per rank, for a step of T = max_num_batched_tokens
     tokens with dtype bytes b:
@@ -117,8 +132,8 @@ def plan(config: Config, gpu_memory_gb: float | None = None,
     step_tokens = engine.step_token_budget(device)
 
     params = params_per_rank(shape, tp)
-    weight_bytes = params * dtype_bytes
-    kv_bytes_per_token = shape.kv_bytes_per_token(tp, dtype_bytes)
+    weight_bytes = weight_bytes_per_rank(shape, tp, dtype_bytes)
+    kv_bytes_per_token = shape.kv_bytes_per_token(tp, kv_dtype_bytes(engine, dtype_bytes))
     block_bytes = engine.block_size * kv_bytes_per_token
     lora = config.lora
     lora_bytes = lora_slot_bytes(shape, tp, dtype_bytes, lora.max_loras, lora.max_lora_rank
@@ -141,11 +156,13 @@ def plan(config: Config, gpu_memory_gb: float | None = None,
     num_cache_tokens = num_blocks * engine.block_size
     return Plan(
         model=shape, dtype=dtype, device=device, tensor_parallel_size=tp,
+        kv_cache_dtype=dtype if engine.kv_cache_dtype == "auto" else engine.kv_cache_dtype,
         placement_strategy=config.parallel.placement_strategy,
         block_size=engine.block_size, max_model_len=max_model_len,
         max_num_seqs=engine.max_num_seqs, max_num_batched_tokens=step_tokens,
         model_params=params_per_rank(shape, 1), active_params=active_params(shape),
         expert_parallel=expert_parallel, params_per_rank=params,
+        linear_params_per_rank=linear_params_per_rank(shape, tp),
         weight_bytes_per_rank=weight_bytes, total_weight_bytes=weight_bytes * tp,
         kv_bytes_per_token=kv_bytes_per_token, gpu_memory_bytes=gpu_memory,
         gpu_memory_utilization=utilization,
@@ -161,11 +178,15 @@ def plan(config: Config, gpu_memory_gb: float | None = None,
 # -- the model config -------------------------------------------------------------------------
 
 def load_model_shape(model: ModelConfig) -> ModelShape:
-    """The shape from a local directory's config.json, a preset, or the random model's config."""
+    """The shape from a local directory's config.json, a preset, or the random model's
+    config, with its weights held as model.quantization asks. A GGUF file's own types
+    are not planned: its weights are counted in the model dtype."""
+    quantization = model.quantization
     if model.random_init is not None:
         spec = model.random_init
         return ModelShape.from_hf_config(_random_model_config(spec),
-                                         f"model.random_init {spec.name!r} ({spec.arch})")
+                                         f"model.random_init {spec.name!r} ({spec.arch})",
+                                         quantization)
     if model.embedded is not None:  # planned from its preset: nothing is fetched
         return ModelShape.from_hf_config(load_presets()[model.embedded],
                                          f"model.embedded {model.embedded!r}")
@@ -179,11 +200,12 @@ def load_model_shape(model: ModelConfig) -> ModelShape:
         config_file = path / "config.json"
         if not config_file.is_file():
             raise ValueError(f"model.path={model.path!r} is a directory without config.json")
-        return ModelShape.from_hf_config(json.loads(config_file.read_text()), str(path))
+        return ModelShape.from_hf_config(json.loads(config_file.read_text()), str(path),
+                                         quantization)
     presets = load_presets()
     for name, hf in presets.items():
         if model.path in hf[PRESET_HUB_IDS_KEY]:
-            return ModelShape.from_hf_config(hf, f"{model.path} (preset {name})")
+            return ModelShape.from_hf_config(hf, f"{model.path} (preset {name})", quantization)
     known = "; ".join(f"{name}: {', '.join(hf[PRESET_HUB_IDS_KEY])}"
                       for name, hf in presets.items())
     raise ValueError(f"model.path={model.path!r} is neither a local model directory nor a hub id "
@@ -264,6 +286,22 @@ def _experts(plan: Plan) -> str:
     return f"{text}; tensor parallel: 1/{tp} of every expert's features per rank ({other})"
 
 
+def _weight_scheme(scheme: WeightScheme, plan: Plan) -> str:
+    """How the linear layers' weights are held, and the bytes one takes."""
+    if scheme.kind == "int":
+        stored = (f"{scheme.bits}-bit int "
+                  + (f"in groups of {scheme.group}" if scheme.group else "per channel")
+                  + (", symmetric" if scheme.symmetric else ", with zero points"))
+    else:
+        stored = "float8_e4m3" + (f" in [{scheme.block[0]}, {scheme.block[1]}] blocks"
+                                  if scheme.block else "")
+        stored += (f", {scheme.activations} FP8 activations" if scheme.activations
+                   else ", weight-only")
+    per_weight = plan.model.linear_weight_bytes(DTYPE_BYTES[plan.dtype])
+    return (f"{scheme.name} ({scheme.method}: {stored}): {per_weight:.3f} bytes a linear "
+            f"weight, scales included; embeddings, norms and LM head in {plan.dtype}")
+
+
 def format_plan(plan: Plan) -> str:
     """A human-readable report of `plan`, per GPU first, then per replica."""
     m, tp = plan.model, plan.tensor_parallel_size
@@ -275,6 +313,7 @@ def format_plan(plan: Plan) -> str:
              f"{m.num_layers} layers, hidden "
              f"{m.hidden_size}, {m.num_heads} heads / {m.num_kv_heads} KV heads x {m.head_dim}, "
              f"vocab {m.vocab_size}, {plan.dtype}"),
+        *([("quantization", _weight_scheme(m.weight_scheme, plan))] if m.weight_scheme else []),
         *([("experts", _experts(plan))] if m.is_moe else []),
         ("replica", f"{ranks} (tensor_parallel_size={tp}), max_model_len {plan.max_model_len}, "
                     f"block_size {plan.block_size}"),
@@ -282,7 +321,9 @@ def format_plan(plan: Plan) -> str:
         ("weights, all ranks", format_bytes(plan.total_weight_bytes)),
         ("per rank", ""),
         ("  parameters", f"{plan.params_per_rank:,}"),
-        ("  weights", format_bytes(plan.weight_bytes_per_rank)),
+        ("  weights", format_bytes(plan.weight_bytes_per_rank) + (
+            f" ({plan.linear_params_per_rank:,} linear weights {m.weight_scheme.name}, the "
+            f"rest {plan.dtype})" if m.weight_scheme else "")),
     ]
     if plan.lora_slots:
         rows.append(("  LoRA slots", f"{format_bytes(plan.lora_bytes_per_rank)} ({plan.lora_slots} "
@@ -300,7 +341,7 @@ def format_plan(plan: Plan) -> str:
         rows.append(("  KV budget",
                      f"{format_bytes(plan.kv_budget_bytes)} (engine.kv_cache_memory_gb)"))
     rows += [
-        ("  KV per token", f"{plan.kv_bytes_per_token:,} bytes"),
+        ("  KV per token", f"{plan.kv_bytes_per_token:,} bytes ({plan.kv_cache_dtype})"),
         ("  KV blocks", f"{plan.num_blocks:,} x {plan.block_size} tokens = "
                         f"{plan.num_cache_tokens:,} tokens"),
         ("sequences", f"paged, at mean length {plan.mean_seq_len}: {plan.seqs_at_mean_len:,}"),

@@ -359,3 +359,70 @@ def test_lora_slots_are_planned_as_the_worker_allocates_them():
     slot_bytes = (4096 * 6 + 14336 + 6144 + 4096 + 2 * 14336 + 4096) * 64 * 32 * 4 * 2
     assert plan(with_slots).lora_bytes_per_rank == slot_bytes
     assert plan(base).kv_budget_bytes - plan(with_slots).kv_budget_bytes == slot_bytes
+
+
+# -- quantized weights and an FP8 KV cache ----------------------------------------------------
+
+# Llama-3-70B's linear weights (q, k, v, o, gate, up, down of 80 layers) and the rest
+# (embedding, LM head, norms), as in test_llama_3_70b_tp4_matches_hand_calculation.
+LINEAR_70B = 80 * (2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672)
+OTHER_70B = 2 * 128256 * 8192 + 80 * 2 * 8192 + 8192
+
+
+def test_w4a16_70b_fits_one_h100_where_its_bf16_weights_are_refused():
+    """4 bits a weight and a bf16 scale per group of 128: 0.516 bytes a linear weight;
+    the embedding, LM head and norms stay bf16. 36.8 GiB fits one 80 GB GPU."""
+    config = _config("llama-3-70b-w4a16-h100-sim.yaml")
+    result = plan(config, gpu_memory_gb=80)
+    assert result.model.weight_scheme.name == "W4A16" and result.tensor_parallel_size == 1
+    assert result.linear_params_per_rank == LINEAR_70B == 68_451_041_280
+    assert result.weight_bytes_per_rank == LINEAR_70B * (4 / 8 + 2 / 128) + OTHER_70B * 2
+    assert result.weight_bytes_per_rank / GIB == pytest.approx(36.79, abs=0.01)
+    assert result.num_blocks == (result.kv_budget_bytes // (16 * 327_680)) > 6000
+    report = format_plan(result)
+    assert "W4A16 (compressed-tensors: 4-bit int in groups of 128, symmetric)" in report
+    assert f"{result.num_blocks:,} x 16 tokens" in report
+    # The same checkpoint dequantized holds 131 GiB of bf16: refused on one GPU.
+    with pytest.raises(ValueError, match=r"does not fit[\s\S]*tensor_parallel_size=1"):
+        plan(_config("llama-3-70b-w4a16-h100-sim.yaml", model={"quantization": "dequantize"}),
+             gpu_memory_gb=80)
+
+
+def test_fp8_weights_take_about_half_of_bf16s():
+    """FP8 per channel: 1 byte a linear weight (and a scale per 4,096); at TP=4 the same
+    shards as bf16's, at about half the bytes. The online FP8 of model.quantization
+    holds the same."""
+    bf16 = plan(_config("llama-3-70b-tp4.yaml"), gpu_memory_gb=80)
+    checkpoint = plan(_config("llama-3-70b-tp4.yaml", model={
+        "path": "RedHatAI/Llama-3.3-70B-Instruct-FP8-dynamic", "max_model_len": 8192}),
+        gpu_memory_gb=80)
+    online = plan(_config("llama-3-70b-tp4.yaml", model={"quantization": "fp8"}),
+                  gpu_memory_gb=80)
+    assert checkpoint.model.weight_scheme.name == online.model.weight_scheme.name == "FP8"
+    assert checkpoint.params_per_rank == online.params_per_rank == bf16.params_per_rank
+    assert checkpoint.weight_bytes_per_rank == online.weight_bytes_per_rank == round(
+        LINEAR_70B / 4 * (1 + 2 / 4096)) + (bf16.params_per_rank - LINEAR_70B // 4) * 2
+    assert 0.5 < checkpoint.weight_bytes_per_rank / bf16.weight_bytes_per_rank < 0.53
+    assert checkpoint.num_blocks > bf16.num_blocks
+
+
+def test_an_fp8_kv_cache_holds_twice_the_blocks_in_the_same_memory():
+    bf16 = plan(_config("llama-3-8b.yaml"), gpu_memory_gb=80)
+    fp8 = plan(_config("llama-3-8b.yaml", engine={"kv_cache_dtype": "fp8"}), gpu_memory_gb=80)
+    assert fp8.kv_budget_bytes == bf16.kv_budget_bytes
+    assert fp8.kv_bytes_per_token * 2 == bf16.kv_bytes_per_token == 2 * 32 * 8 * 128 * 2
+    assert fp8.num_blocks in (2 * bf16.num_blocks, 2 * bf16.num_blocks + 1)
+    assert "65,536 bytes (fp8)" in format_plan(fp8)
+
+
+def test_a_quantization_the_engine_does_not_run_is_refused_naming_it(tmp_path):
+    hf = {key: value for key, value in load_presets()["llama-3-70b-w4a16"].items()
+          if key != "pagedserve_hub_ids"}
+    hf["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match=r"quant_method='bitsandbytes' is not run; pagedserve "
+                                         r"runs compressed-tensors W4A16"):
+        plan(config_module.parse({"model": {"path": str(tmp_path), "max_model_len": 8192}}))
+    with pytest.raises(ValueError, match=r"model.quantization='fp8'[\s\S]*already quantized "
+                                         r"\(compressed-tensors\)"):
+        plan(_config("llama-3-70b-w4a16-h100-sim.yaml", model={"quantization": "fp8"}))

@@ -55,8 +55,11 @@ class WeightScheme:
 
     def bytes_per_weight(self, scale_bytes: int = 2) -> float:
         """Bytes one weight holds, with its share of the scales and zero points (stored
-        as `scale_bytes` each) of its group (a channel counted as a group of 4096)."""
-        group = self.group or (self.block[1] if self.block else 4096)
+        as `scale_bytes` each) of its group (a channel counted as a group of 4096; a
+        block's float32 scale shared by its rows x columns)."""
+        if self.block is not None:
+            return self.bits / 8 + 4 / (self.block[0] * self.block[1])
+        group = self.group or 4096
         per_group = scale_bytes * (1 if self.symmetric else 2)
         return self.bits / 8 + per_group / group
 

@@ -52,7 +52,7 @@ def resolve(model: ModelConfig, device: torch.device,
                              "directory, or an embedded model's name such as "
                              f"{next(iter(embedded.MODELS))!r})")
         directory = tokenizer_dir  # the model has no files of its own here
-    shape = ModelShape.from_config(hf_config, model.path or str(directory))
+    shape = ModelShape.from_config(hf_config, model.path or str(directory), model.quantization)
     check_tensor_parallel(shape, parallel.tensor_parallel_size, parallel.enable_expert_parallel)
     # A tokenizer borrowed for a preset's shape brings its own end-of-text token (with a
     # preset, `directory` is that tokenizer's).

@@ -8,6 +8,17 @@ whichever is longer:
     compute = FLOPs / (dense bf16 peak x tensor efficiency)
     step    = max(memory, compute) + all-reduces (tensor parallel only)
 
+Weights are read at the size they are held in (shape.weight_bytes_per_rank: a
+quantized checkpoint's linear layers at its scheme's bytes a weight), and KV at
+the KV cache's dtype (one byte a value for kv_cache_dtype fp8), so a
+memory-bound decode step of W4A16 or FP8 weights reads about a quarter or a
+half of bf16's linear-layer bytes. Where the linear layers multiply FP8 weights by FP8
+activations (an FP8 checkpoint with activation scales, or model.quantization
+"fp8") on a GPU with FP8 tensor cores, their FLOPs run at the dense FP8 peak
+(twice bf16's on Hopper); attention and the LM head stay in bf16. W4A16 and
+W8A16 dequantize their weights in registers and multiply in bf16: only their
+bytes change.
+
 Decode steps are memory-bound and prefill steps compute-bound, so a mixed step
 takes the larger of the two. With tensor parallelism each layer all-reduces
 its attention and MLP outputs over the link: a ring moves 2 (tp - 1) / tp of
@@ -39,7 +50,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pagedserve.math_utils import cdiv
-from pagedserve.model.shape import ModelShape, params_per_rank
+from pagedserve.model.shape import (
+    ModelShape,
+    linear_params_per_rank,
+    params_per_rank,
+    weight_bytes_per_rank,
+)
 
 MIB = 2**20
 
@@ -55,40 +71,57 @@ class GPU:
     link_bandwidth: float  # bytes/s of all-reduce bus bandwidth per GPU (NVLink, NCCL)
     allreduce_latency_s: float  # per all-reduce, however small
     sources: str
+    # Data-sheet peak of FP8 x FP8 tensor-core GEMMs, dense; None: no FP8 tensor cores
+    # (an FP8 checkpoint then runs as weight-only, its GEMMs in bf16).
+    dense_fp8_flops: float | None = None
 
     @property
     def sustained_flops(self) -> float:
         return self.dense_bf16_flops * self.tensor_efficiency
 
     @property
+    def sustained_fp8_flops(self) -> float | None:
+        """FP8 GEMMs at the share of their peak that bf16's sustain (assumed: not measured)."""
+        if self.dense_fp8_flops is None:
+            return None
+        return self.dense_fp8_flops * self.tensor_efficiency
+
+    @property
     def sustained_bandwidth(self) -> float:
         return self.copy_bandwidth * self.memory_efficiency
 
 
+# FP8: the data sheets give FP8 tensor-core peaks with 2:4 sparsity (3,958 TFLOPS on H100
+# SXM and H200); dense is half, 1,979: twice dense bf16's 989. The H200 has the H100's
+# compute (NVIDIA H100 Tensor Core GPU and H200 Tensor Core GPU data sheets).
 GPUS = {gpu.name: gpu for gpu in (
     GPU("h100-sxm", memory_bytes=81559 * MIB, copy_bandwidth=3.0e12, dense_bf16_flops=989e12,
+        dense_fp8_flops=1979e12,
         tensor_efficiency=0.75, memory_efficiency=0.57, link_bandwidth=360e9,
         allreduce_latency_s=10e-6,
         sources="NVIDIA H100 data sheet (80 GB HBM3, 3.35 TB/s, 989 TFLOPS dense bf16, "
-                "NVLink 900 GB/s); copy bandwidth about 3.0 TB/s measured; NCCL all-reduce "
-                "bus bandwidth about 360 GB/s on 4-8 GPUs (nccl-tests); 81559 MiB as "
-                "nvidia-smi reports; efficiencies as the H200's, latency assumed"),
+                "1,979 dense FP8, NVLink 900 GB/s); copy bandwidth about 3.0 TB/s measured; "
+                "NCCL all-reduce bus bandwidth about 360 GB/s on 4-8 GPUs (nccl-tests); "
+                "81559 MiB as nvidia-smi reports; efficiencies as the H200's, latency assumed"),
     GPU("h200", memory_bytes=143771 * MIB, copy_bandwidth=4.18e12, dense_bf16_flops=989e12,
+        dense_fp8_flops=1979e12,
         tensor_efficiency=0.78, memory_efficiency=0.57, link_bandwidth=360e9,
         allreduce_latency_s=10e-6,
         sources="NVIDIA H200 data sheet (141 GB HBM3e, 4.8 TB/s, 989 TFLOPS dense bf16, "
-                "NVLink 900 GB/s); measured on an H200 here: copy 4.13-4.23 TB/s (median "
-                "4.18 of five runs, 2026-12-04), 8192^3 bf16 matmul 769-798 TFLOP/s (0.78 of "
-                "peak), 143771 MiB in nvidia-smi; Llama-3-8B bf16 decode steps took 1.67-1.93x "
-                "(median 1.77x) the copy-rate floor at batch 1, 64 and 256 (gpu_e2e.py), so "
-                "0.57 of it; link as the H100's; latency assumed"),
+                "1,979 dense FP8, NVLink 900 GB/s); measured on an H200 here: copy "
+                "4.13-4.23 TB/s (median 4.18 of five runs, 2026-12-04), 8192^3 bf16 matmul "
+                "769-798 TFLOP/s (0.78 of peak), 143771 MiB in nvidia-smi; Llama-3-8B bf16 "
+                "decode steps took 1.67-1.93x (median 1.77x) the copy-rate floor at batch 1, "
+                "64 and 256 (gpu_e2e.py), so 0.57 of it; link as the H100's; FP8 GEMMs' "
+                "efficiency and latency assumed"),
     GPU("a100-80gb", memory_bytes=81920 * MIB, copy_bandwidth=1.7e12, dense_bf16_flops=312e12,
         tensor_efficiency=0.75, memory_efficiency=0.57, link_bandwidth=230e9,
         allreduce_latency_s=12e-6,
         sources="NVIDIA A100 data sheet (80 GB HBM2e, 2.04 TB/s, 312 TFLOPS dense bf16, "
-                "NVLink 600 GB/s); copy bandwidth about 1.7 TB/s measured (about 85% of "
-                "peak, as on Hopper); NCCL bus bandwidth about 230 GB/s; memory "
-                "efficiency as the H200's; tensor efficiency and latency assumed"),
+                "no FP8 tensor cores, NVLink 600 GB/s); copy bandwidth about 1.7 TB/s "
+                "measured (about 85% of peak, as on Hopper); NCCL bus bandwidth about "
+                "230 GB/s; memory efficiency as the H200's; tensor efficiency and latency "
+                "assumed"),
 )}
 
 
@@ -105,11 +138,23 @@ class StepShape:
 class Roofline:
     """Step times of one model shape on one GPU, per tensor-parallel rank."""
 
-    def __init__(self, gpu: GPU, shape: ModelShape, tp: int, dtype_bytes: int) -> None:
+    def __init__(self, gpu: GPU, shape: ModelShape, tp: int, dtype_bytes: int,
+                 kv_dtype_bytes: int | None = None) -> None:
+        """`dtype_bytes`: the model dtype's (activations, unquantized weights);
+        `kv_dtype_bytes`: the KV cache's (rules.kv_dtype_bytes), the model's when None.
+        Linear weights are held as shape.weight_scheme says."""
         self.gpu, self.shape, self.tp = gpu, shape, tp
         self.dtype_bytes = dtype_bytes
-        self.weight_bytes = params_per_rank(shape, tp) * dtype_bytes
-        self.kv_bytes_per_token = shape.kv_bytes_per_token(tp, dtype_bytes)
+        self.weight_bytes = weight_bytes_per_rank(shape, tp, dtype_bytes)
+        self.kv_bytes_per_token = shape.kv_bytes_per_token(
+            tp, dtype_bytes if kv_dtype_bytes is None else kv_dtype_bytes)
+        self.linear_weight_bytes = shape.linear_weight_bytes(dtype_bytes)
+        self.linear_params = linear_params_per_rank(shape, tp)
+        scheme = shape.weight_scheme
+        # FP8 weights times FP8 activations run on FP8 tensor cores where the GPU has them.
+        fp8 = scheme is not None and scheme.kind == "float" and scheme.activations is not None
+        fp8_rate = gpu.sustained_fp8_flops if fp8 else None
+        self.linear_flops_rate = gpu.sustained_flops if fp8_rate is None else fp8_rate
         vocab_rows = cdiv(shape.vocab_size, tp)
         # Weights every token multiplies (the embedding is a lookup, the LM head
         # runs on sampled rows only).
@@ -148,7 +193,8 @@ class Roofline:
         per_layer = self.kv_bytes_per_token / self.shape.num_layers
         kv_read = sum(self._context_layers(seq.context_len) for seq in seqs) * per_layer
         kv_written = tokens * self.kv_bytes_per_token
-        untouched = self.expert_params * (1.0 - self.touched_experts(tokens)) * self.dtype_bytes
+        untouched = (self.expert_params * (1.0 - self.touched_experts(tokens))
+                     * self.linear_weight_bytes)
         weights = self.weight_bytes - untouched
         memory = (weights + kv_read + kv_written) / self.gpu.sustained_bandwidth
         # Each new token attends to the context before it: q x (c - q) + q (q + 1) / 2 pairs,
@@ -156,10 +202,13 @@ class Roofline:
         layer_pairs = sum(self.full_layers * _pairs(seq.num_tokens, seq.context_len)
                           + sum(_pairs(seq.num_tokens, seq.context_len, w) for w in self.windows)
                           for seq in seqs)
-        token_params = self.body_params - self.expert_params + self.active_expert_params
-        flops = (2 * token_params * tokens + 2 * self.lm_head_params * sampled
-                 + 4 * self.attention_width * layer_pairs)
-        compute = flops / self.gpu.sustained_flops
+        unrouted = self.expert_params - self.active_expert_params
+        # The linear layers' FLOPs (at FP8's rate for FP8 x FP8), and the rest: norms,
+        # biases, the router, the LM head and attention.
+        linear = 2 * (self.linear_params - unrouted) * tokens
+        other = (2 * (self.body_params - self.linear_params) * tokens
+                 + 2 * self.lm_head_params * sampled + 4 * self.attention_width * layer_pairs)
+        compute = linear / self.linear_flops_rate + other / self.gpu.sustained_flops
         return max(memory, compute) + self.allreduce_time(tokens)
 
     def allreduce_time(self, tokens: int) -> float:

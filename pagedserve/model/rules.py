@@ -3,11 +3,11 @@
 The engine (resolving a model, sizing its KV pool), the simulated GPU and
 the planner all ask the same questions of a model's shape: can it be
 sharded over this many ranks, how long a context may it serve, in which
-dtype does it run, what KV budget does a GPU leave (and a CPU take), and
-does that pool hold one whole sequence. Each answer, and the error that
-refuses a config, is written here; the shape's own figures (head_dim,
-biases, KV bytes per token) are ModelShape's (shape.py). Pure arithmetic:
-no torch.
+dtype does it run and in which does its KV cache, what KV budget does a
+GPU leave (and a CPU take), and does that pool hold one whole sequence.
+Each answer, and the error that refuses a config, is written here; the
+shape's own figures (head_dim, biases, KV and weight bytes) are ModelShape's
+(shape.py). Pure arithmetic: no torch.
 """
 
 from __future__ import annotations
@@ -61,6 +61,13 @@ def served_dtype(requested: str, saved: str | None, device_type: str) -> str:
     if dtype == "float16" and device_type == "cpu":
         return "bfloat16"
     return dtype
+
+
+def kv_dtype_bytes(engine: EngineConfig, model_dtype_bytes: int) -> int:
+    """Bytes of one cached K or V value: engine.kv_cache_dtype's fp8 variants (fp8,
+    fp8_e4m3, fp8_e5m2) one, "auto" the model dtype's. Half of bfloat16's: twice the
+    blocks in the same memory, and half the KV bytes a decode step reads."""
+    return model_dtype_bytes if engine.kv_cache_dtype == "auto" else 1
 
 
 def gpu_kv_budget(gpu_memory: int, utilization: float, weight_bytes: int, headroom: int,

@@ -4,10 +4,20 @@ The numbers of an HF config.json that memory and step time depend on
 (`ModelShape`), read once here for every layer: the engine and its workers
 read a loaded config through `ModelShape.from_config`, the planner and the
 simulated GPU a config.json's dict. Also the bundled presets of well-known
-models, and per-rank parameter and activation figures. Pure arithmetic: no
-torch, no weights. The planner (planner.py) reports them; the simulated
-accelerator (worker/simulated.py) sizes its KV pool and times its steps with
-them; the rules they feed are in rules.py.
+models, and per-rank parameter, weight-byte and activation figures. Pure
+arithmetic: no torch, no weights. The planner (planner.py) reports them; the
+simulated accelerator (worker/simulated.py) sizes its KV pool and times its
+steps with them; the rules they feed are in rules.py.
+
+A quantized checkpoint (model/quant_scheme.py reads its `quantization_config`,
+or model.quantization="fp8" asks for one) quantizes its linear layers only, so
+one rank's weight bytes are two sums (weight_bytes_per_rank):
+
+    linear weights (q, k, v, o; gate, up, down; every expert's)  x the scheme's
+        bytes a weight, scales included (W4A16 in groups of 128: 0.52; FP8: 1.0)
+  + everything else (embedding, LM head, norms, biases, MoE router) x the model
+        dtype's bytes (compressed-tensors checkpoints `ignore` the LM head; AWQ,
+        GPTQ and Qwen's FP8 keep it, the embedding and the router in float too)
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ from importlib import resources
 from typing import Any, Protocol
 
 from pagedserve.math_utils import cdiv
+from pagedserve.model.quant_scheme import WeightScheme, scheme_of
 
 GIB = 2**30
 # CUDA context, NCCL buffers and caching-allocator slack: outside any tensor we size.
@@ -62,14 +73,22 @@ class ModelShape:
     # Each layer's sliding window (a query sees its last `window` positions), None for a
     # layer of full attention: Mistral's every layer, Qwen2's past max_window_layers.
     layer_windows: tuple[int | None, ...] = ()
+    # How the linear layers' weights are held: the checkpoint's quantization (or
+    # model.quantization="fp8"'s); None for float weights, and for a quantized
+    # checkpoint under model.quantization="dequantize".
+    weight_scheme: WeightScheme | None = None
 
     @classmethod
-    def from_config(cls, config: HFConfig, source: str = "the model") -> ModelShape:
+    def from_config(cls, config: HFConfig, source: str = "the model",
+                    quantization: str = "auto") -> ModelShape:
         """The shape of a loaded config, read as its config.json would be."""
-        return cls.from_hf_config(config.to_dict(), source)
+        return cls.from_hf_config(config.to_dict(), source, quantization)
 
     @classmethod
-    def from_hf_config(cls, hf: dict[str, Any], source: str) -> ModelShape:
+    def from_hf_config(cls, hf: dict[str, Any], source: str,
+                       quantization: str = "auto") -> ModelShape:
+        """`quantization` is model.quantization: a quantization_config that no kernel of
+        ours runs is refused here, naming it (model/quant_scheme.py)."""
         missing = [key for key in ("vocab_size", "hidden_size", "intermediate_size",
                                    "num_hidden_layers", "num_attention_heads",
                                    "max_position_embeddings") if hf.get(key) is None]
@@ -98,6 +117,7 @@ class ModelShape:
             saved_dtype=hf.get("dtype") or hf.get("torch_dtype"),
             qk_norm=model_type in QK_NORM_MODEL_TYPES,
             layer_windows=_layer_windows(hf),
+            weight_scheme=_held_scheme(hf, quantization, source),
             **_experts(hf),
         )
 
@@ -114,8 +134,23 @@ class ModelShape:
         return self.num_experts > 0
 
     def kv_bytes_per_token(self, tp: int, dtype_bytes: int) -> int:
-        """KV bytes of one token on one rank: its share of the KV heads, every layer."""
+        """KV bytes of one token on one rank: its share of the KV heads, every layer
+        (`dtype_bytes`: the KV cache's, rules.kv_dtype_bytes)."""
         return 2 * self.num_layers * (self.num_kv_heads // tp) * self.head_dim * dtype_bytes
+
+    def linear_weight_bytes(self, dtype_bytes: int) -> float:
+        """The bytes one weight of a linear layer is held in: the scheme's, its share of
+        the scales (held in the model dtype) included, or the model dtype's."""
+        if self.weight_scheme is None:
+            return dtype_bytes
+        return self.weight_scheme.bytes_per_weight(dtype_bytes)
+
+
+def _held_scheme(hf: dict[str, Any], quantization: str, source: str) -> WeightScheme | None:
+    """The scheme the linear weights are held in. Read (and refused where we run no kernel
+    for it) whatever model.quantization asks; under "dequantize" they are held in float."""
+    scheme = scheme_of(hf, quantization, source)
+    return None if quantization == "dequantize" else scheme
 
 
 QK_NORM_MODEL_TYPES = frozenset({"qwen3", "qwen3_moe", "gemma3_text"})
@@ -180,27 +215,53 @@ def preset_for(hub_id: str) -> dict[str, Any] | None:
                 None)
 
 
+def _widths(shape: ModelShape, tp: int) -> tuple[int, int]:
+    """One rank's query and KV widths: its heads x head_dim."""
+    return (shape.num_heads // tp * shape.head_dim, shape.num_kv_heads // tp * shape.head_dim)
+
+
+def linear_params_per_rank(shape: ModelShape, tp: int) -> int:
+    """The weights of one rank's linear layers, those a quantized checkpoint quantizes:
+    q, k, v and o, a dense MLP's gate, up and down, and 1/tp of every expert's (not
+    their biases, the router, the norms, the embedding or the LM head)."""
+    hidden, inter = shape.hidden_size, shape.intermediate_size // tp
+    q, kv = _widths(shape, tp)
+    attention = hidden * (q + 2 * kv) + q * hidden
+    sparse = len(shape.sparse_layers)
+    experts = shape.num_experts * 3 * hidden * shape.expert_intermediate_size // tp
+    return (shape.num_layers * attention + (shape.num_layers - sparse) * 3 * hidden * inter
+            + sparse * experts)
+
+
 def params_per_rank(shape: ModelShape, tp: int) -> int:
     """The parameters one rank holds: 1/tp of the heads, the MLPs and the vocabulary;
     of each MoE layer, the whole router and 1/tp of the experts' weights (1/tp of every
     expert's features, or under expert parallelism 1/tp of the experts whole: the same
     count)."""
     hidden, inter = shape.hidden_size, shape.intermediate_size // tp
-    q = shape.num_heads // tp * shape.head_dim
-    kv = shape.num_kv_heads // tp * shape.head_dim
-    attention = hidden * (q + 2 * kv) + q * hidden
-    attention += (q + 2 * kv) * shape.qkv_bias + hidden * shape.o_proj_bias
-    attention += 2 * shape.head_dim * shape.qk_norm
-    mlp = 3 * hidden * inter + (2 * inter + hidden) * shape.mlp_bias
+    q, kv = _widths(shape, tp)
+    biases = (q + 2 * kv) * shape.qkv_bias + hidden * shape.o_proj_bias
     norms = 4 if shape.model_type in SANDWICH_NORM_MODEL_TYPES else 2
-    layer = attention + norms * hidden  # + input and post-attention RMSNorm (Gemma: four)
+    # Besides its linear weights, a layer has its biases, q/k norms and input and
+    # post-attention RMSNorm (Gemma: four).
+    layer = biases + 2 * shape.head_dim * shape.qk_norm + norms * hidden
     sparse = len(shape.sparse_layers)
-    experts = shape.num_experts * 3 * hidden * shape.expert_intermediate_size // tp
-    moe = shape.num_experts * hidden + experts  # the router, and this rank's experts
+    mlp_bias = (2 * inter + hidden) * shape.mlp_bias
+    router = shape.num_experts * hidden
     embedding = cdiv(shape.vocab_size, tp) * hidden
     lm_head = 0 if shape.tie_word_embeddings else embedding
-    return (shape.num_layers * layer + (shape.num_layers - sparse) * mlp + sparse * moe
+    return (linear_params_per_rank(shape, tp) + shape.num_layers * layer
+            + (shape.num_layers - sparse) * mlp_bias + sparse * router
             + embedding + lm_head + hidden)  # + final norm
+
+
+def weight_bytes_per_rank(shape: ModelShape, tp: int, dtype_bytes: int) -> int:
+    """The bytes of one rank's weights: its linear layers' at shape.linear_weight_bytes
+    (the weight scheme's), every other parameter in the model dtype. The planner and the
+    simulated GPU both hold the model to this."""
+    linear = linear_params_per_rank(shape, tp)
+    other = params_per_rank(shape, tp) - linear
+    return round(linear * shape.linear_weight_bytes(dtype_bytes)) + other * dtype_bytes
 
 
 def active_params(shape: ModelShape) -> int:
@@ -218,8 +279,7 @@ def lora_slot_bytes(shape: ModelShape, tp: int, dtype_bytes: int, max_loras: int
     the MLP is dense (experts take no adapter), sharded as their layers are
     (column-parallel B by rows, row-parallel A by columns)."""
     hidden, inter = shape.hidden_size, shape.intermediate_size // tp
-    q = shape.num_heads // tp * shape.head_dim
-    kv = shape.num_kv_heads // tp * shape.head_dim
+    q, kv = _widths(shape, tp)
     attention = 3 * hidden + q + (q + 2 * kv) + hidden  # qkv and o: inputs and outputs
     mlp = 2 * hidden + inter + 2 * inter + hidden  # gate_up and down, of a dense MLP only
     dense = shape.num_layers - len(shape.sparse_layers)

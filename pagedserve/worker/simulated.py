@@ -5,7 +5,9 @@ GPU worker gives it:
 
 - **Memory:** the KV pool is sized as the GPU's would be, by the planner's
   rule (model/rules.py, gpu_kv_budget): `gpu_memory_utilization` of the GPU's
-  memory, less the rank's weights and the activation headroom of the largest step.
+  memory, less the rank's weights (at the size a quantized checkpoint's, or
+  model.quantization="fp8"'s, hold them: model/shape.py) and the activation
+  headroom of the largest step, in blocks of engine.kv_cache_dtype's bytes.
 - **Time:** a step takes the time the roofline model gives (model/roofline.py),
   spent asleep, so the host's CPU is free as it would be beside a real GPU.
   The engine's host work is then measured against real device time.
@@ -30,8 +32,8 @@ from tokenizers import Tokenizer
 from pagedserve.config import EngineConfig
 from pagedserve.model.info import ModelInfo
 from pagedserve.model.roofline import GPUS, Roofline, StepShape
-from pagedserve.model.rules import gpu_kv_budget
-from pagedserve.model.shape import headroom_bytes
+from pagedserve.model.rules import gpu_kv_budget, kv_dtype_bytes
+from pagedserve.model.shape import ModelShape, headroom_bytes
 from pagedserve.scheduler.step import (
     PromptLogprobs,
     Sample,
@@ -84,9 +86,10 @@ class SimulatedWorker:
         self.info, self.engine, self.rank = info, engine, rank
         self.sim = engine.simulator
         self.gpu = GPUS[self.sim.gpu]
-        self.shape = info.shape
+        self.shape = info.shape  # its weights held as model.quantization asks
         self.dtype_bytes = info.dtype.itemsize
-        self.roofline = Roofline(self.gpu, self.shape, tp_size, self.dtype_bytes)
+        self.roofline = Roofline(self.gpu, self.shape, tp_size, self.dtype_bytes,
+                                 kv_dtype_bytes(engine, self.dtype_bytes))
         self.tp_size = tp_size
         self.block_bytes = engine.block_size * self.roofline.kv_bytes_per_token
         self.weight_bytes = self.roofline.weight_bytes  # what the simulated GPU would hold

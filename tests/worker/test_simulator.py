@@ -8,12 +8,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from support import REPO
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.config import load
 from pagedserve.model.roofline import GPUS, Roofline, StepShape
-from pagedserve.model.shape import ModelShape, load_presets
+from pagedserve.model.shape import (
+    ModelShape,
+    linear_params_per_rank,
+    load_presets,
+    params_per_rank,
+)
 from pagedserve.planner import plan
 
 CONFIGS = REPO / "configs"
@@ -25,8 +31,8 @@ WEIGHTS_8B = 8_030_261_248 * 2
 KV_8B = 2 * 32 * 8 * 128 * 2
 
 
-def shape(name: str) -> ModelShape:
-    return ModelShape.from_hf_config(load_presets()[name], name)
+def shape(name: str, quantization: str = "auto") -> ModelShape:
+    return ModelShape.from_hf_config(load_presets()[name], name, quantization)
 
 
 def test_decode_step_is_weights_and_kv_over_bandwidth():
@@ -122,6 +128,64 @@ def test_tensor_parallel_adds_two_all_reduces_per_layer():
     assert Roofline(gpu, model, tp=1, dtype_bytes=2).allreduce_time(tokens) == 0.0
 
 
+def test_quantized_weights_and_an_fp8_kv_cache_shorten_a_decode_step():
+    """Llama-3-8B on an H200, 256 decodes of 1,024-token contexts: FP8 weights (1 byte a
+    linear weight; the 2.1 GB of embedding and LM head still bf16) and an FP8 KV cache
+    (64 KiB a token) read 9.1 + 17.2 GB where bf16 reads 16.1 + 34.4: 11.0 ms, not 21.2."""
+    gpu, step = GPUS["h200"], [StepShape(1, 1024, True)] * 256
+    bf16 = Roofline(gpu, shape("llama-3-8b"), tp=1, dtype_bytes=2)
+    fp8 = Roofline(gpu, shape("llama-3-8b", "fp8"), tp=1, dtype_bytes=2, kv_dtype_bytes=1)
+    linear = linear_params_per_rank(fp8.shape, 1)
+    assert fp8.weight_bytes == round(linear * (1 + 2 / 4096)) + (8_030_261_248 - linear) * 2
+    assert fp8.kv_bytes_per_token == KV_8B // 2
+    rate = gpu.copy_bandwidth * gpu.memory_efficiency
+    by_hand = (fp8.weight_bytes + 256 * 1025 * KV_8B // 2) / rate
+    assert fp8.step_time(step) == pytest.approx(by_hand, rel=1e-9)
+    assert bf16.step_time(step) / fp8.step_time(step) == pytest.approx(1.92, abs=0.01)
+    # W4A16: a quarter of the linear bytes and their group scales; FLOPs unchanged.
+    w4a16 = Roofline(GPUS["h100-sxm"], shape("llama-3-70b-w4a16"), tp=1, dtype_bytes=2)
+    assert w4a16.weight_bytes == round(w4a16.linear_params * (0.5 + 2 / 128)) + (
+        params_per_rank(w4a16.shape, 1) - w4a16.linear_params) * 2
+    assert w4a16.linear_flops_rate == GPUS["h100-sxm"].sustained_flops
+
+
+def test_a_moe_step_reads_its_touched_experts_at_their_fp8_bytes():
+    """Qwen3-30B-A3B-FP8 (fp8 in [128, 128] blocks): the experts one decode token skips
+    are 1.0002 bytes a weight each (a float32 scale a block), not bf16's 2."""
+    model = shape("qwen3-30b-a3b-fp8")
+    assert model.weight_scheme.block == (128, 128)
+    gpu = GPUS["h100-sxm"]
+    roofline = Roofline(gpu, model, tp=1, dtype_bytes=2)
+    assert roofline.linear_weight_bytes == 1 + 4 / (128 * 128)
+    skipped = 48 * 128 * 3 * 2048 * 768 * (1 - 8 / 128) * roofline.linear_weight_bytes
+    one = [StepShape(1, 100, True)]
+    assert roofline.step_time(one) == pytest.approx(
+        (roofline.weight_bytes - skipped + 101 * roofline.kv_bytes_per_token)
+        / gpu.sustained_bandwidth, rel=1e-9)
+
+
+def test_fp8_linear_layers_compute_at_the_fp8_rate_on_hopper_only():
+    """A prefill of 8,192 tokens: the linear layers' FLOPs at 1,979 TFLOPS dense FP8 on an
+    H200, attention and the LM head at bf16's 989; an A100 has no FP8 tensor cores."""
+    tokens, model = 8192, shape("llama-3-8b", "fp8")
+    prefill = [StepShape(tokens, tokens, True)]
+    linear = 2 * linear_params_per_rank(model, 1) * tokens
+    embedding = model.vocab_size * model.hidden_size
+    norms = 8_030_261_248 - linear_params_per_rank(model, 1) - 2 * embedding
+    other = (2 * norms * tokens + 2 * embedding
+             + 4 * 32 * 4096 * (tokens * (tokens + 1) // 2))
+    h200 = GPUS["h200"]
+    fp8 = Roofline(h200, model, tp=1, dtype_bytes=2)
+    assert fp8.step_time(prefill) == pytest.approx(
+        linear / (1979e12 * 0.78) + other / (989e12 * 0.78), rel=1e-9)
+    bf16 = Roofline(h200, shape("llama-3-8b"), tp=1, dtype_bytes=2)
+    assert 1.6 < bf16.step_time(prefill) / fp8.step_time(prefill) < 2.0
+    a100 = GPUS["a100-80gb"]
+    assert a100.dense_fp8_flops is None
+    assert Roofline(a100, model, tp=1, dtype_bytes=2).step_time(prefill) == pytest.approx(
+        (linear + other) / a100.sustained_flops, rel=1e-9)
+
+
 def test_every_gpu_cites_its_sources():
     for gpu in GPUS.values():
         assert "data sheet" in gpu.sources
@@ -158,6 +222,34 @@ def test_the_pool_is_sized_as_the_planner_sizes_an_h200(llm, tokenizer_dir):
     planned = plan(config, gpu_memory_gb=GPUS["h200"].memory_bytes / 2**30)
     assert llm.get_memory_stats()["total_blocks"] == planned.num_blocks
     assert planned.num_blocks * 16 > 800_000  # tokens of KV beside 16 GB of weights
+
+
+def test_the_pool_of_fp8_weights_and_kv_is_sized_as_the_planner_sizes_it(tokenizer_dir):
+    """The simulated H200 holds Llama-3-8B with model.quantization fp8 and an FP8 KV cache
+    as the planner does: 0.57 of bf16's weight bytes (the vocabulary stays bf16), and
+    twice the blocks."""
+    from pagedserve.model.resolve import resolve
+    from pagedserve.worker.simulated import SimulatedWorker
+
+    def pool(**engine):
+        config = sim_config(SIM_8B, tokenizer_dir, **engine)
+        model = config.model.model_copy(update={"quantization": "fp8"})
+        info = resolve(model, torch.device("cpu"), config.parallel, simulated=True)
+        worker = SimulatedWorker(info, config.engine)
+        planned = plan(config.model_copy(update={"model": model}),
+                       gpu_memory_gb=GPUS["h200"].memory_bytes / 2**30)
+        return worker, planned
+
+    bf16_kv, planned_bf16 = pool()
+    fp8_kv, planned_fp8 = pool(kv_cache_dtype="fp8")
+    for worker, planned in ((bf16_kv, planned_bf16), (fp8_kv, planned_fp8)):
+        assert worker.shape.weight_scheme.name == "FP8"
+        assert worker.weight_bytes == planned.weight_bytes_per_rank
+        assert worker.num_available_blocks(8192) == planned.num_blocks
+    assert 0.56 < fp8_kv.weight_bytes / WEIGHTS_8B < 0.57  # the vocabulary stays bf16
+    assert fp8_kv.block_bytes * 2 == bf16_kv.block_bytes == 16 * KV_8B
+    assert fp8_kv.num_available_blocks(8192) in (2 * bf16_kv.num_available_blocks(8192),
+                                                 2 * bf16_kv.num_available_blocks(8192) + 1)
 
 
 def test_simulated_tokens_are_real_text_and_stop_strings_work(llm):

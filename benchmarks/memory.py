@@ -32,12 +32,22 @@ without a model) and reads every figure off the block manager, step by step.
    running sequence and sequences running at once (means over steps), steps to
    finish the workload, and preemptions.
 
+4. KV cache dtype: the bytes of a bfloat16 pool of `--pool-tokens` tokens of
+   `--model` (a bundled preset's shape), as a pool of `--kv-cache-dtype` (fp8: one
+   byte a value, as engine.kv_cache_dtype stores it) instead. Both pools' blocks
+   come from the engine's own sizing (kv_bytes_per_token at the KV dtype's
+   itemsize), and both serve the same "mixed" workload, offered LOAD of the larger
+   pool's worth of tokens: blocks, the sequences running while requests wait for
+   blocks (mean over those steps: what the pool admits) and at the peak, and each
+   as a ratio against bfloat16.
+
 It prints markdown tables for BENCHMARKS.md and writes `memory.json`,
 `memory_utilization.png` and `memory_sharing.png` to `--out-dir`.
 
     python benchmarks/memory.py                     # full run
     python benchmarks/memory.py --quick             # smoke run, a few seconds
     python benchmarks/memory.py --pool-tokens 65536 --block-size 16 --seed 1
+    python benchmarks/memory.py --kv-cache-dtype fp8_e5m2 --model llama-3-70b
 """
 
 from __future__ import annotations
@@ -52,8 +62,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from memory_figures import plot_sharing, plot_utilization
 
+from pagedserve.kernels.kv_quant import KV_CACHE_DTYPES, kv_cache_dtype
+from pagedserve.model.shape import ModelShape, load_presets
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.scheduler.beam_search import BeamSearch
 from pagedserve.scheduler.block_manager import BlockManager
@@ -171,21 +184,25 @@ def max_length(name: str) -> int:
     return max(hi for _, _, hi in SCENARIOS[name]) + OUTPUTS[1]
 
 
-def paged(name: str, requests: list[tuple[int, int]], args: argparse.Namespace) -> dict:
+def paged(name: str, requests: list[tuple[int, int]], pool_tokens: int,
+          args: argparse.Namespace) -> dict:
     """pagedserve: blocks are taken as tokens arrive and freed when a request ends."""
-    scheduler = make_scheduler(args.pool_tokens, args.block_size, max_length(name))
+    scheduler = make_scheduler(pool_tokens, args.block_size, max_length(name))
     manager = scheduler.block_manager
     for index, (prompt_len, output_len) in enumerate(requests):
         params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
         scheduler.add(SequenceGroup(str(index), [scheduler.new_sequence([1] * prompt_len)], params))
-    usage, peak = Usage(), 0
+    usage, peak, admitted = Usage(), 0, []
     # One sequence per request: nothing is forked or swapped (a lone sequence is
     # recomputed when preempted), so every stored token sits in this pool's slots.
     for running in drive(scheduler, args.seed):
         peak = max(peak, running)
+        if scheduler.waiting:  # requests wait for blocks: the pool holds what it can
+            admitted.append(running)
         if manager.num_allocated_blocks:
             usage.add(manager.num_allocated_blocks * args.block_size, manager.num_stored_tokens())
     return {**usage.summary(), "max_concurrent_seqs": peak,
+            "mean_admitted": sum(admitted) / max(1, len(admitted)),
             "preemptions": scheduler.num_preemptions}
 
 
@@ -205,7 +222,7 @@ def memory_table(args: argparse.Namespace) -> dict:
     results = {}
     for name in SCENARIOS:
         requests = workload(name, args.pool_tokens, args.seed)
-        ours = paged(name, requests, args)
+        ours = paged(name, requests, args.pool_tokens, args)
         results[name] = {"requests": len(requests), "paged": ours,
                          "preallocation": preallocated(name, requests, args.pool_tokens),
                          "waste_target_met": 1 - ours["utilization"] <= WASTE_TARGET}
@@ -286,7 +303,31 @@ def windows(args: argparse.Namespace) -> dict:
             "freed": windowed(requests, window, args), "kept": windowed(requests, None, args)}
 
 
-# -- 4. output (the figures: memory_figures.py) ------------------------------------
+# -- 4. KV cache dtype ----------------------------------------------------------------
+KV_SCENARIO = "mixed"
+
+
+def kv_dtypes(args: argparse.Namespace) -> dict:
+    """bfloat16's pool and the same bytes in args.kv_cache_dtype, on one workload."""
+    shape = ModelShape.from_hf_config(load_presets()[args.model], args.model)
+    pool_bytes = args.pool_tokens * shape.kv_bytes_per_token(1, torch.bfloat16.itemsize)
+    rows = {}
+    for name in ("bfloat16", args.kv_cache_dtype):
+        dtype = torch.bfloat16 if name == "bfloat16" else kv_cache_dtype(name, torch.bfloat16)
+        block_bytes = args.block_size * shape.kv_bytes_per_token(1, dtype.itemsize)
+        rows[name] = {"block_bytes": block_bytes, "blocks": pool_bytes // block_bytes}
+    larger = max(row["blocks"] for row in rows.values()) * args.block_size
+    requests = workload(KV_SCENARIO, larger, args.seed)
+    for row in rows.values():
+        row.update(paged(KV_SCENARIO, requests, row["blocks"] * args.block_size, args))
+    for row in rows.values():
+        for key in ("blocks", "max_concurrent_seqs", "mean_admitted"):
+            row[f"{key}_vs_bfloat16"] = row[key] / rows["bfloat16"][key]
+    return {"model": args.model, "pool_bytes": pool_bytes, "scenario": KV_SCENARIO,
+            "requests": len(requests), "pools": rows}
+
+
+# -- 5. output (the figures: memory_figures.py) ------------------------------------
 def print_window_table(window: dict) -> None:
     low, high = window["prompts"]
     print(f"\n{window['requests']} requests of {low}-{high} prompt tokens, every layer's "
@@ -298,6 +339,19 @@ def print_window_table(window: dict) -> None:
         r = window[name]
         print(f"| {name} | {r['blocks_per_seq']:,.0f} | {r['mean_running']:.1f} "
               f"| {r['steps']:,} | {r['preemptions']} |")
+
+
+def print_kv_dtype_table(kv: dict) -> None:
+    print(f"\n{kv['model']}, {kv['pool_bytes'] / 2**30:.2f} GiB of KV pool, "
+          f"{kv['requests']} {kv['scenario']} requests")
+    print("| KV cache dtype | bytes a block | blocks | sequences admitted (mean) | peak "
+          "| preemptions | blocks vs bf16 | admitted vs bf16 | peak vs bf16 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in kv["pools"].items():
+        print(f"| {name} | {r['block_bytes']:,} | {r['blocks']:,} | {r['mean_admitted']:.1f} "
+              f"| {r['max_concurrent_seqs']} | {r['preemptions']} "
+              f"| {r['blocks_vs_bfloat16']:.2f}x | {r['mean_admitted_vs_bfloat16']:.2f}x "
+              f"| {r['max_concurrent_seqs_vs_bfloat16']:.2f}x |")
 
 
 def print_tables(memory: dict, shared: dict) -> None:
@@ -331,6 +385,10 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--sharing-requests", type=int,
                         help="requests per sharing run (200; quick 8)")
+    parser.add_argument("--kv-cache-dtype", choices=sorted(KV_CACHE_DTYPES), default="fp8",
+                        help="the fp8 KV cache compared with bfloat16 (section 4)")
+    parser.add_argument("--model", choices=sorted(load_presets()), default="llama-3-8b",
+                        help="the preset whose KV bytes a token size the pools of section 4")
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     args.pool_tokens = args.pool_tokens or (16384 if args.quick else 262144)
@@ -340,8 +398,10 @@ def main() -> None:
     print(f"# KV memory, {datetime.date.today()}, {platform.platform()}")
     print(f"pool {args.pool_tokens} tokens, block size {args.block_size}, seed {args.seed}\n")
     memory, shared, window = memory_table(args), sharing(args), windows(args)
+    kv = kv_dtypes(args)
     print_tables(memory, shared)
     print_window_table(window)
+    print_kv_dtype_table(kv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     plot_utilization(memory, args.out_dir / "memory_utilization.png", WASTE_TARGET)
     plot_sharing(shared, args.out_dir / "memory_sharing.png", PAPER_SAVED)
@@ -351,6 +411,7 @@ def main() -> None:
               "outputs": OUTPUTS, "load": LOAD, "waste_target": WASTE_TARGET,
               "sharing_workload": {"prompts": SHARING_PROMPTS, "outputs": SHARING_OUTPUTS},
               "memory": memory, "sharing": shared, "sliding_window": window,
+              "kv_cache_dtype": kv,
               "paper_saved": PAPER_SAVED, "wall_s": wall}
     (args.out_dir / "memory.json").write_text(json.dumps(report, indent=2))
     print(f"\nwall time {wall:.1f} s; results in {args.out_dir}/")

@@ -42,3 +42,14 @@ def test_plots_are_written(report):
     _, out_dir = report
     for name in ("memory_utilization.png", "memory_sharing.png"):
         assert (out_dir / name).stat().st_size > 0
+
+
+def test_fp8_pool_has_twice_the_blocks_and_admits_more(report):
+    data, _ = report
+    pools = data["kv_cache_dtype"]["pools"]
+    assert set(pools) == {"bfloat16", "fp8"}
+    assert pools["fp8"]["blocks"] == 2 * pools["bfloat16"]["blocks"]
+    assert pools["fp8"]["block_bytes"] * 2 == pools["bfloat16"]["block_bytes"]
+    assert pools["fp8"]["mean_admitted_vs_bfloat16"] > 1.5
+    assert pools["fp8"]["max_concurrent_seqs_vs_bfloat16"] > 1.5
+    assert pools["bfloat16"]["blocks_vs_bfloat16"] == 1.0

@@ -111,8 +111,9 @@ class EngineCore:
                                     executor.block_bytes)
         num_cpu_blocks = swap_blocks(engine, num_blocks, executor.block_bytes)
         executor.init_kv_cache(num_blocks, num_cpu_blocks)
-        logger.info("KV pool: %d blocks x %d tokens (%.1f MiB per rank), CPU swap pool %d blocks",
-                    num_blocks, engine.block_size, num_blocks * executor.block_bytes / 2**20,
+        logger.info("KV pool: %d blocks x %d tokens (%.1f MiB per rank, kv_cache_dtype %s), "
+                    "CPU swap pool %d blocks", num_blocks, engine.block_size,
+                    num_blocks * executor.block_bytes / 2**20, engine.kv_cache_dtype,
                     num_cpu_blocks)
         return BlockManager(num_blocks, engine.block_size,
                             watermark_blocks=max(1, num_blocks // 100),
@@ -272,7 +273,7 @@ class EngineCore:
             num_running=len(scheduler.running), num_waiting=scheduler.waiting_queue_size,
             num_swapped=len(scheduler.swapped), num_preemptions=scheduler.num_preemptions,
             num_swap_preemptions=scheduler.num_swaps, weight_bytes=self.executor.weight_bytes,
-            **self._lora_stats())
+            block_bytes=self.executor.block_bytes, **self._lora_stats())
 
     def _lora_stats(self) -> dict:
         scheduler = self.scheduler

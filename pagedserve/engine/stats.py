@@ -45,6 +45,9 @@ class EngineStats:
     # The model weights one worker holds (rank 0's share under tensor parallelism):
     # quantized weights at their stored size.
     weight_bytes: int = 0
+    # One KV block on one worker: every layer's keys and values of block_size tokens,
+    # in engine.kv_cache_dtype (fp8: one byte a value, half of bfloat16's).
+    block_bytes: int = 0
     # LoRA: requests per adapter name (running; waiting or swapped), and the device
     # slots' loads and evictions so far (0 and empty without enable_lora).
     max_loras: int = 0

@@ -9,6 +9,10 @@ in every layer:
 `copy_blocks` serves copy-on-write: a sequence about to write into a block it
 shares gets its own copy first. (Swapping to the CPU pool is plain torch:
 `swap.py`.)
+
+An fp8 cache is handed to the kernels as its bytes: `write_kv_cache` divides
+K and V by the layer's scale, saturates them and encodes them (fp8_codec.py,
+which says why not with Triton's casts); `copy_blocks` copies bytes.
 """
 
 from __future__ import annotations
@@ -25,16 +29,20 @@ from pagedserve.kernels.checks import (
     check_pool,
     check_tensor,
 )
+from pagedserve.kernels.fp8_codec import encode_fp8
+from pagedserve.kernels.kv_quant import fp8_format
 
 
 @triton.jit
 def _write_kv_cache_kernel(
     key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_mapping_ptr,
+    k_scale, v_scale,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kcb, stride_kct, stride_kch,
     stride_vcb, stride_vct, stride_vch,
     NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    FP8: tl.constexpr = None, FP8_MAX: tl.constexpr = None,
 ):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token)
@@ -48,6 +56,9 @@ def _write_kv_cache_kernel(
                   mask=mask)
     value = tl.load(value_ptr + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :],
                     mask=mask)
+    if FP8 is not None:  # the caches are bytes: store the codes of x / scale, saturated
+        key = encode_fp8(tl.clamp(key.to(tl.float32) / k_scale, -FP8_MAX, FP8_MAX), FP8)
+        value = encode_fp8(tl.clamp(value.to(tl.float32) / v_scale, -FP8_MAX, FP8_MAX), FP8)
     tl.store(key_cache_ptr + block * stride_kcb + within * stride_kct
              + offs_h[:, None] * stride_kch + offs_d[None, :], key, mask=mask)
     tl.store(value_cache_ptr + block * stride_vcb + within * stride_vct
@@ -55,13 +66,15 @@ def _write_kv_cache_kernel(
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
-                   value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+                   value_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                   k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """Scatter new K/V rows into their slots (`slot = block_id * block_size + offset`).
 
     key, value: [num_tokens, num_kv_heads, head_dim], any token and head
     strides (views into a fused QKV output are fine); slot_mapping:
     [num_tokens] int64, every slot distinct and inside the pool, or negative:
     a padding row (a CUDA graph's spare batch rows) that writes nothing.
+    Caches of an fp8 dtype store clamp(x / scale) as kv_quant.quantize does.
     """
     device = key.device
     check_tensor("key", key, ndim=3, dtypes=ATTENTION_DTYPES)
@@ -80,14 +93,18 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tens
     check_launchable(device)
     if num_tokens == 0:
         return
+    fp8 = fp8_format(key_cache.dtype)
+    if fp8 is not None:
+        key_cache, value_cache = key_cache.view(torch.uint8), value_cache.view(torch.uint8)
     _write_kv_cache_kernel[(num_tokens,)](
-        key, value, key_cache, value_cache, slot_mapping,
+        key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_kv_heads),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
-        BLOCK_SIZE=key_cache.shape[1], num_warps=1,
+        BLOCK_SIZE=key_cache.shape[1], FP8=None if fp8 is None else fp8.name,
+        FP8_MAX=None if fp8 is None else fp8.max, num_warps=1,
     )
 
 
@@ -120,6 +137,8 @@ def copy_blocks(kv_pool: torch.Tensor, block_mapping: torch.Tensor) -> None:
         return
     num_layers, _, _, block_size, num_kv_heads, head_dim = kv_pool.shape
     block_numel = block_size * num_kv_heads * head_dim
+    if fp8_format(kv_pool.dtype) is not None:  # bytes are bytes
+        kv_pool = kv_pool.view(torch.uint8)
     _copy_blocks_kernel[(block_mapping.shape[0], num_layers * 2)](
         kv_pool, block_mapping.contiguous(), kv_pool.stride(1), kv_pool.stride(2),
         BLOCK_NUMEL=block_numel, CHUNK=min(4096, triton.next_power_of_2(block_numel)),

@@ -11,7 +11,11 @@ import os
 
 import torch
 
+from pagedserve.kernels.kv_quant import FP8_FORMATS
+
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# What a KV cache may hold besides the query's dtype (kv_quant.py).
+FP8_DTYPES = tuple(FP8_FORMATS)
 
 
 def interpreting() -> bool:
@@ -39,12 +43,15 @@ def check_tensor(name: str, tensor: torch.Tensor, *, ndim: int,
 
 def check_kv_cache(key_cache: torch.Tensor, value_cache: torch.Tensor,
                    device: torch.device, dtype: torch.dtype) -> None:
-    """key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim], same shape."""
+    """key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim], same shape,
+    both of `dtype` (the query's) or both of one fp8 dtype."""
     for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
-        check_tensor(name, cache, ndim=4, dtypes=(dtype,), device=device)
+        check_tensor(name, cache, ndim=4, dtypes=(dtype, *FP8_DTYPES), device=device)
     if key_cache.shape != value_cache.shape:
         raise ValueError(f"key_cache {tuple(key_cache.shape)} and value_cache "
                          f"{tuple(value_cache.shape)} differ in shape")
+    if key_cache.dtype != value_cache.dtype:
+        raise ValueError(f"key_cache is {key_cache.dtype}, value_cache {value_cache.dtype}")
     block_size = key_cache.shape[1]
     if block_size & (block_size - 1):
         raise ValueError("block_size (key_cache.shape[1]) must be a power of two, "
@@ -57,7 +64,7 @@ def check_attention_args(query: torch.Tensor, key_cache: torch.Tensor, value_cac
     """What both attention launchers take; returns `out`, allocated if None.
 
     query: [num_tokens, num_heads, head_dim]; caches: [num_blocks, block_size,
-    num_kv_heads, head_dim] of query's dtype; block_tables: [num_seqs,
+    num_kv_heads, head_dim] of query's dtype or fp8; block_tables: [num_seqs,
     max_blocks] int32; seq_lens: [num_seqs] int32; out like query.
     """
     device = query.device
@@ -92,7 +99,7 @@ def check_launchable(device: torch.device) -> None:
 
 def check_pool(name: str, pool: torch.Tensor) -> None:
     """pool: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim], contiguous."""
-    check_tensor(name, pool, ndim=6, dtypes=ATTENTION_DTYPES)
+    check_tensor(name, pool, ndim=6, dtypes=ATTENTION_DTYPES + FP8_DTYPES)
     if not pool.is_contiguous():
         raise ValueError(f"{name} must be contiguous, got strides {pool.stride()}")
     if pool.shape[1] != 2:

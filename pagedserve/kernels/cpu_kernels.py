@@ -101,12 +101,14 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
                     query_start_loc: torch.Tensor, scale: float,
                     out: torch.Tensor | None = None,
                     sequences: torch.Tensor | None = None,
-                    window: int | None = None) -> torch.Tensor:
+                    window: int | None = None, k_scale: float = 1.0,
+                    v_scale: float = 1.0) -> torch.Tensor:
     """reference.paged_attention, reading the blocks in place: [T, H, D] in the query's dtype.
 
     block_tables, seq_lens and query_start_loc are int32 (as AttentionMetadata holds them).
     `sequences` (int32) lists the sequences to compute; the rows of the others are left
     as `out` has them. With a sliding `window`, a query sees the last `window` positions.
+    Caches of an fp8 dtype (kernels/kv_quant.py) are read times `k_scale` and `v_scale`.
     """
     query = query.contiguous()
     if out is None:
@@ -114,7 +116,8 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     if sequences is None:
         sequences = _ALL
     return extension().paged_attention(query, key_cache, value_cache, block_tables, seq_lens,
-                                       query_start_loc, sequences, scale, window or 0, out)
+                                       query_start_loc, sequences, scale, window or 0, k_scale,
+                                       v_scale, out)
 
 
 _ALL = torch.empty(0, dtype=torch.int32)

@@ -33,7 +33,12 @@ import triton
 import triton.language as tl
 
 from pagedserve.kernels.checks import check_attention_args, check_launchable
-from pagedserve.kernels.common import attend_paged_context, dot_in_f32, kv_cache_strides
+from pagedserve.kernels.common import (
+    attend_paged_context,
+    dot_in_f32,
+    kv_cache_strides,
+    kv_scale_args,
+)
 
 MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 32
@@ -45,7 +50,7 @@ def _paged_decode_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, seq_lens_ptr,
     out_ptr, partial_out_ptr, partial_lse_ptr,
     # sizes
-    scale_log2,
+    scale_log2, v_scale,
     # strides
     stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -57,7 +62,7 @@ def _paged_decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, DOT_F32: tl.constexpr, WINDOW: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_F32: tl.constexpr, WINDOW: tl.constexpr, FP8: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -83,8 +88,8 @@ def _paged_decode_kernel(
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     acc, m_i, l_i = attend_paged_context(
         q, offs_g, start, end, table, key_cache_ptr, value_cache_ptr, kv_head,
-        stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale_log2,
-        GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, False, DOT_F32)
+        stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale_log2, v_scale,
+        GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, False, DOT_F32, 0, FP8)
 
     out_mask = g_mask[:, None] & d_mask[None, :]
     if SPLIT:
@@ -155,7 +160,8 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, *,
                            max_seq_len: int, num_splits: int | None = None,
                            out: torch.Tensor | None = None, block_n: int | None = None,
-                           window: int | None = None) -> torch.Tensor:
+                           window: int | None = None, k_scale: float = 1.0,
+                           v_scale: float = 1.0) -> torch.Tensor:
     """Attention of one query token per sequence over its whole paged context (with a
     sliding `window`, its last `window` positions).
 
@@ -164,7 +170,8 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
     [num_seqs, max_blocks] int32; seq_lens: [num_seqs] int32, each in
     1..max_seq_len (the query's own position included). Returns `out`
     ([num_seqs, num_heads, head_dim], query's dtype), allocated if not given.
-    `num_splits=None` picks the split count for the device.
+    `num_splits=None` picks the split count for the device. Caches of an fp8 dtype
+    are read times `k_scale` and `v_scale`.
     """
     device = query.device
     out = check_attention_args(query, key_cache, value_cache, block_tables, seq_lens, out)
@@ -199,10 +206,12 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
     else:
         partial_out = partial_lse = out  # unused
     p_strides = (num_heads * num_splits, num_splits, 1)
+    key_cache, value_cache, scale_log2, v_scale, fp8 = kv_scale_args(
+        key_cache, value_cache, scale, k_scale, v_scale)
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, key_cache, value_cache, block_tables, seq_lens,
         out, partial_out, partial_lse,
-        scale * math.log2(math.e),
+        scale_log2, v_scale,
         query.stride(0), query.stride(1),
         *kv_cache_strides(key_cache, value_cache),
         block_tables.stride(0),
@@ -210,7 +219,7 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
         *p_strides,
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, SPLIT=split,
-        DOT_F32=dot_in_f32(query.dtype), WINDOW=window or 0,
+        DOT_F32=dot_in_f32(query.dtype), WINDOW=window or 0, FP8=fp8,
         num_warps=4, num_stages=2,
     )
     if split:

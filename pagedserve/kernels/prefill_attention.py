@@ -18,14 +18,17 @@ through the block table exactly like the decode kernel.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from pagedserve.kernels.checks import check_attention_args, check_launchable, check_tensor
-from pagedserve.kernels.common import attend_paged_context, dot_in_f32, kv_cache_strides
+from pagedserve.kernels.common import (
+    attend_paged_context,
+    dot_in_f32,
+    kv_cache_strides,
+    kv_scale_args,
+)
 
 
 @triton.jit
@@ -34,7 +37,7 @@ def _paged_prefill_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, seq_lens_ptr,
     cu_seqlens_q_ptr, out_ptr,
     # sizes
-    scale_log2,
+    scale_log2, v_scale,
     # strides
     stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -45,7 +48,7 @@ def _paged_prefill_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_F32: tl.constexpr, WINDOW: tl.constexpr,
+    DOT_F32: tl.constexpr, WINDOW: tl.constexpr, FP8: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     seq = tl.program_id(1)
@@ -77,8 +80,8 @@ def _paged_prefill_kernel(
         kv_start = tl.maximum(prefix + q_block * BLOCK_Q + 1 - WINDOW, 0)
     acc, m_i, l_i = attend_paged_context(
         q, positions, kv_start, kv_end, table, key_cache_ptr, value_cache_ptr, kv_head,
-        stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale_log2,
-        BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, True, DOT_F32, WINDOW)
+        stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale_log2, v_scale,
+        BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, True, DOT_F32, WINDOW, FP8)
 
     out = acc / l_i[:, None]
     tl.store(out_ptr + rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
@@ -90,7 +93,8 @@ def paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
                             seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, scale: float, *,
                             max_query_len: int, out: torch.Tensor | None = None,
                             block_q: int | None = None, block_n: int | None = None,
-                            window: int | None = None) -> torch.Tensor:
+                            window: int | None = None, k_scale: float = 1.0,
+                            v_scale: float = 1.0) -> torch.Tensor:
     """Causal attention of each sequence's query chunk over its paged context (with a
     sliding `window`, the last `window` positions each query sees).
 
@@ -99,6 +103,7 @@ def paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
     each at least its query length; block_tables: [num_seqs, max_blocks]
     int32. `max_query_len` bounds the grid. Returns `out`
     ([num_tokens, num_heads, head_dim], query's dtype), allocated if not given.
+    Caches of an fp8 dtype are read times `k_scale` and `v_scale`.
     """
     device = query.device
     out = check_attention_args(query, key_cache, value_cache, block_tables, seq_lens, out)
@@ -125,16 +130,18 @@ def paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
         raise ValueError(f"block_q={block_q} gives {block_q * group_pad} rows per program; "
                          "tensor cores need at least 16")
     grid = (triton.cdiv(max_query_len, block_q), num_seqs, num_kv_heads)
+    key_cache, value_cache, scale_log2, v_scale, fp8 = kv_scale_args(
+        key_cache, value_cache, scale, k_scale, v_scale)
     _paged_prefill_kernel[grid](
         query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, out,
-        scale * math.log2(math.e),
+        scale_log2, v_scale,
         query.stride(0), query.stride(1),
         *kv_cache_strides(key_cache, value_cache),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_N=block_n,
-        DOT_F32=dot_in_f32(query.dtype), WINDOW=window or 0,
+        DOT_F32=dot_in_f32(query.dtype), WINDOW=window or 0, FP8=fp8,
         num_warps=4, num_stages=2,
     )
     return out

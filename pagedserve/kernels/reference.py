@@ -19,6 +19,10 @@ rule covers a whole prompt, a prompt chunk over its cached prefix, and a
 decode token. A layer with a sliding `window` W sees only the last W of
 those: the query at position p sees positions p - W + 1 .. p (transformers'
 rule, `kv_idx > q_idx - sliding_window`).
+
+An fp8 cache (kv_quant.py) is written quantized, with the layer's `k_scale` and
+`v_scale`, and read back as the query's dtype: the gathered rows are
+dequantized, never the whole cache.
 """
 
 from __future__ import annotations
@@ -28,10 +32,13 @@ from itertools import pairwise
 
 import torch
 
+from pagedserve.kernels.kv_quant import dequantize, fp8_format, quantize
+
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
-                   value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Scatter new K/V rows into their slots.
+                   value_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                   k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """Scatter new K/V rows into their slots; into an fp8 cache quantized by the scales.
 
     key, value: [num_tokens, num_kv_heads, head_dim]; slot_mapping: [num_tokens] int64.
     A negative slot is a padding row: it writes nothing.
@@ -40,6 +47,10 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tens
     keep = slot_mapping >= 0
     if not bool(keep.all()):
         key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
+    if fp8_format(key_cache.dtype) is not None:  # no fp8 index_copy_ on the CPU: as bytes
+        key = quantize(key, k_scale, key_cache.dtype).view(torch.uint8)
+        value = quantize(value, v_scale, value_cache.dtype).view(torch.uint8)
+        key_cache, value_cache = key_cache.view(torch.uint8), value_cache.view(torch.uint8)
     key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
     value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
 
@@ -48,8 +59,10 @@ def copy_blocks(kv_pool: torch.Tensor, block_mapping: torch.Tensor) -> None:
     """Copy block src onto block dst in every layer, for each (src, dst) row.
 
     kv_pool: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim];
-    block_mapping: [num_pairs, 2] int64.
+    block_mapping: [num_pairs, 2] int64. Bytes are copied as they are (an fp8 pool as uint8).
     """
+    if fp8_format(kv_pool.dtype) is not None:
+        kv_pool = kv_pool.view(torch.uint8)
     blocks = kv_pool.index_select(2, block_mapping[:, 0])
     kv_pool.index_copy_(2, block_mapping[:, 1], blocks)
 
@@ -134,7 +147,8 @@ def context_slots(block_table: torch.Tensor, seq_len: int, block_size: int) -> t
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     block_tables: torch.Tensor, seq_lens: torch.Tensor,
                     query_start_loc: torch.Tensor, scale: float,
-                    window: int | None = None) -> torch.Tensor:
+                    window: int | None = None, k_scale: float = 1.0,
+                    v_scale: float = 1.0) -> torch.Tensor:
     """Causal attention of each sequence's queries over its paged context (the last
     `window` positions of it, with a window).
 
@@ -144,14 +158,17 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     query_lens = [end - start for start, end in pairwise(starts)]
     plan = plan_attention(block_tables, seq_lens.tolist(), query_lens, key_cache.shape[1],
                           key_cache.shape[2])
-    return run_attention_plan(query, key_cache, value_cache, plan, scale, window=window)
+    return run_attention_plan(query, key_cache, value_cache, plan, scale, window=window,
+                              k_scale=k_scale, v_scale=v_scale)
 
 
 def run_attention_plan(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                        plan: AttentionPlan, scale: float, out: torch.Tensor | None = None,
-                       window: int | None = None) -> torch.Tensor:
+                       window: int | None = None, k_scale: float = 1.0,
+                       v_scale: float = 1.0) -> torch.Tensor:
     """The plan's rows of the output (`out`'s other rows are left as they are). The plan
-    holds every context position; a `window` masks those it does not reach."""
+    holds every context position; a `window` masks those it does not reach. `k_scale`
+    and `v_scale` scale an fp8 cache's values (a float cache is read as it is)."""
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]
     if num_heads % num_kv_heads:
@@ -161,29 +178,41 @@ def run_attention_plan(query: torch.Tensor, key_cache: torch.Tensor, value_cache
     if out is None:
         out = torch.empty_like(query)
     for bucket in plan.decode:
-        out.index_copy_(0, bucket.rows,
-                        _attend_decode(query, flat_k, flat_v, bucket, scale, window))
+        out.index_copy_(0, bucket.rows, _attend_decode(query, flat_k, flat_v, bucket, scale,
+                                                       window, (k_scale, v_scale)))
     for seq in plan.prefill:
         q = query[seq.q_start:seq.q_end].transpose(0, 1)  # [H, q_len, D]
         slots, prefix_len = seq.slots, seq.slots.shape[0] - (seq.q_end - seq.q_start)
         if window is not None and prefix_len + 1 > window:  # positions no query reaches
             slots = slots[prefix_len + 1 - window:]
             prefix_len = window - 1
-        k = flat_k.index_select(0, slots).transpose(0, 1)  # [H_kv, seq_len, D]
-        v = flat_v.index_select(0, slots).transpose(0, 1)
+        k, v = _readable(flat_k.index_select(0, slots), flat_v.index_select(0, slots),
+                         query.dtype, (k_scale, v_scale))
+        k, v = k.transpose(0, 1), v.transpose(0, 1)  # [H_kv, seq_len, D]
         out[seq.q_start:seq.q_end] = _attend(q, k, v, prefix_len, scale, window).transpose(0, 1)
     return out
 
 
+def _readable(k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype,
+              kv_scales: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gathered K and V rows as `dtype`: dequantized when they come from an fp8 cache."""
+    if fp8_format(k.dtype) is None:
+        return k, v
+    return dequantize(k, kv_scales[0], dtype), dequantize(v, kv_scales[1], dtype)
+
+
 def _attend_decode(query: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tensor,
-                   bucket: DecodeBucket, scale: float, window: int | None) -> torch.Tensor:
+                   bucket: DecodeBucket, scale: float, window: int | None,
+                   kv_scales: tuple[float, float]) -> torch.Tensor:
     """One query token per sequence over its padded context -> [n, H, D]."""
     n, num_kv_heads, max_len = bucket.head_rows.shape
     _, num_heads, head_dim = query.shape
     group = num_heads // num_kv_heads
     rows = bucket.head_rows.reshape(-1)
-    k = flat_k.view(-1, head_dim).index_select(0, rows).view(n, num_kv_heads, max_len, head_dim)
-    v = flat_v.view(-1, head_dim).index_select(0, rows).view(n, num_kv_heads, max_len, head_dim)
+    k, v = _readable(flat_k.view(-1, head_dim).index_select(0, rows),
+                     flat_v.view(-1, head_dim).index_select(0, rows), query.dtype, kv_scales)
+    k = k.view(n, num_kv_heads, max_len, head_dim)
+    v = v.view(n, num_kv_heads, max_len, head_dim)
     q = query.index_select(0, bucket.rows).view(n, num_kv_heads, group, head_dim)
     scores = torch.matmul(q, k.transpose(2, 3)).float() * scale  # [n, H_kv, group, max_len]
     masked = bucket.padding

@@ -33,7 +33,7 @@ from pagedserve.config import EngineConfig
 from pagedserve.model.info import ModelInfo
 from pagedserve.model.roofline import GPUS, Roofline, StepShape
 from pagedserve.model.rules import gpu_kv_budget, kv_dtype_bytes
-from pagedserve.model.shape import ModelShape, headroom_bytes
+from pagedserve.model.shape import headroom_bytes
 from pagedserve.scheduler.step import (
     PromptLogprobs,
     Sample,

@@ -5,6 +5,8 @@ The pool is one tensor, so a block can be copied in every layer at once:
     kv_pool: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
     kv_caches[layer] = (kv_pool[layer, 0], kv_pool[layer, 1])   keys, values
 
+Both hold engine.kv_cache_dtype: the model dtype, or fp8 at one byte a value
+(kernels/kv_quant.py), which fits twice the blocks of bfloat16 in the same memory.
 A CPU pool of the same layout (`cpu_pool`, pinned on CUDA) holds the blocks of
 swapped-out requests. With tensor parallelism each rank's pools hold only its
 own KV heads; block ids are the same on every rank, so one block manager
@@ -24,6 +26,7 @@ import logging
 import torch
 
 from pagedserve.config import EngineConfig
+from pagedserve.kernels.kv_quant import kv_cache_dtype
 from pagedserve.kernels.swap import swap_blocks
 from pagedserve.math_utils import cdiv
 from pagedserve.model.info import ModelInfo
@@ -47,9 +50,11 @@ def kv_block_shape(info: ModelInfo, block_size: int, tp_size: int) -> tuple[int,
     return block_size, info.shape.num_kv_heads // tp_size, info.shape.head_dim
 
 
-def kv_block_bytes(info: ModelInfo, block_size: int, tp_size: int) -> int:
-    """Bytes of one block on one rank, across all layers, keys and values."""
-    return block_size * info.shape.kv_bytes_per_token(tp_size, info.dtype.itemsize)
+def kv_block_bytes(info: ModelInfo, engine: EngineConfig, tp_size: int) -> int:
+    """Bytes of one block on one rank, across all layers, keys and values, in the KV
+    cache's dtype."""
+    itemsize = kv_cache_dtype(engine.kv_cache_dtype, info.dtype).itemsize
+    return engine.block_size * info.shape.kv_bytes_per_token(tp_size, itemsize)
 
 
 class Worker:
@@ -67,6 +72,7 @@ class Worker:
                                  keep_quantized=keep_quantized,
                                  weight_scheme=info.weight_scheme)
         self.weight_bytes = weight_bytes(self.model)
+        self.kv_dtype = kv_cache_dtype(engine.kv_cache_dtype, info.dtype)
         self.attention = select_attention_backend(engine.attention_backend, info.device,
                                                   self.kv_block_shape[1])
         self.runner = ModelRunner(self.model, engine.block_size, self.attention, info.device,
@@ -96,7 +102,7 @@ class Worker:
 
     @property
     def block_bytes(self) -> int:
-        return kv_block_bytes(self.info, self.engine.block_size, self.tp.size)
+        return kv_block_bytes(self.info, self.engine, self.tp.size)
 
     def num_available_blocks(self, max_num_batched_tokens: int) -> int:
         """How many KV blocks fit the memory budget of this device."""
@@ -146,11 +152,11 @@ class Worker:
             self.runner.graphs.capture()
         if num_cpu_blocks:
             # Left uninitialised: pages the OS has not handed out cost nothing until a swap.
-            self.cpu_pool = torch.empty(self._pool_shape(num_cpu_blocks), dtype=self.info.dtype,
+            self.cpu_pool = torch.empty(self._pool_shape(num_cpu_blocks), dtype=self.kv_dtype,
                                         pin_memory=self.info.device.type == "cuda")
 
     def _allocate(self, num_blocks: int) -> torch.Tensor:
-        return torch.zeros(self._pool_shape(num_blocks), dtype=self.info.dtype,
+        return torch.zeros(self._pool_shape(num_blocks), dtype=self.kv_dtype,
                            device=self.info.device)
 
     def _pool_shape(self, num_blocks: int) -> tuple[int, ...]:

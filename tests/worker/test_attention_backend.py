@@ -54,9 +54,9 @@ def test_greedy_outputs_identical_between_backends(model_dirs, variant, engine, 
     steps = []  # (decode sequences, all sequences) of each step the Triton backend ran
     forward = TritonAttentionBackend.forward
 
-    def spy(self, q, k, v, kv_cache, metadata, scale, window=None):
+    def spy(self, q, k, v, kv_cache, metadata, scale, window=None, k_scale=1.0, v_scale=1.0):
         steps.append((metadata.num_decodes, metadata.seq_lens.shape[0]))
-        return forward(self, q, k, v, kv_cache, metadata, scale, window)
+        return forward(self, q, k, v, kv_cache, metadata, scale, window, k_scale, v_scale)
 
     monkeypatch.setattr(TritonAttentionBackend, "forward", spy)
     triton_llm, got = _run(model_dir, "triton", **engine)

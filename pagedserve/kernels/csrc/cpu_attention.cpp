@@ -19,12 +19,20 @@
 // over the blocks, no gather, no padding. `sequences` (int32) lists the
 // sequences to compute, all of them when empty; the others' rows are left as
 // they are.
+//
+// The caches hold the query's dtype, or fp8 (float8_e4m3fn or float8_e5m2, both
+// caches the same): then a K or V row is read as bytes, each looked up in a table
+// of the format's 256 values times the layer's k_scale or v_scale (built once per
+// call). The table is exact for every code, subnormals included, and involves no
+// arithmetic on denormal floats, which would stall the vector units; a float
+// cache ignores the scales.
 #include "cpu_kernels.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -46,9 +54,11 @@ struct Item {
   int64_t seq, kv_head, row_begin, row_end;
 };
 
+using Fp8Table = std::array<float, 256>;
+
 // A K or V row as float32: in place for float32, converted into `buffer` otherwise.
 template <typename scalar_t>
-inline const float* as_float(const scalar_t* src, float* buffer, int64_t n) {
+inline const float* as_float(const scalar_t* src, float* buffer, int64_t n, const Fp8Table*) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     return src;
   } else {
@@ -56,6 +66,28 @@ inline const float* as_float(const scalar_t* src, float* buffer, int64_t n) {
     for (int64_t d = 0; d < n; ++d) buffer[d] = static_cast<float>(src[d]);
     return buffer;
   }
+}
+
+// An fp8 row (its bytes) as float32, scaled: each byte's entry of `table`.
+inline const float* as_float(const uint8_t* src, float* buffer, int64_t n, const Fp8Table* table) {
+  const float* values = table->data();
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) buffer[d] = values[src[d]];
+  return buffer;
+}
+
+// The value of every byte of an fp8 `type`, times `scale`.
+Fp8Table fp8_table(at::ScalarType type, double scale) {
+  Fp8Table table;
+  for (int code = 0; code < 256; ++code) {
+    const auto bits = static_cast<uint8_t>(code);
+    const float value =
+        type == at::kFloat8_e4m3fn
+            ? static_cast<float>(c10::Float8_e4m3fn(bits, c10::Float8_e4m3fn::from_bits()))
+            : static_cast<float>(c10::Float8_e5m2(bits, c10::Float8_e5m2::from_bits()));
+    table[code] = value * static_cast<float>(scale);
+  }
+  return table;
 }
 
 // Asks for the cache lines of a K or V row a few positions ahead (a prefetch never
@@ -93,18 +125,20 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
-template <typename scalar_t>
+// cache_t: scalar_t for a float cache, uint8_t for an fp8 one (read through k_table and
+// v_table, which a float cache leaves null).
+template <typename scalar_t, typename cache_t>
 void attend(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
             const at::Tensor& block_tables, const at::Tensor& seq_lens,
             const at::Tensor& query_start_loc, const at::Tensor& sequences, double scale,
-            int64_t window, at::Tensor& out) {
+            int64_t window, const Fp8Table* k_table, const Fp8Table* v_table, at::Tensor& out) {
   const int64_t num_heads = query.size(1), head_dim = query.size(2);
   const int64_t block_size = key_cache.size(1), num_kv_heads = key_cache.size(2);
   const int64_t group = num_heads / num_kv_heads, max_blocks = block_tables.size(1);
   const int64_t num_seqs = seq_lens.size(0);
   const scalar_t* q_data = query.data_ptr<scalar_t>();
-  const scalar_t* k_data = key_cache.data_ptr<scalar_t>();
-  const scalar_t* v_data = value_cache.data_ptr<scalar_t>();
+  const cache_t* k_data = static_cast<const cache_t*>(key_cache.const_data_ptr());
+  const cache_t* v_data = static_cast<const cache_t*>(value_cache.const_data_ptr());
   scalar_t* out_data = out.data_ptr<scalar_t>();
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
@@ -178,11 +212,11 @@ void attend(const at::Tensor& query, const at::Tensor& key_cache, const at::Tens
         const int64_t block_start = b * block_size;
         const int64_t end = std::min(context, block_start + block_size);
         const int64_t t_begin = std::max(block_start, low);
-        const scalar_t* k_row = k_data + table[b] * block_stride + item.kv_head * head_dim +
-                                (t_begin - block_start) * token_stride;
+        const cache_t* k_row = k_data + table[b] * block_stride + item.kv_head * head_dim +
+                               (t_begin - block_start) * token_stride;
         for (int64_t t = t_begin; t < end; ++t, k_row += token_stride) {
           prefetch_row(k_row + kPrefetch * token_stride, head_dim);
-          const float* k = as_float(k_row, row.data(), head_dim);
+          const float* k = as_float(k_row, row.data(), head_dim, k_table);
           const int64_t first = std::max<int64_t>(0, t - prefix - item.row_begin) * group;
           const int64_t last = window > 0 ? std::min<int64_t>(
               m_count, (t + window - prefix - item.row_begin) * group) : m_count;
@@ -226,7 +260,7 @@ void attend(const at::Tensor& query, const at::Tensor& key_cache, const at::Tens
       for (int64_t b = low / block_size; b < num_blocks; ++b) {
         const int64_t block_start = b * block_size;
         const int64_t end = std::min(context, block_start + block_size);
-        const scalar_t* v_block = v_data + table[b] * block_stride + item.kv_head * head_dim;
+        const cache_t* v_block = v_data + table[b] * block_stride + item.kv_head * head_dim;
         for (int64_t t0 = std::max(block_start, low); t0 < end; t0 += kVRows) {
           const int64_t count = std::min<int64_t>(kVRows, end - t0);
           for (int64_t j = 0; j < kVRows; ++j)
@@ -235,7 +269,7 @@ void attend(const at::Tensor& query, const at::Tensor& key_cache, const at::Tens
           for (int64_t j = 0; j < kVRows; ++j) {
             const int64_t t = t0 + std::min(j, count - 1);  // a short group repeats its last row
             v[j] = as_float(v_block + (t - block_start) * token_stride, &row[j * head_dim],
-                            head_dim);
+                            head_dim, v_table);
           }
           const int64_t first = std::max<int64_t>(0, t0 - prefix - item.row_begin) * group;
           for (int64_t m = first; m < m_count; ++m) {
@@ -267,7 +301,7 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
                            const at::Tensor& value_cache, const at::Tensor& block_tables,
                            const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
                            const at::Tensor& sequences, double scale, int64_t window,
-                           at::Tensor out) {
+                           double k_scale, double v_scale, at::Tensor out) {
   TORCH_CHECK(query.dim() == 3 && key_cache.dim() == 4, "query must be [T, H, D] and key_cache "
               "[blocks, block_size, H_kv, D]");
   TORCH_CHECK(query.is_contiguous() && key_cache.is_contiguous() && value_cache.is_contiguous() &&
@@ -277,9 +311,11 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
               ") and of key_cache (", key_cache.size(3), ") differ");
   TORCH_CHECK(query.size(1) % key_cache.size(2) == 0, "num_heads=", query.size(1),
               " is not a multiple of num_kv_heads=", key_cache.size(2));
-  TORCH_CHECK(query.scalar_type() == key_cache.scalar_type() &&
-              query.scalar_type() == value_cache.scalar_type() &&
-              query.scalar_type() == out.scalar_type(), "query, caches and out must share a dtype");
+  const at::ScalarType cache_type = key_cache.scalar_type();
+  const bool fp8 = cache_type == at::kFloat8_e4m3fn || cache_type == at::kFloat8_e5m2;
+  TORCH_CHECK(query.scalar_type() == out.scalar_type() && cache_type == value_cache.scalar_type() &&
+              (fp8 || cache_type == query.scalar_type()), "query and out must share a dtype, "
+              "and key_cache and value_cache hold it too, or both one fp8 dtype");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
               query_start_loc.scalar_type() == at::kInt && sequences.scalar_type() == at::kInt,
               "block_tables, seq_lens, query_start_loc and sequences must be int32");
@@ -289,10 +325,22 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
   TORCH_CHECK(query_start_loc.size(0) == seq_lens.size(0) + 1 &&
               block_tables.size(0) == seq_lens.size(0),
               "query_start_loc must have num_seqs + 1 entries and block_tables num_seqs rows");
+  Fp8Table k_table, v_table;
+  if (fp8) {
+    k_table = fp8_table(cache_type, k_scale);
+    v_table = fp8_table(cache_type, v_scale);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "paged_attention",
                                   [&] {
-    attend<scalar_t>(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
-                     sequences, scale, window, out);
+    if (fp8) {
+      attend<scalar_t, uint8_t>(query, key_cache, value_cache, block_tables, seq_lens,
+                                query_start_loc, sequences, scale, window, &k_table, &v_table,
+                                out);
+    } else {
+      attend<scalar_t, scalar_t>(query, key_cache, value_cache, block_tables, seq_lens,
+                                 query_start_loc, sequences, scale, window, nullptr, nullptr,
+                                 out);
+    }
   });
   return out;
 }

@@ -12,12 +12,13 @@ namespace pagedserve {
 
 // Attention of query [T, H, D] over the K/V blocks each sequence's table names (the
 // last `window` positions a query sees, when window > 0); writes `out` [T, H, D] (the
-// rows of the listed `sequences`, all when empty).
+// rows of the listed `sequences`, all when empty). Caches of an fp8 dtype are read
+// times k_scale and v_scale.
 at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
                            const at::Tensor& value_cache, const at::Tensor& block_tables,
                            const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
                            const at::Tensor& sequences, double scale, int64_t window,
-                           at::Tensor out);
+                           double k_scale, double v_scale, at::Tensor out);
 
 // The float32 experts of a MoE layer over hidden [T, H], on weights packed by
 // cpu_kernels.pack_moe, for each token's top-k (weights, global ids): out [T, H].

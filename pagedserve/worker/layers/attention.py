@@ -10,6 +10,10 @@ runs it, so model code never knows which one does:
 
 A backend prepares whatever it needs once per step (`plan`); every layer
 reuses it, since every layer reads the same positions.
+
+Every backend reads and writes an fp8 pool too (engine.kv_cache_dtype,
+kernels/kv_quant.py): K and V are quantized as they are written, with the
+layer's `k_scale` and `v_scale`, and dequantized as they are read.
 """
 
 from __future__ import annotations
@@ -59,10 +63,11 @@ class AttentionBackend(Protocol):
              num_decodes: int, block_size: int) -> object: ...
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
-                metadata: AttentionMetadata, scale: float, window: int | None = None
-                ) -> torch.Tensor:
+                metadata: AttentionMetadata, scale: float, window: int | None = None,
+                k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
         """window: the layer's sliding window (a query sees its last `window` positions),
-        None for full attention."""
+        None for full attention. k_scale, v_scale: an fp8 cache's (a float one ignores
+        them)."""
         ...
 
     def copy_blocks(self, kv_pool: torch.Tensor, block_mapping: torch.Tensor) -> None: ...
@@ -79,11 +84,13 @@ class TorchAttentionBackend:
         return reference.plan_attention(block_tables, seq_lens, query_lens, block_size,
                                         self.num_kv_heads)
 
-    def forward(self, q, k, v, kv_cache, metadata, scale, window=None):
+    def forward(self, q, k, v, kv_cache, metadata, scale, window=None, k_scale=1.0,
+                v_scale=1.0):
         key_cache, value_cache = kv_cache
-        reference.write_kv_cache(k, v, key_cache, value_cache, metadata.slot_mapping)
+        reference.write_kv_cache(k, v, key_cache, value_cache, metadata.slot_mapping,
+                                 k_scale, v_scale)
         return reference.run_attention_plan(q, key_cache, value_cache, metadata.plan, scale,
-                                            window=window)
+                                            window=window, k_scale=k_scale, v_scale=v_scale)
 
     def copy_blocks(self, kv_pool, block_mapping):
         reference.copy_blocks(kv_pool, block_mapping)
@@ -122,18 +129,21 @@ class CPUAttentionBackend:
         kernel_seqs = torch.tensor(short, dtype=torch.int32) if short else None
         return _CPUPlan(kernel_seqs, reference.AttentionPlan([], prefill))
 
-    def forward(self, q, k, v, kv_cache, metadata, scale, window=None):
+    def forward(self, q, k, v, kv_cache, metadata, scale, window=None, k_scale=1.0,
+                v_scale=1.0):
         key_cache, value_cache = kv_cache
-        reference.write_kv_cache(k, v, key_cache, value_cache, metadata.slot_mapping)
+        reference.write_kv_cache(k, v, key_cache, value_cache, metadata.slot_mapping,
+                                 k_scale, v_scale)
         plan: _CPUPlan = metadata.plan
         out = torch.empty_like(q)
         if plan.matmul is None or plan.kernel_seqs is not None:
             cpu_kernels.paged_attention(q, key_cache, value_cache, metadata.block_tables,
                                         metadata.seq_lens, metadata.query_start_loc, scale,
-                                        out=out, sequences=plan.kernel_seqs, window=window)
+                                        out=out, sequences=plan.kernel_seqs, window=window,
+                                        k_scale=k_scale, v_scale=v_scale)
         if plan.matmul is not None:
             reference.run_attention_plan(q, key_cache, value_cache, plan.matmul, scale, out=out,
-                                         window=window)
+                                         window=window, k_scale=k_scale, v_scale=v_scale)
         return out
 
     def copy_blocks(self, kv_pool, block_mapping):
@@ -179,9 +189,11 @@ class TritonAttentionBackend:
                                                       max_seq_len)
         return _TritonPlan(max_seq_len, num_splits, None)
 
-    def forward(self, q, k, v, kv_cache, metadata, scale, window=None):
+    def forward(self, q, k, v, kv_cache, metadata, scale, window=None, k_scale=1.0,
+                v_scale=1.0):
         key_cache, value_cache = kv_cache
-        self._cache_ops.write_kv_cache(k, v, key_cache, value_cache, metadata.slot_mapping)
+        self._cache_ops.write_kv_cache(k, v, key_cache, value_cache, metadata.slot_mapping,
+                                       k_scale, v_scale)
         plan: _TritonPlan = metadata.plan
         out = torch.empty_like(q)
         n = metadata.num_decodes  # decode sequences own rows 0..n-1
@@ -189,12 +201,12 @@ class TritonAttentionBackend:
             self._decode.paged_decode_attention(
                 q[:n], key_cache, value_cache, metadata.block_tables[:n], metadata.seq_lens[:n],
                 scale, max_seq_len=plan.decode_max_seq_len, num_splits=plan.num_splits, out=out[:n],
-                window=window)
+                window=window, k_scale=k_scale, v_scale=v_scale)
         if plan.prefill_cu_seqlens is not None:
             self._prefill.paged_prefill_attention(
                 q[n:], key_cache, value_cache, metadata.block_tables[n:], metadata.seq_lens[n:],
                 plan.prefill_cu_seqlens, scale, max_query_len=metadata.max_query_len, out=out[n:],
-                window=window)
+                window=window, k_scale=k_scale, v_scale=v_scale)
         return out
 
     def copy_blocks(self, kv_pool, block_mapping):
@@ -237,7 +249,8 @@ def select_attention_backend(name: str, device: torch.device,
 class Attention(nn.Module):
     """One layer's attention: full, or over a sliding `window` (a query at position p sees
     positions p - window + 1 .. p); softmax(q k^T * scale), scale head_dim^-0.5 unless
-    the model says otherwise."""
+    the model says otherwise. `k_scale` and `v_scale` scale what an fp8 KV cache stores
+    (the checkpoint's, worker/layers/kv_scales.py, else 1.0)."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
                  window: int | None = None, scale: float | None = None) -> None:
@@ -247,8 +260,11 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.window = window
         self.scale = head_dim ** -0.5 if scale is None else scale
+        self.k_scale = 1.0
+        self.v_scale = 1.0
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
                 metadata: AttentionMetadata) -> torch.Tensor:
         """q: [T, H, D]; k, v: [T, H_kv, D] -> [T, H, D]."""
-        return metadata.backend.forward(q, k, v, kv_cache, metadata, self.scale, self.window)
+        return metadata.backend.forward(q, k, v, kv_cache, metadata, self.scale, self.window,
+                                        self.k_scale, self.v_scale)

@@ -18,6 +18,7 @@ from pagedserve.model.quant_scheme import WeightScheme
 from pagedserve.model.quantized_checkpoint import joined as joined_quantized
 from pagedserve.worker.distributed import TPGroup
 from pagedserve.worker.layers import default_dtype
+from pagedserve.worker.layers.kv_scales import load_kv_scale
 from pagedserve.worker.layers.linear import default_weight_loader, pack_linear_weights
 from pagedserve.worker.layers.moe import EXPERT_PARTS
 from pagedserve.worker.layers.quantized import finalize as finalize_quantized
@@ -144,8 +145,8 @@ def load_weights(model: nn.Module, checkpoint: Iterable[tuple[str, object]], sou
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     for ckpt_name, tensor in checkpoint:
-        if "rotary_emb" in ckpt_name:
-            continue
+        if "rotary_emb" in ckpt_name or load_kv_scale(model, ckpt_name, tensor):
+            continue  # a KV cache scale lands on its layer's Attention (layers/kv_scales.py)
         name, shard_id = _target(model, ckpt_name)
         if name not in params:
             if name == "lm_head.weight":  # tied to the embedding: loaded through it

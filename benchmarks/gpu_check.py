@@ -37,7 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL_TESTS = ["tests/kernels/test_triton_attention.py", "tests/kernels/test_triton_cache_ops.py",
                 "tests/worker/test_cuda_graph.py", "tests/kernels/test_triton_lora.py",
-                "tests/kernels/test_fused_moe.py", "tests/kernels/test_fp8_kv_kernels.py"]
+                "tests/kernels/test_fused_moe.py", "tests/kernels/test_fp8_kv_kernels.py",
+                "tests/kernels/test_triton_quant_gemm.py"]
 # The greedy check's prompts (lengths) and its tokens per prompt.
 GREEDY_PROMPT_LENS = [1, 5, 17, 33, 64]
 GREEDY_MAX_TOKENS = 16

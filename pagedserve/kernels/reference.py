@@ -327,3 +327,18 @@ def moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights:
             act = torch.nn.functional.silu(gate_up[:inter]) * gate_up[inter:]
             out[t] += weight * (w2[local].float() @ act)
     return out.to(hidden.dtype)
+
+
+def quant_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
+                 offsets: torch.Tensor | None, group: int) -> torch.Tensor:
+    """x @ W^T in float32 for W[n, k] = q[n, k] * scales[n, k // group] + offsets[n, k // group]
+    (offsets None: zero), the weight dequantized to float32 first: the oracle of
+    kernels/quant_gemm.py.
+
+    x: [M, K]; q: [N, K] of any dtype that converts to float (uint8 4-bit codes, int8,
+    float8_e4m3fn); scales, offsets: [N, K // group]. Returns [M, N] float32.
+    """
+    weight = q.float() * scales.float().repeat_interleave(group, dim=1)
+    if offsets is not None:
+        weight += offsets.float().repeat_interleave(group, dim=1)
+    return x.float() @ weight.t()

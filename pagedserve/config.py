@@ -60,8 +60,9 @@ class ModelConfig(_Strict):
     dtype: DType = "auto"
     # How a quantized checkpoint's weights are held. auto: as the checkpoint stores
     # them where a kernel runs them (GGUF Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and Q6_K;
-    # compressed-tensors, AWQ, GPTQ and fp8 checkpoints: model/quant_scheme.py),
-    # dequantized into `dtype` elsewhere, with a log line; dequantize: always as
+    # compressed-tensors, AWQ, GPTQ and fp8 checkpoints: model/quant_scheme.py;
+    # the C++ kernel on the CPU, Triton's on CUDA), dequantized into `dtype`
+    # elsewhere, with a log line; dequantize: always as
     # `dtype` (the exact float model of the file); fp8: a float checkpoint's linear
     # layers quantized to float8_e4m3 at load, one scale per output channel.
     quantization: Literal["auto", "dequantize", "fp8"] = "auto"

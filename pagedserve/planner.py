@@ -14,9 +14,8 @@ which also holds the full logits, is the one planned for.
 A quantized checkpoint's linear layers are planned at the bytes its scheme
 holds them in (model/shape.py, weight_bytes_per_rank), and the KV cache at
 engine.kv_cache_dtype's bytes (model/rules.py, kv_dtype_bytes), as the
-simulated GPU holds them. The plan is of a GPU that runs the scheme as stored,
-as vLLM's kernels do: pagedserve's own GPU worker still dequantizes such
-weights into the model dtype (only its CPU kernels run them quantized).
+simulated GPU holds them, and as the GPU worker's kernels run them
+(kernels/quant_gemm.py).
 """
 
 from __future__ import annotations

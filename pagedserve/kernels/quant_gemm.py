@@ -155,21 +155,26 @@ def _pack_int4(q: torch.Tensor) -> torch.Tensor:
     return packed
 
 
-def unpack(weight: QuantGemmWeight) -> torch.Tensor:
-    """The float32 weight [N, K] that `weight` stands for (for tests and checks)."""
+def unpack(weight: QuantGemmWeight, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The float32 weight [N, K] that `weight` stands for, or its rows `rows` (an
+    embedding lookup: [len(rows), K])."""
     k = weight.in_features
+    codes, scales, offsets = weight.codes, weight.scales, weight.offsets
+    if rows is not None:
+        codes, scales = codes[:, rows], scales[:, rows]
+        offsets = None if offsets is None else offsets[:, rows]
     if weight.fmt == "int4":
-        shifts = torch.arange(0, 32, 4, device=weight.codes.device)
-        words = weight.codes.t().to(torch.int64)  # [N, ceil(K/8)]
+        shifts = torch.arange(0, 32, 4, device=codes.device)
+        words = codes.t().to(torch.int64)  # [n, ceil(K/8)]
         q = ((words[:, :, None] >> shifts) & 0xF).flatten(1)[:, :k].float()
     elif weight.fmt == "int8":
-        q = weight.codes.t().float()
+        q = codes.t().float()
     else:
-        q = weight.codes.t().contiguous().view(torch.float8_e4m3fn).float()
-    dense = q * weight.scales.t().repeat_interleave(weight.group, dim=1)
-    if weight.offsets is not None:
-        dense += weight.offsets.t().repeat_interleave(weight.group, dim=1)
-    return dense
+        q = codes.t().contiguous().view(torch.float8_e4m3fn).float()
+    dense = q * scales.t().repeat_interleave(weight.group, dim=1)
+    if offsets is not None:
+        dense += offsets.t().repeat_interleave(weight.group, dim=1)
+    return dense.contiguous()
 
 
 @triton.jit

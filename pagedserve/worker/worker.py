@@ -95,6 +95,11 @@ class Worker:
             logger.warning("attention_backend=%r runs eagerly: CUDA graphs need 'triton'",
                            self.attention.name)
             self.uses_graphs = False
+        if self.uses_graphs and not all(getattr(module, "capturable", True)
+                                        for module in self.model.modules()):
+            logger.warning("MoE experts kept quantized run eagerly: no fused quantized MoE "
+                           "kernel yet, so decode steps are not captured in CUDA graphs")
+            self.uses_graphs = False
 
     @property
     def kv_block_shape(self) -> tuple[int, int, int]:

@@ -133,7 +133,7 @@ def base_weight(layer: nn.Module) -> torch.Tensor:
     quantized = quantized_of(layer.weight)
     if quantized is not None:
         return torch.empty((), dtype=layer.weight.dtype,
-                           device=quantized.qweight.device).expand(layer.weight.shape)
+                           device=quantized.device).expand(layer.weight.shape)
     return layer.weight if layer.packed_weight is None else layer.packed_weight
 
 

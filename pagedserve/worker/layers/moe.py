@@ -166,6 +166,12 @@ class FusedMoE(nn.Module):
         return {name: torch.stack([w.to_dense() for w in packed])
                 for name, packed in zip(("w13", "w2"), self.packed, strict=True)}
 
+    @property
+    def capturable(self) -> bool:
+        """Whether a CUDA graph can record the layer: not with quantized experts, which run
+        one GEMM pair per expert chosen (`_grouped`), counting the tokens on the host."""
+        return quantized_of(self.w13) is None
+
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """hidden [T, H], router_logits [T, E] -> this rank's share of the layer's output,
         summed over the ranks."""
@@ -175,7 +181,7 @@ class FusedMoE(nn.Module):
     def experts(self, hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
                 ) -> torch.Tensor:
         """This rank's experts over each token's top-k (weights, global ids): [T, H]."""
-        if hidden.device.type == "cuda":
+        if hidden.device.type == "cuda" and quantized_of(self.w13) is None:
             from pagedserve.kernels.fused_moe import fused_moe  # Triton: CUDA only
 
             return fused_moe(hidden, self.w13, self.w2, weights, ids, self.first_expert)

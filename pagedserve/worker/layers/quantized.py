@@ -1,6 +1,11 @@
 """Weights kept quantized in memory: a linear layer's (or the embedding's) weight as
-4-bit or 8-bit integers with a scale and an offset per group, computed on by
-kernels/cpu_kernels.py's `quant_linear`, never copied out as floats.
+4-bit or 8-bit integers, or float8, with a scale and an offset per group, never
+copied out as floats. On the CPU, kernels/cpu_kernels.py's `quant_linear`
+computes on them (`QuantizedWeight`); on CUDA, kernels/quant_gemm.py's Triton
+GEMM, or torch._scaled_mm for an FP8 weight with one scale a channel on sm_89
+and newer (`DeviceQuantizedWeight`). A weight whose groups the Triton kernel
+cannot tile (a group that is not a multiple of 16) is dequantized, with a log
+line.
 
 Loading. A model built under `quantized_loading()` creates its linear and
 embedding weights on the meta device: no memory. Each weight loader then hands
@@ -51,6 +56,21 @@ def new_weight(*shape: int) -> nn.Parameter:
     return param
 
 
+def uses_triton(device: torch.device) -> bool:
+    """Whether weights on `device` are packed for the Triton GEMM (the tests set it for
+    CPU tensors, which Triton's interpreter runs)."""
+    return device.type != "cpu"
+
+
+def packed_for(rows: QuantizedRows, device: torch.device
+               ) -> QuantizedWeight | DeviceQuantizedWeight:
+    """`rows` packed for the kernel that runs on `device`. ValueError where that kernel
+    cannot take its groups."""
+    if uses_triton(device):
+        return DeviceQuantizedWeight(rows, device)
+    return QuantizedWeight(rows)
+
+
 class QuantizedWeight:
     """A [out_features, in_features] weight packed for the CPU kernel."""
 
@@ -59,6 +79,10 @@ class QuantizedWeight:
         self.fmt, self.group = rows.fmt, rows.group
         self.qweight, self.scales, self.offsets = cpu_kernels.pack_quantized(
             rows.q, rows.scales, rows.offsets, rows.fmt)
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
 
     @property
     def nbytes(self) -> int:
@@ -93,6 +117,69 @@ class QuantizedWeight:
         if self.offsets is not None:
             values += self.offsets[block, :, lane].float().repeat_interleave(self.group, dim=1)
         return values
+
+
+class DeviceQuantizedWeight:
+    """A [out_features, in_features] weight for the GPU: packed for kernels/quant_gemm.py,
+    or, for an FP8 weight with one scale a channel where torch._scaled_mm runs float8
+    (quant_gemm.fp8_supported), kept as the checkpoint's float8 matrix and multiplied
+    with activations quantized per token (W8A8, vLLM's dynamic scheme; a static
+    input scale in the checkpoint is not used)."""
+
+    def __init__(self, rows: QuantizedRows, device: torch.device) -> None:
+        from pagedserve.kernels import quant_gemm  # Triton
+
+        self.out_features, self.in_features = rows.shape
+        self.fmt, self.group = rows.fmt, rows.group
+        self.fp8: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.gemm = None
+        per_channel = rows.group == self.in_features and rows.offsets is None
+        if (rows.fmt == "fp8_e4m3" and per_channel and quant_gemm.fp8_supported(device)
+                and self.in_features % 16 == 0 and self.out_features % 16 == 0):
+            self.fp8 = (rows.q.to(device).contiguous(),
+                        rows.scales.float().reshape(-1).to(device).contiguous())
+        else:
+            self.gemm = quant_gemm.pack(rows.q.to(device), rows.scales.to(device),
+                                        None if rows.offsets is None
+                                        else rows.offsets.to(device), rows.fmt, rows.group)
+
+    @property
+    def device(self) -> torch.device:
+        return (self.fp8[0] if self.gemm is None else self.gemm.codes).device
+
+    @property
+    def nbytes(self) -> int:
+        tensors = self.fp8 if self.gemm is None else (
+            self.gemm.codes, self.gemm.scales, self.gemm.offsets)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        from pagedserve.kernels import quant_gemm
+
+        flat = x.reshape(-1, self.in_features)
+        if flat.stride(-1) != 1:  # the kernel reads rows of contiguous features
+            flat = flat.contiguous()
+        if self.gemm is None:
+            out = quant_gemm.fp8_scaled_mm(flat, *self.fp8)
+        else:
+            out = quant_gemm.quant_matmul(flat, self.gemm)
+        out = out.view(*x.shape[:-1], self.out_features)
+        return out if bias is None else out + bias
+
+    def dense(self) -> torch.Tensor:
+        """The float32 weight it stands for."""
+        return self.rows(None)
+
+    def rows(self, ids: torch.Tensor | None) -> torch.Tensor:
+        """Rows `ids` of the weight as float32 (an embedding lookup; None: all of them)."""
+        from pagedserve.kernels import quant_gemm
+
+        if self.gemm is not None:
+            return quant_gemm.unpack(self.gemm, ids)
+        weight, scale = self.fp8
+        if ids is not None:
+            weight, scale = weight[ids], scale[ids]
+        return weight.float() * scale.unsqueeze(1)
 
 
 class QuantizedExperts(list):
@@ -138,10 +225,16 @@ def _made_whole(param: nn.Parameter, dtype: torch.dtype, device: torch.device
     if missing:  # a vocabulary padded for tensor parallelism: zero rows, never looked up
         parts.append(_zero_rows(parts[-1], missing, param.shape[1]))
     if all(isinstance(part, QuantizedRows) for part in parts):
-        param.quantized = QuantizedWeight(QuantizedRows.cat(parts))
-        del param.quant_parts
-        return param, True
-    if any(isinstance(part, QuantizedRows) for part in parts):
+        rows = QuantizedRows.cat(parts)
+        try:
+            param.quantized = packed_for(rows, device)
+        except ValueError as error:
+            logger.info("a weight of shape %s: %s; dequantized into %s", tuple(param.shape),
+                        error, dtype)
+        else:
+            del param.quant_parts
+            return param, True
+    elif any(isinstance(part, QuantizedRows) for part in parts):
         logger.info("a weight of shape %s mixes kept-quantized and other tensor types: "
                     "dequantized into %s", tuple(param.shape), dtype)
     weight = torch.cat([part.dequantize() if isinstance(part, QuantizedRows) else part.float()
@@ -155,10 +248,10 @@ def experts_made_whole(parts: list[list], dtype: torch.dtype, device: torch.devi
     every part of every expert came quantized and joins, else the stacked float weights."""
     try:
         if all(isinstance(part, QuantizedRows) for expert in parts for part in expert):
-            return QuantizedExperts(QuantizedWeight(QuantizedRows.cat(expert))
+            return QuantizedExperts(packed_for(QuantizedRows.cat(expert), device)
                                     for expert in parts)
-    except ValueError as error:  # float8 and integer parts in one expert
-        logger.info("experts of mixed kinds (%s): dequantized into %s", error, dtype)
+    except ValueError as error:  # float8 and integer parts in one expert, or groups no kernel takes
+        logger.info("experts not kept quantized (%s): dequantized into %s", error, dtype)
     return torch.stack([torch.cat([part.dequantize() if isinstance(part, QuantizedRows)
                                    else part.float() for part in expert]) for expert in parts]
                        ).to(device=device, dtype=dtype)
@@ -173,5 +266,5 @@ def _zero_rows(like, count: int, cols: int):
                          like.bits, like.group)
 
 
-def quantized_of(param: torch.Tensor) -> QuantizedWeight | None:
+def quantized_of(param: torch.Tensor) -> QuantizedWeight | DeviceQuantizedWeight | None:
     return getattr(param, "quantized", None)

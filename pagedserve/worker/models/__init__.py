@@ -68,17 +68,13 @@ def build_model(hf_config, model_dir: Path, *, max_position: int, dtype: torch.d
     A quantized HF checkpoint (`weight_scheme`: model/quant_scheme.py) has each
     layer's parts joined into one weight (model/quantized_checkpoint.py); the
     online FP8 scheme quantizes a float checkpoint's linear weights as they load.
-    With `keep_quantized`, those weights, and the GGUF file's of the types the CPU
-    kernel runs, stay quantized in memory (layers/quantized.py); elsewhere than on
-    the CPU they are dequantized, and a log line says so.
+    With `keep_quantized`, those weights, and the GGUF file's of the types the
+    kernels run, stay quantized in memory (layers/quantized.py): packed for the C++
+    kernel on the CPU, for the Triton GEMM or torch._scaled_mm on CUDA.
     """
     source = gguf_file.name if gguf_file is not None else str(model_dir)
     quantize = keep_quantized and (weight_scheme is not None
                                    or (gguf_file is not None and checkpoint is None))
-    if quantize and device.type != "cpu":
-        logger.warning("%s: quantized weights run on the CPU only so far; on %s they are "
-                       "dequantized into %s", source, device.type, dtype)
-        quantize = False
     loading = quantized_loading() if quantize else contextlib.nullcontext()
     with torch.device(device), default_dtype(dtype), loading:
         model = model_class(hf_config)(hf_config, max_position, tp,

@@ -57,6 +57,7 @@ through the kernel above, activations unquantized.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +84,7 @@ FP8_MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
 class QuantGemmWeight:
     """A quantized weight laid out for `quant_matmul` (the module docstring draws it)."""
 
+    # Each with a leading expert dimension where `stack` made it (fused_moe's experts).
     codes: torch.Tensor  # int4: int32 [ceil(K/8), N]; int8: int8 [K, N]; fp8_e4m3: uint8 [K, N]
     scales: torch.Tensor  # float32 [K // group, N]
     offsets: torch.Tensor | None  # like scales, or None for zero
@@ -137,6 +139,33 @@ def pack(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, fm
     return QuantGemmWeight(codes, scales.float().t().contiguous(),
                            None if offsets is None else offsets.float().t().contiguous(),
                            fmt, group, in_features, out_features)
+
+
+def stack(weights: Sequence[QuantGemmWeight]) -> QuantGemmWeight:
+    """A MoE layer's experts of one format, group and shape as one weight for fused_moe:
+    codes, scales and offsets gain a leading expert dimension. ValueError where they
+    differ."""
+    first = weights[0]
+    key = (first.fmt, first.group, first.in_features, first.out_features,
+           first.offsets is None)
+    for index, weight in enumerate(weights):
+        other = (weight.fmt, weight.group, weight.in_features, weight.out_features,
+                 weight.offsets is None)
+        if other != key:
+            raise ValueError(f"expert {index} is held as (fmt, group, K, N, no offsets) "
+                             f"{other}, expert 0 as {key}")
+    return QuantGemmWeight(torch.stack([w.codes for w in weights]),
+                           torch.stack([w.scales for w in weights]),
+                           None if first.offsets is None
+                           else torch.stack([w.offsets for w in weights]),
+                           first.fmt, first.group, first.in_features, first.out_features)
+
+
+def expert(weight: QuantGemmWeight, index: int) -> QuantGemmWeight:
+    """Expert `index` of a stacked weight (views: no copy)."""
+    return QuantGemmWeight(weight.codes[index], weight.scales[index],
+                           None if weight.offsets is None else weight.offsets[index],
+                           weight.fmt, weight.group, weight.in_features, weight.out_features)
 
 
 def _pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -194,16 +223,13 @@ def _load_codes(codes_ptr, offs_k, offs_n, mask, stride_ck, stride_cn, FMT: tl.c
 
 
 @triton.jit
-def _quant_matmul_kernel(x_ptr, codes_ptr, scales_ptr, offsets_ptr, y_ptr,
-                         M, N, K, group, stride_xm, stride_ck, stride_cn, stride_sg, stride_ym,
-                         FMT: tl.constexpr, HAS_OFFSETS: tl.constexpr, PER_CHANNEL: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         DOT_F32: tl.constexpr):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    in_n = offs_n < N
-    in_m = offs_m < M
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+def quant_dot(x_rows, in_m, codes_ptr, scales_ptr, offsets_ptr, offs_n, in_n, K, group,
+              stride_ck, stride_cn, stride_sg, FMT: tl.constexpr, HAS_OFFSETS: tl.constexpr,
+              PER_CHANNEL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
+    """x W^T for a tile of rows and output features, in float32: x_rows [BLOCK_M, 1] points
+    at rows of x (masked by in_m), offs_n [BLOCK_N] at output features (in_n). The loop of
+    `quant_matmul`'s kernel, and of fused_moe's for quantized experts."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)  # PER_CHANNEL with offsets: sum of x
     for k0 in range(0, K, BLOCK_K):
@@ -234,21 +260,41 @@ def _quant_matmul_kernel(x_ptr, codes_ptr, scales_ptr, offsets_ptr, y_ptr,
         if HAS_OFFSETS:
             offset = tl.load(offsets_ptr + offs_n, mask=in_n, other=0.0)
             acc += x_sum[:, None] * offset[None, :]
+    return acc
+
+
+@triton.jit
+def _quant_matmul_kernel(x_ptr, codes_ptr, scales_ptr, offsets_ptr, y_ptr,
+                         M, N, K, group, stride_xm, stride_ck, stride_cn, stride_sg, stride_ym,
+                         FMT: tl.constexpr, HAS_OFFSETS: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         DOT_F32: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_n = offs_n < N
+    in_m = offs_m < M
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    acc = quant_dot(x_rows, in_m, codes_ptr, scales_ptr, offsets_ptr, offs_n, in_n, K, group,
+                    stride_ck, stride_cn, stride_sg, FMT, HAS_OFFSETS, PER_CHANNEL,
+                    BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32)
     tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :],
              acc.to(y_ptr.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
 
 
-def _block_sizes(num_rows: int, group: int, in_features: int) -> tuple[int, int, int]:
+def k_tile(weight: QuantGemmWeight) -> int:
+    """quant_dot's K tile for `weight`: one that divides its group, so that no tile
+    straddles two (64 with one group a channel)."""
+    if weight.group == weight.in_features:
+        return 64
+    return min(weight.group & -weight.group, 64)  # the largest power of two dividing it
+
+
+def _block_sizes(num_rows: int, weight: QuantGemmWeight) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K): a decode step's few rows take the smallest tile of rows
-    tl.dot allows; a prefill's thousands take 64 rows by 128 columns. BLOCK_K divides the
-    group, so no tile straddles two."""
+    tl.dot allows; a prefill's thousands take 64 rows by 128 columns."""
     block_m = min(max(triton.next_power_of_2(num_rows), 16), 64)
     block_n = 64 if num_rows <= 64 else 128
-    if group == in_features:
-        block_k = 64
-    else:
-        block_k = min(group & -group, 64)  # the largest power of two dividing the group
-    return block_m, block_n, block_k
+    return block_m, block_n, k_tile(weight)
 
 
 def quant_matmul(x: torch.Tensor, weight: QuantGemmWeight) -> torch.Tensor:
@@ -266,7 +312,7 @@ def quant_matmul(x: torch.Tensor, weight: QuantGemmWeight) -> torch.Tensor:
     y = torch.empty(num_rows, out_features, dtype=x.dtype, device=x.device)
     if num_rows == 0 or out_features == 0:
         return y
-    block_m, block_n, block_k = _block_sizes(num_rows, weight.group, weight.in_features)
+    block_m, block_n, block_k = _block_sizes(num_rows, weight)
     offsets = weight.offsets if weight.offsets is not None else weight.scales  # unread
     grid = (triton.cdiv(out_features, block_n), triton.cdiv(num_rows, block_m))
     _quant_matmul_kernel[grid](

@@ -97,8 +97,8 @@ class Worker:
             self.uses_graphs = False
         if self.uses_graphs and not all(getattr(module, "capturable", True)
                                         for module in self.model.modules()):
-            logger.warning("MoE experts kept quantized run eagerly: no fused quantized MoE "
-                           "kernel yet, so decode steps are not captured in CUDA graphs")
+            logger.warning("MoE experts kept quantized in unlike formats run one by one, "
+                           "eagerly: decode steps are not captured in CUDA graphs")
             self.uses_graphs = False
 
     @property

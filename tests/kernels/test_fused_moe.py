@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedserve.kernels import cpu_kernels, reference
+from pagedserve.kernels import cpu_kernels, quant_gemm, reference
 from pagedserve.kernels.checks import interpreting
 from pagedserve.kernels.fused_moe import align_tokens, fused_moe
 from pagedserve.worker.distributed import TPGroup
@@ -77,6 +77,67 @@ def test_a_rank_of_expert_parallelism_computes_its_experts_share(rank):
                 for r in range(4))
     torch.testing.assert_close(total, reference.moe(hidden, w13, w2, weights, ids),
                                atol=1e-4, rtol=1e-4)
+
+
+def _quantized(weight: torch.Tensor, fmt: str, group: int, asymmetric: bool, seed: int):
+    """Random experts of a float stack's shape [E, N, K], quantized, packed and stacked for
+    fused_moe; scales make weights of about K^-1/2, as _case's are."""
+    gen = torch.Generator().manual_seed(seed)
+    num_experts, n, k = weight.shape
+    typical_code = {"int4": 8, "int8": 64, "fp8_e4m3": 100}[fmt]
+    scales = (torch.rand(n, k // group, generator=gen) + 0.5) / (typical_code * k ** 0.5)
+    packed = []
+    for _ in range(num_experts):
+        if fmt == "int4":
+            q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+        elif fmt == "int8":
+            q = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+        else:
+            q = (torch.randn(n, k, generator=gen) * 100).to(torch.float8_e4m3fn)
+        offsets = -8 * scales if asymmetric else None
+        packed.append(quant_gemm.pack(q.to(DEVICE), scales.to(DEVICE),
+                                      None if offsets is None else offsets.to(DEVICE), fmt,
+                                      group))
+    return quant_gemm.stack(packed)
+
+
+def _dense(stacked) -> torch.Tensor:
+    return torch.stack([quant_gemm.unpack(quant_gemm.expert(stacked, e))
+                        for e in range(stacked.codes.shape[0])])
+
+
+# (format, w13's group, offsets): w13 takes K = 48 in groups of 16; w2 (K = 40) one group
+# a channel, as FP8 checkpoints hold experts.
+QUANTIZED = [("int4", 16, True), ("int8", 48, False), ("fp8_e4m3", 48, False),
+             ("fp8_e4m3", 16, False)]
+
+
+@pytest.mark.parametrize("fmt, group, asymmetric", QUANTIZED)
+@pytest.mark.parametrize("num_experts, num_tokens, top_k, used", [(4, 1, 2, 4), (8, 70, 2, 8)])
+def test_fused_moe_on_quantized_experts_equals_the_reference_on_their_weights(
+        fmt, group, asymmetric, num_experts, num_tokens, top_k, used):
+    hidden, w13, w2, weights, ids = _case(num_experts, num_tokens, top_k, used, seed=num_tokens)
+    q13 = _quantized(w13, fmt, group, asymmetric, seed=1)
+    q2 = _quantized(w2, fmt, INTER, asymmetric, seed=2)
+    expected = reference.moe(hidden, _dense(q13), _dense(q2), weights, ids)
+    torch.testing.assert_close(fused_moe(hidden, q13, q2, weights, ids), expected,
+                               atol=1e-4, rtol=1e-4)
+    # A rank of expert parallelism holding experts 2 and 3.
+    local = [quant_gemm.stack([quant_gemm.expert(q, e) for e in (2, 3)]) for q in (q13, q2)]
+    expected = reference.moe(hidden, _dense(q13)[2:4], _dense(q2)[2:4], weights, ids,
+                             first_expert=2)
+    torch.testing.assert_close(fused_moe(hidden, *local, weights, ids, first_expert=2),
+                               expected, atol=1e-4, rtol=1e-4)
+
+
+def test_experts_held_differently_are_not_stacked():
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (32, 64), generator=gen, dtype=torch.uint8)
+    grouped = quant_gemm.pack(q, torch.rand(32, 4), None, "int4", 16)
+    per_channel = quant_gemm.pack(q, torch.rand(32, 1), None, "int4", 64)
+    with pytest.raises(ValueError, match=r"expert 1 is held as .*'int4', 64.* expert 0 as "
+                                         r".*'int4', 16"):
+        quant_gemm.stack([grouped, per_channel])
 
 
 def test_aligned_blocks_hold_one_expert_each_and_every_pair_once():

@@ -7,7 +7,7 @@ test_gguf_quantized.py hold to transformers.
 The weights are the same integers, scales and offsets; the two kernels sum in
 other orders (the Triton one a K tile at a time), so prompt logprobs agree to a
 few 1e-6 and greedy tokens are equal. Every layer stays quantized: linear layers,
-the embedding's rows (a GGUF file's), and MoE experts (their per-expert GEMMs).
+the embedding's rows (a GGUF file's), and MoE experts (fused_moe's grouped GEMMs).
 """
 
 from __future__ import annotations
@@ -99,14 +99,20 @@ def test_gguf_k_quants_and_embedding_rows_run_on_the_triton_kernels(source, tmp_
     _assert_same_model(cpu, triton, SHAPE["num_hidden_layers"] * 4 + 2)
 
 
-def test_quantized_moe_experts_run_on_the_triton_kernels(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fmt", ["w4a16", "fp8-block"])  # Qwen3-30B-A3B-FP8's scheme
+def test_quantized_moe_experts_run_on_the_triton_kernels(tmp_path, monkeypatch, fmt):
+    """Through fused_moe's quantized grouped GEMMs."""
     source = build_random_model(tmp_path / "moe", arch="qwen3_moe", moe_intermediate_size=128,
                                 **SHAPE)
-    path, _ = write_quantized(source, tmp_path / "w4a16", "w4a16")
+    path, _ = write_quantized(source, tmp_path / fmt, fmt)
     cpu, triton = _both_paths(path, monkeypatch)
     layer = triton.engine.executor.worker.model.model.layers[0].mlp.experts
-    assert all(isinstance(w, DeviceQuantizedWeight) for w in quantized_of(layer.w13))
-    assert not layer.capturable  # a CUDA graph would not record its host-side counts
+    experts = quantized_of(layer.w13)
+    assert all(isinstance(w, DeviceQuantizedWeight) for w in experts)
+    # Stacked for fused_moe, each expert a view of the stack: held once.
+    assert experts.stacked is not None and layer.capturable
+    assert experts.nbytes == sum(t.numel() * t.element_size() for t in (
+        experts.stacked.codes, experts.stacked.scales, experts.stacked.offsets) if t is not None)
     (cpu_logprobs, cpu_tokens), (triton_logprobs, triton_tokens) = _scores(cpu), _scores(triton)
     assert (cpu_logprobs - triton_logprobs).abs().max() <= 1e-4
     assert triton_tokens == cpu_tokens

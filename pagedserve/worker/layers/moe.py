@@ -168,9 +168,17 @@ class FusedMoE(nn.Module):
 
     @property
     def capturable(self) -> bool:
-        """Whether a CUDA graph can record the layer: not with quantized experts, which run
-        one GEMM pair per expert chosen (`_grouped`), counting the tokens on the host."""
-        return quantized_of(self.w13) is None
+        """Whether a CUDA graph can record the layer: not with quantized experts that
+        fused_moe cannot take (not stacked alike), which run one GEMM pair per expert
+        chosen (`_grouped`), counting the tokens on the host."""
+        return quantized_of(self.w13) is None or self._stacked() is not None
+
+    def _stacked(self) -> tuple | None:
+        """Quantized w13 and w2 as fused_moe takes them, where both were stacked."""
+        w13, w2 = quantized_of(self.w13), quantized_of(self.w2)
+        if w13 is None or w13.stacked is None or w2.stacked is None:
+            return None
+        return w13.stacked, w2.stacked
 
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """hidden [T, H], router_logits [T, E] -> this rank's share of the layer's output,
@@ -181,6 +189,11 @@ class FusedMoE(nn.Module):
     def experts(self, hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
                 ) -> torch.Tensor:
         """This rank's experts over each token's top-k (weights, global ids): [T, H]."""
+        stacked = self._stacked()
+        if stacked is not None:  # quantized experts packed for Triton
+            from pagedserve.kernels.fused_moe import fused_moe
+
+            return fused_moe(hidden, *stacked, weights, ids, self.first_expert)
         if hidden.device.type == "cuda" and quantized_of(self.w13) is None:
             from pagedserve.kernels.fused_moe import fused_moe  # Triton: CUDA only
 

@@ -62,12 +62,12 @@ def uses_triton(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
-def packed_for(rows: QuantizedRows, device: torch.device
+def packed_for(rows: QuantizedRows, device: torch.device, scaled_mm: bool = True
                ) -> QuantizedWeight | DeviceQuantizedWeight:
-    """`rows` packed for the kernel that runs on `device`. ValueError where that kernel
-    cannot take its groups."""
+    """`rows` packed for the kernel that runs on `device` (see DeviceQuantizedWeight for
+    `scaled_mm`). ValueError where that kernel cannot take its groups."""
     if uses_triton(device):
-        return DeviceQuantizedWeight(rows, device)
+        return DeviceQuantizedWeight(rows, device, scaled_mm)
     return QuantizedWeight(rows)
 
 
@@ -124,9 +124,11 @@ class DeviceQuantizedWeight:
     or, for an FP8 weight with one scale a channel where torch._scaled_mm runs float8
     (quant_gemm.fp8_supported), kept as the checkpoint's float8 matrix and multiplied
     with activations quantized per token (W8A8, vLLM's dynamic scheme; a static
-    input scale in the checkpoint is not used)."""
+    input scale in the checkpoint is not used). `scaled_mm=False` packs every format
+    for the Triton kernel (MoE experts, which fused_moe reads stacked)."""
 
-    def __init__(self, rows: QuantizedRows, device: torch.device) -> None:
+    def __init__(self, rows: QuantizedRows, device: torch.device, scaled_mm: bool = True
+                 ) -> None:
         from pagedserve.kernels import quant_gemm  # Triton
 
         self.out_features, self.in_features = rows.shape
@@ -134,7 +136,8 @@ class DeviceQuantizedWeight:
         self.fp8: tuple[torch.Tensor, torch.Tensor] | None = None
         self.gemm = None
         per_channel = rows.group == self.in_features and rows.offsets is None
-        if (rows.fmt == "fp8_e4m3" and per_channel and quant_gemm.fp8_supported(device)
+        if (scaled_mm and rows.fmt == "fp8_e4m3" and per_channel
+                and quant_gemm.fp8_supported(device)
                 and self.in_features % 16 == 0 and self.out_features % 16 == 0):
             self.fp8 = (rows.q.to(device).contiguous(),
                         rows.scales.float().reshape(-1).to(device).contiguous())
@@ -183,7 +186,26 @@ class DeviceQuantizedWeight:
 
 
 class QuantizedExperts(list):
-    """A MoE layer's experts (w13 or w2), one QuantizedWeight each."""
+    """A MoE layer's experts (w13 or w2), one QuantizedWeight each; on the GPU also
+    `stacked`, all of them as one quant_gemm weight for fused_moe, of which each
+    expert's weight is a view."""
+
+    stacked = None
+
+    def stack(self) -> None:
+        """Set `stacked` where the experts are packed for Triton alike."""
+        from pagedserve.kernels import quant_gemm
+
+        if not all(isinstance(w, DeviceQuantizedWeight) and w.gemm is not None for w in self):
+            return
+        try:
+            stacked = quant_gemm.stack([w.gemm for w in self])
+        except ValueError as error:
+            logger.info("experts run one by one, not fused: %s", error)
+            return
+        for index, weight in enumerate(self):
+            weight.gemm = quant_gemm.expert(stacked, index)
+        self.stacked = stacked
 
     @property
     def nbytes(self) -> int:
@@ -248,8 +270,10 @@ def experts_made_whole(parts: list[list], dtype: torch.dtype, device: torch.devi
     every part of every expert came quantized and joins, else the stacked float weights."""
     try:
         if all(isinstance(part, QuantizedRows) for expert in parts for part in expert):
-            return QuantizedExperts(packed_for(QuantizedRows.cat(expert), device)
-                                    for expert in parts)
+            experts = QuantizedExperts(packed_for(QuantizedRows.cat(expert), device,
+                                                  scaled_mm=False) for expert in parts)
+            experts.stack()
+            return experts
     except ValueError as error:  # float8 and integer parts in one expert, or groups no kernel takes
         logger.info("experts not kept quantized (%s): dequantized into %s", error, dtype)
     return torch.stack([torch.cat([part.dequantize() if isinstance(part, QuantizedRows)

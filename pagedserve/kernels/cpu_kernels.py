@@ -259,6 +259,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return extension().rms_norm(x, weight, eps, residual)
 
 
+
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                   value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """reference.write_kv_cache for caches of the rows' own dtype (not fp8): key, value
+    [T, H_kv, D] (head_dim contiguous), slot_mapping [T] int64, negative slots skipped."""
+    extension().write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
+
+
 if __name__ == "__main__":
     try:
         extension()

@@ -14,6 +14,7 @@ from support.paged_batch import make_paged_batch, poison_before_windows
 from pagedserve import LLM, SamplingParams
 from pagedserve.kernels import cpu_kernels
 from pagedserve.kernels.reference import paged_attention as reference_attention
+from pagedserve.kernels.reference import write_kv_cache as reference_write_kv_cache
 from pagedserve.worker.layers.attention import (
     AttentionMetadata,
     CPUAttentionBackend,
@@ -250,3 +251,24 @@ def test_silu_and_mul_is_silu_of_the_gate_times_up():
     assert cpu_kernels.silu_and_mul(torch.empty(0, 8)).shape == (0, 4)
     with pytest.raises(RuntimeError, match=r"x must be a contiguous \[T, 2 I\] float32"):
         cpu_kernels.silu_and_mul(gate_up.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_cache_equals_the_reference_padding_rows_skipped(dtype):
+    """Rows of a fused q/k/v output (strided, as the model's split gives them), one
+    padding slot (-1), into a cache of their dtype."""
+    gen = torch.Generator().manual_seed(0)
+    num_tokens, heads, dim = 7, 2, 8
+    qkv = torch.randn(num_tokens, 3 * heads * dim, generator=gen).to(dtype)
+    key = qkv[:, heads * dim:2 * heads * dim].view(num_tokens, heads, dim)
+    value = qkv[:, 2 * heads * dim:].view(num_tokens, heads, dim)
+    slots = torch.tensor([5, 0, -1, 17, 8, 31, 2])
+    caches = [torch.zeros(4, 8, heads, dim, dtype=dtype) for _ in range(4)]
+    cpu_kernels.write_kv_cache(key, value, caches[0], caches[1], slots)
+    reference_write_kv_cache(key, value, caches[2], caches[3], slots)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    assert caches[0].abs().sum() > 0
+    with pytest.raises(RuntimeError, match="slot 32 is past the cache's 32 slots"):
+        cpu_kernels.write_kv_cache(key, value, caches[0], caches[1], slots.clamp(max=32) + 1)
+    with pytest.raises(RuntimeError, match="must have the caches' dtype"):
+        cpu_kernels.write_kv_cache(key.double(), value.double(), caches[0], caches[1], slots)

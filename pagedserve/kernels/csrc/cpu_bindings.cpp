@@ -20,4 +20,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &pagedserve::rms_norm,
         "RMSNorm of float32 rows, after adding them into a residual",
         py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("residual") = py::none());
+  m.def("write_kv_cache", &pagedserve::write_kv_cache,
+        "New K/V rows into their cache slots (negative slots skipped)");
 }

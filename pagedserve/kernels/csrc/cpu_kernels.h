@@ -40,11 +40,16 @@ at::Tensor argmax_rows(const at::Tensor& logits);
 void rotary_(at::Tensor q, at::Tensor k, const at::Tensor& cos, const at::Tensor& sin,
              const at::Tensor& positions);
 
-// RMSNorm of float32 rows [T, H], after adding them into `residual` when it is given.
 // SiLU(gate) * up of float32 rows [T, 2 I] (gate, then up): [T, I].
 at::Tensor silu_and_mul(const at::Tensor& x);
 
+// RMSNorm of float32 rows [T, H], after adding them into `residual` when it is given.
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps,
                     c10::optional<at::Tensor> residual);
+
+// key and value rows [T, H_kv, D] into the slots slot_mapping [T] names of caches of
+// their dtype [blocks, block_size, H_kv, D]; negative slots write nothing.
+void write_kv_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor key_cache,
+                    at::Tensor value_cache, const at::Tensor& slot_mapping);
 
 }  // namespace pagedserve

@@ -1,6 +1,6 @@
 // The small CPU ops of a forward pass and of greedy sampling: the argmax of logits
-// rows, rotary embeddings applied in place, RMSNorm fused with the residual add, and
-// the MLP's SiLU(gate) * up in one pass.
+// rows, rotary embeddings applied in place, RMSNorm fused with the residual add, the
+// MLP's SiLU(gate) * up in one pass, and the write of new K/V rows into their slots.
 #include "cpu_kernels.h"
 
 #include <ATen/Parallel.h>
@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 namespace pagedserve {
@@ -170,6 +171,49 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
     }
   });
   return out;
+}
+
+// key and value rows [T, H_kv, D] copied into the slots of the caches [blocks,
+// block_size, H_kv, D] of their dtype; a negative slot (a padding row) writes nothing.
+// One call, where torch takes a mask, a check read back to the host and two
+// index_copy_ calls.
+void write_kv_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor key_cache,
+                    at::Tensor value_cache, const at::Tensor& slot_mapping) {
+  TORCH_CHECK(key.dim() == 3 && value.sizes() == key.sizes(), "key and value must be [T, H_kv, D]");
+  TORCH_CHECK(key_cache.dim() == 4 && key_cache.is_contiguous() && value_cache.is_contiguous() &&
+                  value_cache.sizes() == key_cache.sizes(),
+              "the caches must be contiguous [blocks, block_size, H_kv, D] tensors of one shape");
+  TORCH_CHECK(key_cache.size(2) == key.size(1) && key_cache.size(3) == key.size(2),
+              "key rows are [", key.size(1), ", ", key.size(2), "], cache rows [",
+              key_cache.size(2), ", ", key_cache.size(3), "]");
+  TORCH_CHECK(key.scalar_type() == key_cache.scalar_type() &&
+                  value.scalar_type() == value_cache.scalar_type(),
+              "key and value must have the caches' dtype");
+  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.scalar_type() == at::kLong &&
+                  slot_mapping.size(0) == key.size(0),
+              "slot_mapping must be [T] int64");
+  const int64_t tokens = key.size(0), row = key.size(1) * key.size(2);
+  const int64_t slots = key_cache.size(0) * key_cache.size(1);
+  const at::Tensor k = key.stride(2) == 1 && key.stride(1) == key.size(2) ? key : key.contiguous();
+  const at::Tensor v =
+      value.stride(2) == 1 && value.stride(1) == value.size(2) ? value : value.contiguous();
+  const int64_t bytes = row * key.element_size();
+  const char* k_src = static_cast<const char*>(k.data_ptr());
+  const char* v_src = static_cast<const char*>(v.data_ptr());
+  char* k_dst = static_cast<char*>(key_cache.data_ptr());
+  char* v_dst = static_cast<char*>(value_cache.data_ptr());
+  const int64_t k_stride = k.stride(0) * k.element_size(), v_stride = v.stride(0) * v.element_size();
+  const int64_t* slot = slot_mapping.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(slot[t] < slots, "slot ", slot[t], " is past the cache's ", slots, " slots");
+  }
+  at::parallel_for(0, tokens, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      if (slot[t] < 0) continue;
+      std::memcpy(k_dst + slot[t] * bytes, k_src + t * k_stride, bytes);
+      std::memcpy(v_dst + slot[t] * bytes, v_src + t * v_stride, bytes);
+    }
+  });
 }
 
 }  // namespace pagedserve

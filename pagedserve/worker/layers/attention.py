@@ -132,8 +132,11 @@ class CPUAttentionBackend:
     def forward(self, q, k, v, kv_cache, metadata, scale, window=None, k_scale=1.0,
                 v_scale=1.0):
         key_cache, value_cache = kv_cache
-        reference.write_kv_cache(k, v, key_cache, value_cache, metadata.slot_mapping,
-                                 k_scale, v_scale)
+        if key_cache.dtype == k.dtype:
+            cpu_kernels.write_kv_cache(k, v, key_cache, value_cache, metadata.slot_mapping)
+        else:  # an fp8 cache: quantized by the scales
+            reference.write_kv_cache(k, v, key_cache, value_cache, metadata.slot_mapping,
+                                     k_scale, v_scale)
         plan: _CPUPlan = metadata.plan
         out = torch.empty_like(q)
         if plan.matmul is None or plan.kernel_seqs is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import json as json_module
 import logging
 from dataclasses import dataclass
 
@@ -21,6 +22,80 @@ class RequestOutputKind(enum.Enum):
     CUMULATIVE = 0  # everything so far
     DELTA = 1  # only what is new since the last output
     FINAL_ONLY = 2  # nothing until the request finishes, then everything
+
+
+# The kinds of structured output, in the order their fields are checked.
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """What a request's output must match, enforced token by token (vLLM's names).
+
+    Exactly one of: `json`, a JSON schema (a dict, or its text); `regex`; `choice`,
+    strings the output must be one of; `grammar`, an EBNF grammar as xgrammar reads it
+    (its start rule is `root`); `json_object=True`, any JSON object. A schema given as
+    a dict is kept as its JSON text (keys in their order: the output's properties
+    follow it), so that the params stay hashable.
+    """
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        given = [kind for kind in STRUCTURED_KINDS if getattr(self, kind) not in (None, False)]
+        if len(given) != 1:
+            raise RequestError("structured_outputs", "structured_outputs must set exactly one "
+                               f"of {', '.join(STRUCTURED_KINDS)}; got "
+                               f"{', '.join(given) or 'none'}")
+        if isinstance(self.json, dict):
+            object.__setattr__(self, "json", json_module.dumps(self.json))
+        elif self.json is not None:
+            _check_structured(isinstance(self.json, str), "json", "must be a JSON schema "
+                              "(a dict or its text)")
+            try:
+                schema = json_module.loads(self.json)
+            except json_module.JSONDecodeError as error:
+                raise RequestError("structured_outputs.json", "structured_outputs.json is "
+                                   f"not valid JSON: {error}") from None
+            _check_structured(isinstance(schema, (dict, bool)), "json",
+                              "must be a JSON schema: an object (or true or false)")
+        if self.choice is not None:
+            choice = (self.choice,) if isinstance(self.choice, str) else tuple(self.choice)
+            _check_structured(bool(choice) and all(isinstance(c, str) and c for c in choice),
+                              "choice", "must be a non-empty list of non-empty strings")
+            object.__setattr__(self, "choice", choice)
+        for kind in ("regex", "grammar"):
+            value = getattr(self, kind)
+            _check_structured(value is None or (isinstance(value, str) and value), kind,
+                              "must be a non-empty string")
+        _check_structured(self.json_object in (None, True), "json_object", "must be true")
+
+    @property
+    def kind(self) -> str:
+        return next(kind for kind in STRUCTURED_KINDS if getattr(self, kind) not in (None, False))
+
+    @property
+    def spec(self) -> str:
+        """The constraint as text: the schema, regex or grammar; the choices as a JSON list;
+        empty for json_object."""
+        value = getattr(self, self.kind)
+        if self.kind == "choice":
+            return json_module.dumps(list(value), ensure_ascii=False)
+        return "" if value is True else value
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What identifies the compiled grammar: (kind, spec)."""
+        return self.kind, self.spec
+
+
+def _check_structured(ok: bool, kind: str, rule: str) -> None:
+    if not ok:
+        raise RequestError(f"structured_outputs.{kind}", f"structured_outputs.{kind} {rule}")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,173 @@
+"""Grammars for structured outputs, on xgrammar: compiled once per spec, off the engine
+loop; matched token by token, one matcher per sequence.
+
+    StructuredOutputsParams --GrammarCompiler.submit--> Future[CompiledGrammar]
+        (a pool thread; cached by the spec's key, failures too)
+    CompiledGrammar --Matcher--> each step: fill(bitmask, row) before sampling,
+        accept(token) after; fork() for a sequence's copy; rollback(n)
+
+JSON is compiled without free whitespace: separators are ", " and ": ", as
+Python's json.dumps writes them, so a small model cannot wander into endless
+blank space inside a document.
+
+A bitmask row holds one bit per vocabulary entry (int32 words, 32 entries
+each, bit set = allowed): `new_bitmask` allocates them and the worker's
+sampler applies them to the logits on the device (worker/token_masks.py).
+
+Grammars are user input that compiles to automata, so `GrammarLimits` bounds
+them: a spec past `max_spec_bytes` is refused before compiling, and a compile
+that runs past `compile_timeout_s` fails its request (the pool thread finishes
+it in the background; xgrammar's compile cannot be interrupted, which is why
+the pool is small and the size check comes first).
+
+xgrammar is imported when a compiler is made: the engine runs without it, and
+a request for structured output is then refused with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeoutError
+from dataclasses import dataclass
+
+import torch
+
+from pagedserve.errors import RequestError
+from pagedserve.sampling_params import StructuredOutputsParams
+
+logger = logging.getLogger(__name__)
+
+BITS_PER_WORD = 32
+
+
+@dataclass(frozen=True)
+class GrammarLimits:
+    max_spec_bytes: int = 64 * 1024
+    compile_timeout_s: float = 10.0
+    compile_threads: int = 2
+    cache_entries: int = 256
+
+
+def xgrammar_available() -> bool:
+    try:
+        import xgrammar  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def new_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
+    """[rows, ceil(vocab / 32)] int32, every bit set (everything allowed)."""
+    return torch.full((rows, -(-vocab_size // BITS_PER_WORD)), -1, dtype=torch.int32)
+
+
+def _choice_grammar(choices: tuple[str, ...]) -> str:
+    """EBNF whose root is one of the strings: JSON string escapes are EBNF's."""
+    return "root ::= " + " | ".join(json.dumps(choice, ensure_ascii=False) for choice in choices)
+
+
+class GrammarCompiler:
+    """Compiles specs against one tokenizer's vocabulary, `compile_threads` at a time."""
+
+    def __init__(self, tokenizer, vocab_size: int, limits: GrammarLimits = GrammarLimits()
+                 ) -> None:
+        import xgrammar as xgr
+
+        self.limits = limits
+        self.vocab_size = vocab_size
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+        # The cache is ours (futures by key, so a spec in flight is compiled once).
+        self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+        self._pool = ThreadPoolExecutor(limits.compile_threads,
+                                        thread_name_prefix="pagedserve-grammar")
+        self._cache: OrderedDict[tuple[str, str], Future] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def submit(self, params: StructuredOutputsParams) -> Future:
+        """The compiled grammar for `params`, compiled on a pool thread unless cached. A
+        spec past the size limit raises RequestError at once; a spec the compiler
+        rejects fails the future with one, quoting the compiler."""
+        size = len(params.spec.encode())
+        if size > self.limits.max_spec_bytes:
+            raise RequestError(f"structured_outputs.{params.kind}",
+                               f"structured_outputs.{params.kind} is {size} bytes, past the "
+                               f"limit of {self.limits.max_spec_bytes} "
+                               "(structured_outputs.max_spec_bytes in the config)")
+        with self._lock:
+            future = self._cache.get(params.key)
+            if future is not None:
+                self._cache.move_to_end(params.key)
+                return future
+            future = self._pool.submit(self._compile, params)
+            self._cache[params.key] = future
+            while len(self._cache) > self.limits.cache_entries:
+                self._cache.popitem(last=False)
+            return future
+
+    def compile(self, params: StructuredOutputsParams):
+        """submit(params), waited for up to the time limit (for callers off the engine
+        loop, such as the offline `LLM`)."""
+        future = self.submit(params)
+        try:
+            return future.result(timeout=self.limits.compile_timeout_s)
+        except FutureTimeoutError:
+            raise self.timeout_error(params) from None
+
+    def timeout_error(self, params: StructuredOutputsParams) -> RequestError:
+        return RequestError(f"structured_outputs.{params.kind}",
+                            f"compiling structured_outputs.{params.kind} ran past the limit "
+                            f"of {self.limits.compile_timeout_s:g} s "
+                            "(structured_outputs.compile_timeout_s in the config)")
+
+    def _compile(self, params: StructuredOutputsParams):
+        kind, spec = params.kind, params.spec
+        try:
+            if kind in ("json", "json_object"):
+                schema = spec if kind == "json" else '{"type": "object"}'
+                return self._compiler.compile_json_schema(schema, any_whitespace=False)
+            if kind == "regex":
+                return self._compiler.compile_regex(spec)
+            if kind == "choice":
+                return self._compiler.compile_grammar(_choice_grammar(tuple(json.loads(spec))))
+            return self._compiler.compile_grammar(spec)
+        except (RuntimeError, ValueError) as error:  # xgrammar's parse and schema errors
+            message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            raise RequestError(f"structured_outputs.{kind}",
+                               f"structured_outputs.{kind} does not compile: {message}") from None
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class Matcher:
+    """Where one sequence stands in its grammar."""
+
+    def __init__(self, compiled, _matcher=None) -> None:
+        import xgrammar as xgr
+
+        self._compiled = compiled
+        self._matcher = _matcher if _matcher is not None else xgr.GrammarMatcher(compiled)
+
+    def accept(self, token: int) -> bool:
+        """Advance by a sampled token; False where the grammar does not allow it (then
+        nothing changes)."""
+        return self._matcher.accept_token(token)
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        """Row `row` of a new_bitmask: the tokens allowed next."""
+        self._matcher.fill_next_token_bitmask(bitmask, row)
+
+    def rollback(self, tokens: int) -> None:
+        self._matcher.rollback(tokens)
+
+    def fork(self) -> Matcher:
+        return Matcher(self._compiled, self._matcher.fork())
+
+    @property
+    def terminated(self) -> bool:
+        """Whether the grammar is complete and its stop token accepted."""
+        return self._matcher.is_terminated()

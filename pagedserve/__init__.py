@@ -10,16 +10,21 @@ if TYPE_CHECKING:
     from pagedserve.llm import LLM
     from pagedserve.lora_request import LoRARequest
     from pagedserve.outputs import CompletionOutput, RequestOutput
-    from pagedserve.sampling_params import RequestOutputKind, SamplingParams
+    from pagedserve.sampling_params import (
+        RequestOutputKind,
+        SamplingParams,
+        StructuredOutputsParams,
+    )
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "AsyncLLMEngine",
-           "AsyncEngineArgs", "RequestOutputKind", "LoRARequest"]
+           "AsyncEngineArgs", "RequestOutputKind", "LoRARequest", "StructuredOutputsParams"]
 __version__ = "0.1.0"
 
 # Imported on first use, so `pagedserve plan` and `pagedserve.config` stay light
 # (no torch, no transformers).
 _HOMES = {"LLM": "pagedserve.llm", "SamplingParams": "pagedserve.sampling_params",
           "RequestOutputKind": "pagedserve.sampling_params",
+          "StructuredOutputsParams": "pagedserve.sampling_params",
           "RequestOutput": "pagedserve.outputs", "CompletionOutput": "pagedserve.outputs",
           "AsyncLLMEngine": "pagedserve.engine.async_engine",
           "AsyncEngineArgs": "pagedserve.engine.async_engine",

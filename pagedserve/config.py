@@ -289,6 +289,18 @@ class LoRAConfig(_Strict):
         return self.max_cpu_loras or self.max_loras
 
 
+class StructuredOutputsConfig(_Strict):
+    """Bounds on the grammars requests bring (engine/grammar.py): user input that
+    compiles to automata. Past either limit a request gets a 400 naming it."""
+
+    # The schema, regex, grammar or choices, as text.
+    max_spec_bytes: int = Field(default=64 * 1024, gt=0)
+    # A compile past it fails its request; the compile finishes in the background.
+    compile_timeout_s: float = Field(default=10.0, gt=0.0)
+    # Compiles that run at once, off the engine loop.
+    compile_threads: int = Field(default=2, ge=1)
+
+
 class Config(_Strict):
     model: ModelConfig
     engine: EngineConfig = Field(default_factory=EngineConfig)
@@ -296,6 +308,7 @@ class Config(_Strict):
     serving: ServingConfig = Field(default_factory=ServingConfig)
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    structured_outputs: StructuredOutputsConfig = Field(default_factory=StructuredOutputsConfig)
 
     @model_validator(mode="after")
     def _lora_runs(self) -> Config:
@@ -308,7 +321,7 @@ class Config(_Strict):
 # The sections whose fields LLM(...) and AsyncEngineArgs(...) take by name (no name is in
 # two of them).
 _SECTIONS = {"model": ModelConfig, "engine": EngineConfig, "parallel": ParallelConfig,
-             "lora": LoRAConfig}
+             "lora": LoRAConfig, "structured_outputs": StructuredOutputsConfig}
 
 
 def config_from_fields(model: str | None, fields: dict[str, Any], source: str) -> Config:
@@ -320,7 +333,8 @@ def config_from_fields(model: str | None, fields: dict[str, Any], source: str) -
         owner = next((name for name, cls in _SECTIONS.items() if key in cls.model_fields), None)
         if owner is None:
             raise TypeError(f"{source}: unexpected keyword argument {key!r} (the fields of "
-                            f"the model, engine, parallel and lora config sections are accepted)")
+                            f"the model, engine, parallel, lora and structured_outputs config "
+                            f"sections are accepted)")
         sections[owner][key] = value
     return parse(sections, source=source)
 

@@ -139,8 +139,13 @@ class SamplingParams:
     # Keep the stop string that ended the text (vLLM's name); off: it is cut off.
     include_stop_str_in_output: bool = False
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # What the output must match, enforced while decoding; None: unconstrained.
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured_outputs, dict):
+            object.__setattr__(self, "structured_outputs",
+                               StructuredOutputsParams(**self.structured_outputs))
         # Accept lists and a single string, as OpenAI clients send them.
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         object.__setattr__(self, "stop", stop)
@@ -188,6 +193,10 @@ class SamplingParams:
             _check(0 <= self.seed < 2**63, "seed", self.seed, "must be in [0, 2**63)")
         _check(isinstance(self.output_kind, RequestOutputKind), "output_kind", self.output_kind,
                "must be a RequestOutputKind")
+        _check(self.structured_outputs is None
+               or isinstance(self.structured_outputs, StructuredOutputsParams),
+               "structured_outputs", self.structured_outputs,
+               "must be a StructuredOutputsParams (or a dict of its fields)")
         # best_of candidates are re-ranked every step: their news has no stable order.
         _check(not (self.output_kind is RequestOutputKind.DELTA and self.best_of > self.n
                     and not self.use_beam_search), "output_kind", self.output_kind,
@@ -217,6 +226,9 @@ class SamplingParams:
                    "penalties are not supported with use_beam_search=True")
         _check(not self.stop, "stop", self.stop,
                "stop strings are not supported with use_beam_search=True (use stop_token_ids)")
+        _check(self.structured_outputs is None, "structured_outputs", self.structured_outputs,
+               "not supported with use_beam_search=True: beam search ranks candidates by "
+               "the model's own log-probabilities, not by what a grammar allows")
         _check(self.seed is None, "seed", self.seed,
                "beam search is deterministic; leave seed unset")
 

@@ -38,7 +38,7 @@ from pagedserve.engine.stats import EngineStats
 from pagedserve.errors import EngineDeadError
 from pagedserve.lora_request import LoRARequest
 from pagedserve.outputs import RequestOutput
-from pagedserve.sampling_params import RequestOutputKind, SamplingParams
+from pagedserve.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 if TYPE_CHECKING:
     from pagedserve.worker.ray_worker import Ranks
@@ -97,13 +97,16 @@ class AsyncLLMEngine:
         self._raise_if_dead()
         prompt_token_ids = self.core.prompt_token_ids(prompt)
         self.core.validate(prompt_token_ids, sampling_params)  # reads only limits
+        grammar = None
+        if sampling_params.structured_outputs is not None:
+            grammar = await self._compiled(sampling_params.structured_outputs)
         if request_id in self._streams or request_id in self._adding:
             raise ValueError(f"request_id {request_id!r} is already running")
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), outputs)
         self._adding.add(request_id)
         self._send("add", request_id, prompt_token_ids, sampling_params,
-                   prompt if isinstance(prompt, str) else None, lora_request)
+                   prompt if isinstance(prompt, str) else None, lora_request, grammar)
         delta = sampling_params.output_kind is RequestOutputKind.DELTA
         finished = False
         try:
@@ -123,6 +126,16 @@ class AsyncLLMEngine:
             self._streams.pop(request_id, None)
             if not finished:  # the consumer left early: give the blocks back
                 self._send("abort", request_id)
+
+    async def _compiled(self, params: StructuredOutputsParams):
+        """The request's grammar, compiled on the compiler's threads while this loop and
+        the engine's go on; a compile past the time limit fails this request only."""
+        compiler = self.core.structured.compiler
+        future = asyncio.wrap_future(compiler.submit(params))
+        try:  # shielded: the compile stays cached for the next request with this spec
+            return await asyncio.wait_for(asyncio.shield(future), compiler.limits.compile_timeout_s)
+        except asyncio.TimeoutError:
+            raise compiler.timeout_error(params) from None
 
     async def abort(self, request_id: str) -> None:
         """Stop a request: its generator ends with its last output (finish reason
@@ -229,10 +242,10 @@ class AsyncLLMEngine:
             except queue.Empty:
                 return True
             if kind == "add":
-                request_id, prompt_token_ids, params, prompt, lora_request = args
+                request_id, prompt_token_ids, params, prompt, lora_request, grammar = args
                 try:
                     self.core.add_request(request_id, prompt_token_ids, params, prompt=prompt,
-                                          lora_request=lora_request)
+                                          lora_request=lora_request, grammar=grammar)
                 except ValueError as error:
                     self._deliver(request_id, error)
                 finally:

@@ -20,6 +20,7 @@ from pagedserve.config import Config, EngineConfig
 from pagedserve.engine.adapters import AdapterRegistry
 from pagedserve.engine.capacity import swap_blocks
 from pagedserve.engine.executors import choose_device, choose_dtype, make_executor
+from pagedserve.engine.grammar import GrammarLimits, StructuredOutputs
 from pagedserve.engine.request_inputs import InputProcessor, PromptInput
 from pagedserve.engine.request_outputs import OutputBuilder
 from pagedserve.engine.stats import EngineStats, SlotUsage, StepStats
@@ -47,7 +48,8 @@ logger = logging.getLogger(__name__)
 class EngineCore:
     def __init__(self, info: ModelInfo, scheduler: Scheduler, executor: Executor,
                  tokenizer: PreTrainedTokenizerBase | None,
-                 async_scheduling: bool = False) -> None:
+                 async_scheduling: bool = False,
+                 grammar_limits: GrammarLimits | None = None) -> None:
         self.info = info
         self.scheduler = scheduler
         self.adapters = AdapterRegistry(info.lora, info.hf_config, unload=self.remove_lora)
@@ -59,6 +61,8 @@ class EngineCore:
                                      block_size=self.block_manager.block_size,
                                      num_blocks=self.block_manager.num_blocks)
         self.detokenizer = Detokenizer(tokenizer.backend_tokenizer) if tokenizer else None
+        self.structured = StructuredOutputs(tokenizer, info.vocab_size,
+                                            grammar_limits or GrammarLimits())
         self.async_scheduling = async_scheduling
         # Steps sent to the device, oldest first: at most two with async scheduling.
         self._in_flight: deque[tuple[StepInput, PendingStep]] = deque()
@@ -91,8 +95,12 @@ class EngineCore:
             executor.shutdown()
             raise
         slots = AdapterSlots(config.lora.max_loras) if config.lora.enable_lora else None
+        grammars = config.structured_outputs
         core = cls(info, Scheduler(limits, block_manager, slots), executor, tokenizer,
-                   async_scheduling=engine.uses_async_scheduling(device_type))
+                   async_scheduling=engine.uses_async_scheduling(device_type),
+                   grammar_limits=GrammarLimits(grammars.max_spec_bytes,
+                                                grammars.compile_timeout_s,
+                                                grammars.compile_threads))
         try:  # the served adapters (ids 1, 2, ... as cluster/adapters.py numbers them)
             for lora_id, module in enumerate(config.lora.modules, start=1):
                 core.add_lora(LoRARequest(module.name, lora_id, module.path))
@@ -124,11 +132,15 @@ class EngineCore:
     def shutdown(self) -> None:
         """Stop the workers (Ray actors and their placement group, if any)."""
         self._in_flight.clear()
+        self.structured.shutdown()
         self.executor.shutdown()
 
     # -- requests ------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None, lora_request: LoRARequest | None = None) -> None:
+                    prompt: str | None = None, lora_request: LoRARequest | None = None,
+                    grammar=None) -> None:
+        """Queue a request. A structured output's grammar is compiled here, waiting up to
+        the time limit, unless the caller compiled it off the loop (`grammar`)."""
         self.validate(prompt_token_ids, params)
         params = self.inputs.with_max_tokens(len(prompt_token_ids), params)
         adapter = self.adapters.resolve(lora_request)
@@ -136,6 +148,8 @@ class EngineCore:
         group = SequenceGroup(request_id, [self.scheduler.new_sequence(prompt_token_ids)], params,
                               prompt, lora=adapter)
         group.beam_search = self.inputs.beam_search(len(prompt_token_ids), params)
+        if params.structured_outputs is not None:
+            group.seqs[0].grammar = self.structured.matcher(params.structured_outputs, grammar)
         self.scheduler.add(group)
 
     def prompt_token_ids(self, prompt: PromptInput) -> list[int]:
@@ -145,6 +159,8 @@ class EngineCore:
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Refuse a request this engine could never serve (RequestError naming the limit)."""
         self.inputs.validate(prompt_token_ids, params)
+        if params.structured_outputs is not None:
+            self.structured.validate(params.structured_outputs)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now; every block it holds is freed at once. Returns its last
@@ -208,12 +224,12 @@ class EngineCore:
 
     def _step(self) -> list[RequestOutput]:
         if not self.async_scheduling:
-            step_input = self.scheduler.schedule()
+            step_input = self._schedule()
             if step_input.is_empty:
                 return []
             return self._take_in(step_input, self.executor.execute(step_input))
         if len(self._in_flight) < 2:
-            step_input = self.scheduler.schedule()
+            step_input = self._schedule()
             if not step_input.is_empty:
                 self._in_flight.append((step_input, self.executor.submit(step_input)))
                 if len(self._in_flight) < 2:
@@ -222,6 +238,10 @@ class EngineCore:
             return []
         step_input, pending = self._in_flight.popleft()
         return self._take_in(step_input, pending.result())
+
+    def _schedule(self) -> StepInput:
+        """The scheduler's next step, with the masks of its constrained sequences."""
+        return self.structured.attach_masks(self.scheduler.schedule(), self.scheduler.grammar_of)
 
     def _take_in(self, step_input: StepInput, step_output: StepOutput) -> list[RequestOutput]:
         """A step's outcome: tokens recorded, text decoded, finished requests freed."""

@@ -26,10 +26,12 @@ a request for structured output is then refused with the reason.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ import torch
 
 from pagedserve.errors import RequestError
 from pagedserve.sampling_params import StructuredOutputsParams
+from pagedserve.scheduler.step import StepInput
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +61,16 @@ def xgrammar_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def check_size(params: StructuredOutputsParams, limits: GrammarLimits) -> None:
+    """A spec past the size limit is refused before anything compiles it."""
+    size = len(params.spec.encode())
+    if size > limits.max_spec_bytes:
+        raise RequestError(f"structured_outputs.{params.kind}",
+                           f"structured_outputs.{params.kind} is {size} bytes, past the limit "
+                           f"of {limits.max_spec_bytes} (structured_outputs.max_spec_bytes in "
+                           "the config)")
 
 
 def new_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
@@ -91,15 +104,10 @@ class GrammarCompiler:
         """The compiled grammar for `params`, compiled on a pool thread unless cached. A
         spec past the size limit raises RequestError at once; a spec the compiler
         rejects fails the future with one, quoting the compiler."""
-        size = len(params.spec.encode())
-        if size > self.limits.max_spec_bytes:
-            raise RequestError(f"structured_outputs.{params.kind}",
-                               f"structured_outputs.{params.kind} is {size} bytes, past the "
-                               f"limit of {self.limits.max_spec_bytes} "
-                               "(structured_outputs.max_spec_bytes in the config)")
+        check_size(params, self.limits)
         with self._lock:
             future = self._cache.get(params.key)
-            if future is not None:
+            if future is not None and not future.cancelled():
                 self._cache.move_to_end(params.key)
                 return future
             future = self._pool.submit(self._compile, params)
@@ -171,3 +179,58 @@ class Matcher:
     def terminated(self) -> bool:
         """Whether the grammar is complete and its stop token accepted."""
         return self._matcher.is_terminated()
+
+
+class StructuredOutputs:
+    """The engine's side of structured outputs: requests checked at the edge, their
+    grammars compiled (GrammarCompiler), a matcher given to each request's first
+    sequence (samples fork it), and each step's constrained rows masked."""
+
+    def __init__(self, tokenizer, vocab_size: int, limits: GrammarLimits = GrammarLimits()
+                 ) -> None:
+        self.tokenizer, self.vocab_size, self.limits = tokenizer, vocab_size, limits
+        self._compiler: GrammarCompiler | None = None
+
+    def validate(self, params: StructuredOutputsParams) -> None:
+        """Refuse what this engine cannot constrain, before anything is queued."""
+        kind = f"structured_outputs.{params.kind}"
+        if self.tokenizer is None:
+            raise RequestError(kind, "structured_outputs needs the model's tokenizer to map "
+                                     "a grammar onto tokens; this engine was started with "
+                                     "skip_tokenizer_init")
+        if not xgrammar_available():
+            raise RequestError(kind, "structured_outputs needs the xgrammar package, which "
+                                     "this installation lacks (pip install xgrammar)")
+        check_size(params, self.limits)
+
+    @property
+    def compiler(self) -> GrammarCompiler:
+        if self._compiler is None:
+            self._compiler = GrammarCompiler(self.tokenizer, self.vocab_size, self.limits)
+        return self._compiler
+
+    def matcher(self, params: StructuredOutputsParams, compiled=None) -> Matcher:
+        """A matcher at the grammar's start: of `compiled` (compiled off the loop by the
+        caller), else compiled now, waiting up to the time limit."""
+        return Matcher(compiled if compiled is not None else self.compiler.compile(params))
+
+    def attach_masks(self, step: StepInput, grammar_of: Callable[[int], Matcher | None]
+                     ) -> StepInput:
+        """The step with a bitmask row for each constrained sequence that samples
+        (`grammar_of(seq_id)`: its matcher or None); the step itself where none does."""
+        rows = []
+        for scheduled in step.seqs:
+            grammar = grammar_of(scheduled.seq_id) if scheduled.do_sample else None
+            if grammar is not None:
+                rows.append((scheduled, grammar))
+        if not rows:
+            return step
+        bitmask = new_bitmask(len(rows), self.vocab_size)
+        for row, (scheduled, grammar) in enumerate(rows):
+            grammar.fill(bitmask, row)
+            scheduled.bitmask_row = row
+        return dataclasses.replace(step, token_bitmask=bitmask)
+
+    def shutdown(self) -> None:
+        if self._compiler is not None:
+            self._compiler.shutdown()

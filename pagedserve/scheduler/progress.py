@@ -6,9 +6,13 @@ one in flight returns (async scheduling).
 
 from __future__ import annotations
 
+import logging
+
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.scheduler.config import SchedulerConfig
 from pagedserve.scheduler.sequence import FinishReason, Sequence, SequenceGroup
+
+logger = logging.getLogger(__name__)
 
 
 def stop_reason(seq: Sequence, params: SamplingParams, config: SchedulerConfig
@@ -21,6 +25,20 @@ def stop_reason(seq: Sequence, params: SamplingParams, config: SchedulerConfig
         return FinishReason.STOP, token
     if seq.num_output_tokens >= _max_tokens(params) or seq.num_tokens >= config.max_model_len:
         return FinishReason.LENGTH, None
+    return None
+
+
+def grammar_stop(seq: Sequence, token: int) -> tuple[FinishReason, int | None] | None:
+    """Advance a constrained sequence's grammar by its newest token: None while the
+    grammar goes on; STOP once it is complete (its stop token accepted, as when EOS is
+    ignored); ABORT for a token the grammar does not allow, which the step's mask
+    rules out, so it means the mask was missing."""
+    if not seq.grammar.accept(token):
+        logger.error("sequence %d sampled token %d, which its grammar does not allow: "
+                     "ended", seq.seq_id, token)
+        return FinishReason.ABORT, None
+    if seq.grammar.terminated:
+        return FinishReason.STOP, token
     return None
 
 
@@ -42,10 +60,13 @@ def plans_ahead(group: SequenceGroup) -> bool:
     A sequence decoding on its own can: its next input is the token in
     flight, which the worker fills in. Beams (chosen on the host), penalties
     (which count the tokens so far), samples about to fork, and sequences
-    catching up after a preemption wait for the step's outcome.
+    catching up after a preemption wait for the step's outcome, and so do
+    constrained sequences: the mask of their next token depends on the one in
+    flight.
     """
     params = group.sampling_params
-    if group.beam_search is not None or params.uses_penalties or group.best_of > 1:
+    if (group.beam_search is not None or params.uses_penalties or group.best_of > 1
+            or params.structured_outputs is not None):
         return False
     return all(seq.num_computed_tokens == seq.num_tokens
                for seq in group.unfinished_seqs if seq.num_pending)

@@ -35,7 +35,7 @@ from pagedserve.scheduler.beam_search import Beam
 from pagedserve.scheduler.block_manager import BlockManager
 from pagedserve.scheduler.config import SchedulerConfig
 from pagedserve.scheduler.plan import Work, plan_group, scheduled_sequence
-from pagedserve.scheduler.progress import stop_reason
+from pagedserve.scheduler.progress import grammar_stop, stop_reason
 from pagedserve.scheduler.sequence import FinishReason, Sequence, SequenceGroup, SequenceStatus
 from pagedserve.scheduler.step import Sample, StepInput, StepOutput
 
@@ -233,11 +233,18 @@ class Scheduler:
             for target, sample in zip([seq, *children], samples, strict=True):
                 target.append_token(sample.token_id, sample.logprob, sample.top_logprobs)
                 stop = stop_reason(target, group.sampling_params, self.config)
+                if target.grammar is not None and stop is None:
+                    stop = grammar_stop(target, sample.token_id)
                 if stop is not None:
                     self.finish_seq(target, *stop)
         for request_id, beam_samples in beam_steps.items():
             self._advance_beams(self._groups[request_id], beam_samples)
         return list(touched.values())
+
+    def grammar_of(self, seq_id: int):
+        """The structured-output matcher of a live sequence, or None."""
+        seq = self._seqs.get(seq_id)
+        return None if seq is None else seq.grammar
 
     def finish_seq(self, seq: Sequence, reason: FinishReason,
                    stop_reason: int | str | None) -> None:

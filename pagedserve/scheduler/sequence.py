@@ -52,6 +52,9 @@ class Sequence:
     output_logprobs: list[dict[int, float]] = field(default_factory=list)
     output_text: str = ""
     detokenizer_state: Any = None  # owned by the Detokenizer
+    # A structured output's matcher (engine/grammar.py's Matcher): where this sequence
+    # stands in its grammar. None: unconstrained.
+    grammar: Any = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -100,6 +103,7 @@ class Sequence:
         child.status = self.status
         child.cumulative_logprob = self.cumulative_logprob
         child.output_logprobs = list(self.output_logprobs)
+        child.grammar = None if self.grammar is None else self.grammar.fork()
         return child
 
     def reset_for_recompute(self) -> None:

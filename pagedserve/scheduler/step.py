@@ -9,6 +9,7 @@ log-probabilities a request asked for).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from pagedserve.lora_request import AdapterSpec
 from pagedserve.sampling_params import SamplingParams
@@ -64,6 +65,9 @@ class ScheduledSequence:
     prompt_logprobs: int | None = None
     # The device slot of the sequence's LoRA adapter; None: the base model.
     lora_slot: int | None = None
+    # A structured output's constraint on the sampled token: the row of
+    # StepInput.token_bitmask that says which tokens are allowed. None: any token.
+    bitmask_row: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -87,6 +91,10 @@ class StepInput:
     # since the last step (scheduler/adapter_slots.py, worker/worker_lora.py).
     lora_loads: list[tuple[int, AdapterSpec]] = field(default_factory=list)
     lora_unloads: list[int] = field(default_factory=list)
+    # Structured outputs: [rows, ceil(vocab / 32)] int32 (a torch tensor on the host),
+    # one row per constrained sampling sequence, bit set = token allowed
+    # (engine/grammar.py fills it, worker/token_masks.py applies it). None: no row is.
+    token_bitmask: Any = None
 
     @property
     def num_tokens(self) -> int:

@@ -73,7 +73,7 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[logits_rows])  # [S, vocab], on rank 0 only
         if logits is None:
             return self._finish(None)
-        samples = sampler.sample(logits, sampling, self.generator)
+        samples = sampler.sample(logits, sampling, self.generator, step.token_bitmask)
         return self._finish(StepOutput(samples=samples, prompt_logprobs=scored))
 
     def _launching(self) -> None:

@@ -1,6 +1,7 @@
 """Token sampling as tensor ops over the whole batch, on the logits' device.
 
-Order of operations (as in vLLM): penalties on the raw logits, then greedy rows
+Order of operations (as in vLLM): penalties on the raw logits, a structured
+output's token mask (worker/token_masks.py), then greedy rows
 take the argmax; the others are divided by their temperature, filtered by
 top-k, top-p and min-p, and sampled. Returned log-probabilities are always
 those of the model's raw distribution (log-softmax of the unprocessed logits),
@@ -29,6 +30,7 @@ import torch
 
 from pagedserve.kernels import cpu_kernels
 from pagedserve.scheduler.step import Sample, ScheduledSequence
+from pagedserve.worker.token_masks import apply_token_bitmask_
 from pagedserve.worker.transfer import to_device
 
 _MASKED = float("-inf")
@@ -50,10 +52,14 @@ class SamplingBatch:
     penalties: _Penalties | None
     num_top: int  # the most top log-probabilities or beam candidates any row asks for
     logprob_rows: list[int] | None  # rows whose log-probabilities are used; None: every row
+    # Structured outputs: the constrained rows, and their bitmask rows (in that order).
+    mask_rows: torch.Tensor | None = None
+    bitmask: torch.Tensor | None = None
 
     @classmethod
     def build(cls, seqs: list[ScheduledSequence], vocab_size: int,
-              device: torch.device) -> SamplingBatch:
+              device: torch.device, token_bitmask: torch.Tensor | None = None
+              ) -> SamplingBatch:
         params = [seq.sampling_params for seq in seqs]
         rows = [(1.0 if p.greedy else p.temperature, p.top_k or vocab_size, p.top_p, p.min_p)
                 for p in params]
@@ -68,6 +74,11 @@ class SamplingBatch:
                  for i in seeded_rows], dtype=torch.int64), device)
         sampled = [params[i] for i in random_rows]
         logprob_rows = [i for i, seq in enumerate(seqs) if needs_logprobs(seq)]
+        constrained = [i for i, seq in enumerate(seqs) if seq.bitmask_row is not None]
+        mask_rows = bitmask = None
+        if constrained:
+            mask_rows = to_device(torch.tensor(constrained), device)
+            bitmask = to_device(token_bitmask[[seqs[i].bitmask_row for i in constrained]], device)
         return cls(
             temperature=table[:, 0], top_k=table[:, 1].long(), top_p=table[:, 2],
             min_p=table[:, 3], random_rows=random_rows,
@@ -78,6 +89,7 @@ class SamplingBatch:
             num_top=max(max((p.logprobs or 0) for p in params),
                         max(seq.num_candidates or 0 for seq in seqs)),
             logprob_rows=None if len(logprob_rows) == len(seqs) else logprob_rows,
+            mask_rows=mask_rows, bitmask=bitmask,
         )
 
 
@@ -115,12 +127,14 @@ class _Penalties:
 
 
 def sample(logits: torch.Tensor, seqs: list[ScheduledSequence],
-           generator: torch.Generator) -> list[Sample]:
+           generator: torch.Generator, token_bitmask: torch.Tensor | None = None
+           ) -> list[Sample]:
     """logits: [S, V] float32, one row per sampling sequence, in `seqs` order.
 
     A row with `num_samples` k > 1 yields k samples (the first samples of a
     parallel-sampling request); a row with `num_candidates` yields its best
-    continuations for beam search. Samples come back in row order.
+    continuations for beam search. A row with a `bitmask_row` samples only the
+    tokens that row of `token_bitmask` allows. Samples come back in row order.
     """
     if any(seq.num_samples > 1 for seq in seqs):
         rows = [i for i, seq in enumerate(seqs) for _ in range(seq.num_samples)]
@@ -128,7 +142,7 @@ def sample(logits: torch.Tensor, seqs: list[ScheduledSequence],
         seqs = [dataclasses.replace(seq, num_samples=1, sample_index=seq.sample_index + k)
                 for seq in seqs for k in range(seq.num_samples)]
         logits = logits[to_device(torch.tensor(rows), logits.device)]
-    batch = SamplingBatch.build(seqs, logits.shape[1], logits.device)
+    batch = SamplingBatch.build(seqs, logits.shape[1], logits.device, token_bitmask)
     tokens, token_logprobs, top_values, top_ids = sample_tensors(logits, batch, generator)
     rows = _to_host(tokens, token_logprobs, top_values, top_ids)
     return [_make_sample(seq, row, batch.num_top) for seq, row in zip(seqs, rows, strict=True)]
@@ -141,6 +155,9 @@ def sample_tensors(logits: torch.Tensor, batch: SamplingBatch, generator: torch.
     raw_logits = logits
     if batch.penalties is not None:
         logits = apply_penalties(logits.clone(), batch.penalties)
+    if batch.bitmask is not None:
+        logits = apply_token_bitmask_(logits.clone() if logits is raw_logits else logits,
+                                      batch.bitmask, batch.mask_rows)
     tokens = _argmax(logits)
     if batch.random_rows:
         rows = to_device(torch.tensor(batch.random_rows), logits.device)

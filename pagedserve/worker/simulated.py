@@ -41,6 +41,7 @@ from pagedserve.scheduler.step import (
     StepInput,
     StepOutput,
 )
+from pagedserve.worker.token_masks import BITS_PER_WORD, allowed_tokens
 
 # How many alternatives a token has in the simulated distribution.
 _ALTERNATIVES = 20
@@ -144,10 +145,10 @@ class SimulatedWorker:
                 samples.append(Sample(seq.seq_id, *candidates[0], None, candidates))
                 continue
             for sample_index in range(seq.sample_index, seq.sample_index + seq.num_samples):
-                samples.append(self._sample(seq, sample_index))
+                samples.append(self._sample(seq, sample_index, step.token_bitmask))
         return StepOutput(samples=samples, prompt_logprobs=scored, device_s=device_s)
 
-    def _sample(self, seq: ScheduledSequence, sample_index: int) -> Sample:
+    def _sample(self, seq: ScheduledSequence, sample_index: int, token_bitmask=None) -> Sample:
         params = seq.sampling_params
         eos_after = self.sim.eos_after
         if (eos_after is not None and self.eos_token_id is not None
@@ -155,6 +156,8 @@ class SimulatedWorker:
             token = self.eos_token_id
         else:
             token = self._token(seq, sample_index, 0)
+        if seq.bitmask_row is not None:
+            token = _allowed(token, token_bitmask[seq.bitmask_row])
         logprob = self._logprob(seq, 0)
         top = None
         if params is not None and params.logprobs is not None:
@@ -188,3 +191,12 @@ class SimulatedWorker:
                                  -0.2 - 1.2 * rank)
             entries.append(entry)
         return PromptLogprobs(seq.seq_id, seq.start_pos, entries)
+
+
+def _allowed(token: int, words) -> int:
+    """A structured output's token: the text's where its mask allows it, else the lowest
+    allowed id, so the grammar advances as it would on a GPU."""
+    if (int(words[token // BITS_PER_WORD]) >> (token % BITS_PER_WORD)) & 1:
+        return token
+    allowed = allowed_tokens(words[None], len(words) * BITS_PER_WORD)[0].nonzero()
+    return int(allowed[0]) if len(allowed) else token

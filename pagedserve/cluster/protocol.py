@@ -25,7 +25,12 @@ from pydantic import (
 from pagedserve.cluster.errors import bad_request
 from pagedserve.cluster.parsing import DEFAULT_MAX_STOP_SEQUENCES, FieldError
 from pagedserve.errors import RequestError
-from pagedserve.sampling_params import MAX_LOGPROBS, SamplingParams
+from pagedserve.sampling_params import (
+    MAX_LOGPROBS,
+    STRUCTURED_KINDS,
+    SamplingParams,
+    StructuredOutputsParams,
+)
 
 MAX_N = 128  # OpenAI's limit on choices per prompt
 
@@ -45,6 +50,48 @@ class StreamOptions(_Strict):
     include_usage: bool = False
     # vLLM's: usage (so far) in every chunk, not only in the last.
     continuous_usage_stats: bool = False
+
+
+class StructuredOutputsBody(_Strict):
+    """vLLM's `structured_outputs` field: exactly one constraint."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    json_schema: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+class JsonSchemaFormat(_Strict):
+    """OpenAI's response_format.json_schema."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None  # the schema is always enforced
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's response_format: text (no constraint), any JSON object, or a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise FieldError("json_schema", "is required with type 'json_schema', and only "
+                                            "with it")
+        return self
+
+
+# The request fields that constrain the output (at most one of them per request).
+STRUCTURED_FIELDS = ("structured_outputs", "response_format", "guided_json", "guided_regex",
+                     "guided_choice", "guided_grammar")
 
 
 class _SamplingRequest(_Strict):
@@ -80,6 +127,14 @@ class _SamplingRequest(_Strict):
     truncate_prompt_tokens: int | None = Field(None, ge=1)
     return_tokens_as_token_ids: bool = False
     request_id: str | None = Field(None, min_length=1, max_length=256)
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs, and
+    # vLLM's older guided_* fields.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsBody | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("stop", mode="wrap")
     @classmethod
@@ -113,7 +168,61 @@ class _SamplingRequest(_Strict):
         if self.priority != 0:
             raise FieldError("priority", "only 0 is supported: requests are scheduled first "
                                          "come, first served")
+        constraints = self._constraint_fields()
+        if len(constraints) > 1:
+            raise FieldError(constraints[1], f"cannot be combined with {constraints[0]}: a "
+                                             "request takes one output constraint")
+        if constraints and self.use_beam_search:
+            raise FieldError(constraints[0], "is not supported with use_beam_search=true: beam "
+                                             "search ranks candidates by the model's own "
+                                             "log-probabilities, not by what a grammar allows")
         return self
+
+    def _constraint_fields(self) -> list[str]:
+        """The output constraints this request sets (response_format text is none)."""
+        fields = [name for name in STRUCTURED_FIELDS if getattr(self, name) is not None]
+        if self.response_format is not None and self.response_format.type == "text":
+            fields.remove("response_format")
+        return fields
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """The request's output constraint as the engine takes it, or None."""
+        fields = self._constraint_fields()
+        if not fields:
+            return None
+        name = fields[0]
+        if name == "response_format":
+            response_format = self.response_format
+            assert response_format is not None
+            if response_format.type == "json_object":
+                return StructuredOutputsParams(json_object=True)
+            assert response_format.json_schema is not None
+            return StructuredOutputsParams(json=response_format.json_schema.json_schema)
+        if name == "structured_outputs":
+            body = self.structured_outputs
+            assert body is not None
+            return StructuredOutputsParams(json=body.json_schema, regex=body.regex,
+                                           choice=body.choice, grammar=body.grammar,
+                                           json_object=body.json_object)
+        kind = name.removeprefix("guided_")
+        return StructuredOutputsParams(**{kind: getattr(self, name)})
+
+    def _structured_param_names(self) -> dict[str, str]:
+        """The engine's names of structured-output errors -> the field the client sent."""
+        fields = self._constraint_fields()
+        if not fields:
+            return {}
+        name = fields[0]
+        if name == "response_format":
+            field = ("response_format.json_schema.schema"
+                     if self.response_format.type == "json_schema" else "response_format")
+            return {"structured_outputs": field, "structured_outputs.json": field,
+                    "structured_outputs.json_object": field}
+        if name == "structured_outputs":
+            return {f"structured_outputs.{kind}": f"structured_outputs.{kind}"
+                    for kind in STRUCTURED_KINDS}
+        return {"structured_outputs": name, f"structured_outputs.{name.removeprefix('guided_')}":
+                name}
 
     @abstractmethod
     def max_tokens_requested(self) -> int | None:
@@ -138,7 +247,8 @@ class _SamplingRequest(_Strict):
     def param_names(self) -> dict[str, str]:
         """The engine's names of this request's parameters -> the fields the client sent."""
         return {"prompt_token_ids": self.prompt_param, "prompt": self.prompt_param,
-                "max_tokens": self.max_tokens_param(), "lora_request": "model"}
+                "max_tokens": self.max_tokens_param(), "lora_request": "model",
+                **self._structured_param_names()}
 
     def sampling_params(self, room: int) -> SamplingParams:
         """SamplingParams for one prompt; `room` is what its context leaves (checked by
@@ -155,6 +265,7 @@ class _SamplingRequest(_Strict):
             max_tokens = room
         temperature = self.temperature if "temperature" in self.model_fields_set else None
         try:
+            structured = self.structured_outputs_params()
             return SamplingParams(
                 n=self.n, best_of=self.best_of, use_beam_search=self.use_beam_search,
                 temperature=temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
@@ -164,7 +275,8 @@ class _SamplingRequest(_Strict):
                 ignore_eos=self.ignore_eos, seed=self.seed, logprobs=self._logprobs(),
                 prompt_logprobs=self._prompt_logprobs(),
                 length_penalty=self.length_penalty, skip_special_tokens=self.skip_special_tokens,
-                include_stop_str_in_output=self.include_stop_str_in_output)
+                include_stop_str_in_output=self.include_stop_str_in_output,
+                structured_outputs=structured)
         except RequestError as exc:  # names the field; SamplingParams' names are the API's
             message = exc.message.removeprefix("SamplingParams.")
             raise bad_request(message, self.param_names().get(exc.param, exc.param)) from None

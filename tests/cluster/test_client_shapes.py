@@ -158,10 +158,10 @@ def test_guidellm_chat_stream_with_content_parts(server):
 
 
 def test_unknown_extensions_stay_refused(server):
-    body = {"model": MODEL, "prompt": "hi", "guided_json": {"type": "object"}}
+    body = {"model": MODEL, "prompt": "hi", "logits_processors": ["my.module:Processor"]}
     response = _post(server, "/v1/completions", body)
     assert response.status_code == 400
-    assert response.json()["error"]["param"] == "guided_json"
+    assert response.json()["error"]["param"] == "logits_processors"
 
 
 @pytest.mark.parametrize("path, body, param", [

@@ -141,11 +141,22 @@ class SamplingParams:
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # What the output must match, enforced while decoding; None: unconstrained.
     structured_outputs: StructuredOutputsParams | None = None
+    # Logits controls (vLLM's): at least min_tokens tokens before EOS, a stop token id or
+    # a stop string may end the output; logit_bias adds to a token's logit (OpenAI's
+    # -100..100); allowed_token_ids restricts sampling to those tokens. Returned
+    # logprobs stay the raw model's.
+    min_tokens: int = 0
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.structured_outputs, dict):
             object.__setattr__(self, "structured_outputs",
                                StructuredOutputsParams(**self.structured_outputs))
+        if self.logit_bias is not None:  # OpenAI sends token ids as strings
+            object.__setattr__(self, "logit_bias", _token_bias(self.logit_bias))
+        if self.allowed_token_ids is not None:
+            object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
         # Accept lists and a single string, as OpenAI clients send them.
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         object.__setattr__(self, "stop", stop)
@@ -193,6 +204,17 @@ class SamplingParams:
             _check(0 <= self.seed < 2**63, "seed", self.seed, "must be in [0, 2**63)")
         _check(isinstance(self.output_kind, RequestOutputKind), "output_kind", self.output_kind,
                "must be a RequestOutputKind")
+        _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens",
+               self.min_tokens, "must be a non-negative integer")
+        _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
+               self.min_tokens, f"must be at most max_tokens={self.max_tokens}")
+        _check(self.logit_bias is None or all(-100.0 <= v <= 100.0
+                                              for v in self.logit_bias.values()),
+               "logit_bias", self.logit_bias, "values must be in [-100, 100]")
+        _check(self.allowed_token_ids is None or (
+            bool(self.allowed_token_ids)
+            and all(isinstance(t, int) and t >= 0 for t in self.allowed_token_ids)),
+            "allowed_token_ids", self.allowed_token_ids, "must be a non-empty list of token ids")
         _check(self.structured_outputs is None
                or isinstance(self.structured_outputs, StructuredOutputsParams),
                "structured_outputs", self.structured_outputs,
@@ -237,9 +259,29 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @property
+    def uses_logit_controls(self) -> bool:
+        """logit_bias or allowed_token_ids (min_tokens travels as the step's blocked ids)."""
+        return bool(self.logit_bias) or self.allowed_token_ids is not None
+
+    @property
     def uses_penalties(self) -> bool:
         return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
                 or self.repetition_penalty != 1.0)
+
+
+def _token_bias(bias: dict) -> dict[int, float]:
+    """{token id: bias}, ids given as ints or as their decimal strings (OpenAI's)."""
+    out = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise RequestError("logit_bias", f"logit_bias keys must be token ids, got "
+                                             f"{key!r}") from None
+        _check(token >= 0 and isinstance(value, (int, float)), "logit_bias", bias,
+               "must map token ids to numbers")
+        out[token] = float(value)
+    return out
 
 
 def _check(ok: bool, name: str, value: object, rule: str) -> None:

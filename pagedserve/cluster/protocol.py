@@ -135,6 +135,11 @@ class _SamplingRequest(_Strict):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # Logits controls: OpenAI's logit_bias ({token id: -100..100}), vLLM's min_tokens and
+    # allowed_token_ids.
+    logit_bias: dict[str, float] | None = None
+    min_tokens: int = Field(0, ge=0)
+    allowed_token_ids: list[TokenId] | None = Field(None, min_length=1)
 
     @field_validator("stop", mode="wrap")
     @classmethod
@@ -276,7 +281,8 @@ class _SamplingRequest(_Strict):
                 prompt_logprobs=self._prompt_logprobs(),
                 length_penalty=self.length_penalty, skip_special_tokens=self.skip_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
-                structured_outputs=structured)
+                structured_outputs=structured, min_tokens=self.min_tokens,
+                logit_bias=self.logit_bias, allowed_token_ids=self.allowed_token_ids)
         except RequestError as exc:  # names the field; SamplingParams' names are the API's
             message = exc.message.removeprefix("SamplingParams.")
             raise bad_request(message, self.param_names().get(exc.param, exc.param)) from None

@@ -59,6 +59,12 @@ class InputProcessor:
             raise RequestError("prompt_token_ids", f"prompt_token_ids: token id {bad} is outside "
                                                    f"the vocabulary [0, {info.vocab_size})")
         context_room(len(prompt_token_ids), info.max_model_len)
+        for name, ids in (("logit_bias", params.logit_bias or ()),
+                          ("allowed_token_ids", params.allowed_token_ids or ())):
+            bad = next((t for t in ids if t >= info.vocab_size), None)
+            if bad is not None:
+                raise RequestError(name, f"{name}: token id {bad} is outside the vocabulary "
+                                         f"[0, {info.vocab_size})")
         best_of = params.best_of
         assert best_of is not None  # SamplingParams.__post_init__ defaults it to n
         if best_of > engine_limits.max_num_seqs:

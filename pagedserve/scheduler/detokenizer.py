@@ -43,6 +43,8 @@ class Detokenizer:
         pieces = [state.stream.step(self.tokenizer, token) for token in new_tokens]
         state.num_decoded += len(new_tokens)
         seq.output_text += "".join(piece for piece in pieces if piece)
+        if seq.num_output_tokens < params.min_tokens:  # stop strings wait for min_tokens
+            return None
         return _trim_stop(seq, params.stop, old_len, params.include_stop_str_in_output)
 
 

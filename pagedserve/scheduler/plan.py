@@ -65,7 +65,8 @@ def plan_group(group: SequenceGroup, budget: int, manager: BlockManager,
 
 
 def scheduled_sequence(group: SequenceGroup, seq: Sequence, num_tokens: int,
-                       block_table: list[int]) -> ScheduledSequence:
+                       block_table: list[int], eos_token_ids: frozenset[int] = frozenset()
+                       ) -> ScheduledSequence:
     """The sequence's share of the step: its next `num_tokens` tokens, whose
     slots it holds already."""
     params, beam = group.sampling_params, group.beam_search
@@ -73,6 +74,11 @@ def scheduled_sequence(group: SequenceGroup, seq: Sequence, num_tokens: int,
     end = start + num_tokens
     do_sample = end == seq.num_tokens + seq.num_pending
     penalties = do_sample and params.uses_penalties
+    output_index = seq.num_output_tokens + seq.num_pending
+    blocked = None
+    if do_sample and output_index < params.min_tokens:
+        blocked = sorted((set() if params.ignore_eos else set(eos_token_ids))
+                         | set(params.stop_token_ids))
     return ScheduledSequence(
         seq_id=seq.seq_id,
         token_ids=seq.token_ids[start:end],
@@ -81,7 +87,7 @@ def scheduled_sequence(group: SequenceGroup, seq: Sequence, num_tokens: int,
         block_table=list(block_table),  # a copy, not the live list
         do_sample=do_sample,
         sampling_params=params if do_sample else None,
-        output_index=seq.num_output_tokens + seq.num_pending,
+        output_index=output_index,
         prompt_token_ids=seq.prompt_token_ids if penalties else None,
         output_token_ids=seq.output_token_ids if penalties else None,
         num_samples=group.best_of if do_sample and group.forks_at_prompt_end else 1,
@@ -91,6 +97,7 @@ def scheduled_sequence(group: SequenceGroup, seq: Sequence, num_tokens: int,
         else None,
         prompt_logprobs=params.prompt_logprobs,
         lora_slot=group.lora_slot,
+        blocked_token_ids=blocked,
     )
 
 

@@ -276,7 +276,8 @@ class Scheduler:
                 step.blocks_to_copy.append(manager.copy_on_write(seq.seq_id))
             manager.append_slots(seq.seq_id, num_tokens, seq.token_ids)
             scheduled = scheduled_sequence(group, seq, num_tokens,
-                                           self.block_manager.block_table(seq.seq_id))
+                                           self.block_manager.block_table(seq.seq_id),
+                                           self.config.eos_token_ids)
             step.seqs.append(scheduled)
             seq.num_computed_tokens += num_tokens  # the step will have computed them
             seq.num_pending += scheduled.do_sample

@@ -65,6 +65,8 @@ class ScheduledSequence:
     prompt_logprobs: int | None = None
     # The device slot of the sequence's LoRA adapter; None: the base model.
     lora_slot: int | None = None
+    # min_tokens not yet reached: EOS and the stop token ids may not be sampled.
+    blocked_token_ids: list[int] | None = None
     # A structured output's constraint on the sampled token: the row of
     # StepInput.token_bitmask that says which tokens are allowed. None: any token.
     bitmask_row: int | None = None

@@ -1,7 +1,9 @@
 """Token sampling as tensor ops over the whole batch, on the logits' device.
 
-Order of operations (as in vLLM): penalties on the raw logits, a structured
-output's token mask (worker/token_masks.py), then greedy rows
+Order of operations (as in vLLM): penalties on the raw logits, the logits
+controls (logit_bias, allowed_token_ids, and EOS and stop ids blocked before
+min_tokens), a structured output's token mask (worker/token_masks.py), then
+greedy rows
 take the argmax; the others are divided by their temperature, filtered by
 top-k, top-p and min-p, and sampled. Returned log-probabilities are always
 those of the model's raw distribution (log-softmax of the unprocessed logits),
@@ -55,6 +57,7 @@ class SamplingBatch:
     # Structured outputs: the constrained rows, and their bitmask rows (in that order).
     mask_rows: torch.Tensor | None = None
     bitmask: torch.Tensor | None = None
+    controls: _Controls | None = None  # logit_bias, allowed_token_ids, min_tokens
 
     @classmethod
     def build(cls, seqs: list[ScheduledSequence], vocab_size: int,
@@ -90,6 +93,7 @@ class SamplingBatch:
                         max(seq.num_candidates or 0 for seq in seqs)),
             logprob_rows=None if len(logprob_rows) == len(seqs) else logprob_rows,
             mask_rows=mask_rows, bitmask=bitmask,
+            controls=_Controls.build(seqs, vocab_size, device),
         )
 
 
@@ -126,6 +130,62 @@ class _Penalties:
                    _padded(prompts, vocab_size, device) if any(prompts) else None)
 
 
+@dataclass
+class _Controls:
+    """The logits controls of a batch's rows, as (row, token) index pairs on the device:
+    biases added, tokens outside a row's allowed set and a row's blocked tokens (EOS
+    and stop ids before min_tokens) set to -inf."""
+
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # rows, ids, values
+    allowed_rows: torch.Tensor | None  # [R] the rows with allowed_token_ids
+    allowed: tuple[torch.Tensor, torch.Tensor] | None  # (index into allowed_rows, id)
+    blocked: tuple[torch.Tensor, torch.Tensor] | None  # rows, ids
+
+    @classmethod
+    def build(cls, seqs: list[ScheduledSequence], vocab_size: int,
+              device: torch.device) -> _Controls | None:
+        bias, allowed_rows, allowed, blocked = [], [], [], []
+        for row, seq in enumerate(seqs):
+            params = seq.sampling_params
+            for token, value in (params.logit_bias or {}).items():
+                if token < vocab_size:
+                    bias.append((row, token, value))
+            if params.allowed_token_ids is not None:
+                allowed.extend((len(allowed_rows), t) for t in params.allowed_token_ids
+                               if t < vocab_size)
+                allowed_rows.append(row)
+            blocked.extend((row, t) for t in seq.blocked_token_ids or () if t < vocab_size)
+        if not (bias or allowed_rows or blocked):
+            return None
+
+        def pairs(items, columns):
+            table = torch.tensor(items, dtype=torch.float64).reshape(-1, columns)
+            return tuple(to_device(table[:, i].long() if i < 2 else table[:, i].float(),
+                                   device) for i in range(columns))
+
+        return cls(pairs(bias, 3) if bias else None,
+                   to_device(torch.tensor(allowed_rows), device) if allowed_rows else None,
+                   pairs(allowed, 2) if allowed_rows else None,
+                   pairs(blocked, 2) if blocked else None)
+
+
+def apply_controls(logits: torch.Tensor, controls: _Controls) -> torch.Tensor:
+    """logit_bias, allowed_token_ids and the blocked ids, in place on `logits`."""
+    if controls.bias is not None:
+        rows, ids, values = controls.bias
+        logits.index_put_((rows, ids), values.to(logits.dtype), accumulate=True)
+    if controls.allowed_rows is not None:
+        index, ids = controls.allowed
+        keep = torch.zeros(len(controls.allowed_rows), logits.shape[1], dtype=torch.bool,
+                           device=logits.device)
+        keep[index, ids] = True
+        rows = controls.allowed_rows
+        logits[rows] = logits[rows].masked_fill(~keep, _MASKED)
+    if controls.blocked is not None:
+        logits[controls.blocked] = _MASKED
+    return logits
+
+
 def sample(logits: torch.Tensor, seqs: list[ScheduledSequence],
            generator: torch.Generator, token_bitmask: torch.Tensor | None = None
            ) -> list[Sample]:
@@ -153,11 +213,14 @@ def sample_tensors(logits: torch.Tensor, batch: SamplingBatch, generator: torch.
     [S, num_top] best raw log-probabilities with their ids (None when nobody asks)."""
     log_norm = _log_norm(logits, batch.logprob_rows)  # [S, 1]
     raw_logits = logits
+    if batch.penalties is not None or batch.controls is not None or batch.bitmask is not None:
+        logits = logits.clone()  # processed for choosing; logprobs read the raw ones
     if batch.penalties is not None:
-        logits = apply_penalties(logits.clone(), batch.penalties)
+        apply_penalties(logits, batch.penalties)
+    if batch.controls is not None:
+        apply_controls(logits, batch.controls)
     if batch.bitmask is not None:
-        logits = apply_token_bitmask_(logits.clone() if logits is raw_logits else logits,
-                                      batch.bitmask, batch.mask_rows)
+        apply_token_bitmask_(logits, batch.bitmask, batch.mask_rows)
     tokens = _argmax(logits)
     if batch.random_rows:
         rows = to_device(torch.tensor(batch.random_rows), logits.device)

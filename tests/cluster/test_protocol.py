@@ -270,3 +270,16 @@ def test_error_helpers():
     assert "300" in error.message and "256" in error.message
     error = bad_request("nope", param="n")
     assert str(error) == "nope" and error.body()["error"]["param"] == "n"
+
+
+def test_logits_controls_and_constraints_reach_sampling_params():
+    request = CompletionRequest.model_validate(
+        {"model": "m", "prompt": "hi", "logit_bias": {"12": 5.5, "3": -100},
+         "min_tokens": 3, "allowed_token_ids": [1, 2, 12], "guided_regex": "[ab]+"})
+    params = request.sampling_params(100)
+    assert params.logit_bias == {12: 5.5, 3: -100.0} and params.min_tokens == 3
+    assert params.allowed_token_ids == (1, 2, 12) and params.structured_outputs.regex == "[ab]+"
+    chat = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "x"}],
+         "response_format": {"type": "text"}})
+    assert chat.sampling_params(10).structured_outputs is None

@@ -148,6 +148,11 @@ class SamplingParams:
     min_tokens: int = 0
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: tuple[int, ...] | None = None
+    # Words never to complete: a word's last token is disallowed where the output ends
+    # with the tokens before it (vLLM's bad_words). The engine tokenizes them into
+    # bad_words_token_ids when the request is added.
+    bad_words: tuple[str, ...] = ()
+    bad_words_token_ids: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.structured_outputs, dict):
@@ -157,6 +162,8 @@ class SamplingParams:
             object.__setattr__(self, "logit_bias", _token_bias(self.logit_bias))
         if self.allowed_token_ids is not None:
             object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
+        object.__setattr__(self, "bad_words", (self.bad_words,) if isinstance(self.bad_words, str)
+                           else tuple(self.bad_words))
         # Accept lists and a single string, as OpenAI clients send them.
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         object.__setattr__(self, "stop", stop)
@@ -215,6 +222,8 @@ class SamplingParams:
             bool(self.allowed_token_ids)
             and all(isinstance(t, int) and t >= 0 for t in self.allowed_token_ids)),
             "allowed_token_ids", self.allowed_token_ids, "must be a non-empty list of token ids")
+        _check(all(isinstance(w, str) and w.strip() for w in self.bad_words), "bad_words",
+               self.bad_words, "must be non-empty strings")
         _check(self.structured_outputs is None
                or isinstance(self.structured_outputs, StructuredOutputsParams),
                "structured_outputs", self.structured_outputs,
@@ -248,6 +257,11 @@ class SamplingParams:
                    "penalties are not supported with use_beam_search=True")
         _check(not self.stop, "stop", self.stop,
                "stop strings are not supported with use_beam_search=True (use stop_token_ids)")
+        for name, unset in (("logit_bias", None), ("allowed_token_ids", None),
+                            ("min_tokens", 0), ("bad_words", ())):
+            _check(getattr(self, name) in (unset, {}), name, getattr(self, name),
+                   "not supported with use_beam_search=True: beams are ranked by the model's "
+                   "own log-probabilities")
         _check(self.structured_outputs is None, "structured_outputs", self.structured_outputs,
                "not supported with use_beam_search=True: beam search ranks candidates by "
                "the model's own log-probabilities, not by what a grammar allows")
@@ -260,8 +274,9 @@ class SamplingParams:
 
     @property
     def uses_logit_controls(self) -> bool:
-        """logit_bias or allowed_token_ids (min_tokens travels as the step's blocked ids)."""
-        return bool(self.logit_bias) or self.allowed_token_ids is not None
+        """logit_bias, allowed_token_ids or bad_words (min_tokens travels as the step's
+        blocked ids)."""
+        return bool(self.logit_bias or self.bad_words) or self.allowed_token_ids is not None
 
     @property
     def uses_penalties(self) -> bool:

@@ -140,6 +140,7 @@ class _SamplingRequest(_Strict):
     logit_bias: dict[str, float] | None = None
     min_tokens: int = Field(0, ge=0)
     allowed_token_ids: list[TokenId] | None = Field(None, min_length=1)
+    bad_words: list[str] | None = None
 
     @field_validator("stop", mode="wrap")
     @classmethod
@@ -282,7 +283,8 @@ class _SamplingRequest(_Strict):
                 length_penalty=self.length_penalty, skip_special_tokens=self.skip_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
                 structured_outputs=structured, min_tokens=self.min_tokens,
-                logit_bias=self.logit_bias, allowed_token_ids=self.allowed_token_ids)
+                logit_bias=self.logit_bias, allowed_token_ids=self.allowed_token_ids,
+                bad_words=self.bad_words or ())
         except RequestError as exc:  # names the field; SamplingParams' names are the API's
             message = exc.message.removeprefix("SamplingParams.")
             raise bad_request(message, self.param_names().get(exc.param, exc.param)) from None

@@ -142,7 +142,8 @@ class EngineCore:
         """Queue a request. A structured output's grammar is compiled here, waiting up to
         the time limit, unless the caller compiled it off the loop (`grammar`)."""
         self.validate(prompt_token_ids, params)
-        params = self.inputs.with_max_tokens(len(prompt_token_ids), params)
+        params = self.inputs.with_bad_words(
+            self.inputs.with_max_tokens(len(prompt_token_ids), params))
         adapter = self.adapters.resolve(lora_request)
         # One sequence computes the prompt; samples and beams fork from it.
         group = SequenceGroup(request_id, [self.scheduler.new_sequence(prompt_token_ids)], params,

@@ -75,6 +75,9 @@ class InputProcessor:
                                           f"max_num_batched_tokens="
                                           f"{engine_limits.max_num_batched_tokens}: every beam "
                                           "takes a token each step")
+        if params.bad_words and self.tokenizer is None:
+            raise RequestError("bad_words", "bad_words need a tokenizer; this engine was built "
+                                            "with skip_tokenizer_init=True")
         if params.stop and self.tokenizer is None:
             raise RequestError("stop", "stop strings need a tokenizer; this engine was built "
                                        "with skip_tokenizer_init=True (use stop_token_ids instead)")
@@ -95,6 +98,20 @@ class InputProcessor:
             return params
         return dataclasses.replace(
             params, max_tokens=max_new_tokens(prompt_len, params, self.info.max_model_len))
+
+    def with_bad_words(self, params: SamplingParams) -> SamplingParams:
+        """`params` with its bad_words as token sequences: each word alone and after a
+        space (a word inside the text), as vLLM tokenizes them."""
+        if not params.bad_words or params.bad_words_token_ids is not None:
+            return params
+        assert self.tokenizer is not None  # validate() refuses bad_words without one
+        sequences: list[tuple[int, ...]] = []
+        for word in params.bad_words:
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = tuple(self.tokenizer.encode(text, add_special_tokens=False))
+                if ids and ids not in sequences:
+                    sequences.append(ids)
+        return dataclasses.replace(params, bad_words_token_ids=tuple(sequences))
 
     def beam_search(self, prompt_len: int, params: SamplingParams) -> BeamSearch | None:
         """The request's beam search (None without use_beam_search); `params` has

@@ -73,7 +73,8 @@ def scheduled_sequence(group: SequenceGroup, seq: Sequence, num_tokens: int,
     start = seq.num_computed_tokens
     end = start + num_tokens
     do_sample = end == seq.num_tokens + seq.num_pending
-    penalties = do_sample and params.uses_penalties
+    # Penalties count the tokens so far; bad words look at the output's last tokens.
+    penalties = do_sample and (params.uses_penalties or bool(params.bad_words_token_ids))
     output_index = seq.num_output_tokens + seq.num_pending
     blocked = None
     if do_sample and output_index < params.min_tokens:

@@ -66,7 +66,7 @@ def plans_ahead(group: SequenceGroup) -> bool:
     """
     params = group.sampling_params
     if (group.beam_search is not None or params.uses_penalties or group.best_of > 1
-            or params.structured_outputs is not None):
+            or params.structured_outputs is not None or params.bad_words):
         return False
     return all(seq.num_computed_tokens == seq.num_tokens
                for seq in group.unfinished_seqs if seq.num_pending)

@@ -155,6 +155,9 @@ class _Controls:
                                if t < vocab_size)
                 allowed_rows.append(row)
             blocked.extend((row, t) for t in seq.blocked_token_ids or () if t < vocab_size)
+            blocked.extend((row, t) for t in _bad_word_ends(params.bad_words_token_ids or (),
+                                                            seq.output_token_ids or [])
+                           if t < vocab_size)
         if not (bias or allowed_rows or blocked):
             return None
 
@@ -167,6 +170,14 @@ class _Controls:
                    to_device(torch.tensor(allowed_rows), device) if allowed_rows else None,
                    pairs(allowed, 2) if allowed_rows else None,
                    pairs(blocked, 2) if blocked else None)
+
+
+def _bad_word_ends(words: tuple[tuple[int, ...], ...], output: list[int]) -> list[int]:
+    """The tokens that would complete a bad word now: a one-token word always, a longer
+    one where the output ends with all its tokens but the last."""
+    return [ids[-1] for ids in words
+            if len(ids) == 1 or (len(output) >= len(ids) - 1
+                                 and tuple(output[len(output) - len(ids) + 1:]) == ids[:-1])]
 
 
 def apply_controls(logits: torch.Tensor, controls: _Controls) -> torch.Tensor:

@@ -101,3 +101,51 @@ def test_through_the_engine(tmp_path):
                                               logit_bias={"77": 100}),
                        use_tqdm=False)[0].outputs[0]
     assert out.token_ids == [77] * 5
+
+
+def test_bad_words_ban_the_token_that_would_complete_one():
+    base = SamplingParams(temperature=0.0)
+    words = ((7,), (3, 4, 5), (9, 9))
+    seqs = [dataclasses.replace(_seq(dataclasses.replace(base, bad_words=("x",),
+                                                         bad_words_token_ids=words), row),
+                                output_token_ids=output)
+            for row, output in enumerate([[1, 3, 4], [3, 4, 6], [], [2, 9]])]
+    logits = torch.zeros(len(seqs), VOCAB)
+    logits[:, [5, 7, 9]] = 10.0  # the banned tokens are the likeliest
+    logits[:, 8] = 5.0
+    got = [s.token_id for s in sample(logits, seqs, torch.Generator().manual_seed(0))]
+    # Row 0 ends with 3, 4: 5 would complete (3, 4, 5), and 7 is always banned: 9.
+    # Rows 1 and 2: only 7 is banned (5 and 9 tie: the first). Row 3 ends with 9: 9
+    # would complete (9, 9): 5.
+    assert got == [9, 5, 5, 5]
+
+
+def test_bad_words_through_the_engine(tmp_path):
+    from pagedserve.testing import build_random_model
+
+    llm = LLM(str(build_random_model(tmp_path / "llama", arch="llama")), device="cpu",
+              dtype="float32", num_gpu_blocks=64, max_model_len=128)
+    tokenizer = llm.get_tokenizer()
+    prompt = [{"prompt_token_ids": [5, 6, 7]}]
+    greedy = SamplingParams(temperature=0.0, max_tokens=16)
+    free = llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids
+    # An output token that is a word of its own, however it is tokenized.
+    word, token = next((tokenizer.decode([t]).strip(), t) for t in free
+                       if tokenizer.decode([t]).strip()
+                       and tokenizer.encode(tokenizer.decode([t]).strip(),
+                                            add_special_tokens=False) == [t])
+    banned = llm.generate(prompt, dataclasses.replace(greedy, bad_words=[word]),
+                          use_tqdm=False)[0].outputs[0].token_ids
+    assert token not in banned and banned[:free.index(token)] == free[:free.index(token)]
+
+
+def test_beam_search_refuses_the_controls_it_would_ignore():
+    import pytest
+
+    from pagedserve.errors import RequestError
+
+    for controls in ({"logit_bias": {1: 1.0}}, {"allowed_token_ids": [1]}, {"min_tokens": 2},
+                     {"bad_words": ["x"]}):
+        name = next(iter(controls))
+        with pytest.raises(RequestError, match=f"{name}=.*not supported with use_beam_search"):
+            SamplingParams(use_beam_search=True, n=2, **controls)

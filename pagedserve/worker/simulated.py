@@ -41,7 +41,7 @@ from pagedserve.scheduler.step import (
     StepInput,
     StepOutput,
 )
-from pagedserve.worker.token_masks import BITS_PER_WORD, allowed_tokens
+from pagedserve.worker.token_masks import BITS_PER_WORD
 
 # How many alternatives a token has in the simulated distribution.
 _ALTERNATIVES = 20
@@ -198,5 +198,9 @@ def _allowed(token: int, words) -> int:
     allowed id, so the grammar advances as it would on a GPU."""
     if (int(words[token // BITS_PER_WORD]) >> (token % BITS_PER_WORD)) & 1:
         return token
-    allowed = allowed_tokens(words[None], len(words) * BITS_PER_WORD)[0].nonzero()
-    return int(allowed[0]) if len(allowed) else token
+    nonzero = words.nonzero()
+    if not len(nonzero):
+        return token
+    index = int(nonzero[0])
+    word = int(words[index]) & 0xFFFFFFFF
+    return index * BITS_PER_WORD + (word & -word).bit_length() - 1  # its lowest set bit

@@ -42,6 +42,10 @@ class ServingConfig(StrictSection):
     max_stop_sequences: int = Field(default=64, ge=1)
     # Requests beyond this many waiting in a replica's queue get 503 + Retry-After.
     max_waiting_requests: int = Field(default=1024, gt=0)
+    # How tool calls are read out of the model's text when tool_choice is "auto"
+    # (cluster/tool_parsers.py): hermes (Qwen2.5, Qwen3, SmolLM2, most fine-tunes),
+    # llama3_json (Llama 3.1+) or mistral. None refuses "auto" with a 400.
+    tool_call_parser: Literal["hermes", "llama3_json", "mistral"] | None = "hermes"
     retry_after_s: int = Field(default=1, ge=0)
     # A streamed request's updates are at least this far apart; the steps in
     # between arrive together (fewer, larger chunks: less per-token overhead).

@@ -113,11 +113,14 @@ class LLM:
              use_tqdm: bool = True,
              lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
              chat_template: str | None = None,
+             tools: list[dict] | None = None,
              ) -> list[RequestOutput]:
         """Generate replies to conversations, rendered with a chat template.
 
         `chat_template` (a file or a Jinja string) overrides, for this call, the
         configured model.chat_template, which overrides the tokenizer's own.
+        `tools` (OpenAI's function tools) reach the template, as in vLLM's
+        LLM.chat; reading calls out of the replies is the server's (tool_choice).
         """
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
@@ -127,7 +130,7 @@ class LLM:
                     else load_chat_template(chat_template))
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [{"prompt_token_ids": render_chat(tokenizer, conversation, template,
-                                                    add_generation_prompt=True)}
+                                                    add_generation_prompt=True, tools=tools)}
                    for conversation in conversations]
         return self.generate(prompts, sampling_params, use_tqdm, lora_request)
 

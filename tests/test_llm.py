@@ -52,6 +52,19 @@ def test_stop_token_ids(llm):
     end = full.token_ids.index(stop_token) + 1
     assert cut.token_ids == full.token_ids[:end]
     assert cut.finish_reason == "stop" and cut.stop_reason == stop_token
+    # The stop token is not text (vLLM's rule), special tokens kept or not, unless asked for
+    # (a token of whole characters: a partial one's bytes wait for the rest).
+    tokenizer = llm.get_tokenizer()
+    ids = full.token_ids
+    stop_token = next(token for i, token in enumerate(ids) if i and token not in ids[:i]
+                      and "\ufffd" not in tokenizer.decode(ids[:i + 1]))
+    for skip in (True, False):
+        for include in (False, True):
+            kept = llm.generate(PROMPTS[0], _greedy(
+                stop_token_ids=[stop_token], skip_special_tokens=skip,
+                include_stop_str_in_output=include), use_tqdm=False)[0].outputs[0]
+            ids = kept.token_ids if include else kept.token_ids[:-1]
+            assert kept.text == tokenizer.decode(ids, skip_special_tokens=skip)
 
 
 def test_eos_stops_unless_ignored(tiny_llama, tmp_path):

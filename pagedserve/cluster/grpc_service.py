@@ -80,8 +80,15 @@ def request_fields(request: pb.GenerateRequest) -> dict[str, Any]:
     for field, value in request.ListFields():
         if field.name == "prompt_token_ids":
             fields["prompt"] = list(value.token_ids)
-        elif field.name == "stop":
-            fields["stop"] = list(value)
+        elif field.name == "structured_outputs":
+            kind = value.WhichOneof("kind")
+            if kind is not None:
+                spec = getattr(value, kind)
+                fields[field.name] = {kind: list(spec.choices) if kind == "choice" else spec}
+        elif field.name == "logit_bias":  # JSON's keys are strings
+            fields[field.name] = {str(token): bias for token, bias in value.items()}
+        elif field.is_repeated:
+            fields[field.name] = list(value)
         else:
             fields[field.name] = value
     return fields

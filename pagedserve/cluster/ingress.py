@@ -14,6 +14,7 @@ Client mistakes become OpenAI-shaped errors with a 4xx status; a 500 means a bug
 
 # No `from __future__ import annotations`: FastAPI must see the route
 # parameters' real types (Request) after Serve rewrites the methods.
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -51,6 +52,7 @@ from pagedserve.cluster.streams import (
     sse,
     stream_usage,
 )
+from pagedserve.cluster.tools import ToolCalling, called
 from pagedserve.config import Config
 
 # FastAPI's own /docs, /redoc and /openapi.json would answer without the API key:
@@ -81,7 +83,7 @@ def chat_prompt_ids(tokenizer, req: protocol.ChatCompletionRequest,
         return render_chat(tokenizer, req.conversation(), template,
                            add_generation_prompt=req.add_generation_prompt,
                            continue_final_message=req.continue_final_message,
-                           **(req.chat_template_kwargs or {}))
+                           tools=req.template_tools(), **(req.chat_template_kwargs or {}))
     except NoChatTemplateError as error:
         raise errors.bad_request(str(error), "chat_template") from None
     except TemplateSyntaxError as error:
@@ -191,15 +193,19 @@ class OpenAIIngress:
             ids = self.intake.tokenizer.build_inputs_with_special_tokens(ids)
         ids = self.intake.truncate(ids, req)
         params = req.sampling_params(self.intake.room(ids, req))
+        tool_calling = ToolCalling.of(req.tools, req.effective_tool_choice,
+                                      req.parallel_tool_calls, self.config.serving.tool_call_parser)
+        if tool_calling is not None and tool_calling.parser.keeps_special_tokens:
+            params = dataclasses.replace(params, skip_special_tokens=False)  # the format's marker
         request_id = f"chatcmpl-{req.request_id or uuid.uuid4().hex}"
         stream = await self.intake.start(self.intake.engine_id(request_id, 0), ids, params, req)
         if req.stream:
-            return sse(self._stream_chat(request_id, req, stream, params.stop),
+            return sse(self._stream_chat(request_id, req, stream, params.stop, tool_calling),
                         self.config.serving.retry_after_s)
         final, = await final_outputs([stream], self.config.serving.retry_after_s)
         return JSONResponse(responses.chat_response(
             request_id, req.model, int(time.time()), final, self.intake.tokenizer,
-            req.num_top_logprobs, req.return_tokens_as_token_ids))
+            req.num_top_logprobs, req.return_tokens_as_token_ids, tool_calling))
 
     # -- gRPC (Serve's gRPC proxy calls the methods named like the RPCs) ------
     async def Generate(self, request: pb.GenerateRequest,
@@ -271,8 +277,8 @@ class OpenAIIngress:
             yield responses.usage_chunk(request_id, req.model, created, "text_completion",
                                         stream_usage(news, fmt.generate))
 
-    async def _stream_chat(self, request_id: str, req, stream: Stream,
-                           stop: tuple[str, ...]) -> AsyncIterator[dict]:
+    async def _stream_chat(self, request_id: str, req, stream: Stream, stop: tuple[str, ...],
+                           tool_calling: ToolCalling | None) -> AsyncIterator[dict]:
         created = int(time.time())
         options = req.stream_options or protocol.StreamOptions()
         strings = TokenStrings(self.intake.tokenizer, req.return_tokens_as_token_ids)
@@ -282,15 +288,23 @@ class OpenAIIngress:
                 request_id, req.model, created, index, {"role": "assistant", "content": ""},
                 None), options, news.counts, index, counted=False)
         top = req.num_top_logprobs
+        # Each choice's tool calls, read as its text grows.
+        calls = {} if tool_calling is None else {
+            index: tool_calling.stream() for index in range(len(stream.first.outputs))}
         async for _, output in merge([stream]):
             for choice in news.update(output):
                 chunk_logprobs = (chat_logprobs(choice.logprobs, strings, top)
                                   if top is not None and choice.logprobs else None)
-                if choice.text or choice.finish_reason or chunk_logprobs:
+                delta = {"content": choice.text} if choice.text else {}
+                reason = choice.finish_reason
+                if calls:
+                    reader = calls[choice.index]
+                    delta = reader.update(choice.text, reason is not None)
+                    reason = called(reason) if reader.called else reason
+                if delta or reason or chunk_logprobs:
                     yield self._with_usage(responses.chat_chunk(
-                        request_id, req.model, created, choice.index,
-                        {"content": choice.text} if choice.text else {},
-                        choice.finish_reason, chunk_logprobs), options, news.counts, choice.index)
+                        request_id, req.model, created, choice.index, delta, reason,
+                        chunk_logprobs), options, news.counts, choice.index)
         if options.include_usage:
             yield responses.usage_chunk(request_id, req.model, created, "chat.completion.chunk",
                                         stream_usage([news]))

@@ -12,13 +12,19 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pagedserve.cluster.errors import OpenAIError, bad_request
 
 # OpenAI allows 4 stop sequences; vLLM sets no limit, and lm-eval's tasks send 5
 # and more. serving.max_stop_sequences sets it.
 DEFAULT_MAX_STOP_SEQUENCES = 64
+
+
+class StrictModel(BaseModel):
+    """A request body or part of one: no unknown fields, no coerced types."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class FieldError(ValueError):

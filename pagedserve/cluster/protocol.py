@@ -13,7 +13,6 @@ from abc import abstractmethod
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Field,
     ValidationError,
@@ -23,7 +22,15 @@ from pydantic import (
 )
 
 from pagedserve.cluster.errors import bad_request
-from pagedserve.cluster.parsing import DEFAULT_MAX_STOP_SEQUENCES, FieldError
+from pagedserve.cluster.parsing import DEFAULT_MAX_STOP_SEQUENCES, FieldError, StrictModel
+from pagedserve.cluster.tools import (
+    MAX_TOOLS,
+    NamedToolChoice,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    forced_schema,
+)
 from pagedserve.errors import RequestError
 from pagedserve.sampling_params import (
     MAX_LOGPROBS,
@@ -42,17 +49,13 @@ Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 TokenId = Annotated[int, Field(ge=0)]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class StreamOptions(_Strict):
+class StreamOptions(StrictModel):
     include_usage: bool = False
     # vLLM's: usage (so far) in every chunk, not only in the last.
     continuous_usage_stats: bool = False
 
 
-class StructuredOutputsBody(_Strict):
+class StructuredOutputsBody(StrictModel):
     """vLLM's `structured_outputs` field: exactly one constraint."""
 
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
@@ -64,7 +67,7 @@ class StructuredOutputsBody(_Strict):
     json_object: bool | None = None
 
 
-class JsonSchemaFormat(_Strict):
+class JsonSchemaFormat(StrictModel):
     """OpenAI's response_format.json_schema."""
 
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
@@ -75,7 +78,7 @@ class JsonSchemaFormat(_Strict):
     strict: bool | None = None  # the schema is always enforced
 
 
-class ResponseFormat(_Strict):
+class ResponseFormat(StrictModel):
     """OpenAI's response_format: text (no constraint), any JSON object, or a schema."""
 
     type: Literal["text", "json_object", "json_schema"]
@@ -94,7 +97,7 @@ STRUCTURED_FIELDS = ("structured_outputs", "response_format", "guided_json", "gu
                      "guided_choice", "guided_grammar")
 
 
-class _SamplingRequest(_Strict):
+class _SamplingRequest(StrictModel):
     """Fields the two endpoints share, and their conversion to SamplingParams."""
 
     model: str
@@ -361,16 +364,18 @@ class CompletionRequest(_SamplingRequest):
         return self.logprobs if self.echo else None
 
 
-class TextPart(_Strict):
+class TextPart(StrictModel):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(_Strict):
+class ChatMessage(StrictModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls, in the history
+    refusal: str | None = None  # the openai SDK sends back what it received
 
     @field_validator("content", mode="wrap")
     @classmethod
@@ -385,6 +390,11 @@ class ChatMessage(_Strict):
     def _check_has_content(self) -> ChatMessage:
         if self.content is None and self.role != "assistant":
             raise FieldError("content", f"is required for role '{self.role}'")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise FieldError("tool_calls", "only assistant messages have tool calls")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise FieldError("tool_call_id", "is required for role 'tool': the id of the call "
+                                             "this message answers")
         return self
 
     def text(self) -> str:
@@ -402,7 +412,9 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    parallel_tool_calls: bool | None = None  # accepted: without tools it means nothing
+    tools: list[Tool] | None = Field(None, min_length=1, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = None  # "auto" with tools, "none" without (OpenAI's)
+    parallel_tool_calls: bool | None = None
     # vLLM extras, passed to the chat template
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -410,6 +422,15 @@ class ChatCompletionRequest(_SamplingRequest):
     # Jinja text (never a file of the server's) over the configured and the model's own
     chat_template: str | None = Field(None, min_length=1)
     add_special_tokens: bool = False
+
+    @field_validator("tool_choice", mode="wrap")
+    @classmethod
+    def _check_tool_choice(cls, value: Any, handler: Any) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError('must be "none", "auto", "required" or {"type": "function", '
+                             '"function": {"name": ...}}') from None
 
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
@@ -424,13 +445,61 @@ class ChatCompletionRequest(_SamplingRequest):
         if self.continue_final_message and self.add_generation_prompt:
             raise FieldError("continue_final_message", "cannot be used with "
                                                        "add_generation_prompt=true")
+        self._check_tools()
         return self
+
+    def _check_tools(self) -> None:
+        names = [tool.function.name for tool in self.tools or ()]
+        if len(set(names)) < len(names):
+            duplicate = next(name for name in names if names.count(name) > 1)
+            raise FieldError("tools", f"function names must be unique ({duplicate!r} is "
+                                      "given twice)")
+        choice = self.tool_choice
+        if choice not in (None, "none") and not names:
+            raise FieldError("tool_choice", "is only allowed when tools are given")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise FieldError("tool_choice", f"names the function {choice.function.name!r}, "
+                                            f"which is not among the tools ({', '.join(names)})")
+
+    @property
+    def effective_tool_choice(self) -> ToolChoice | None:
+        """tool_choice, defaulting to "auto" when tools are given (OpenAI's rule)."""
+        if self.tool_choice is None and self.tools:
+            return "auto"
+        return self.tool_choice
+
+    def _forces_tool_calls(self) -> bool:
+        """tool_choice "required" or a named function: the grammar writes the calls."""
+        choice = self.effective_tool_choice
+        return choice == "required" or isinstance(choice, NamedToolChoice)
+
+    def _constraint_fields(self) -> list[str]:
+        fields = super()._constraint_fields()
+        return ["tool_choice", *fields] if self._forces_tool_calls() else fields
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        if self._forces_tool_calls():
+            assert self.tools is not None and self.tool_choice is not None
+            return StructuredOutputsParams(json=forced_schema(
+                self.tools, self.tool_choice, self.parallel_tool_calls is not False))
+        return super().structured_outputs_params()
+
+    def _structured_param_names(self) -> dict[str, str]:
+        if self._forces_tool_calls():  # the schema is built from the tools' parameters
+            return {"structured_outputs": "tools", "structured_outputs.json": "tools"}
+        return super()._structured_param_names()
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools as chat templates take them (OpenAI's shape, as transformers' does)."""
+        if not self.tools:
+            return None
+        return [tool.model_dump(exclude_none=True) for tool in self.tools]
 
     @property
     def prompt_param(self) -> str:
         return "messages"
 
-    def conversation(self) -> list[dict[str, str]]:
+    def conversation(self) -> list[dict[str, Any]]:
         """Messages for the tokenizer's chat template.
 
         'developer' is OpenAI's new name for 'system'; chat templates only know the latter.
@@ -443,6 +512,8 @@ class ChatCompletionRequest(_SamplingRequest):
                 entry["name"] = message.name
             if message.tool_call_id is not None:
                 entry["tool_call_id"] = message.tool_call_id
+            if message.tool_calls is not None:
+                entry["tool_calls"] = [call.for_template() for call in message.tool_calls]
             conversation.append(entry)
         return conversation
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pagedserve.cluster import logprobs as lp
+from pagedserve.cluster.tools import ToolCalling
 from pagedserve.engine.output_kinds import DeltaTracker
 from pagedserve.outputs import CompletionOutput, RequestOutput
 
@@ -179,16 +180,22 @@ def usage_chunk(request_id: str, model: str, created: int, object_name: str,
 
 
 def chat_response(request_id: str, model: str, created: int, output: RequestOutput,
-                  tokenizer: Any, top_logprobs: int | None, tokens_as_ids: bool = False) -> dict:
-    """`top_logprobs` None means logprobs were not requested (see num_top_logprobs)."""
+                  tokenizer: Any, top_logprobs: int | None, tokens_as_ids: bool = False,
+                  tool_calling: ToolCalling | None = None) -> dict:
+    """`top_logprobs` None means logprobs were not requested (see num_top_logprobs);
+    with `tool_calling`, each choice's text is read for tool calls."""
     strings = lp.TokenStrings(tokenizer, tokens_as_ids)
-    choices = [{
-        "index": choice.index,
-        "message": {"role": "assistant", "content": choice.text},
-        "logprobs": (None if top_logprobs is None
-                     else lp.chat_logprobs(_entries(choice), strings, top_logprobs)),
-        "finish_reason": finish_reason(choice.finish_reason),
-    } for choice in _sorted(output.outputs)]
+    choices = []
+    for choice in _sorted(output.outputs):
+        message, reason = {"role": "assistant", "content": choice.text}, finish_reason(
+            choice.finish_reason)
+        if tool_calling is not None:
+            message, reason = tool_calling.message(choice.text, reason)
+        choices.append({
+            "index": choice.index, "message": message,
+            "logprobs": (None if top_logprobs is None
+                         else lp.chat_logprobs(_entries(choice), strings, top_logprobs)),
+            "finish_reason": reason})
     return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
             "choices": choices, "usage": usage_of([TokenCounts.of(output)])}
 

@@ -8,7 +8,10 @@ loop; matched token by token, one matcher per sequence.
 
 JSON is compiled without free whitespace: separators are ", " and ": ", as
 Python's json.dumps writes them, so a small model cannot wander into endless
-blank space inside a document.
+blank space inside a document. xgrammar (0.2, its issue #800) writes strings
+with minLength or maxLength over a character class that admits the control
+characters JSON forbids unescaped (a raw tab, say, which json.loads refuses);
+`_json_grammar` closes that class as its plain strings have it.
 
 A bitmask row holds one bit per vocabulary entry (int32 words, 32 entries
 each, bit set = allowed): `new_bitmask` allocates them and the worker's
@@ -45,6 +48,11 @@ from pagedserve.scheduler.step import StepInput
 logger = logging.getLogger(__name__)
 
 BITS_PER_WORD = 32
+
+# xgrammar's class for a character of a length-bounded JSON string, and the class of
+# its unbounded strings, which leaves out U+0000-U+001F as JSON requires.
+_BOUNDED_STRING_CHAR = r'[^\"\\\r\n]'
+_JSON_STRING_CHAR = r'[^\0-\x1f\"\\\r\n]'
 
 
 @dataclass(frozen=True)
@@ -136,7 +144,7 @@ class GrammarCompiler:
         try:
             if kind in ("json", "json_object"):
                 schema = spec if kind == "json" else '{"type": "object"}'
-                return self._compiler.compile_json_schema(schema, any_whitespace=False)
+                return self._compiler.compile_grammar(_json_grammar(schema))
             if kind == "regex":
                 return self._compiler.compile_regex(spec)
             if kind == "choice":
@@ -149,6 +157,18 @@ class GrammarCompiler:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _json_grammar(schema: str):
+    """xgrammar's grammar of a JSON schema, with its length-bounded strings' control
+    characters ruled out (the module's note)."""
+    import xgrammar as xgr
+
+    grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=False)
+    text = str(grammar)
+    if _BOUNDED_STRING_CHAR not in text:
+        return grammar
+    return xgr.Grammar.from_ebnf(text.replace(_BOUNDED_STRING_CHAR, _JSON_STRING_CHAR))
 
 
 class Matcher:

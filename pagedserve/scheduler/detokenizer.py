@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
 from pagedserve.sampling_params import SamplingParams
-from pagedserve.scheduler.sequence import Sequence
+from pagedserve.scheduler.sequence import FinishReason, Sequence
 
 # DecodeStream needs only a few tokens of context to place the first space.
 _PROMPT_CONTEXT = 8
@@ -40,12 +40,20 @@ class Detokenizer:
         # quadratic in the output length.
         new_tokens = seq.token_ids[seq.num_prompt_tokens + state.num_decoded:]
         old_len = len(seq.output_text)
-        pieces = [state.stream.step(self.tokenizer, token) for token in new_tokens]
         state.num_decoded += len(new_tokens)
+        if _stopped_by_token(seq) and not params.include_stop_str_in_output:
+            new_tokens = new_tokens[:-1]  # EOS or a stop token id: not text (vLLM's rule)
+        pieces = [state.stream.step(self.tokenizer, token) for token in new_tokens]
         seq.output_text += "".join(piece for piece in pieces if piece)
         if seq.num_output_tokens < params.min_tokens:  # stop strings wait for min_tokens
             return None
         return _trim_stop(seq, params.stop, old_len, params.include_stop_str_in_output)
+
+
+def _stopped_by_token(seq: Sequence) -> bool:
+    """The sequence ended on its last token: EOS, a stop token id, or its grammar's end."""
+    return (seq.finish_reason is FinishReason.STOP
+            and not isinstance(seq.stop_reason, str))
 
 
 def _trim_stop(seq: Sequence, stops: tuple[str, ...], old_len: int,

@@ -7,6 +7,8 @@ gives for the same request.
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import httpx
 import pytest
@@ -123,6 +125,10 @@ BAD_REQUESTS = [
      "at most 64 stop sequences"),
     ({k: v for k, v in GOOD.items() if k != "prompt"}, METADATA,
      grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    ({**GOOD, "structured_outputs": pb.StructuredOutputs(regex="(ab")},
+     METADATA, grpc.StatusCode.INVALID_ARGUMENT, "structured_outputs.regex does not compile"),
+    ({**GOOD, "allowed_token_ids": [10**6]}, METADATA, grpc.StatusCode.INVALID_ARGUMENT,
+     "allowed_token_ids"),
     (GOOD, METADATA[:1], grpc.StatusCode.UNAUTHENTICATED, "API key"),
     (GOOD, (METADATA[0], ("authorization", "Bearer wrong")), grpc.StatusCode.UNAUTHENTICATED,
      "API key"),
@@ -141,6 +147,38 @@ def test_bad_request_gets_a_status(stub, rpc, fields, metadata, code, words):
             _stream(stub, request, metadata=metadata)
     assert caught.value.code() == code, caught.value.details()
     assert words in caught.value.details()
+
+
+def test_structured_outputs_and_logits_controls(stub):
+    """The constraint and the controls of /v1/completions, in the gRPC message's shape."""
+    pytest.importorskip("xgrammar")
+    choice = pb.StructuredOutputs(choice=pb.Choices(choices=["sunny", "rainy"]))
+    for seed in range(3):
+        request = pb.GenerateRequest(model="tiny-llama", prompt=PROMPT, max_tokens=10, seed=seed,
+                                     structured_outputs=choice)
+        reply = stub.Generate(request, metadata=METADATA, timeout=TIMEOUT_S).choices[0]
+        assert reply.text in ("sunny", "rainy") and reply.finish_reason == "stop"
+        streamed = "".join(m.choices[0].text for m in _stream(stub, request) if m.choices)
+        assert streamed == reply.text
+    schema = json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"}},
+                         "required": ["ok"], "additionalProperties": False})
+    reply = stub.Generate(pb.GenerateRequest(
+        model="tiny-llama", prompt=PROMPT, max_tokens=20,
+        structured_outputs=pb.StructuredOutputs(json=schema)), metadata=METADATA,
+        timeout=TIMEOUT_S).choices[0]
+    assert json.loads(reply.text) in ({"ok": True}, {"ok": False})
+    # logit_bias +100 on one token, and min_tokens with ignore_eos off: that token only.
+    token = stub.Generate(pb.GenerateRequest(model="tiny-llama", prompt=PROMPT, max_tokens=1,
+                                             temperature=0), metadata=METADATA,
+                          timeout=TIMEOUT_S).choices[0].token_ids[0] + 1
+    biased = stub.Generate(pb.GenerateRequest(
+        model="tiny-llama", prompt=PROMPT, max_tokens=5, min_tokens=5, seed=1,
+        logit_bias={token: 100.0}), metadata=METADATA, timeout=TIMEOUT_S).choices[0]
+    assert list(biased.token_ids) == [token] * 5
+    allowed = stub.Generate(pb.GenerateRequest(
+        model="tiny-llama", prompt=PROMPT, max_tokens=6, min_tokens=6, seed=2,
+        allowed_token_ids=[token, token + 1]), metadata=METADATA, timeout=TIMEOUT_S).choices[0]
+    assert set(allowed.token_ids) <= {token, token + 1} and len(allowed.token_ids) == 6
 
 
 def test_still_serves_after_bad_requests(stub):
@@ -173,3 +211,16 @@ def test_request_fields_hold_only_what_the_client_set():
                       "stop": ["x"], "seed": 0, "logprobs": 0}
     request = validate_request(protocol.CompletionRequest, fields)
     assert request.sampling_params(100).temperature == 0.0
+    fields = request_fields(pb.GenerateRequest(
+        model="m", prompt="hi", structured_outputs=pb.StructuredOutputs(
+            choice=pb.Choices(choices=["a", "b"])), logit_bias={5: -100.0}, min_tokens=2,
+        allowed_token_ids=[5, 6], bad_words=["no"]))
+    assert fields == {"model": "m", "prompt": "hi", "structured_outputs": {"choice": ["a", "b"]},
+                      "logit_bias": {"5": -100.0}, "min_tokens": 2,
+                      "allowed_token_ids": [5, 6], "bad_words": ["no"]}
+    params = validate_request(protocol.CompletionRequest, fields).sampling_params(100)
+    assert params.structured_outputs.choice == ("a", "b")
+    assert params.min_tokens == 2 and params.bad_words == ("no",)
+    assert request_fields(pb.GenerateRequest(
+        model="m", prompt="x", structured_outputs=pb.StructuredOutputs(json_object=True)))[
+        "structured_outputs"] == {"json_object": True}

@@ -122,7 +122,9 @@ BAD_BODIES = [
     (CH, body(model="m", messages=USER, max_tokens=5, max_completion_tokens=6),
      "max_completion_tokens", "conflicts with max_tokens=5"),
     (CH, body(model="m", messages=USER, logprobs=3), "logprobs", "valid boolean"),
-    (CH, body(model="m", messages=USER, tools=[]), "tools", "Unrecognized request argument"),
+    (CH, body(model="m", messages=USER, tools=[]), "tools", "at least 1 item"),
+    (CH, body(model="m", messages=USER, functions=[]), "functions",
+     "Unrecognized request argument"),
     (CH, body(model="m", messages=USER, continue_final_message=True), "continue_final_message",
      "add_generation_prompt=true"),
     # JSON escapes can spell lone surrogates: not text, refused wherever they are.

@@ -82,6 +82,21 @@ def test_a_text_the_spec_accepts_walks_through_and_one_it_rejects_does_not(
     assert _walk(compiler, tokenizer, params, bad)[1] is False
 
 
+@pytest.mark.parametrize("bounds", [{"maxLength": 8}, {"minLength": 1}, {}])
+def test_json_strings_refuse_raw_control_characters_with_length_bounds_too(
+        compiler, tokenizer, bounds):
+    """JSON forbids U+0000-U+001F unescaped in strings; xgrammar's length-bounded
+    strings admit them (its issue #800), which the compiler closes."""
+    schema = {"type": "object", "properties": {"s": {"type": "string", **bounds}},
+              "required": ["s"], "additionalProperties": False}
+    params = StructuredOutputsParams(json=schema)
+    assert _walk(compiler, tokenizer, params, '{"s": "a b"}') == (True, True)
+    for control in "\t\x01\x1f":
+        with pytest.raises(ValueError):
+            json.loads(f'{{"s": "a{control}b"}}')
+        assert _walk(compiler, tokenizer, params, f'{{"s": "a{control}b"}}') == (False, False)
+
+
 def test_a_spec_compiles_once(compiler):
     first = compiler.submit(StructuredOutputsParams(json={"type": "integer", "minimum": 0}))
     again = compiler.submit(StructuredOutputsParams(json='{"type": "integer", "minimum": 0}'))

@@ -24,29 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)pagedserve/cluster/proto/pagedserve.proto\x12\npagedserve\"\x1d\n\x08TokenIds\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\xe7\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x30\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x14.pagedserve.TokenIdsH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\r\n\x05min_p\x18\x08 \x01(\x01\x12\x0e\n\x01n\x18\t \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x18\n\x10presence_penalty\x18\r \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x0e \x01(\x01\x12\x1f\n\x12repetition_penalty\x18\x0f \x01(\x01H\x06\x88\x01\x01\x12\x15\n\x08logprobs\x18\x10 \x01(\x05H\x07\x88\x01\x01\x42\x0e\n\x0cprompt_inputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x04\n\x02_nB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobs\"\xa6\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12?\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32).pagedserve.TokenLogprob.TopLogprobsEntry\x1a\x32\n\x10TopLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"{\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12*\n\x08logprobs\x18\x05 \x03(\x0b\x32\x18.pagedserve.TokenLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"b\n\rGenerateReply\x12\n\n\x02id\x18\x01 \x01(\t\x12#\n\x07\x63hoices\x18\x02 \x03(\x0b\x32\x12.pagedserve.Choice\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.pagedserve.Usage2\x9c\x01\n\nGeneration\x12\x42\n\x08Generate\x12\x1b.pagedserve.GenerateRequest\x1a\x19.pagedserve.GenerateReply\x12J\n\x0eGenerateStream\x12\x1b.pagedserve.GenerateRequest\x1a\x19.pagedserve.GenerateReply0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)pagedserve/cluster/proto/pagedserve.proto\x12\npagedserve\"\x1d\n\x08TokenIds\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\xd6\x05\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x30\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x14.pagedserve.TokenIdsH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\r\n\x05min_p\x18\x08 \x01(\x01\x12\x0e\n\x01n\x18\t \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x18\n\x10presence_penalty\x18\r \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x0e \x01(\x01\x12\x1f\n\x12repetition_penalty\x18\x0f \x01(\x01H\x06\x88\x01\x01\x12\x15\n\x08logprobs\x18\x10 \x01(\x05H\x07\x88\x01\x01\x12\x39\n\x12structured_outputs\x18\x11 \x01(\x0b\x32\x1d.pagedserve.StructuredOutputs\x12>\n\nlogit_bias\x18\x12 \x03(\x0b\x32*.pagedserve.GenerateRequest.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x13 \x01(\x05\x12\x19\n\x11\x61llowed_token_ids\x18\x14 \x03(\x05\x12\x11\n\tbad_words\x18\x15 \x03(\t\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0e\n\x0cprompt_inputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x04\n\x02_nB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobs\"\x8d\x01\n\x11StructuredOutputs\x12\x0e\n\x04json\x18\x01 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x02 \x01(\tH\x00\x12%\n\x06\x63hoice\x18\x03 \x01(\x0b\x32\x13.pagedserve.ChoicesH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x05 \x01(\x08H\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xa6\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12?\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32).pagedserve.TokenLogprob.TopLogprobsEntry\x1a\x32\n\x10TopLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"{\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12*\n\x08logprobs\x18\x05 \x03(\x0b\x32\x18.pagedserve.TokenLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"b\n\rGenerateReply\x12\n\n\x02id\x18\x01 \x01(\t\x12#\n\x07\x63hoices\x18\x02 \x03(\x0b\x32\x12.pagedserve.Choice\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.pagedserve.Usage2\x9c\x01\n\nGeneration\x12\x42\n\x08Generate\x12\x1b.pagedserve.GenerateRequest\x1a\x19.pagedserve.GenerateReply\x12J\n\x0eGenerateStream\x12\x1b.pagedserve.GenerateRequest\x1a\x19.pagedserve.GenerateReply0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pagedserve.cluster.proto.pagedserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_TOKENLOGPROB_TOPLOGPROBSENTRY']._loaded_options = None
   _globals['_TOKENLOGPROB_TOPLOGPROBSENTRY']._serialized_options = b'8\001'
   _globals['_TOKENIDS']._serialized_start=57
   _globals['_TOKENIDS']._serialized_end=86
   _globals['_GENERATEREQUEST']._serialized_start=89
-  _globals['_GENERATEREQUEST']._serialized_end=576
-  _globals['_TOKENLOGPROB']._serialized_start=579
-  _globals['_TOKENLOGPROB']._serialized_end=745
-  _globals['_TOKENLOGPROB_TOPLOGPROBSENTRY']._serialized_start=695
-  _globals['_TOKENLOGPROB_TOPLOGPROBSENTRY']._serialized_end=745
-  _globals['_CHOICE']._serialized_start=747
-  _globals['_CHOICE']._serialized_end=870
-  _globals['_USAGE']._serialized_start=872
-  _globals['_USAGE']._serialized_end=929
-  _globals['_GENERATEREPLY']._serialized_start=931
-  _globals['_GENERATEREPLY']._serialized_end=1029
-  _globals['_GENERATION']._serialized_start=1032
-  _globals['_GENERATION']._serialized_end=1188
+  _globals['_GENERATEREQUEST']._serialized_end=815
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=659
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=707
+  _globals['_STRUCTUREDOUTPUTS']._serialized_start=818
+  _globals['_STRUCTUREDOUTPUTS']._serialized_end=959
+  _globals['_CHOICES']._serialized_start=961
+  _globals['_CHOICES']._serialized_end=987
+  _globals['_TOKENLOGPROB']._serialized_start=990
+  _globals['_TOKENLOGPROB']._serialized_end=1156
+  _globals['_TOKENLOGPROB_TOPLOGPROBSENTRY']._serialized_start=1106
+  _globals['_TOKENLOGPROB_TOPLOGPROBSENTRY']._serialized_end=1156
+  _globals['_CHOICE']._serialized_start=1158
+  _globals['_CHOICE']._serialized_end=1281
+  _globals['_USAGE']._serialized_start=1283
+  _globals['_USAGE']._serialized_end=1340
+  _globals['_GENERATEREPLY']._serialized_start=1342
+  _globals['_GENERATEREPLY']._serialized_end=1440
+  _globals['_GENERATION']._serialized_start=1443
+  _globals['_GENERATION']._serialized_end=1599
 # @@protoc_insertion_point(module_scope)

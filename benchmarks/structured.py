@@ -14,7 +14,12 @@ Three parts, each run with its flag (all three by default):
             allows it, else an allowed one, so the grammar does its real work.
 --validity  The embedded default on the CPU: --requests requests over five JSON
             schemas, constrained and not, and the share whose text parses and
-            validates (jsonschema).
+            validates (jsonschema). Then --requests chat requests with five tools,
+            with tool_choice "required" (the grammar the server compiles for it,
+            read as the server reads it; parallel_tool_calls false and true) and
+            without a constraint (the tools and the hermes format in the prompt,
+            read by the hermes parser, as "auto" is): the share that calls a
+            tool whose arguments validate.
 
     python benchmarks/structured.py [--compile] [--mask] [--validity] [--rounds 3]
         [--batches 1 32 256] [--out benchmarks/results/structured.json]
@@ -59,6 +64,46 @@ SCHEMAS = [
                                       "priority": {"enum": ["low", "medium", "high"]}},
      "required": ["tags", "priority"], "additionalProperties": False},
 ]
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "The current weather in a city",
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string", "maxLength": 30},
+            "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"], "additionalProperties": False}}},
+    {"type": "function", "function": {
+        "name": "search_web", "description": "Search the web",
+        "parameters": {"type": "object", "properties": {
+            "query": {"type": "string", "maxLength": 60},
+            "max_results": {"type": "integer", "minimum": 1, "maximum": 10}},
+            "required": ["query"], "additionalProperties": False}}},
+    {"type": "function", "function": {
+        "name": "convert_currency", "description": "Convert an amount between currencies",
+        "parameters": {"type": "object", "properties": {
+            "amount": {"type": "number", "minimum": 0},
+            "from": {"enum": ["USD", "EUR", "GBP", "JPY"]},
+            "to": {"enum": ["USD", "EUR", "GBP", "JPY"]}},
+            "required": ["amount", "from", "to"], "additionalProperties": False}}},
+    {"type": "function", "function": {
+        "name": "add_event", "description": "Add an event to the calendar",
+        "parameters": {"type": "object", "properties": {
+            "title": {"type": "string", "maxLength": 40},
+            "day": {"type": "integer", "minimum": 1, "maximum": 31},
+            "all_day": {"type": "boolean"}},
+            "required": ["title", "day"], "additionalProperties": False}}},
+    {"type": "function", "function": {
+        "name": "send_email", "description": "Send an email",
+        "parameters": {"type": "object", "properties": {
+            "to": {"type": "string", "maxLength": 40},
+            "subject": {"type": "string", "maxLength": 40}},
+            "required": ["to", "subject"], "additionalProperties": False}}},
+]
+TOOL_PROMPTS = ["What is the weather in Lisbon right now?", "Find recent news about tides.",
+                "How much is 120 euros in yen?", "Put the dentist on my calendar on the 14th.",
+                "Email Sam that the meeting moved."]
+HERMES_SYSTEM = ("You are a function-calling assistant. You may call these functions: {tools}. "
+                 "To call one, reply with <tool_call>{{\"name\": <function name>, "
+                 "\"arguments\": <arguments object>}}</tool_call>.")
 PROMPTS = ["Give a person as JSON.", "Describe a shirt in JSON.", "List a few digits as JSON.",
            "Report the weather as JSON.", "Tag this ticket as JSON."]
 
@@ -206,6 +251,53 @@ def run_validity(requests: int, max_tokens: int) -> dict:
                 pass
         results[system] = valid / requests
         print(f"{system}: {valid}/{requests} parse and validate")
+    results["tools"] = run_tool_validity(llm, requests, max_tokens)
+    return results
+
+
+def run_tool_validity(llm: LLM, requests: int, max_tokens: int) -> dict:
+    """tool_choice "required" against the same chats unconstrained (read as "auto" with the
+    hermes parser): the share of replies that call a tool with arguments that validate,
+    with parallel_tool_calls false (one call) and true (a list the model may run on)."""
+    from pagedserve.cluster.tool_parsers import HermesParser, RequiredParser
+    from pagedserve.cluster.tools import Tool, ToolCalling, forced_schema
+
+    tools = [Tool.model_validate(tool) for tool in TOOLS]
+    parameters = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
+    tokenizer = llm.get_tokenizer()
+    system_prompt = HERMES_SYSTEM.format(tools=json.dumps([t["function"] for t in TOOLS]))
+    systems = [("unconstrained (auto, hermes)", None, ToolCalling(HermesParser()))]
+    for parallel in (False, True):
+        schema = forced_schema(tools, "required", parallel=parallel)
+        systems.append((f"tool_choice required, parallel_tool_calls {str(parallel).lower()}",
+                        StructuredOutputsParams(json=schema), ToolCalling(RequiredParser())))
+    results = {}
+    for system, constraint, calling in systems:
+        prompts, params = [], []
+        for i in range(requests):
+            messages = [{"role": "system", "content": system_prompt},
+                        {"role": "user", "content": TOOL_PROMPTS[i % len(TOOL_PROMPTS)]}]
+            ids = tokenizer.apply_chat_template(messages, tools=TOOLS, tokenize=True,
+                                                add_generation_prompt=True, return_dict=False)
+            prompts.append({"prompt_token_ids": list(ids)})
+            params.append(SamplingParams(temperature=0.7, seed=i, max_tokens=max_tokens,
+                                         structured_outputs=constraint))
+        valid, cut_off = 0, 0
+        for output in llm.generate(prompts, params, use_tqdm=False):
+            choice = output.outputs[0]
+            message, _ = calling.message(choice.text, choice.finish_reason)
+            calls = message.get("tool_calls") or []
+            try:
+                for call in calls:
+                    jsonschema.validate(json.loads(call["function"]["arguments"]),
+                                        parameters[call["function"]["name"]])
+            except (KeyError, ValueError, jsonschema.ValidationError):
+                continue
+            valid += bool(calls)
+            cut_off += not calls and choice.finish_reason == "length"
+        results[system] = {"valid": valid / requests, "cut_off_by_max_tokens": cut_off}
+        print(f"tools, {system}: {valid}/{requests} call a tool with valid arguments "
+              f"({cut_off} of the rest cut off by max_tokens)")
     return results
 
 

@@ -37,7 +37,8 @@ from pagedserve.scheduler.detokenizer import Detokenizer
 from pagedserve.scheduler.scheduler import Scheduler, SchedulerConfig
 from pagedserve.scheduler.sequence import FinishReason, SequenceGroup
 from pagedserve.scheduler.step import StepInput, StepOutput
-from pagedserve.worker.executor import Executor, PendingStep
+from pagedserve.worker.executor import Executor, LocalExecutor, PendingStep
+from pagedserve.worker.token_masks import PendingBitmask
 
 if TYPE_CHECKING:
     from pagedserve.worker.ray_worker import Ranks
@@ -88,6 +89,10 @@ class EngineCore:
                                              device_type=device_type)
         load_format = "dummy" if model.load_format == "dummy" else "safetensors"
         executor = make_executor(info, engine, parallel, load_format, ranks)
+        # An in-process worker's sampling can wait for a mask filled after its step was
+        # sent; one behind Ray has its step whole.
+        limits = dataclasses.replace(limits, late_masks=engine.uses_async_scheduling(
+            device_type) and isinstance(executor, LocalExecutor))
         try:
             block_manager = cls._init_kv_cache(info, engine, executor,
                                                limits.max_num_batched_tokens)
@@ -131,6 +136,7 @@ class EngineCore:
 
     def shutdown(self) -> None:
         """Stop the workers (Ray actors and their placement group, if any)."""
+        self._release_masks()
         self._in_flight.clear()
         self.structured.shutdown()
         self.executor.shutdown()
@@ -238,11 +244,27 @@ class EngineCore:
         if not self._in_flight:
             return []
         step_input, pending = self._in_flight.popleft()
-        return self._take_in(step_input, pending.result())
+        try:
+            outputs = self._take_in(step_input, pending.result())
+        except BaseException:
+            self._release_masks()
+            raise
+        if self._in_flight:  # its sampling waits for the masks that these tokens decide
+            self.structured.fill_late(self._in_flight[0][0], self.scheduler.grammar_of)
+        return outputs
 
     def _schedule(self) -> StepInput:
-        """The scheduler's next step, with the masks of its constrained sequences."""
-        return self.structured.attach_masks(self.scheduler.schedule(), self.scheduler.grammar_of)
+        """The scheduler's next step, with the masks of its constrained sequences: filled
+        now, or, where a step still runs before it, once that step is taken in."""
+        late = self.scheduler.config.late_masks and bool(self._in_flight)
+        return self.structured.attach_masks(self.scheduler.schedule(), self.scheduler.grammar_of,
+                                            late)
+
+    def _release_masks(self) -> None:
+        """Let steps in flight whose masks will never be filled end (with an error)."""
+        for step_input, _ in self._in_flight:
+            if isinstance(step_input.token_bitmask, PendingBitmask):
+                step_input.token_bitmask.cancel()
 
     def _take_in(self, step_input: StepInput, step_output: StepOutput) -> list[RequestOutput]:
         """A step's outcome: tokens recorded, text decoded, finished requests freed."""

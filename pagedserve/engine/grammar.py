@@ -38,16 +38,21 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
 from pagedserve.errors import RequestError
 from pagedserve.sampling_params import StructuredOutputsParams
 from pagedserve.scheduler.step import StepInput
+from pagedserve.worker.token_masks import PendingBitmask
 
 logger = logging.getLogger(__name__)
 
 BITS_PER_WORD = 32
+# Masks of this many rows and more are filled on xgrammar's threads ("auto": half the
+# cores), as vLLM does; fewer cost less on the calling thread.
+FILL_THREADS_FROM_ROWS = 128
 
 # xgrammar's class for a character of a length-bounded JSON string, and the class of
 # its unbounded strings, which leaves out U+0000-U+001F as JSON requires.
@@ -189,6 +194,11 @@ class Matcher:
         """Row `row` of a new_bitmask: the tokens allowed next."""
         self._matcher.fill_next_token_bitmask(bitmask, row)
 
+    @property
+    def xgrammar_matcher(self):
+        """xgrammar's own, for its batch calls."""
+        return self._matcher
+
     def rollback(self, tokens: int) -> None:
         self._matcher.rollback(tokens)
 
@@ -210,6 +220,7 @@ class StructuredOutputs:
                  ) -> None:
         self.tokenizer, self.vocab_size, self.limits = tokenizer, vocab_size, limits
         self._compiler: GrammarCompiler | None = None
+        self._batch_matchers: dict[int | str, Any] = {}  # xgrammar's, by thread count
 
     def validate(self, params: StructuredOutputsParams) -> None:
         """Refuse what this engine cannot constrain, before anything is queued."""
@@ -234,22 +245,60 @@ class StructuredOutputs:
         caller), else compiled now, waiting up to the time limit."""
         return Matcher(compiled if compiled is not None else self.compiler.compile(params))
 
-    def attach_masks(self, step: StepInput, grammar_of: Callable[[int], Matcher | None]
-                     ) -> StepInput:
+    def attach_masks(self, step: StepInput, grammar_of: Callable[[int], Matcher | None],
+                     late: bool = False) -> StepInput:
         """The step with a bitmask row for each constrained sequence that samples
-        (`grammar_of(seq_id)`: its matcher or None); the step itself where none does."""
-        rows = []
+        (`grammar_of(seq_id)`: its matcher or None); the step itself where none does.
+
+        `late`: the step goes out while the one before runs, whose tokens its
+        constrained sequences' grammars have not taken yet. Its mask is then a
+        PendingBitmask that `fill_late` fills once they have.
+        """
+        rows = 0
         for scheduled in step.seqs:
-            grammar = grammar_of(scheduled.seq_id) if scheduled.do_sample else None
-            if grammar is not None:
-                rows.append((scheduled, grammar))
+            if scheduled.do_sample and grammar_of(scheduled.seq_id) is not None:
+                scheduled.bitmask_row = rows
+                rows += 1
         if not rows:
             return step
-        bitmask = new_bitmask(len(rows), self.vocab_size)
-        for row, (scheduled, grammar) in enumerate(rows):
-            grammar.fill(bitmask, row)
-            scheduled.bitmask_row = row
+        bitmask = new_bitmask(rows, self.vocab_size)
+        if late:
+            return dataclasses.replace(step, token_bitmask=PendingBitmask(bitmask))
+        self._fill(step, bitmask, grammar_of)
         return dataclasses.replace(step, token_bitmask=bitmask)
+
+    def fill_late(self, step: StepInput, grammar_of: Callable[[int], Matcher | None]) -> None:
+        """Fill a step's PendingBitmask, now that the step before it is taken in, and
+        let its sampling go on."""
+        pending = step.token_bitmask
+        if isinstance(pending, PendingBitmask) and not pending.is_ready:
+            self._fill(step, pending.tensor, grammar_of)
+            pending.set_ready()
+
+    def _fill(self, step: StepInput, bitmask: torch.Tensor,
+              grammar_of: Callable[[int], Matcher | None]) -> None:
+        """The rows of the step's live grammars, filled in one call into xgrammar (on
+        threads, for a large batch, as vLLM does), not one Python call per row."""
+        matchers, rows = [], []
+        for scheduled in step.seqs:
+            if scheduled.bitmask_row is None:
+                continue
+            grammar = grammar_of(scheduled.seq_id)
+            # One that ended meanwhile samples a token that is dropped: its row stays open.
+            if grammar is not None and not grammar.terminated:
+                matchers.append(grammar.xgrammar_matcher)
+                rows.append(scheduled.bitmask_row)
+        if matchers:
+            self._batch_matcher(len(matchers)).batch_fill_next_token_bitmask(
+                matchers, bitmask, rows)
+
+    def _batch_matcher(self, rows: int):
+        import xgrammar as xgr
+
+        threads: int | Literal["auto"] = 1 if rows < FILL_THREADS_FROM_ROWS else "auto"
+        if threads not in self._batch_matchers:
+            self._batch_matchers[threads] = xgr.BatchGrammarMatcher(max_threads=threads)
+        return self._batch_matchers[threads]
 
     def shutdown(self) -> None:
         if self._compiler is not None:

@@ -20,6 +20,9 @@ class SchedulerConfig:
     # beams), whose shared blocks recomputation would duplicate. Without CPU room
     # for a swap, the request is recomputed.
     preemption_mode: str = EngineConfig.model_fields["preemption_mode"].default
+    # The engine fills a step's structured-output masks after sending it, once the
+    # step before is in (in-process workers only): constrained sequences plan ahead.
+    late_masks: bool = False
 
     @classmethod
     def from_engine(cls, engine: EngineConfig, *, max_model_len: int,

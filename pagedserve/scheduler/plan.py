@@ -24,11 +24,11 @@ class Work:
 
 
 def plan_group(group: SequenceGroup, budget: int, manager: BlockManager,
-               max_model_len: int) -> list[Work]:
+               max_model_len: int, late_masks: bool = False) -> list[Work]:
     """Each unfinished sequence's tokens this step, within `budget` tokens, and the free
-    blocks they take; empty while the group must wait."""
+    blocks they take; empty while the group must wait (`late_masks`: plans_ahead's)."""
     seqs = group.unfinished_seqs
-    if any(seq.num_pending for seq in seqs) and not plans_ahead(group):
+    if any(seq.num_pending for seq in seqs) and not plans_ahead(group, late_masks):
         return []  # it waits for the step in flight to say what it sampled
     # Where each sequence's computing starts: after its prefix-cache hits, for one
     # without a table (cached blocks have no logits: a prompt still to be scored

@@ -54,19 +54,21 @@ def _max_tokens(params: SamplingParams) -> int:
     return params.max_tokens
 
 
-def plans_ahead(group: SequenceGroup) -> bool:
+def plans_ahead(group: SequenceGroup, late_masks: bool = False) -> bool:
     """Can the group's next step be planned before the one in flight returns?
 
     A sequence decoding on its own can: its next input is the token in
     flight, which the worker fills in. Beams (chosen on the host), penalties
-    (which count the tokens so far), samples about to fork, and sequences
-    catching up after a preemption wait for the step's outcome, and so do
-    constrained sequences: the mask of their next token depends on the one in
-    flight.
+    and bad words (which look at the tokens so far), samples about to fork,
+    and sequences catching up after a preemption wait for the step's outcome.
+    So do constrained sequences, unless the engine fills masks late
+    (`late_masks`): the mask of their next token depends on the one in flight,
+    and is then filled once it is in, while the forward runs.
     """
     params = group.sampling_params
     if (group.beam_search is not None or params.uses_penalties or group.best_of > 1
-            or params.structured_outputs is not None or params.bad_words):
+            or (params.structured_outputs is not None and not late_masks)
+            or params.bad_words):
         return False
     return all(seq.num_computed_tokens == seq.num_tokens
                for seq in group.unfinished_seqs if seq.num_pending)

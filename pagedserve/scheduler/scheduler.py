@@ -259,7 +259,8 @@ class Scheduler:
 
     # -- planning --------------------------------------------------------------
     def _plan(self, group: SequenceGroup, budget: int) -> list[Work]:
-        return plan_group(group, budget, self.block_manager, self.config.max_model_len)
+        return plan_group(group, budget, self.block_manager, self.config.max_model_len,
+                          self.config.late_masks)
 
     def _fits(self, plan: list[Work], reserve: int = 0) -> bool:
         return sum(work.blocks for work in plan) + reserve <= self.block_manager.num_free_blocks

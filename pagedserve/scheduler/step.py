@@ -96,6 +96,8 @@ class StepInput:
     # Structured outputs: [rows, ceil(vocab / 32)] int32 (a torch tensor on the host),
     # one row per constrained sampling sequence, bit set = token allowed
     # (engine/grammar.py fills it, worker/token_masks.py applies it). None: no row is.
+    # In-process, a step sent while the one before runs may carry a PendingBitmask
+    # instead, which the engine fills once that step's tokens are in.
     token_bitmask: Any = None
 
     @property

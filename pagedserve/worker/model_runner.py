@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from pagedserve.scheduler.step import ScheduledSequence, StepInput, StepOutput
-from pagedserve.worker import prompt_logprobs, sampler
+from pagedserve.worker import prompt_logprobs, sampler, token_masks
 from pagedserve.worker.cuda_graph import DecodeGraphs
 from pagedserve.worker.inputs import flatten
 from pagedserve.worker.layers.attention import AttentionBackend, AttentionMetadata, KVCache
@@ -73,7 +73,9 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[logits_rows])  # [S, vocab], on rank 0 only
         if logits is None:
             return self._finish(None)
-        samples = sampler.sample(logits, sampling, self.generator, step.token_bitmask)
+        # The sampling waits for a mask the engine fills while the forward ran.
+        bitmask = token_masks.resolved(step.token_bitmask)
+        samples = sampler.sample(logits, sampling, self.generator, bitmask)
         return self._finish(StepOutput(samples=samples, prompt_logprobs=scored))
 
     def _launching(self) -> None:

@@ -24,9 +24,11 @@ included) and rank 0 returns the samples, as real ranks do.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer
 
 from pagedserve.config import EngineConfig
@@ -41,7 +43,7 @@ from pagedserve.scheduler.step import (
     StepInput,
     StepOutput,
 )
-from pagedserve.worker.token_masks import BITS_PER_WORD
+from pagedserve.worker.token_masks import BITS_PER_WORD, PendingBitmask
 
 # How many alternatives a token has in the simulated distribution.
 _ALTERNATIVES = 20
@@ -67,12 +69,23 @@ def _spread(a: int, b: int) -> int:
 
 
 class _OnDevice:
-    """A step queued on the simulated device: its output, and when the device is done."""
+    """A step queued on the simulated device: its output, and when the device is done.
 
-    def __init__(self, output: StepOutput | None, done_at: float) -> None:
+    A step whose mask the engine fills late samples once the mask is in: its
+    output is computed then, and the device is done no earlier than that.
+    """
+
+    def __init__(self, output: StepOutput | None, done_at: float,
+                 mask: PendingBitmask | None = None,
+                 sample: Callable[[], StepOutput] | None = None) -> None:
         self.output, self.done_at = output, done_at
+        self._mask, self._sample = mask, sample
 
     def result(self) -> StepOutput | None:
+        if self._sample is not None:
+            assert self._mask is not None
+            self._mask.wait()
+            self.output, self._sample = self._sample(), None
         remaining = self.done_at - time.perf_counter()
         if remaining > 0:
             time.sleep(remaining)
@@ -99,6 +112,7 @@ class SimulatedWorker:
         self.eos_token_id = eos[0] if eos else None
         self.num_blocks = 0
         self._free_at = 0.0  # when the device finishes what it was given
+        self._late_mask: PendingBitmask | None = None  # the last step's, filled late
 
     # -- memory ------------------------------------------------------------------------
     def num_available_blocks(self, max_num_batched_tokens: int) -> int:
@@ -120,20 +134,34 @@ class SimulatedWorker:
 
     def submit(self, step: StepInput) -> _OnDevice:
         """Queue a step on the simulated device and return at once: it starts when the
-        device is free and ends its device time later; rank 0 then has its samples."""
+        device is free and ends its device time later; rank 0 then has its samples.
+        A step with a late mask cannot sample before the mask is in, and the next
+        step cannot start before it has."""
         device_s = self.step_time(step)
+        if self._late_mask is not None:  # filled by now: the engine fills before sending on
+            if not self._late_mask.is_ready:
+                raise RuntimeError("a step was sent before the mask of the one before it")
+            self._free_at = max(self._free_at, self._late_mask.ready_at or 0.0)
+            self._late_mask = None
         start = max(time.perf_counter(), self._free_at)
         self._free_at = start + device_s
-        output = self._outputs(step, device_s) if self.rank == 0 else None
-        return _OnDevice(output, self._free_at)
+        if self.rank != 0:
+            return _OnDevice(None, self._free_at)
+        bitmask = step.token_bitmask
+        if isinstance(bitmask, PendingBitmask):
+            self._late_mask = bitmask
+            return _OnDevice(None, self._free_at, bitmask,
+                             lambda: self._outputs(step, device_s, bitmask.tensor))
+        return _OnDevice(self._outputs(step, device_s, bitmask), self._free_at)
 
     def execute(self, step: StepInput) -> StepOutput | None:
         """Run a step: sleep through its device time."""
         return self.submit(step).result()
 
-    def _outputs(self, step: StepInput, device_s: float) -> StepOutput:
+    def _outputs(self, step: StepInput, device_s: float, bitmask) -> StepOutput:
         samples: list[Sample] = []
         scored: list[PromptLogprobs] = []
+        drawn: list[tuple[ScheduledSequence, int, int]] = []  # (seq, sample index, token)
         for seq in step.seqs:
             if seq.prompt_targets:
                 scored.append(self._prompt_logprobs(seq))
@@ -145,19 +173,26 @@ class SimulatedWorker:
                 samples.append(Sample(seq.seq_id, *candidates[0], None, candidates))
                 continue
             for sample_index in range(seq.sample_index, seq.sample_index + seq.num_samples):
-                samples.append(self._sample(seq, sample_index, step.token_bitmask))
+                drawn.append((seq, sample_index, self._draw(seq, sample_index)))
+        constrained = [i for i, (seq, _, _) in enumerate(drawn) if seq.bitmask_row is not None]
+        if constrained:
+            rows = bitmask[[drawn[i][0].bitmask_row for i in constrained]]
+            allowed = _allowed([drawn[i][2] for i in constrained], rows)
+            for i, token in zip(constrained, allowed, strict=True):
+                drawn[i] = (*drawn[i][:2], token)
+        samples += [self._sample(seq, sample_index, token) for seq, sample_index, token in drawn]
         return StepOutput(samples=samples, prompt_logprobs=scored, device_s=device_s)
 
-    def _sample(self, seq: ScheduledSequence, sample_index: int, token_bitmask=None) -> Sample:
-        params = seq.sampling_params
+    def _draw(self, seq: ScheduledSequence, sample_index: int) -> int:
+        """The token the text gives (EOS where the config asks for it)."""
         eos_after = self.sim.eos_after
         if (eos_after is not None and self.eos_token_id is not None
                 and seq.output_index + 1 >= eos_after):
-            token = self.eos_token_id
-        else:
-            token = self._token(seq, sample_index, 0)
-        if seq.bitmask_row is not None:
-            token = _allowed(token, token_bitmask[seq.bitmask_row])
+            return self.eos_token_id
+        return self._token(seq, sample_index, 0)
+
+    def _sample(self, seq: ScheduledSequence, sample_index: int, token: int) -> Sample:
+        params = seq.sampling_params
         logprob = self._logprob(seq, 0)
         top = None
         if params is not None and params.logprobs is not None:
@@ -193,14 +228,27 @@ class SimulatedWorker:
         return PromptLogprobs(seq.seq_id, seq.start_pos, entries)
 
 
-def _allowed(token: int, words) -> int:
-    """A structured output's token: the text's where its mask allows it, else the lowest
-    allowed id, so the grammar advances as it would on a GPU."""
-    if (int(words[token // BITS_PER_WORD]) >> (token % BITS_PER_WORD)) & 1:
-        return token
-    nonzero = words.nonzero()
-    if not len(nonzero):
-        return token
-    index = int(nonzero[0])
-    word = int(words[index]) & 0xFFFFFFFF
-    return index * BITS_PER_WORD + (word & -word).bit_length() - 1  # its lowest set bit
+def _allowed(tokens: list[int], words: torch.Tensor) -> list[int]:
+    """Structured outputs' tokens, a row of masks `words` ([rows, words] int32) each: the
+    text's token where its mask allows it, else the lowest allowed id, so the grammar
+    advances as it would on a GPU. One pass over the batch's masks, their first words
+    first (grammars mostly allow some of a vocabulary's low ids: ASCII, digits)."""
+    token = torch.tensor(tokens, dtype=torch.int64)
+    word = words[torch.arange(len(tokens)), token // BITS_PER_WORD].to(torch.int64)
+    refused = ((word >> (token % BITS_PER_WORD)) & 1 == 0).nonzero().flatten()
+    if not len(refused):
+        return tokens
+    for width in (_HEAD_WORDS, words.shape[1]):
+        nonzero = words[refused, :width] != 0
+        found = nonzero.any(dim=1)
+        first = nonzero.to(torch.uint8).argmax(dim=1)  # the first word with an allowed token
+        word = words[refused, first].to(torch.int64) & 0xFFFFFFFF
+        lowest = torch.log2((word & -word).to(torch.float64)).to(torch.int64)  # its lowest bit
+        token[refused[found]] = (first * BITS_PER_WORD + lowest)[found]
+        refused = refused[~found]  # none in the first words: look at all of them
+        if not len(refused):
+            break
+    return token.tolist()  # a row that allows nothing keeps the text's token
+
+
+_HEAD_WORDS = 64

@@ -6,9 +6,18 @@ A mask row is int32 words, 32 vocabulary entries each: bit j of word w allows
 token 32 w + j (xgrammar's layout). Disallowed tokens' logits become -inf, so
 greedy, sampling and logprobs all see only what the grammar allows. Rows without
 a grammar are not touched, and a step without one costs nothing.
+
+With async scheduling a step is sent while the one before still runs, before
+its sequences' previous tokens are known, and so before their grammars can say
+what comes next. Such a step carries a `PendingBitmask`: the engine fills it
+once the step before is taken in, while this step's forward runs, and the
+sampler waits for it (vLLM's split of the forward from the sampling).
 """
 
 from __future__ import annotations
+
+import threading
+import time
 
 import torch
 
@@ -17,6 +26,45 @@ BITS_PER_WORD = 32
 
 # Each bit of an int32 word on its own (bit 31 is the sign bit).
 _BITS = [1 << j for j in range(BITS_PER_WORD - 1)] + [-(1 << (BITS_PER_WORD - 1))]
+
+
+class MaskCancelled(RuntimeError):
+    """The engine stopped before it filled a step's bitmask."""
+
+
+class PendingBitmask:
+    """A step's bitmask, filled by the engine after the step was sent."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor  # [rows, words] on the host, all allowed until filled
+        self.ready_at: float | None = None  # time.perf_counter() when it was filled
+        self._ready = threading.Event()
+        self._cancelled = False
+
+    def set_ready(self) -> None:
+        self.ready_at = time.perf_counter()
+        self._ready.set()
+
+    def cancel(self) -> None:
+        """Release a sampler that waits for a mask that will never come."""
+        if not self._ready.is_set():
+            self._cancelled = True
+            self._ready.set()
+
+    @property
+    def is_ready(self) -> bool:
+        return self._ready.is_set() and not self._cancelled
+
+    def wait(self) -> torch.Tensor:
+        self._ready.wait()
+        if self._cancelled:
+            raise MaskCancelled("the engine stopped before it filled this step's mask")
+        return self.tensor
+
+
+def resolved(bitmask: torch.Tensor | PendingBitmask | None) -> torch.Tensor | None:
+    """A step's bitmask, waited for if the engine fills it late."""
+    return bitmask.wait() if isinstance(bitmask, PendingBitmask) else bitmask
 
 
 def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:

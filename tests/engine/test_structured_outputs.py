@@ -119,12 +119,16 @@ def test_each_parallel_sample_keeps_its_own_place_in_the_grammar(llm):
     assert len(set(texts)) > 1  # the samples went their own ways
 
 
-@pytest.mark.parametrize("preemption_mode", ["recompute", "swap"])
-def test_preempted_requests_come_back_where_their_grammar_was(model_dir, preemption_mode):
+@pytest.mark.parametrize("preemption_mode, async_scheduling",
+                         [("recompute", False), ("swap", False), ("recompute", True),
+                          ("swap", True)])
+def test_preempted_requests_come_back_where_their_grammar_was(model_dir, preemption_mode,
+                                                              async_scheduling):
     """A pool of 12 blocks of 16 for 6 requests of ~100 tokens: requests are preempted
     and resumed; each output still validates, and every block comes back."""
     llm = LLM(str(model_dir), **{**ENGINE, "num_gpu_blocks": 12, "max_model_len": 192,
-                                 "preemption_mode": preemption_mode})
+                                 "preemption_mode": preemption_mode,
+                                 "async_scheduling": async_scheduling})
     schema = {"type": "array", "items": {"enum": ["alpha", "beta", "gamma"]},
               "minItems": 12, "maxItems": 12}
     params = SamplingParams(temperature=1.0, seed=11, max_tokens=150,
@@ -139,17 +143,58 @@ def test_preempted_requests_come_back_where_their_grammar_was(model_dir, preempt
     assert engine_stats.free_blocks == engine_stats.total_blocks, "blocks leaked"
 
 
-def test_async_scheduling_waits_for_a_constrained_token_before_its_mask(model_dir):
-    llm = LLM(str(model_dir), **ENGINE, async_scheduling=True)
-    assert llm.engine.async_scheduling
+def test_async_scheduling_fills_masks_once_the_token_in_flight_is_in(model_dir, monkeypatch):
+    """Constrained sequences plan their next step while the one before runs; its mask
+    is filled once that step's tokens are in (the sampler waits for it). The tokens
+    are those of the engine without async scheduling, seeded or greedy, constrained
+    or not."""
+    from pagedserve.worker.token_masks import PendingBitmask
+
+    filled_late = []
+    set_ready = PendingBitmask.set_ready
+    monkeypatch.setattr(PendingBitmask, "set_ready",
+                        lambda self: (filled_late.append(self), set_ready(self))[1])
     params = [SamplingParams(temperature=1.0, seed=s, max_tokens=80,
                              structured_outputs=Structured(json=SCHEMA)) for s in range(3)]
-    params.append(SamplingParams(temperature=0.0, max_tokens=30))
-    outputs = llm.generate([{"prompt_token_ids": PROMPTS[i % 2]} for i in range(4)], params,
-                           use_tqdm=False)
-    for output in outputs[:3]:
-        assert output.outputs[0].finish_reason == "stop"
-        jsonschema.validate(json.loads(output.outputs[0].text), SCHEMA)
+    params += [SamplingParams(temperature=0.0, max_tokens=30),
+               SamplingParams(temperature=0.0, max_tokens=40,
+                              structured_outputs=Structured(regex=REGEX))]
+    prompts = [{"prompt_token_ids": PROMPTS[i % 2]} for i in range(5)]
+    runs = {}
+    for async_scheduling in (False, True):
+        llm = LLM(str(model_dir), **ENGINE, async_scheduling=async_scheduling)
+        assert llm.engine.scheduler.config.late_masks is async_scheduling
+        runs[async_scheduling] = [o.outputs[0] for o in llm.generate(prompts, params,
+                                                                      use_tqdm=False)]
+        stats = llm.engine.stats()
+        assert stats.free_blocks == stats.total_blocks
+    assert [c.token_ids for c in runs[True]] == [c.token_ids for c in runs[False]]
+    assert len(filled_late) > 20  # the constrained decode steps after the first
+    for completion in runs[True][:3]:
+        assert completion.finish_reason == "stop"
+        jsonschema.validate(json.loads(completion.text), SCHEMA)
+    assert re.fullmatch(REGEX, runs[True][4].text)
+
+
+def test_a_step_waiting_for_its_mask_is_released_when_the_engine_stops(model_dir):
+    """A step sent with a late mask that is never filled (the engine failed or stopped)
+    ends with an error instead of holding the device for ever."""
+    from pagedserve.worker.token_masks import MaskCancelled, PendingBitmask
+
+    llm = LLM(str(model_dir), **ENGINE, async_scheduling=True)
+    engine = llm.engine
+    engine.add_request("r", PROMPTS[0], SamplingParams(
+        max_tokens=50, structured_outputs=Structured(json=SCHEMA)))
+    for _ in range(3):
+        engine.step()
+    assert len(engine._in_flight) == 1
+    late = engine._schedule()  # planned while a step runs: its mask waits for that step
+    assert isinstance(late.token_bitmask, PendingBitmask)
+    pending = engine.executor.submit(late)
+    engine._in_flight.append((late, pending))
+    engine.shutdown()
+    with pytest.raises(MaskCancelled):
+        pending.result(timeout=30)
 
 
 def test_what_cannot_be_served_is_refused_before_it_is_queued(model_dir, llm):

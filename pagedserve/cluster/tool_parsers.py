@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import secrets
 import string
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 _WHITESPACE = " \t\n\r"
@@ -174,17 +175,17 @@ def held_back(text: str, marker: str) -> int:
 # ---------------------------------------------------------------------------- parsers
 
 
-class ToolParser:
+class ToolParser(ABC):
     """Reads tool calls out of one model family's output text."""
 
     name = ""
     # Whether the format's marker is a special token, which the text must then keep.
     keeps_special_tokens = False
 
+    @abstractmethod
     def parse(self, text: str, final: bool) -> Parsed:
         """Content and calls of `text`, the output so far (all of it when `final`).
         Raises NotToolCalls for text that is not in the format."""
-        raise NotImplementedError
 
     def new_call_id(self) -> str:
         return f"call_{secrets.token_hex(12)}"
@@ -201,8 +202,9 @@ class _MarkedParser(ToolParser):
             return Parsed(len(text) if final else len(text) - held_back(text, self.marker))
         return Parsed(start, self._calls(text, start + len(self.marker)))
 
+    @abstractmethod
     def _calls(self, text: str, i: int) -> list[CallDraft]:
-        raise NotImplementedError
+        """The calls after the marker, which ends at text[i]."""
 
 
 class HermesParser(_MarkedParser):

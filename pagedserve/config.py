@@ -113,6 +113,58 @@ class SimulatorConfig(_Strict):
     gpu: SimulatedGPU
     # Each sequence's token number eos_after is EOS; None: never (max_tokens ends it).
     eos_after: int | None = Field(default=None, ge=1)
+    # A simulated draft model (engine.speculative's `model`, a preset's shape, timed by
+    # the roofline) proposes the target's next token with this chance, each given the
+    # ones before it were: the simulator has no draft weights to tell. Assumed.
+    draft_acceptance: float = Field(default=0.7, ge=0.0, le=1.0)
+
+
+class SpeculativeConfig(_Strict):
+    """vLLM's speculative_config: a proposer guesses num_speculative_tokens tokens and one
+    target step verifies them (scheduler/ngram.py, worker/spec_verify.py)."""
+
+    # ngram: prompt lookup over the request's own tokens; draft_model (or `model` alone):
+    # a small model with the target's vocabulary (worker/draft.py). EAGLE heads are not
+    # run yet: refused with the reason.
+    method: Literal["ngram", "draft_model", "eagle", "eagle3"] | None = None
+    model: str | None = None
+    num_speculative_tokens: int = Field(ge=1, le=16)
+    # The n-grams matched against the sequence: the longest first, down to the shortest.
+    prompt_lookup_max: int | None = Field(default=None, ge=1, le=64)
+    prompt_lookup_min: int | None = Field(default=None, ge=1, le=64)
+    # Decode plainly while more sequences than this run (vLLM's). Below it, on a device
+    # with a step-time model (a simulated GPU), the engine also weighs each step's cost
+    # against the measured acceptance (scheduler/speculation.py).
+    disable_by_batch_size: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _check_method(self) -> SpeculativeConfig:
+        method = self.runs
+        if method is None:
+            raise ValueError("method: give 'ngram', or a draft `model`")
+        if method in ("eagle", "eagle3"):
+            raise ValueError(f"method: {method!r} is not run yet; 'ngram' (prompt lookup) "
+                             f"and 'draft_model' are")
+        if method == "draft_model" and self.model is None:
+            raise ValueError("model: 'draft_model' needs the draft model's path")
+        low, high = self.lookup
+        if low > high:
+            raise ValueError(f"prompt_lookup_min ({low}) must not exceed prompt_lookup_max "
+                             f"({high})")
+        return self
+
+    @property
+    def runs(self) -> str | None:
+        """The method: `method`, or 'draft_model' where only a `model` is given."""
+        return self.method or ("draft_model" if self.model else None)
+
+    @property
+    def lookup(self) -> tuple[int, int]:
+        """(shortest, longest) n-gram: 2 and 4 unless set; one set alone sets both."""
+        low, high = self.prompt_lookup_min, self.prompt_lookup_max
+        if low is None and high is None:
+            return 2, 4
+        return (low if low is not None else high), (high if high is not None else low)
 
 
 class EngineConfig(_Strict):
@@ -153,6 +205,8 @@ class EngineConfig(_Strict):
     async_scheduling: bool | None = None
     # vLLM's switch, taken so its arguments work: chunked prefill is always on here.
     enable_chunked_prefill: bool = True
+    # Speculative decoding (`speculative_config` in LLM's and AsyncEngineArgs' arguments).
+    speculative: SpeculativeConfig | None = None
 
     def uses_async_scheduling(self, device: str) -> bool:
         if self.async_scheduling is not None:
@@ -317,11 +371,26 @@ class Config(_Strict):
                              "has no weights to adapt")
         return self
 
+    @model_validator(mode="after")
+    def _speculation_runs(self) -> Config:
+        spec = self.engine.speculative
+        if spec is None or spec.runs != "draft_model":
+            return self
+        if self.parallel.tensor_parallel_size > 1:
+            raise ValueError(f"engine.speculative: a draft model runs on one rank; "
+                             f"tensor_parallel_size={self.parallel.tensor_parallel_size} is "
+                             f"not supported with it yet ('ngram' is)")
+        return self
+
 
 # The sections whose fields LLM(...) and AsyncEngineArgs(...) take by name (no name is in
 # two of them).
 _SECTIONS = {"model": ModelConfig, "engine": EngineConfig, "parallel": ParallelConfig,
              "lora": LoRAConfig, "structured_outputs": StructuredOutputsConfig}
+
+
+# vLLM's argument -> (section, field).
+_RENAMED = {"speculative_config": ("engine", "speculative")}
 
 
 def config_from_fields(model: str | None, fields: dict[str, Any], source: str) -> Config:
@@ -330,6 +399,10 @@ def config_from_fields(model: str | None, fields: dict[str, Any], source: str) -
     if model is not None:
         sections["model"]["path"] = model
     for key, value in fields.items():
+        if key in _RENAMED:  # vLLM's argument names for our config fields
+            owner, field = _RENAMED[key]
+            sections[owner][field] = value
+            continue
         owner = next((name for name, cls in _SECTIONS.items() if key in cls.model_fields), None)
         if owner is None:
             raise TypeError(f"{source}: unexpected keyword argument {key!r} (the fields of "

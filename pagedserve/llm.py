@@ -65,6 +65,10 @@ class LLM:
         the host) of the steps so far; see EngineCore.get_step_stats."""
         return self.engine.get_step_stats()
 
+    def get_spec_decode_stats(self) -> dict[str, float]:
+        """Speculative decoding so far (EngineCore.get_spec_decode_stats)."""
+        return self.engine.get_spec_decode_stats()
+
     def generate(self, prompts: PromptInput | Seq[PromptInput],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = True,

@@ -38,6 +38,11 @@ STEP_COUNTERS = {
     "prefix_cache_hits_total": "Prompt tokens found in the prefix cache.",
     "num_preemptions_total": "Sequence groups preempted (recomputed or swapped out).",
 }
+# With speculative decoding (vLLM's names); exported once it has proposed.
+SPEC_COUNTERS = {
+    "spec_decode_num_draft_tokens_total": "Tokens speculative decoding proposed.",
+    "spec_decode_num_accepted_tokens_total": "Proposed tokens the target model kept.",
+}
 # With LoRA enabled (engine stats' max_loras > 0).
 LORA_COUNTERS = {
     "lora_loads_total": "LoRA adapters put into a device slot.",
@@ -68,10 +73,11 @@ class EngineMetrics:
 
         self.gauges = {name: make(Gauge, name, text) for name, text in GAUGES.items()}
         self.counters = {name: make(Counter, name, text) for name, text in
-                         {**STEP_COUNTERS, **LORA_COUNTERS, **REQUEST_COUNTERS}.items()}
+                         {**STEP_COUNTERS, **LORA_COUNTERS, **SPEC_COUNTERS,
+                          **REQUEST_COUNTERS}.items()}
         self.histograms = {name: make(Histogram, name, text, boundaries=LATENCY_BUCKETS)
                            for name, text in HISTOGRAMS.items()}
-        self._totals = dict.fromkeys([*STEP_COUNTERS, *LORA_COUNTERS], 0)
+        self._totals = dict.fromkeys([*STEP_COUNTERS, *LORA_COUNTERS, *SPEC_COUNTERS], 0)
         self.lora_info = Gauge(PREFIX + "lora_requests_info",
                                "Running and waiting requests per LoRA adapter.",
                                tag_keys=TAG_KEYS + LORA_INFO_TAGS).set_default_tags(tags)
@@ -85,11 +91,15 @@ class EngineMetrics:
                   "prefix_cache_queries_total": stats.prefix_cache_queries,
                   "prefix_cache_hits_total": stats.prefix_cache_hits,
                   "num_preemptions_total": stats.num_preemptions,
+                  "spec_decode_num_draft_tokens_total": stats.spec_decode_num_draft_tokens,
+                  "spec_decode_num_accepted_tokens_total": stats.spec_decode_num_accepted_tokens,
                   "lora_loads_total": stats.lora_loads,
                   "lora_evictions_total": stats.lora_evictions}
         for name, gauge in self.gauges.items():
             gauge.set(values[name])
-        for name in [*STEP_COUNTERS, *LORA_COUNTERS] if stats.max_loras else STEP_COUNTERS:
+        counters = [*STEP_COUNTERS, *(LORA_COUNTERS if stats.max_loras else ()),
+                    *(SPEC_COUNTERS if stats.spec_decode_num_draft_tokens else ())]
+        for name in counters:
             change = values[name] - self._totals[name]
             if change > 0:
                 self.counters[name].inc(change)

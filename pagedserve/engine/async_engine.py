@@ -175,6 +175,10 @@ class AsyncLLMEngine:
         """steps, device_s, wall_s and host_s of the steps so far (EngineCore.get_step_stats)."""
         return await self._ask(self.core.get_step_stats)
 
+    async def get_spec_decode_stats(self) -> dict[str, float]:
+        """Speculative decoding so far (EngineCore.get_spec_decode_stats)."""
+        return await self._ask(self.core.get_spec_decode_stats)
+
     async def cached_block_keys(self) -> list:
         return await self._ask(self.core.cached_block_keys)
 

@@ -23,6 +23,7 @@ from pagedserve.engine.executors import choose_device, choose_dtype, make_execut
 from pagedserve.engine.grammar import GrammarLimits, StructuredOutputs
 from pagedserve.engine.request_inputs import InputProcessor, PromptInput
 from pagedserve.engine.request_outputs import OutputBuilder
+from pagedserve.engine.speculation import draft_model, speculation_policy
 from pagedserve.engine.stats import EngineStats, SlotUsage, StepStats
 from pagedserve.lora_request import LoRARequest
 from pagedserve.math_utils import cdiv
@@ -81,6 +82,7 @@ class EngineCore:
         info = dataclasses.replace(info, dtype=choose_dtype(info.dtype, info.device))
         if config.lora.enable_lora:
             info = dataclasses.replace(info, lora=config.lora)
+        info = dataclasses.replace(info, draft=draft_model(config, info))
         tokenizer = None if model.skip_tokenizer_init else AutoTokenizer.from_pretrained(
             info.tokenizer_path, trust_remote_code=model.trust_remote_code)
         device_type = "cuda" if simulated else info.device.type  # a simulated GPU is a GPU
@@ -92,7 +94,8 @@ class EngineCore:
         # An in-process worker's sampling can wait for a mask filled after its step was
         # sent; one behind Ray has its step whole.
         limits = dataclasses.replace(limits, late_masks=engine.uses_async_scheduling(
-            device_type) and isinstance(executor, LocalExecutor))
+            device_type) and isinstance(executor, LocalExecutor),
+            speculation=speculation_policy(limits.speculation, info, engine, parallel))
         try:
             block_manager = cls._init_kv_cache(info, engine, executor,
                                                limits.max_num_batched_tokens)
@@ -235,7 +238,11 @@ class EngineCore:
             if step_input.is_empty:
                 return []
             return self._take_in(step_input, self.executor.execute(step_input))
-        if len(self._in_flight) < 2:
+        # A step that speculates is taken in before the next is planned: its sequences
+        # cannot plan ahead, and would otherwise run in every other step, splitting
+        # the batch in two.
+        if len(self._in_flight) < 2 and not (self._in_flight
+                                             and self._in_flight[-1][0].speculates):
             step_input = self._schedule()
             if not step_input.is_empty:
                 self._in_flight.append((step_input, self.executor.submit(step_input)))
@@ -316,7 +323,10 @@ class EngineCore:
             num_running=len(scheduler.running), num_waiting=scheduler.waiting_queue_size,
             num_swapped=len(scheduler.swapped), num_preemptions=scheduler.num_preemptions,
             num_swap_preemptions=scheduler.num_swaps, weight_bytes=self.executor.weight_bytes,
-            block_bytes=self.executor.block_bytes, **self._lora_stats())
+            block_bytes=self.executor.block_bytes,
+            spec_decode_num_draft_tokens=scheduler.spec_stats.draft_tokens,
+            spec_decode_num_accepted_tokens=scheduler.spec_stats.accepted_tokens,
+            **self._lora_stats())
 
     def _lora_stats(self) -> dict:
         scheduler = self.scheduler
@@ -339,6 +349,11 @@ class EngineCore:
         stats = self._step_stats
         return {"steps": stats.steps, "device_s": stats.device_s, "wall_s": stats.wall_s,
                 "host_s": max(0.0, stats.wall_s - stats.device_s)}
+
+    def get_spec_decode_stats(self) -> dict[str, float]:
+        """Speculative decoding so far: draft_tokens, accepted_tokens, acceptance_rate
+        and mean_accepted_length (tokens per verification, the sampled one included)."""
+        return self.scheduler.spec_stats.as_dict()
 
     def reset_step_stats(self) -> None:
         """Start counting afresh (a step under way counts from now)."""

@@ -55,6 +55,9 @@ class EngineStats:
     lora_waiting: dict[str, int] = field(default_factory=dict)
     lora_loads: int = 0
     lora_evictions: int = 0
+    # Speculative decoding: tokens proposed and kept so far (0 without it).
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
 
     # The engine holds requests sent but not yet in the scheduler, which this snapshot,
     # taken at the last step, cannot see: `num_pending` (AsyncLLMEngine.num_pending).

@@ -39,6 +39,9 @@ class ModelInfo:
     quantization: str = "auto"  # model.quantization
     # How the checkpoint's linear weights are quantized (or are to be, for "fp8").
     weight_scheme: WeightScheme | None = None
+    # Speculative decoding's draft model (engine.speculative's `model`), built beside
+    # this one on the worker (worker/draft.py); None: no draft model.
+    draft: ModelInfo | None = None
 
     @property
     def tokenizer_path(self) -> Path:

@@ -132,7 +132,7 @@ class StepShape:
 
     num_tokens: int
     context_len: int
-    samples: bool  # its last row goes through the LM head
+    samples: int  # rows through the LM head: its last, or 1 + k when it speculated
 
 
 class Roofline:
@@ -186,12 +186,25 @@ class Roofline:
 
     def step_time(self, seqs: list[StepShape]) -> float:
         """Seconds one step takes on the GPU (every rank alike)."""
-        if not seqs:
+        return self._time([(seq, 1) for seq in seqs])
+
+    def decode_time(self, sequences: int, drafts: int, context: int) -> float:
+        """A decode step of `sequences` sequences at a mean `context`, with `drafts`
+        speculated tokens spread among them (each computed and read by the LM head)."""
+        each, extra = divmod(drafts, sequences)
+        return self._time([(StepShape(2 + each, context + 1 + each, 2 + each), extra),
+                           (StepShape(1 + each, context + each, 1 + each), sequences - extra)])
+
+    def _time(self, groups: list[tuple[StepShape, int]]) -> float:
+        """step_time of `count` sequences of each shape."""
+        groups = [(seq, count) for seq, count in groups if count]
+        if not groups:
             return 0.0
-        tokens = sum(seq.num_tokens for seq in seqs)
-        sampled = sum(seq.samples for seq in seqs)
+        tokens = sum(seq.num_tokens * count for seq, count in groups)
+        sampled = sum(seq.samples * count for seq, count in groups)
         per_layer = self.kv_bytes_per_token / self.shape.num_layers
-        kv_read = sum(self._context_layers(seq.context_len) for seq in seqs) * per_layer
+        kv_read = sum(self._context_layers(seq.context_len) * count
+                      for seq, count in groups) * per_layer
         kv_written = tokens * self.kv_bytes_per_token
         untouched = (self.expert_params * (1.0 - self.touched_experts(tokens))
                      * self.linear_weight_bytes)
@@ -199,9 +212,10 @@ class Roofline:
         memory = (weights + kv_read + kv_written) / self.gpu.sustained_bandwidth
         # Each new token attends to the context before it: q x (c - q) + q (q + 1) / 2 pairs,
         # in a layer of full attention; within its window in the others.
-        layer_pairs = sum(self.full_layers * _pairs(seq.num_tokens, seq.context_len)
-                          + sum(_pairs(seq.num_tokens, seq.context_len, w) for w in self.windows)
-                          for seq in seqs)
+        layer_pairs = sum((self.full_layers * _pairs(seq.num_tokens, seq.context_len)
+                           + sum(_pairs(seq.num_tokens, seq.context_len, w)
+                                 for w in self.windows)) * count
+                          for seq, count in groups)
         unrouted = self.expert_params - self.active_expert_params
         # The linear layers' FLOPs (at FP8's rate for FP8 x FP8), and the rest: norms,
         # biases, the router, the LM head and attention.

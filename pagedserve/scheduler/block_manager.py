@@ -233,6 +233,35 @@ class BlockManager:
             self._cache_full_blocks(seq_id, token_ids)
         return new_blocks
 
+    def trim_slots(self, seq_id: int, num_slots: int) -> None:
+        """Give back the slots past the first `num_slots` (speculated tokens the target
+        refused), and the blocks only they used, on the GPU or, for a sequence swapped
+        out while its step ran, on the CPU. Those slots were never cached: a block's
+        key is made from verified tokens only (`_cache_full_blocks`), and blocks
+        holding only drafts are the sequence's own."""
+        bs, end = self.block_size, self._num_slots[seq_id]
+        swapped = seq_id not in self._tables
+        holes = self.num_holes(seq_id)
+        if not holes * bs <= num_slots <= end:
+            raise ValueError(f"sequence {seq_id} holds slots up to {end}; cannot trim to "
+                             f"{num_slots}")
+        # A swapped-out table starts after the holes (swap_out).
+        table, offset = ((self._cpu.tables[seq_id], holes) if swapped
+                         else (self._tables[seq_id], 0))
+        fill = self._cpu.fill if swapped else self.pool.fill
+        for index in range(num_slots // bs, cdiv(end, bs)):
+            fill[table[index - offset]] -= min(end, (index + 1) * bs) - max(num_slots,
+                                                                           index * bs)
+        keep = cdiv(num_slots, bs) - offset
+        if swapped:
+            self._cpu.drop_last(seq_id, len(table) - keep)
+        else:
+            while len(table) > keep:
+                self.pool.release(table.pop())
+            self.pool.stored -= end - num_slots
+        self._num_slots[seq_id] = num_slots
+        del self._seq_keys[seq_id][num_slots // bs:]
+
     def release_before_window(self, seq_id: int, first_position: int) -> int:
         """Release the blocks wholly before the window of a query at `first_position`
         (positions < first_position - sliding_window + 1); returns how many. The last

@@ -38,6 +38,16 @@ class CpuPool:
                 self.free.append(block_id)
         return table
 
+    def drop_last(self, seq_id: int, count: int) -> None:
+        """Drop the last `count` blocks of a sequence's table (slots it gave back)."""
+        table = self.tables[seq_id]
+        for _ in range(count):
+            block_id = table.pop()
+            self.ref_counts[block_id] -= 1
+            if self.ref_counts[block_id] == 0:
+                self.fill[block_id] = 0
+                self.free.append(block_id)
+
     def distinct(self, seq_ids: Iterable[int]) -> list[int]:
         return list(dict.fromkeys(block_id for seq_id in seq_ids
                                   for block_id in self.tables[seq_id]))

@@ -13,21 +13,63 @@ along. What followed it, up to `k` tokens, is proposed (vLLM's
 
 from __future__ import annotations
 
-import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
+import dataclasses
+from array import array
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from pagedserve.scheduler.sequence import Sequence
+
+# Tokens as 4-byte words, so that a pattern is found by bytes.rfind (a C loop).
+_WORD = array("i").itemsize
 
 
-def propose(token_ids: list[int] | np.ndarray, k: int, min_n: int, max_n: int) -> list[int]:
+def propose(token_ids: list[int], k: int, min_n: int, max_n: int) -> list[int]:
     """Up to `k` tokens that followed the latest earlier occurrence of the longest suffix
     of `token_ids` of `min_n` to `max_n` tokens; [] where none occurs."""
-    tokens = np.asarray(token_ids, dtype=np.int64)
-    length = len(tokens)
+    return _lookup(array("i", token_ids).tobytes(), token_ids, k, min_n, max_n)
+
+
+def _lookup(words: bytes | bytearray, token_ids: list[int], k: int, min_n: int,
+            max_n: int) -> list[int]:
+    """propose, with `words` the tokens as 4-byte words."""
+    length = len(token_ids)
     for n in range(min(max_n, length - 1), min_n - 1, -1):
-        pattern = tokens[length - n:]
-        # Windows that start before the suffix itself and leave a token after them.
-        windows = sliding_window_view(tokens[:length - 1], n)
-        starts = np.flatnonzero((windows == pattern).all(axis=1))
-        if len(starts):
-            follow = starts[-1] + n
-            return tokens[follow:follow + k].tolist()
+        pattern = words[(length - n) * _WORD:]
+        # An occurrence that starts before the suffix itself leaves a token after it.
+        end = (length - 1) * _WORD
+        while (found := words.rfind(pattern, 0, end)) >= 0:
+            if found % _WORD == 0:  # a match on token boundaries
+                follow = found // _WORD + n
+                return token_ids[follow:follow + k]
+            end = found + len(pattern) - 1  # straddles tokens: look earlier
     return []
+
+
+@dataclass(frozen=True)
+class PromptLookup:
+    """The scheduler's proposer: up to `k` tokens for a sequence's next step."""
+
+    k: int
+    min_n: int
+    max_n: int
+    lookahead: ClassVar[int] = 0  # it proposes on the host, before the step
+
+    def shortened(self, k: int) -> PromptLookup:
+        """This proposer, proposing at most `k` tokens."""
+        return self if k == self.k else dataclasses.replace(self, k=k)
+
+    def draft(self, seq: Sequence, room: int) -> list[int]:
+        """Speculated tokens for `seq`, at most `room` of them (what its step budget,
+        max_tokens and the context leave after the one it samples). The sequence keeps
+        its tokens as words (`proposer_state`), extended by the tokens new since."""
+        if room <= 0:
+            return []
+        words = seq.proposer_state
+        if words is None:
+            words = seq.proposer_state = bytearray()
+        known = len(words) // _WORD
+        if known < seq.num_tokens:
+            words += array("i", seq.token_ids[known:]).tobytes()
+        return _lookup(words, seq.token_ids, min(self.k, room), self.min_n, self.max_n)

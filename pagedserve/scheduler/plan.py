@@ -5,10 +5,11 @@ it is."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pagedserve.scheduler.block_manager import BlockManager
-from pagedserve.scheduler.progress import at_limit, plans_ahead
+from pagedserve.scheduler.progress import at_limit, plans_ahead, speculates
+from pagedserve.scheduler.proposers import Proposer
 from pagedserve.scheduler.sequence import Sequence, SequenceGroup
 from pagedserve.scheduler.step import ScheduledSequence
 
@@ -21,14 +22,24 @@ class Work:
     num_tokens: int
     computed_blocks: list[int]  # prefix-cache hits, for a sequence without a table yet
     blocks: int  # free blocks these tokens take (a copy on write included)
+    # Speculated tokens computed after the sequence's own (counted in num_tokens).
+    draft: list[int] = field(default_factory=list)
+    # Slots past num_tokens for a draft model's proposals (counted in blocks).
+    lookahead: int = 0
 
 
 def plan_group(group: SequenceGroup, budget: int, manager: BlockManager,
-               max_model_len: int, late_masks: bool = False) -> list[Work]:
+               max_model_len: int, late_masks: bool = False,
+               proposer: Proposer | None = None) -> list[Work]:
     """Each unfinished sequence's tokens this step, within `budget` tokens, and the free
-    blocks they take; empty while the group must wait (`late_masks`: plans_ahead's)."""
+    blocks they take; empty while the group must wait (`late_masks`: plans_ahead's).
+    With a `proposer`, a decode of a request that speculates computes its proposals
+    too, for the worker to verify, and a step that samples reserves the proposer's
+    lookahead."""
     seqs = group.unfinished_seqs
-    if any(seq.num_pending for seq in seqs) and not plans_ahead(group, late_masks):
+    speculating = proposer is not None and speculates(group)
+    if any(seq.num_pending for seq in seqs) and not plans_ahead(group, late_masks,
+                                                                speculating):
         return []  # it waits for the step in flight to say what it sampled
     # Where each sequence's computing starts: after its prefix-cache hits, for one
     # without a table (cached blocks have no logits: a prompt still to be scored
@@ -52,12 +63,25 @@ def plan_group(group: SequenceGroup, budget: int, manager: BlockManager,
         if seq.num_pending and at_limit(seq, group.sampling_params, max_model_len):
             continue  # the token in flight is its last
         num_tokens = min(_left(seq, start) - int(hold_last), budget)
+        draft = []
+        if speculating and num_tokens == 1 == _left(seq, start) and manager.has(seq.seq_id):
+            assert proposer is not None
+            max_tokens = group.sampling_params.max_tokens or max_model_len
+            room = min(budget, max_tokens - seq.num_output_tokens,
+                       max_model_len - seq.num_tokens) - 1  # tokens past the sampled one
+            draft = proposer.draft(seq, room)
+            num_tokens += len(draft)
+        lookahead = 0
+        if speculating and start + num_tokens - len(draft) == seq.num_tokens:  # it samples
+            assert proposer is not None
+            lookahead = max(0, min(proposer.lookahead, max_model_len - start - num_tokens))
         if num_tokens > 0:
-            blocks = (manager.blocks_to_append(seq.seq_id, num_tokens)
+            slots = num_tokens + lookahead
+            blocks = (manager.blocks_to_append(seq.seq_id, slots)
                       if manager.has(seq.seq_id) else
-                      manager.blocks_to_allocate(start + num_tokens, computed, claimed))
+                      manager.blocks_to_allocate(start + slots, computed, claimed))
             claimed.update(computed)
-            plan.append(Work(seq, num_tokens, computed, blocks))
+            plan.append(Work(seq, num_tokens, computed, blocks, draft, lookahead))
             budget -= num_tokens
     if group.beam_search is not None and not hold_last and len(plan) < len(seqs):
         return []  # not every beam fits the budget: they wait a step together
@@ -65,10 +89,11 @@ def plan_group(group: SequenceGroup, budget: int, manager: BlockManager,
 
 
 def scheduled_sequence(group: SequenceGroup, seq: Sequence, num_tokens: int,
-                       block_table: list[int], eos_token_ids: frozenset[int] = frozenset()
+                       block_table: list[int], eos_token_ids: frozenset[int] = frozenset(),
+                       draft: list[int] | None = None, num_proposals: int = 0
                        ) -> ScheduledSequence:
     """The sequence's share of the step: its next `num_tokens` tokens, whose
-    slots it holds already."""
+    slots it holds already, then the `draft` tokens speculated after them."""
     params, beam = group.sampling_params, group.beam_search
     start = seq.num_computed_tokens
     end = start + num_tokens
@@ -82,7 +107,7 @@ def scheduled_sequence(group: SequenceGroup, seq: Sequence, num_tokens: int,
                          | set(params.stop_token_ids))
     return ScheduledSequence(
         seq_id=seq.seq_id,
-        token_ids=seq.token_ids[start:end],
+        token_ids=seq.token_ids[start:end] + (draft or []),
         last_token_in_flight=end > seq.num_tokens,  # the worker has that token
         start_pos=start,
         block_table=list(block_table),  # a copy, not the live list
@@ -99,6 +124,9 @@ def scheduled_sequence(group: SequenceGroup, seq: Sequence, num_tokens: int,
         prompt_logprobs=params.prompt_logprobs,
         lora_slot=group.lora_slot,
         blocked_token_ids=blocked,
+        draft_token_ids=draft or None,
+        num_proposals=num_proposals,
+        draft_context=seq.token_ids[seq.draft_computed:start] if num_proposals else None,
     )
 
 

@@ -54,7 +54,23 @@ def _max_tokens(params: SamplingParams) -> int:
     return params.max_tokens
 
 
-def plans_ahead(group: SequenceGroup, late_masks: bool = False) -> bool:
+def speculates(group: SequenceGroup) -> bool:
+    """Can the group's decodes be speculated, keeping exactly what plain decoding gives?
+
+    One sequence, greedy or unseeded sampling from the temperature, top-k, top-p
+    and min-p distribution, no logprobs: what the verifier reproduces exactly
+    (worker/spec_verify.py). Other requests decode plainly beside them.
+    """
+    params = group.sampling_params
+    return (group.beam_search is None and group.best_of == 1 and params.logprobs is None
+            and params.prompt_logprobs is None and not params.uses_penalties
+            and params.structured_outputs is None and not params.bad_words
+            and not params.logit_bias and params.allowed_token_ids is None
+            and params.min_tokens == 0 and (params.seed is None or params.greedy))
+
+
+def plans_ahead(group: SequenceGroup, late_masks: bool = False,
+                speculating: bool = False) -> bool:
     """Can the group's next step be planned before the one in flight returns?
 
     A sequence decoding on its own can: its next input is the token in
@@ -63,10 +79,11 @@ def plans_ahead(group: SequenceGroup, late_masks: bool = False) -> bool:
     and sequences catching up after a preemption wait for the step's outcome.
     So do constrained sequences, unless the engine fills masks late
     (`late_masks`): the mask of their next token depends on the one in flight,
-    and is then filled once it is in, while the forward runs.
+    and is then filled once it is in, while the forward runs. Speculating
+    requests wait too: their proposals read the tokens so far.
     """
     params = group.sampling_params
-    if (group.beam_search is not None or params.uses_penalties or group.best_of > 1
+    if (speculating or group.beam_search is not None or params.uses_penalties or group.best_of > 1
             or (params.structured_outputs is not None and not late_masks)
             or params.bad_words):
         return False

@@ -36,7 +36,9 @@ from pagedserve.scheduler.block_manager import BlockManager
 from pagedserve.scheduler.config import SchedulerConfig
 from pagedserve.scheduler.plan import Work, plan_group, scheduled_sequence
 from pagedserve.scheduler.progress import grammar_stop, stop_reason
+from pagedserve.scheduler.proposers import Proposer, keep_proposals
 from pagedserve.scheduler.sequence import FinishReason, Sequence, SequenceGroup, SequenceStatus
+from pagedserve.scheduler.speculation import SpecStats, count_drafts, take_speculated
 from pagedserve.scheduler.step import Sample, StepInput, StepOutput
 
 __all__ = ["Scheduler", "SchedulerConfig"]  # SchedulerConfig lives in config.py
@@ -66,6 +68,10 @@ class Scheduler:
         self._seq_ids = itertools.count()
         self.num_preemptions = 0
         self.num_swaps = 0
+        self.spec_stats = SpecStats()
+        self._proposer: Proposer | None = None  # this step's (the policy's choice)
+        # When the last decode step's outcome was taken in, and whether it speculated.
+        self._last_taken_in: tuple[float, bool] | None = None
 
     # -- requests ------------------------------------------------------------
     def new_sequence(self, prompt_token_ids: list[int]) -> Sequence:
@@ -113,12 +119,22 @@ class Scheduler:
         step = StepInput(seqs=[])
         budget = _Budget(tokens=self.config.max_num_batched_tokens,
                          seqs=self.config.max_num_seqs - self.num_running_seqs)
-        if self._schedule_running(step, budget):
-            return step  # a step that had to preempt admits no one
-        self._schedule_swapped(step, budget)
-        if not self.swapped:  # the swapped come back before anyone new starts
-            self._schedule_waiting(step, budget)
+        policy = self.config.speculation
+        if policy is not None:
+            length = policy.num_drafts(*self._decoding(), self.spec_stats)
+            self._proposer = policy.proposer.shortened(length) if length else None
+        if not self._schedule_running(step, budget):  # a step that preempted admits no one
+            self._schedule_swapped(step, budget)
+            if not self.swapped:  # the swapped come back before anyone new starts
+                self._schedule_waiting(step, budget)
+        if policy is not None:
+            self.spec_stats.scheduled(*count_drafts(step), self._proposer is not None)
         return step
+
+    def _decoding(self) -> tuple[int, int]:
+        """(running sequences, their mean length): what the speculation policy weighs."""
+        seqs = [seq for group in self.running for seq in group.unfinished_seqs]
+        return len(seqs), sum(seq.num_tokens for seq in seqs) // max(1, len(seqs))
 
     def _schedule_running(self, step: StepInput, budget: _Budget) -> bool:
         """Give each running request its tokens, oldest first; returns whether
@@ -212,6 +228,8 @@ class Scheduler:
         by_seq: dict[int, list[Sample]] = {}
         for sample in step_output.samples:
             by_seq.setdefault(sample.seq_id, []).append(sample)
+        speculated = {scheduled.seq_id: scheduled for scheduled in step_input.seqs
+                      if scheduled.draft_token_ids or scheduled.num_proposals}
         beam_steps: dict[str, dict[int, Sample]] = {}
         for seq_id, samples in by_seq.items():
             seq = self._seqs.get(seq_id)
@@ -229,17 +247,48 @@ class Scheduler:
                 # dropped and drawn again after the prompt, so the samples still
                 # fork from one computed prompt instead of each recomputing it.
                 continue
+            if seq.seq_id in speculated and not take_speculated(
+                    seq, samples[0], speculated[seq.seq_id], self.block_manager,
+                    self.spec_stats, self._stops):
+                continue  # it stopped on a kept draft token
             children = [self._fork(group, seq) for _ in samples[1:]]
             for target, sample in zip([seq, *children], samples, strict=True):
                 target.append_token(sample.token_id, sample.logprob, sample.top_logprobs)
-                stop = stop_reason(target, group.sampling_params, self.config)
-                if target.grammar is not None and stop is None:
-                    stop = grammar_stop(target, sample.token_id)
-                if stop is not None:
-                    self.finish_seq(target, *stop)
+                if not self._stops(target):
+                    keep_proposals(target, sample.proposals)
         for request_id, beam_samples in beam_steps.items():
             self._advance_beams(self._groups[request_id], beam_samples)
+        if self.config.speculation is not None:
+            self._spec_step_done(step_input, step_output)
         return list(touched.values())
+
+    def _spec_step_done(self, step_input: StepInput, step_output: StepOutput) -> None:
+        """Speculation's figures from a step: its verifications (counted as they were
+        taken in); for a step of decodes only, its device time and size, and the
+        tokens it gave over the wall time since the step before it was taken in."""
+        seqs, stats = step_input.seqs, self.spec_stats
+        decode_only = bool(seqs) and all(seq.do_sample and seq.num_tokens
+                                         == 1 + len(seq.draft_token_ids or ()) for seq in seqs)
+        stats.step_done(sum(seq.num_tokens for seq in seqs), step_output.device_s, decode_only)
+        # A step's rate is its tokens over the time since the step before it was taken
+        # in, where that step went the same way (speculating or not): a switch's first
+        # step pays for the switch (plain steps overlap the host's work, speculating
+        # ones do not).
+        now, last = time.perf_counter(), self._last_taken_in
+        speculated = step_input.speculates
+        self._last_taken_in = (now, speculated) if decode_only else None
+        if decode_only and last is not None and last[1] == speculated:
+            tokens = sum(1 + len(sample.accepted or ()) for sample in step_output.samples)
+            stats.rates.observe(len(seqs), speculated, tokens, now - last[0])
+
+    def _stops(self, seq: Sequence) -> bool:
+        """Finish the sequence if its newest token ends it; say whether it did."""
+        stop = stop_reason(seq, self._seq_group[seq.seq_id].sampling_params, self.config)
+        if seq.grammar is not None and stop is None:
+            stop = grammar_stop(seq, seq.token_ids[-1])
+        if stop is not None:
+            self.finish_seq(seq, *stop)
+        return stop is not None
 
     def grammar_of(self, seq_id: int):
         """The structured-output matcher of a live sequence, or None."""
@@ -260,7 +309,7 @@ class Scheduler:
     # -- planning --------------------------------------------------------------
     def _plan(self, group: SequenceGroup, budget: int) -> list[Work]:
         return plan_group(group, budget, self.block_manager, self.config.max_model_len,
-                          self.config.late_masks)
+                          self.config.late_masks, self._proposer)
 
     def _fits(self, plan: list[Work], reserve: int = 0) -> bool:
         return sum(work.blocks for work in plan) + reserve <= self.block_manager.num_free_blocks
@@ -275,10 +324,12 @@ class Scheduler:
                 manager.release_before_window(seq.seq_id, seq.num_computed_tokens)
             if manager.needs_copy_on_write(seq.seq_id, num_tokens):
                 step.blocks_to_copy.append(manager.copy_on_write(seq.seq_id))
-            manager.append_slots(seq.seq_id, num_tokens, seq.token_ids)
-            scheduled = scheduled_sequence(group, seq, num_tokens,
+            # Drafts and lookahead slots make no cache keys: the keys are of token_ids.
+            manager.append_slots(seq.seq_id, num_tokens + work.lookahead, seq.token_ids)
+            scheduled = scheduled_sequence(group, seq, num_tokens - len(work.draft),
                                            self.block_manager.block_table(seq.seq_id),
-                                           self.config.eos_token_ids)
+                                           self.config.eos_token_ids, work.draft,
+                                           work.lookahead)
             step.seqs.append(scheduled)
             seq.num_computed_tokens += num_tokens  # the step will have computed them
             seq.num_pending += scheduled.do_sample

@@ -52,6 +52,10 @@ class Sequence:
     output_logprobs: list[dict[int, float]] = field(default_factory=list)
     output_text: str = ""
     detokenizer_state: Any = None  # owned by the Detokenizer
+    proposer_state: Any = None  # owned by speculation's proposer (speculation.Proposer)
+    # Tokens whose KV a draft model has in its cache (worker/draft.py): it computes
+    # only for steps that speculate, catching up from here.
+    draft_computed: int = 0
     # A structured output's matcher (engine/grammar.py's Matcher): where this sequence
     # stands in its grammar. None: unconstrained.
     grammar: Any = None
@@ -109,6 +113,7 @@ class Sequence:
     def reset_for_recompute(self) -> None:
         """Preempted: its blocks are gone, so every token must be computed again."""
         self.num_computed_tokens = 0
+        self.draft_computed = 0
         self.status = SequenceStatus.WAITING
 
 

@@ -70,6 +70,17 @@ class ScheduledSequence:
     # A structured output's constraint on the sampled token: the row of
     # StepInput.token_bitmask that says which tokens are allowed. None: any token.
     bitmask_row: int | None = None
+    # Speculative decoding: the last tokens of `token_ids` are these proposed ones, not
+    # the sequence's own: the step computes them, and the sampler verifies them against
+    # the target's rows before them (worker/spec_verify.py). None: a plain step.
+    draft_token_ids: list[int] | None = None
+    # A draft model on the worker proposes this many tokens for the sequence's next
+    # step once this one is verified (Sample.proposals), writing its own KV for them
+    # into the slots the sequence holds past the step's tokens. 0: none. Its cache
+    # first catches up with `draft_context`, the tokens at `start_pos -
+    # len(draft_context)` onwards that the target computed in steps it sat out.
+    num_proposals: int = 0
+    draft_context: list[int] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -109,6 +120,11 @@ class StepInput:
         return not (self.seqs or self.blocks_to_swap_in or self.blocks_to_swap_out
                     or self.blocks_to_copy or self.lora_unloads)
 
+    @property
+    def speculates(self) -> bool:
+        """Does a sequence verify drafts, or have a draft model propose, in this step?"""
+        return any(seq.draft_token_ids or seq.num_proposals for seq in self.seqs)
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -118,6 +134,11 @@ class Sample:
     top_logprobs: dict[int, float] | None = None  # sampled token first, then the top-k
     # Beam search: the best (token_id, logprob) continuations, best first.
     candidates: list[tuple[int, float]] | None = None
+    # Speculative decoding: the draft tokens the target kept, with their raw
+    # log-probabilities, in order; `token_id` follows them. None: a plain step.
+    accepted: list[tuple[int, float]] | None = None
+    # A draft model's proposals for the sequence's next step (after `token_id`).
+    proposals: list[int] | None = None
 
 
 @dataclass(frozen=True)

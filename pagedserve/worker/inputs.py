@@ -30,7 +30,9 @@ class StepArrays:
     query_lens: np.ndarray  # [B] int64
     seq_lens: np.ndarray  # [B] int32, context length after this step
     block_tables: np.ndarray  # [B, max blocks] int32, padded with block 0
-    logits_rows: np.ndarray  # [S] int64, the last row of each sequence that samples
+    # [S] int64, the last row of each sequence that samples; a speculating one's last
+    # 1 + k rows (its newest token's and its k draft tokens').
+    logits_rows: np.ndarray
     # [T] int32, each token's adapter slot, NO_ADAPTER for a base token (the kernels'
     # encoding); None: no token of the step has an adapter.
     lora_slots: np.ndarray | None = None
@@ -61,6 +63,18 @@ def flatten(seqs: list[ScheduledSequence], block_size: int) -> StepArrays:
         token_ids=token_ids, positions=positions, slots=slots,
         query_start_loc=query_start_loc.astype(np.int32), query_lens=query_lens,
         seq_lens=(starts + query_lens).astype(np.int32), block_tables=tables,
-        logits_rows=(query_start_loc[1:] - 1)[do_sample],
+        logits_rows=_logits_rows(seqs, query_start_loc[1:][do_sample], do_sample),
         lora_slots=(np.repeat(lora, query_lens)
                     if any(seq.lora_slot is not None for seq in seqs) else None))
+
+
+def _logits_rows(seqs: list[ScheduledSequence], ends: np.ndarray,
+                 do_sample: np.ndarray) -> np.ndarray:
+    """The rows the LM head reads: each sampling sequence's last, or last 1 + k."""
+    rows = ends - 1
+    drafted = [len(seq.draft_token_ids or ()) for seq, sample in zip(seqs, do_sample,
+                                                                     strict=True) if sample]
+    if not any(drafted):
+        return rows
+    return np.concatenate([np.arange(end - 1 - k, end) for end, k in zip(ends, drafted,
+                                                                          strict=True)])

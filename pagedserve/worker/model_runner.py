@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from pagedserve.scheduler.step import ScheduledSequence, StepInput, StepOutput
-from pagedserve.worker import prompt_logprobs, sampler, token_masks
+from pagedserve.worker import prompt_logprobs, sampler, spec_verify, token_masks
 from pagedserve.worker.cuda_graph import DecodeGraphs
 from pagedserve.worker.inputs import flatten
 from pagedserve.worker.layers.attention import AttentionBackend, AttentionMetadata, KVCache
@@ -75,7 +75,10 @@ class ModelRunner:
             return self._finish(None)
         # The sampling waits for a mask the engine fills while the forward ran.
         bitmask = token_masks.resolved(step.token_bitmask)
-        samples = sampler.sample(logits, sampling, self.generator, bitmask)
+        if any(seq.draft_token_ids for seq in sampling):  # speculated tokens to verify
+            samples = spec_verify.sample_and_verify(logits, sampling, self.generator, bitmask)
+        else:
+            samples = sampler.sample(logits, sampling, self.generator, bitmask)
         return self._finish(StepOutput(samples=samples, prompt_logprobs=scored))
 
     def _launching(self) -> None:

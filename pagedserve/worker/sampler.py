@@ -219,6 +219,14 @@ def sample(logits: torch.Tensor, seqs: list[ScheduledSequence],
     return [_make_sample(seq, row, batch.num_top) for seq, row in zip(seqs, rows, strict=True)]
 
 
+def distributions(logits: torch.Tensor, seqs: list[ScheduledSequence]) -> torch.Tensor:
+    """[S, V] what the sampler draws from for rows of sampling (temperature > 0)
+    sequences without penalties, controls or masks: temperature, then top-k, top-p
+    and min-p (speculative decoding's verifier reads them)."""
+    batch = SamplingBatch.build(seqs, logits.shape[1], logits.device)
+    return _filter(logits / batch.temperature[:, None], batch).softmax(dim=-1)
+
+
 def sample_tensors(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generator):
     """Everything on the device: [S] tokens, [S] their raw log-probabilities, and the
     [S, num_top] best raw log-probabilities with their ids (None when nobody asks)."""

@@ -43,6 +43,7 @@ from pagedserve.scheduler.step import (
     StepInput,
     StepOutput,
 )
+from pagedserve.worker.spec_verify import verify_greedy
 from pagedserve.worker.token_masks import BITS_PER_WORD, PendingBitmask
 
 # How many alternatives a token has in the simulated distribution.
@@ -66,6 +67,16 @@ def text_tokens(model_dir: Path, vocab_size: int) -> list[int]:
 def _spread(a: int, b: int) -> int:
     """A deterministic, well-spread hash of two integers (multiplicative hashing)."""
     return ((a * 0x9E3779B1 + b * 0x85EBCA77) & 0xFFFFFFFF) * 0xC2B2AE3D >> 7
+
+
+def _uniform(a: int, b: int) -> float:
+    """A deterministic draw in [0, 1) for the pair, independent of its neighbours'
+    (splitmix64's finaliser)."""
+    mask = (1 << 64) - 1
+    z = ((a << 32) + b + 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return ((z ^ (z >> 31)) >> 11) / 2**53
 
 
 class _OnDevice:
@@ -92,6 +103,15 @@ class _OnDevice:
         return self.output
 
 
+def simulated_roofline(info: ModelInfo, engine: EngineConfig, tp_size: int) -> Roofline:
+    """Step times of the simulated GPU engine.simulator names, for this model and TP."""
+    if engine.simulator is None:
+        raise ValueError("a simulated roofline needs engine.simulator")
+    dtype_bytes = info.dtype.itemsize
+    return Roofline(GPUS[engine.simulator.gpu], info.shape, tp_size, dtype_bytes,
+                    kv_dtype_bytes(engine, dtype_bytes))
+
+
 class SimulatedWorker:
     def __init__(self, info: ModelInfo, engine: EngineConfig, rank: int = 0,
                  tp_size: int = 1) -> None:
@@ -102,11 +122,16 @@ class SimulatedWorker:
         self.gpu = GPUS[self.sim.gpu]
         self.shape = info.shape  # its weights held as model.quantization asks
         self.dtype_bytes = info.dtype.itemsize
-        self.roofline = Roofline(self.gpu, self.shape, tp_size, self.dtype_bytes,
-                                 kv_dtype_bytes(engine, self.dtype_bytes))
+        self.roofline = simulated_roofline(info, engine, tp_size)
         self.tp_size = tp_size
         self.block_bytes = engine.block_size * self.roofline.kv_bytes_per_token
         self.weight_bytes = self.roofline.weight_bytes  # what the simulated GPU would hold
+        # A draft model (speculative decoding): its steps' times, weights and KV too.
+        self.draft_roofline = None if info.draft is None else simulated_roofline(
+            info.draft, engine, 1)
+        if self.draft_roofline is not None:
+            self.block_bytes += engine.block_size * self.draft_roofline.kv_bytes_per_token
+            self.weight_bytes += self.draft_roofline.weight_bytes
         self.text = text_tokens(info.model_dir, info.vocab_size)
         eos = sorted(info.eos_token_ids)
         self.eos_token_id = eos[0] if eos else None
@@ -120,7 +145,7 @@ class SimulatedWorker:
         headroom = headroom_bytes(self.shape, self.tp_size, self.dtype_bytes,
                                   max_num_batched_tokens, self.engine.max_num_seqs)
         budget = gpu_kv_budget(self.gpu.memory_bytes, self.engine.gpu_memory_utilization,
-                               self.roofline.weight_bytes, headroom, self.tp_size,
+                               self.weight_bytes, headroom, self.tp_size,
                                gpu=f"simulated {self.gpu.name}")
         return budget // self.block_bytes
 
@@ -129,8 +154,27 @@ class SimulatedWorker:
 
     # -- a step -----------------------------------------------------------------------
     def step_time(self, step: StepInput) -> float:
-        return self.roofline.step_time([
-            StepShape(seq.num_tokens, seq.context_len, seq.do_sample) for seq in step.seqs])
+        target = self.roofline.step_time([
+            StepShape(seq.num_tokens, seq.context_len,
+                      seq.do_sample + len(seq.draft_token_ids or ())) for seq in step.seqs])
+        if self.draft_roofline is None:
+            return target
+        return target + self._draft_time(step)
+
+    def _draft_time(self, step: StepInput) -> float:
+        """The draft model's passes (worker/draft.py) for the sequences that ask: one
+        over the tokens its cache lacks and the step's (its refused drafts' too: an
+        upper bound), then a decode pass per proposal after the first."""
+        assert self.draft_roofline is not None
+        asking = [seq for seq in step.seqs if seq.num_proposals]
+        if not asking:
+            return 0.0
+        first = self.draft_roofline.step_time([
+            StepShape(len(seq.draft_context or ()) + seq.num_tokens + 1, seq.context_len + 1,
+                      1) for seq in asking])
+        passes = max(seq.num_proposals for seq in asking) - 1
+        context = sum(seq.context_len for seq in asking) // len(asking)
+        return first + passes * self.draft_roofline.decode_time(len(asking), 0, context)
 
     def submit(self, step: StepInput) -> _OnDevice:
         """Queue a step on the simulated device and return at once: it starts when the
@@ -172,6 +216,9 @@ class SimulatedWorker:
                               for rank in range(seq.num_candidates)]
                 samples.append(Sample(seq.seq_id, *candidates[0], None, candidates))
                 continue
+            if seq.draft_token_ids or seq.num_proposals:
+                samples.append(self._verified(seq))
+                continue
             for sample_index in range(seq.sample_index, seq.sample_index + seq.num_samples):
                 drawn.append((seq, sample_index, self._draw(seq, sample_index)))
         constrained = [i for i, (seq, _, _) in enumerate(drawn) if seq.bitmask_row is not None]
@@ -183,13 +230,38 @@ class SimulatedWorker:
         samples += [self._sample(seq, sample_index, token) for seq, sample_index, token in drawn]
         return StepOutput(samples=samples, prompt_logprobs=scored, device_s=device_s)
 
-    def _draw(self, seq: ScheduledSequence, sample_index: int) -> int:
-        """The token the text gives (EOS where the config asks for it)."""
+    def _verified(self, seq: ScheduledSequence) -> Sample:
+        """A speculating sequence: its drafts kept while they are the text's next tokens,
+        then the text's token after them (as greedy verification keeps a target's)."""
+        draft = seq.draft_token_ids or []
+        targets = [self._draw(seq, seq.sample_index, ahead) for ahead in range(len(draft) + 1)]
+        tokens = verify_greedy(targets, draft)
+        logprob = self._logprob(seq, 0)
+        return Sample(seq.seq_id, tokens[-1], logprob,
+                      accepted=[(token, logprob) for token in tokens[:-1]],
+                      proposals=self._proposals(seq, len(tokens)) or None)
+
+    def _proposals(self, seq: ScheduledSequence, ahead: int) -> list[int]:
+        """A simulated draft model's tokens after the `ahead` this step gives: the text's
+        next ones while a draw (deterministic, per sequence and place) falls under
+        simulator.draft_acceptance, then other words of the text."""
+        proposals: list[int] = []
+        missed = False
+        for i in range(seq.num_proposals):
+            place = seq.output_index + ahead + i
+            token = self._draw(seq, seq.sample_index, ahead + i)
+            missed = missed or _uniform(seq.seq_id, place) >= self.sim.draft_acceptance
+            proposals.append(self.text[_spread(place, 7) % len(self.text)] if missed else token)
+        return proposals
+
+    def _draw(self, seq: ScheduledSequence, sample_index: int, ahead: int = 0) -> int:
+        """The token the text gives (EOS where the config asks for it), `ahead` tokens
+        past the one this step samples."""
         eos_after = self.sim.eos_after
         if (eos_after is not None and self.eos_token_id is not None
-                and seq.output_index + 1 >= eos_after):
+                and seq.output_index + ahead + 1 >= eos_after):
             return self.eos_token_id
-        return self._token(seq, sample_index, 0)
+        return self._token(seq, sample_index, 0, ahead)
 
     def _sample(self, seq: ScheduledSequence, sample_index: int, token: int) -> Sample:
         params = seq.sampling_params
@@ -201,11 +273,12 @@ class SimulatedWorker:
                 top.setdefault(self._token(seq, sample_index, rank), self._logprob(seq, rank))
         return Sample(seq.seq_id, token, logprob, top)
 
-    def _token(self, seq: ScheduledSequence, sample_index: int, rank: int) -> int:
+    def _token(self, seq: ScheduledSequence, sample_index: int, rank: int,
+               ahead: int = 0) -> int:
         """The text's next token for this sequence (rank 0), or an alternative to it."""
         seed = seq.sampling_params.seed if seq.sampling_params else None
         start = _spread(seq.seq_id if seed is None else seed, sample_index)
-        position = start + seq.output_index
+        position = start + seq.output_index + ahead
         if rank:
             position = _spread(position, rank)
         return self.text[position % len(self.text)]

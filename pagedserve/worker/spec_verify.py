@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import torch
 
+from pagedserve.scheduler.step import Sample, ScheduledSequence
+from pagedserve.worker import sampler
+
 
 def verify_greedy(target_tokens: list[int], draft: list[int]) -> list[int]:
     """The output tokens, given the target's argmax at each of the k + 1 rows."""
@@ -71,3 +74,38 @@ def _one_hot(token: int, like: torch.Tensor) -> torch.Tensor:
 
 def _draw(weights: torch.Tensor, generator: torch.Generator) -> int:
     return int(torch.multinomial(weights / weights.sum(), 1, generator=generator))
+
+
+def sample_and_verify(logits: torch.Tensor, seqs: list[ScheduledSequence],
+                      generator: torch.Generator, token_bitmask: torch.Tensor | None = None
+                      ) -> list[Sample]:
+    """A step's samples where some sequences speculated: logits hold one row per plain
+    sequence and 1 + k rows per speculating one, in `seqs` order. Plain rows go
+    through the sampler; each speculating sequence's rows verify its k drafts."""
+    counts = [1 + len(seq.draft_token_ids or ()) for seq in seqs]
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    plain = [i for i, seq in enumerate(seqs) if not seq.draft_token_ids]
+    samples: list[Sample] = []
+    if plain:
+        rows = torch.tensor([starts[i] for i in plain], device=logits.device)
+        samples += sampler.sample(logits[rows], [seqs[i] for i in plain], generator,
+                                  token_bitmask)
+    for seq, start, count in zip(seqs, starts, counts, strict=True):
+        if seq.draft_token_ids:
+            samples.append(_verified(logits[start:start + count].float(), seq, generator))
+    return samples
+
+
+def _verified(rows: torch.Tensor, seq: ScheduledSequence,
+              generator: torch.Generator) -> Sample:
+    draft = seq.draft_token_ids
+    assert draft is not None and seq.sampling_params is not None
+    if seq.sampling_params.greedy:
+        tokens = verify_greedy(rows.argmax(dim=-1).tolist(), draft)
+    else:
+        tokens = verify_sampled(sampler.distributions(rows, [seq] * len(rows)), draft,
+                                generator)
+    logprobs = rows.log_softmax(dim=-1)  # raw: what a plain step reports
+    values = [float(logprobs[i, token]) for i, token in enumerate(tokens)]
+    return Sample(seq.seq_id, tokens[-1], values[-1],
+                  accepted=list(zip(tokens[:-1], values[:-1], strict=True)))

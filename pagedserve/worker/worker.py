@@ -35,6 +35,7 @@ from pagedserve.sampling_params import SamplingParams
 from pagedserve.scheduler.step import ScheduledSequence, StepInput, StepOutput
 from pagedserve.worker.cuda_graph import DecodeGraphs
 from pagedserve.worker.distributed import TPGroup
+from pagedserve.worker.draft import Drafter
 from pagedserve.worker.layers.attention import KVCache, select_attention_backend
 from pagedserve.worker.layers.linear import weight_bytes
 from pagedserve.worker.model_runner import ModelRunner
@@ -77,6 +78,10 @@ class Worker:
                                                   self.kv_block_shape[1])
         self.runner = ModelRunner(self.model, engine.block_size, self.attention, info.device,
                                   engine.seed)
+        self.drafter: Drafter | None = None
+        if info.draft is not None:
+            self.drafter = self._build_drafter(info.draft, load_format)
+            self.weight_bytes += weight_bytes(self.drafter.runner.model)
         # Adapter slots take their memory before the KV pool is sized from what is left.
         self.lora = None if info.lora is None else WorkerLoRA(
             self.model, info.lora, info.hf_config, info.dtype, info.device)
@@ -84,6 +89,10 @@ class Worker:
         self.kv_pool: torch.Tensor | None = None
         self.cpu_pool: torch.Tensor | None = None
         self.kv_caches: list[KVCache] = []
+        # The draft model's pools, of its own shape, under the same block ids.
+        self.draft_pool: torch.Tensor | None = None
+        self.draft_cpu_pool: torch.Tensor | None = None
+        self.draft_caches: list[KVCache] = []
         self.graph_memory_bytes = 0  # measured while profiling
         # The tokens the last step sampled: the next step's tokens in flight.
         self.async_scheduling = engine.uses_async_scheduling(info.device.type)
@@ -101,13 +110,28 @@ class Worker:
                            "eagerly: decode steps are not captured in CUDA graphs")
             self.uses_graphs = False
 
+    def _build_drafter(self, draft: ModelInfo, load_format: str) -> Drafter:
+        """The draft model, whole on this (only) rank, with a runner of its own."""
+        model = build_model(draft.hf_config, draft.model_dir, max_position=self.info.max_model_len,
+                            dtype=draft.dtype, device=draft.device, load_format=load_format,
+                            gguf_file=draft.gguf_file,
+                            keep_quantized=draft.quantization in ("auto", "fp8"),
+                            weight_scheme=draft.weight_scheme)
+        attention = select_attention_backend(self.engine.attention_backend, draft.device,
+                                             draft.shape.num_kv_heads)
+        return Drafter(ModelRunner(model, self.engine.block_size, attention, draft.device,
+                                   self.engine.seed))
+
     @property
     def kv_block_shape(self) -> tuple[int, int, int]:
         return kv_block_shape(self.info, self.engine.block_size, self.tp.size)
 
     @property
     def block_bytes(self) -> int:
-        return kv_block_bytes(self.info, self.engine, self.tp.size)
+        """A block's bytes on this rank: the target's KV, and the draft model's."""
+        draft = self.info.draft
+        return kv_block_bytes(self.info, self.engine, self.tp.size) + (
+            0 if draft is None else kv_block_bytes(draft, self.engine, 1))
 
     def num_available_blocks(self, max_num_batched_tokens: int) -> int:
         """How many KV blocks fit the memory budget of this device."""
@@ -159,14 +183,25 @@ class Worker:
             # Left uninitialised: pages the OS has not handed out cost nothing until a swap.
             self.cpu_pool = torch.empty(self._pool_shape(num_cpu_blocks), dtype=self.kv_dtype,
                                         pin_memory=self.info.device.type == "cuda")
+        if self.info.draft is not None:
+            self.draft_pool = self._allocate(num_blocks, self.info.draft)
+            self.draft_caches = _layer_caches(self.draft_pool)
+            if num_cpu_blocks:
+                self.draft_cpu_pool = torch.empty(
+                    self._pool_shape(num_cpu_blocks, self.info.draft), dtype=self.kv_dtype,
+                    pin_memory=self.info.device.type == "cuda")
 
-    def _allocate(self, num_blocks: int) -> torch.Tensor:
-        return torch.zeros(self._pool_shape(num_blocks), dtype=self.kv_dtype,
+    def _allocate(self, num_blocks: int, info: ModelInfo | None = None) -> torch.Tensor:
+        return torch.zeros(self._pool_shape(num_blocks, info), dtype=self.kv_dtype,
                            device=self.info.device)
 
-    def _pool_shape(self, num_blocks: int) -> tuple[int, ...]:
-        """[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]"""
-        return (self.info.shape.num_layers, 2, num_blocks, *self.kv_block_shape)
+    def _pool_shape(self, num_blocks: int, info: ModelInfo | None = None) -> tuple[int, ...]:
+        """[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim] of this rank's
+        model, or of `info`'s (the draft model, whole on its rank)."""
+        if info is None:
+            return (self.info.shape.num_layers, 2, num_blocks, *self.kv_block_shape)
+        return (info.shape.num_layers, 2, num_blocks,
+                *kv_block_shape(info, self.engine.block_size, 1))
 
     def execute(self, step: StepInput) -> StepOutput | None:
         """Run one step; rank 0 returns the sampled tokens, other ranks None.
@@ -177,16 +212,23 @@ class Worker:
         step = _with_tokens_in_flight(step, self._last_tokens)
         # Block moves come first: out before in (a swapped-in block may reuse a
         # swapped-out one), copies before anything writes into them.
-        if step.blocks_to_swap_out:
-            swap_blocks(self.kv_pool, self.cpu_pool, torch.tensor(step.blocks_to_swap_out))
-        if step.blocks_to_swap_in:
-            swap_blocks(self.cpu_pool, self.kv_pool, torch.tensor(step.blocks_to_swap_in))
-        if step.blocks_to_copy:
-            mapping = torch.tensor(step.blocks_to_copy, dtype=torch.int64, device=self.info.device)
-            self.attention.copy_blocks(self.kv_pool, mapping)
+        pools = [(self.kv_pool, self.cpu_pool)]
+        if self.drafter is not None:
+            pools.append((self.draft_pool, self.draft_cpu_pool))
+        for device_pool, host_pool in pools:
+            if step.blocks_to_swap_out:
+                swap_blocks(device_pool, host_pool, torch.tensor(step.blocks_to_swap_out))
+            if step.blocks_to_swap_in:
+                swap_blocks(host_pool, device_pool, torch.tensor(step.blocks_to_swap_in))
+            if step.blocks_to_copy:
+                mapping = torch.tensor(step.blocks_to_copy, dtype=torch.int64,
+                                       device=self.info.device)
+                self.attention.copy_blocks(device_pool, mapping)
         if step.lora_loads or step.lora_unloads:
             self.lora.apply(step.lora_loads, step.lora_unloads)
         output = self.runner.execute(step, self.kv_caches)
+        if self.drafter is not None and output is not None and step.seqs:
+            output = self.drafter.propose(step, output, self.draft_caches)
         if self.async_scheduling:
             self._last_tokens = self._sampled_tokens(step, output)
         return output

@@ -1,8 +1,10 @@
 """Chaos on one LLMServer: a random mix of clients that leave, aborts, parallel
 sampling, beam search and long prompts, on a KV pool small enough that the
 scheduler must swap and recompute; in one run also under three LoRA adapters
-sharing two device slots. Afterwards nothing is held (no block, no slot) and
-every request that ran to the end returned what it returns alone.
+sharing two device slots, and in another with speculative decoding (prompt
+lookup: drafts refused, trimmed, and dropped with aborts and preemptions).
+Afterwards nothing is held (no block, no slot) and every request that ran to
+the end returned what it returns alone, without speculation.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ CONFIG = REPO / "configs" / "tiny-cpu.yaml"
 VOCAB = range(6, 500)  # the tiny model's ordinary tokens
 
 
-def _config(lora: dict | None = None):
+def _config(lora: dict | None = None, speculative: dict | None = None):
     data = load(CONFIG).model_dump()
     if lora is not None:
         data["lora"] = lora
+    data["engine"]["speculative"] = speculative
     # 64 blocks of 16 tokens: a handful of long requests fill it.
     data["model"]["max_model_len"] = 1024
     data["engine"].update(num_gpu_blocks=64, swap_space=0.05, max_num_seqs=8,
@@ -35,13 +38,16 @@ def _config(lora: dict | None = None):
     return parse(data)
 
 
-def _workload(seed: int, count: int, adapters=()) -> list[dict]:
+def _workload(seed: int, count: int, adapters=(), repeating: bool = False) -> list[dict]:
+    """`repeating`: prompts that repeat a short stretch, which prompt lookup matches
+    and a random model tends to go on repeating."""
     rng = random.Random(seed)
     requests = []
     for i in range(count):
         kind = rng.choice(["greedy", "long", "long", "sampled_n", "sampled_n", "beam"])
         length = rng.randint(300, 600) if kind == "long" else rng.randint(4, 60)
-        prompt = [rng.choice(VOCAB) for _ in range(length)]
+        stretch = [rng.choice(VOCAB) for _ in range(rng.randint(3, 12) if repeating else length)]
+        prompt = (stretch * length)[:length]
         max_tokens = rng.randint(8, 96)
         if kind in ("greedy", "long"):
             params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
@@ -114,13 +120,20 @@ def adapters(tmp_path_factory):
             for i, target in enumerate(targets)]
 
 
-@pytest.mark.parametrize("seed, lora", [(0, False), (1, False), (2, True)],
-                         ids=["seed0", "seed1", "seed2-lora"])
-def test_chaos_leaks_nothing_and_finished_requests_match_running_alone(seed, lora, adapters):
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1,
+         "prompt_lookup_max": 3}
+
+
+@pytest.mark.parametrize("seed, lora, speculative", [(0, False, None), (1, False, NGRAM),
+                                                     (2, True, None)],
+                         ids=["seed0", "seed1-ngram", "seed2-lora"])
+def test_chaos_leaks_nothing_and_finished_requests_match_running_alone(seed, lora, speculative,
+                                                                      adapters):
     used = adapters if lora else ()
-    config = _config({"enable_lora": True, "max_lora_rank": 16, "max_loras": 2}
-                     if lora else None)
-    requests = _workload(seed, 60, used)
+    lora_config = ({"enable_lora": True, "max_lora_rank": 16, "max_loras": 2}
+                   if lora else None)
+    config = _config(lora_config, speculative)
+    requests = _workload(seed, 60, used, repeating=speculative is not None)
     server = LLMServer(config)
     try:
         results, stats = asyncio.run(_run(server, requests))
@@ -141,6 +154,9 @@ def test_chaos_leaks_nothing_and_finished_requests_match_running_alone(seed, lor
         if lora:  # every slot idle again, and the adapters did take turns in them
             assert all(slots.users(lora_id) == 0 for lora_id in slots.resident())
             assert slots.evictions > 0 and stats["lora_running"] == stats["lora_waiting"] == {}
+        if speculative:  # drafts were made, some kept and some refused
+            spec = engine.get_spec_decode_stats()
+            assert 0 < spec["accepted_tokens"] < spec["draft_tokens"], spec
     finally:
         server.shutdown()
     finished = [(r, out) for r, out in zip(requests, results, strict=True)
@@ -148,8 +164,8 @@ def test_chaos_leaks_nothing_and_finished_requests_match_running_alone(seed, lor
                                              and not isinstance(out, BaseException))]
     assert all(out is not None and out.finished for _, out in finished)
     assert len(finished) >= 25  # most of them: the comparison below means something
-    # Each finished request, alone on a fresh engine of the same shape.
-    alone = LLM(config=config)
+    # Each finished request, alone on a fresh engine of the same shape (not speculating).
+    alone = LLM(config=_config(lora_config))
     for request, output in finished:
         reference = alone.generate([{"prompt_token_ids": request["prompt"]}],
                                    request["params"], use_tqdm=False,

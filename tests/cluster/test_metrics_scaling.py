@@ -21,6 +21,7 @@ from pagedserve.cluster.metrics import (
     HISTOGRAMS,
     LORA_COUNTERS,
     REQUEST_COUNTERS,
+    SPEC_COUNTERS,
     STEP_COUNTERS,
 )
 from pagedserve.config import load, parse
@@ -228,8 +229,8 @@ def _dashboard() -> dict:
 def test_grafana_dashboard_plots_every_metric():
     panels = _dashboard()["panels"]
     exprs = " ".join(t["expr"] for p in panels for t in p.get("targets", []))
-    for name in [*GAUGES, *STEP_COUNTERS, *LORA_COUNTERS, *REQUEST_COUNTERS, *HISTOGRAMS,
-                 "lora_requests_info"]:
+    for name in [*GAUGES, *STEP_COUNTERS, *LORA_COUNTERS, *SPEC_COUNTERS, *REQUEST_COUNTERS,
+                 *HISTOGRAMS, "lora_requests_info"]:
         assert f"ray_pagedserve_{name}" in exprs, name
 
 

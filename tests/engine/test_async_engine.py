@@ -202,3 +202,27 @@ def test_engine_args_take_every_config_field_by_name(model_dir):
     assert args.config.parallel.worker_cpus == 0.5 and args.config.engine.cpu_threads == 1
     with pytest.raises(TypeError, match="unexpected keyword argument 'max_lenn'"):
         AsyncEngineArgs(model=str(model_dir), max_lenn=3)
+
+
+def test_speculating_streams_equal_hf_and_report_their_drafts(model_dir, hf_greedy):
+    """AsyncEngineArgs takes vLLM's speculative_config; streams of a speculating engine
+    give HF's greedy tokens, several tokens a step, and the drafts are counted."""
+    engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(
+        model=str(model_dir), max_model_len=128, device="cpu", dtype="float32",
+        num_gpu_blocks=64, block_size=8,
+        speculative_config={"model": str(model_dir), "num_speculative_tokens": 3}))
+    try:
+        async def run():
+            streams = await asyncio.gather(*(
+                _collect(engine, {"prompt_token_ids": p}, _greedy(), f"s{i}")
+                for i, p in enumerate(PROMPTS)))
+            return streams, await engine.get_spec_decode_stats()
+
+        streams, stats = asyncio.run(run())
+        for stream, expected in zip(streams, hf_greedy, strict=True):
+            assert stream[-1].outputs[0].token_ids == expected
+            assert len(stream) < MAX_TOKENS  # steps that gave more than one token
+        assert stats["acceptance_rate"] > 0.9 and stats["draft_tokens"] > 0
+        asyncio.run(_until_free(engine))
+    finally:
+        engine.shutdown()

@@ -121,3 +121,23 @@ def test_model_config_comes_from_the_file(llm):
             config.num_key_value_heads, config.vocab_size) == (30, 576, 9, 3, 49152)
     assert config.tie_word_embeddings and info.eos_token_ids == {2}
     assert info.dtype == torch.float32 and info.gguf_file is not None
+
+
+@pytest.mark.parametrize("speculative", ["ngram", "draft_model"])
+def test_speculative_decoding_keeps_the_greedy_tokens(llm, embedded_gguf, prompts, speculative):
+    """Prompt lookup, and the model as its own draft: every token is the plain engine's
+    (itself HF's, above), and the drafts are used."""
+    config = ({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2}
+              if speculative == "ngram" else
+              {"model": str(embedded_gguf), "num_speculative_tokens": 3})
+    with user_cache():
+        spec = LLM(str(embedded_gguf), device="cpu", dtype="float32", max_model_len=1024,
+                   kv_cache_memory_gb=0.1, speculative_config=config)
+    params = SamplingParams(temperature=0.0, max_tokens=48)
+    inputs = [{"prompt_token_ids": p} for p in prompts]
+    ours = [o.outputs[0].token_ids for o in spec.generate(inputs, params, use_tqdm=False)]
+    assert ours == [o.outputs[0].token_ids for o in llm.generate(inputs, params, use_tqdm=False)]
+    stats = spec.get_spec_decode_stats()
+    assert stats["accepted_tokens"] > 0, stats
+    if speculative == "draft_model":
+        assert stats["acceptance_rate"] > 0.9, stats

@@ -1,0 +1,261 @@
+"""Speculative decoding's host side: how many tokens a step speculates, a
+verified step's outcome, and the counts.
+
+A speculating sequence's step computes its newest token and the proposer's
+draft tokens (plan.py). The worker keeps the drafts the target agrees with
+and samples one token after them (worker/spec_verify.py). Here the kept
+drafts join the sequence, and the slots of the refused ones go back:
+`num_computed_tokens` steps back by as many, and blocks only they used
+return to the pool. No prefix-cache key is ever made from a refused token:
+keys are made from the sequence's own tokens only (block_manager.py).
+
+Speculation pays while the device has compute to spare: a decode step reads
+every weight for one token per sequence, and verifying more costs little.
+Where the step is compute-bound (a large batch on a GPU, a small model on a
+CPU) the drafts' FLOPs cost time, and refused drafts are work thrown away.
+`SpeculationPolicy` picks each step's draft length j, 0 (plain) to k:
+
+    rate(j) = B (1 + f (a + a^2 + ... + a^j)) / cost(B, f B j)
+
+with B sequences decoding, f the share of them the proposer finds drafts
+for, and a the chance that a draft is kept given the ones before it were
+(so a run of j drafts keeps a + ... + a^j on average). f and a are measured
+over recent steps. `cost(B, D)` is the device's step time with D drafts:
+the roofline's on a simulated GPU (model/roofline.py, engine/speculation.py),
+else a line fitted to the measured decode steps (`MeasuredCost`). The host's
+work, which neither sees, is weighed by measuring: where recent plain steps
+gave more tokens per second than speculating ones at the same batch size
+(`MeasuredRates`), the step decodes plainly. Now and then `probe_len` steps
+go the other way (plain while speculating, full length while plain), so f, a
+and both rates stay current: after `probe_every` steps, then twice as many
+while the probes change nothing (and `probe_every` again at another batch
+size). `disable_by_batch_size` (vLLM's) is a hard ceiling
+on top.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pagedserve.scheduler.block_manager import BlockManager
+from pagedserve.scheduler.proposers import Proposer
+from pagedserve.scheduler.sequence import Sequence
+from pagedserve.scheduler.step import Sample, ScheduledSequence, StepInput
+
+# Seconds of a decode step of `sequences` sequences with `drafts` draft tokens among
+# them, at a mean context of `context` positions.
+StepCost = Callable[[int, int, int], float]
+
+# How fast the measured figures follow the recent steps.
+_WEIGHT = 0.1
+
+
+@dataclass
+class MeasuredCost:
+    """A device's decode step time as fixed + per_token x tokens, fitted by least
+    squares to the decode steps seen, the recent ones weighing most. None until the
+    steps seen differ enough in size to tell the two apart."""
+
+    decay: float = 0.98
+    # Weighted sums: of 1, x, x^2, y and x y (x: tokens, y: seconds).
+    _sums: list[float] = field(default_factory=lambda: [0.0] * 5)
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        self._sums = [self.decay * total + term for total, term in zip(
+            self._sums, (1.0, tokens, tokens * tokens, seconds, tokens * seconds),
+            strict=True)]
+
+    def line(self) -> tuple[float, float] | None:
+        """(fixed seconds, seconds per token), or None."""
+        n, x, xx, y, xy = self._sums
+        spread = n * xx - x * x
+        if n < 4 or spread <= 0.25 * n * n:  # sizes within a token of each other
+            return None
+        per_token = max(0.0, (n * xy - x * y) / spread)
+        return max(0.0, (y - per_token * x) / n), per_token
+
+    def __call__(self, sequences: int, drafts: int, context: int) -> float | None:
+        line = self.line()
+        if line is None:
+            return None
+        fixed, per_token = line
+        return fixed + per_token * (sequences + drafts)
+
+
+@dataclass
+class MeasuredRates:
+    """Output tokens per second of recent steps that speculated and that did not, by
+    batch size (in powers of two): the host's work counts here, which no step-time
+    model sees (a speculating step is taken in before the next is planned, so its
+    host work does not overlap the device's)."""
+
+    min_steps: int = 4  # steps of each kind before the two are compared
+    _rates: dict[tuple[int, bool], float] = field(default_factory=dict)
+    _steps: dict[tuple[int, bool], int] = field(default_factory=dict)
+
+    def observe(self, decodes: int, speculated: bool, tokens: int, seconds: float) -> None:
+        key = (decodes.bit_length(), speculated)
+        rate = tokens / seconds
+        seen = self._steps.get(key, 0)
+        self._rates[key] = rate if not seen else self._rates[key] + _WEIGHT * (
+            rate - self._rates[key])
+        self._steps[key] = seen + 1
+
+    def plain_is_faster(self, decodes: int) -> bool:
+        bucket = decodes.bit_length()
+        if min(self._steps.get((bucket, mode), 0) for mode in (False, True)) < self.min_steps:
+            return False
+        return self._rates[(bucket, False)] > self._rates[(bucket, True)]
+
+
+@dataclass
+class SpecStats:
+    """What speculation proposed and what the target kept (vLLM's figures), and the
+    recent figures the policy reads."""
+
+    verifications: int = 0  # one per speculating sequence and step
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    decode_steps: int = 0  # steps with a sequence decoding
+    speculating_steps: int = 0  # those the policy let speculate
+    # Recent chance a draft is kept given those before it were, and share of decoding
+    # sequences given drafts (priors until measured).
+    recent_acceptance: float = 0.5
+    recent_coverage: float = 0.5
+    steps_one_way: int = 0  # steps since the policy last probed the other way
+    probe_wait: int = 0  # steps between probes (0: the policy's probe_every)
+    probing_from: bool = False  # whether the steps speculated when the probe began
+    probe_bucket: int = 0  # the batch size (its bit length) the probe wait is for
+    measured: MeasuredCost = field(default_factory=MeasuredCost)
+    rates: MeasuredRates = field(default_factory=MeasuredRates)
+    _kept: int = 0  # this step's kept drafts, and drafts judged (the first refused too)
+    _judged: int = 0
+
+    def record(self, drafted: int, accepted: int) -> None:
+        """A verification: `accepted` of `drafted` draft tokens kept."""
+        self.verifications += 1
+        self.draft_tokens += drafted
+        self.accepted_tokens += accepted
+        self._kept += accepted
+        self._judged += accepted + (accepted < drafted)
+
+    def step_done(self, tokens: int, device_s: float | None, decode_only: bool) -> None:
+        """A step's verifications are all in: fold them into the recent acceptance, and
+        a decode step's time into the measured cost."""
+        if self._judged:
+            self.recent_acceptance += _WEIGHT * (self._kept / self._judged
+                                                 - self.recent_acceptance)
+        self._kept = self._judged = 0
+        if decode_only and device_s:
+            self.measured.observe(tokens, device_s)
+
+    def scheduled(self, decodes: int, drafting: int, speculating: bool) -> None:
+        """A step planned with `decodes` sequences decoding, `drafting` of them with drafts."""
+        if not decodes:
+            return
+        self.decode_steps += 1
+        if speculating:
+            self.speculating_steps += 1
+            self.recent_coverage += _WEIGHT * (drafting / decodes - self.recent_coverage)
+
+    def as_dict(self) -> dict[str, float]:
+        """`acceptance_rate`: kept over proposed; `mean_accepted_length`: tokens a
+        verification gives, the sampled one included."""
+        return {"draft_tokens": self.draft_tokens, "accepted_tokens": self.accepted_tokens,
+                "acceptance_rate": self.accepted_tokens / self.draft_tokens
+                if self.draft_tokens else 0.0,
+                "mean_accepted_length": 1 + self.accepted_tokens / self.verifications
+                if self.verifications else 0.0,
+                "decode_steps": self.decode_steps, "speculating_steps": self.speculating_steps}
+
+
+@dataclass(frozen=True)
+class SpeculationPolicy:
+    """Each step's draft length (the module's docstring)."""
+
+    proposer: Proposer
+    disable_by_batch_size: int | None = None
+    cost: StepCost | None = None  # None: measured (MeasuredCost)
+    probe_every: int = 32
+    probe_len: int = 4
+
+    def num_drafts(self, decodes: int, context: int, stats: SpecStats) -> int:
+        """Draft tokens per sequence for a step with `decodes` sequences decoding at a
+        mean `context`: 0 decodes it plainly."""
+        k = self.proposer.k
+        if self.disable_by_batch_size is not None and decodes > self.disable_by_batch_size:
+            return 0
+        best = self.best_length(decodes, context, stats) if decodes else k
+        if best and stats.rates.plain_is_faster(decodes):
+            best = 0  # the model says it pays; the measured steps say it does not
+        # Now and then probe_len steps go the other way, so both ways stay measured (in
+        # runs: a way's first step after a switch is not measured). The wait starts at
+        # probe_every steps and doubles, to 16 times that, while probes change nothing.
+        if decodes.bit_length() != stats.probe_bucket:  # another batch size: probe soon
+            stats.probe_bucket, stats.probe_wait = decodes.bit_length(), 0
+            stats.steps_one_way = min(stats.steps_one_way, self.probe_every)
+        stats.steps_one_way += 1
+        wait = stats.probe_wait or self.probe_every
+        if stats.steps_one_way == wait + 1:
+            stats.probing_from = bool(best)
+        if stats.steps_one_way > wait:
+            if stats.steps_one_way <= wait + self.probe_len:
+                return 0 if best else k
+            stats.steps_one_way = 0
+            stats.probe_wait = (min(2 * wait, 16 * self.probe_every)
+                                if stats.probing_from == bool(best) else self.probe_every)
+        return best
+
+    def best_length(self, decodes: int, context: int, stats: SpecStats) -> int:
+        """The draft length of the highest expected token rate (k where the cost is not
+        known yet)."""
+        k, cost = self.proposer.k, self.cost or stats.measured
+        plain = cost(decodes, 0, context)
+        if plain is None:
+            return k
+        a, f = stats.recent_acceptance, stats.recent_coverage
+        best, best_rate, kept = 0, decodes / plain, 0.0
+        for length in range(1, k + 1):
+            kept += a ** length
+            seconds = cost(decodes, round(f * decodes * length), context)
+            assert seconds is not None
+            rate = decodes * (1 + f * kept) / seconds
+            if rate > best_rate:
+                best, best_rate = length, rate
+        return best
+
+
+def count_drafts(step: StepInput) -> tuple[int, int]:
+    """(sequences sampling, those with drafts) of a planned step."""
+    decodes = drafting = 0
+    for seq in step.seqs:
+        if seq.do_sample:
+            decodes += 1
+            drafting += bool(seq.draft_token_ids)
+    return decodes, drafting
+
+
+def take_speculated(seq: Sequence, sample: Sample, scheduled: ScheduledSequence,
+                    manager: BlockManager, stats: SpecStats,
+                    stops: Callable[[Sequence], bool]) -> bool:
+    """Append the draft tokens the target kept, and give back the slots of the refused
+    ones and of the draft model's lookahead. `stops(seq)` finishes the sequence if
+    its newest token ends it (and says so). False when it stopped on a kept draft
+    token: the sampled one after it is dropped."""
+    drafted = len(scheduled.draft_token_ids or ())
+    kept = sample.accepted or []
+    if drafted:
+        stats.record(drafted, len(kept))
+    # Preempted by recompute while the step ran, it holds no slots and computes again.
+    if manager.has(seq.seq_id) or manager.is_swapped(seq.seq_id):
+        seq.num_computed_tokens -= drafted - len(kept)
+        if manager.num_slots(seq.seq_id) > seq.num_computed_tokens:
+            manager.trim_slots(seq.seq_id, seq.num_computed_tokens)
+        if scheduled.num_proposals:  # the draft model computed what the target kept
+            seq.draft_computed = seq.num_computed_tokens
+    for token, logprob in kept:
+        seq.append_token(token, logprob, None)
+        if stops(seq):
+            return False
+    return True

@@ -1,0 +1,122 @@
+"""Speculation's host side: the switch-off policy, and slots given back after a
+verification, on the GPU and for a sequence swapped out while its step ran."""
+
+from __future__ import annotations
+
+import pytest
+
+from pagedserve.scheduler.block_manager import BlockManager
+from pagedserve.scheduler.ngram import PromptLookup
+from pagedserve.scheduler.speculation import MeasuredCost, SpecStats, SpeculationPolicy
+
+LOOKUP = PromptLookup(k=4, min_n=1, max_n=3)
+
+
+def linear_cost(fixed: float, per_token: float):
+    """A device whose step takes `fixed` plus `per_token` for each token computed:
+    memory-bound at small batches, compute-bound at large ones."""
+    return lambda sequences, drafts, context: fixed + per_token * (sequences + drafts)
+
+
+def stats(acceptance: float, coverage: float = 1.0) -> SpecStats:
+    return SpecStats(recent_acceptance=acceptance, recent_coverage=coverage)
+
+
+def test_the_draft_length_is_the_one_of_the_highest_token_rate():
+    gpu = SpeculationPolicy(LOOKUP, cost=linear_cost(10e-3, 20e-6))
+    # Batch 1: four drafts cost next to nothing.
+    assert gpu.num_drafts(1, 500, stats(0.6)) == 4
+    # Batch 2048: the step takes 51 ms plain and 215 ms with 4 drafts each; drafts
+    # kept 60% of the time do not pay for it, nearly always kept they do.
+    assert gpu.num_drafts(2048, 500, stats(0.6)) == 0
+    assert gpu.num_drafts(2048, 500, stats(0.97)) == 3
+    # A device where each token costs a third of the fixed part (a small model on a
+    # CPU): only the first drafts, the likeliest kept, pay (2 at 60%: 1.96 tokens in
+    # 19 ms against 1 in 13; 1 draft gives 1.6 in 16, 3 give 2.18 in 22).
+    cpu = SpeculationPolicy(LOOKUP, cost=linear_cost(10e-3, 3e-3))
+    assert cpu.num_drafts(1, 500, stats(0.6)) == 2
+    assert cpu.num_drafts(1, 500, stats(0.9)) == 4
+    assert cpu.num_drafts(1, 500, stats(0.2)) == 0
+
+
+def test_now_and_then_a_few_steps_go_the_other_way_to_measure_it():
+    """After probe_every steps, then twice as long while the probes change nothing."""
+    policy = SpeculationPolicy(LOOKUP, cost=linear_cost(10e-3, 20e-6), probe_every=8,
+                               probe_len=2)
+    low, high = stats(0.0), stats(0.6)
+    off = [policy.num_drafts(64, 500, low) for _ in range(50)]
+    assert [i for i, length in enumerate(off) if length] == [8, 9, 27, 28]
+    assert off[8] == LOOKUP.k
+    on = [policy.num_drafts(1, 500, high) for _ in range(11)]
+    assert [i for i, length in enumerate(on) if not length] == [8, 9]
+
+
+def test_disable_by_batch_size_is_a_ceiling_on_any_device():
+    policy = SpeculationPolicy(LOOKUP, disable_by_batch_size=8)
+    assert policy.num_drafts(8, 100, SpecStats()) == 4  # no cost measured yet: full length
+    assert policy.num_drafts(9, 100, SpecStats()) == 0
+
+
+def test_a_device_without_a_model_has_its_step_time_measured():
+    measured = MeasuredCost()
+    for _ in range(3):
+        measured.observe(1, 0.015)
+    assert measured(1, 4, 0) is None  # every step the same size: no line yet
+    for tokens in (1, 5, 3, 9, 1, 2):
+        measured.observe(tokens, 0.010 + 0.005 * tokens)
+    fixed, per_token = measured.line()
+    assert per_token == pytest.approx(0.005, rel=0.2) and fixed == pytest.approx(0.010, rel=0.3)
+    spec = SpecStats(measured=measured, recent_acceptance=0.6)
+    # 15 ms plain; one draft kept 60% of the time: 1.6 tokens in 20 ms; two: 1.96 in 25.
+    assert SpeculationPolicy(LOOKUP).num_drafts(1, 100, spec) == 1
+
+
+def test_the_recent_acceptance_is_the_chance_a_draft_is_kept_after_kept_ones():
+    spec = SpecStats()
+    for _ in range(60):
+        spec.record(drafted=4, accepted=1)  # kept one, refused the second: 1 of 2 judged
+        spec.step_done(5, 0.01, decode_only=True)
+    assert spec.recent_acceptance == pytest.approx(0.5, abs=0.01)
+    assert spec.as_dict()["acceptance_rate"] == 0.25
+    assert spec.as_dict()["mean_accepted_length"] == 2.0
+
+
+@pytest.mark.parametrize("swapped", [False, True], ids=["on the GPU", "swapped out"])
+def test_trimming_gives_back_the_slots_and_blocks_only_drafts_used(swapped):
+    manager = BlockManager(16, 4, num_cpu_blocks=16)
+    manager.allocate(0, 10)  # 3 blocks, the last holding 2 slots
+    manager.append_slots(0, 5)  # the newest token and 4 drafts: slots 10..14, 4 blocks
+    assert manager.num_free_blocks == 12
+    if swapped:
+        manager.swap_out([0])
+    manager.trim_slots(0, 12)  # 1 draft kept (slot 11); slots 12..14 given back
+    assert manager.num_slots(0) == 12
+    if swapped:
+        assert manager.blocks_to_swap_in([0]) == 3
+        manager.swap_in([0])
+    assert manager.num_free_blocks == 13
+    assert len(manager.block_table(0)) == 3
+    manager.append_slots(0, 1)  # the next token takes a fresh block again
+    assert len(manager.block_table(0)) == 4
+    manager.free(0)
+    assert manager.num_free_blocks == 16
+
+
+def test_a_trim_below_the_released_window_is_refused():
+    manager = BlockManager(16, 4)
+    manager.allocate(0, 6)
+    with pytest.raises(ValueError, match="cannot trim to 7"):
+        manager.trim_slots(0, 7)
+
+
+def test_measured_steps_overrule_a_model_that_leaves_the_host_out():
+    """The roofline says drafts pay at this batch; the measured steps, host work
+    included, say plain ones gave more tokens a second: the step decodes plainly."""
+    policy = SpeculationPolicy(LOOKUP, cost=linear_cost(10e-3, 20e-6))
+    spec = stats(0.6)
+    assert policy.num_drafts(200, 500, spec) == 2
+    for _ in range(4):
+        spec.rates.observe(200, speculated=True, tokens=560, seconds=0.05)  # 11,200 a second
+        spec.rates.observe(200, speculated=False, tokens=200, seconds=0.015)  # 13,333
+    assert policy.num_drafts(200, 500, spec) == 0
+    assert policy.num_drafts(60, 500, spec) > 0  # another batch size: not measured yet

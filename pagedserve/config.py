@@ -371,17 +371,6 @@ class Config(_Strict):
                              "has no weights to adapt")
         return self
 
-    @model_validator(mode="after")
-    def _speculation_runs(self) -> Config:
-        spec = self.engine.speculative
-        if spec is None or spec.runs != "draft_model":
-            return self
-        if self.parallel.tensor_parallel_size > 1:
-            raise ValueError(f"engine.speculative: a draft model runs on one rank; "
-                             f"tensor_parallel_size={self.parallel.tensor_parallel_size} is "
-                             f"not supported with it yet ('ngram' is)")
-        return self
-
 
 # The sections whose fields LLM(...) and AsyncEngineArgs(...) take by name (no name is in
 # two of them).

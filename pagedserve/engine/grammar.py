@@ -202,6 +202,28 @@ class Matcher:
     def rollback(self, tokens: int) -> None:
         self._matcher.rollback(tokens)
 
+    def valid_prefix(self, tokens: list[int]) -> int:
+        """How many of `tokens`, in order, the grammar allows from here (speculated
+        tokens); the matcher stays where it is."""
+        count = 0
+        for token in tokens:
+            if self._matcher.is_terminated() or not self._matcher.accept_token(token):
+                break
+            count += 1
+        if count:
+            self._matcher.rollback(count)
+        return count
+
+    def fill_rows(self, bitmask: torch.Tensor, row: int, draft: list[int]) -> None:
+        """Rows `row` .. `row + len(draft)`: the tokens allowed here and after each draft
+        token in turn (the grammar allows them all: `valid_prefix`)."""
+        self.fill(bitmask, row)
+        for offset, token in enumerate(draft, start=1):
+            self._matcher.accept_token(token)
+            self.fill(bitmask, row + offset)
+        if draft:
+            self._matcher.rollback(len(draft))
+
     def fork(self) -> Matcher:
         return Matcher(self._compiled, self._matcher.fork())
 
@@ -257,8 +279,8 @@ class StructuredOutputs:
         rows = 0
         for scheduled in step.seqs:
             if scheduled.do_sample and grammar_of(scheduled.seq_id) is not None:
-                scheduled.bitmask_row = rows
-                rows += 1
+                scheduled.bitmask_row = rows  # and one more per draft token it verifies
+                rows += 1 + len(scheduled.draft_token_ids or ())
         if not rows:
             return step
         bitmask = new_bitmask(rows, self.vocab_size)
@@ -285,7 +307,11 @@ class StructuredOutputs:
                 continue
             grammar = grammar_of(scheduled.seq_id)
             # One that ended meanwhile samples a token that is dropped: its row stays open.
-            if grammar is not None and not grammar.terminated:
+            if grammar is None or grammar.terminated:
+                continue
+            if scheduled.draft_token_ids:  # a row for each position it verifies
+                grammar.fill_rows(bitmask, scheduled.bitmask_row, scheduled.draft_token_ids)
+            else:
                 matchers.append(grammar.xgrammar_matcher)
                 rows.append(scheduled.bitmask_row)
         if matchers:

@@ -41,8 +41,9 @@ def speculation_policy(policy: SpeculationPolicy | None, info: ModelInfo,
 def draft_model(config: Config, target: ModelInfo) -> ModelInfo | None:
     """The draft model engine.speculative names, resolved like the target on its device
     and in its dtype (on a simulated GPU, from its preset); None where the method
-    needs none. A vocabulary unlike the target's is refused with the reason (Config
-    refuses tensor parallelism with a draft model)."""
+    needs none. A vocabulary unlike the target's is refused with the reason, and so is
+    a target with a sliding window in every layer. Under tensor parallelism rank 0
+    holds the draft whole."""
     spec = config.engine.speculative
     if spec is None or spec.runs != "draft_model":
         return None

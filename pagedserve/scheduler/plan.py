@@ -70,6 +70,8 @@ def plan_group(group: SequenceGroup, budget: int, manager: BlockManager,
             room = min(budget, max_tokens - seq.num_output_tokens,
                        max_model_len - seq.num_tokens) - 1  # tokens past the sampled one
             draft = proposer.draft(seq, room)
+            if draft and seq.grammar is not None:  # drafts the grammar allows, no more
+                draft = draft[:seq.grammar.valid_prefix(draft)]
             num_tokens += len(draft)
         lookahead = 0
         if speculating and start + num_tokens - len(draft) == seq.num_tokens:  # it samples

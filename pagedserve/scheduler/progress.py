@@ -64,7 +64,7 @@ def speculates(group: SequenceGroup) -> bool:
     params = group.sampling_params
     return (group.beam_search is None and group.best_of == 1 and params.logprobs is None
             and params.prompt_logprobs is None and not params.uses_penalties
-            and params.structured_outputs is None and not params.bad_words
+            and not params.bad_words
             and not params.logit_bias and params.allowed_token_ids is None
             and params.min_tokens == 0 and (params.seed is None or params.greedy))
 

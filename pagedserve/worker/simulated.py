@@ -217,7 +217,7 @@ class SimulatedWorker:
                 samples.append(Sample(seq.seq_id, *candidates[0], None, candidates))
                 continue
             if seq.draft_token_ids or seq.num_proposals:
-                samples.append(self._verified(seq))
+                samples.append(self._verified(seq, bitmask))
                 continue
             for sample_index in range(seq.sample_index, seq.sample_index + seq.num_samples):
                 drawn.append((seq, sample_index, self._draw(seq, sample_index)))
@@ -230,11 +230,15 @@ class SimulatedWorker:
         samples += [self._sample(seq, sample_index, token) for seq, sample_index, token in drawn]
         return StepOutput(samples=samples, prompt_logprobs=scored, device_s=device_s)
 
-    def _verified(self, seq: ScheduledSequence) -> Sample:
-        """A speculating sequence: its drafts kept while they are the text's next tokens,
-        then the text's token after them (as greedy verification keeps a target's)."""
+    def _verified(self, seq: ScheduledSequence, bitmask: torch.Tensor | None = None) -> Sample:
+        """A speculating sequence: its drafts kept while they are the text's next tokens
+        (where its mask rows allow them, each row's allowed token), then the text's token
+        after them (as greedy verification keeps a target's)."""
         draft = seq.draft_token_ids or []
         targets = [self._draw(seq, seq.sample_index, ahead) for ahead in range(len(draft) + 1)]
+        if seq.bitmask_row is not None and bitmask is not None:
+            row = seq.bitmask_row
+            targets = _allowed(targets, bitmask[row:row + len(targets)])
         tokens = verify_greedy(targets, draft)
         logprob = self._logprob(seq, 0)
         return Sample(seq.seq_id, tokens[-1], logprob,

@@ -22,10 +22,13 @@ min-p, masks applied), as its sampler would draw from them.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from pagedserve.scheduler.step import Sample, ScheduledSequence
 from pagedserve.worker import sampler
+from pagedserve.worker.token_masks import apply_token_bitmask_
 
 
 def verify_greedy(target_tokens: list[int], draft: list[int]) -> list[int]:
@@ -92,20 +95,28 @@ def sample_and_verify(logits: torch.Tensor, seqs: list[ScheduledSequence],
                                   token_bitmask)
     for seq, start, count in zip(seqs, starts, counts, strict=True):
         if seq.draft_token_ids:
-            samples.append(_verified(logits[start:start + count].float(), seq, generator))
+            samples.append(_verified(logits[start:start + count].float(), seq, generator,
+                                     token_bitmask))
     return samples
 
 
-def _verified(rows: torch.Tensor, seq: ScheduledSequence,
-              generator: torch.Generator) -> Sample:
+def _verified(rows: torch.Tensor, seq: ScheduledSequence, generator: torch.Generator,
+              token_bitmask: torch.Tensor | None = None) -> Sample:
+    """A structured output's rows are masked first, each by its own bitmask row (the
+    grammar's state after the drafts before it), as its plain steps would be."""
     draft = seq.draft_token_ids
     assert draft is not None and seq.sampling_params is not None
+    logprobs = rows.log_softmax(dim=-1)  # raw: what a plain step reports
+    if seq.bitmask_row is not None:
+        assert token_bitmask is not None
+        rows = apply_token_bitmask_(
+            rows.clone(), token_bitmask[seq.bitmask_row:seq.bitmask_row + len(rows)])
+        seq = dataclasses.replace(seq, bitmask_row=None)  # applied
     if seq.sampling_params.greedy:
         tokens = verify_greedy(rows.argmax(dim=-1).tolist(), draft)
     else:
         tokens = verify_sampled(sampler.distributions(rows, [seq] * len(rows)), draft,
                                 generator)
-    logprobs = rows.log_softmax(dim=-1)  # raw: what a plain step reports
     values = [float(logprobs[i, token]) for i, token in enumerate(tokens)]
     return Sample(seq.seq_id, tokens[-1], values[-1],
                   accepted=list(zip(tokens[:-1], values[:-1], strict=True)))

@@ -51,11 +51,15 @@ def kv_block_shape(info: ModelInfo, block_size: int, tp_size: int) -> tuple[int,
     return block_size, info.shape.num_kv_heads // tp_size, info.shape.head_dim
 
 
-def kv_block_bytes(info: ModelInfo, engine: EngineConfig, tp_size: int) -> int:
+def kv_block_bytes(info: ModelInfo, engine: EngineConfig, tp_size: int,
+                   rank: int = 0) -> int:
     """Bytes of one block on one rank, across all layers, keys and values, in the KV
-    cache's dtype."""
+    cache's dtype; on rank 0, with a draft model's (held whole there) too."""
     itemsize = kv_cache_dtype(engine.kv_cache_dtype, info.dtype).itemsize
-    return engine.block_size * info.shape.kv_bytes_per_token(tp_size, itemsize)
+    own = engine.block_size * info.shape.kv_bytes_per_token(tp_size, itemsize)
+    if info.draft is None or rank != 0:
+        return own
+    return own + kv_block_bytes(info.draft, engine, 1)
 
 
 class Worker:
@@ -79,7 +83,7 @@ class Worker:
         self.runner = ModelRunner(self.model, engine.block_size, self.attention, info.device,
                                   engine.seed)
         self.drafter: Drafter | None = None
-        if info.draft is not None:
+        if info.draft is not None and tp.rank == 0:  # the draft runs whole on rank 0
             self.drafter = self._build_drafter(info.draft, load_format)
             self.weight_bytes += weight_bytes(self.drafter.runner.model)
         # Adapter slots take their memory before the KV pool is sized from what is left.
@@ -128,10 +132,8 @@ class Worker:
 
     @property
     def block_bytes(self) -> int:
-        """A block's bytes on this rank: the target's KV, and the draft model's."""
-        draft = self.info.draft
-        return kv_block_bytes(self.info, self.engine, self.tp.size) + (
-            0 if draft is None else kv_block_bytes(draft, self.engine, 1))
+        """A block's bytes on this rank: the target's KV, and on rank 0 the draft's."""
+        return kv_block_bytes(self.info, self.engine, self.tp.size, self.tp.rank)
 
     def num_available_blocks(self, max_num_batched_tokens: int) -> int:
         """How many KV blocks fit the memory budget of this device."""
@@ -183,7 +185,7 @@ class Worker:
             # Left uninitialised: pages the OS has not handed out cost nothing until a swap.
             self.cpu_pool = torch.empty(self._pool_shape(num_cpu_blocks), dtype=self.kv_dtype,
                                         pin_memory=self.info.device.type == "cuda")
-        if self.info.draft is not None:
+        if self.drafter is not None:
             self.draft_pool = self._allocate(num_blocks, self.info.draft)
             self.draft_caches = _layer_caches(self.draft_pool)
             if num_cpu_blocks:

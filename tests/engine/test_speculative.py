@@ -139,18 +139,23 @@ def test_a_weak_draft_changes_no_token_and_its_sampled_requests_stop_in_place(
     _all_blocks_back(spec)
 
 
-def test_tensor_parallel_ranks_verify_as_one(ray_cluster, model_dir, plain):
-    """TP=2 on Ray: the drafts travel with the step to both ranks; rank 0 verifies."""
-
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_tensor_parallel_ranks_verify_as_one(ray_cluster, model_dir, plain, method):
+    """TP=2 on Ray: the drafts travel with the step to both ranks; rank 0 verifies, and
+    holds a draft model whole (its KV in rank 0's blocks only)."""
+    speculative = NGRAM if method == "ngram" else draft(model_dir)
     config = parse({"model": {"path": str(model_dir), "dtype": "float32", "max_model_len": 384},
                     "engine": {"device": "cpu", "num_gpu_blocks": 96, "block_size": 8,
-                               "speculative": NGRAM},
+                               "speculative": speculative},
                     "parallel": {"tensor_parallel_size": 2, "distributed_executor_backend": "ray",
                                  "worker_cpus": 0.25}})
     tp2 = LLM(config=config)
     try:
         assert _tokens(tp2) == _tokens(plain)
-        assert tp2.get_spec_decode_stats()["accepted_tokens"] > 0
+        stats = tp2.get_spec_decode_stats()
+        assert stats["accepted_tokens"] > 0
+        if method == "draft_model":
+            assert stats["acceptance_rate"] > 0.95, stats
         _all_blocks_back(tp2)
     finally:
         tp2.shutdown()
@@ -293,10 +298,9 @@ def test_a_draft_that_cannot_run_is_refused_at_start_with_the_reason(model_dir, 
     other = build_random_model(tmp_path / "other-vocab", arch="llama", vocab_size=300)
     with pytest.raises(ValueError, match="vocabulary of 300 tokens and the target 512"):
         LLM(str(model_dir), **ENGINE, speculative_config=draft(other))
-    tp2 = {"model": {"path": str(model_dir)}, "engine": {"speculative": draft(model_dir)},
-           "parallel": {"tensor_parallel_size": 2}}
-    with pytest.raises(ValueError, match="a draft model runs on one rank"):
-        parse(tp2)
+    windowed = build_random_model(tmp_path / "windowed", arch="mistral", sliding_window=16)
+    with pytest.raises(ValueError, match="a target with a window in every layer runs 'ngram'"):
+        LLM(str(windowed), **ENGINE, speculative_config=draft(windowed))
 
 
 def test_the_simulated_gpu_drafts_with_a_preset_shaped_model():
@@ -318,4 +322,38 @@ def test_the_simulated_gpu_drafts_with_a_preset_shaped_model():
     assert 1.5 < stats["mean_accepted_length"] - 1 < 2.1, stats
     ours, theirs = spec.engine.executor.worker, plain.engine.executor.worker
     assert ours.block_bytes > theirs.block_bytes and ours.weight_bytes > theirs.weight_bytes
+    _all_blocks_back(spec)
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_structured_outputs_speculate_with_a_mask_on_every_row(model_dir, plain, method):
+    """Drafts are cut where the grammar refuses them, and each verified row is masked by
+    the grammar's state after the drafts before it: greedy constrained outputs are the
+    plain engine's, sampled ones parse and validate."""
+    pytest.importorskip("xgrammar")
+    import json
+
+    import jsonschema
+
+    from pagedserve import StructuredOutputsParams
+
+    schema = {"type": "object", "properties": {
+        "items": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 12}},
+        "required": ["items"], "additionalProperties": False}
+    speculative = (NGRAM if method == "ngram" else draft(model_dir))
+    spec = LLM(str(model_dir), **ENGINE, speculative_config=speculative)
+    constrained = StructuredOutputsParams(json=schema)
+    greedy = SamplingParams(temperature=0.0, max_tokens=60, structured_outputs=constrained)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    ours = spec.generate(prompts, greedy, use_tqdm=False)
+    assert ([o.outputs[0].token_ids for o in ours]
+            == [o.outputs[0].token_ids for o in plain.generate(prompts, greedy, use_tqdm=False)])
+    sampled = SamplingParams(temperature=0.8, max_tokens=60, structured_outputs=constrained)
+    for output in spec.generate(prompts * 2, sampled, use_tqdm=False):
+        if output.outputs[0].finish_reason == "stop":
+            jsonschema.validate(json.loads(output.outputs[0].text), schema)
+    if method == "ngram":  # the output repeats itself: drafts the grammar allows
+        assert spec.get_spec_decode_stats()["accepted_tokens"] > 0
+    # The draft model proposes without the grammar; on a random model it proposes
+    # nothing the grammar allows, and the requests decode as they would plainly.
     _all_blocks_back(spec)

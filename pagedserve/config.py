@@ -124,8 +124,9 @@ class SpeculativeConfig(_Strict):
     target step verifies them (scheduler/ngram.py, worker/spec_verify.py)."""
 
     # ngram: prompt lookup over the request's own tokens; draft_model (or `model` alone):
-    # a small model with the target's vocabulary (worker/draft.py). EAGLE heads are not
-    # run yet: refused with the reason.
+    # a small model with the target's vocabulary (worker/draft.py); eagle and eagle3: an
+    # EAGLE head in the published checkpoint layouts, reading the target's hidden states
+    # (worker/eagle_draft.py).
     method: Literal["ngram", "draft_model", "eagle", "eagle3"] | None = None
     model: str | None = None
     num_speculative_tokens: int = Field(ge=1, le=16)
@@ -142,11 +143,9 @@ class SpeculativeConfig(_Strict):
         method = self.runs
         if method is None:
             raise ValueError("method: give 'ngram', or a draft `model`")
-        if method in ("eagle", "eagle3"):
-            raise ValueError(f"method: {method!r} is not run yet; 'ngram' (prompt lookup) "
-                             f"and 'draft_model' are")
-        if method == "draft_model" and self.model is None:
-            raise ValueError("model: 'draft_model' needs the draft model's path")
+        if method != "ngram" and self.model is None:
+            raise ValueError(f"model: {method!r} needs the path of its "
+                             f"{'head' if method.startswith('eagle') else 'draft model'}")
         low, high = self.lookup
         if low > high:
             raise ValueError(f"prompt_lookup_min ({low}) must not exceed prompt_lookup_max "

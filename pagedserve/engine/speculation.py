@@ -16,6 +16,7 @@ from pagedserve.config import Config, EngineConfig, ModelConfig, ParallelConfig
 from pagedserve.model.info import ModelInfo
 from pagedserve.model.resolve import resolve
 from pagedserve.scheduler.speculation import SpeculationPolicy
+from pagedserve.worker.models.eagle import HEADS, TARGET_ARCHITECTURES, aux_layers
 from pagedserve.worker.simulated import simulated_roofline
 
 # Mean contexts are taken in steps of this many positions, so step costs are reused.
@@ -45,9 +46,11 @@ def draft_model(config: Config, target: ModelInfo) -> ModelInfo | None:
     a target with a sliding window in every layer. Under tensor parallelism rank 0
     holds the draft whole."""
     spec = config.engine.speculative
-    if spec is None or spec.runs != "draft_model":
+    if spec is None or spec.runs == "ngram":
         return None
     assert spec.model is not None  # SpeculativeConfig checks it
+    if spec.runs in HEADS:
+        return _eagle_head(config, target, spec.runs, spec.model)
     if target.shape.window_of_every_layer is not None:
         raise ValueError("engine.speculative: a draft model catches up over positions a "
                          "sliding window has released; a target with a window in every "
@@ -63,3 +66,40 @@ def draft_model(config: Config, target: ModelInfo) -> ModelInfo | None:
                          f"of {draft.vocab_size} tokens and the target {target.vocab_size}; a "
                          f"draft must share the target's tokenizer")
     return dataclasses.replace(draft, dtype=target.dtype)
+
+
+def _eagle_head(config: Config, target: ModelInfo, method: str, path: str) -> ModelInfo:
+    """An EAGLE head's checkpoint, checked against the target it reads."""
+    where = "engine.speculative"
+    if config.engine.simulator is not None:
+        raise ValueError(f"{where}: the simulated GPU has no weights, so no hidden states for "
+                         f"an EAGLE head to read; it runs 'ngram' and 'draft_model'")
+    if config.parallel.tensor_parallel_size > 1:
+        raise ValueError(f"{where}: an EAGLE head reads the target's embedding and LM head, "
+                         f"which tensor parallelism splits across ranks; {method!r} runs at "
+                         f"tensor_parallel_size 1 ('ngram' and 'draft_model' run at any)")
+    architectures = set(getattr(target.hf_config, "architectures", None) or ())
+    if not architectures & TARGET_ARCHITECTURES:
+        raise ValueError(f"{where}: an EAGLE head reads a Llama-family decoder's hidden "
+                         f"states ({', '.join(sorted(TARGET_ARCHITECTURES))}); the target is "
+                         f"{', '.join(sorted(architectures))}")
+    # The head's own max_position_embeddings is what it was trained at, not a limit: its
+    # rotary table spans the target's max_model_len (models/eagle.py).
+    head = resolve(ModelConfig(path=path, trust_remote_code=config.model.trust_remote_code),
+                   target.device)
+    hidden = getattr(head.hf_config, "target_hidden_size", None) or head.hf_config.hidden_size
+    if hidden != target.hf_config.hidden_size:
+        raise ValueError(f"{where}.model: the head {path!r} reads hidden states of "
+                         f"{hidden} values and the target's have "
+                         f"{target.hf_config.hidden_size}")
+    if head.vocab_size != target.vocab_size:
+        raise ValueError(f"{where}.model: the head {path!r} has a vocabulary of "
+                         f"{head.vocab_size} tokens and the target {target.vocab_size}; a "
+                         f"head must share the target's tokenizer")
+    if method == "eagle3":
+        layers = aux_layers(head.hf_config, target.shape.num_layers)
+        if min(layers) < 0 or max(layers) >= target.shape.num_layers:
+            raise ValueError(f"{where}.model: the head {path!r} reads the inputs of layers "
+                             f"{list(layers)}, and the target has {target.shape.num_layers}")
+    return dataclasses.replace(head, dtype=target.dtype, max_model_len=target.max_model_len,
+                               draft_method=method)

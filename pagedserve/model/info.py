@@ -42,6 +42,9 @@ class ModelInfo:
     # Speculative decoding's draft model (engine.speculative's `model`), built beside
     # this one on the worker (worker/draft.py); None: no draft model.
     draft: ModelInfo | None = None
+    # On a draft: how it drafts. "draft_model": a model of its own (worker/draft.py);
+    # "eagle", "eagle3": a head over the target's hidden states (worker/eagle_draft.py).
+    draft_method: str = "draft_model"
 
     @property
     def tokenizer_path(self) -> Path:

@@ -129,6 +129,7 @@ def scheduled_sequence(group: SequenceGroup, seq: Sequence, num_tokens: int,
         draft_token_ids=draft or None,
         num_proposals=num_proposals,
         draft_context=seq.token_ids[seq.draft_computed:start] if num_proposals else None,
+        next_token_id=seq.token_ids[end] if end < seq.num_tokens else None,
     )
 
 

@@ -81,6 +81,9 @@ class ScheduledSequence:
     # len(draft_context)` onwards that the target computed in steps it sat out.
     num_proposals: int = 0
     draft_context: list[int] | None = None
+    # The token after the step's last, where it is known already: a prompt chunk that is
+    # not the prompt's last. An EAGLE head reads it beside the last row's hidden state.
+    next_token_id: int | None = None
 
     @property
     def num_tokens(self) -> int:

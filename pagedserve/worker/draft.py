@@ -88,9 +88,9 @@ class Drafter:
                     sampling_params=_GREEDY))
             drafted = self.runner.execute(StepInput(seqs=decodes), kv_caches)
         return dataclasses.replace(output, samples=[
-            _with_proposals(sample, proposals.get(sample.seq_id))
+            with_proposals(sample, proposals.get(sample.seq_id))
             for sample in output.samples])
 
 
-def _with_proposals(sample: Sample, proposals: list[int] | None) -> Sample:
+def with_proposals(sample: Sample, proposals: list[int] | None) -> Sample:
     return sample if not proposals else dataclasses.replace(sample, proposals=proposals)

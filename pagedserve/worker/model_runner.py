@@ -42,6 +42,10 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.timer: StepTimer | None = None
         self.lora: WorkerLoRA | None = None  # the adapter slots, when the engine serves LoRA
+        # An EAGLE head drafts from the last step's hidden states: when set, `kept` holds
+        # the step's sequences in row order and their rows [T, hidden].
+        self.keep_hidden = False
+        self.kept: tuple[list[ScheduledSequence], torch.Tensor] | None = None
 
     @torch.inference_mode()
     def execute(self, step: StepInput, kv_caches: list[KVCache]) -> StepOutput | None:
@@ -64,6 +68,8 @@ class ModelRunner:
             input_ids, positions, metadata, logits_rows = self.prepare(seqs)
             self._launching()
             hidden = self.model(input_ids, positions, kv_caches, metadata)  # [T, hidden]
+        if self.keep_hidden:
+            self.kept = (seqs, hidden)
         scored = []
         if scoring:
             row_starts = np.cumsum([0] + [seq.num_tokens for seq in seqs[:-1]]).tolist()

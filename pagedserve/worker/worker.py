@@ -36,10 +36,12 @@ from pagedserve.scheduler.step import ScheduledSequence, StepInput, StepOutput
 from pagedserve.worker.cuda_graph import DecodeGraphs
 from pagedserve.worker.distributed import TPGroup
 from pagedserve.worker.draft import Drafter
+from pagedserve.worker.eagle_draft import EagleDrafter
 from pagedserve.worker.layers.attention import KVCache, select_attention_backend
 from pagedserve.worker.layers.linear import weight_bytes
 from pagedserve.worker.model_runner import ModelRunner
 from pagedserve.worker.models import build_model
+from pagedserve.worker.models.eagle import HEADS, aux_layers, build_head
 from pagedserve.worker.simulated import SimulatedWorker
 from pagedserve.worker.worker_lora import WorkerLoRA
 
@@ -82,7 +84,7 @@ class Worker:
                                                   self.kv_block_shape[1])
         self.runner = ModelRunner(self.model, engine.block_size, self.attention, info.device,
                                   engine.seed)
-        self.drafter: Drafter | None = None
+        self.drafter: Drafter | EagleDrafter | None = None
         if info.draft is not None and tp.rank == 0:  # the draft runs whole on rank 0
             self.drafter = self._build_drafter(info.draft, load_format)
             self.weight_bytes += weight_bytes(self.drafter.runner.model)
@@ -114,15 +116,24 @@ class Worker:
                            "eagerly: decode steps are not captured in CUDA graphs")
             self.uses_graphs = False
 
-    def _build_drafter(self, draft: ModelInfo, load_format: str) -> Drafter:
-        """The draft model, whole on this (only) rank, with a runner of its own."""
+    def _build_drafter(self, draft: ModelInfo, load_format: str) -> Drafter | EagleDrafter:
+        """The draft model or EAGLE head, whole on this (only) rank, with a runner of its
+        own."""
+        attention = select_attention_backend(self.engine.attention_backend, draft.device,
+                                             draft.shape.num_kv_heads)
+        if draft.draft_method in HEADS:
+            head = build_head(draft.draft_method, draft.hf_config, draft.model_dir, self.model,
+                              max_position=self.info.max_model_len, dtype=draft.dtype,
+                              device=draft.device, load_format=load_format)
+            if draft.draft_method == "eagle3":
+                self.model.aux_layers = aux_layers(draft.hf_config, self.info.shape.num_layers)
+            return EagleDrafter(head, ModelRunner(head, self.engine.block_size, attention,
+                                                  draft.device, self.engine.seed), self.runner)
         model = build_model(draft.hf_config, draft.model_dir, max_position=self.info.max_model_len,
                             dtype=draft.dtype, device=draft.device, load_format=load_format,
                             gguf_file=draft.gguf_file,
                             keep_quantized=draft.quantization in ("auto", "fp8"),
                             weight_scheme=draft.weight_scheme)
-        attention = select_attention_backend(self.engine.attention_backend, draft.device,
-                                             draft.shape.num_kv_heads)
         return Drafter(ModelRunner(model, self.engine.block_size, attention, draft.device,
                                    self.engine.seed))
 

@@ -281,8 +281,8 @@ def test_the_simulated_gpus_roofline_says_where_speculation_stops_paying():
 
 
 @pytest.mark.parametrize("config, words", [
-    ({"method": "eagle", "model": "x", "num_speculative_tokens": 2}, "'eagle' is not run yet"),
-    ({"method": "draft_model", "num_speculative_tokens": 2}, "needs the draft model's path"),
+    ({"method": "eagle3", "num_speculative_tokens": 2}, "'eagle3' needs the path of its head"),
+    ({"method": "draft_model", "num_speculative_tokens": 2}, "needs the path of its draft model"),
     ({"num_speculative_tokens": 2}, "give 'ngram', or a draft `model`"),
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
     ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4,

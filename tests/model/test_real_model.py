@@ -9,9 +9,11 @@ import pytest
 import torch
 from conftest import user_cache
 from support.accuracy import prompt_scores
+from support.eagle import build_eagle_head
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pagedserve import LLM, SamplingParams
+from pagedserve.model.gguf_file import metadata_dir
 
 PLAIN = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there was a",
          "The three primary colors are", "Water boils at a temperature of"]
@@ -123,13 +125,20 @@ def test_model_config_comes_from_the_file(llm):
     assert info.dtype == torch.float32 and info.gguf_file is not None
 
 
-@pytest.mark.parametrize("speculative", ["ngram", "draft_model"])
-def test_speculative_decoding_keeps_the_greedy_tokens(llm, embedded_gguf, prompts, speculative):
-    """Prompt lookup, and the model as its own draft: every token is the plain engine's
+@pytest.mark.parametrize("speculative", ["ngram", "draft_model", "eagle"])
+def test_speculative_decoding_keeps_the_greedy_tokens(llm, embedded_gguf, prompts, speculative,
+                                                      tmp_path):
+    """Prompt lookup, the model as its own draft, and a random EAGLE head in the published
+    layout (no trained one exists for this model): every token is the plain engine's
     (itself HF's, above), and the drafts are used."""
-    config = ({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2}
-              if speculative == "ngram" else
-              {"model": str(embedded_gguf), "num_speculative_tokens": 3})
+    config = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2}
+    if speculative == "draft_model":
+        config = {"model": str(embedded_gguf), "num_speculative_tokens": 3}
+    elif speculative == "eagle":
+        with user_cache():
+            target_dir = metadata_dir(embedded_gguf)
+        head = build_eagle_head(tmp_path / "eagle", target_dir, "eagle", seed=1)
+        config = {"method": "eagle", "model": str(head), "num_speculative_tokens": 2}
     with user_cache():
         spec = LLM(str(embedded_gguf), device="cpu", dtype="float32", max_model_len=1024,
                    kv_cache_memory_gb=0.1, speculative_config=config)
@@ -138,6 +147,7 @@ def test_speculative_decoding_keeps_the_greedy_tokens(llm, embedded_gguf, prompt
     ours = [o.outputs[0].token_ids for o in spec.generate(inputs, params, use_tqdm=False)]
     assert ours == [o.outputs[0].token_ids for o in llm.generate(inputs, params, use_tqdm=False)]
     stats = spec.get_spec_decode_stats()
-    assert stats["accepted_tokens"] > 0, stats
+    assert stats["draft_tokens"] > 0, stats
+    assert stats["accepted_tokens"] > 0 or speculative == "eagle", stats
     if speculative == "draft_model":
         assert stats["acceptance_rate"] > 0.9, stats

@@ -81,7 +81,7 @@ def build_model(hf_config, model_dir: Path, *, max_position: int, dtype: torch.d
                                        expert_parallel=expert_parallel)
     model.to(dtype=dtype)
     if load_format == "dummy":
-        _init_dummy(model)
+        init_dummy(model)
     elif checkpoint is not None:
         load_weights(model, _joined(checkpoint.items(), weight_scheme),
                      "the object store's checkpoint")
@@ -184,11 +184,13 @@ def _expected_entries(params: dict[str, torch.Tensor]) -> set[str]:
     return expected
 
 
-def _init_dummy(model: nn.Module) -> None:
+def init_dummy(model: nn.Module) -> None:
     """Random weights for benchmarks: small normal values, norms at one; drawn on the
-    model's device in its dtype."""
+    model's device in its dtype. Integer tables (an EAGLE-3 head's d2t) stay zero."""
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
     for name, param in model.named_parameters():
+        if not param.is_floating_point():
+            continue
         if name.endswith("norm.weight"):
             param.data.fill_(1.0)
         else:

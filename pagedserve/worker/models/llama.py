@@ -182,6 +182,10 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
+        # The layers whose inputs (the residual stream there) the last forward keeps in
+        # `aux_hidden`, in this order, for an EAGLE-3 head (models/eagle.py); none by default.
+        self.aux_layers: tuple[int, ...] = ()
+        self.aux_hidden: list[torch.Tensor] = []
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], metadata: AttentionMetadata) -> torch.Tensor:
@@ -189,8 +193,14 @@ class LlamaForCausalLM(nn.Module):
         hidden = self.model.embed_tokens(input_ids)
         rope = self.model.rotary.lookup(positions)
         residual = None
-        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+        kept = {}  # an EAGLE-3 head reads the inputs of the layers aux_layers names
+        for index, (layer, kv_cache) in enumerate(zip(self.model.layers, kv_caches,
+                                                      strict=True)):
+            if index in self.aux_layers:
+                kept[index] = hidden if residual is None else residual + hidden
             hidden, residual = layer(rope, hidden, residual, kv_cache, metadata)
+        if kept:
+            self.aux_hidden = [kept[index] for index in self.aux_layers]
         return residual + hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:

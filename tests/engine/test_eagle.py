@@ -1,0 +1,158 @@
+"""Speculative decoding with EAGLE heads (engine.speculative, methods "eagle" and
+"eagle3"), in their published checkpoint layouts.
+
+No trained head exists for the tests' models, so each head is random and held
+to a dense reference (tests/support/eagle.py): at every step that proposes,
+the paged head's proposals are the reference's, drafted from HF transformers'
+hidden states of the same sequence. The greedy tokens are the target's own.
+
+For the EAGLE head to be kept often, so that the rows of kept drafts are fed
+too, the target is made to predict from its newest token alone (its attention
+writes nothing), and the head mostly copies it: fc takes the embedding, with a
+little of the target's feature, and the head's attention adds a little.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import user_cache
+from safetensors.torch import load_file, save_file
+from support import REPO
+from support.eagle import ReferenceDrafter, build_eagle_head
+
+from pagedserve import LLM, SamplingParams
+from pagedserve.config import config_from_fields, load, parse
+from pagedserve.engine.speculation import draft_model
+from pagedserve.model.resolve import resolve
+from pagedserve.testing import build_random_model
+from pagedserve.worker.eagle_draft import EagleDrafter
+
+ENGINE = dict(device="cpu", dtype="float32", num_gpu_blocks=96, max_model_len=384, block_size=8)
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11] * 4, [40 + i % 13 for i in range(30)]]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+    return tmp_path_factory.mktemp("eagle")
+
+
+@pytest.fixture(scope="module")
+def copying(tmp):
+    """A one-layer target whose next token depends on its newest token alone, and an
+    EAGLE head that nearly copies it."""
+    target = build_random_model(tmp / "copying", arch="llama", num_hidden_layers=1)
+    weights = load_file(target / "model.safetensors")
+    weights["model.layers.0.self_attn.o_proj.weight"].zero_()
+    weights["model.norm.weight"].fill_(1.0)  # the head's LM head reads no norm
+    save_file(weights, target / "model.safetensors")
+    head = build_eagle_head(tmp / "copying-eagle", target, "eagle", seed=1)
+    tensors = load_file(head / "model.safetensors")
+    hidden = tensors["fc.weight"].shape[0]
+    tensors["fc.weight"] = torch.cat([torch.eye(hidden), 0.005 * tensors["fc.weight"][:, hidden:]],
+                                     dim=1)
+    for name in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "post_attention_layernorm"):
+        tensors[f"layers.0.{name}.weight"] = weights[f"model.layers.0.{name}.weight"]
+    tensors["layers.0.self_attn.o_proj.weight"] *= 0.05
+    save_file(tensors, head / "model.safetensors")
+    return target, head
+
+
+@pytest.fixture(scope="module")
+def deep(tmp):
+    """A four-layer target (an EAGLE-3 head reads the inputs of its layers 2, 2 and 1)
+    and a random EAGLE-3 head with its own embedding and a vocabulary of 128 tokens."""
+    target = build_random_model(tmp / "deep", arch="llama", num_hidden_layers=4,
+                                num_key_value_heads=2)
+    head = build_eagle_head(tmp / "deep-eagle3", target, "eagle3", seed=2, own_embedding=True,
+                            draft_vocab_size=128)
+    return target, head
+
+
+def _spy(monkeypatch) -> list[tuple[int, list[int]]]:
+    """Each proposal the head makes: (the sequence's length then, its newest token
+    included, which the head read in its last row; the proposals)."""
+    events: list[tuple[int, list[int]]] = []
+    propose = EagleDrafter._proposals
+
+    def spy(self, step, asking, out, nexts, kv_caches):
+        proposals = propose(self, step, asking, out, nexts, kv_caches)
+        events.extend((seq.context_len + 1, proposals[seq.seq_id]) for seq in asking)
+        return proposals
+
+    monkeypatch.setattr(EagleDrafter, "_proposals", spy)
+    return events
+
+
+def _check(method, target, head, engine, monkeypatch) -> dict:
+    events = _spy(monkeypatch)
+    spec = LLM(str(target), **{**ENGINE, **engine}, speculative_config={
+        "method": method, "model": str(head), "num_speculative_tokens": 3})
+    plain = LLM(str(target), **ENGINE)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    ours = spec.generate(prompts[:1], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    theirs = plain.generate(prompts[:1], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    assert ours == theirs
+    sequence = PROMPTS[0] + ours
+    reference = ReferenceDrafter(method, head, target)
+    checked = 0
+    for length, proposals in events:
+        if length <= len(sequence):
+            assert proposals == reference.propose(sequence[:length], len(proposals)), length
+            checked += 1
+    assert checked >= 5
+    # Both prompts at once, the second beside the first: tokens still the target's.
+    assert ([o.outputs[0].token_ids for o in spec.generate(prompts, GREEDY, use_tqdm=False)]
+            == [o.outputs[0].token_ids for o in plain.generate(prompts, GREEDY, use_tqdm=False)])
+    if "num_gpu_blocks" in engine:
+        assert spec.engine.scheduler.num_preemptions > 0
+    stats = spec.engine.stats()
+    assert stats.free_blocks == stats.total_blocks, "blocks leaked"
+    return spec.get_spec_decode_stats()
+
+
+@pytest.mark.parametrize("engine", [
+    {},
+    {"max_num_batched_tokens": 12, "async_scheduling": True},  # prompts in chunks
+    {"num_gpu_blocks": 10, "max_model_len": 64, "preemption_mode": "swap"},
+    {"num_gpu_blocks": 10, "max_model_len": 64, "preemption_mode": "recompute",
+     "async_scheduling": True},
+], ids=["default", "chunked-async", "swap", "recompute-async"])
+def test_an_eagle_heads_proposals_are_the_references_and_mostly_kept(copying, engine,
+                                                                      monkeypatch):
+    stats = _check("eagle", *copying, engine, monkeypatch)
+    assert stats["acceptance_rate"] > 0.5, stats
+
+
+def test_an_eagle3_heads_proposals_are_the_references(deep, monkeypatch):
+    stats = _check("eagle3", *deep, {"max_num_batched_tokens": 12}, monkeypatch)
+    assert stats["draft_tokens"] > 0
+
+
+def test_a_head_that_cannot_run_is_refused_at_start_with_the_reason(deep, copying, tmp):
+    target, head = deep
+
+    def refusal(path=target, method="eagle3", model=head, **fields) -> str:
+        config = config_from_fields(str(path), {"device": "cpu", **fields, "speculative_config": {
+            "method": method, "model": str(model), "num_speculative_tokens": 2}}, source="test")
+        info = resolve(config.model, torch.device("cpu"))
+        with pytest.raises(ValueError, match="engine.speculative") as raised:
+            draft_model(config, info)
+        return str(raised.value)
+
+    assert "runs at tensor_parallel_size 1" in refusal(tensor_parallel_size=2)
+    gemma = build_random_model(tmp / "gemma3", arch="gemma3")
+    assert "reads a Llama-family decoder's hidden states" in refusal(gemma)
+    wider = build_random_model(tmp / "wider", arch="llama", hidden_size=96,
+                               num_hidden_layers=4)
+    assert "hidden states of 64 values and the target's have 96" in refusal(wider)
+    other = build_random_model(tmp / "other-vocab", arch="llama", vocab_size=300,
+                               num_hidden_layers=4)
+    assert "a vocabulary of 512 tokens and the target 300" in refusal(other)
+    assert "reads the inputs of layers [2, 0, -2]" in refusal(copying[0])
+    with user_cache(), pytest.raises(ValueError, match="no hidden states for an EAGLE head"):
+        sim = load(REPO / "configs" / "llama-3-8b-h200-sim.yaml").model_dump()
+        sim["engine"]["speculative"] = {"method": "eagle", "model": str(copying[1]),
+                                        "num_speculative_tokens": 2}
+        LLM(config=parse(sim))

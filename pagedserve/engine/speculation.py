@@ -44,7 +44,7 @@ def draft_model(config: Config, target: ModelInfo) -> ModelInfo | None:
     and in its dtype (on a simulated GPU, from its preset); None where the method
     needs none. A vocabulary unlike the target's is refused with the reason, and so is
     a target with a sliding window in every layer. Under tensor parallelism rank 0
-    holds the draft whole."""
+    holds a draft model whole, and an EAGLE head is split like the target."""
     spec = config.engine.speculative
     if spec is None or spec.runs == "ngram":
         return None
@@ -74,10 +74,6 @@ def _eagle_head(config: Config, target: ModelInfo, method: str, path: str) -> Mo
     if config.engine.simulator is not None:
         raise ValueError(f"{where}: the simulated GPU has no weights, so no hidden states for "
                          f"an EAGLE head to read; it runs 'ngram' and 'draft_model'")
-    if config.parallel.tensor_parallel_size > 1:
-        raise ValueError(f"{where}: an EAGLE head reads the target's embedding and LM head, "
-                         f"which tensor parallelism splits across ranks; {method!r} runs at "
-                         f"tensor_parallel_size 1 ('ngram' and 'draft_model' run at any)")
     architectures = set(getattr(target.hf_config, "architectures", None) or ())
     if not architectures & TARGET_ARCHITECTURES:
         raise ValueError(f"{where}: an EAGLE head reads a Llama-family decoder's hidden "
@@ -85,8 +81,12 @@ def _eagle_head(config: Config, target: ModelInfo, method: str, path: str) -> Mo
                          f"{', '.join(sorted(architectures))}")
     # The head's own max_position_embeddings is what it was trained at, not a limit: its
     # rotary table spans the target's max_model_len (models/eagle.py).
-    head = resolve(ModelConfig(path=path, trust_remote_code=config.model.trust_remote_code),
-                   target.device)
+    # Split like the target (worker.draft_tp_size): its heads must divide as the target's.
+    try:
+        head = resolve(ModelConfig(path=path, trust_remote_code=config.model.trust_remote_code),
+                       target.device, config.parallel)
+    except ValueError as error:
+        raise ValueError(f"{where}.model: {error}") from None
     hidden = getattr(head.hf_config, "target_hidden_size", None) or head.hf_config.hidden_size
     if hidden != target.hf_config.hidden_size:
         raise ValueError(f"{where}.model: the head {path!r} reads hidden states of "

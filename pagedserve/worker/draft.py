@@ -46,10 +46,12 @@ class Drafter:
         self.runner = runner  # the draft model's, without adapters or CUDA graphs
 
     @torch.inference_mode()
-    def propose(self, step: StepInput, output: StepOutput, kv_caches: list[KVCache]
-                ) -> StepOutput:
+    def propose(self, step: StepInput, output: StepOutput | None, kv_caches: list[KVCache]
+                ) -> StepOutput | None:
         """Compute the step's verified tokens in the draft's cache, and add each asking
         sequence's proposals to its sample. `step` has its tokens in flight filled in."""
+        if output is None:
+            return None
         samples = {sample.seq_id: sample for sample in output.samples}
         first, asking = [], {}
         for seq in step.seqs:

@@ -31,6 +31,7 @@ import dataclasses
 import torch
 
 from pagedserve.scheduler.step import ScheduledSequence, StepInput, StepOutput
+from pagedserve.worker.distributed import TPGroup
 from pagedserve.worker.draft import with_proposals
 from pagedserve.worker.layers.attention import KVCache
 from pagedserve.worker.model_runner import ModelRunner
@@ -39,39 +40,40 @@ from pagedserve.worker.models.eagle import Eagle3Head, EagleHead
 
 class EagleDrafter:
     def __init__(self, head: EagleHead | Eagle3Head, runner: ModelRunner,
-                 target_runner: ModelRunner) -> None:
+                 target_runner: ModelRunner, tp: TPGroup = TPGroup()) -> None:
         self.head = head
         self.runner = runner  # the head's attention plan and inputs (its forward is its own)
         self.target_runner = target_runner
+        self.tp = tp  # every rank runs its shard of the head; rank 0 samples
         target_runner.keep_hidden = True
 
     @torch.inference_mode()
-    def propose(self, step: StepInput, output: StepOutput, kv_caches: list[KVCache]
-                ) -> StepOutput:
+    def propose(self, step: StepInput, output: StepOutput | None, kv_caches: list[KVCache]
+                ) -> StepOutput | None:
         """Compute the head's rows of the positions the step verified, and add each asking
-        sequence's proposals to its sample. `step` has its tokens in flight filled in."""
+        sequence's proposals to its sample (on rank 0, whose `output` has the samples).
+        `step` has its tokens in flight filled in."""
         kept = self.target_runner.kept
         self.target_runner.kept = None
         if kept is None:
             return output
         target_seqs, hidden = kept
-        samples = {sample.seq_id: sample for sample in output.samples}
+        sampled = self._sampled(target_seqs, output)
         feed: list[ScheduledSequence] = []
         rows: list[int] = []
         row = 0
         for seq in target_seqs:
             first_row, row = row, row + seq.num_tokens
-            sample = samples.get(seq.seq_id) if seq.do_sample else None
-            if sample is not None:  # the tokens kept, and the one sampled after them
-                drafted = len(seq.draft_token_ids or ())
-                verified = seq.num_tokens - drafted + len(sample.accepted or ())
-                after: int | None = sample.token_id
+            outcome = sampled.get(seq.seq_id)
+            if outcome is not None:  # the drafts kept, and the token sampled after them
+                kept_drafts, after = outcome
+                verified = seq.num_tokens - len(seq.draft_token_ids or ()) + kept_drafts
             else:
                 verified, after = seq.num_tokens, seq.next_token_id
             tokens = seq.token_ids[1:verified] + ([] if after is None else [after])
             if not tokens:
                 continue
-            asks = sample is not None and seq.num_proposals > 0
+            asks = outcome is not None and seq.num_proposals > 0
             feed.append(ScheduledSequence(seq_id=seq.seq_id, token_ids=tokens,
                                           start_pos=seq.start_pos, block_table=seq.block_table,
                                           do_sample=asks))
@@ -91,8 +93,35 @@ class EagleDrafter:
         if not asking:
             return output
         proposals = self._proposals(step, asking, out, nexts, kv_caches)
+        if output is None:
+            return None
         return dataclasses.replace(output, samples=[
             with_proposals(sample, proposals.get(sample.seq_id)) for sample in output.samples])
+
+    def _sampled(self, seqs: list[ScheduledSequence], output: StepOutput | None
+                 ) -> dict[int, tuple[int, int]]:
+        """Each sampling sequence's (drafts kept, token sampled), on every rank: rank 0
+        sampled them and broadcasts them to the others."""
+        ids = [seq.seq_id for seq in seqs if seq.do_sample]
+        outcomes: dict[int, tuple[int, int]] = {}
+        for sample in output.samples if output is not None else ():
+            outcomes.setdefault(sample.seq_id, (len(sample.accepted or ()), sample.token_id))
+        if self.tp.size == 1 or not ids:
+            return outcomes
+        values = (torch.tensor([outcomes[seq_id] for seq_id in ids], dtype=torch.int64)
+                  if output is not None else torch.empty(len(ids), 2, dtype=torch.int64))
+        values = self.tp.broadcast(values.to(self.target_runner.device)).tolist()
+        return {seq_id: (kept, token) for seq_id, (kept, token) in zip(ids, values, strict=True)}
+
+    def _greedy(self, rows: torch.Tensor) -> list[int]:
+        """The head's proposal for each row, on every rank."""
+        tokens = self.head.greedy(rows)
+        if self.tp.size == 1:
+            assert tokens is not None
+            return tokens.tolist()
+        if tokens is None:
+            tokens = torch.empty(rows.shape[0], dtype=torch.int64, device=rows.device)
+        return self.tp.broadcast(tokens).tolist()
 
     def _run(self, seqs: list[ScheduledSequence], features: torch.Tensor,
              kv_caches: list[KVCache]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,7 +137,7 @@ class EagleDrafter:
         ends = {seq.seq_id: seq.context_len for seq in asking}
         going = asking
         while True:
-            for seq, token in zip(going, self.head.greedy(out).tolist(), strict=True):
+            for seq, token in zip(going, self._greedy(out), strict=True):
                 proposals[seq.seq_id].append(token)
             keep = [i for i, seq in enumerate(going)
                     if len(proposals[seq.seq_id]) < wanted[seq.seq_id]]

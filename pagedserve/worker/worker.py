@@ -53,15 +53,23 @@ def kv_block_shape(info: ModelInfo, block_size: int, tp_size: int) -> tuple[int,
     return block_size, info.shape.num_kv_heads // tp_size, info.shape.head_dim
 
 
+def draft_tp_size(draft: ModelInfo, tp_size: int) -> int:
+    """How many ranks a draft is split over: an EAGLE head is sharded like the target
+    (it reads the target's embedding and LM head, which are), a draft model is held
+    whole on rank 0."""
+    return tp_size if draft.draft_method in HEADS else 1
+
+
 def kv_block_bytes(info: ModelInfo, engine: EngineConfig, tp_size: int,
                    rank: int = 0) -> int:
     """Bytes of one block on one rank, across all layers, keys and values, in the KV
-    cache's dtype; on rank 0, with a draft model's (held whole there) too."""
+    cache's dtype; with a draft's too, on the ranks that hold it."""
     itemsize = kv_cache_dtype(engine.kv_cache_dtype, info.dtype).itemsize
     own = engine.block_size * info.shape.kv_bytes_per_token(tp_size, itemsize)
-    if info.draft is None or rank != 0:
+    if info.draft is None:
         return own
-    return own + kv_block_bytes(info.draft, engine, 1)
+    split = draft_tp_size(info.draft, tp_size)
+    return own if rank >= split else own + kv_block_bytes(info.draft, engine, split)
 
 
 class Worker:
@@ -85,7 +93,7 @@ class Worker:
         self.runner = ModelRunner(self.model, engine.block_size, self.attention, info.device,
                                   engine.seed)
         self.drafter: Drafter | EagleDrafter | None = None
-        if info.draft is not None and tp.rank == 0:  # the draft runs whole on rank 0
+        if info.draft is not None and tp.rank < draft_tp_size(info.draft, tp.size):
             self.drafter = self._build_drafter(info.draft, load_format)
             self.weight_bytes += weight_bytes(self.drafter.runner.model)
         # Adapter slots take their memory before the KV pool is sized from what is left.
@@ -119,16 +127,18 @@ class Worker:
     def _build_drafter(self, draft: ModelInfo, load_format: str) -> Drafter | EagleDrafter:
         """The draft model or EAGLE head, whole on this (only) rank, with a runner of its
         own."""
+        split = draft_tp_size(draft, self.tp.size)
         attention = select_attention_backend(self.engine.attention_backend, draft.device,
-                                             draft.shape.num_kv_heads)
+                                             draft.shape.num_kv_heads // split)
         if draft.draft_method in HEADS:
             head = build_head(draft.draft_method, draft.hf_config, draft.model_dir, self.model,
                               max_position=self.info.max_model_len, dtype=draft.dtype,
-                              device=draft.device, load_format=load_format)
+                              device=draft.device, load_format=load_format, tp=self.tp)
             if draft.draft_method == "eagle3":
                 self.model.aux_layers = aux_layers(draft.hf_config, self.info.shape.num_layers)
             return EagleDrafter(head, ModelRunner(head, self.engine.block_size, attention,
-                                                  draft.device, self.engine.seed), self.runner)
+                                                  draft.device, self.engine.seed), self.runner,
+                                self.tp)
         model = build_model(draft.hf_config, draft.model_dir, max_position=self.info.max_model_len,
                             dtype=draft.dtype, device=draft.device, load_format=load_format,
                             gguf_file=draft.gguf_file,
@@ -143,7 +153,7 @@ class Worker:
 
     @property
     def block_bytes(self) -> int:
-        """A block's bytes on this rank: the target's KV, and on rank 0 the draft's."""
+        """A block's bytes on this rank: the target's KV, and the draft's where it is."""
         return kv_block_bytes(self.info, self.engine, self.tp.size, self.tp.rank)
 
     def num_available_blocks(self, max_num_batched_tokens: int) -> int:
@@ -213,8 +223,9 @@ class Worker:
         model, or of `info`'s (the draft model, whole on its rank)."""
         if info is None:
             return (self.info.shape.num_layers, 2, num_blocks, *self.kv_block_shape)
+        split = draft_tp_size(info, self.tp.size)
         return (info.shape.num_layers, 2, num_blocks,
-                *kv_block_shape(info, self.engine.block_size, 1))
+                *kv_block_shape(info, self.engine.block_size, split))
 
     def execute(self, step: StepInput) -> StepOutput | None:
         """Run one step; rank 0 returns the sampled tokens, other ranks None.
@@ -240,7 +251,7 @@ class Worker:
         if step.lora_loads or step.lora_unloads:
             self.lora.apply(step.lora_loads, step.lora_unloads)
         output = self.runner.execute(step, self.kv_caches)
-        if self.drafter is not None and output is not None and step.seqs:
+        if self.drafter is not None and step.seqs:
             output = self.drafter.propose(step, output, self.draft_caches)
         if self.async_scheduling:
             self._last_tokens = self._sampled_tokens(step, output)

@@ -141,7 +141,8 @@ def test_a_head_that_cannot_run_is_refused_at_start_with_the_reason(deep, copyin
             draft_model(config, info)
         return str(raised.value)
 
-    assert "runs at tensor_parallel_size 1" in refusal(tensor_parallel_size=2)
+    assert "tensor_parallel_size=4 does not divide the model's num_key_value_heads=2" in refusal(
+        tensor_parallel_size=4, distributed_executor_backend="ray")  # 2 KV heads
     gemma = build_random_model(tmp / "gemma3", arch="gemma3")
     assert "reads a Llama-family decoder's hidden states" in refusal(gemma)
     wider = build_random_model(tmp / "wider", arch="llama", hidden_size=96,
@@ -156,3 +157,32 @@ def test_a_head_that_cannot_run_is_refused_at_start_with_the_reason(deep, copyin
         sim["engine"]["speculative"] = {"method": "eagle", "model": str(copying[1]),
                                         "num_speculative_tokens": 2}
         LLM(config=parse(sim))
+
+
+@pytest.mark.parametrize("method", ["eagle", "eagle3"])
+def test_tensor_parallel_ranks_draft_with_the_head_split_like_the_target(
+        ray_cluster, copying, deep, method):
+    """TP=2 on Ray: each rank runs its shard of the head over its shard of the blocks, and
+    the nearly copying EAGLE head is still mostly kept (a rank drafting from the wrong
+    rows, tokens or KV would not be)."""
+    target, head = copying if method == "eagle" else deep
+    config = parse({"model": {"path": str(target), "dtype": "float32", "max_model_len": 384},
+                    "engine": {"device": "cpu", "num_gpu_blocks": 96, "block_size": 8,
+                               "speculative": {"method": method, "model": str(head),
+                                               "num_speculative_tokens": 3}},
+                    "parallel": {"tensor_parallel_size": 2, "distributed_executor_backend": "ray",
+                                 "worker_cpus": 0.25}})
+    tp2, plain = LLM(config=config), LLM(str(target), **ENGINE)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    try:
+        assert ([o.outputs[0].token_ids for o in tp2.generate(prompts, GREEDY, use_tqdm=False)]
+                == [o.outputs[0].token_ids
+                    for o in plain.generate(prompts, GREEDY, use_tqdm=False)])
+        stats = tp2.get_spec_decode_stats()
+        assert stats["draft_tokens"] > 0
+        if method == "eagle":
+            assert stats["acceptance_rate"] > 0.5, stats
+        engine_stats = tp2.engine.stats()
+        assert engine_stats.free_blocks == engine_stats.total_blocks, "blocks leaked"
+    finally:
+        tp2.shutdown()

@@ -80,9 +80,8 @@ class EagleHead(nn.Module):
     checkpoint_renames: list[tuple[str, str]] = []
 
     def __init__(self, config, max_position: int, target: LlamaForCausalLM,
-                 own_embedding: bool) -> None:
+                 own_embedding: bool, tp: TPGroup) -> None:
         super().__init__()
-        tp = TPGroup()
         self.shared = _Shared(target)
         self.embed_tokens = (VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
                              if own_embedding else None)
@@ -110,10 +109,11 @@ class EagleHead(nn.Module):
         out = out + residual
         return out, out
 
-    def greedy(self, rows: torch.Tensor) -> torch.Tensor:
-        """The most likely target token of each row: the target's LM head, no norm."""
+    def greedy(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """The most likely target token of each row: the target's LM head, no norm. Rank 0
+        gets them (the logits are gathered there); other ranks None."""
         logits = self.shared.lm_head.compute_logits(rows)
-        return logits.argmax(dim=-1)
+        return None if logits is None else logits.argmax(dim=-1)
 
 
 class Eagle3Layer(nn.Module):
@@ -149,9 +149,8 @@ class Eagle3Head(nn.Module):
     checkpoint_renames = [("midlayer.", "layers.0.")]
 
     def __init__(self, config, max_position: int, target: LlamaForCausalLM,
-                 own_embedding: bool) -> None:
+                 own_embedding: bool, tp: TPGroup) -> None:
         super().__init__()
-        tp = TPGroup()
         self.shared = _Shared(target)
         draft_vocab = getattr(config, "draft_vocab_size", None) or config.vocab_size
         target_hidden = getattr(config, "target_hidden_size", None) or config.hidden_size
@@ -180,8 +179,11 @@ class Eagle3Head(nn.Module):
                                        metadata)
         return self.norm(out, residual)
 
-    def greedy(self, rows: torch.Tensor) -> torch.Tensor:
-        draft_ids = self.lm_head.compute_logits(rows).argmax(dim=-1)
+    def greedy(self, rows: torch.Tensor) -> torch.Tensor | None:
+        logits = self.lm_head.compute_logits(rows)
+        if logits is None:
+            return None
+        draft_ids = logits.argmax(dim=-1)
         return draft_ids + self.d2t[draft_ids]
 
 
@@ -191,14 +193,17 @@ HEADS: dict[str, type[EagleHead] | type[Eagle3Head]] = {"eagle": EagleHead,
 
 def build_head(method: str, config, model_dir: Path, target: LlamaForCausalLM, *,
                max_position: int, dtype: torch.dtype, device: torch.device,
-               load_format: str) -> EagleHead | Eagle3Head:
-    """The head, loaded from its checkpoint (random weights for "dummy")."""
+               load_format: str, tp: TPGroup = TPGroup()) -> EagleHead | Eagle3Head:
+    """This rank's shard of the head, loaded from its checkpoint (random weights for
+    "dummy"). Under tensor parallelism it is split like the target's layers: heads and
+    MLP features by rank, the embedding and LM head by vocabulary rows; `fc` and `d2t`
+    are whole on every rank."""
     tensors = {} if load_format == "dummy" else {
         name.removeprefix("model."): tensor for name, tensor in checkpoint_tensors(model_dir)
         if not name.endswith("t2d")}
     own_embedding = "embed_tokens.weight" in tensors
     with torch.device(device), default_dtype(dtype):
-        head = HEADS[method](config, max_position, target, own_embedding)
+        head = HEADS[method](config, max_position, target, own_embedding, tp)
     head.to(dtype=dtype)
     if load_format == "dummy":
         init_dummy(head)

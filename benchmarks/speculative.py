@@ -136,7 +136,9 @@ def _sim_prompts(text: list[int], batch: int, length: int, edit_every: int,
     for seed in range(batch):
         start = _spread(seed, 0) % len(text)
         copy = [text[(start + i) % len(text)] for i in range(length)]
-        for i in range(edit_every // 2, length, edit_every):
+        # Each request's edits at a phase of its own: a batch's sequences are not all at
+        # an edit (where lookup finds nothing) in the same step.
+        for i in range((edit_every // 2 + seed) % edit_every, length, edit_every):
             copy[i] = text[(start + i + 7919) % len(text)]  # another word of the text
         prefix = [text[(start + 50_000 + i) % len(text)] for i in range(64)]  # the "instruction"
         prompts.append({"prompt_token_ids": prefix + copy})

@@ -271,15 +271,19 @@ class Scheduler:
                                          == 1 + len(seq.draft_token_ids or ()) for seq in seqs)
         stats.step_done(sum(seq.num_tokens for seq in seqs), step_output.device_s, decode_only)
         # A step's rate is its tokens over the time since the step before it was taken
-        # in, where that step went the same way (speculating or not): a switch's first
-        # step pays for the switch (plain steps overlap the host's work, speculating
-        # ones do not).
+        # in. The first speculating step after plain ones counts, as it pays for
+        # switching (the plain steps' overlap ends, a draft model catches up with the
+        # steps it sat out); the first plain one after speculating ones does not (it
+        # waited for nothing).
         now, last = time.perf_counter(), self._last_taken_in
         speculated = step_input.speculates
         self._last_taken_in = (now, speculated) if decode_only else None
-        if decode_only and last is not None and last[1] == speculated:
+        if decode_only and last is not None and (speculated or not last[1]):
             tokens = sum(1 + len(sample.accepted or ()) for sample in step_output.samples)
             stats.rates.observe(len(seqs), speculated, tokens, now - last[0])
+            if speculated and last[1] and step_output.device_s:
+                stats.observe_sync_host(len(seqs), max(0.0, now - last[0]
+                                                       - step_output.device_s))
 
     def _stops(self, seq: Sequence) -> bool:
         """Finish the sequence if its newest token ends it; say whether it did."""

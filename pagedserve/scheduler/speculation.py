@@ -22,19 +22,27 @@ for, and a the chance that a draft is kept given the ones before it were
 (so a run of j drafts keeps a + ... + a^j on average). f and a are measured
 over recent steps. `cost(B, D)` is the device's step time with D drafts:
 the roofline's on a simulated GPU (model/roofline.py, engine/speculation.py),
-else a line fitted to the measured decode steps (`MeasuredCost`). The host's
-work, which neither sees, is weighed by measuring: where recent plain steps
-gave more tokens per second than speculating ones at the same batch size
-(`MeasuredRates`), the step decodes plainly. Now and then `probe_len` steps
-go the other way (plain while speculating, full length while plain), so f, a
-and both rates stay current: after `probe_every` steps, then twice as many
-while the probes change nothing (and `probe_every` again at another batch
-size). `disable_by_batch_size` (vLLM's) is a hard ceiling
-on top.
+else a line fitted to the measured decode steps (`MeasuredCost`). A
+speculating step also pays the host's work between steps, which plain steps
+overlap with the device's: its measured wall time less its device time
+(`SpecStats.sync_host`) is added to its cost, so longer drafts amortise it.
+What the models still miss is weighed by measuring: where both ways have
+been measured at a batch size (in powers of two, `MeasuredRates`), the one
+whose recent steps gave more tokens per second goes, and the model picks how
+far to speculate. A switch's cost counts against speculating: the first
+speculating step after plain ones is measured with the time it took (the
+overlap ended, a draft model caught up). Acceptance and coverage follow recent
+sequences, not steps, so a step of 256 weighs more than a step of one. Now and
+then `probe_len` steps go the other way (plain while speculating, full length
+while plain), so f, a and both rates stay current: after `probe_every` steps,
+then twice as many while the probes change nothing, and never so often that
+the probes cost more than `probe_share` of the time at the rates measured.
+`disable_by_batch_size` (vLLM's) is a hard ceiling on top.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -49,6 +57,15 @@ StepCost = Callable[[int, int, int], float]
 
 # How fast the measured figures follow the recent steps.
 _WEIGHT = 0.1
+# Acceptance and coverage follow recent sequences, not steps: a step of this many
+# sequences weighs _WEIGHT, one of n sequences as n / this many such steps would.
+_SEQS_PER_WEIGHT = 8
+
+
+def _weight(sequences: int) -> float:
+    """The weight of a step's acceptance or coverage measured over `sequences`: at most
+    a half, so one step's figure never stands alone."""
+    return min(0.5, 1.0 - (1.0 - _WEIGHT) ** max(1.0, sequences / _SEQS_PER_WEIGHT))
 
 
 @dataclass
@@ -102,11 +119,22 @@ class MeasuredRates:
             rate - self._rates[key])
         self._steps[key] = seen + 1
 
-    def plain_is_faster(self, decodes: int) -> bool:
+    def speculating_is_faster(self, decodes: int) -> bool | None:
+        """Whether recent speculating steps at this batch size gave more tokens per second
+        than plain ones; None until both are measured."""
         bucket = decodes.bit_length()
         if min(self._steps.get((bucket, mode), 0) for mode in (False, True)) < self.min_steps:
-            return False
-        return self._rates[(bucket, False)] > self._rates[(bucket, True)]
+            return None
+        return self._rates[(bucket, True)] > self._rates[(bucket, False)]
+
+    def affordable_wait(self, decodes: int, probe_len: int, share: float) -> int:
+        """Steps between probes of `probe_len` steps the slower way for them to cost at
+        most `share` of the time at this batch size (0 until both ways are measured)."""
+        if self.speculating_is_faster(decodes) is None:
+            return 0
+        bucket = decodes.bit_length()
+        rates = self._rates[(bucket, False)], self._rates[(bucket, True)]
+        return math.ceil(probe_len * (1.0 - min(rates) / max(rates)) / share)
 
 
 @dataclass
@@ -129,12 +157,18 @@ class SpecStats:
     probe_bucket: int = 0  # the batch size (its bit length) the probe wait is for
     measured: MeasuredCost = field(default_factory=MeasuredCost)
     rates: MeasuredRates = field(default_factory=MeasuredRates)
+    # Seconds of host work a speculating step adds to its device time (it is taken in
+    # before the next step is planned, so its host work does not overlap the device's),
+    # by batch size in powers of two: its wall time less its device time.
+    sync_host: dict[int, float] = field(default_factory=dict)
     _kept: int = 0  # this step's kept drafts, and drafts judged (the first refused too)
     _judged: int = 0
+    _verified: int = 0
 
     def record(self, drafted: int, accepted: int) -> None:
         """A verification: `accepted` of `drafted` draft tokens kept."""
         self.verifications += 1
+        self._verified += 1
         self.draft_tokens += drafted
         self.accepted_tokens += accepted
         self._kept += accepted
@@ -144,20 +178,28 @@ class SpecStats:
         """A step's verifications are all in: fold them into the recent acceptance, and
         a decode step's time into the measured cost."""
         if self._judged:
-            self.recent_acceptance += _WEIGHT * (self._kept / self._judged
-                                                 - self.recent_acceptance)
-        self._kept = self._judged = 0
+            self.recent_acceptance += _weight(self._verified) * (
+                self._kept / self._judged - self.recent_acceptance)
+        self._kept = self._judged = self._verified = 0
         if decode_only and device_s:
             self.measured.observe(tokens, device_s)
 
-    def scheduled(self, decodes: int, drafting: int, speculating: bool) -> None:
-        """A step planned with `decodes` sequences decoding, `drafting` of them with drafts."""
+    def observe_sync_host(self, decodes: int, seconds: float) -> None:
+        bucket = decodes.bit_length()
+        seen = self.sync_host.get(bucket)
+        self.sync_host[bucket] = seconds if seen is None else seen + _WEIGHT * (seconds - seen)
+
+    def scheduled(self, decodes: int, known: int, drafting: int, speculating: bool) -> None:
+        """A step planned with `decodes` sequences decoding, `known` of them with their
+        newest token known (the others cannot draft), `drafting` with drafts."""
         if not decodes:
             return
         self.decode_steps += 1
         if speculating:
             self.speculating_steps += 1
-            self.recent_coverage += _WEIGHT * (drafting / decodes - self.recent_coverage)
+            if known:
+                self.recent_coverage += _weight(known) * (drafting / known
+                                                          - self.recent_coverage)
 
     def as_dict(self) -> dict[str, float]:
         """`acceptance_rate`: kept over proposed; `mean_accepted_length`: tokens a
@@ -179,6 +221,7 @@ class SpeculationPolicy:
     cost: StepCost | None = None  # None: measured (MeasuredCost)
     probe_every: int = 32
     probe_len: int = 4
+    probe_share: float = 0.02
 
     def num_drafts(self, decodes: int, context: int, stats: SpecStats) -> int:
         """Draft tokens per sequence for a step with `decodes` sequences decoding at a
@@ -187,16 +230,23 @@ class SpeculationPolicy:
         if self.disable_by_batch_size is not None and decodes > self.disable_by_batch_size:
             return 0
         best = self.best_length(decodes, context, stats) if decodes else k
-        if best and stats.rates.plain_is_faster(decodes):
-            best = 0  # the model says it pays; the measured steps say it does not
+        # Where both ways are measured at this batch size, the faster one goes (the models
+        # miss some of the host's work); the model still picks how far to speculate.
+        faster = stats.rates.speculating_is_faster(decodes)
+        if faster is not None:
+            best = (best or self.best_length(decodes, context, stats, at_least=1)) if faster else 0
         # Now and then probe_len steps go the other way, so both ways stay measured (in
         # runs: a way's first step after a switch is not measured). The wait starts at
-        # probe_every steps and doubles, to 16 times that, while probes change nothing.
-        if decodes.bit_length() != stats.probe_bucket:  # another batch size: probe soon
-            stats.probe_bucket, stats.probe_wait = decodes.bit_length(), 0
-            stats.steps_one_way = min(stats.steps_one_way, self.probe_every)
+        # probe_every steps and doubles, to 16 times that, while probes change nothing;
+        # and it is long enough for the probes to cost at most probe_share of the time.
+        if decodes.bit_length() != stats.probe_bucket:
+            stats.probe_bucket = decodes.bit_length()
+            if faster is None:  # a batch size not measured yet: probe soon
+                stats.probe_wait = 0
+                stats.steps_one_way = min(stats.steps_one_way, self.probe_every)
         stats.steps_one_way += 1
-        wait = stats.probe_wait or self.probe_every
+        wait = max(stats.probe_wait or self.probe_every,
+                   stats.rates.affordable_wait(decodes, self.probe_len, self.probe_share))
         if stats.steps_one_way == wait + 1:
             stats.probing_from = bool(best)
         if stats.steps_one_way > wait:
@@ -207,33 +257,38 @@ class SpeculationPolicy:
                                 if stats.probing_from == bool(best) else self.probe_every)
         return best
 
-    def best_length(self, decodes: int, context: int, stats: SpecStats) -> int:
-        """The draft length of the highest expected token rate (k where the cost is not
-        known yet)."""
+    def best_length(self, decodes: int, context: int, stats: SpecStats,
+                    at_least: int = 0) -> int:
+        """The draft length of the highest expected token rate, `at_least` long (k where
+        the cost is not known yet)."""
         k, cost = self.proposer.k, self.cost or stats.measured
         plain = cost(decodes, 0, context)
         if plain is None:
             return k
         a, f = stats.recent_acceptance, stats.recent_coverage
-        best, best_rate, kept = 0, decodes / plain, 0.0
+        host = stats.sync_host.get(decodes.bit_length(), 0.0)
+        best, best_rate, kept = 0, 0.0 if at_least else decodes / plain, 0.0
         for length in range(1, k + 1):
             kept += a ** length
             seconds = cost(decodes, round(f * decodes * length), context)
             assert seconds is not None
-            rate = decodes * (1 + f * kept) / seconds
+            rate = decodes * (1 + f * kept) / (seconds + host)
             if rate > best_rate:
                 best, best_rate = length, rate
         return best
 
 
-def count_drafts(step: StepInput) -> tuple[int, int]:
-    """(sequences sampling, those with drafts) of a planned step."""
-    decodes = drafting = 0
+def count_drafts(step: StepInput) -> tuple[int, int, int]:
+    """(sequences sampling, those whose newest token is known, those with drafts) of a
+    planned step. A sequence whose newest token is still in flight (planned while the
+    step before ran) can have none: it does not count against the proposer."""
+    decodes = known = drafting = 0
     for seq in step.seqs:
         if seq.do_sample:
             decodes += 1
+            known += not seq.last_token_in_flight
             drafting += bool(seq.draft_token_ids)
-    return decodes, drafting
+    return decodes, known, drafting
 
 
 def take_speculated(seq: Sequence, sample: Sample, scheduled: ScheduledSequence,

@@ -122,7 +122,9 @@ def test_a_draft_model_catches_up_after_the_steps_it_sat_out(model_dir, plain):
                                                                    use_tqdm=False)]
     stats = spec.get_spec_decode_stats()
     assert stats["speculating_steps"] < stats["decode_steps"]
-    assert stats["acceptance_rate"] > 0.95 and stats["accepted_tokens"] > 15, stats
+    # Two full runs of drafts at least (the policy stops where it measures that a
+    # self-draft, as costly as the target, does not pay on the CPU).
+    assert stats["acceptance_rate"] > 0.95 and stats["accepted_tokens"] >= 6, stats
     _all_blocks_back(spec)
 
 

@@ -120,3 +120,51 @@ def test_measured_steps_overrule_a_model_that_leaves_the_host_out():
         spec.rates.observe(200, speculated=False, tokens=200, seconds=0.015)  # 13,333
     assert policy.num_drafts(200, 500, spec) == 0
     assert policy.num_drafts(60, 500, spec) > 0  # another batch size: not measured yet
+
+
+def test_measured_steps_also_overrule_a_model_that_says_plain():
+    """Where the measured speculating steps gave more tokens a second than plain ones, the
+    step speculates though the model said plain, as far as the model finds best."""
+    policy = SpeculationPolicy(LOOKUP, cost=linear_cost(10e-3, 20e-6))
+    spec = stats(0.2)
+    assert policy.num_drafts(2048, 500, spec) == 0
+    for _ in range(4):
+        spec.rates.observe(2048, speculated=True, tokens=3000, seconds=0.1)
+        spec.rates.observe(2048, speculated=False, tokens=2048, seconds=0.1)
+    assert policy.num_drafts(2048, 500, spec) == 1
+
+
+def test_probes_of_the_slower_way_cost_a_small_share_of_the_time():
+    """Speculating steps measured at a third of the plain rate: 4 probe steps cost 4 x
+    2/3 of a step, so the policy waits 134 steps between probes (2% of the time)."""
+    policy = SpeculationPolicy(LOOKUP, cost=linear_cost(10e-3, 20e-6))
+    spec = stats(0.6)
+    for _ in range(4):
+        spec.rates.observe(256, speculated=True, tokens=300, seconds=0.03)
+        spec.rates.observe(256, speculated=False, tokens=256, seconds=0.00853)
+    assert spec.rates.affordable_wait(256, 4, 0.02) == 134
+    ways = [policy.num_drafts(256, 500, spec) for _ in range(300)]
+    assert ways.index(4) == 134 and ways.count(4) == 4
+
+
+def test_a_speculating_steps_host_work_lengthens_its_drafts():
+    """A speculating step also pays the host's work between steps (it does not overlap
+    the device's): longer drafts spread it over more tokens, and where drafts are
+    kept less often it outweighs them."""
+    policy = SpeculationPolicy(PromptLookup(k=8, min_n=1, max_n=3),
+                               cost=linear_cost(10e-3, 20e-6))
+    often, less = stats(0.9), stats(0.8)
+    assert policy.best_length(256, 500, often) == 5
+    assert policy.best_length(256, 500, less) == 3
+    for spec in (often, less):
+        spec.observe_sync_host(256, 0.02)
+    assert policy.best_length(256, 500, often) == 8
+    assert policy.best_length(256, 500, less) == 0
+
+
+def test_coverage_counts_only_sequences_whose_newest_token_is_known():
+    """A sequence planned while the step before it ran has no newest token to look up
+    from: it does not lower the measured share of sequences with drafts."""
+    spec = stats(0.6, coverage=0.5)
+    spec.scheduled(decodes=10, known=4, drafting=4, speculating=True)
+    assert spec.recent_coverage > 0.5

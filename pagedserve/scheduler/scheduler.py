@@ -132,8 +132,13 @@ class Scheduler:
         return step
 
     def _decoding(self) -> tuple[int, int]:
-        """(running sequences, their mean length): what the speculation policy weighs."""
+        """(running sequences, their mean length): what the speculation policy weighs.
+        While none runs, the waiting ones that may start (prompts finishing in this step
+        would ask a draft model for proposals: at the batch they start in, not at 0)."""
         seqs = [seq for group in self.running for seq in group.unfinished_seqs]
+        if not seqs:
+            seqs = [seq for group in itertools.islice(self.waiting, self.config.max_num_seqs)
+                    for seq in group.unfinished_seqs]
         return len(seqs), sum(seq.num_tokens for seq in seqs) // max(1, len(seqs))
 
     def _schedule_running(self, step: StepInput, budget: _Budget) -> bool:
@@ -271,17 +276,19 @@ class Scheduler:
                                          == 1 + len(seq.draft_token_ids or ()) for seq in seqs)
         stats.step_done(sum(seq.num_tokens for seq in seqs), step_output.device_s, decode_only)
         # A step's rate is its tokens over the time since the step before it was taken
-        # in. The first speculating step after plain ones counts, as it pays for
-        # switching (the plain steps' overlap ends, a draft model catches up with the
-        # steps it sat out); the first plain one after speculating ones does not (it
-        # waited for nothing).
+        # in, where that step went the same way. The first speculating step after plain
+        # ones is timed apart: it pays for the switch (the plain steps' overlap ends, a
+        # draft model catches up with the steps it sat out), which the probes' spacing
+        # weighs.
         now, last = time.perf_counter(), self._last_taken_in
         speculated = step_input.speculates
         self._last_taken_in = (now, speculated) if decode_only else None
-        if decode_only and last is not None and (speculated or not last[1]):
+        if decode_only and last is not None and speculated and not last[1]:
+            stats.rates.observe_switch(len(seqs), now - last[0])
+        if decode_only and last is not None and last[1] == speculated:
             tokens = sum(1 + len(sample.accepted or ()) for sample in step_output.samples)
             stats.rates.observe(len(seqs), speculated, tokens, now - last[0])
-            if speculated and last[1] and step_output.device_s:
+            if speculated and step_output.device_s:
                 stats.observe_sync_host(len(seqs), max(0.0, now - last[0]
                                                        - step_output.device_s))
 

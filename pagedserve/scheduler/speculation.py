@@ -29,14 +29,17 @@ overlap with the device's: its measured wall time less its device time
 What the models still miss is weighed by measuring: where both ways have
 been measured at a batch size (in powers of two, `MeasuredRates`), the one
 whose recent steps gave more tokens per second goes, and the model picks how
-far to speculate. A switch's cost counts against speculating: the first
-speculating step after plain ones is measured with the time it took (the
-overlap ended, a draft model caught up). Acceptance and coverage follow recent
+far to speculate. The first speculating step after plain ones is timed apart:
+it pays for the switch (the overlap ends, a draft model catches up), which
+spaces the probes out. Acceptance and coverage follow recent
 sequences, not steps, so a step of 256 weighs more than a step of one. Now and
 then `probe_len` steps go the other way (plain while speculating, full length
 while plain), so f, a and both rates stay current: after `probe_every` steps,
 then twice as many while the probes change nothing, and never so often that
-the probes cost more than `probe_share` of the time at the rates measured.
+the probes cost more than `probe_share` of the time at the rates measured;
+none into speculating where the model and the measured steps agree on plain
+(it would only cost; acceptance measured at other batch sizes still moves the
+model).
 `disable_by_batch_size` (vLLM's) is a hard ceiling on top.
 """
 
@@ -110,6 +113,13 @@ class MeasuredRates:
     min_steps: int = 4  # steps of each kind before the two are compared
     _rates: dict[tuple[int, bool], float] = field(default_factory=dict)
     _steps: dict[tuple[int, bool], int] = field(default_factory=dict)
+    # Seconds of the first speculating step after plain ones, by batch size.
+    _switches: dict[int, float] = field(default_factory=dict)
+
+    def observe_switch(self, decodes: int, seconds: float) -> None:
+        bucket = decodes.bit_length()
+        seen = self._switches.get(bucket)
+        self._switches[bucket] = seconds if seen is None else seen + _WEIGHT * (seconds - seen)
 
     def observe(self, decodes: int, speculated: bool, tokens: int, seconds: float) -> None:
         key = (decodes.bit_length(), speculated)
@@ -129,12 +139,18 @@ class MeasuredRates:
 
     def affordable_wait(self, decodes: int, probe_len: int, share: float) -> int:
         """Steps between probes of `probe_len` steps the slower way for them to cost at
-        most `share` of the time at this batch size (0 until both ways are measured)."""
+        most `share` of the time at this batch size (0 until both ways are measured): a
+        probe loses what the slower way gives less, and a probe into speculating also
+        its switch's time beyond a speculating step's."""
         if self.speculating_is_faster(decodes) is None:
             return 0
         bucket = decodes.bit_length()
-        rates = self._rates[(bucket, False)], self._rates[(bucket, True)]
-        return math.ceil(probe_len * (1.0 - min(rates) / max(rates)) / share)
+        plain, speculating = self._rates[(bucket, False)], self._rates[(bucket, True)]
+        step_s = decodes / max(plain, speculating)  # a step's time, the faster way
+        lost = probe_len * (1.0 - min(plain, speculating) / max(plain, speculating)) * step_s
+        if plain > speculating:
+            lost += max(0.0, self._switches.get(bucket, 0.0) - decodes / speculating)
+        return math.ceil(lost / (share * step_s))
 
 
 @dataclass
@@ -229,7 +245,7 @@ class SpeculationPolicy:
         k = self.proposer.k
         if self.disable_by_batch_size is not None and decodes > self.disable_by_batch_size:
             return 0
-        best = self.best_length(decodes, context, stats) if decodes else k
+        best = modelled = self.best_length(decodes, context, stats) if decodes else k
         # Where both ways are measured at this batch size, the faster one goes (the models
         # miss some of the host's work); the model still picks how far to speculate.
         faster = stats.rates.speculating_is_faster(decodes)
@@ -249,8 +265,12 @@ class SpeculationPolicy:
                    stats.rates.affordable_wait(decodes, self.probe_len, self.probe_share))
         if stats.steps_one_way == wait + 1:
             stats.probing_from = bool(best)
+        # No probe into speculating where the model and the measured steps agree that
+        # plain is faster: it would only cost (acceptance measured at other batch sizes
+        # still moves the model).
+        agreed = not best and not modelled and faster is not None
         if stats.steps_one_way > wait:
-            if stats.steps_one_way <= wait + self.probe_len:
+            if stats.steps_one_way <= wait + self.probe_len and not agreed:
                 return 0 if best else k
             stats.steps_one_way = 0
             stats.probe_wait = (min(2 * wait, 16 * self.probe_every)

@@ -125,9 +125,19 @@ def test_model_config_comes_from_the_file(llm):
     assert info.dtype == torch.float32 and info.gguf_file is not None
 
 
+SPECULATED = SamplingParams(temperature=0.0, max_tokens=48)
+
+
+@pytest.fixture(scope="module")
+def plain_greedy(llm, prompts) -> list[list[int]]:
+    """The plain engine's greedy tokens, which every speculative run must give."""
+    inputs = [{"prompt_token_ids": p} for p in prompts]
+    return [o.outputs[0].token_ids for o in llm.generate(inputs, SPECULATED, use_tqdm=False)]
+
+
 @pytest.mark.parametrize("speculative", ["ngram", "draft_model", "eagle"])
-def test_speculative_decoding_keeps_the_greedy_tokens(llm, embedded_gguf, prompts, speculative,
-                                                      tmp_path):
+def test_speculative_decoding_keeps_the_greedy_tokens(plain_greedy, embedded_gguf, prompts,
+                                                      speculative, tmp_path):
     """Prompt lookup, the model as its own draft, and a random EAGLE head in the published
     layout (no trained one exists for this model): every token is the plain engine's
     (itself HF's, above), and the drafts are used."""
@@ -142,10 +152,9 @@ def test_speculative_decoding_keeps_the_greedy_tokens(llm, embedded_gguf, prompt
     with user_cache():
         spec = LLM(str(embedded_gguf), device="cpu", dtype="float32", max_model_len=1024,
                    kv_cache_memory_gb=0.1, speculative_config=config)
-    params = SamplingParams(temperature=0.0, max_tokens=48)
     inputs = [{"prompt_token_ids": p} for p in prompts]
-    ours = [o.outputs[0].token_ids for o in spec.generate(inputs, params, use_tqdm=False)]
-    assert ours == [o.outputs[0].token_ids for o in llm.generate(inputs, params, use_tqdm=False)]
+    ours = [o.outputs[0].token_ids for o in spec.generate(inputs, SPECULATED, use_tqdm=False)]
+    assert ours == plain_greedy
     stats = spec.get_spec_decode_stats()
     assert stats["draft_tokens"] > 0, stats
     assert stats["accepted_tokens"] > 0 or speculative == "eagle", stats

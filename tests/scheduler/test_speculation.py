@@ -145,6 +145,10 @@ def test_probes_of_the_slower_way_cost_a_small_share_of_the_time():
     assert spec.rates.affordable_wait(256, 4, 0.02) == 134
     ways = [policy.num_drafts(256, 500, spec) for _ in range(300)]
     assert ways.index(4) == 134 and ways.count(4) == 4
+    # Switching into speculating took half a second (a draft model caught up): a probe
+    # costs that too, and they come 20 times further apart.
+    spec.rates.observe_switch(256, 0.5)
+    assert spec.rates.affordable_wait(256, 4, 0.02) == 2915
 
 
 def test_a_speculating_steps_host_work_lengthens_its_drafts():
@@ -168,3 +172,15 @@ def test_coverage_counts_only_sequences_whose_newest_token_is_known():
     spec = stats(0.6, coverage=0.5)
     spec.scheduled(decodes=10, known=4, drafting=4, speculating=True)
     assert spec.recent_coverage > 0.5
+
+
+def test_no_probe_into_speculating_where_the_model_and_the_measured_steps_agree():
+    """Drafts are never kept and the measured speculating steps were slower: probing
+    would only cost (a draft model would catch up with every sequence for nothing)."""
+    policy = SpeculationPolicy(LOOKUP, cost=linear_cost(10e-3, 20e-6), probe_every=8,
+                               probe_len=2)
+    spec = stats(0.0)
+    for _ in range(4):
+        spec.rates.observe(64, speculated=True, tokens=64, seconds=0.02)
+        spec.rates.observe(64, speculated=False, tokens=64, seconds=0.01)
+    assert not any(policy.num_drafts(64, 500, spec) for _ in range(500))

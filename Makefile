@@ -36,7 +36,7 @@ demo: install
 test: model
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy pagedserve/scheduler pagedserve/engine pagedserve/model
-	$(PY) -m pytest -q --durations=20
+	$(PY) -m pytest -q --durations=40
 
 bench: install
 	$(PY) -m pip install --quiet -e ".[dev,bench]"

@@ -17,7 +17,7 @@ from pagedserve.config import load, parse
 from pagedserve.testing.load import mixed_load
 
 CONFIGS = REPO / "configs"
-HALF_S = 75.0  # two halves: 2.5 minutes of load
+HALF_S = 60.0  # two halves: 2 minutes of load
 
 
 @pytest.mark.slow

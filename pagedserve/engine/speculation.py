@@ -43,8 +43,8 @@ def draft_model(config: Config, target: ModelInfo) -> ModelInfo | None:
     """The draft model engine.speculative names, resolved like the target on its device
     and in its dtype (on a simulated GPU, from its preset); None where the method
     needs none. A vocabulary unlike the target's is refused with the reason, and so is
-    a target with a sliding window in every layer. Under tensor parallelism rank 0
-    holds a draft model whole, and an EAGLE head is split like the target."""
+    a target with a sliding window in every layer. Under tensor parallelism a draft is
+    split like the target, so its heads must divide as the target's."""
     spec = config.engine.speculative
     if spec is None or spec.runs == "ngram":
         return None
@@ -56,11 +56,14 @@ def draft_model(config: Config, target: ModelInfo) -> ModelInfo | None:
                          "sliding window has released; a target with a window in every "
                          "layer runs 'ngram'")
     simulated = config.engine.simulator is not None
-    draft = resolve(ModelConfig(path=spec.model, max_model_len=target.max_model_len,
-                                trust_remote_code=config.model.trust_remote_code,
-                                # a preset has no tokenizer: the target's stands in
-                                tokenizer=config.model.tokenizer if simulated else None),
-                    target.device, simulated=simulated)
+    try:  # split like the target: its heads must divide as the target's
+        draft = resolve(ModelConfig(path=spec.model, max_model_len=target.max_model_len,
+                                    trust_remote_code=config.model.trust_remote_code,
+                                    # a preset has no tokenizer: the target's stands in
+                                    tokenizer=config.model.tokenizer if simulated else None),
+                        target.device, config.parallel, simulated=simulated)
+    except ValueError as error:
+        raise ValueError(f"engine.speculative.model: {error}") from None
     if draft.vocab_size != target.vocab_size:
         raise ValueError(f"engine.speculative.model: the draft {spec.model!r} has a vocabulary "
                          f"of {draft.vocab_size} tokens and the target {target.vocab_size}; a "
@@ -81,7 +84,7 @@ def _eagle_head(config: Config, target: ModelInfo, method: str, path: str) -> Mo
                          f"{', '.join(sorted(architectures))}")
     # The head's own max_position_embeddings is what it was trained at, not a limit: its
     # rotary table spans the target's max_model_len (models/eagle.py).
-    # Split like the target (worker.draft_tp_size): its heads must divide as the target's.
+    # Split like the target: its heads must divide as the target's.
     try:
         head = resolve(ModelConfig(path=path, trust_remote_code=config.model.trust_remote_code),
                        target.device, config.parallel)

@@ -32,7 +32,7 @@ import torch
 
 from pagedserve.scheduler.step import ScheduledSequence, StepInput, StepOutput
 from pagedserve.worker.distributed import TPGroup
-from pagedserve.worker.draft import with_proposals
+from pagedserve.worker.draft import broadcast_tokens, sampled_outcomes, with_proposals
 from pagedserve.worker.layers.attention import KVCache
 from pagedserve.worker.model_runner import ModelRunner
 from pagedserve.worker.models.eagle import Eagle3Head, EagleHead
@@ -58,7 +58,7 @@ class EagleDrafter:
         if kept is None:
             return output
         target_seqs, hidden = kept
-        sampled = self._sampled(target_seqs, output)
+        sampled = sampled_outcomes(target_seqs, output, self.tp, hidden.device)
         feed: list[ScheduledSequence] = []
         rows: list[int] = []
         row = 0
@@ -98,30 +98,11 @@ class EagleDrafter:
         return dataclasses.replace(output, samples=[
             with_proposals(sample, proposals.get(sample.seq_id)) for sample in output.samples])
 
-    def _sampled(self, seqs: list[ScheduledSequence], output: StepOutput | None
-                 ) -> dict[int, tuple[int, int]]:
-        """Each sampling sequence's (drafts kept, token sampled), on every rank: rank 0
-        sampled them and broadcasts them to the others."""
-        ids = [seq.seq_id for seq in seqs if seq.do_sample]
-        outcomes: dict[int, tuple[int, int]] = {}
-        for sample in output.samples if output is not None else ():
-            outcomes.setdefault(sample.seq_id, (len(sample.accepted or ()), sample.token_id))
-        if self.tp.size == 1 or not ids:
-            return outcomes
-        values = (torch.tensor([outcomes[seq_id] for seq_id in ids], dtype=torch.int64)
-                  if output is not None else torch.empty(len(ids), 2, dtype=torch.int64))
-        values = self.tp.broadcast(values.to(self.target_runner.device)).tolist()
-        return {seq_id: (kept, token) for seq_id, (kept, token) in zip(ids, values, strict=True)}
-
     def _greedy(self, rows: torch.Tensor) -> list[int]:
         """The head's proposal for each row, on every rank."""
         tokens = self.head.greedy(rows)
-        if self.tp.size == 1:
-            assert tokens is not None
-            return tokens.tolist()
-        if tokens is None:
-            tokens = torch.empty(rows.shape[0], dtype=torch.int64, device=rows.device)
-        return self.tp.broadcast(tokens).tolist()
+        return broadcast_tokens(None if tokens is None else tokens.tolist(), rows.shape[0],
+                                self.tp, rows.device)
 
     def _run(self, seqs: list[ScheduledSequence], features: torch.Tensor,
              kv_caches: list[KVCache]) -> tuple[torch.Tensor, torch.Tensor]:

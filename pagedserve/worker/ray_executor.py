@@ -60,7 +60,7 @@ class RayExecutor:
         self.timeout_s = parallel.step_timeout_s
         self.use_compiled_graph = parallel.use_compiled_graph(info.device.type)
         self._graph = None  # compiled at the first step: init calls go through plain calls
-        self.block_bytes = kv_block_bytes(info, engine, self.size)  # rank 0's, the largest
+        self.block_bytes = kv_block_bytes(info, engine, self.size)  # every rank's
         self._error: WorkerFailedError | None = None
         on_gpu = info.device.type == "cuda"
         if ranks is None:

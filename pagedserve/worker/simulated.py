@@ -126,9 +126,10 @@ class SimulatedWorker:
         self.tp_size = tp_size
         self.block_bytes = engine.block_size * self.roofline.kv_bytes_per_token
         self.weight_bytes = self.roofline.weight_bytes  # what the simulated GPU would hold
-        # A draft model (speculative decoding): its steps' times, weights and KV too.
+        # A draft model (speculative decoding), split like the target: its steps' times,
+        # weights and KV too.
         self.draft_roofline = None if info.draft is None else simulated_roofline(
-            info.draft, engine, 1)
+            info.draft, engine, tp_size)
         if self.draft_roofline is not None:
             self.block_bytes += engine.block_size * self.draft_roofline.kv_bytes_per_token
             self.weight_bytes += self.draft_roofline.weight_bytes

@@ -53,23 +53,12 @@ def kv_block_shape(info: ModelInfo, block_size: int, tp_size: int) -> tuple[int,
     return block_size, info.shape.num_kv_heads // tp_size, info.shape.head_dim
 
 
-def draft_tp_size(draft: ModelInfo, tp_size: int) -> int:
-    """How many ranks a draft is split over: an EAGLE head is sharded like the target
-    (it reads the target's embedding and LM head, which are), a draft model is held
-    whole on rank 0."""
-    return tp_size if draft.draft_method in HEADS else 1
-
-
-def kv_block_bytes(info: ModelInfo, engine: EngineConfig, tp_size: int,
-                   rank: int = 0) -> int:
+def kv_block_bytes(info: ModelInfo, engine: EngineConfig, tp_size: int) -> int:
     """Bytes of one block on one rank, across all layers, keys and values, in the KV
-    cache's dtype; with a draft's too, on the ranks that hold it."""
+    cache's dtype; with a draft's too (split over the ranks like the target)."""
     itemsize = kv_cache_dtype(engine.kv_cache_dtype, info.dtype).itemsize
     own = engine.block_size * info.shape.kv_bytes_per_token(tp_size, itemsize)
-    if info.draft is None:
-        return own
-    split = draft_tp_size(info.draft, tp_size)
-    return own if rank >= split else own + kv_block_bytes(info.draft, engine, split)
+    return own if info.draft is None else own + kv_block_bytes(info.draft, engine, tp_size)
 
 
 class Worker:
@@ -93,7 +82,7 @@ class Worker:
         self.runner = ModelRunner(self.model, engine.block_size, self.attention, info.device,
                                   engine.seed)
         self.drafter: Drafter | EagleDrafter | None = None
-        if info.draft is not None and tp.rank < draft_tp_size(info.draft, tp.size):
+        if info.draft is not None:  # split over the ranks like the target
             self.drafter = self._build_drafter(info.draft, load_format)
             self.weight_bytes += weight_bytes(self.drafter.runner.model)
         # Adapter slots take their memory before the KV pool is sized from what is left.
@@ -125,11 +114,9 @@ class Worker:
             self.uses_graphs = False
 
     def _build_drafter(self, draft: ModelInfo, load_format: str) -> Drafter | EagleDrafter:
-        """The draft model or EAGLE head, whole on this (only) rank, with a runner of its
-        own."""
-        split = draft_tp_size(draft, self.tp.size)
+        """This rank's shard of the draft model or EAGLE head, with a runner of its own."""
         attention = select_attention_backend(self.engine.attention_backend, draft.device,
-                                             draft.shape.num_kv_heads // split)
+                                             draft.shape.num_kv_heads // self.tp.size)
         if draft.draft_method in HEADS:
             head = build_head(draft.draft_method, draft.hf_config, draft.model_dir, self.model,
                               max_position=self.info.max_model_len, dtype=draft.dtype,
@@ -141,11 +128,11 @@ class Worker:
                                 self.tp)
         model = build_model(draft.hf_config, draft.model_dir, max_position=self.info.max_model_len,
                             dtype=draft.dtype, device=draft.device, load_format=load_format,
-                            gguf_file=draft.gguf_file,
+                            tp=self.tp, gguf_file=draft.gguf_file,
                             keep_quantized=draft.quantization in ("auto", "fp8"),
                             weight_scheme=draft.weight_scheme)
         return Drafter(ModelRunner(model, self.engine.block_size, attention, draft.device,
-                                   self.engine.seed))
+                                   self.engine.seed), self.tp)
 
     @property
     def kv_block_shape(self) -> tuple[int, int, int]:
@@ -153,8 +140,8 @@ class Worker:
 
     @property
     def block_bytes(self) -> int:
-        """A block's bytes on this rank: the target's KV, and the draft's where it is."""
-        return kv_block_bytes(self.info, self.engine, self.tp.size, self.tp.rank)
+        """A block's bytes on this rank: the target's KV, and a draft's."""
+        return kv_block_bytes(self.info, self.engine, self.tp.size)
 
     def num_available_blocks(self, max_num_batched_tokens: int) -> int:
         """How many KV blocks fit the memory budget of this device."""
@@ -223,9 +210,8 @@ class Worker:
         model, or of `info`'s (the draft model, whole on its rank)."""
         if info is None:
             return (self.info.shape.num_layers, 2, num_blocks, *self.kv_block_shape)
-        split = draft_tp_size(info, self.tp.size)
         return (info.shape.num_layers, 2, num_blocks,
-                *kv_block_shape(info, self.engine.block_size, split))
+                *kv_block_shape(info, self.engine.block_size, self.tp.size))
 
     def execute(self, step: StepInput) -> StepOutput | None:
         """Run one step; rank 0 returns the sampled tokens, other ranks None.

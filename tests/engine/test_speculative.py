@@ -143,8 +143,10 @@ def test_a_weak_draft_changes_no_token_and_its_sampled_requests_stop_in_place(
 
 @pytest.mark.parametrize("method", ["ngram", "draft_model"])
 def test_tensor_parallel_ranks_verify_as_one(ray_cluster, model_dir, plain, method):
-    """TP=2 on Ray: the drafts travel with the step to both ranks; rank 0 verifies, and
-    holds a draft model whole (its KV in rank 0's blocks only)."""
+    """TP=2 on Ray: the drafts travel with the step to both ranks; rank 0 verifies. A
+    draft model is split like the target, each rank running its shard's passes over its
+    own blocks on the tokens rank 0 broadcasts: a rank fed other tokens would make the
+    shared proposals wrong, and the self-draft's acceptance would drop."""
     speculative = NGRAM if method == "ngram" else draft(model_dir)
     config = parse({"model": {"path": str(model_dir), "dtype": "float32", "max_model_len": 384},
                     "engine": {"device": "cpu", "num_gpu_blocks": 96, "block_size": 8,
@@ -303,6 +305,21 @@ def test_a_draft_that_cannot_run_is_refused_at_start_with_the_reason(model_dir, 
     windowed = build_random_model(tmp_path / "windowed", arch="mistral", sliding_window=16)
     with pytest.raises(ValueError, match="a target with a window in every layer runs 'ngram'"):
         LLM(str(windowed), **ENGINE, speculative_config=draft(windowed))
+
+
+def test_a_draft_split_like_the_target_must_divide_like_it(model_dir, small_draft):
+    """Under tensor parallelism a draft is split like the target: a draft with one KV
+    head cannot be split over two ranks."""
+    from pagedserve.config import config_from_fields
+    from pagedserve.engine.speculation import draft_model
+    from pagedserve.model.resolve import resolve
+
+    config = config_from_fields(str(model_dir), {
+        "device": "cpu", "tensor_parallel_size": 2, "distributed_executor_backend": "ray",
+        "speculative_config": draft(small_draft)}, source="test")
+    with pytest.raises(ValueError, match="engine.speculative.model: .*tensor_parallel_size=2 "
+                                         "does not divide the model's num_key_value_heads=1"):
+        draft_model(config, resolve(config.model, torch.device("cpu")))
 
 
 def test_the_simulated_gpu_drafts_with_a_preset_shaped_model():

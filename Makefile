@@ -86,7 +86,8 @@ peer-llamacpp: $(PEER_LLAMACPP)/.installed
 # (benchmarks/gpu-bundle.txt) for its Python into $(GPU_BUNDLE); the tree, bundle
 # included, is copied there, and `make gpu-check` installs them into $(GPU_SITE) and runs
 # benchmarks/gpu_check.py: the compiled-kernel tests, a greedy check against HF on CUDA,
-# the end-to-end figures and the kernel sweeps, each step with its own time limit.
+# the end-to-end figures, speculative decoding against plain, and the kernel sweeps,
+# each step with its own time limit.
 # Results: $$OUT when set, else benchmarks/results/gpu-check-<date>/.
 GPU_BUNDLE ?= .gpu-bundle
 GPU_SITE ?= .gpu-site

@@ -130,7 +130,7 @@ def test_gpu_check_dry_run_passes_every_step(gpu_site, tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [(s["name"], s["status"]) for s in summary["steps"]] == [
         ("kernel-tests", "passed"), ("greedy", "passed"), ("gpu-e2e", "passed"),
-        ("attention-kernels", "passed"), ("lora-kernels", "passed")]
+        ("speculative", "passed"), ("attention-kernels", "passed"), ("lora-kernels", "passed")]
     assert "5 of 5 prompts give HF's tokens" in log
     # The smoke runs' figures: every kernel checked and timed, every request equal to HF's,
     # no KV block held at the end.
@@ -144,10 +144,17 @@ def test_gpu_check_dry_run_passes_every_step(gpu_site, tmp_path):
     e2e = json.loads((tmp_path / "gpu_e2e.json").read_text())
     assert e2e["blocks_in_use_at_end"] == 0
     assert all(row["match_static"] == row["requests"] for row in e2e["throughput"])
+    # Speculative decoding: every method runs, leaks nothing, and the self-draft (the
+    # same dummy weights) has nearly every draft kept.
+    spec = {row["method"]: row for row in
+            json.loads((tmp_path / "speculative.json").read_text())["speculative"]}
+    assert sorted(spec) == ["draft_model", "eagle", "eagle3", "ngram"]
+    assert all(row["blocks_in_use_at_end"] == 0 for row in spec.values())
+    assert spec["draft_model"]["acceptance_rate"] > 0.9, spec["draft_model"]
     # What comes back from the GPU machine: at most 8 files.
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "attention_kernels.json", "gpu-check.log", "gpu_e2e.json", "lora_kernels.json",
-        "summary.json"]
+        "speculative.json", "summary.json"]
 
 
 def test_a_bundle_without_pydantic_fails(gpu_site, tmp_path):

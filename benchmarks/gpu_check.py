@@ -6,7 +6,7 @@
    sampling) gives HF transformers' greedy tokens on a tiny random-weight model;
 3. gpu-e2e: the end-to-end figures (benchmarks/gpu_e2e.py, shortened);
 4. speculative: n-gram, a draft model and EAGLE heads on the GPU against plain
-   decoding (gpu_e2e.py's speculative part);
+   decoding (benchmarks/gpu_speculative.py);
 5. attention-kernels, lora-kernels: the kernel sweeps.
 
 Each step runs in its own process under its own time limit, and the whole run
@@ -58,10 +58,6 @@ class Step:
     dry_env: dict[str, str] = field(default_factory=dict)
 
 
-# gpu_e2e.py's parts in the gpu-e2e step; its speculative part is a step of its own.
-E2E_PARTS = ["--parts", "throughput", "decode", "graphs"]
-
-
 def steps(results: Path) -> list[Step]:
     python = sys.executable
     # -rfE: each failure's test and error in the summary, which a timeout's SIGINT prints too.
@@ -71,7 +67,7 @@ def steps(results: Path) -> list[Step]:
     parallel = ["-n", "8"]
     greedy = [python, str(Path(__file__).resolve()), "--greedy"]
     e2e = [python, "benchmarks/gpu_e2e.py", "--out", str(results / "gpu_e2e.json")]
-    speculative = [python, "benchmarks/gpu_e2e.py", "--parts", "speculative",
+    speculative = [python, "benchmarks/gpu_speculative.py",
                    "--out", str(results / "speculative.json")]
     attention = [python, "benchmarks/attention_kernels.py",
                  "--out", str(results / "attention_kernels.json")]
@@ -79,16 +75,16 @@ def steps(results: Path) -> list[Step]:
     compiled, interpreted = {"TRITON_INTERPRET": "0"}, {"TRITON_INTERPRET": "1"}
     # Limits from an H200 (BENCHMARKS.md): kernel tests 134 s, greedy 21 s, the sweeps
     # 11 s each; gpu-e2e reached the last scenario's HF run at 150 s. The speculative
-    # step (gpu_e2e.py's part: four engines, one at a time) has not run on a GPU yet.
+    # step (five engines, one at a time) has not run on a GPU yet.
     return [
         Step("kernel-tests", [*pytest, *parallel], [*pytest, "--collect-only"], 170,
              compiled, interpreted),
         Step("greedy", [*greedy, "cuda"], [*greedy, "cpu"], 40, compiled, interpreted),
         # The scenarios at a tenth of their requests, fewer pair requests, shorter decode runs.
         # HF's generate_batch is left out: the slowest peer, and static generate stands in.
-        Step("gpu-e2e", [*e2e, *E2E_PARTS, "--requests-scale", "0.1", "--pair-requests", "16",
+        Step("gpu-e2e", [*e2e, "--requests-scale", "0.1", "--pair-requests", "16",
                          "--decode-steps", "12", "--skip-hf-batch"],
-             [*e2e, *E2E_PARTS, "--tiny", "--device", "cpu"], 240,
+             [*e2e, "--tiny", "--device", "cpu"], 240,
              compiled, interpreted),
         Step("speculative", [*speculative], [*speculative, "--tiny", "--device", "cpu"], 90,
              compiled, interpreted),

@@ -23,14 +23,6 @@ finished:
   context) / the device's measured copy bandwidth. Also the host's share:
   device time per step from CUDA events vs wall time per engine step.
 * graphs: decode step time with CUDA graphs and eagerly, at batch 1 and 8.
-* speculative: the same greedy requests (batch 1, then 8 at once) with prompt
-  lookup, the model as its own draft (same dummy weights: nearly every draft
-  is kept where the draft's KV and passes are right), and random EAGLE and
-  EAGLE-3 heads (one layer of the model's shape; their drafts are refused,
-  but they run): each one's acceptance, tokens/s against the plain engine's,
-  and how many leading tokens each request's output shares with the plain
-  engine's (bf16 verification rows go through the prefill kernel, so a
-  near-tie may part them). Run last, after the main engine is shut down.
 
     python benchmarks/gpu_e2e.py                     # the recorded run, on a GPU
     python benchmarks/gpu_e2e.py --tiny --device cpu # a small smoke run of every part
@@ -235,96 +227,10 @@ def decode_steps(llm: LLM, batch: int, context: int, steps: int, rng: random.Ran
                 host_fraction=(step_s - device_s) / device_s)
 
 
-SPEC_METHODS = {
-    "ngram": lambda model_dir, heads: {"method": "ngram", "num_speculative_tokens": 4,
-                                       "prompt_lookup_min": 2, "prompt_lookup_max": 4},
-    "draft_model": lambda model_dir, heads: {"model": str(model_dir),
-                                             "num_speculative_tokens": 4},
-    "eagle": lambda model_dir, heads: {"method": "eagle", "model": str(heads["eagle"]),
-                                       "num_speculative_tokens": 3},
-    "eagle3": lambda model_dir, heads: {"method": "eagle3", "model": str(heads["eagle3"]),
-                                        "num_speculative_tokens": 3},
-}
-
-
-def head_config_dirs(model_dir: Path) -> dict[str, Path]:
-    """Config-only EAGLE and EAGLE-3 heads of the model's shape (weights drawn: dummy)."""
-    config = json.loads((model_dir / "config.json").read_text())
-    heads = {}
-    for method, extra in (("eagle", {"architectures": ["LlamaForCausalLM"]}),
-                          ("eagle3", {"architectures": ["LlamaForCausalLMEagle3"],
-                                      "draft_vocab_size": min(32000, config["vocab_size"])})):
-        folder = Path(tempfile.mkdtemp(prefix=f"pagedserve-gpu-e2e-{method}-"))
-        (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1,
-                                                        **extra}))
-        heads[method] = folder
-    return heads
-
-
-def plain_runs(llm: LLM, args, rng: random.Random) -> dict[int, tuple]:
-    """The speculative part's requests at batch 1 and 8, run by the plain engine:
-    {batch: (requests, seconds, tokens)}."""
-    vocab = llm.engine.info.vocab_size
-    prompt = 16 if args.tiny else 64
-    runs = {}
-    for size in (1, 8):
-        requests = random_requests(rng, vocab, size, prompt, args.spec_output)
-        runs[size] = (requests, *run_pagedserve(llm, requests))
-    return runs
-
-
-def speculative(model_dir: Path, args, dtype: torch.dtype, max_len: int, plain: dict,
-                rows: list, save) -> None:
-    """Each method's greedy runs against the plain engine's (module docstring), one
-    engine (and its draft) on the GPU at a time."""
-    heads = head_config_dirs(model_dir)
-    print("\n## speculative decoding against plain, greedy", flush=True)
-    longest = max(len(p) + o for requests, _, _ in plain.values() for p, o in requests)
-    length = min(max_len, cdiv(longest + 16, BLOCK) * BLOCK)  # room for the lookahead
-    for method, config in SPEC_METHODS.items():
-        spec = LLM(str(model_dir), load_format="dummy", skip_tokenizer_init=True,
-                   device=args.device, dtype=str(dtype).removeprefix("torch."),
-                   block_size=BLOCK, max_model_len=length, num_gpu_blocks=9 * length // BLOCK,
-                   max_num_seqs=8, swap_space=0, speculative_config=config(model_dir, heads))
-        run_pagedserve(spec, plain[1][0])  # warm-up: kernels compile here
-        before = spec.get_spec_decode_stats()
-        row: dict = {"method": method}
-        for size, (requests, plain_s, plain_tokens) in plain.items():
-            seconds, tokens = run_pagedserve(spec, requests)
-            useful = sum(o for _, o in requests)
-            agreed = agreed_prefixes(tokens, plain_tokens, requests)
-            row[f"batch_{size}"] = dict(tokens_per_s=useful / seconds,
-                                        plain_tokens_per_s=useful / plain_s,
-                                        equal=sum(a == o for a, (_, o) in
-                                                  zip(agreed, requests, strict=True)),
-                                        requests=len(requests), agreed_median=median(agreed))
-        after = spec.get_spec_decode_stats()
-        drafted = after["draft_tokens"] - before["draft_tokens"]
-        row["acceptance_rate"] = ((after["accepted_tokens"] - before["accepted_tokens"])
-                                  / drafted if drafted else 0.0)
-        memory = spec.get_memory_stats()
-        row["blocks_in_use_at_end"] = memory["total_blocks"] - memory["free_blocks"]
-        spec.shutdown()
-        del spec
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        rows.append(row)
-        one, eight = row["batch_1"], row["batch_8"]
-        print(f"  {method:11s} acceptance {row['acceptance_rate']:.2f}; batch 1 "
-              f"{one['tokens_per_s']:.0f} tok/s "
-              f"({one['tokens_per_s'] / one['plain_tokens_per_s']:.2f}x plain), equal "
-              f"{one['equal']}/{one['requests']}; batch 8 "
-              f"{eight['tokens_per_s'] / eight['plain_tokens_per_s']:.2f}x, equal "
-              f"{eight['equal']}/{eight['requests']} (agreed median {eight['agreed_median']})",
-              flush=True)
-        save()
-
-
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+",
-                        choices=["throughput", "decode", "graphs", "speculative"],
-                        default=["throughput", "decode", "graphs", "speculative"])
+    parser.add_argument("--parts", nargs="+", choices=["throughput", "decode", "graphs"],
+                        default=["throughput", "decode", "graphs"])
     parser.add_argument("--scenarios", nargs="+", choices=list(throughput.SCENARIOS),
                         default=list(throughput.SCENARIOS))
     parser.add_argument("--scale", type=float, default=1.0, help="divide prompt lengths by this")
@@ -339,8 +245,6 @@ def parse_args():
     parser.add_argument("--max-batched-tokens", type=int, default=8192)
     parser.add_argument("--decode-context", type=int, default=512)
     parser.add_argument("--decode-steps", type=int, default=20)
-    parser.add_argument("--spec-output", type=int, default=96,
-                        help="speculative: output tokens a request")
     parser.add_argument("--skip-hf", action="store_true", help="pagedserve only")
     parser.add_argument("--skip-hf-batch", action="store_true", help="skip HF generate_batch")
     parser.add_argument("--tiny", action="store_true",
@@ -352,7 +256,7 @@ def parse_args():
     if args.tiny:
         args.scale, args.requests_scale, args.output_min, args.output_max = 16.0, 0.03, 4, 12
         args.pair_requests, args.kv_tokens, args.max_batched_tokens = 3, 4096, 1024
-        args.decode_context, args.decode_steps, args.spec_output = 24, 4, 12
+        args.decode_context, args.decode_steps = 24, 4
     args.pairs = [(p // 32, o // 32) if args.tiny else (p, o) for p, o in PAIRS]
     args.decode_batches = [1, 4] if args.tiny else [1, 64, 256]
     args.copy_bytes = 2**27 if args.tiny else 2**31  # a tiny run's copy: past the CPU's caches
@@ -470,17 +374,7 @@ def main() -> None:
     stats = llm.get_memory_stats()
     report["blocks_in_use_at_end"] = stats["total_blocks"] - stats["free_blocks"]
     save()
-    print(f"\nblocks in use at the end: {report['blocks_in_use_at_end']}")
-
-    if "speculative" in args.parts:
-        plain = plain_runs(llm, args, rng)
-        llm.shutdown()
-        del llm, graphs  # the GPU holds one engine at a time
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        speculative(model_dir, args, dtype, max_len, plain, report.setdefault("speculative", []),
-                    save)
-    print(f"wrote {out}")
+    print(f"\nblocks in use at the end: {report['blocks_in_use_at_end']}\nwrote {out}")
 
 
 if __name__ == "__main__":

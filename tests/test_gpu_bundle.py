@@ -147,7 +147,7 @@ def test_gpu_check_dry_run_passes_every_step(gpu_site, tmp_path):
     # Speculative decoding: every method runs, leaks nothing, and the self-draft (the
     # same dummy weights) has nearly every draft kept.
     spec = {row["method"]: row for row in
-            json.loads((tmp_path / "speculative.json").read_text())["speculative"]}
+            json.loads((tmp_path / "speculative.json").read_text())["rows"]}
     assert sorted(spec) == ["draft_model", "eagle", "eagle3", "ngram"]
     assert all(row["blocks_in_use_at_end"] == 0 for row in spec.values())
     assert spec["draft_model"]["acceptance_rate"] > 0.9, spec["draft_model"]

@@ -59,8 +59,7 @@ class EagleDrafter:
             return output
         target_seqs, hidden = kept
         sampled = sampled_outcomes(target_seqs, output, self.tp, hidden.device)
-        feed: list[ScheduledSequence] = []
-        rows: list[int] = []
+        feed: list[tuple[ScheduledSequence, range]] = []  # with its rows of `hidden`
         row = 0
         for seq in target_seqs:
             first_row, row = row, row + seq.num_tokens
@@ -74,22 +73,18 @@ class EagleDrafter:
             if not tokens:
                 continue
             asks = outcome is not None and seq.num_proposals > 0
-            feed.append(ScheduledSequence(seq_id=seq.seq_id, token_ids=tokens,
-                                          start_pos=seq.start_pos, block_table=seq.block_table,
-                                          do_sample=asks))
-            rows.extend(range(first_row, first_row + len(tokens)))
+            feed.append((ScheduledSequence(seq_id=seq.seq_id, token_ids=tokens,
+                                           start_pos=seq.start_pos,
+                                           block_table=seq.block_table, do_sample=asks),
+                         range(first_row, first_row + len(tokens))))
         if not feed:
             return output
         # Single rows first, as the attention backends take them (stable, like the runner).
-        order = sorted(range(len(feed)), key=lambda i: feed[i].num_tokens > 1)
-        starts = [0]
-        for seq in feed:
-            starts.append(starts[-1] + seq.num_tokens)
-        feed = [feed[i] for i in order]
-        index = [r for i in order for r in rows[starts[i]:starts[i + 1]]]
-        features = self.head.features(hidden)[torch.tensor(index, device=hidden.device)]
-        out, nexts = self._run(feed, features, kv_caches)
-        asking = [seq for seq in feed if seq.do_sample]
+        feed.sort(key=lambda pair: pair[0].num_tokens > 1)
+        index = torch.tensor([r for _, rows in feed for r in rows], device=hidden.device)
+        seqs = [seq for seq, _ in feed]
+        out, nexts = self._run(seqs, self.head.features(hidden)[index], kv_caches)
+        asking = [seq for seq in seqs if seq.do_sample]
         if not asking:
             return output
         proposals = self._proposals(step, asking, out, nexts, kv_caches)

@@ -73,8 +73,9 @@ class _Shared:
         self.target = target
 
 
-class EagleHead(nn.Module):
-    """EAGLE: fc([embedding; feature]) -> a decoder layer without its input norm."""
+class _Head(nn.Module):
+    """What both heads have: the target's modules, an embedding (their own, or the
+    target's), and a rotary table over the target's positions."""
 
     stacked_params = LlamaForCausalLM.stacked_params
     checkpoint_renames: list[tuple[str, str]] = []
@@ -87,13 +88,21 @@ class EagleHead(nn.Module):
                              if own_embedding else None)
         self.rotary = RotaryEmbedding(config, ModelShape.from_config(config).head_dim,
                                       max_position)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return (self.embed_tokens or self.shared.embed_tokens)(input_ids)
+
+
+class EagleHead(_Head):
+    """EAGLE: fc([embedding; feature]) -> a decoder layer without its input norm."""
+
+    def __init__(self, config, max_position: int, target: LlamaForCausalLM,
+                 own_embedding: bool, tp: TPGroup) -> None:
+        super().__init__(config, max_position, target, own_embedding, tp)
         self.fc = ReplicatedLinear(2 * config.hidden_size, config.hidden_size,
                                    bias=bool(getattr(config, "bias", False)))
         self.layers = nn.ModuleList([LlamaDecoderLayer(config, tp)])
         self.layers[0].input_layernorm = nn.Identity()
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return (self.embed_tokens or self.shared.embed_tokens)(input_ids)
 
     def features(self, hidden: torch.Tensor) -> torch.Tensor:
         """The target's hidden states (before its final norm) -> the head's feature."""
@@ -141,31 +150,22 @@ class Eagle3Layer(nn.Module):
         return self.mlp(hidden), residual
 
 
-class Eagle3Head(nn.Module):
+class Eagle3Head(_Head):
     """EAGLE-3: a layer over [norm(embedding); norm(feature)], a final norm, and its own
     LM head over `draft_vocab_size` tokens, mapped to the target's by `d2t`."""
 
-    stacked_params = LlamaForCausalLM.stacked_params
     checkpoint_renames = [("midlayer.", "layers.0.")]
 
     def __init__(self, config, max_position: int, target: LlamaForCausalLM,
                  own_embedding: bool, tp: TPGroup) -> None:
-        super().__init__()
-        self.shared = _Shared(target)
+        super().__init__(config, max_position, target, own_embedding, tp)
         draft_vocab = getattr(config, "draft_vocab_size", None) or config.vocab_size
         target_hidden = getattr(config, "target_hidden_size", None) or config.hidden_size
-        self.embed_tokens = (VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
-                             if own_embedding else None)
-        self.rotary = RotaryEmbedding(config, ModelShape.from_config(config).head_dim,
-                                      max_position)
         self.fc = ReplicatedLinear(3 * target_hidden, config.hidden_size, bias=False)
         self.layers = nn.ModuleList([Eagle3Layer(config, tp)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = ParallelLMHead(draft_vocab, config.hidden_size, tp)
         self.d2t = nn.Parameter(torch.zeros(draft_vocab, dtype=torch.int64), requires_grad=False)
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return (self.embed_tokens or self.shared.embed_tokens)(input_ids)
 
     def features(self, hidden: torch.Tensor) -> torch.Tensor:
         """The target's layer inputs kept in its last forward -> the head's feature."""

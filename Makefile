@@ -32,11 +32,15 @@ demo: install
 	$(PY) -m pagedserve.demo $(CONFIG)
 
 # ruff and mypy (pyproject.toml's rules) first; the import-layer check runs in the suite
-# (tests/test_layers.py).
+# (tests/test_layers.py). Then the suite in two parts: the tests in this process (kernels
+# in Triton's interpreter, HF oracles), mostly one core busy, in two processes
+# (pytest-xdist, a file to each in turn); then the `serial` ones, which keep both cores
+# busy, in one process on one Ray cluster (tests/conftest.py).
 test: model
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy pagedserve/scheduler pagedserve/engine pagedserve/model
-	$(PY) -m pytest -q --durations=40
+	$(PY) -m pytest -q -m "not serial" -n 2 --dist loadfile --durations=20
+	$(PY) -m pytest -q -m serial --durations=20
 
 bench: install
 	$(PY) -m pip install --quiet -e ".[dev,bench]"

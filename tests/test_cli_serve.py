@@ -29,6 +29,8 @@ from pagedserve import config as config_module
 from pagedserve.cluster import app
 from pagedserve.model import embedded
 
+pytestmark = pytest.mark.serial  # `pagedserve serve` processes, some with their own Ray
+
 REPO = Path(__file__).resolve().parents[1]
 
 

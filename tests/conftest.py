@@ -289,10 +289,6 @@ def shared_app(serve_instance):
     _stop_shared_apps()
 
 
-# What a test needs to be `serial`: the session's Ray cluster, or Serve on it.
-CLUSTER_FIXTURES = {"cluster", "ray_cluster", "serve_instance", "shared_app", "ray_metrics_url"}
-
-
 @pytest.hookimpl(tryfirst=True)  # before `-m` selects on the marker
 def pytest_collection_modifyitems(items):
     """Tests that use the Ray cluster are marked `serial`: `make test` runs the others
@@ -301,7 +297,7 @@ def pytest_collection_modifyitems(items):
     The modules that use `shared_app` run one after another, where the first of
     them would have run; the others keep their order."""
     for item in items:
-        if CLUSTER_FIXTURES & set(item.fixturenames):
+        if "cluster" in item.fixturenames:  # the closure: ray_cluster, serve_instance, ...
             item.add_marker(pytest.mark.serial)
     _sharing_modules.update(item.path for item in items if "shared_app" in item.fixturenames)
     if _sharing_modules:

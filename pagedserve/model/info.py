@@ -17,10 +17,19 @@ from pagedserve.model.quant_scheme import WeightScheme
 from pagedserve.model.shape import ModelShape
 
 
+class PlainConfig(PretrainedConfig):
+    """A model's HF config fields on transformers' base class (model/resolve.py's
+    plain_config): the same attributes, and `to_dict` the same dict, model_type
+    included."""
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "model_type": self.model_type}
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     model_dir: Path  # config and tokenizer files (and the checkpoint files, if no gguf_file)
-    hf_config: PretrainedConfig
+    hf_config: PlainConfig
     shape: ModelShape  # hf_config's numbers, as the planner and the simulated GPU read them
     max_model_len: int
     dtype: torch.dtype

@@ -18,7 +18,7 @@ from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 from pagedserve.config import ModelConfig, ParallelConfig
 from pagedserve.model import embedded, gguf_file
 from pagedserve.model.checkpoint_files import hub_snapshot
-from pagedserve.model.info import ModelInfo
+from pagedserve.model.info import ModelInfo, PlainConfig
 from pagedserve.model.quant_scheme import WeightScheme, scheme_of
 from pagedserve.model.random_model import cached_random_model
 from pagedserve.model.rules import check_tensor_parallel, max_model_len, served_dtype
@@ -59,7 +59,7 @@ def resolve(model: ModelConfig, device: torch.device,
     eos_source = directory
     return ModelInfo(
         model_dir=directory,
-        hf_config=hf_config,
+        hf_config=plain_config(hf_config),
         shape=shape,
         max_model_len=max_model_len(model.max_model_len, shape),
         dtype=_DTYPES[served_dtype(model.dtype, shape.saved_dtype, device.type)],
@@ -74,6 +74,20 @@ def resolve(model: ModelConfig, device: torch.device,
         quantization=model.quantization,
         weight_scheme=_weight_scheme(model, hf_config, gguf),
     )
+
+
+def plain_config(config: PretrainedConfig) -> PlainConfig:
+    """The config's fields, and its class's aliases (Mixtral's `num_experts`), for
+    ModelInfo, which every rank process unpickles. The model's own config class would
+    import transformers' model registry and, through its validators, torch's DTensor:
+    1.4-1.9 s of CPU in each rank before its first step, for fields the rank reads as
+    plain attributes. A model's own code (trust_remote_code) stays in the engine."""
+    if isinstance(config, PlainConfig):
+        return config
+    plain = PlainConfig(**config.to_dict())
+    for alias, field in type(config).attribute_map.items():
+        setattr(plain, alias, getattr(config, field))
+    return plain
 
 
 def _weight_scheme(model: ModelConfig, hf_config: PretrainedConfig, gguf: Path | None

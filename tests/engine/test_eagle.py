@@ -25,6 +25,7 @@ from pagedserve import LLM, SamplingParams
 from pagedserve.config import config_from_fields, load, parse
 from pagedserve.engine.speculation import draft_model
 from pagedserve.model.resolve import resolve
+from pagedserve.scheduler.speculation import SpeculationPolicy
 from pagedserve.testing import build_random_model
 from pagedserve.worker.eagle_draft import EagleDrafter
 
@@ -85,6 +86,17 @@ def _spy(monkeypatch) -> list[tuple[int, list[int]]]:
     return events
 
 
+def _checked_against_the_reference(events, sequence, method, head, target) -> int:
+    """Each proposal made within `sequence` equals the dense reference's; how many."""
+    reference = ReferenceDrafter(method, head, target)
+    checked = 0
+    for length, proposals in events:
+        if length <= len(sequence):
+            assert proposals == reference.propose(sequence[:length], len(proposals)), length
+            checked += 1
+    return checked
+
+
 def _check(method, target, head, engine, monkeypatch) -> dict:
     events = _spy(monkeypatch)
     spec = LLM(str(target), **{**ENGINE, **engine}, speculative_config={
@@ -94,14 +106,7 @@ def _check(method, target, head, engine, monkeypatch) -> dict:
     ours = spec.generate(prompts[:1], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
     theirs = plain.generate(prompts[:1], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
     assert ours == theirs
-    sequence = PROMPTS[0] + ours
-    reference = ReferenceDrafter(method, head, target)
-    checked = 0
-    for length, proposals in events:
-        if length <= len(sequence):
-            assert proposals == reference.propose(sequence[:length], len(proposals)), length
-            checked += 1
-    assert checked >= 5
+    assert _checked_against_the_reference(events, PROMPTS[0] + ours, method, head, target) >= 5
     # Both prompts at once, the second beside the first: tokens still the target's.
     assert ([o.outputs[0].token_ids for o in spec.generate(prompts, GREEDY, use_tqdm=False)]
             == [o.outputs[0].token_ids for o in plain.generate(prompts, GREEDY, use_tqdm=False)])
@@ -128,6 +133,77 @@ def test_an_eagle_heads_proposals_are_the_references_and_mostly_kept(copying, en
 def test_an_eagle3_heads_proposals_are_the_references(deep, monkeypatch):
     stats = _check("eagle3", *deep, {"max_num_batched_tokens": 12}, monkeypatch)
     assert stats["draft_tokens"] > 0
+
+
+def _eagle(head) -> dict:
+    return {"method": "eagle", "model": str(head), "num_speculative_tokens": 3}
+
+
+def test_a_prefix_cache_hit_brings_the_heads_rows_with_its_blocks(copying, monkeypatch):
+    """A prompt that is the first run's prompt and output hits the blocks that run
+    cached, those of its prompt and of its decoding, and the head's rows come with
+    them: its proposals after the hit are still the reference's, and mostly kept. Every
+    step speculates (on this CPU the policy soon finds plain steps faster)."""
+    monkeypatch.setattr(SpeculationPolicy, "num_drafts",
+                        lambda self, decodes, context, stats: self.proposer.k)
+    target, head = copying
+    spec = LLM(str(target), **ENGINE, speculative_config=_eagle(head))
+    first = spec.generate([{"prompt_token_ids": PROMPTS[0]}], GREEDY,
+                          use_tqdm=False)[0].outputs[0].token_ids
+    hits, before = spec.engine.block_manager.prefix_hit_tokens, spec.get_spec_decode_stats()
+    events = _spy(monkeypatch)
+    prompt = PROMPTS[0] + first[:20]
+    second = spec.generate([{"prompt_token_ids": prompt}], GREEDY,
+                           use_tqdm=False)[0].outputs[0].token_ids
+    assert second == LLM(str(target), **ENGINE).generate(
+        [{"prompt_token_ids": prompt}], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    # Every full block before the prompt's last token (computed again for its logits):
+    # blocks of the first run's prompt, and of its decoding (positions 28 to 39).
+    assert spec.engine.block_manager.prefix_hit_tokens - hits == (len(prompt) - 1) // 8 * 8 == 40
+    assert _checked_against_the_reference(events, prompt + second, "eagle", head, target) >= 5
+    after = spec.get_spec_decode_stats()
+    kept = after["accepted_tokens"] - before["accepted_tokens"]
+    assert kept > 0.5 * (after["draft_tokens"] - before["draft_tokens"]), (before, after)
+    stats = spec.engine.stats()
+    assert stats.free_blocks == stats.total_blocks, "blocks leaked"
+
+
+def test_an_adapters_requests_draft_from_the_adapted_targets_features(copying, tmp,
+                                                                       monkeypatch):
+    """The head reads the features of the target with the request's adapter: its
+    proposals are the reference's drafted from the adapter merged into the target (peft),
+    and the adapted target verifies, so the tokens are the adapter's own."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from pagedserve import LoRARequest
+    from pagedserve.testing.lora import build_lora_adapter
+
+    target, head = copying
+    adapter_dir = build_lora_adapter(target, tmp / "adapter", 8,
+                                     ["gate_proj", "up_proj", "down_proj"])
+    merged = tmp / "adapted"
+    peft.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32), str(adapter_dir)
+    ).merge_and_unload().save_pretrained(merged)
+    adapter = LoRARequest("mlp", 1, str(adapter_dir))
+    lora = dict(enable_lora=True, max_lora_rank=8, max_loras=1)
+    events = _spy(monkeypatch)
+    spec = LLM(str(target), **ENGINE, **lora, speculative_config=_eagle(head))
+    base = LLM(str(target), **ENGINE, **lora)
+    prompt = [{"prompt_token_ids": PROMPTS[0]}]
+
+    def tokens(llm, **adapted) -> list[int]:
+        return llm.generate(prompt, GREEDY, use_tqdm=False, **adapted)[0].outputs[0].token_ids
+
+    adapted = tokens(spec, lora_request=adapter)
+    assert adapted == tokens(base, lora_request=adapter)
+    assert adapted != tokens(base)  # the adapter changes the tokens
+    assert _checked_against_the_reference(events, PROMPTS[0] + adapted, "eagle", head,
+                                          merged) >= 5
+    assert spec.get_spec_decode_stats()["accepted_tokens"] > 0
+    stats = spec.engine.stats()
+    assert stats.free_blocks == stats.total_blocks, "blocks leaked"
 
 
 def test_a_head_that_cannot_run_is_refused_at_start_with_the_reason(deep, copying, tmp):

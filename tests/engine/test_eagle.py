@@ -237,10 +237,22 @@ def test_a_head_that_cannot_run_is_refused_at_start_with_the_reason(deep, copyin
 
 @pytest.mark.parametrize("method", ["eagle", "eagle3"])
 def test_tensor_parallel_ranks_draft_with_the_head_split_like_the_target(
-        ray_cluster, copying, deep, method):
-    """TP=2 on Ray: each rank runs its shard of the head over its shard of the blocks, and
-    the nearly copying EAGLE head is still mostly kept (a rank drafting from the wrong
-    rows, tokens or KV would not be)."""
+        ray_cluster, copying, deep, method, monkeypatch):
+    """TP=2 on Ray: each rank runs its shard of the head over its shard of the blocks.
+    The proposals that reach the engine are the dense reference's, and the nearly
+    copying EAGLE head is still mostly kept (a rank drafting from the wrong rows,
+    tokens or KV would be neither)."""
+    import pagedserve.scheduler.scheduler as scheduler_module
+
+    events: list[tuple[list[int], list[int]]] = []  # (the sequence then, its proposals)
+    keep = scheduler_module.keep_proposals
+
+    def spy(seq, proposals):
+        if proposals:
+            events.append((list(seq.token_ids), list(proposals)))
+        keep(seq, proposals)
+
+    monkeypatch.setattr(scheduler_module, "keep_proposals", spy)
     target, head = copying if method == "eagle" else deep
     config = parse({"model": {"path": str(target), "dtype": "float32", "max_model_len": 384},
                     "engine": {"device": "cpu", "num_gpu_blocks": 96, "block_size": 8,
@@ -254,6 +266,10 @@ def test_tensor_parallel_ranks_draft_with_the_head_split_like_the_target(
         assert ([o.outputs[0].token_ids for o in tp2.generate(prompts, GREEDY, use_tqdm=False)]
                 == [o.outputs[0].token_ids
                     for o in plain.generate(prompts, GREEDY, use_tqdm=False)])
+        reference = ReferenceDrafter(method, head, target)
+        assert len(events) >= 5
+        for tokens, proposals in events:
+            assert proposals == reference.propose(tokens, len(proposals)), len(tokens)
         stats = tp2.get_spec_decode_stats()
         assert stats["draft_tokens"] > 0
         if method == "eagle":

@@ -132,13 +132,15 @@ class Scheduler:
         return step
 
     def _decoding(self) -> tuple[int, int]:
-        """(running sequences, their mean length): what the speculation policy weighs.
-        While none runs, the waiting ones that may start (prompts finishing in this step
-        would ask a draft model for proposals: at the batch they start in, not at 0)."""
+        """(sequences, their mean length): what the speculation policy weighs. The
+        running ones and the waiting ones that may start beside them: the batch the
+        engine is filling to, where a step's drafts are judged at the batch size
+        they will run in (a ramp of 30, 60, ... to 256 sequences would otherwise start
+        each size unmeasured, and speculate there on the priors)."""
         seqs = [seq for group in self.running for seq in group.unfinished_seqs]
-        if not seqs:
-            seqs = [seq for group in itertools.islice(self.waiting, self.config.max_num_seqs)
-                    for seq in group.unfinished_seqs]
+        room = max(0, self.config.max_num_seqs - len(seqs))
+        seqs += [seq for group in itertools.islice(self.waiting, room)
+                 for seq in group.unfinished_seqs][:room]
         return len(seqs), sum(seq.num_tokens for seq in seqs) // max(1, len(seqs))
 
     def _schedule_running(self, step: StepInput, budget: _Budget) -> bool:

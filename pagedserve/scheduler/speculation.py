@@ -110,7 +110,9 @@ class MeasuredRates:
     model sees (a speculating step is taken in before the next is planned, so its
     host work does not overlap the device's)."""
 
-    min_steps: int = 4  # steps of each kind before the two are compared
+    # Measured steps of each kind before the two are compared: a probe's, whose first
+    # step (the switch) is timed apart.
+    min_steps: int = 3
     _rates: dict[tuple[int, bool], float] = field(default_factory=dict)
     _steps: dict[tuple[int, bool], int] = field(default_factory=dict)
     # Seconds of the first speculating step after plain ones, by batch size.

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import pytest
 
+from pagedserve.sampling_params import SamplingParams
 from pagedserve.scheduler.block_manager import BlockManager
+from pagedserve.scheduler.config import SchedulerConfig
 from pagedserve.scheduler.ngram import PromptLookup
+from pagedserve.scheduler.scheduler import Scheduler
+from pagedserve.scheduler.sequence import Sequence, SequenceGroup
 from pagedserve.scheduler.speculation import MeasuredCost, SpecStats, SpeculationPolicy
+from pagedserve.scheduler.step import Sample, StepOutput
 
 LOOKUP = PromptLookup(k=4, min_n=1, max_n=3)
 
@@ -184,3 +189,42 @@ def test_no_probe_into_speculating_where_the_model_and_the_measured_steps_agree(
         spec.rates.observe(64, speculated=True, tokens=64, seconds=0.02)
         spec.rates.observe(64, speculated=False, tokens=64, seconds=0.01)
     assert not any(policy.num_drafts(64, 500, spec) for _ in range(500))
+
+
+def test_one_probe_measures_the_way_it_goes():
+    """A probe's first step is timed apart (the switch); the rest are enough to compare
+    the two ways, so the policy knows after one probe which is faster."""
+    policy = SpeculationPolicy(LOOKUP, cost=linear_cost(10e-3, 20e-6))
+    spec = stats(0.6)
+    for _ in range(20):
+        spec.rates.observe(256, speculated=False, tokens=256, seconds=0.01)
+    spec.rates.observe_switch(256, 0.05)  # the probe's first step
+    for _ in range(policy.probe_len - 1):
+        spec.rates.observe(256, speculated=True, tokens=300, seconds=0.03)
+    assert spec.rates.speculating_is_faster(256) is False
+
+
+def test_the_policy_weighs_the_batch_the_waiting_prompts_fill():
+    """Two prompts start a step (the token budget); each step's drafts are weighed at the
+    batch the running and waiting ones make together, up to max_num_seqs, not at the
+    few running yet: a ramp to a large batch is judged at the size it runs at."""
+    weighed: list[int] = []
+
+    class Watched(SpeculationPolicy):
+        def num_drafts(self, decodes: int, context: int, stats: SpecStats) -> int:
+            weighed.append(decodes)
+            return 0
+
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=32,
+                                          max_model_len=64, speculation=Watched(LOOKUP)),
+                          BlockManager(64, 4))
+    for i in range(8):
+        scheduler.add(SequenceGroup(str(i), [Sequence(i, list(range(10, 26)))],
+                                    SamplingParams(max_tokens=4, ignore_eos=True)))
+    running = []
+    for _ in range(3):
+        running.append(len(scheduler.running))
+        step = scheduler.schedule()
+        scheduler.update(step, StepOutput([Sample(seq.seq_id, 7, -0.5) for seq in step.seqs
+                                           if seq.do_sample]))
+    assert running == [0, 2, 4] and weighed == [6, 6, 6]

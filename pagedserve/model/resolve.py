@@ -79,9 +79,9 @@ def resolve(model: ModelConfig, device: torch.device,
 def plain_config(config: PretrainedConfig) -> PlainConfig:
     """The config's fields, and its class's aliases (Mixtral's `num_experts`), for
     ModelInfo, which every rank process unpickles. The model's own config class would
-    import transformers' model registry and, through its validators, torch's DTensor:
-    1.4-1.9 s of CPU in each rank before its first step, for fields the rank reads as
-    plain attributes. A model's own code (trust_remote_code) stays in the engine."""
+    import transformers' model registry and, through its validators, torch's DTensor,
+    in each rank before its first step, for fields the rank reads as plain attributes.
+    A model's own code (trust_remote_code) stays in the engine."""
     if isinstance(config, PlainConfig):
         return config
     plain = PlainConfig(**config.to_dict())

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -24,7 +25,7 @@ from pagedserve.engine.grammar import GrammarLimits, StructuredOutputs
 from pagedserve.engine.request_inputs import InputProcessor, PromptInput
 from pagedserve.engine.request_outputs import OutputBuilder
 from pagedserve.engine.speculation import draft_model, speculation_policy
-from pagedserve.engine.stats import EngineStats, SlotUsage, StepStats
+from pagedserve.engine.stats import EngineStats, HostClock, SlotUsage, StepStats
 from pagedserve.lora_request import LoRARequest
 from pagedserve.math_utils import cdiv
 from pagedserve.model.info import ModelInfo
@@ -72,6 +73,7 @@ class EngineCore:
         self.outputs = OutputBuilder(tokenizer)
         self._step_stats = StepStats()
         self._busy_since: float | None = None  # start of the last step() call that left work
+        self._host = HostClock()
 
     @classmethod
     def from_config(cls, config: Config, ranks: Ranks | None = None) -> EngineCore:
@@ -223,9 +225,11 @@ class EngineCore:
         stats = self._step_stats
         if self._busy_since is not None:
             stats.wall_s += started - self._busy_since
+        self._host.start()
         try:
             return self._step()
         finally:
+            self._host.stop()
             if self.has_unfinished_requests():
                 self._busy_since = started
             else:
@@ -237,7 +241,7 @@ class EngineCore:
             step_input = self._schedule()
             if step_input.is_empty:
                 return []
-            return self._take_in(step_input, self.executor.execute(step_input))
+            return self._take_in(step_input, self._wait(self.executor.execute, step_input))
         # A step that speculates is taken in before the next is planned: its sequences
         # cannot plan ahead, and would otherwise run in every other step, splitting
         # the batch in two.
@@ -252,13 +256,21 @@ class EngineCore:
             return []
         step_input, pending = self._in_flight.popleft()
         try:
-            outputs = self._take_in(step_input, pending.result())
+            outputs = self._take_in(step_input, self._wait(pending.result))
         except BaseException:
             self._release_masks()
             raise
         if self._in_flight:  # its sampling waits for the masks that these tokens decide
             self.structured.fill_late(self._in_flight[0][0], self.scheduler.grammar_of)
         return outputs
+
+    def _wait(self, device: Callable[..., StepOutput], *args: StepInput) -> StepOutput:
+        """A call that waits for the device: not the host's work."""
+        self._host.stop()
+        try:
+            return device(*args)
+        finally:
+            self._host.start()
 
     def _schedule(self) -> StepInput:
         """The scheduler's next step, with the masks of its constrained sequences: filled
@@ -277,6 +289,9 @@ class EngineCore:
         """A step's outcome: tokens recorded, text decoded, finished requests freed."""
         self._step_stats.steps += 1
         self._step_stats.device_s += step_output.device_s or 0.0
+        host_s = self._host.lap()  # this step's: since the step before was taken in
+        if self.scheduler.config.speculation is not None and step_input.seqs:
+            self.scheduler.spec_stats.observe_host(len(step_input.seqs), host_s)
         advanced = self.scheduler.update(step_input, step_output)
         now = time.monotonic()
         outputs = []

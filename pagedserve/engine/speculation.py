@@ -15,6 +15,7 @@ import functools
 from pagedserve.config import Config, EngineConfig, ModelConfig, ParallelConfig
 from pagedserve.model.info import ModelInfo
 from pagedserve.model.resolve import resolve
+from pagedserve.model.roofline import StepShape
 from pagedserve.scheduler.speculation import SpeculationPolicy
 from pagedserve.worker.models.eagle import HEADS, TARGET_ARCHITECTURES, aux_layers
 from pagedserve.worker.simulated import simulated_roofline
@@ -33,10 +34,25 @@ def speculation_policy(policy: SpeculationPolicy | None, info: ModelInfo,
     decode_time = functools.lru_cache(maxsize=4096)(roofline.decode_time)
 
     def cost(sequences: int, drafts: int, context: int) -> float:
-        return decode_time(sequences, drafts, context // _CONTEXT_STEP * _CONTEXT_STEP
-                           + _CONTEXT_STEP // 2)
+        return decode_time(sequences, drafts, _bucket(context))
 
-    return dataclasses.replace(policy, cost=cost)
+    if info.draft is None:
+        return dataclasses.replace(policy, cost=cost)
+    draft = simulated_roofline(info.draft, engine, parallel.tensor_parallel_size)
+
+    @functools.lru_cache(maxsize=4096)
+    def catch_up(sequences: int, context: int) -> float:
+        return draft.step_time([StepShape(context, context, 1)] * sequences)
+
+    def switch_cost(sequences: int, context: int) -> float:
+        """The draft's pass over every sequence's context: what it sat out, at most."""
+        return catch_up(sequences, _bucket(context))
+
+    return dataclasses.replace(policy, cost=cost, switch_cost=switch_cost)
+
+
+def _bucket(context: int) -> int:
+    return context // _CONTEXT_STEP * _CONTEXT_STEP + _CONTEXT_STEP // 2
 
 
 def draft_model(config: Config, target: ModelInfo) -> ModelInfo | None:

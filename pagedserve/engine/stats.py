@@ -6,6 +6,7 @@ Every statistic has one home here: `LLM.get_memory_stats()`, the server's
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from pagedserve.scheduler.block_manager import BlockManager
@@ -81,6 +82,31 @@ class StepStats:
     steps: int = 0
     device_s: float = 0.0
     wall_s: float = 0.0
+
+
+class HostClock:
+    """The engine thread's CPU time in its own work: its step() calls, less the waits
+    for the device (a step's outcome, or a synchronous step run in this thread). Read
+    once a step, it is that step's host work."""
+
+    def __init__(self) -> None:
+        self._spent = 0.0
+        self._mark: float | None = None
+
+    def start(self) -> None:
+        self._mark = time.thread_time()
+
+    def stop(self) -> None:
+        if self._mark is not None:
+            self._spent += time.thread_time() - self._mark
+            self._mark = None
+
+    def lap(self) -> float:
+        """Seconds spent since the last lap; the clock goes on."""
+        self.stop()
+        spent, self._spent = self._spent, 0.0
+        self.start()
+        return spent
 
 
 @dataclass

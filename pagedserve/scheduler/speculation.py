@@ -25,7 +25,9 @@ the roofline's on a simulated GPU (model/roofline.py, engine/speculation.py),
 else a line fitted to the measured decode steps (`MeasuredCost`). A
 speculating step also pays the host's work between steps, which plain steps
 overlap with the device's: its measured wall time less its device time
-(`SpecStats.sync_host`) is added to its cost, so longer drafts amortise it.
+(`SpecStats.sync_host`) is added to its cost, so longer drafts amortise it;
+until it is measured at a batch size, the host work the engine measured per
+sequence in its steps (`SpecStats.host_per_seq`) stands in.
 What the models still miss is weighed by measuring: where both ways have
 been measured at a batch size (in powers of two, `MeasuredRates`), the one
 whose recent steps gave more tokens per second goes, and the model picks how
@@ -36,10 +38,11 @@ sequences, not steps, so a step of 256 weighs more than a step of one. Now and
 then `probe_len` steps go the other way (plain while speculating, full length
 while plain), so f, a and both rates stay current: after `probe_every` steps,
 then twice as many while the probes change nothing, and never so often that
-the probes cost more than `probe_share` of the time at the rates measured;
-none into speculating where the model and the measured steps agree on plain
-(it would only cost; acceptance measured at other batch sizes still moves the
-model).
+the probes cost more than `probe_share` of the time at the rates measured
+(where the model says plain at a batch size not measured yet: at the rates it
+models, with a draft model's catch-up, `switch_cost`); none into speculating
+where the model and the measured steps agree on plain (it would only cost;
+acceptance measured at other batch sizes still moves the model).
 `disable_by_batch_size` (vLLM's) is a hard ceiling on top.
 """
 
@@ -110,9 +113,11 @@ class MeasuredRates:
     model sees (a speculating step is taken in before the next is planned, so its
     host work does not overlap the device's)."""
 
-    # Measured steps of each kind before the two are compared: a probe's, whose first
-    # step (the switch) is timed apart.
-    min_steps: int = 3
+    # Measured steps of each kind before the two are compared: a probe's into
+    # speculating. Of its probe_len (4) steps, the first is planned while a plain one
+    # runs (with asynchronous scheduling), so no sequence knows its newest token to
+    # draft from; the next is the switch, timed apart.
+    min_steps: int = 2
     _rates: dict[tuple[int, bool], float] = field(default_factory=dict)
     _steps: dict[tuple[int, bool], int] = field(default_factory=dict)
     # Seconds of the first speculating step after plain ones, by batch size.
@@ -172,6 +177,7 @@ class SpecStats:
     steps_one_way: int = 0  # steps since the policy last probed the other way
     probe_wait: int = 0  # steps between probes (0: the policy's probe_every)
     probing_from: bool = False  # whether the steps speculated when the probe began
+    probing_after: int | None = None  # the wait a probe under way began after
     probe_bucket: int = 0  # the batch size (its bit length) the probe wait is for
     measured: MeasuredCost = field(default_factory=MeasuredCost)
     rates: MeasuredRates = field(default_factory=MeasuredRates)
@@ -179,6 +185,9 @@ class SpecStats:
     # before the next step is planned, so its host work does not overlap the device's),
     # by batch size in powers of two: its wall time less its device time.
     sync_host: dict[int, float] = field(default_factory=dict)
+    # Seconds of the host's work per scheduled sequence in a step (None until
+    # measured): a speculating step's host work until those at its batch size are.
+    host_per_seq: float | None = None
     _kept: int = 0  # this step's kept drafts, and drafts judged (the first refused too)
     _judged: int = 0
     _verified: int = 0
@@ -206,6 +215,11 @@ class SpecStats:
         bucket = decodes.bit_length()
         seen = self.sync_host.get(bucket)
         self.sync_host[bucket] = seconds if seen is None else seen + _WEIGHT * (seconds - seen)
+
+    def observe_host(self, sequences: int, seconds: float) -> None:
+        per_seq = seconds / sequences
+        seen = self.host_per_seq
+        self.host_per_seq = per_seq if seen is None else seen + _WEIGHT * (per_seq - seen)
 
     def scheduled(self, decodes: int, known: int, drafting: int, speculating: bool) -> None:
         """A step planned with `decodes` sequences decoding, `known` of them with their
@@ -237,6 +251,10 @@ class SpeculationPolicy:
     proposer: Proposer
     disable_by_batch_size: int | None = None
     cost: StepCost | None = None  # None: measured (MeasuredCost)
+    # Seconds the first speculating step after plain ones adds, for `sequences` at a mean
+    # `context` (a draft model's pass over what it sat out), where a model says: it
+    # spaces a batch size's first probe. Then the switches measured do.
+    switch_cost: Callable[[int, int], float] | None = None
     probe_every: int = 32
     probe_len: int = 4
     probe_share: float = 0.02
@@ -262,11 +280,17 @@ class SpeculationPolicy:
             if faster is None:  # a batch size not measured yet: probe soon
                 stats.probe_wait = 0
                 stats.steps_one_way = min(stats.steps_one_way, self.probe_every)
+                stats.probing_after = None
         stats.steps_one_way += 1
-        wait = max(stats.probe_wait or self.probe_every,
-                   stats.rates.affordable_wait(decodes, self.probe_len, self.probe_share))
-        if stats.steps_one_way == wait + 1:
-            stats.probing_from = bool(best)
+        wait = stats.probing_after  # a probe under way keeps the wait it began after
+        if wait is None:
+            wait = max(stats.probe_wait or self.probe_every,
+                       stats.rates.affordable_wait(decodes, self.probe_len, self.probe_share))
+            if faster is None and not modelled:
+                wait = max(wait, self.modelled_wait(decodes, context, stats))
+            if stats.steps_one_way > wait:  # a probe begins (or, agreed below, is let go)
+                stats.probing_after = wait = stats.steps_one_way - 1
+                stats.probing_from = bool(best)
         # No probe into speculating where the model and the measured steps agree that
         # plain is faster: it would only cost (acceptance measured at other batch sizes
         # still moves the model).
@@ -275,20 +299,40 @@ class SpeculationPolicy:
             if stats.steps_one_way <= wait + self.probe_len and not agreed:
                 return 0 if best else k
             stats.steps_one_way = 0
+            stats.probing_after = None
             stats.probe_wait = (min(2 * wait, 16 * self.probe_every)
                                 if stats.probing_from == bool(best) else self.probe_every)
         return best
+
+    def modelled_wait(self, decodes: int, context: int, stats: SpecStats) -> int:
+        """Steps before a probe into speculating at a batch size not measured yet, where
+        the model says plain: long enough for it to cost at most probe_share of the time
+        at the modelled rates (MeasuredRates.affordable_wait, before there are any)."""
+        plain = (self.cost or stats.measured)(decodes, 0, context)
+        if plain is None:
+            return 0
+        speculating = self._best(decodes, context, stats, at_least=1)[1]
+        lost = self.probe_len * max(0.0, 1.0 - speculating * plain / decodes) * plain
+        if self.switch_cost is not None:
+            lost += self.switch_cost(decodes, context)
+        return math.ceil(lost / (self.probe_share * plain))
 
     def best_length(self, decodes: int, context: int, stats: SpecStats,
                     at_least: int = 0) -> int:
         """The draft length of the highest expected token rate, `at_least` long (k where
         the cost is not known yet)."""
+        return self._best(decodes, context, stats, at_least)[0]
+
+    def _best(self, decodes: int, context: int, stats: SpecStats,
+              at_least: int) -> tuple[int, float]:
+        """best_length, and its tokens per second (0 where the cost is not known)."""
         k, cost = self.proposer.k, self.cost or stats.measured
         plain = cost(decodes, 0, context)
         if plain is None:
-            return k
+            return k, 0.0
         a, f = stats.recent_acceptance, stats.recent_coverage
-        host = stats.sync_host.get(decodes.bit_length(), 0.0)
+        host = stats.sync_host.get(decodes.bit_length(),
+                                   (stats.host_per_seq or 0.0) * decodes)
         best, best_rate, kept = 0, 0.0 if at_least else decodes / plain, 0.0
         for length in range(1, k + 1):
             kept += a ** length
@@ -297,7 +341,7 @@ class SpeculationPolicy:
             rate = decodes * (1 + f * kept) / (seconds + host)
             if rate > best_rate:
                 best, best_rate = length, rate
-        return best
+        return best, best_rate
 
 
 def count_drafts(step: StepInput) -> tuple[int, int, int]:

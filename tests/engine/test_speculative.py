@@ -13,6 +13,8 @@ tests/worker/test_spec_verify.py.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from conftest import user_cache
@@ -282,6 +284,87 @@ def test_the_simulated_gpus_roofline_says_where_speculation_stops_paying():
     cpu = config.engine.model_copy(update={"simulator": None})
     assert speculation_policy(SpeculationPolicy(PromptLookup(5, 2, 4)), info, cpu,
                               config.parallel).cost is None
+
+
+def test_a_steps_host_work_is_the_engines_own_cpu_time():
+    """The host work the policy weighs is the engine thread's CPU time in its steps, not
+    what the thread does between them (here 30 ms of other work each time)."""
+    config = load(REPO / "configs" / "llama-3-8b-h200-sim.yaml")
+    engine = config.engine.model_dump()
+    engine["speculative"] = {"method": "ngram", "num_speculative_tokens": 3}
+    with user_cache():
+        llm = LLM(config=config.model_validate({**config.model_dump(), "engine": engine}))
+    core = llm.engine
+    core.add_request("0", list(range(100, 140)), SamplingParams(max_tokens=24, ignore_eos=True))
+    seen = []
+    while core.has_unfinished_requests():
+        core.step()
+        seen.append(core.scheduler.spec_stats.host_per_seq)
+        busy = time.thread_time() + 0.03
+        while time.thread_time() < busy:
+            pass
+    measured = [host for host in seen if host is not None]
+    assert len(measured) > 20 and max(measured) < 5e-3
+
+
+def test_a_fresh_engine_at_a_large_batch_decodes_plainly_and_probes_once(monkeypatch):
+    """256 sequences on the simulated H200, where a plain step's host work (pinned here
+    at 60 us a sequence, 15 ms a step) is as long as the device's, and the model says
+    plain: no step speculates while the prompts start; the first probe waits until the
+    model's rates say it costs at most probe_share of the time; and that one probe of a
+    few steps, planned with asynchronous scheduling, measures speculating against plain
+    (slower here)."""
+    from pagedserve.scheduler.scheduler import Scheduler
+    from pagedserve.scheduler.speculation import SpecStats, SpeculationPolicy
+    from pagedserve.worker.simulated import _spread
+
+    monkeypatch.setattr(SpecStats, "observe_host",
+                        lambda self, sequences, seconds: setattr(self, "host_per_seq", 60e-6))
+    steps: list[tuple[bool, bool, int]] = []  # (speculated, started a prompt, sequences)
+    take_in = Scheduler._spec_step_done
+
+    def watched(self, step_input, step_output):
+        steps.append((step_input.speculates, any(
+            seq.num_tokens > 1 + len(seq.draft_token_ids or ()) for seq in step_input.seqs),
+            len(step_input.seqs)))
+        take_in(self, step_input, step_output)
+
+    monkeypatch.setattr(Scheduler, "_spec_step_done", watched)
+    waits: list[int] = []
+    modelled_wait = SpeculationPolicy.modelled_wait
+
+    def noted(self, decodes, context, stats):
+        waits.append(modelled_wait(self, decodes, context, stats))
+        return waits[-1]
+
+    monkeypatch.setattr(SpeculationPolicy, "modelled_wait", noted)
+    config = load(REPO / "configs" / "llama-3-8b-h200-sim.yaml")
+    engine = config.engine.model_dump()
+    engine["speculative"] = {"method": "ngram", "num_speculative_tokens": 8,
+                             "prompt_lookup_min": 3, "prompt_lookup_max": 5}
+    with user_cache():
+        llm = LLM(config=config.model_validate({**config.model_dump(), "engine": engine}))
+    assert llm.engine.async_scheduling
+    text = llm.engine.executor.worker.text
+    prompts = []
+    for seed in range(256):  # each holding the stretch of text its reply copies, edited
+        start = _spread(seed, 0) % len(text)
+        prompts.append({"prompt_token_ids": [text[(start + i + 7919 * (i % 6 == seed % 6))
+                                                   % len(text)] for i in range(96)]})
+    params = [SamplingParams(temperature=0.0, seed=seed, max_tokens=160, ignore_eos=True)
+              for seed in range(256)]
+    llm.generate(prompts, params, use_tqdm=False)
+    assert not any(speculates and starting for speculates, starting, _ in steps)
+    # At 256 (the batch's tail, a few sequences, may speculate):
+    speculated = [i for i, (speculates, _, seqs) in enumerate(steps) if speculates and seqs == 256]
+    policy = llm.engine.scheduler.config.speculation
+    assert speculated and speculated == list(range(speculated[0], speculated[-1] + 1))
+    assert len(speculated) < policy.probe_len
+    # It waited as long as the model said a probe affords, not probe_every steps.
+    assert speculated[0] >= min(waits) > 2 * policy.probe_every
+    stats = llm.engine.scheduler.spec_stats
+    assert stats.rates.speculating_is_faster(256) is False
+    assert stats.accepted_tokens > 0
 
 
 @pytest.mark.parametrize("config, words", [

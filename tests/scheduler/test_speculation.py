@@ -45,13 +45,17 @@ def test_the_draft_length_is_the_one_of_the_highest_token_rate():
 
 
 def test_now_and_then_a_few_steps_go_the_other_way_to_measure_it():
-    """After probe_every steps, then twice as long while the probes change nothing."""
+    """After probe_every steps, then twice as long while the probes change nothing. A
+    probe into speculating, where the model says plain, also waits until the model's
+    rates say it costs at most probe_share of the time: drafts never kept make a step of
+    64 take 12.56 ms for 11.28 ms of tokens, so two such steps cost 10.2 steps' share."""
     policy = SpeculationPolicy(LOOKUP, cost=linear_cost(10e-3, 20e-6), probe_every=8,
                                probe_len=2)
     low, high = stats(0.0), stats(0.6)
+    assert policy.modelled_wait(64, 500, low) == 11
     off = [policy.num_drafts(64, 500, low) for _ in range(50)]
-    assert [i for i, length in enumerate(off) if length] == [8, 9, 27, 28]
-    assert off[8] == LOOKUP.k
+    assert [i for i, length in enumerate(off) if length] == [11, 12, 36, 37]
+    assert off[11] == LOOKUP.k
     on = [policy.num_drafts(1, 500, high) for _ in range(11)]
     assert [i for i, length in enumerate(on) if not length] == [8, 9]
 
@@ -171,6 +175,24 @@ def test_a_speculating_steps_host_work_lengthens_its_drafts():
     assert policy.best_length(256, 500, less) == 0
 
 
+def test_the_host_work_of_plain_steps_prices_speculating_before_it_is_measured():
+    """Before any speculating step at a batch size is measured, one is taken to wait for
+    the host's work the steps so far measured (per sequence): at 256 sequences and
+    100 us each, 25.6 ms on top of the device's time outweigh drafts kept 80% of the
+    time."""
+    policy = SpeculationPolicy(PromptLookup(k=8, min_n=1, max_n=3),
+                               cost=linear_cost(10e-3, 20e-6))
+    spec = stats(0.8)
+    assert policy.best_length(256, 500, spec) == 3
+    spec.observe_host(256, 256 * 100e-6)
+    assert spec.host_per_seq == pytest.approx(100e-6)
+    assert policy.best_length(256, 500, spec) == 0
+    assert policy.best_length(8, 500, spec) == 8  # 0.8 ms: drafts still pay at 8
+    # Once speculating steps at 256 are measured, their own host work counts.
+    spec.observe_sync_host(256, 1e-3)
+    assert policy.best_length(256, 500, spec) == 3
+
+
 def test_coverage_counts_only_sequences_whose_newest_token_is_known():
     """A sequence planned while the step before it ran has no newest token to look up
     from: it does not lower the measured share of sequences with drafts."""
@@ -192,14 +214,16 @@ def test_no_probe_into_speculating_where_the_model_and_the_measured_steps_agree(
 
 
 def test_one_probe_measures_the_way_it_goes():
-    """A probe's first step is timed apart (the switch); the rest are enough to compare
-    the two ways, so the policy knows after one probe which is faster."""
+    """Of a probe's steps, the first finds no newest token to draft from (with
+    asynchronous scheduling, it is planned while a plain step runs) and the second is
+    timed apart (the switch); the rest are enough to compare the two ways, so the policy
+    knows after one probe which is faster."""
     policy = SpeculationPolicy(LOOKUP, cost=linear_cost(10e-3, 20e-6))
     spec = stats(0.6)
     for _ in range(20):
         spec.rates.observe(256, speculated=False, tokens=256, seconds=0.01)
-    spec.rates.observe_switch(256, 0.05)  # the probe's first step
-    for _ in range(policy.probe_len - 1):
+    spec.rates.observe_switch(256, 0.05)  # the probe's second step
+    for _ in range(policy.probe_len - 2):
         spec.rates.observe(256, speculated=True, tokens=300, seconds=0.03)
     assert spec.rates.speculating_is_faster(256) is False
 

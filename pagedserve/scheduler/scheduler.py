@@ -4,7 +4,9 @@ Every step, in this order:
 
 1. Running requests, oldest first: each unfinished sequence gets
    `min(uncomputed tokens, budget left)` tokens, so a decode takes one token
-   and a long prompt is computed in chunks (chunked prefill). When the pool
+   and a long prompt is computed in chunks (chunked prefill); a request of one
+   sequence decoding into a block it holds or a free one, the common case at a
+   large batch, is scheduled in a few reads (`_schedule_decode`). When the pool
    has no block for a running sequence, the newest running request is
    preempted: swapped to the CPU pool, or freed and later recomputed (see
    `SchedulerConfig.preemption_mode`).
@@ -35,7 +37,7 @@ from pagedserve.scheduler.beam_search import Beam
 from pagedserve.scheduler.block_manager import BlockManager
 from pagedserve.scheduler.config import SchedulerConfig
 from pagedserve.scheduler.plan import Work, plan_group, scheduled_sequence
-from pagedserve.scheduler.progress import grammar_stop, stop_reason
+from pagedserve.scheduler.progress import at_limit, grammar_stop, speculates, stop_reason
 from pagedserve.scheduler.proposers import Proposer, keep_proposals
 from pagedserve.scheduler.sequence import FinishReason, Sequence, SequenceGroup, SequenceStatus
 from pagedserve.scheduler.speculation import SpecStats, count_drafts, take_speculated
@@ -150,12 +152,44 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget.tokens > 0:
             group = self.running[index]
-            plan = self._make_room(group, budget, step)
-            if plan is None:
-                break  # it was preempted itself, as the newest: no one runs after it
-            budget.tokens -= self._commit(group, plan, step)
+            if not self._schedule_decode(group, budget, step):
+                plan = self._make_room(group, budget, step)
+                if plan is None:
+                    break  # it was preempted itself, as the newest: no one runs after it
+                budget.tokens -= self._commit(group, plan, step)
             index += 1
         return self.num_preemptions > preemptions
+
+    def _schedule_decode(self, group: SequenceGroup, budget: _Budget, step: StepInput) -> bool:
+        """The common case, in a few reads: a request of one sequence decoding one token
+        (the newest, or the one in flight) into a block it holds or a free one. Whether it
+        was scheduled; if not, the full plan decides (plan_group): forks, beams, prompt
+        chunks, prompt logprobs, grammars, speculation, windows, copies on write,
+        penalties, a last token in flight, and preemption."""
+        seqs = group.seqs
+        if len(seqs) != 1 or group.beam_search is not None or group.prompt_logprobs is not None:
+            return False
+        seq, manager = seqs[0], self.block_manager
+        if (len(seq.token_ids) + seq.num_pending - seq.num_computed_tokens != 1
+                or seq.grammar is not None or group.best_of != 1
+                or manager.sliding_window is not None or not manager.has(seq.seq_id)
+                or (self._proposer is not None and speculates(group))):
+            return False
+        params = group.sampling_params
+        if seq.num_pending and (params.uses_penalties or params.bad_words  # plans_ahead's
+                                or params.structured_outputs is not None
+                                or at_limit(seq, params, self.config.max_model_len)):
+            return False
+        if manager.blocks_to_append(seq.seq_id, 1) > manager.num_free_blocks:
+            return False  # a copy on write, or a block that only preemption frees
+        manager.append_slots(seq.seq_id, 1, seq.token_ids)
+        scheduled = scheduled_sequence(group, seq, 1, manager.block_table(seq.seq_id),
+                                       self.config.eos_token_ids)
+        step.seqs.append(scheduled)
+        seq.num_computed_tokens += 1
+        seq.num_pending += scheduled.do_sample
+        budget.tokens -= 1
+        return True
 
     def _make_room(self, group: SequenceGroup, budget: _Budget,
                    step: StepInput) -> list[Work] | None:

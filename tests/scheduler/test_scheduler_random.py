@@ -8,6 +8,7 @@ import pytest
 from support.scheduler_harness import VOCAB, Harness, scheduled_ids
 
 from pagedserve.math_utils import cdiv
+from pagedserve.scheduler.scheduler import Scheduler
 from pagedserve.scheduler.sequence import FinishReason, SequenceStatus
 from pagedserve.scheduler.step import StepInput
 
@@ -126,3 +127,40 @@ def test_random_workload_drains_cleanly(seed):
 def test_random_workloads_do_preempt():
     """The random driver really exercises preemption (else it proves little)."""
     assert sum(_run_random(seed) for seed in range(60)) > 0
+
+
+def _steps_planned(seed: int, monkeypatch, fast: bool) -> list:
+    """Every step a random workload's scheduler plans, as plain values."""
+    steps = []
+    schedule = Scheduler.schedule
+
+    def recorded(self):
+        step = schedule(self)
+        steps.append(([(s.seq_id, s.token_ids, s.start_pos, list(s.block_table), s.do_sample,
+                        s.output_index, s.num_samples, s.last_token_in_flight)
+                       for s in step.seqs],
+                      step.blocks_to_copy, step.blocks_to_swap_in, step.blocks_to_swap_out))
+        return step
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Scheduler, "schedule", recorded)
+        if not fast:
+            patch.setattr(Scheduler, "_schedule_decode", lambda self, group, budget, step: False)
+        _run_random(seed)
+    return steps
+
+
+def test_the_decode_fast_path_plans_what_the_full_plan_does(monkeypatch):
+    """A decoding sequence scheduled in a few reads gets the step the full plan would give
+    it, under preemption, swaps, forks and aborts in tiny pools."""
+    taken = []
+    fast_path = Scheduler._schedule_decode
+
+    def counted(self, group, budget, step):
+        taken.append(fast_path(self, group, budget, step))
+        return taken[-1]
+
+    monkeypatch.setattr(Scheduler, "_schedule_decode", counted)
+    for seed in range(30):
+        assert _steps_planned(seed, monkeypatch, True) == _steps_planned(seed, monkeypatch, False)
+    assert sum(taken) > 500 and not all(taken)

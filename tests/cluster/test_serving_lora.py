@@ -165,10 +165,16 @@ def test_lora_metrics_reach_rays_endpoint(url, client, ray_metrics_url):
         return [(tags, float(value)) for tags, value in pattern.findall(text)
                 if 'model_name="base"' in tags]
 
+    def exported(text: str) -> bool:
+        return (sum(v for _, v in samples(text, "lora_loads_total")) >= 3
+                and sum(v for _, v in samples(text, "lora_evictions_total")) >= 2
+                and bool(samples(text, "lora_requests_info")))
+
+    # Ray exports every 0.5 s here, each metric on its own: wait for all three.
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # Ray exports every 0.5 s here
+    while time.monotonic() < deadline:
         text = httpx.get(ray_metrics_url, timeout=10).text
-        if sum(v for _, v in samples(text, "lora_loads_total")) >= 3:
+        if exported(text):
             break
         time.sleep(0.5)
     assert sum(v for _, v in samples(text, "lora_loads_total")) >= 3  # sql, chat, sql, ...

@@ -1,7 +1,9 @@
 """A request's share of one step: which tokens of each sequence it computes, the blocks
 they take (`plan_group`), and the `ScheduledSequence` the worker gets for each
-(`scheduled_sequence`). The scheduler decides whether a plan runs; this says what
-it is."""
+(`scheduled_sequence`), put in the step with its blocks (`commit`). A request of one
+sequence decoding its next token, the common case at a large batch, goes in without
+a plan (`schedule_decode`). The scheduler decides whether a plan runs; this says what
+it is and puts it in."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from pagedserve.scheduler.block_manager import BlockManager
 from pagedserve.scheduler.progress import at_limit, plans_ahead, speculates
 from pagedserve.scheduler.proposers import Proposer
 from pagedserve.scheduler.sequence import Sequence, SequenceGroup
-from pagedserve.scheduler.step import ScheduledSequence
+from pagedserve.scheduler.step import ScheduledSequence, StepInput
 
 
 @dataclass(slots=True)
@@ -88,6 +90,75 @@ def plan_group(group: SequenceGroup, budget: int, manager: BlockManager,
     if group.beam_search is not None and not hold_last and len(plan) < len(seqs):
         return []  # not every beam fits the budget: they wait a step together
     return plan
+
+
+def schedule_decode(group: SequenceGroup, step: StepInput, manager: BlockManager,
+                    max_model_len: int, eos_token_ids: frozenset[int],
+                    proposer: Proposer | None) -> bool:
+    """The common case, in a few reads: a request of one sequence decoding one token
+    (the newest, or the one in flight) into a block it holds or a free one, put in the
+    step as `plan_group` and `commit` would. Whether it was; if not, the full plan
+    decides: forks, beams, prompt chunks, prompt logprobs, grammars, speculation,
+    windows, copies on write, penalties with a token in flight, a last token in
+    flight, and preemption."""
+    seqs = group.seqs
+    if len(seqs) != 1 or group.beam_search is not None or group.prompt_logprobs is not None:
+        return False
+    seq = seqs[0]
+    if (len(seq.token_ids) + seq.num_pending - seq.num_computed_tokens != 1
+            or seq.grammar is not None or group.best_of != 1
+            or manager.sliding_window is not None or not manager.has(seq.seq_id)
+            or (proposer is not None and speculates(group))):
+        return False
+    params = group.sampling_params
+    if seq.num_pending and (params.uses_penalties or params.bad_words  # plans_ahead's
+                            or params.structured_outputs is not None
+                            or at_limit(seq, params, max_model_len)):
+        return False
+    if manager.blocks_to_append(seq.seq_id, 1) > manager.num_free_blocks:
+        return False  # a copy on write, or a block that only preemption frees
+    manager.append_slots(seq.seq_id, 1, seq.token_ids)
+    scheduled = scheduled_sequence(group, seq, 1, manager.block_table(seq.seq_id),
+                                   eos_token_ids)
+    step.seqs.append(scheduled)
+    seq.num_computed_tokens += 1
+    seq.num_pending += scheduled.do_sample
+    return True
+
+
+def commit(group: SequenceGroup, plan: list[Work], step: StepInput, manager: BlockManager,
+           eos_token_ids: frozenset[int]) -> int:
+    """Give the plan its blocks and put its sequences in the step; returns its tokens."""
+    _allocate_new(group, plan, manager)
+    for work in plan:
+        seq, num_tokens = work.seq, work.num_tokens
+        if manager.sliding_window is not None:  # blocks before this step's window
+            manager.release_before_window(seq.seq_id, seq.num_computed_tokens)
+        if manager.needs_copy_on_write(seq.seq_id, num_tokens):
+            step.blocks_to_copy.append(manager.copy_on_write(seq.seq_id))
+        # Drafts and lookahead slots make no cache keys: the keys are of token_ids.
+        manager.append_slots(seq.seq_id, num_tokens + work.lookahead, seq.token_ids)
+        scheduled = scheduled_sequence(group, seq, num_tokens - len(work.draft),
+                                       manager.block_table(seq.seq_id), eos_token_ids,
+                                       work.draft, work.lookahead)
+        step.seqs.append(scheduled)
+        seq.num_computed_tokens += num_tokens  # the step will have computed them
+        seq.num_pending += scheduled.do_sample
+    return sum(work.num_tokens for work in plan)
+
+
+def _allocate_new(group: SequenceGroup, plan: list[Work], manager: BlockManager) -> None:
+    """Give each sequence without a block table one, holding its prefix-cache hits.
+
+    All of them first, so no sequence's fresh block can evict a hit another sequence of
+    this plan is counting on.
+    """
+    for work in plan:
+        seq = work.seq
+        if not manager.has(seq.seq_id):
+            seq.num_computed_tokens = len(work.computed_blocks) * manager.block_size
+            manager.allocate(seq.seq_id, seq.num_computed_tokens, seq.token_ids,
+                             work.computed_blocks, group.cache_key)
 
 
 def scheduled_sequence(group: SequenceGroup, seq: Sequence, num_tokens: int,

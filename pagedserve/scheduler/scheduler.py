@@ -6,7 +6,7 @@ Every step, in this order:
    `min(uncomputed tokens, budget left)` tokens, so a decode takes one token
    and a long prompt is computed in chunks (chunked prefill); a request of one
    sequence decoding into a block it holds or a free one, the common case at a
-   large batch, is scheduled in a few reads (`_schedule_decode`). When the pool
+   large batch, is scheduled in a few reads (plan.py's `schedule_decode`). When the pool
    has no block for a running sequence, the newest running request is
    preempted: swapped to the CPU pool, or freed and later recomputed (see
    `SchedulerConfig.preemption_mode`).
@@ -36,8 +36,8 @@ from pagedserve.scheduler.adapter_use import AdapterUse
 from pagedserve.scheduler.beam_search import Beam
 from pagedserve.scheduler.block_manager import BlockManager
 from pagedserve.scheduler.config import SchedulerConfig
-from pagedserve.scheduler.plan import Work, plan_group, scheduled_sequence
-from pagedserve.scheduler.progress import at_limit, grammar_stop, speculates, stop_reason
+from pagedserve.scheduler.plan import Work, commit, plan_group, schedule_decode
+from pagedserve.scheduler.progress import grammar_stop, stop_reason
 from pagedserve.scheduler.proposers import Proposer, keep_proposals
 from pagedserve.scheduler.sequence import FinishReason, Sequence, SequenceGroup, SequenceStatus
 from pagedserve.scheduler.speculation import SpecStats, count_drafts, take_speculated
@@ -152,44 +152,16 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget.tokens > 0:
             group = self.running[index]
-            if not self._schedule_decode(group, budget, step):
+            if schedule_decode(group, step, self.block_manager, self.config.max_model_len,
+                               self.config.eos_token_ids, self._proposer):
+                budget.tokens -= 1
+            else:
                 plan = self._make_room(group, budget, step)
                 if plan is None:
                     break  # it was preempted itself, as the newest: no one runs after it
                 budget.tokens -= self._commit(group, plan, step)
             index += 1
         return self.num_preemptions > preemptions
-
-    def _schedule_decode(self, group: SequenceGroup, budget: _Budget, step: StepInput) -> bool:
-        """The common case, in a few reads: a request of one sequence decoding one token
-        (the newest, or the one in flight) into a block it holds or a free one. Whether it
-        was scheduled; if not, the full plan decides (plan_group): forks, beams, prompt
-        chunks, prompt logprobs, grammars, speculation, windows, copies on write,
-        penalties, a last token in flight, and preemption."""
-        seqs = group.seqs
-        if len(seqs) != 1 or group.beam_search is not None or group.prompt_logprobs is not None:
-            return False
-        seq, manager = seqs[0], self.block_manager
-        if (len(seq.token_ids) + seq.num_pending - seq.num_computed_tokens != 1
-                or seq.grammar is not None or group.best_of != 1
-                or manager.sliding_window is not None or not manager.has(seq.seq_id)
-                or (self._proposer is not None and speculates(group))):
-            return False
-        params = group.sampling_params
-        if seq.num_pending and (params.uses_penalties or params.bad_words  # plans_ahead's
-                                or params.structured_outputs is not None
-                                or at_limit(seq, params, self.config.max_model_len)):
-            return False
-        if manager.blocks_to_append(seq.seq_id, 1) > manager.num_free_blocks:
-            return False  # a copy on write, or a block that only preemption frees
-        manager.append_slots(seq.seq_id, 1, seq.token_ids)
-        scheduled = scheduled_sequence(group, seq, 1, manager.block_table(seq.seq_id),
-                                       self.config.eos_token_ids)
-        step.seqs.append(scheduled)
-        seq.num_computed_tokens += 1
-        seq.num_pending += scheduled.do_sample
-        budget.tokens -= 1
-        return True
 
     def _make_room(self, group: SequenceGroup, budget: _Budget,
                    step: StepInput) -> list[Work] | None:
@@ -362,39 +334,7 @@ class Scheduler:
         return sum(work.blocks for work in plan) + reserve <= self.block_manager.num_free_blocks
 
     def _commit(self, group: SequenceGroup, plan: list[Work], step: StepInput) -> int:
-        """Give the plan its blocks and put its sequences in the step; returns its tokens."""
-        manager = self.block_manager
-        self._allocate_new(group, plan)
-        for work in plan:
-            seq, num_tokens = work.seq, work.num_tokens
-            if manager.sliding_window is not None:  # blocks before this step's window
-                manager.release_before_window(seq.seq_id, seq.num_computed_tokens)
-            if manager.needs_copy_on_write(seq.seq_id, num_tokens):
-                step.blocks_to_copy.append(manager.copy_on_write(seq.seq_id))
-            # Drafts and lookahead slots make no cache keys: the keys are of token_ids.
-            manager.append_slots(seq.seq_id, num_tokens + work.lookahead, seq.token_ids)
-            scheduled = scheduled_sequence(group, seq, num_tokens - len(work.draft),
-                                           self.block_manager.block_table(seq.seq_id),
-                                           self.config.eos_token_ids, work.draft,
-                                           work.lookahead)
-            step.seqs.append(scheduled)
-            seq.num_computed_tokens += num_tokens  # the step will have computed them
-            seq.num_pending += scheduled.do_sample
-        return sum(work.num_tokens for work in plan)
-
-    def _allocate_new(self, group: SequenceGroup, plan: list[Work]) -> None:
-        """Give each sequence without a block table one, holding its prefix-cache hits.
-
-        All of them first, so no sequence's fresh block can evict a hit another
-        sequence of this plan is counting on.
-        """
-        manager = self.block_manager
-        for work in plan:
-            seq = work.seq
-            if not manager.has(seq.seq_id):
-                seq.num_computed_tokens = len(work.computed_blocks) * manager.block_size
-                manager.allocate(seq.seq_id, seq.num_computed_tokens, seq.token_ids,
-                                 work.computed_blocks, group.cache_key)
+        return commit(group, plan, step, self.block_manager, self.config.eos_token_ids)
 
     def _preempt(self, group: SequenceGroup, step: StepInput) -> None:
         self.adapters.release(group)

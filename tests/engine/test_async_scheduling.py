@@ -182,10 +182,11 @@ def test_several_sequences_preempted_under_a_tight_pool(model_dir, preemption_mo
 
 def test_the_decode_fast_path_plans_what_the_full_plan_does(model_dir, monkeypatch):
     """With steps in flight, a decoding sequence scheduled in a few reads
-    (Scheduler._schedule_decode) gets the step the full plan gives it: the token in
+    (plan.py's schedule_decode) gets the step the full plan gives it: the token in
     flight as its input, its last one dropped at max_tokens, penalties waiting for the
     step's outcome, preemption under a small pool. Every step is the same, and so is
     every token."""
+    from pagedserve.scheduler import scheduler as scheduler_module
     from pagedserve.scheduler.scheduler import Scheduler
 
     requests = [(PROMPTS[i], SamplingParams(temperature=0.0, max_tokens=6 + 3 * i,
@@ -194,7 +195,7 @@ def test_the_decode_fast_path_plans_what_the_full_plan_does(model_dir, monkeypat
                                              frequency_penalty=0.5, ignore_eos=True)),
                  (PROMPTS[7], SamplingParams(temperature=1.0, seed=5, n=2, max_tokens=10,
                                              ignore_eos=True))]
-    schedule, fast_path = Scheduler.schedule, Scheduler._schedule_decode
+    schedule, fast_path = Scheduler.schedule, scheduler_module.schedule_decode
     taken: list[bool] = []
 
     def planned(fast: bool) -> tuple[list, list]:
@@ -207,14 +208,14 @@ def test_the_decode_fast_path_plans_what_the_full_plan_does(model_dir, monkeypat
                           for s in step.seqs])
             return step
 
-        def counted(self, group, budget, step):
-            taken.append(fast_path(self, group, budget, step))
+        def counted(*args):
+            taken.append(fast_path(*args))
             return taken[-1]
 
         with monkeypatch.context() as patch:
             patch.setattr(Scheduler, "schedule", recorded)
-            patch.setattr(Scheduler, "_schedule_decode", counted if fast else
-                          lambda self, group, budget, step: False)
+            patch.setattr(scheduler_module, "schedule_decode", counted if fast else
+                          lambda *args: False)
             llm = engine(model_dir, True, max_model_len=64, num_gpu_blocks=24, max_num_seqs=8)
             try:
                 outputs = run(llm, [prompt for prompt, _ in requests],

@@ -8,6 +8,7 @@ import pytest
 from support.scheduler_harness import VOCAB, Harness, scheduled_ids
 
 from pagedserve.math_utils import cdiv
+from pagedserve.scheduler import scheduler as scheduler_module
 from pagedserve.scheduler.scheduler import Scheduler
 from pagedserve.scheduler.sequence import FinishReason, SequenceStatus
 from pagedserve.scheduler.step import StepInput
@@ -145,7 +146,7 @@ def _steps_planned(seed: int, monkeypatch, fast: bool) -> list:
     with monkeypatch.context() as patch:
         patch.setattr(Scheduler, "schedule", recorded)
         if not fast:
-            patch.setattr(Scheduler, "_schedule_decode", lambda self, group, budget, step: False)
+            patch.setattr(scheduler_module, "schedule_decode", lambda *args: False)
         _run_random(seed)
     return steps
 
@@ -154,13 +155,13 @@ def test_the_decode_fast_path_plans_what_the_full_plan_does(monkeypatch):
     """A decoding sequence scheduled in a few reads gets the step the full plan would give
     it, under preemption, swaps, forks and aborts in tiny pools."""
     taken = []
-    fast_path = Scheduler._schedule_decode
+    fast_path = scheduler_module.schedule_decode
 
-    def counted(self, group, budget, step):
-        taken.append(fast_path(self, group, budget, step))
+    def counted(*args):
+        taken.append(fast_path(*args))
         return taken[-1]
 
-    monkeypatch.setattr(Scheduler, "_schedule_decode", counted)
+    monkeypatch.setattr(scheduler_module, "schedule_decode", counted)
     for seed in range(30):
         assert _steps_planned(seed, monkeypatch, True) == _steps_planned(seed, monkeypatch, False)
     assert sum(taken) > 500 and not all(taken)

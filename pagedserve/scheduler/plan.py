@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pagedserve.scheduler.block_manager import BlockManager
-from pagedserve.scheduler.progress import at_limit, plans_ahead, speculates
+from pagedserve.scheduler.progress import at_limit, plans_ahead, reads_tokens_so_far, speculates
 from pagedserve.scheduler.proposers import Proposer
 from pagedserve.scheduler.sequence import Sequence, SequenceGroup
 from pagedserve.scheduler.step import ScheduledSequence, StepInput
@@ -111,18 +111,12 @@ def schedule_decode(group: SequenceGroup, step: StepInput, manager: BlockManager
             or (proposer is not None and speculates(group))):
         return False
     params = group.sampling_params
-    if seq.num_pending and (params.uses_penalties or params.bad_words  # plans_ahead's
-                            or params.structured_outputs is not None
+    if seq.num_pending and (reads_tokens_so_far(params) or params.structured_outputs is not None
                             or at_limit(seq, params, max_model_len)):
         return False
     if manager.blocks_to_append(seq.seq_id, 1) > manager.num_free_blocks:
         return False  # a copy on write, or a block that only preemption frees
-    manager.append_slots(seq.seq_id, 1, seq.token_ids)
-    scheduled = scheduled_sequence(group, seq, 1, manager.block_table(seq.seq_id),
-                                   eos_token_ids)
-    step.seqs.append(scheduled)
-    seq.num_computed_tokens += 1
-    seq.num_pending += scheduled.do_sample
+    _put_in(step, group, seq, 1, manager, eos_token_ids)
     return True
 
 
@@ -136,15 +130,24 @@ def commit(group: SequenceGroup, plan: list[Work], step: StepInput, manager: Blo
             manager.release_before_window(seq.seq_id, seq.num_computed_tokens)
         if manager.needs_copy_on_write(seq.seq_id, num_tokens):
             step.blocks_to_copy.append(manager.copy_on_write(seq.seq_id))
-        # Drafts and lookahead slots make no cache keys: the keys are of token_ids.
-        manager.append_slots(seq.seq_id, num_tokens + work.lookahead, seq.token_ids)
-        scheduled = scheduled_sequence(group, seq, num_tokens - len(work.draft),
-                                       manager.block_table(seq.seq_id), eos_token_ids,
-                                       work.draft, work.lookahead)
-        step.seqs.append(scheduled)
-        seq.num_computed_tokens += num_tokens  # the step will have computed them
-        seq.num_pending += scheduled.do_sample
+        _put_in(step, group, seq, num_tokens, manager, eos_token_ids, work.draft,
+                work.lookahead)
     return sum(work.num_tokens for work in plan)
+
+
+def _put_in(step: StepInput, group: SequenceGroup, seq: Sequence, num_tokens: int,
+            manager: BlockManager, eos_token_ids: frozenset[int],
+            draft: list[int] | None = None, lookahead: int = 0) -> None:
+    """The sequence's `num_tokens` (its `draft` among them) in the step, with their slots
+    and `lookahead` more; counted as computed."""
+    # Drafts and lookahead slots make no cache keys: the keys are of token_ids.
+    manager.append_slots(seq.seq_id, num_tokens + lookahead, seq.token_ids)
+    scheduled = scheduled_sequence(group, seq, num_tokens - len(draft or ()),
+                                   manager.block_table(seq.seq_id), eos_token_ids, draft,
+                                   lookahead)
+    step.seqs.append(scheduled)
+    seq.num_computed_tokens += num_tokens  # the step will have computed them
+    seq.num_pending += scheduled.do_sample
 
 
 def _allocate_new(group: SequenceGroup, plan: list[Work], manager: BlockManager) -> None:

@@ -69,6 +69,12 @@ def speculates(group: SequenceGroup) -> bool:
             and params.min_tokens == 0 and (params.seed is None or params.greedy))
 
 
+def reads_tokens_so_far(params: SamplingParams) -> bool:
+    """Whether sampling the next token looks at the tokens so far (penalties, bad
+    words): its step cannot be planned before the token in flight is known."""
+    return params.uses_penalties or bool(params.bad_words)
+
+
 def plans_ahead(group: SequenceGroup, late_masks: bool = False,
                 speculating: bool = False) -> bool:
     """Can the group's next step be planned before the one in flight returns?
@@ -83,9 +89,8 @@ def plans_ahead(group: SequenceGroup, late_masks: bool = False,
     requests wait too: their proposals read the tokens so far.
     """
     params = group.sampling_params
-    if (speculating or group.beam_search is not None or params.uses_penalties or group.best_of > 1
-            or (params.structured_outputs is not None and not late_masks)
-            or params.bad_words):
+    if (speculating or group.beam_search is not None or reads_tokens_so_far(params)
+            or group.best_of > 1 or (params.structured_outputs is not None and not late_masks)):
         return False
     return all(seq.num_computed_tokens == seq.num_tokens
                for seq in group.unfinished_seqs if seq.num_pending)

@@ -68,6 +68,20 @@ _WEIGHT = 0.1
 _SEQS_PER_WEIGHT = 8
 
 
+def _follow(seen: float | None, value: float) -> float:
+    """A recent figure moved toward the newest value (the value, for the first)."""
+    return value if seen is None else seen + _WEIGHT * (value - seen)
+
+
+def _probe_wait(probe_len: int, share: float, step_s: float, slower: float,
+                switch_s: float) -> int:
+    """Steps between probes of `probe_len` steps the slower way (at `slower` times the
+    faster way's rate, after a switch of `switch_s` seconds) for them to cost at most
+    `share` of the time, at `step_s` a step the faster way."""
+    lost = probe_len * (1.0 - slower) * step_s + switch_s
+    return math.ceil(lost / (share * step_s))
+
+
 def _weight(sequences: int) -> float:
     """The weight of a step's acceptance or coverage measured over `sequences`: at most
     a half, so one step's figure never stands alone."""
@@ -125,16 +139,13 @@ class MeasuredRates:
 
     def observe_switch(self, decodes: int, seconds: float) -> None:
         bucket = decodes.bit_length()
-        seen = self._switches.get(bucket)
-        self._switches[bucket] = seconds if seen is None else seen + _WEIGHT * (seconds - seen)
+        self._switches[bucket] = _follow(self._switches.get(bucket), seconds)
 
     def observe(self, decodes: int, speculated: bool, tokens: int, seconds: float) -> None:
         key = (decodes.bit_length(), speculated)
         rate = tokens / seconds
-        seen = self._steps.get(key, 0)
-        self._rates[key] = rate if not seen else self._rates[key] + _WEIGHT * (
-            rate - self._rates[key])
-        self._steps[key] = seen + 1
+        self._rates[key] = _follow(self._rates.get(key), rate)
+        self._steps[key] = self._steps.get(key, 0) + 1
 
     def speculating_is_faster(self, decodes: int) -> bool | None:
         """Whether recent speculating steps at this batch size gave more tokens per second
@@ -153,11 +164,10 @@ class MeasuredRates:
             return 0
         bucket = decodes.bit_length()
         plain, speculating = self._rates[(bucket, False)], self._rates[(bucket, True)]
-        step_s = decodes / max(plain, speculating)  # a step's time, the faster way
-        lost = probe_len * (1.0 - min(plain, speculating) / max(plain, speculating)) * step_s
-        if plain > speculating:
-            lost += max(0.0, self._switches.get(bucket, 0.0) - decodes / speculating)
-        return math.ceil(lost / (share * step_s))
+        switch_s = (max(0.0, self._switches.get(bucket, 0.0) - decodes / speculating)
+                    if plain > speculating else 0.0)
+        return _probe_wait(probe_len, share, decodes / max(plain, speculating),
+                           min(plain, speculating) / max(plain, speculating), switch_s)
 
 
 @dataclass
@@ -213,13 +223,10 @@ class SpecStats:
 
     def observe_sync_host(self, decodes: int, seconds: float) -> None:
         bucket = decodes.bit_length()
-        seen = self.sync_host.get(bucket)
-        self.sync_host[bucket] = seconds if seen is None else seen + _WEIGHT * (seconds - seen)
+        self.sync_host[bucket] = _follow(self.sync_host.get(bucket), seconds)
 
     def observe_host(self, sequences: int, seconds: float) -> None:
-        per_seq = seconds / sequences
-        seen = self.host_per_seq
-        self.host_per_seq = per_seq if seen is None else seen + _WEIGHT * (per_seq - seen)
+        self.host_per_seq = _follow(self.host_per_seq, seconds / sequences)
 
     def scheduled(self, decodes: int, known: int, drafting: int, speculating: bool) -> None:
         """A step planned with `decodes` sequences decoding, `known` of them with their
@@ -312,10 +319,9 @@ class SpeculationPolicy:
         if plain is None:
             return 0
         speculating = self._best(decodes, context, stats, at_least=1)[1]
-        lost = self.probe_len * max(0.0, 1.0 - speculating * plain / decodes) * plain
-        if self.switch_cost is not None:
-            lost += self.switch_cost(decodes, context)
-        return math.ceil(lost / (self.probe_share * plain))
+        switch_s = 0.0 if self.switch_cost is None else self.switch_cost(decodes, context)
+        return _probe_wait(self.probe_len, self.probe_share, plain,
+                           min(1.0, speculating * plain / decodes), switch_s)
 
     def best_length(self, decodes: int, context: int, stats: SpecStats,
                     at_least: int = 0) -> int:

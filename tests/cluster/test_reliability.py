@@ -76,6 +76,12 @@ class _InFlight:
             thread.start()
         for first in self._first:
             assert first.wait(timeout=120), "the streams never started"
+        # The plain request too is running on the replica, not still on its way there
+        # (where a replica killed now would only send it to the next one).
+        deadline = time.monotonic() + 60
+        while _stats(self.url)["num_running"] < 3:
+            assert time.monotonic() < deadline, "the plain request never started"
+            time.sleep(0.05)
 
     def _stream(self, index: int) -> None:
         with httpx.stream("POST", f"{self.url}/v1/completions", json={**LONG, "stream": True},

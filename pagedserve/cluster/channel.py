@@ -15,6 +15,10 @@ An Outbox (one per ingress, in the replica) keeps one batch in flight: outputs
 that arrive meanwhile join the next, so a step's outputs leave together and a
 slow ingress gets fewer, larger batches instead of a backlog. Batches travel
 pickled once as bytes, which the Inbox stores and hands on without reading.
+In a batch each output is a tuple of its fields (`pack`, `unpack`): pickling
+and unpickling dataclasses costs several times as much, most of it in the
+garbage collector, and at a GPU's token rate it was the largest single cost of
+the ingress (BENCHMARKS.md, "Keeping up with a GPU").
 A request's last output is acknowledged before its Serve call returns; an
 inbox that dies fails every request waiting on it, as a dead replica would.
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import logging
 import pickle
 from typing import Any
@@ -30,9 +35,22 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from pagedserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+# Objects allocated between collections of the youngest generation: Python's 700
+# is met a few times per step by each step's outputs, which mostly live until the
+# next step, and each collection then promotes them and walks them again later.
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def collect_less_often() -> None:
+    """For a serving process (an ingress or a replica): collect the young generation
+    every GC_YOUNG_THRESHOLD allocations, not Python's 700."""
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 class InboxLost(RuntimeError):
@@ -43,6 +61,25 @@ def crosses_as_deltas(params: SamplingParams) -> bool:
     """Whether a request's outputs cross to the ingress as deltas (see LLMServer.generate);
     else they are cumulative, and the ingress puts its prompt ids back in them."""
     return params.best_of == params.n or params.use_beam_search
+
+
+def pack(output: RequestOutput) -> tuple:
+    """A replica's output as the tuple a batch carries: the request id is the batch's."""
+    metrics = output.metrics
+    return (output.prompt, output.prompt_token_ids, output.finished,
+            [(c.index, c.text, c.token_ids, c.cumulative_logprob, c.logprobs, c.finish_reason,
+              c.stop_reason) for c in output.outputs],
+            None if metrics is None else (metrics.arrival_time, metrics.first_scheduled_time,
+                                          metrics.first_token_time, metrics.finished_time),
+            output.prompt_logprobs)
+
+
+def unpack(request_id: str, packed: tuple) -> RequestOutput:
+    """The output `pack` gave."""
+    prompt, prompt_token_ids, finished, outputs, metrics, prompt_logprobs = packed
+    return RequestOutput(request_id, prompt, prompt_token_ids,
+                         [CompletionOutput(*fields) for fields in outputs], finished,
+                         None if metrics is None else RequestMetrics(*metrics), prompt_logprobs)
 
 
 def _background(coroutine) -> asyncio.Task:
@@ -80,13 +117,13 @@ class Outbox:
 
     def __init__(self, inbox: Any) -> None:
         self._inbox = inbox
-        self._batch: list[tuple[str, Any]] = []
+        self._batch: list[tuple[str, RequestOutput]] = []
         self._waiters: list[asyncio.Future] = []  # for the batch being filled
         self._sent_waiters: list[asyncio.Future] | None = None  # for the batch in flight
         self._sender: asyncio.Task | None = None
         self.error: BaseException | None = None  # the inbox failed: this outbox is done
 
-    def add(self, request_id: str, output: Any) -> None:
+    def add(self, request_id: str, output: RequestOutput) -> None:
         if self.error is not None:
             raise self.error
         self._batch.append((request_id, output))
@@ -111,7 +148,9 @@ class Outbox:
             batch, self._sent_waiters = self._batch, self._waiters
             self._batch, self._waiters = [], []
             try:
-                await self._inbox.put.remote(pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL))
+                await self._inbox.put.remote(pickle.dumps(
+                    [(request_id, pack(output)) for request_id, output in batch],
+                    protocol=pickle.HIGHEST_PROTOCOL))
             except BaseException as error:  # cancelled too: a batch is never lost silently
                 self.error = error if isinstance(error, Exception) else InboxLost(
                     f"sending to the ingress's inbox was cancelled ({type(error).__name__})")
@@ -161,10 +200,10 @@ class Receiver:
         try:
             while True:
                 for batch in await inbox.take.remote():
-                    for request_id, output in pickle.loads(batch):
+                    for request_id, packed in pickle.loads(batch):
                         queue = self._queues.get(request_id)
                         if queue is not None:  # None: the client left, the request is aborted
-                            queue.put_nowait(output)
+                            queue.put_nowait(unpack(request_id, packed))
         except BaseException as error:  # cancelled too: no request may wait on a dead reader
             self._lose(inbox, error)
             if not isinstance(error, Exception):

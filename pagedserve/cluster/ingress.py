@@ -32,6 +32,7 @@ from pagedserve.cluster.adapters import (
     LoadLoRAAdapterRequest,
     UnloadLoRAAdapterRequest,
 )
+from pagedserve.cluster.channel import collect_less_often
 from pagedserve.cluster.errors import OpenAIError
 from pagedserve.cluster.grpc_service import GenerationService
 from pagedserve.cluster.intake import RequestIntake
@@ -101,6 +102,7 @@ class OpenAIIngress:
     RequestIntake (cluster/intake.py)."""
 
     def __init__(self, server, config: Config) -> None:
+        collect_less_often()
         self.config = config
         self.intake = RequestIntake(server, config)  # shared with the gRPC service
         self.generation = GenerationService(self.intake)
@@ -234,14 +236,17 @@ class OpenAIIngress:
 
     async def _stream_completion(self, request_id: str, req, streams: list[Stream],
                                  stop: tuple[str, ...], texts: list[str],
-                                 fmt: responses.CompletionFormat) -> AsyncIterator[dict]:
-        created, n = int(time.time()), len(streams[0].first.outputs)
+                                 fmt: responses.CompletionFormat) -> AsyncIterator[str]:
+        """The events of a completion stream, those of one update together."""
+        n = len(streams[0].first.outputs)
+        chunks = responses.Chunks(request_id, req.model, int(time.time()), "text_completion")
         options = req.stream_options or protocol.StreamOptions()
         strings = TokenStrings(self.intake.tokenizer, fmt.tokens_as_ids)
         # Each request's news, update by update; None until its first update.
         news: list[responses.StreamNews | None] = [None] * len(streams)
         offsets: dict[tuple[int, int], TextOffsets] = {}
         async for prompt_index, output in merge(streams):
+            events = []
             request = news[prompt_index]
             if request is None:
                 stream = streams[prompt_index]
@@ -252,9 +257,9 @@ class OpenAIIngress:
                         text, logprobs, offset = responses.echo_text(
                             output, texts[prompt_index], fmt, strings)
                         offsets[prompt_index, index] = offset
-                        yield self._with_usage(responses.completion_chunk(
-                            request_id, req.model, created, prompt_index * n + index, text, None,
-                            logprobs), options, request.counts, index)
+                        events.append(chunks.completion(
+                            prompt_index * n + index, text, None, logprobs,
+                            self._usage(options, request.counts, index)))
             else:
                 sent = request.update(output)
             for choice in sent:
@@ -269,24 +274,25 @@ class OpenAIIngress:
                         output, fmt, strings, start=0)
                     offsets[prompt_index, index] = offset
                     chunk_logprobs = completion_logprobs(sampled(logprobs), strings, offset)
-                yield self._with_usage(responses.completion_chunk(
-                    request_id, req.model, created, prompt_index * n + index, text,
-                    choice.finish_reason, chunk_logprobs), options, request.counts, index,
-                    fmt.generate)
+                events.append(chunks.completion(
+                    prompt_index * n + index, text, choice.finish_reason, chunk_logprobs,
+                    self._usage(options, request.counts, index, fmt.generate)))
+            if events:
+                yield "".join(events)
         if options.include_usage:
-            yield responses.usage_chunk(request_id, req.model, created, "text_completion",
-                                        stream_usage(news, fmt.generate))
+            yield chunks.usage(stream_usage(news, fmt.generate))
 
     async def _stream_chat(self, request_id: str, req, stream: Stream, stop: tuple[str, ...],
-                           tool_calling: ToolCalling | None) -> AsyncIterator[dict]:
-        created = int(time.time())
+                           tool_calling: ToolCalling | None) -> AsyncIterator[str]:
+        """The events of a chat stream, those of one update together."""
+        chunks = responses.Chunks(request_id, req.model, int(time.time()),
+                                  "chat.completion.chunk")
         options = req.stream_options or protocol.StreamOptions()
         strings = TokenStrings(self.intake.tokenizer, req.return_tokens_as_token_ids)
         news = responses.StreamNews(stream.first, stream.as_deltas, stop)
-        for index in range(len(stream.first.outputs)):
-            yield self._with_usage(responses.chat_chunk(
-                request_id, req.model, created, index, {"role": "assistant", "content": ""},
-                None), options, news.counts, index, counted=False)
+        events = [chunks.chat(index, {"role": "assistant", "content": ""}, None,
+                              usage=self._usage(options, news.counts, index, counted=False))
+                  for index in range(len(stream.first.outputs))]
         top = req.num_top_logprobs
         # Each choice's tool calls, read as its text grows.
         calls = {} if tool_calling is None else {
@@ -302,17 +308,19 @@ class OpenAIIngress:
                     delta = reader.update(choice.text, reason is not None)
                     reason = called(reason) if reader.called else reason
                 if delta or reason or chunk_logprobs:
-                    yield self._with_usage(responses.chat_chunk(
-                        request_id, req.model, created, choice.index, delta, reason,
-                        chunk_logprobs), options, news.counts, choice.index)
+                    events.append(chunks.chat(choice.index, delta, reason, chunk_logprobs,
+                                              self._usage(options, news.counts, choice.index)))
+            if events:  # the role's chunks go with the first token's
+                yield "".join(events)
+                events = []
         if options.include_usage:
-            yield responses.usage_chunk(request_id, req.model, created, "chat.completion.chunk",
-                                        stream_usage([news]))
+            yield chunks.usage(stream_usage([news]))
+
 
     @staticmethod
-    def _with_usage(chunk: dict, options: protocol.StreamOptions,
-                    counts: responses.TokenCounts, index: int, counted: bool = True) -> dict:
+    def _usage(options: protocol.StreamOptions, counts: responses.TokenCounts, index: int,
+               counted: bool = True) -> dict | None:
         """vLLM's continuous_usage_stats: each chunk carries its choice's usage so far."""
-        if options.continuous_usage_stats:
-            chunk["usage"] = responses.usage_of([counts], counted, index)
-        return chunk
+        if not options.continuous_usage_stats:
+            return None
+        return responses.usage_of([counts], counted, index)

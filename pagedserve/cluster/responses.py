@@ -9,8 +9,10 @@ cards, `prompt_logprobs`, usage in every chunk with `continuous_usage_stats`).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from pagedserve.cluster import logprobs as lp
@@ -165,20 +167,6 @@ def completion_response(request_id: str, model: str, created: int,
             "usage": usage_of([TokenCounts.of(output) for output in outputs], fmt.generate)}
 
 
-def completion_chunk(request_id: str, model: str, created: int, index: int, text_delta: str,
-                     finish_reason: str | None, logprobs: dict | None = None) -> dict:
-    return {"id": request_id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": index, "text": text_delta, "logprobs": logprobs,
-                         "finish_reason": finish_reason}]}
-
-
-def usage_chunk(request_id: str, model: str, created: int, object_name: str,
-                usage: dict) -> dict:
-    """The last chunk of a stream with stream_options.include_usage: no choices, only usage."""
-    return {"id": request_id, "object": object_name, "created": created, "model": model,
-            "choices": [], "usage": usage}
-
-
 def chat_response(request_id: str, model: str, created: int, output: RequestOutput,
                   tokenizer: Any, top_logprobs: int | None, tokens_as_ids: bool = False,
                   tool_calling: ToolCalling | None = None) -> dict:
@@ -200,15 +188,57 @@ def chat_response(request_id: str, model: str, created: int, output: RequestOutp
             "choices": choices, "usage": usage_of([TokenCounts.of(output)])}
 
 
-def chat_chunk(request_id: str, model: str, created: int, index: int, delta: dict,
-               finish_reason: str | None, logprobs: dict | None = None) -> dict:
-    """One streamed chat choice update. Send delta {"role": "assistant", "content": ""} first."""
-    return {"id": request_id, "object": "chat.completion.chunk", "created": created,
-            "model": model, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                         "finish_reason": finish_reason}]}
-
-
 # ---------------------------------------------------------------------------- streaming
+
+_COMPACT = (",", ":")
+
+
+def _json(value: Any) -> str:
+    """`value` as JSON; None and strings, a stream's usual values, without the encoder."""
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return encode_basestring_ascii(value)
+    return json.dumps(value, separators=_COMPACT)
+
+
+class Chunks:
+    """A stream's server-sent events, encoded as they go.
+
+    The fields every chunk repeats (id, object, created, model) are encoded once
+    per stream; a chunk adds its one choice, written field by field, and, with
+    continuous usage stats, its usage. At a GPU's token rate building each
+    chunk as a dict for json.dumps was a tenth of the ingress's CPU
+    (BENCHMARKS.md, "Keeping up with a GPU"). Chat chunks: send delta
+    {"role": "assistant", "content": ""} first.
+    """
+
+    def __init__(self, request_id: str, model: str, created: int, object_name: str) -> None:
+        envelope = json.dumps({"id": request_id, "object": object_name, "created": created,
+                               "model": model}, separators=_COMPACT)
+        self._head = f'data: {envelope[:-1]},"choices":['
+
+    def completion(self, index: int, text: str, finish_reason: str | None,
+                   logprobs: dict | None = None, usage: dict | None = None) -> str:
+        return self._event(f'{{"index":{index},"text":{_json(text)},"logprobs":{_json(logprobs)},'
+                           f'"finish_reason":{_json(finish_reason)}}}', usage)
+
+    def chat(self, index: int, delta: dict, finish_reason: str | None,
+             logprobs: dict | None = None, usage: dict | None = None) -> str:
+        content = delta.get("content")
+        encoded = (f'{{"content":{_json(content)}}}' if len(delta) == 1 and
+                   isinstance(content, str) else _json(delta))
+        return self._event(f'{{"index":{index},"delta":{encoded},"logprobs":{_json(logprobs)},'
+                           f'"finish_reason":{_json(finish_reason)}}}', usage)
+
+    def usage(self, usage: dict) -> str:
+        """The last chunk with stream_options.include_usage: no choices, only usage."""
+        return self._event("", usage)
+
+    def _event(self, choice: str, usage: dict | None) -> str:
+        tail = "]}" if usage is None else f'],"usage":{_json(usage)}}}'
+        return f"{self._head}{choice}{tail}\n\n"
+
 
 Delta = tuple[int, str, list[dict[int, float]] | None, str | None]
 

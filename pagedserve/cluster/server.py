@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 from pagedserve.cluster import autoscaling, routing
-from pagedserve.cluster.channel import Outbox, crosses_as_deltas
+from pagedserve.cluster.channel import Outbox, collect_less_often, crosses_as_deltas
 from pagedserve.cluster.metrics import EngineMetrics
 from pagedserve.config import Config
 from pagedserve.engine.stats import EngineStats
@@ -46,6 +46,7 @@ MAX_FINGERPRINTS = 65536
 class LLMServer:
     def __init__(self, config: Config) -> None:
         normal_priority("the LLMServer replica")
+        collect_less_often()
         self.config = config
         self.metrics = EngineMetrics(served_model_name(config), _replica_name(), _node_id())
         # The ranks first, from a module that imports no torch (nor does this one): their

@@ -10,13 +10,13 @@ stream has started, a last `data: {"error": ...}` event.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 from collections.abc import AsyncIterator, Callable
 
 from fastapi.responses import StreamingResponse
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
+from starlette.types import Send
 
 from pagedserve.cluster import errors, responses
 from pagedserve.cluster.channel import InboxLost
@@ -51,8 +51,8 @@ class Stream:
 
     def _add(self, output: RequestOutput) -> RequestOutput:
         """The output with the request's prompt ids, which the replica sends only in its first."""
-        if output.prompt_token_ids is None:
-            output = dataclasses.replace(output, prompt_token_ids=self.prompt_token_ids)
+        if output.prompt_token_ids is None:  # this process's own copy: set in place
+            output.prompt_token_ids = self.prompt_token_ids
         return output
 
     async def __aiter__(self):
@@ -152,17 +152,35 @@ def stream_usage(news: list[responses.StreamNews | None],
     return responses.usage_of([each.counts for each in news if each is not None], generated)
 
 
-def sse(chunks: AsyncIterator[dict], retry_after_s: int) -> StreamingResponse:
-    async def events() -> AsyncIterator[str]:
+class EventStream(StreamingResponse):
+    """Server-sent events as they come, one write per item of the stream (the events
+    of one update of a request), and the end of the stream ([DONE]) in the last.
+    Starlette's StreamingResponse otherwise: its disconnect handling is kept."""
+
+    media_type = "text/event-stream"
+
+    async def stream_response(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        async for events in self.body_iterator:
+            await send({"type": "http.response.body", "body": events, "more_body": True})
+        await send({"type": "http.response.body", "body": _DONE, "more_body": False})
+
+
+_DONE = b"data: [DONE]\n\n"
+
+
+def sse(events: AsyncIterator[str], retry_after_s: int) -> EventStream:
+    """A stream's events; a failure once it has started is its last event."""
+    async def encoded() -> AsyncIterator[bytes]:
         try:
-            async for chunk in chunks:
-                yield f"data: {json.dumps(chunk)}\n\n"
+            async for event in events:
+                yield event.encode()
         except Exception as error:  # noqa: BLE001 - the status is sent: report in-band
             failure = client_error(error, retry_after_s)
-            yield f"data: {json.dumps(failure.body())}\n\n"
-        yield "data: [DONE]\n\n"
+            yield f"data: {json.dumps(failure.body())}\n\n".encode()
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return EventStream(encoded())
 
 
 def root_cause(error: BaseException) -> BaseException:

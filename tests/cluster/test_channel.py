@@ -7,7 +7,14 @@ import pickle
 
 import pytest
 
-from pagedserve.cluster.channel import InboxLost, Outbox, Receiver
+from pagedserve.cluster.channel import InboxLost, Outbox, Receiver, pack, unpack
+from pagedserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+
+
+def _output(token: int, request_id: str = "r") -> RequestOutput:
+    """A replica's delta: one new token."""
+    return RequestOutput(request_id, None, None, [CompletionOutput(0, f"t{token}", [token], None,
+                                                                   None)], False)
 
 
 class _Inbox:
@@ -26,7 +33,8 @@ class _Inbox:
 
     def remote(self, batch: bytes):
         self.probe()
-        self.batches.append(pickle.loads(batch))
+        self.batches.append([(request_id, unpack(request_id, packed).outputs[0].token_ids[0])
+                             for request_id, packed in pickle.loads(batch)])
         return self._ack()
 
     async def _ack(self) -> None:
@@ -41,13 +49,13 @@ def test_a_steps_outputs_leave_together_and_one_batch_is_in_flight():
         inbox.gate.clear()
         box = Outbox(inbox)
         for index in range(3):  # one step's outputs, for three requests
-            box.add(f"r{index}", index)
+            box.add(f"r{index}", _output(index))
         await asyncio.sleep(0)
         assert inbox.batches == [[("r0", 0), ("r1", 1), ("r2", 2)]]
         in_flight = asyncio.ensure_future(box.delivered())  # sent, not yet acknowledged
         await asyncio.sleep(0)
-        box.add("r0", 3)  # the next step's, while the first batch is in flight
-        box.add("r1", 4)
+        box.add("r0", _output(3))  # the next step's, while the first batch is in flight
+        box.add("r1", _output(4))
         delivered = asyncio.ensure_future(box.delivered())
         await asyncio.sleep(0.05)
         assert len(inbox.batches) == 1 and not delivered.done() and not in_flight.done()
@@ -65,12 +73,12 @@ def test_a_failed_inbox_fails_whoever_waits_and_every_later_add():
         inbox = _Inbox()
         inbox.fail = RuntimeError("the inbox died")
         box = Outbox(inbox)
-        box.add("r0", 0)
+        box.add("r0", _output(0))
         with pytest.raises(RuntimeError, match="the inbox died"):
             await asyncio.wait_for(box.delivered(), 5)
         assert box.error is inbox.fail
         with pytest.raises(RuntimeError, match="the inbox died"):
-            box.add("r0", 1)
+            box.add("r0", _output(1))
 
     asyncio.run(main())
 
@@ -81,11 +89,11 @@ def test_a_cancelled_send_fails_its_requests_instead_of_losing_their_outputs():
         inbox = _Inbox()
         inbox.fail = asyncio.CancelledError()
         box = Outbox(inbox)
-        box.add("r0", "last output")
+        box.add("r0", _output(0))
         with pytest.raises(InboxLost, match="cancelled"):
             await asyncio.wait_for(box.delivered(), 5)
         with pytest.raises(InboxLost):
-            box.add("r1", 0)
+            box.add("r1", _output(0))
 
     asyncio.run(main())
 
@@ -102,7 +110,7 @@ def test_the_sender_and_reader_run_outside_the_request_that_starts_them():
         inbox = _Inbox()
         inbox.probe = lambda: seen.append(request.get())  # where the put is submitted from
         box = Outbox(inbox)
-        box.add("r0", 0)
+        box.add("r0", _output(0))
         await box.delivered()
         assert seen == [None]
 
@@ -117,9 +125,10 @@ def test_the_receiver_routes_each_output_and_a_lost_inbox_reaches_every_request(
         first, second = receiver.open("a"), receiver.open("b")
         box = Outbox(receiver.inbox)
         for request_id, output in (("a", 1), ("b", 2), ("left", 3), ("a", 4)):
-            box.add(request_id, output)  # "left": a request whose client left
+            box.add(request_id, _output(output, request_id))  # "left": its client left
         await asyncio.wait_for(box.delivered(), 30)
-        assert [await first.get(), await first.get(), await second.get()] == [1, 4, 2]
+        assert [await first.get(), await first.get(), await second.get()] == [
+            _output(1, "a"), _output(4, "a"), _output(2, "b")]
         old = receiver.inbox
         ray.kill(old)
         for queue in (first, second):
@@ -127,9 +136,31 @@ def test_the_receiver_routes_each_output_and_a_lost_inbox_reaches_every_request(
         receiver.close("a")
         fresh = Outbox(receiver.inbox)  # the next request starts another inbox
         assert receiver.inbox != old
-        fresh.add("b", 5)
+        fresh.add("b", _output(5, "b"))
         await asyncio.wait_for(fresh.delivered(), 30)
-        assert await asyncio.wait_for(second.get(), 30) == 5
+        assert await asyncio.wait_for(second.get(), 30) == _output(5, "b")
         receiver.shutdown()
 
     asyncio.run(main())
+
+
+def test_an_output_crosses_whole():
+    """Every field of every output type survives the batch's tuples: a field added to
+    outputs.py and not to pack() fails here."""
+    import dataclasses
+
+    def filled(cls, **given):
+        # A value per field that no default has; the nested types filled the same way.
+        values = {"index": 1, "text": " hi", "token_ids": [7, 8], "cumulative_logprob": -1.5,
+                  "logprobs": [{7: -0.5}, {8: -1.0}], "finish_reason": "stop",
+                  "stop_reason": "###", "arrival_time": 1.0, "first_scheduled_time": 2.0,
+                  "first_token_time": 3.0, "finished_time": 4.0, "request_id": "r",
+                  "prompt": "a prompt", "prompt_token_ids": [1, 2], "finished": True,
+                  "prompt_logprobs": [None, {2: -0.25}], **given}
+        return cls(**{field.name: values[field.name] for field in dataclasses.fields(cls)})
+
+    output = filled(RequestOutput, outputs=[filled(CompletionOutput)],
+                    metrics=filled(RequestMetrics))
+    crossed = unpack("r", pickle.loads(pickle.dumps(pack(output))))
+    assert crossed == output
+    assert crossed.outputs[0].stop_reason == "###" and crossed.metrics.finished_time == 4.0

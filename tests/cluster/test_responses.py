@@ -21,16 +21,14 @@ from pagedserve.cluster.logprobs import (
     sampled,
 )
 from pagedserve.cluster.responses import (
+    Chunks,
     CompletionFormat,
     StreamState,
-    chat_chunk,
     chat_response,
-    completion_chunk,
     completion_response,
     finish_reason,
     model_list,
     usage,
-    usage_chunk,
 )
 from pagedserve.outputs import CompletionOutput, RequestOutput
 
@@ -184,17 +182,48 @@ def test_chat_response_n2_usage(tokenizer):
     assert response["usage"]["completion_tokens"] == 4 and response["usage"]["total_tokens"] == 6
 
 
+def _event(event: str) -> dict:
+    """One server-sent event's JSON."""
+    assert event.startswith("data: ") and event.endswith("\n\n") and event.count("\n") == 2
+    return json.loads(event.removeprefix("data: "))
+
+
+def test_a_chunk_is_the_json_of_its_fields_whatever_the_text():
+    """Chunks writes its JSON by hand: every value must come out as json.dumps would."""
+    texts = ["", "plain", 'quote " and \\ backslash', "new\nline\ttab\r", "é ü 中文 😀",
+             "\u2028\u0000", "</script>"]
+    chat, completions = (Chunks('id "x"', "m\\odel", CREATED, name)
+                         for name in ("chat.completion.chunk", "text_completion"))
+    head = {"id": 'id "x"', "created": CREATED, "model": "m\\odel"}
+    logprobs = {"content": [{"token": "a", "logprob": -0.5, "bytes": [97], "top_logprobs": []}]}
+    use = usage(2, 1)
+    for text in texts:
+        for reason in (None, "stop", "length"):
+            assert _event(completions.completion(1, text, reason)) == {
+                **head, "object": "text_completion",
+                "choices": [{"index": 1, "text": text, "logprobs": None, "finish_reason": reason}]}
+            for delta in ({"content": text}, {"role": "assistant", "content": text}, {}):
+                assert _event(chat.chat(0, delta, reason, logprobs, use)) == {
+                    **head, "object": "chat.completion.chunk", "usage": use,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
+                                 "finish_reason": reason}]}
+
+
 def test_chunks_and_lists_match_the_openai_client():
-    first = chat_chunk("c", "m", CREATED, 0, {"role": "assistant", "content": ""}, None)
-    last = chat_chunk("c", "m", CREATED, 0, {}, "stop")
+    chat = Chunks("c", "m", CREATED, "chat.completion.chunk")
+    first = _event(chat.chat(0, {"role": "assistant", "content": ""}, None))
+    last = _event(chat.chat(0, {}, "stop"))
     for chunk in (first, last):
         assert chunk["object"] == "chat.completion.chunk"
         ChatCompletionChunk.model_validate(chunk)
-    text = completion_chunk("c", "m", CREATED, 3, "lo", None)
-    assert text["choices"] == [{"index": 3, "text": "lo", "logprobs": None, "finish_reason": None}]
+    completions = Chunks("c", "m", CREATED, "text_completion")
+    text = _event(completions.completion(3, "lo", None))
+    assert text == {"id": "c", "object": "text_completion", "created": CREATED, "model": "m",
+                    "choices": [{"index": 3, "text": "lo", "logprobs": None,
+                                 "finish_reason": None}]}
     # The client's Completion type omits the null finish_reason of a stream's chunks.
-    Completion.model_validate(completion_chunk("c", "m", CREATED, 3, "", "stop"))
-    final = usage_chunk("c", "m", CREATED, "chat.completion.chunk", usage(3, 4))
+    Completion.model_validate(_event(completions.completion(3, "", "stop")))
+    final = _event(chat.usage(usage(3, 4)))
     assert final["choices"] == [] and final["usage"]["total_tokens"] == 7
     assert ChatCompletionChunk.model_validate(final).usage.completion_tokens == 4
     models = model_list(["tiny", "small"], CREATED, root="/models/tiny", max_model_len=2048)

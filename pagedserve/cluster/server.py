@@ -82,8 +82,9 @@ class LLMServer:
         whose best_of exceeds n re-rank their candidates every step and are sent
         cumulative; the ingress puts its prompt ids back in those. With an
         `inbox` (cluster/channel.py), only the first output is yielded; the rest
-        go into the inbox with the other requests' outputs of the same step, and
-        the call returns once the last one is there. `lora`: the adapter to run
+        go into the inbox with the other requests' outputs of the same step, put
+        there as the engine hands the step over (this call is not woken per
+        step), and the call returns once the last one is there. `lora`: the adapter to run
         under (cluster/adapters.py), registered here on first sight.
         """
         await self.engine.check_health()
@@ -96,30 +97,46 @@ class LLMServer:
         as_deltas = crosses_as_deltas(params)
         if as_deltas:
             params = dataclasses.replace(params, output_kind=RequestOutputKind.DELTA)
-        outbox = self._outbox(inbox) if inbox is not None else None
         generated: dict[int, int] = {}  # tokens so far, per choice index
-        first = True
-        async for output in self.engine.generate({"prompt_token_ids": prompt_token_ids}, params,
-                                                 request_id, lora_request=lora):
+
+        def count(output: RequestOutput) -> None:
             for choice in output.outputs:
-                count = len(choice.token_ids)
-                generated[choice.index] = generated.get(choice.index, 0) + count if as_deltas \
-                    else count
+                tokens = len(choice.token_ids)
+                generated[choice.index] = generated.get(choice.index, 0) + tokens \
+                    if as_deltas else tokens
             if output.finished:
                 self.metrics.record_request(output, len(prompt_token_ids), generated)
+
+        outbox = self._outbox(inbox) if inbox is not None else None
+        outboxed = False  # whether any output went through the outbox
+
+        def hand_over(output: RequestOutput) -> None:
+            """An output after the first, into the outbox as its step hands it over."""
+            nonlocal outboxed
+            assert outbox is not None  # handed over only with an inbox
+            count(output)
+            output.prompt_token_ids = None  # the ingress has them
+            outbox.add(request_id, output)
+            outboxed = True
+
+        first = True
+        async for output in self.engine.generate({"prompt_token_ids": prompt_token_ids}, params,
+                                                 request_id, lora_request=lora,
+                                                 on_output=hand_over if outbox is not None and
+                                                 not interval else None):
             if first or outbox is None:
+                count(output)
                 if not first:
                     output.prompt_token_ids = None  # the ingress has them
                 first = False
                 yield output
-            else:
-                output.prompt_token_ids = None
-                outbox.add(request_id, output)
-                if output.finished:
-                    await outbox.delivered()
+            else:  # with a stream interval: it paces this loop
+                hand_over(output)
             if interval and not output.finished:
                 # Let more steps land: the engine hands over the newest, one larger update.
                 await asyncio.sleep(interval)
+        if outbox is not None and outboxed:
+            await outbox.delivered()  # the last output is in the inbox before the call ends
 
     def _outbox(self, inbox: Any) -> Outbox:
         """The outbox to an ingress's inbox; a failed one is replaced."""

@@ -60,7 +60,7 @@ class AsyncLLMEngine:
         self.core = core
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue | _Handoff]] = {}
         self._adding: set[str] = set()  # sent, not yet in the scheduler: they wait too
         self._error: BaseException | None = None
         self._stats = core.stats()  # the step thread replaces it after every step
@@ -83,12 +83,17 @@ class AsyncLLMEngine:
 
     # -- requests -----------------------------------------------------------------------
     async def generate(self, prompt: PromptInput, sampling_params: SamplingParams,
-                       request_id: str, lora_request: LoRARequest | None = None
+                       request_id: str, lora_request: LoRARequest | None = None,
+                       on_output: Callable[[RequestOutput], None] | None = None
                        ) -> AsyncIterator[RequestOutput]:
         """The request's outputs as steps produce them, the last one finished.
 
         Refusals (a bad prompt, limits, an adapter that cannot be loaded) raise at
-        the first iteration. `request_id` must be a str, as in vLLM.
+        the first iteration. `request_id` must be a str, as in vLLM. With
+        `on_output`, only the first output is yielded: the later ones go to
+        `on_output` on this event loop as each step hands them over, with no
+        wake-up of this generator per step, and the generator ends when the
+        request finishes or raises what failed it (what `on_output` raised too).
         """
         if not isinstance(request_id, str):
             raise TypeError(f"request_id must be a str (vLLM's type), got "
@@ -103,7 +108,8 @@ class AsyncLLMEngine:
         if request_id in self._streams or request_id in self._adding:
             raise ValueError(f"request_id {request_id!r} is already running")
         outputs: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), outputs)
+        handoff = None if on_output is None else _Handoff(outputs, on_output)
+        self._streams[request_id] = (asyncio.get_running_loop(), handoff or outputs)
         self._adding.add(request_id)
         self._send("add", request_id, prompt_token_ids, sampling_params,
                    prompt if isinstance(prompt, str) else None, lora_request, grammar)
@@ -120,7 +126,12 @@ class AsyncLLMEngine:
                         item, newer)
                 if isinstance(item, BaseException):
                     raise item
+                if item is _HANDED_OVER:  # on_output had the last one
+                    finished = True
+                    break
                 finished = item.finished
+                if handoff is not None:
+                    handoff.taken = True  # the next ones go to on_output
                 yield item
         finally:
             self._streams.pop(request_id, None)
@@ -294,6 +305,30 @@ class AsyncLLMEngine:
                     self._streams.pop(request_id, None)
 
 
-def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+_HANDED_OVER = object()  # a Handoff's request finished
+
+
+class _Handoff:
+    """Where a step puts the outputs of a request generated with `on_output`: the
+    queue until its generator has taken the first, then `on_output`."""
+
+    def __init__(self, queue: asyncio.Queue, on_output: Callable[[RequestOutput], None]) -> None:
+        self.queue, self.on_output = queue, on_output
+        self.taken = False
+
+    def put_nowait(self, item: RequestOutput | BaseException) -> None:
+        if not self.taken or isinstance(item, BaseException):
+            self.queue.put_nowait(item)
+            return
+        try:
+            self.on_output(item)
+        except Exception as error:  # noqa: BLE001 - the request's generator raises it
+            self.queue.put_nowait(error)
+            return
+        if item.finished:
+            self.queue.put_nowait(_HANDED_OVER)
+
+
+def _put_all(items: list[tuple[asyncio.Queue | _Handoff, RequestOutput]]) -> None:
     for outputs, item in items:
         outputs.put_nowait(item)

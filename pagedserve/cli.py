@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -49,7 +50,6 @@ def _kuberay(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> None:
     """Start a local Ray cluster (or join RAY_ADDRESS's), run the app until Ctrl-C or
     SIGTERM, then shut it down."""
-    import os
     import signal
     import time
 
@@ -77,7 +77,7 @@ def _serve(args: argparse.Namespace) -> None:
     serving = config.serving
     address = os.environ.get("RAY_ADDRESS") or "local"
     if address == "local":
-        _check_ports_free(serving)
+        _check_ports_free(config)
     serve_environment(config)  # for the local cluster ray.init starts (RAY_ADDRESS: its own)
     held = None if args.verbose else _hold_ray_logs()
     # Without an address ray.init would join whatever cluster this machine started
@@ -103,8 +103,9 @@ def _serve(args: argparse.Namespace) -> None:
         serve.start(http_options=http_options(config), grpc_options=grpc_options(config))
         serve.run(build(config), name="pagedserve", route_prefix="/")
         # Where HTTP is answered: the ingress replica itself (direct ingress), or the
-        # proxy where the cluster runs Serve without it.
-        ports = [port for _, port in http_targets("pagedserve")] or [serving.port]
+        # proxy where the cluster runs Serve without it; HAProxy in front of several.
+        ports = ([serving.port] if config.ingress_replicas > 1 else
+                 [port for _, port in http_targets("pagedserve")] or [serving.port])
         http = f"http://{serving.host}:{ports[0]}/v1"
         # Serve's gRPC proxy has no host option: it listens on every interface.
         grpc_address = ("" if serving.grpc_port is None else
@@ -123,15 +124,66 @@ def _serve(args: argparse.Namespace) -> None:
     finally:
         for stop_signal in (signal.SIGINT, signal.SIGTERM):  # nor may one that comes now
             signal.signal(stop_signal, signal.SIG_IGN)
+        started = _descendants(os.getpid()) if address == "local" else {}
         serve.shutdown()
         ray.shutdown()
+        _stop_leftovers(started)
 
 
-def _check_ports_free(serving: config_module.ServingConfig) -> None:
+def _descendants(pid: int) -> dict[int, str]:
+    """The processes below `pid` (Linux's /proc), each with its command line."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:  # the parent's pid is the second field after the command's ")"
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found: dict[int, str] = {}
+    below = [pid]
+    while below:
+        for child in children.get(below.pop(), []):
+            found[child] = _cmdline(child)
+            below.append(child)
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text()
+    except OSError:
+        return ""
+
+
+def _stop_leftovers(started: dict[int, str], wait_s: float = 5.0) -> None:
+    """Stop what the local cluster started and left running: Serve's HAProxy
+    (serving.ingress_replicas) outlives a controller that does not stop in time."""
+    import signal
+    import time
+
+    def alive() -> list[int]:  # the same processes: a reused pid has another command
+        return [pid for pid, cmdline in started.items() if cmdline and _cmdline(pid) == cmdline]
+
+    for stop_signal in (signal.SIGTERM, signal.SIGKILL):
+        for pid in alive():
+            try:
+                os.kill(pid, stop_signal)
+            except OSError:
+                pass
+        deadline = time.monotonic() + wait_s
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def _check_ports_free(config: config_module.Config) -> None:
     """Refuse at once a port that is taken; Serve would only fail to deploy, later."""
     import socket
 
+    serving = config.serving
     wanted = {"serving.port": serving.port, "serving.proxy_port": serving.http_proxy_port}
+    if config.ingress_replicas > 1:
+        wanted |= {f"the port of ingress replica {index} (serving.ingress_replicas)": port
+                   for index, port in enumerate(serving.ingress_ports(config.ingress_replicas))}
     for field, port in wanted.items():
         with socket.socket() as sock:
             try:
@@ -167,8 +219,6 @@ def _hold_ray_logs() -> logging.handlers.MemoryHandler:
 def _write_ray_logs(held: logging.handlers.MemoryHandler, logs: Path) -> None:
     """Write the held records, and the ones to come, to LOGS/pagedserve_PID.log, where
     this machine has that directory (joined through Ray Client, it may not)."""
-    import os
-
     target = None
     if logs.is_dir():
         target = logging.FileHandler(logs / f"pagedserve_{os.getpid()}.log")

@@ -370,6 +370,16 @@ class Config(_Strict):
                              "has no weights to adapt")
         return self
 
+    @model_validator(mode="after")
+    def _ingress_ports_fit(self) -> Config:
+        self.serving.ingress_ports(self.ingress_replicas)
+        return self
+
+    @property
+    def ingress_replicas(self) -> int:
+        """The ingress processes (serving.ingress_replicas, `auto` resolved)."""
+        return self.serving.ingress_count(self.autoscaling.max_replicas)
+
 
 # The sections whose fields LLM(...) and AsyncEngineArgs(...) take by name (no name is in
 # two of them).

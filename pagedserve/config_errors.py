@@ -19,11 +19,16 @@ def _key_path(loc: tuple[int | str, ...], data: Any) -> list[str]:
     Inside a tagged union pydantic adds the member's tag to the location
     (`autoscaling.policy.kv_utilization.target_utilization`); the file has no
     such key, so a part that is not a key but the mapping's tag is left out.
+    A value of a plain union (`ingress_replicas: 2 | auto`) gets each member's
+    name after it (`constrained-int`, `literal['auto']`): the parts past a
+    scalar value are left out too.
     """
     keys, node = [], data
     for part in loc:
         if isinstance(node, dict) and part not in node and node.get(DISCRIMINATOR) == part:
             continue
+        if isinstance(node, str | int | float) and keys:
+            break
         keys.append(str(part))
         node = node.get(part) if isinstance(node, dict) else None
     return keys

@@ -6,7 +6,7 @@ module holds them apart only because they are a concept of their own.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -33,6 +33,14 @@ class ServingConfig(StrictSection):
     # RAY_ADDRESS keeps the setting its nodes were started with.
     direct_ingress: bool = True
     proxy_port: int | None = Field(default=None, ge=1, le=65535)
+    # Ingress processes (OpenAIIngress replicas): each streams its requests on
+    # an event loop of its own, and one cannot carry a node of GPUs at their
+    # token rate. Above 1, Serve's HAProxy (bundled with ray[serve]) answers
+    # `port` and spreads connections over them, each listening on a port of its
+    # own from the proxy's port + 1 on; Serve's proxy stays on the proxy's port.
+    # `auto`: one per LLMServer replica (autoscaling.max_replicas). Needs
+    # direct_ingress; gRPC (grpc_port) is served with one ingress process only.
+    ingress_replicas: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = 1
     # Clients must send `Authorization: Bearer <api_key>` when set.
     api_key: str | None = Field(default=None, min_length=1)
     # The name clients pass as `model`; defaults to model.path or the random model's name.
@@ -77,7 +85,33 @@ class ServingConfig(StrictSection):
         if self.http_proxy_port > 65535:
             raise ValueError(f"proxy_port: port + 1 = {self.http_proxy_port} is not a port; "
                              "set proxy_port (at most 65535)")
+        if self.ingress_replicas != 1 and not self.direct_ingress:
+            raise ValueError(f"ingress_replicas={self.ingress_replicas!r} needs direct_ingress: "
+                             "without it Serve's one proxy answers every request")
+        if self.ingress_replicas != 1 and self.grpc_port is not None:
+            raise ValueError(f"ingress_replicas={self.ingress_replicas!r} with grpc_port="
+                             f"{self.grpc_port}: gRPC is served with one ingress process only; "
+                             "set ingress_replicas to 1 or leave grpc_port unset")
         return self
+
+    def ingress_count(self, model_replicas: int) -> int:
+        """The ingress processes, `auto` being one per LLMServer replica."""
+        return model_replicas if self.ingress_replicas == "auto" else self.ingress_replicas
+
+    def ingress_ports(self, replicas: int) -> range:
+        """The ports `replicas` ingress processes listen on behind HAProxy: those after
+        the proxy's; the range is checked here, where the fields are named."""
+        ports = range(self.http_proxy_port + 1, self.http_proxy_port + 1 + replicas)
+        if ports[-1] > 65535:
+            raise ValueError(f"serving.ingress_replicas={replicas}: their ports {ports[0]}-"
+                             f"{ports[-1]} (after serving.proxy_port) end above 65535; lower "
+                             "serving.proxy_port")
+        if self.port in ports:
+            raise ValueError(f"serving.port={self.port} is among the ports of the ingress "
+                             f"replicas ({ports[0]}-{ports[-1]}, after serving.proxy_port="
+                             f"{self.http_proxy_port}); set serving.proxy_port below "
+                             "serving.port or past them")
+        return ports
 
     @property
     def http_proxy_port(self) -> int:

@@ -52,26 +52,53 @@ def _descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
-def test_sigterm_stops_the_server_and_every_process_it_started(tmp_path):
-    """Also: what it prints is the banner, once; Ray's and Serve's own lines go to the
-    session's log files, which the banner names."""
+def _start(tmp_path: Path, config: Path) -> tuple[subprocess.Popen, list[str], threading.Thread]:
+    """`pagedserve serve CONFIG` on a local Ray cluster of its own, in a session of its
+    own; its output lines as they come."""
     env = {**os.environ, "PAGEDSERVE_CACHE_DIR": str(tmp_path / "cache")}
     env.pop("RAY_ADDRESS", None)
-    port = free_port()
-    config = _tiny_config(tmp_path, port)
     server = subprocess.Popen([sys.executable, "-m", "pagedserve", "serve", str(config)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=env, cwd=tmp_path, start_new_session=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(server.stdout), daemon=True)
     reader.start()
+    return server, lines, reader
+
+
+def _banner(server: subprocess.Popen, lines: list[str]) -> str:
+    """Its banner, once it serves."""
+    deadline = time.monotonic() + 240
+    while not any("pagedserve: serving" in line for line in lines):
+        assert server.poll() is None, "".join(lines)[-3000:]
+        assert time.monotonic() < deadline, "".join(lines)[-3000:]
+        time.sleep(0.5)
+    return next(line for line in lines if "pagedserve: serving" in line)
+
+
+def _stopped(server: subprocess.Popen, lines: list[str], started: list[psutil.Process]) -> None:
+    """SIGTERM stops it, and nothing it started is left: not Ray's dashboard, agents,
+    raylet or workers, nor Serve's HAProxy."""
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(timeout=120) == 0, "".join(lines)[-3000:]
+    deadline = time.monotonic() + 30
+    while True:
+        alive = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        in_session = [p for p in psutil.process_iter(["pid"]) if _session(p) == server.pid]
+        if not alive and not in_session or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert not alive, [p.info if hasattr(p, "info") else p.cmdline() for p in alive]
+    assert not in_session
+
+
+def test_sigterm_stops_the_server_and_every_process_it_started(tmp_path):
+    """Also: what it prints is the banner, once; Ray's and Serve's own lines go to the
+    session's log files, which the banner names."""
+    port = free_port()
+    server, lines, reader = _start(tmp_path, _tiny_config(tmp_path, port))
     try:
-        deadline = time.monotonic() + 240
-        while not any("pagedserve: serving" in line for line in lines):
-            assert server.poll() is None, "".join(lines)[-3000:]
-            assert time.monotonic() < deadline, "".join(lines)[-3000:]
-            time.sleep(0.5)
-        banner = next(line for line in lines if "pagedserve: serving" in line)
+        banner = _banner(server, lines)
         assert "on a new local Ray cluster" in banner  # never someone else's
         # The configured port is answered by the ingress replica itself (direct
         # ingress), and Serve's proxy, beside it, answers too.
@@ -82,8 +109,7 @@ def test_sigterm_stops_the_server_and_every_process_it_started(tmp_path):
                 assert json.loads(response.read())["data"][0]["id"], answering
         started = _descendants(server.pid)
         assert started, "the server started no processes (no local Ray cluster?)"
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=120) == 0, "".join(lines)[-3000:]
+        _stopped(server, lines, started)
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
@@ -92,16 +118,89 @@ def test_sigterm_stops_the_server_and_every_process_it_started(tmp_path):
     assert "Traceback" not in output and "Fatal Python error" not in output, output[-3000:]
     assert "pagedserve: shutting down" in output
     _assert_says_one_thing(output, port, server.pid)
-    # Nothing it started is left: not Ray's dashboard, agents, raylet or workers.
-    deadline = time.monotonic() + 30
-    while True:
-        alive = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        in_session = [p for p in psutil.process_iter(["pid"]) if _session(p) == server.pid]
-        if not alive and not in_session or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert not alive, [p.info if hasattr(p, "info") else p.cmdline() for p in alive]
-    assert not in_session
+
+
+def test_what_the_local_cluster_left_running_is_stopped():
+    """Serve's HAProxy was seen outliving a controller that did not stop in time: what
+    was below the server when it began to stop is stopped after Ray's shutdown."""
+    child = subprocess.Popen(["sleep", "120"])
+    try:
+        started = cli._descendants(os.getpid())
+        assert child.pid in started and "sleep" in started[child.pid]
+        cli._stop_leftovers({child.pid: started[child.pid]}, wait_s=10)
+        assert child.wait(timeout=10) == -signal.SIGTERM
+        cli._stop_leftovers({child.pid: started[child.pid]})  # gone: nothing to do
+    finally:
+        child.kill()
+
+
+def _free_ports(count: int) -> int:
+    """The first of `count` consecutive free ports."""
+    for _ in range(100):
+        first = free_port()
+        try:
+            for port in range(first, first + count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+    raise AssertionError(f"no {count} consecutive free ports")
+
+
+def test_several_ingress_replicas_answer_one_port_and_stop_with_the_server(tmp_path):
+    """serving.ingress_replicas 2: Serve's HAProxy answers the port and spreads the
+    streams over both ingress processes; a client that leaves still aborts its
+    request; SIGTERM leaves no HAProxy behind."""
+    import httpx
+
+    port = _free_ports(4)  # HAProxy; Serve's proxy; the two ingress replicas
+    path = _tiny_config(tmp_path, port)
+    data = yaml.safe_load(path.read_text())
+    data["serving"] |= {"proxy_port": port + 1, "ingress_replicas": 2}
+    data["engine"]["max_num_seqs"] = 8
+    path.write_text(yaml.safe_dump(data))
+    server, lines, reader = _start(tmp_path, path)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        assert f"at {url} " in _banner(server, lines)
+        ingress_ports, answered, results = {port + 2, port + 3}, set(), []
+
+        def stream(index: int) -> None:
+            body = {"model": "cli-tiny", "prompt": f"stream {index}", "max_tokens": 96,
+                    "ignore_eos": True, "stream": True}
+            with httpx.stream("POST", f"{url}/completions", json=body, timeout=120) as response:
+                results.append([line for line in response.iter_lines() if line])
+
+        clients = [threading.Thread(target=stream, args=(index,)) for index in range(6)]
+        for client in clients:
+            client.start()
+        while any(client.is_alive() for client in clients):  # who holds the streams
+            answered |= {c.laddr.port for c in psutil.net_connections("tcp")
+                         if c.status == psutil.CONN_ESTABLISHED and c.laddr.port in ingress_ports}
+            time.sleep(0.05)
+        assert answered == ingress_ports
+        assert len(results) == 6
+        for events in results:
+            assert events[-1] == "data: [DONE]"
+            text = "".join(json.loads(e.removeprefix("data: "))["choices"][0]["text"]
+                           for e in events[:-1])
+            assert text and "error" not in events[-2]
+        body = {"model": "cli-tiny", "prompt": "left", "max_tokens": 200, "ignore_eos": True,
+                "stream": True}
+        with httpx.stream("POST", f"{url}/completions", json=body, timeout=120) as response:
+            next(response.iter_lines())  # the first chunk, then the client leaves
+        deadline = time.monotonic() + 60
+        while httpx.get(f"http://127.0.0.1:{port}/stats", timeout=30).json()["num_running"]:
+            assert time.monotonic() < deadline, "the request outlived its client"
+            time.sleep(0.2)
+        started = _descendants(server.pid)
+        assert any("haproxy" in " ".join(p.cmdline()) for p in started)
+        _stopped(server, lines, started)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+    reader.join(timeout=10)
 
 
 def _assert_says_one_thing(output: str, port: int, pid: int) -> None:

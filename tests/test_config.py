@@ -67,6 +67,15 @@ REJECTED = [
      "autoscaling.policy.scale_down_ratio", ()),
     ("autoscaling:\n  policy: {name: kv_capacity, downscale_delay_s: -1}\n",
      "autoscaling.policy.downscale_delay_s", ()),
+    ("serving:\n  ingress_replicas: 0\n", "serving.ingress_replicas", ("0", "'auto'")),
+    ("serving:\n  ingress_replicas: 2\n  direct_ingress: false\n", "serving",
+     ("ingress_replicas=2", "direct_ingress")),
+    ("serving:\n  ingress_replicas: auto\n  grpc_port: 9000\n", "serving",
+     ("ingress_replicas='auto'", "grpc_port=9000")),
+    ("serving:\n  port: 8003\n  proxy_port: 8001\n  ingress_replicas: 4\n", "<root>",
+     ("serving.port=8003", "8002-8005", "serving.proxy_port")),
+    ("serving:\n  proxy_port: 65534\n  ingress_replicas: 2\n", "<root>",
+     ("serving.ingress_replicas=2", "65535")),
 ]
 
 
@@ -83,6 +92,28 @@ def test_rejected_yaml_names_its_key_path(tmp_path, snippet, key_path, also):
     assert re.search(rf"^  {re.escape(key_path)}: ", message, re.MULTILINE), message
     for text in also:
         assert text in message, (text, message)
+
+
+def test_several_ingress_replicas_put_haproxy_on_the_port(tmp_path):
+    """serving.ingress_replicas above 1 (or `auto`, one per model replica): Serve's
+    HAProxy takes `port`, Serve's proxy the proxy port, the replicas the ports after."""
+    from pagedserve.cluster import app
+
+    path = tmp_path / "scaled.yaml"
+    path.write_text(MODEL + "serving:\n  port: 9000\n  ingress_replicas: auto\n"
+                    "autoscaling:\n  min_replicas: 1\n  max_replicas: 3\n")
+    config = config_module.load(path)
+    assert config.ingress_replicas == 3
+    env = app.serve_env(config)
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert env["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] == "9001"
+    assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"],
+            env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == ("9002", "9005")
+    assert app.http_options(config)["port"] == 9000
+    one = config_module.load(CONFIG_DIR / "tiny-cpu.yaml")  # one ingress: it takes the port
+    assert one.ingress_replicas == 1 and "RAY_SERVE_ENABLE_HA_PROXY" not in app.serve_env(one)
+    assert app.serve_env(one)["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == str(one.serving.port)
+    assert app.http_options(one)["port"] == one.serving.http_proxy_port
 
 
 def test_invalid_yaml_names_the_file_and_line(tmp_path):

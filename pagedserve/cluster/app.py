@@ -63,16 +63,26 @@ SHUTDOWN_WAIT_LOOP_S = 0.5
 
 def serve_env(config: Config | None = None) -> dict[str, str]:
     """The environment Serve's processes need: SERVE_ENV, and with a config its
-    `serving.direct_ingress`: on, the ingress replica takes `serving.port` (one
-    ingress replica per node); off, the proxy does."""
+    `serving.direct_ingress`: on, the ingress replica takes `serving.port`, or with
+    several (`serving.ingress_replicas`) Serve's HAProxy does and they take the
+    ports after the proxy's; off, the proxy takes `serving.port`."""
     env = dict(SERVE_ENV)
-    if config is not None and config.serving.direct_ingress:
-        port = config.serving.port  # the range is [min, max)
-        env |= {"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
-                "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1)}
-    elif config is not None:
+    if config is None:
+        return env
+    serving = config.serving
+    if not serving.direct_ingress:
         env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "0"
-    return env
+        return env
+    ports = range(serving.port, serving.port + 1)
+    if config.ingress_replicas > 1:
+        ports = serving.ingress_ports(config.ingress_replicas)
+        # HAProxy answers http_options' port (`serving.port`, see http_options); Serve's
+        # proxy, a fallback behind it, keeps the proxy's port.
+        env |= {"RAY_SERVE_ENABLE_HA_PROXY": "1",
+                "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(serving.http_proxy_port)}
+    # The range is [min, max).
+    return env | {"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(ports.start),
+                  "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(ports.stop)}
 
 
 def serve_environment(config: Config | None = None) -> None:
@@ -82,8 +92,11 @@ def serve_environment(config: Config | None = None) -> None:
 
 
 def http_options(config: Config) -> dict[str, Any]:
-    """Serve's HTTP proxy options (for `serve.start`)."""
-    return {"host": config.serving.host, "port": config.serving.http_proxy_port}
+    """Serve's HTTP proxy options (for `serve.start`): with several ingress replicas,
+    HAProxy's, which answers `serving.port`."""
+    serving = config.serving
+    port = serving.port if config.ingress_replicas > 1 else serving.http_proxy_port
+    return {"host": serving.host, "port": port}
 
 
 def http_targets(app_name: str) -> list[tuple[str, int]]:
@@ -180,6 +193,7 @@ def build(config: Config) -> Application:
     # Both deployments bound what waits in front of them (max_queued_requests), so a
     # flood of requests costs 503s, not memory (BENCHMARKS.md, reliability).
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress",
+                               num_replicas=config.ingress_replicas,
                                ray_actor_options={"num_cpus": 0},
                                graceful_shutdown_wait_loop_s=SHUTDOWN_WAIT_LOOP_S,
                                max_ongoing_requests=max_ongoing_requests(config),

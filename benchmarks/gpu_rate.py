@@ -222,7 +222,7 @@ def served(config: Config, streams: list[int], output_len: int, seed: int,
     on a Ray cluster of its own, one after the other."""
     from pagedserve.model.embedded import served_model_name
 
-    first = free_ports(3 + max(ingress))  # port, proxy_port, the ingress replicas'
+    first = free_ports(2)
     serving = config.serving.model_copy(update={"port": first, "proxy_port": first + 1,
                                                 "direct_ingress": True})
     config = config.model_copy(update={"serving": serving})
@@ -238,8 +238,10 @@ def served(config: Config, streams: list[int], output_len: int, seed: int,
     model = served_model_name(config)
     results: dict = {n: {} for n in workloads}
     for count in ingress:
+        # Ports of its own: the last cluster's are held a minute by connections closing.
+        first = free_ports(2 + 2 * count)  # port, proxy_port, the ingress replicas'
         scaled = config.model_copy(update={"serving": config.serving.model_copy(
-            update={"ingress_replicas": count})})
+            update={"ingress_replicas": count, "port": first, "proxy_port": first + 1})})
         port, proxy_port = scaled.serving.port, scaled.serving.http_proxy_port
         urls = ({"proxy": f"http://127.0.0.1:{proxy_port}/v1/completions",
                  "direct": f"http://127.0.0.1:{port}/v1/completions"} if count == 1 else

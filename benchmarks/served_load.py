@@ -130,9 +130,11 @@ def free_port() -> int:
 
 
 def free_ports(count: int) -> int:
-    """The first of `count` consecutive free ports."""
-    for _ in range(100):
-        first = free_port()
+    """The first of `count` consecutive free ports, below the ephemeral range: there
+    the connections of Ray's processes could take one before a server binds it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(200):
+        first = random.randrange(10_000, low - count)
         try:
             for port in range(first, first + count):
                 with socket.socket() as sock:

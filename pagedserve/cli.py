@@ -182,8 +182,9 @@ def _check_ports_free(config: config_module.Config) -> None:
     serving = config.serving
     wanted = {"serving.port": serving.port, "serving.proxy_port": serving.http_proxy_port}
     if config.ingress_replicas > 1:
-        wanted |= {f"the port of ingress replica {index} (serving.ingress_replicas)": port
-                   for index, port in enumerate(serving.ingress_ports(config.ingress_replicas))}
+        wanted |= {f"serving.proxy_port + {port - serving.http_proxy_port} (a port of the "
+                   "ingress replicas)": port
+                   for port in serving.ingress_ports(config.ingress_replicas)}
     for field, port in wanted.items():
         with socket.socket() as sock:
             try:

@@ -37,7 +37,8 @@ class ServingConfig(StrictSection):
     # an event loop of its own, and one cannot carry a node of GPUs at their
     # token rate. Above 1, Serve's HAProxy (bundled with ray[serve]) answers
     # `port` and spreads connections over them, each listening on a port of its
-    # own from the proxy's port + 1 on; Serve's proxy stays on the proxy's port.
+    # own among the 2 x ingress_replicas after the proxy's (half of them spare,
+    # for replacements); Serve's proxy stays on the proxy's port.
     # `auto`: one per LLMServer replica (autoscaling.max_replicas). Needs
     # direct_ingress; gRPC (grpc_port) is served with one ingress process only.
     ingress_replicas: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = 1
@@ -99,9 +100,12 @@ class ServingConfig(StrictSection):
         return model_replicas if self.ingress_replicas == "auto" else self.ingress_replicas
 
     def ingress_ports(self, replicas: int) -> range:
-        """The ports `replicas` ingress processes listen on behind HAProxy: those after
-        the proxy's; the range is checked here, where the fields are named."""
-        ports = range(self.http_proxy_port + 1, self.http_proxy_port + 1 + replicas)
+        """The ports `replicas` ingress processes listen on behind HAProxy: twice as
+        many as they are, after the proxy's. A stopped ingress replica's port stays
+        taken for a minute by connections closing (TIME_WAIT), and Serve does not
+        try a taken port again: its replacement takes a spare one. The range is
+        checked here, where the fields are named."""
+        ports = range(self.http_proxy_port + 1, self.http_proxy_port + 1 + 2 * replicas)
         if ports[-1] > 65535:
             raise ValueError(f"serving.ingress_replicas={replicas}: their ports {ports[0]}-"
                              f"{ports[-1]} (after serving.proxy_port) end above 65535; lower "

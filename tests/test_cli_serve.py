@@ -135,9 +135,13 @@ def test_what_the_local_cluster_left_running_is_stopped():
 
 
 def _free_ports(count: int) -> int:
-    """The first of `count` consecutive free ports."""
-    for _ in range(100):
-        first = free_port()
+    """The first of `count` consecutive free ports, below the ephemeral range: there
+    the connections of Ray's processes could take one before an ingress binds it."""
+    import random
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(200):
+        first = random.randrange(10_000, low - count)
         try:
             for port in range(first, first + count):
                 with socket.socket() as sock:
@@ -154,7 +158,7 @@ def test_several_ingress_replicas_answer_one_port_and_stop_with_the_server(tmp_p
     request; SIGTERM leaves no HAProxy behind."""
     import httpx
 
-    port = _free_ports(4)  # HAProxy; Serve's proxy; the two ingress replicas
+    port = _free_ports(6)  # HAProxy; Serve's proxy; the two ingress replicas' four
     path = _tiny_config(tmp_path, port)
     data = yaml.safe_load(path.read_text())
     data["serving"] |= {"proxy_port": port + 1, "ingress_replicas": 2}
@@ -164,7 +168,7 @@ def test_several_ingress_replicas_answer_one_port_and_stop_with_the_server(tmp_p
     url = f"http://127.0.0.1:{port}/v1"
     try:
         assert f"at {url} " in _banner(server, lines)
-        ingress_ports, answered, results = {port + 2, port + 3}, set(), []
+        ingress_ports, answered, results = set(range(port + 2, port + 6)), set(), []
 
         def stream(index: int) -> None:
             body = {"model": "cli-tiny", "prompt": f"stream {index}", "max_tokens": 96,
@@ -179,7 +183,7 @@ def test_several_ingress_replicas_answer_one_port_and_stop_with_the_server(tmp_p
             answered |= {c.laddr.port for c in psutil.net_connections("tcp")
                          if c.status == psutil.CONN_ESTABLISHED and c.laddr.port in ingress_ports}
             time.sleep(0.05)
-        assert answered == ingress_ports
+        assert len(answered) == 2  # both ingress replicas held streams
         assert len(results) == 6
         for events in results:
             assert events[-1] == "data: [DONE]"

@@ -73,7 +73,7 @@ REJECTED = [
     ("serving:\n  ingress_replicas: auto\n  grpc_port: 9000\n", "serving",
      ("ingress_replicas='auto'", "grpc_port=9000")),
     ("serving:\n  port: 8003\n  proxy_port: 8001\n  ingress_replicas: 4\n", "<root>",
-     ("serving.port=8003", "8002-8005", "serving.proxy_port")),
+     ("serving.port=8003", "8002-8009", "serving.proxy_port")),
     ("serving:\n  proxy_port: 65534\n  ingress_replicas: 2\n", "<root>",
      ("serving.ingress_replicas=2", "65535")),
 ]
@@ -96,7 +96,8 @@ def test_rejected_yaml_names_its_key_path(tmp_path, snippet, key_path, also):
 
 def test_several_ingress_replicas_put_haproxy_on_the_port(tmp_path):
     """serving.ingress_replicas above 1 (or `auto`, one per model replica): Serve's
-    HAProxy takes `port`, Serve's proxy the proxy port, the replicas the ports after."""
+    HAProxy takes `port`, Serve's proxy the proxy port, the replicas ports among twice
+    as many after it."""
     from pagedserve.cluster import app
 
     path = tmp_path / "scaled.yaml"
@@ -108,7 +109,7 @@ def test_several_ingress_replicas_put_haproxy_on_the_port(tmp_path):
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
     assert env["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] == "9001"
     assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"],
-            env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == ("9002", "9005")
+            env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == ("9002", "9008")
     assert app.http_options(config)["port"] == 9000
     one = config_module.load(CONFIG_DIR / "tiny-cpu.yaml")  # one ingress: it takes the port
     assert one.ingress_replicas == 1 and "RAY_SERVE_ENABLE_HA_PROXY" not in app.serve_env(one)

@@ -124,27 +124,22 @@ def _serve(args: argparse.Namespace) -> None:
     finally:
         for stop_signal in (signal.SIGINT, signal.SIGTERM):  # nor may one that comes now
             signal.signal(stop_signal, signal.SIG_IGN)
-        started = _descendants(os.getpid()) if address == "local" else {}
+        node = ray.get_runtime_context().get_node_id() if address == "local" else None
         serve.shutdown()
         ray.shutdown()
-        _stop_leftovers(started)
+        if node is not None:
+            # Serve's HAProxy (serving.ingress_replicas), started again by a reload while
+            # Serve stopped, was seen outliving the local cluster; its files are the node's.
+            _stop_leftovers(_processes_with("haproxy", node))
 
 
-def _descendants(pid: int) -> dict[int, str]:
-    """The processes below `pid` (Linux's /proc), each with its command line."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:  # the parent's pid is the second field after the command's ")"
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue  # gone meanwhile
-        children.setdefault(parent, []).append(int(stat.parent.name))
-    found: dict[int, str] = {}
-    below = [pid]
-    while below:
-        for child in children.get(below.pop(), []):
-            found[child] = _cmdline(child)
-            below.append(child)
+def _processes_with(*words: str) -> dict[int, str]:
+    """The processes whose command line holds every word (Linux's /proc), with it."""
+    found = {}
+    for entry in Path("/proc").glob("[0-9]*/cmdline"):
+        cmdline = _cmdline(int(entry.parent.name))
+        if cmdline and all(word in cmdline for word in words):
+            found[int(entry.parent.name)] = cmdline
     return found
 
 
@@ -156,8 +151,7 @@ def _cmdline(pid: int) -> str:
 
 
 def _stop_leftovers(started: dict[int, str], wait_s: float = 5.0) -> None:
-    """Stop what the local cluster started and left running: Serve's HAProxy
-    (serving.ingress_replicas) outlives a controller that does not stop in time."""
+    """Stop these processes, if they still run: SIGTERM, then SIGKILL."""
     import signal
     import time
 

@@ -121,15 +121,23 @@ def test_sigterm_stops_the_server_and_every_process_it_started(tmp_path):
 
 
 def test_what_the_local_cluster_left_running_is_stopped():
-    """Serve's HAProxy was seen outliving a controller that did not stop in time: what
-    was below the server when it began to stop is stopped after Ray's shutdown."""
-    child = subprocess.Popen(["sleep", "120"])
+    """Serve's HAProxy was seen outliving the local cluster: `pagedserve serve` stops
+    the processes whose command line names HAProxy and the cluster's node."""
+    import uuid
+
+    node = uuid.uuid4().hex
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)",
+                              f"haproxy-serve/{node}/haproxy.cfg"])
     try:
-        started = cli._descendants(os.getpid())
-        assert child.pid in started and "sleep" in started[child.pid]
-        cli._stop_leftovers({child.pid: started[child.pid]}, wait_s=10)
+        deadline = time.monotonic() + 10
+        while not (found := cli._processes_with("haproxy", node)):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert list(found) == [child.pid]
+        assert cli._processes_with("haproxy", uuid.uuid4().hex) == {}  # another node's: none
+        cli._stop_leftovers(found, wait_s=10)
         assert child.wait(timeout=10) == -signal.SIGTERM
-        cli._stop_leftovers({child.pid: started[child.pid]})  # gone: nothing to do
+        cli._stop_leftovers(found)  # gone: nothing to do
     finally:
         child.kill()
 
@@ -164,6 +172,7 @@ def test_several_ingress_replicas_answer_one_port_and_stop_with_the_server(tmp_p
     data["serving"] |= {"proxy_port": port + 1, "ingress_replicas": 2}
     data["engine"]["max_num_seqs"] = 8
     path.write_text(yaml.safe_dump(data))
+    haproxy_before = _haproxies()
     server, lines, reader = _start(tmp_path, path)
     url = f"http://127.0.0.1:{port}/v1"
     try:
@@ -199,12 +208,22 @@ def test_several_ingress_replicas_answer_one_port_and_stop_with_the_server(tmp_p
             assert time.monotonic() < deadline, "the request outlived its client"
             time.sleep(0.2)
         started = _descendants(server.pid)
-        assert any("haproxy" in " ".join(p.cmdline()) for p in started)
+        assert _haproxies() - haproxy_before
         _stopped(server, lines, started)
+        # Not even one that a reload started while Serve stopped, outside the session.
+        deadline = time.monotonic() + 30
+        while _haproxies() - haproxy_before:
+            assert time.monotonic() < deadline, _haproxies() - haproxy_before
+            time.sleep(0.5)
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
     reader.join(timeout=10)
+
+
+def _haproxies() -> set[int]:
+    """The HAProxy processes on this machine."""
+    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "haproxy"}
 
 
 def _assert_says_one_thing(output: str, port: int, pid: int) -> None:

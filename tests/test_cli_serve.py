@@ -143,21 +143,15 @@ def test_what_the_local_cluster_left_running_is_stopped():
 
 
 def _free_ports(count: int) -> int:
-    """The first of `count` consecutive free ports, below the ephemeral range: there
-    the connections of Ray's processes could take one before an ingress binds it."""
-    import random
+    """The first of `count` consecutive free ports below the ephemeral range, as the
+    serving benchmarks pick them (benchmarks/served_load.py)."""
+    import importlib.util
 
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for _ in range(200):
-        first = random.randrange(10_000, low - count)
-        try:
-            for port in range(first, first + count):
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-    raise AssertionError(f"no {count} consecutive free ports")
+    spec = importlib.util.spec_from_file_location("served_load",
+                                                  REPO / "benchmarks" / "served_load.py")
+    served_load = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(served_load)
+    return served_load.free_ports(count)
 
 
 def test_several_ingress_replicas_answer_one_port_and_stop_with_the_server(tmp_path):

@@ -150,13 +150,15 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _stop_leftovers(started: dict[int, str], wait_s: float = 5.0) -> None:
-    """Stop these processes, if they still run: SIGTERM, then SIGKILL."""
+def _stop_leftovers(processes: dict[int, str], wait_s: float = 5.0) -> None:
+    """Stop these processes (pid: command line), if they still run: SIGTERM, then
+    SIGKILL."""
     import signal
     import time
 
     def alive() -> list[int]:  # the same processes: a reused pid has another command
-        return [pid for pid, cmdline in started.items() if cmdline and _cmdline(pid) == cmdline]
+        return [pid for pid, cmdline in processes.items()
+                if cmdline and _cmdline(pid) == cmdline]
 
     for stop_signal in (signal.SIGTERM, signal.SIGKILL):
         for pid in alive():

@@ -154,8 +154,9 @@ def stream_usage(news: list[responses.StreamNews | None],
 
 class EventStream(StreamingResponse):
     """Server-sent events as they come, one write per item of the stream (the events
-    of one update of a request), and the end of the stream ([DONE]) in the last.
-    Starlette's StreamingResponse otherwise: its disconnect handling is kept."""
+    of one update of a request), and [DONE] in the write that closes the body, not
+    in one of its own. Starlette's StreamingResponse otherwise: its disconnect
+    handling is kept."""
 
     media_type = "text/event-stream"
 

@@ -268,8 +268,9 @@ def _serve_environment(config: Config) -> None:
 
 
 @contextlib.contextmanager
-def _serving(config: Config):
-    """The app on a Ray cluster of its own, started with Serve's environment for it."""
+def _serving(config: Config, runtime_env: dict | None = None):
+    """The app on a Ray cluster of its own, started with Serve's environment for it
+    (and `runtime_env`, the job's, for every worker process)."""
     import ray
     from ray import serve
 
@@ -278,7 +279,7 @@ def _serving(config: Config):
     if ray.is_initialized():  # a TP config's offline engine started one: not for this
         ray.shutdown()
     _serve_environment(config)
-    ray.init(logging_level="ERROR", include_dashboard=False)
+    ray.init(logging_level="ERROR", include_dashboard=False, runtime_env=runtime_env)
     try:
         serve.start(http_options=http_options(config))
         serve.run(build(config), name="gpu-rate", route_prefix="/")

@@ -51,7 +51,11 @@ GRPC_SERVICER_FUNCTIONS = (
 # environment of the process that starts Ray (or of a cluster's nodes).
 SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
              "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
-             "RAY_SERVE_PORT_QUARANTINE_S": "0"}
+             "RAY_SERVE_PORT_QUARANTINE_S": "0",
+             # A request's call and its first output cross in one gRPC message each
+             # (cluster/intake.py): as large as Serve's other gRPC messages may be, not
+             # 4 MiB (a first output with prompt_logprobs of a long prompt is larger).
+             "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2**31 - 1)}
 
 
 # A stopping replica looks for requests still in flight every half second, not

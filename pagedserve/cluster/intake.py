@@ -44,6 +44,14 @@ class RequestIntake:
 
     def __init__(self, server: Any, config: Config) -> None:
         self.server = server  # DeploymentHandle to LLMServer
+        # Requests go over Serve's gRPC transport, as its throughput mode sends them
+        # (SERVE_ENV in cluster/app.py): the handle was made in the process that built
+        # the app, whose default may be Ray's actor calls, two milliseconds slower to
+        # the first token (BENCHMARKS.md, "The first token's path"). Pickled, not
+        # cloudpickled: a call and its outputs hold only importable types.
+        self._generate = server.options(stream=True, _by_reference=False,
+                                        request_serialization="pickle",
+                                        response_serialization="pickle").generate
         self.config = config
         self.model_name = served_model_name(config)
         self.adapters = AdapterTable(config.lora, self.model_name)
@@ -123,8 +131,8 @@ class RequestIntake:
         receiver = self._receiver
         queue = receiver.open(request_id)
         try:
-            generator = self.server.options(stream=True).generate.remote(
-                request_id, ids, params, receiver.inbox, self.adapters.resolve(req.model))
+            generator = self._generate.remote(request_id, ids, params, receiver.inbox,
+                                              self.adapters.resolve(req.model))
             first = await generator.__anext__()
         except BaseException as error:
             receiver.close(request_id)

@@ -9,6 +9,7 @@ bounds (`RequestBounds`) reach the models' validators as pydantic's context.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,8 +52,14 @@ def parse_request(model_cls: type[BaseModel], body: bytes,
         raise bad_request(f"request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise bad_request(f"request body must be a JSON object, not {_json_type(data)}")
-    _check_unicode(data, ())
+    if not body.isascii() or _SURROGATE_ESCAPE.search(body):
+        _check_unicode(data, ())  # else no string in it can hold a lone surrogate
     return validate_request(model_cls, data, bounds)
+
+
+# A JSON escape of a UTF-16 surrogate (\uD800-\uDFFF): in an ASCII body, the only way
+# to spell one.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def _check_unicode(value: Any, loc: tuple[str | int, ...]) -> None:

@@ -296,7 +296,10 @@ class _SamplingRequest(StrictModel):
 class CompletionRequest(_SamplingRequest):
     """POST /v1/completions."""
 
-    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    # Left to right, token ids before text: pydantic's smart mode tries every member,
+    # and a list of token ids failing list[str] costs an error per token.
+    prompt: str | list[TokenId] | list[list[TokenId]] | list[str] = Field(
+        union_mode="left_to_right")
     max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False

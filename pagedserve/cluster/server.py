@@ -77,10 +77,9 @@ class LLMServer:
         """One request's outputs as steps produce them, the last one finished.
 
         They cross to the ingress as deltas (the new token ids, text and logprobs),
-        at most one message per step, and only the first carries the prompt's ids
-        (`prompt_token_ids` is None after it: the ingress has them). Requests
-        whose best_of exceeds n re-rank their candidates every step and are sent
-        cumulative; the ingress puts its prompt ids back in those. With an
+        at most one message per step, without the prompt's ids (`prompt_token_ids`
+        is None: the ingress has them, and puts them back). Requests whose best_of
+        exceeds n re-rank their candidates every step and are sent cumulative. With an
         `inbox` (cluster/channel.py), only the first output is yielded; the rest
         go into the inbox with the other requests' outputs of the same step, put
         there as the engine hands the step over (this call is not woken per
@@ -126,8 +125,7 @@ class LLMServer:
                                                  not interval else None):
             if first or outbox is None:
                 count(output)
-                if not first:
-                    output.prompt_token_ids = None  # the ingress has them
+                output.prompt_token_ids = None  # the ingress has them
                 first = False
                 yield output
             else:  # with a stream interval: it paces this loop

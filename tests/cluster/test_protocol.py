@@ -134,6 +134,9 @@ BAD_BODIES = [
     (CH, b'{"model": "m", "messages": [{"role": "user", "content": "\\ud83d"}]}',
      "messages[0].content", "lone surrogate"),
     (C, b'{"model": "m", "prompt": "hi", "\\ud800": 1}', "body", "not valid Unicode"),
+    (C, b'{"model": "m", "prompt": "a\\uDC80"}', "prompt", "lone surrogate"),
+    # Or raw, a surrogate encoded as UTF-8 (json.loads decodes with surrogatepass).
+    (C, b'{"model": "m", "prompt": "a\xed\xa0\x80"}', "prompt", "lone surrogate"),
 ]
 
 
@@ -228,6 +231,12 @@ def test_chat_logprobs_become_sampling_logprobs():
     assert chat(logprobs=True).sampling_params(10).logprobs == 0
     assert chat(logprobs=True, top_logprobs=3).sampling_params(10).logprobs == 3
     assert chat(logprobs=True, top_logprobs=3).num_top_logprobs == 3
+
+
+def test_surrogate_pairs_are_text():
+    """Only a lone surrogate is refused: a pair, escaped, spells one character."""
+    emoji = parse_request(C, b'{"model": "m", "prompt": "\\ud83d\\ude00"}')
+    assert emoji.prompt == "\U0001F600"
 
 
 def test_prompts_one_entry_per_prompt():

@@ -1,12 +1,14 @@
 """RayExecutor: one Ray actor per tensor-parallel rank, gang-placed in a placement group.
 
-    EngineCore ── StepInput, serialized once ──> RayWorker rank 0 ──> StepOutput
+    EngineCore ── what the step changed, once ──> RayWorker rank 0 ──> StepOutput
                                              ├──> RayWorker rank 1 ──> None
                                              └──> ...               (all-reduce between ranks)
 
 The ranks join one torch.distributed group (NCCL on CUDA, gloo on CPU) whose
 rendezvous address is rank 0's node; only rank 0 samples and returns the
-StepOutput. Each step is serialized once, one of two ways (`ray_compiled_graph`):
+StepOutput, its samples as tuples. Each step goes as what changed since the step
+before (a decoding sequence as its new token's fields and new blocks,
+worker/step_wire.py), serialized once, one of two ways (`ray_compiled_graph`):
 
 - plain actor calls (the default on CPU): one `ray.put` whose ref every rank
   reads (inline for a single rank), one call per rank;
@@ -42,6 +44,7 @@ from pagedserve.worker.errors import WorkerFailedError
 from pagedserve.worker.rank_weights import checkpoint_for_store
 from pagedserve.worker.ray_utils import init_ray
 from pagedserve.worker.ray_worker import RankFailure, Ranks, spawn_ranks
+from pagedserve.worker.step_wire import EncodedStep, StepEncoder, unpack_output
 from pagedserve.worker.worker import kv_block_bytes
 
 logger = logging.getLogger(__name__)
@@ -60,6 +63,7 @@ class RayExecutor:
         self.timeout_s = parallel.step_timeout_s
         self.use_compiled_graph = parallel.use_compiled_graph(info.device.type)
         self._graph = None  # compiled at the first step: init calls go through plain calls
+        self._steps = StepEncoder()  # what the ranks hold of the step before
         self.block_bytes = kv_block_bytes(info, engine, self.size)  # every rank's
         self._error: WorkerFailedError | None = None
         on_gpu = info.device.type == "cuda"
@@ -114,11 +118,12 @@ class RayExecutor:
         """Send a step to every rank; its result is waited for later. Each rank runs
         its calls in the order sent, so steps never overtake one another."""
         self._raise_if_failed()
+        encoded = self._steps.encode(step)
         if self.use_compiled_graph:
-            return _PendingStep(self, graph_ref=self._submit_compiled(step))
+            return _PendingStep(self, graph_ref=self._submit_compiled(encoded))
         # One serialization either way: inline for a single rank, else one
         # object in the store whose ref every rank reads.
-        step_arg = step if self.size == 1 else ray.put(step)
+        step_arg = encoded if self.size == 1 else ray.put(encoded)
         return _PendingStep(self, refs=[w.execute.remote(step_arg) for w in self.workers])
 
     def _result(self, pending: _PendingStep) -> StepOutput:
@@ -131,7 +136,7 @@ class RayExecutor:
         if failures:
             first = min(failures, key=lambda failure: failure.at)
             self._fail(first.rank, f"execute ({first.error})")
-        return outputs[0]
+        return unpack_output(outputs[0])
 
     def call_all(self, method: str, *args: Any) -> list[Any]:
         """Call `method` on every rank at once; results in rank order."""
@@ -148,7 +153,7 @@ class RayExecutor:
         self.ranks.shutdown()
 
     # -- internals -----------------------------------------------------------
-    def _submit_compiled(self, step: StepInput):
+    def _submit_compiled(self, step: EncodedStep):
         if self._graph is None:
             with InputNode() as step_input:
                 graph = MultiOutputNode([w.execute.bind(step_input) for w in self.workers])

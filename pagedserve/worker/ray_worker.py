@@ -36,7 +36,7 @@ from pagedserve.worker.ray_utils import check_cluster_fits, init_ray, node_here,
 
 if TYPE_CHECKING:
     from pagedserve.model.info import ModelInfo
-    from pagedserve.scheduler.step import StepInput, StepOutput
+    from pagedserve.worker.step_wire import EncodedStep, PackedOutput
     from pagedserve.worker.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,10 @@ class RayWorker:
         normal_priority(f"tensor-parallel rank {rank}")
         for module in RANK_STACK:
             importlib.import_module(module)
+        from pagedserve.worker import step_wire
+
+        self.wire = step_wire  # steps in as changes (StepDecoder), outputs out as tuples
+        self.steps = step_wire.StepDecoder()
 
     def rendezvous_address(self) -> str:
         """A free TCP port on this node, for the process group's store (rank 0 only)."""
@@ -114,9 +118,9 @@ class RayWorker:
     def weight_bytes(self) -> int:
         return self.worker.weight_bytes
 
-    def execute(self, step: StepInput) -> StepOutput | RankFailure | None:
+    def execute(self, step: EncodedStep) -> PackedOutput | RankFailure | None:
         try:
-            return self.worker.execute(step)
+            return self.wire.pack_output(self.worker.execute(self.steps.decode(step)))
         except Exception as error:  # reported to the driver, which stops all ranks
             import torch.distributed as dist
 

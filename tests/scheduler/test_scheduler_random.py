@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import random
 
 import pytest
@@ -12,6 +13,7 @@ from pagedserve.scheduler import scheduler as scheduler_module
 from pagedserve.scheduler.scheduler import Scheduler
 from pagedserve.scheduler.sequence import FinishReason, SequenceStatus
 from pagedserve.scheduler.step import StepInput
+from pagedserve.worker.step_wire import StepDecoder, StepEncoder
 
 # -- randomized driver --------------------------------------------------------------------
 
@@ -165,3 +167,26 @@ def test_the_decode_fast_path_plans_what_the_full_plan_does(monkeypatch):
     for seed in range(30):
         assert _steps_planned(seed, monkeypatch, True) == _steps_planned(seed, monkeypatch, False)
     assert sum(taken) > 500 and not all(taken)
+
+
+def test_steps_reach_the_ranks_as_scheduled_when_sent_as_changes(monkeypatch):
+    """Every step of random workloads (preemption, swaps, forks, aborts, copies on
+    write), sent as what changed since the step before (worker/step_wire.py) and
+    pickled as Ray sends it, is the step the scheduler planned, sequence by sequence."""
+    encoder, decoder = StepEncoder(), StepDecoder()
+    schedule = Scheduler.schedule
+    counts = {"changes": 0, "whole": 0}
+
+    def sent(self):
+        step = schedule(self)
+        encoded = encoder.encode(step)
+        for entry in encoded.seqs:
+            counts["changes" if isinstance(entry, tuple) else "whole"] += 1
+        assert decoder.decode(pickle.loads(pickle.dumps(encoded))) == step
+        return step
+
+    monkeypatch.setattr(Scheduler, "schedule", sent)
+    for seed in range(30):
+        _run_random(seed)
+    # Most decoding steps go as changes; prompts, forks and returns go whole.
+    assert counts["changes"] > 1000 and counts["whole"] > 100

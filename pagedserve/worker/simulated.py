@@ -182,13 +182,14 @@ class SimulatedWorker:
         device is free and ends its device time later; rank 0 then has its samples.
         A step with a late mask cannot sample before the mask is in, and the next
         step cannot start before it has."""
+        arrived = time.perf_counter()  # the roofline's arithmetic below is not the device's
         device_s = self.step_time(step)
         if self._late_mask is not None:  # filled by now: the engine fills before sending on
             if not self._late_mask.is_ready:
                 raise RuntimeError("a step was sent before the mask of the one before it")
             self._free_at = max(self._free_at, self._late_mask.ready_at or 0.0)
             self._late_mask = None
-        start = max(time.perf_counter(), self._free_at)
+        start = max(arrived, self._free_at)
         self._free_at = start + device_s
         if self.rank != 0:
             return _OnDevice(None, self._free_at)

@@ -64,10 +64,10 @@ class RayWorker:
         normal_priority(f"tensor-parallel rank {rank}")
         for module in RANK_STACK:
             importlib.import_module(module)
-        from pagedserve.worker import step_wire
+        from pagedserve.worker.step_wire import StepDecoder, pack_output
 
-        self.wire = step_wire  # steps in as changes (StepDecoder), outputs out as tuples
-        self.steps = step_wire.StepDecoder()
+        # Steps come in as what changed, outputs go back as tuples (worker/step_wire.py).
+        self.steps, self.pack_output = StepDecoder(), pack_output
 
     def rendezvous_address(self) -> str:
         """A free TCP port on this node, for the process group's store (rank 0 only)."""
@@ -120,7 +120,7 @@ class RayWorker:
 
     def execute(self, step: EncodedStep) -> PackedOutput | RankFailure | None:
         try:
-            return self.wire.pack_output(self.worker.execute(self.steps.decode(step)))
+            return self.pack_output(self.worker.execute(self.steps.decode(step)))
         except Exception as error:  # reported to the driver, which stops all ranks
             import torch.distributed as dist
 

@@ -94,12 +94,8 @@ class StepDecoder:
     def __init__(self) -> None:
         self._held: dict[int, ScheduledSequence] = {}
 
-    def decode(self, encoded: EncodedStep | Any) -> StepInput:
-        """The StepInput `encoded` stands for (a plain StepInput passes through, and
-        ends what is held: the driver sent it without an encoder)."""
-        if not isinstance(encoded, EncodedStep):
-            self._held = {}
-            return encoded
+    def decode(self, encoded: EncodedStep) -> StepInput:
+        """The StepInput `encoded` stands for."""
         held, kept = self._held, {}
         seqs = []
         for entry in encoded.seqs:

@@ -9,10 +9,10 @@ import pytest
 from transformers import AutoTokenizer
 
 from pagedserve import LLM, SamplingParams
+from pagedserve.cluster.chat_protocol import ChatCompletionRequest
 from pagedserve.cluster.errors import OpenAIError
 from pagedserve.cluster.ingress import chat_prompt_ids
 from pagedserve.cluster.parsing import parse_request
-from pagedserve.cluster.protocol import ChatCompletionRequest
 from pagedserve.config import config_from_fields, load
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi there"}]

@@ -33,6 +33,7 @@ from pagedserve.cluster.adapters import (
     UnloadLoRAAdapterRequest,
 )
 from pagedserve.cluster.channel import collect_less_often
+from pagedserve.cluster.chat_protocol import ChatCompletionRequest
 from pagedserve.cluster.errors import OpenAIError
 from pagedserve.cluster.grpc_service import GenerationService
 from pagedserve.cluster.intake import RequestIntake
@@ -75,7 +76,7 @@ async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
     return JSONResponse(body, status_code=error.status_code)
 
 
-def chat_prompt_ids(tokenizer, req: protocol.ChatCompletionRequest,
+def chat_prompt_ids(tokenizer, req: ChatCompletionRequest,
                     configured_template: str | None) -> list[int]:
     """A chat request's prompt, rendered with its own chat_template, else the
     configured one, else the tokenizer's; what the client got wrong is a 400."""
@@ -189,7 +190,7 @@ class OpenAIIngress:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         req = await self.intake.accept(parse_request(
-            protocol.ChatCompletionRequest, await self._read(request), self.intake.bounds))
+            ChatCompletionRequest, await self._read(request), self.intake.bounds))
         ids = chat_prompt_ids(self.intake.tokenizer, req, self.config.model.chat_template)
         if req.add_special_tokens:
             ids = self.intake.tokenizer.build_inputs_with_special_tokens(ids)

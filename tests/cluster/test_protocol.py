@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from pagedserve.cluster.chat_protocol import ChatCompletionRequest
 from pagedserve.cluster.errors import (
     OpenAIError,
     bad_request,
@@ -18,7 +19,7 @@ from pagedserve.cluster.errors import (
     unauthorized,
 )
 from pagedserve.cluster.parsing import parse_request
-from pagedserve.cluster.protocol import ChatCompletionRequest, CompletionRequest
+from pagedserve.cluster.protocol import CompletionRequest
 
 USER = [{"role": "user", "content": "hi"}]
 

@@ -14,9 +14,9 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from pagedserve.chat_template import render_chat
+from pagedserve.cluster.chat_protocol import ChatCompletionRequest
 from pagedserve.cluster.errors import OpenAIError
 from pagedserve.cluster.parsing import parse_request
-from pagedserve.cluster.protocol import ChatCompletionRequest
 from pagedserve.cluster.tool_parsers import (
     HermesParser,
     Llama3JsonParser,

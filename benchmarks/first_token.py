@@ -64,7 +64,7 @@ def _install_stamps() -> None:
     import os
     import time
 
-    folder = os.environ.get("PAGEDSERVE_BENCH_STAMPS")
+    folder = os.environ.get(STAMPS_ENV)  # a global of __main__: pickled with the hook
     if not folder:
         return
     fd = os.open(os.path.join(folder, f"{os.getpid()}.txt"),
